@@ -1,0 +1,130 @@
+// Fixed-point inverse-CDF sampling over one probability row on the CPU (see core/acceptance.h for why
+// fixed point). AVX2 does 8 tokens per step; other CPUs take the scalar loop, with identical results.
+#pragma once
+#include <c10/util/BFloat16.h>
+#include <c10/util/Half.h>
+
+#include <cstdint>
+
+#include "core/acceptance.h"
+
+#if defined(__AVX2__) && defined(__F16C__)
+#include <immintrin.h>
+#define FASTAR_CPU_AVX2 1
+#endif
+
+namespace fastar::cpu {
+
+#if defined(FASTAR_CPU_AVX2)
+inline __m256 load8(const float* x) { return _mm256_loadu_ps(x); }
+inline __m256 load8(const c10::Half* x) {
+  return _mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(x)));
+}
+inline __m256 load8(const c10::BFloat16* x) {  // bfloat16 is the upper half of a float32
+  const __m256i wide = _mm256_cvtepu16_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(x)));
+  return _mm256_castsi256_ps(_mm256_slli_epi32(wide, 16));
+}
+
+// acc (4 x uint64) += fixed_weight of 8 floats; the same round-via-2^52 trick as the scalar code.
+inline __m256i add_fixed8(__m256i acc, __m256 w) {
+  w = _mm256_max_ps(w, _mm256_setzero_ps());  // NaN -> 0, as in fixed_weight
+  const __m256d scale = _mm256_set1_pd(accept::kFixedScale), magic = _mm256_set1_pd(accept::kRoundMagic);
+  const __m256i magic_bits = _mm256_set1_epi64x(static_cast<int64_t>(accept::kRoundMagicBits));
+  const __m256d lo = _mm256_add_pd(_mm256_mul_pd(_mm256_cvtps_pd(_mm256_castps256_ps128(w)), scale), magic);
+  const __m256d hi = _mm256_add_pd(_mm256_mul_pd(_mm256_cvtps_pd(_mm256_extractf128_ps(w, 1)), scale), magic);
+  acc = _mm256_add_epi64(acc, _mm256_sub_epi64(_mm256_castpd_si256(lo), magic_bits));
+  return _mm256_add_epi64(acc, _mm256_sub_epi64(_mm256_castpd_si256(hi), magic_bits));
+}
+
+inline __m256 prob_ok8(__m256 x) {  // all-ones lanes where 0 <= x <= 1 (false for NaN)
+  return _mm256_and_ps(_mm256_cmp_ps(x, _mm256_setzero_ps(), _CMP_GE_OQ), _mm256_cmp_ps(x, _mm256_set1_ps(1.0f), _CMP_LE_OQ));
+}
+
+inline uint64_t hsum(__m256i v) {
+  alignas(32) uint64_t lanes[4];
+  _mm256_store_si256(reinterpret_cast<__m256i*>(lanes), v);
+  return lanes[0] + lanes[1] + lanes[2] + lanes[3];
+}
+#endif
+
+// Weights fixed_weight(p - q) (residual), or fixed_weight(p) when q is null; `excluded` (-1: none) has
+// weight 0 (the residual against a one-hot draft distribution).
+template <typename P>
+struct FixedRow {
+  const P* p;
+  const P* q;
+  int64_t excluded;
+
+  uint64_t weight(int64_t t) const {
+    if (t == excluded) return 0;
+    const float pt = static_cast<float>(p[t]);
+    return q ? accept::residual_weight(pt, static_cast<float>(q[t])) : accept::fixed_weight(pt);
+  }
+
+  // Sum of the weights over [begin, end); *ok = every p (and q) value read is a probability.
+  uint64_t sum(int64_t begin, int64_t end, bool* ok) const {
+    uint64_t total = 0;
+    bool good = true;
+    int64_t t = begin;
+#if defined(FASTAR_CPU_AVX2)
+    __m256i acc = _mm256_setzero_si256();
+    __m256 valid = _mm256_castsi256_ps(_mm256_set1_epi32(-1));
+    for (; t + 8 <= end; t += 8) {
+      const __m256 pv = load8(p + t);
+      valid = _mm256_and_ps(valid, prob_ok8(pv));
+      if (q) {
+        const __m256 qv = load8(q + t);
+        valid = _mm256_and_ps(valid, prob_ok8(qv));
+        acc = add_fixed8(acc, _mm256_sub_ps(pv, qv));
+      } else {
+        acc = add_fixed8(acc, pv);
+      }
+    }
+    total = hsum(acc);
+    good = _mm256_movemask_ps(valid) == 0xff;
+#endif
+    for (; t < end; ++t) {
+      const float pt = static_cast<float>(p[t]);
+      good &= accept::prob_ok(pt);
+      if (q) {
+        const float qt = static_cast<float>(q[t]);
+        good &= accept::prob_ok(qt);
+        total += accept::residual_weight(pt, qt);
+      } else {
+        total += accept::fixed_weight(pt);
+      }
+    }
+    if (excluded >= begin && excluded < end) total -= weight_without_exclusion(excluded);
+    *ok = good;
+    return total;
+  }
+
+  // The first token whose inclusive prefix sum exceeds target (< the row's total): skip whole blocks by
+  // their sums, then walk one block.
+  int64_t find(int64_t V, uint64_t target) const {
+    constexpr int64_t kBlock = 256;
+    uint64_t cum = 0;
+    bool ok = true;
+    for (int64_t begin = 0; begin < V; begin += kBlock) {
+      const int64_t end = begin + kBlock < V ? begin + kBlock : V;
+      const uint64_t s = sum(begin, end, &ok);
+      if (cum + s <= target) {
+        cum += s;
+        continue;
+      }
+      for (int64_t t = begin; t < end; ++t) {
+        cum += weight(t);
+        if (cum > target) return t;
+      }
+    }
+    return V - 1;  // unreachable for target < total
+  }
+
+ private:
+  uint64_t weight_without_exclusion(int64_t t) const {
+    const float pt = static_cast<float>(p[t]);
+    return q ? accept::residual_weight(pt, static_cast<float>(q[t])) : accept::fixed_weight(pt);
+  }
+};
+
+}  // namespace fastar::cpu

@@ -1,0 +1,75 @@
+// CPU kernel of fastar.greedy_verify: accept drafts while they equal the target argmax (vLLM's rule:
+// the first mismatch slot holds the target argmax; a bonus token only when every draft matched).
+#include <torch/library.h>
+
+#include <cmath>
+#include <limits>
+
+#include "core/acceptance.h"
+#include "cpu/acceptance_rows.h"
+#include "ops/acceptance_args.h"
+
+namespace fastar {
+namespace {
+
+using namespace accept;
+
+// First index of the maximum (torch.argmax's tie rule); -1 when the row holds a NaN.
+template <typename P>
+int64_t argmax_row(const P* row, int64_t V) {
+  float best = -std::numeric_limits<float>::infinity();
+  int64_t best_i = 0;
+  bool nan = false;
+  for (int64_t t = 0; t < V; ++t) {
+    const float v = static_cast<float>(row[t]);
+    nan |= std::isnan(v);
+    if (v > best) {
+      best = v;
+      best_i = t;
+    }
+  }
+  return nan ? -1 : best_i;
+}
+
+template <typename P>
+int32_t verify_one_row(const GreedyVerifyParams& prm, int64_t b, int32_t* out, int64_t* accepted) {
+  const int64_t k = row_num_draft(prm.num_draft, prm.nd64, b, prm.n);
+  if (k < 0) return kBadNumDraft;
+  auto draft = [&](int64_t i) { return load_index(prm.draft_ids, prm.ids64, b * prm.ids_sb + i); };
+  for (int64_t i = 0; i < k; ++i) {
+    const int64_t x = draft(i);
+    if (x < 0 || x >= prm.V) return kBadTokenId;
+  }
+  const P* logits = static_cast<const P*>(prm.target_logits) + b * prm.tl_sb;
+  for (int64_t i = 0; i <= k; ++i) {
+    const int64_t best = argmax_row(logits + i * prm.tl_sn, prm.V);
+    if (best < 0) return kBadValue;
+    out[i] = static_cast<int32_t>(best);
+    if (i == k || best != draft(i)) {
+      *accepted = i;
+      return kOk;
+    }
+  }
+  return kOk;  // unreachable: the loop returns at i == k
+}
+
+template <typename P>
+void greedy_verify_rows(const GreedyVerifyParams& prm) {
+  for_each_acceptance_row(prm.tokens, prm.num_accepted, prm.B, prm.n,
+                          [&](int64_t b, int32_t* out, int64_t* accepted) { return verify_one_row<P>(prm, b, out, accepted); });
+}
+
+std::tuple<at::Tensor, at::Tensor> greedy_verify_cpu(const at::Tensor& draft_token_ids, const at::Tensor& target_logits,
+                                                     const std::optional<at::Tensor>& num_draft_tokens) {
+  GreedyVerifyLaunch l = prepare_greedy_verify(draft_token_ids, target_logits, num_draft_tokens);
+  TORCH_CHECK_VALUE(l.target_logits.is_cpu(), "fastar.greedy_verify: expected CPU tensors");
+  dispatch_cpu_float(float_kind(l.target_logits), [&](auto tag) { greedy_verify_rows<decltype(tag)>(l.prm); });
+  raise_on_bad_rows("fastar.greedy_verify", l.prm.num_accepted, l.prm.B);
+  return {l.tokens, l.num_accepted};
+}
+
+}  // namespace
+
+TORCH_LIBRARY_IMPL(fastar, CPU, m) { m.impl("greedy_verify", &greedy_verify_cpu); }
+
+}  // namespace fastar

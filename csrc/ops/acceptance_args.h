@@ -1,0 +1,221 @@
+// Argument checks and output allocation of the acceptance ops, shared by the CPU and CUDA glue so that
+// every backend rejects the same inputs with the same message.
+#pragma once
+#include <ATen/core/Tensor.h>
+#include <ATen/ops/empty.h>
+#include <c10/util/BFloat16.h>
+#include <c10/util/Exception.h>
+#include <c10/util/Half.h>
+#include <c10/util/Optional.h>
+
+#include <cstdint>
+#include <string>
+#include <tuple>
+
+#include "core/acceptance.h"
+
+namespace fastar {
+
+struct AcceptanceShapes {
+  int64_t B, n, V;
+};
+
+inline void check_token_ids(const char* op, const char* name, const at::Tensor& t, int64_t dim) {
+  TORCH_CHECK_VALUE(t.dim() == dim, op, ": ", name, " must have ", dim, " dimension(s), got shape ", t.sizes());
+  TORCH_CHECK_TYPE(t.scalar_type() == at::kInt || t.scalar_type() == at::kLong, op, ": ", name,
+                   " must be int32 or int64, got ", t.scalar_type());
+}
+
+inline void check_float(const char* op, const char* name, const at::Tensor& t) {
+  const auto st = t.scalar_type();
+  TORCH_CHECK_TYPE(st == at::kFloat || st == at::kHalf || st == at::kBFloat16, op, ": ", name,
+                   " must be float32, float16 or bfloat16, got ", st);
+  TORCH_CHECK_VALUE(t.dim() == 3, op, ": ", name, " must be 3-D [B, positions, V], got shape ", t.sizes());
+}
+
+inline void check_same_device(const char* op, const char* name, const at::Tensor& t, const at::Tensor& ref) {
+  TORCH_CHECK_VALUE(t.device() == ref.device(), op, ": ", name, " is on ", t.device(), " but the probabilities are on ",
+                    ref.device());
+}
+
+// Shared by both ops: draft ids [B, n], the per-position rows [B, n+1, V], optional ragged lengths [B].
+inline AcceptanceShapes check_acceptance_args(const char* op, const at::Tensor& ids, const at::Tensor& rows,
+                                              const char* rows_name, const std::optional<at::Tensor>& num_draft) {
+  check_token_ids(op, "draft_token_ids", ids, 2);
+  check_float(op, rows_name, rows);
+  check_same_device(op, "draft_token_ids", ids, rows);
+  const int64_t B = ids.size(0), n = ids.size(1), V = rows.size(2);
+  TORCH_CHECK_VALUE(rows.size(0) == B && rows.size(1) == n + 1, op, ": ", rows_name, " must have shape [B, n+1, V] = [",
+                    B, ", ", n + 1, ", V] for draft_token_ids of shape ", ids.sizes(), ", got ", rows.sizes());
+  TORCH_CHECK_VALUE(V >= 1, op, ": the vocabulary dimension of ", rows_name, " is empty");
+  // Fixed-point sums of up to V weights of at most 2^40 must fit in uint64.
+  TORCH_CHECK_VALUE(V < (int64_t{1} << 23), op, ": vocabularies of 2^23 tokens or more are not supported, got V=", V);
+  TORCH_CHECK_VALUE(B < (int64_t{1} << 31) && n < (int64_t{1} << 30), op, ": batch or draft length too large");
+  if (num_draft) {
+    check_token_ids(op, "num_draft_tokens", *num_draft, 1);
+    TORCH_CHECK_VALUE(num_draft->size(0) == B, op, ": num_draft_tokens must have shape [B] = [", B, "], got ",
+                      num_draft->sizes());
+    check_same_device(op, "num_draft_tokens", *num_draft, rows);
+  }
+  return {B, n, V};
+}
+
+inline void check_seed(const char* op, const char* name, const at::Tensor& t, const at::Tensor& ref) {
+  TORCH_CHECK_TYPE(t.scalar_type() == at::kLong, op, ": ", name, " must be an int64 tensor, got ", t.scalar_type());
+  TORCH_CHECK_VALUE(t.numel() == 1, op, ": ", name, " must hold one value, got shape ", t.sizes());
+  TORCH_CHECK_VALUE(t.is_cpu() || t.device() == ref.device(), op, ": ", name, " must be on the CPU or on ",
+                    ref.device(), ", got ", t.device());
+}
+
+inline AcceptanceShapes check_speculative_sample_args(const at::Tensor& ids, const std::optional<at::Tensor>& draft_probs,
+                                                      const at::Tensor& target_probs,
+                                                      const std::optional<at::Tensor>& num_draft,
+                                                      const at::Tensor& seed, const at::Tensor& offset) {
+  constexpr const char* op = "fastar.speculative_sample";
+  const AcceptanceShapes s = check_acceptance_args(op, ids, target_probs, "target_probs", num_draft);
+  if (draft_probs) {
+    check_float(op, "draft_probs", *draft_probs);
+    TORCH_CHECK_TYPE(draft_probs->scalar_type() == target_probs.scalar_type(), op,
+                     ": draft_probs and target_probs must have the same dtype, got ", draft_probs->scalar_type(),
+                     " and ", target_probs.scalar_type());
+    TORCH_CHECK_VALUE(draft_probs->size(0) == s.B && draft_probs->size(1) == s.n && draft_probs->size(2) == s.V, op,
+                      ": draft_probs must have shape [B, n, V] = [", s.B, ", ", s.n, ", ", s.V, "], got ",
+                      draft_probs->sizes());
+    check_same_device(op, "draft_probs", *draft_probs, target_probs);
+  }
+  check_seed(op, "seed", seed, target_probs);
+  check_seed(op, "offset", offset, target_probs);
+  return s;
+}
+
+// Kernels read rows with a unit stride along V and arbitrary strides elsewhere; small index tensors are
+// simply made contiguous.
+inline at::Tensor unit_last_stride(const at::Tensor& t) { return t.stride(-1) == 1 ? t : t.contiguous(); }
+
+inline std::tuple<at::Tensor, at::Tensor> allocate_acceptance_outputs(const at::Tensor& like, int64_t B, int64_t n) {
+  auto opts = like.options().dtype(at::kInt);
+  return {at::empty({B, n + 1}, opts), at::empty({B}, opts)};
+}
+
+// Checked inputs with unit stride along V, the allocated outputs, and the kernel arguments over them
+// (the caller fills in the seed: a value on the CPU, possibly a device pointer on CUDA).
+struct SpeculativeSampleLaunch {
+  at::Tensor ids, target_probs, tokens, num_accepted;
+  std::optional<at::Tensor> draft_probs, num_draft;
+  SpeculativeSampleParams prm;
+};
+
+inline SpeculativeSampleLaunch prepare_speculative_sample(const at::Tensor& draft_token_ids,
+                                                          const std::optional<at::Tensor>& draft_probs,
+                                                          const at::Tensor& target_probs,
+                                                          const std::optional<at::Tensor>& num_draft_tokens,
+                                                          const at::Tensor& seed, const at::Tensor& offset) {
+  const AcceptanceShapes s =
+      check_speculative_sample_args(draft_token_ids, draft_probs, target_probs, num_draft_tokens, seed, offset);
+  SpeculativeSampleLaunch l;
+  l.ids = draft_token_ids.contiguous();
+  l.target_probs = unit_last_stride(target_probs);
+  if (draft_probs) l.draft_probs = unit_last_stride(*draft_probs);
+  if (num_draft_tokens) l.num_draft = num_draft_tokens->contiguous();
+  std::tie(l.tokens, l.num_accepted) = allocate_acceptance_outputs(l.target_probs, s.B, s.n);
+  SpeculativeSampleParams& prm = l.prm;
+  prm = SpeculativeSampleParams{};
+  prm.draft_ids = l.ids.data_ptr();
+  prm.ids64 = l.ids.scalar_type() == at::kLong;
+  prm.ids_sb = s.n;
+  prm.num_draft = l.num_draft ? l.num_draft->data_ptr() : nullptr;
+  prm.nd64 = l.num_draft && l.num_draft->scalar_type() == at::kLong;
+  prm.draft_probs = l.draft_probs ? l.draft_probs->data_ptr() : nullptr;
+  prm.dp_sb = l.draft_probs ? l.draft_probs->stride(0) : 0;
+  prm.dp_sn = l.draft_probs ? l.draft_probs->stride(1) : 0;
+  prm.target_probs = l.target_probs.data_ptr();
+  prm.tp_sb = l.target_probs.stride(0);
+  prm.tp_sn = l.target_probs.stride(1);
+  prm.tokens = l.tokens.data_ptr<int32_t>();
+  prm.num_accepted = l.num_accepted.data_ptr<int32_t>();
+  prm.B = s.B;
+  prm.n = s.n;
+  prm.V = s.V;
+  return l;
+}
+
+struct GreedyVerifyLaunch {
+  at::Tensor ids, target_logits, tokens, num_accepted;
+  std::optional<at::Tensor> num_draft;
+  GreedyVerifyParams prm;
+};
+
+inline GreedyVerifyLaunch prepare_greedy_verify(const at::Tensor& draft_token_ids, const at::Tensor& target_logits,
+                                                const std::optional<at::Tensor>& num_draft_tokens) {
+  const AcceptanceShapes s =
+      check_acceptance_args("fastar.greedy_verify", draft_token_ids, target_logits, "target_logits", num_draft_tokens);
+  GreedyVerifyLaunch l;
+  l.ids = draft_token_ids.contiguous();
+  l.target_logits = unit_last_stride(target_logits);
+  if (num_draft_tokens) l.num_draft = num_draft_tokens->contiguous();
+  std::tie(l.tokens, l.num_accepted) = allocate_acceptance_outputs(l.target_logits, s.B, s.n);
+  GreedyVerifyParams& prm = l.prm;
+  prm.draft_ids = l.ids.data_ptr();
+  prm.ids64 = l.ids.scalar_type() == at::kLong;
+  prm.ids_sb = s.n;
+  prm.num_draft = l.num_draft ? l.num_draft->data_ptr() : nullptr;
+  prm.nd64 = l.num_draft && l.num_draft->scalar_type() == at::kLong;
+  prm.target_logits = l.target_logits.data_ptr();
+  prm.tl_sb = l.target_logits.stride(0);
+  prm.tl_sn = l.target_logits.stride(1);
+  prm.tokens = l.tokens.data_ptr<int32_t>();
+  prm.num_accepted = l.num_accepted.data_ptr<int32_t>();
+  prm.B = s.B;
+  prm.n = s.n;
+  prm.V = s.V;
+  return l;
+}
+
+inline FloatKind float_kind(const at::Tensor& t) {
+  switch (t.scalar_type()) {
+    case at::kHalf:
+      return FloatKind::kFloat16;
+    case at::kBFloat16:
+      return FloatKind::kBFloat16;
+    default:
+      return FloatKind::kFloat32;
+  }
+}
+
+// Calls f(T{}) with T the CPU element type of kind.
+template <typename F>
+void dispatch_cpu_float(FloatKind kind, F&& f) {
+  switch (kind) {
+    case FloatKind::kFloat32:
+      return f(float{});
+    case FloatKind::kFloat16:
+      return f(at::Half{});
+    case FloatKind::kBFloat16:
+      return f(at::BFloat16{});
+  }
+}
+
+inline std::string describe_status(int32_t status) {
+  std::string s;
+  auto add = [&](const char* what) { s += s.empty() ? what : std::string("; ") + what; };
+  if (status & accept::kBadNumDraft) add("num_draft_tokens outside [0, n]");
+  if (status & accept::kBadTokenId) add("a draft token id outside [0, V)");
+  if (status & accept::kBadValue) add("a probability that is NaN, negative or greater than 1 (or a NaN logit)");
+  if (status & accept::kZeroMass) add("a distribution to sample from with zero total probability");
+  return s;
+}
+
+// CPU kernels report per-row statuses; raise for the first bad row (no device sync involved on the CPU).
+inline void raise_on_bad_rows(const char* op, const int32_t* num_accepted, int64_t B) {
+  for (int64_t b = 0; b < B; ++b) {
+    if (num_accepted[b] < 0) {
+      const int32_t status = -num_accepted[b];
+      const std::string msg = std::string(op) + ": invalid input in batch row " + std::to_string(b) + ": " +
+                              describe_status(status);
+      if (status & accept::kBadTokenId) TORCH_CHECK_INDEX(false, msg);
+      TORCH_CHECK_VALUE(false, msg);
+    }
+  }
+}
+
+}  // namespace fastar

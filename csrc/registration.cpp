@@ -1,0 +1,3 @@
+#include "schemas.h"
+
+TORCH_LIBRARY(fastar, m) { fastar::define_schemas(m); }

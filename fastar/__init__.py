@@ -1,0 +1,36 @@
+"""fastar: fused C++/CUDA kernels for decoding in autoregressive and diffusion generation.
+
+Every op is registered as ``torch.ops.fastar.<name>`` with CPU and (when built) CUDA kernels, a fake
+implementation for ``torch.compile``, and a plain-PyTorch reference in :mod:`fastar.reference`.
+"""
+from ._loader import load_extension
+
+_C = load_extension()
+
+from . import reference  # noqa: E402
+from ._fake import register_fakes  # noqa: E402
+from .acceptance import (  # noqa: E402
+    check_rows,
+    debug_checks_enabled,
+    greedy_verify,
+    set_debug_checks,
+    speculative_sample,
+)
+
+register_fakes("fastar")
+
+
+def build_info() -> dict:
+    """What this build contains: torch version, CUDA version and archs, CPU ISA, SIMT build present."""
+    return _C.build_info()
+
+
+__all__ = [
+    "build_info",
+    "check_rows",
+    "debug_checks_enabled",
+    "greedy_verify",
+    "reference",
+    "set_debug_checks",
+    "speculative_sample",
+]

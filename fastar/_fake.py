@@ -1,0 +1,25 @@
+"""Fake (meta) implementations: output shapes and dtypes for torch.compile, FakeTensor and opcheck."""
+from __future__ import annotations
+
+import torch
+
+
+def _acceptance_outputs(draft_token_ids: torch.Tensor, rows: torch.Tensor):
+    torch._check(draft_token_ids.dim() == 2, lambda: "draft_token_ids must be 2-D [B, n]")
+    torch._check(rows.dim() == 3, lambda: "the probability/logit rows must be 3-D [B, n+1, V]")
+    batch, n = draft_token_ids.shape
+    tokens = rows.new_empty((batch, n + 1), dtype=torch.int32)
+    num_accepted = rows.new_empty((batch,), dtype=torch.int32)
+    return tokens, num_accepted
+
+
+def register_fakes(namespace: str) -> None:
+    """Register the fakes of every op of ``torch.ops.<namespace>`` (fastar, or fastar_simt in tests)."""
+
+    @torch.library.register_fake(f"{namespace}::speculative_sample")
+    def _speculative_sample(draft_token_ids, draft_probs, target_probs, num_draft_tokens, seed, offset):
+        return _acceptance_outputs(draft_token_ids, target_probs)
+
+    @torch.library.register_fake(f"{namespace}::greedy_verify")
+    def _greedy_verify(draft_token_ids, target_logits, num_draft_tokens):
+        return _acceptance_outputs(draft_token_ids, target_logits)

@@ -1,0 +1,177 @@
+"""Parallel token acceptance: speculative (rejection) sampling and greedy verification of a chain of drafts.
+
+Conventions (shared with FlashInfer's ``chain_speculative_sampling`` and vLLM's ``RejectionSampler``):
+
+* ``tokens`` is int32 ``[B, n+1]``: the accepted drafts, then one token sampled by the target (the
+  residual token at the first rejection, or the bonus token when every draft was accepted), then ``-1``
+  padding. ``num_accepted`` is int32 ``[B]``: accepted drafts, the extra token not counted. Row ``b``
+  emits ``num_accepted[b] + 1`` tokens.
+* Randomness comes from Philox4x32-10 keyed by ``(seed, offset, row, position)``: the same seed gives
+  identical tokens on the CPU, the SIMT emulation and CUDA. Advance ``offset`` between steps.
+
+Invalid values (a draft id outside ``[0, V)``, ``num_draft_tokens`` outside ``[0, n]``, a NaN, negative or
+> 1 probability, a NaN logit, a row with no probability mass) are detected inside the kernels, without a
+host synchronisation. Which values are checked: every draft id, the target/draft probabilities of every
+draft token, and every element of the row a token is sampled from (the kernels read no others).
+
+* CPU: the op raises ``IndexError`` (bad token id) or ``ValueError`` naming the first bad row.
+* CUDA: raising would need a device sync, so the kernel marks the row instead: all its tokens are ``-1``
+  and ``num_accepted[b] = -status`` (a negative number; ``status`` is a bit set: 1 bad num_draft_tokens,
+  2 bad token id, 4 bad value, 8 zero mass). Call :func:`check_rows` to raise for such rows, or turn on
+  :func:`set_debug_checks` (or ``FASTAR_DEBUG_CHECKS=1``): then every input element is validated before the
+  launch and marked rows raise after it, at the cost of a sync.
+"""
+from __future__ import annotations
+
+import os
+from typing import Optional, Tuple
+
+import torch
+
+_debug_checks = os.environ.get("FASTAR_DEBUG_CHECKS", "0") == "1"
+
+_STATUS_TEXT = (
+    (1, "num_draft_tokens outside [0, n]"),
+    (2, "a draft token id outside [0, V)"),
+    (4, "a probability that is NaN, negative or greater than 1 (or a NaN logit)"),
+    (8, "a distribution to sample from with zero total probability"),
+)
+
+
+def set_debug_checks(enabled: bool) -> None:
+    """Validate every input value before each acceptance op and raise for marked rows after it (syncs)."""
+    global _debug_checks
+    _debug_checks = bool(enabled)
+
+
+def debug_checks_enabled() -> bool:
+    return _debug_checks
+
+
+def describe_status(status: int) -> str:
+    return "; ".join(text for bit, text in _STATUS_TEXT if status & bit)
+
+
+def check_rows(num_accepted: torch.Tensor, op: str = "fastar") -> None:
+    """Raise if any row was marked invalid by a kernel (``num_accepted < 0``). Synchronises on CUDA."""
+    bad = torch.nonzero(num_accepted < 0).flatten()
+    if bad.numel():
+        row = int(bad[0])
+        status = -int(num_accepted[row])
+        exc = IndexError if status & 2 else ValueError
+        raise exc(f"{op}: invalid input in batch row {row}: {describe_status(status)}")
+
+
+def _validate_values(op, draft_token_ids, rows, num_draft_tokens, probabilities, draft_probs=None):
+    """Full validation for debug mode, in plain PyTorch (reads every element)."""
+    n, vocab = draft_token_ids.shape[1], rows.shape[-1]
+    if num_draft_tokens is not None and ((num_draft_tokens < 0) | (num_draft_tokens > n)).any():
+        raise ValueError(f"{op}: num_draft_tokens outside [0, {n}]")
+    if ((draft_token_ids < 0) | (draft_token_ids >= vocab)).any():
+        raise IndexError(f"{op}: a draft token id outside [0, {vocab})")
+    if probabilities:
+        for name, t in (("target_probs", rows), ("draft_probs", draft_probs)):
+            if t is not None and not ((t >= 0) & (t <= 1)).all():
+                raise ValueError(f"{op}: {name} holds a value that is NaN, negative or greater than 1")
+    elif torch.isnan(rows).any():
+        raise ValueError(f"{op}: target_logits holds a NaN")
+
+
+def _scalar_tensor(value, name: str) -> torch.Tensor:
+    """An int64 scalar tensor from a Python int (taken modulo 2**64) or a 1-element int64 tensor."""
+    if isinstance(value, torch.Tensor):
+        return value
+    if not isinstance(value, int) or isinstance(value, bool):
+        raise TypeError(f"fastar.speculative_sample: {name} must be an int or an int64 tensor, got {type(value).__name__}")
+    value %= 1 << 64
+    if value >= 1 << 63:
+        value -= 1 << 64
+    return torch.tensor(value, dtype=torch.int64)
+
+
+def _speculative_sample(op, draft_token_ids, draft_probs, target_probs, num_draft_tokens, seed, offset):
+    if seed is None:
+        # Consume torch's default generator of the device, so torch.manual_seed makes runs repeatable.
+        seed = torch.randint(0, 2**62, (), dtype=torch.int64, device=target_probs.device)
+    seed_t = _scalar_tensor(seed, "seed")
+    offset_t = _scalar_tensor(offset, "offset")
+    if _debug_checks:
+        _validate_values("fastar.speculative_sample", draft_token_ids, target_probs, num_draft_tokens, True, draft_probs)
+    tokens, num_accepted = op(draft_token_ids, draft_probs, target_probs, num_draft_tokens, seed_t, offset_t)
+    if _debug_checks:
+        check_rows(num_accepted, "fastar.speculative_sample")
+    return tokens, num_accepted
+
+
+def _greedy_verify(op, draft_token_ids, target_logits, num_draft_tokens):
+    if _debug_checks:
+        _validate_values("fastar.greedy_verify", draft_token_ids, target_logits, num_draft_tokens, False)
+    tokens, num_accepted = op(draft_token_ids, target_logits, num_draft_tokens)
+    if _debug_checks:
+        check_rows(num_accepted, "fastar.greedy_verify")
+    return tokens, num_accepted
+
+
+def speculative_sample(
+    draft_token_ids: torch.Tensor,
+    draft_probs: Optional[torch.Tensor],
+    target_probs: torch.Tensor,
+    *,
+    num_draft_tokens: Optional[torch.Tensor] = None,
+    seed: Optional[int | torch.Tensor] = None,
+    offset: int | torch.Tensor = 0,
+) -> Tuple[torch.Tensor, torch.Tensor]:
+    """Exact speculative sampling of a chain of drafts (Leviathan et al. 2023; Chen et al. 2023).
+
+    For ``i = 0..k-1`` draft ``x_i`` is accepted iff ``u_i <= p_i(x_i) / q_i(x_i)``; at the first rejection
+    a token is sampled from ``norm(max(0, p_i - q_i))``, and if every draft was accepted a bonus token is
+    sampled from ``p_k``. The emitted tokens are distributed exactly as sampling the target one token at a
+    time (when the drafts were sampled from ``q``).
+
+    Args:
+        draft_token_ids: int32/int64 ``[B, n]``, the drafted tokens.
+        draft_probs: float ``[B, n, V]``, the draft distribution ``q`` at each draft position, or ``None``
+            when the drafter gives no probabilities (n-gram, EAGLE-2/3): ``q`` is then one-hot at the draft,
+            a draft is accepted with probability ``p(x)`` and the residual is ``p`` without ``x``.
+        target_probs: float ``[B, n+1, V]``, the target distribution ``p`` at each position (the last row
+            is the bonus distribution). float32, float16 or bfloat16 (the same dtype as ``draft_probs``).
+            Rows should sum to 1; they are renormalised when sampled.
+        num_draft_tokens: optional int ``[B]``: row ``b`` uses only its first ``k_b <= n`` drafts and
+            ``target_probs[b, k_b]`` as its bonus distribution (ragged batches).
+        seed: int or int64 scalar tensor (on the CPU or the inputs' device; a device tensor is read by the
+            kernel, so CUDA graphs can replay with new values). ``None`` draws one from torch's default
+            generator of the inputs' device.
+        offset: int or int64 scalar tensor, advanced by the caller between decoding steps.
+
+    Returns:
+        ``(tokens, num_accepted)``: int32 ``[B, n+1]`` with -1 padding, and int32 ``[B]``.
+
+    Probabilities are compared in float64 and sampled by an exact fixed-point (2^-40) inverse CDF, so
+    results do not depend on the backend's summation order. See the module docs for error reporting.
+    """
+    return _speculative_sample(
+        torch.ops.fastar.speculative_sample, draft_token_ids, draft_probs, target_probs, num_draft_tokens, seed, offset
+    )
+
+
+def greedy_verify(
+    draft_token_ids: torch.Tensor,
+    target_logits: torch.Tensor,
+    *,
+    num_draft_tokens: Optional[torch.Tensor] = None,
+) -> Tuple[torch.Tensor, torch.Tensor]:
+    """Greedy verification: accept drafts while they equal ``argmax`` of the target.
+
+    The first mismatching slot holds the target's argmax; a bonus token (argmax of row ``k``) is emitted
+    only if every draft matched (vLLM's convention). Ties go to the smallest token id (``torch.argmax``).
+
+    Args:
+        draft_token_ids: int32/int64 ``[B, n]``.
+        target_logits: float ``[B, n+1, V]`` logits (or probabilities: only the argmax matters);
+            float32, float16 or bfloat16. A NaN is an error (see the module docs).
+        num_draft_tokens: optional int ``[B]`` for ragged batches, as in :func:`speculative_sample`.
+
+    Returns:
+        ``(tokens, num_accepted)``: int32 ``[B, n+1]`` with -1 padding, and int32 ``[B]``.
+    """
+    return _greedy_verify(torch.ops.fastar.greedy_verify, draft_token_ids, target_logits, num_draft_tokens)

@@ -1,0 +1,14 @@
+"""Plain-PyTorch references of fastar's ops: written for clarity (loops, float64), the tests' oracle."""
+from .acceptance import (
+    greedy_verify_reference,
+    philox4x32_10,
+    speculative_output_distribution,
+    speculative_sample_reference,
+)
+
+__all__ = [
+    "greedy_verify_reference",
+    "philox4x32_10",
+    "speculative_output_distribution",
+    "speculative_sample_reference",
+]

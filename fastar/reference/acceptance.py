@@ -1,0 +1,155 @@
+"""References for the acceptance ops (SEMANTICS.md §4), one row and one position at a time.
+
+``speculative_sample_reference`` follows the documented algorithm step by step with the documented random
+numbers (Philox4x32-10, 53-bit accept uniforms, 2^-40 fixed-point inverse CDF), so kernels must match it
+token for token. ``speculative_output_distribution`` gives the exact probability of every possible output,
+for the statistical tests.
+"""
+from __future__ import annotations
+
+import itertools
+from typing import Dict, List, Optional, Sequence, Tuple
+
+import torch
+
+_MASK32 = 0xFFFFFFFF
+_FIXED_SCALE = 2**40
+
+
+def philox4x32_10(counter: Sequence[int], key: Sequence[int]) -> List[int]:
+    """Philox4x32-10 block function (Salmon et al., SC'11) on Python ints."""
+    c = [int(v) & _MASK32 for v in counter]
+    k0, k1 = int(key[0]) & _MASK32, int(key[1]) & _MASK32
+    for _ in range(10):
+        p0, p1 = 0xD2511F53 * c[0], 0xCD9E8D57 * c[2]
+        c = [(p1 >> 32) ^ c[1] ^ k0, p1 & _MASK32, (p0 >> 32) ^ c[3] ^ k1, p0 & _MASK32]
+        k0, k1 = (k0 + 0x9E3779B9) & _MASK32, (k1 + 0xBB67AE85) & _MASK32
+    return c
+
+
+def _draws(seed: int, offset: int, row: int, position: int) -> Tuple[float, int]:
+    """(accept uniform in [0, 1) with 53 bits, 64 sampling bits) of one (row, position)."""
+    seed, offset = seed % 2**64, offset % 2**64
+    r = philox4x32_10([position, row, offset & _MASK32, offset >> 32], [seed & _MASK32, seed >> 32])
+    accept_u = (((r[0] << 32) | r[1]) >> 11) / 2.0**53
+    return accept_u, (r[2] << 32) | r[3]
+
+
+def _fixed(weights: torch.Tensor) -> List[int]:
+    """Fixed-point weights: w * 2^40 of the float32 values rounded half to even (negative -> 0)."""
+    return [round(w * _FIXED_SCALE) for w in weights.to(torch.float64).clamp_min(0).tolist()]
+
+
+def _sample_fixed(weights: List[int], bits: int) -> Optional[int]:
+    total = sum(weights)
+    if total == 0:
+        return None
+    target = (bits * total) >> 64
+    cum = 0
+    for t, w in enumerate(weights):
+        cum += w
+        if cum > target:
+            return t
+    raise AssertionError("unreachable")
+
+
+def speculative_sample_reference(
+    draft_token_ids: torch.Tensor,
+    draft_probs: Optional[torch.Tensor],
+    target_probs: torch.Tensor,
+    num_draft_tokens: Optional[torch.Tensor] = None,
+    seed: int = 0,
+    offset: int = 0,
+) -> Tuple[torch.Tensor, torch.Tensor]:
+    """What ``fastar.speculative_sample`` must return for this seed (valid inputs only)."""
+    batch, n = draft_token_ids.shape
+    tokens = torch.full((batch, n + 1), -1, dtype=torch.int32)
+    num_accepted = torch.zeros(batch, dtype=torch.int32)
+    # Differences of float32 probabilities are taken in float32, as the kernels do (exactly rounded).
+    p_all = target_probs.float().cpu()
+    q_all = None if draft_probs is None else draft_probs.float().cpu()
+    for b in range(batch):
+        k = n if num_draft_tokens is None else int(num_draft_tokens[b])
+        drafts = [int(x) for x in draft_token_ids[b, :k]]
+        emitted = None
+        for i, x in enumerate(drafts):
+            u, bits = _draws(seed, offset, b, i)
+            p = float(p_all[b, i, x])
+            q = 1.0 if q_all is None else float(q_all[b, i, x])
+            if u * q < p:  # u <= p/q, without dividing by q
+                tokens[b, i] = x
+                continue
+            if q_all is None:
+                residual = p_all[b, i].clone()
+                residual[x] = 0
+            else:
+                residual = p_all[b, i] - q_all[b, i]
+            t = _sample_fixed(_fixed(residual), bits)
+            if t is None:  # no residual mass (p == q up to 2^-40): sample p itself
+                t = _sample_fixed(_fixed(p_all[b, i]), bits)
+            emitted = (i, t)
+            break
+        if emitted is None:
+            _, bits = _draws(seed, offset, b, k)
+            emitted = (k, _sample_fixed(_fixed(p_all[b, k]), bits))
+        j, t = emitted
+        tokens[b, j] = t
+        num_accepted[b] = j
+    return tokens, num_accepted
+
+
+def speculative_output_distribution(
+    target_probs: torch.Tensor,
+    draft_probs: Optional[torch.Tensor] = None,
+    draft_token_ids: Optional[Sequence[int]] = None,
+) -> Dict[Tuple[int, ...], float]:
+    """Exact probability of every token sequence speculative sampling can emit for one row, in float64.
+
+    With ``draft_probs`` ``[k, V]`` the drafts are taken as sampled from ``q``; without, ``draft_token_ids``
+    are fixed and ``q`` is one-hot at them. ``target_probs`` is ``[k+1, V]`` (rows need not be normalised
+    for p, but are treated as distributions).
+    """
+    p = target_probs.double()
+    k = p.shape[0] - 1
+    vocab = p.shape[1]
+    if draft_probs is not None:
+        q = draft_probs.double()
+    else:
+        q = torch.zeros(k, vocab, dtype=torch.float64)
+        q[torch.arange(k), torch.as_tensor(list(draft_token_ids), dtype=torch.long)] = 1.0
+    out: Dict[Tuple[int, ...], float] = {}
+    accept_mass = torch.minimum(p[:k], q)  # P(draft = x and accepted) at each position
+    residual = (p[:k] - q).clamp_min(0)  # P(rejected and the residual token = t) at each position
+    for m in range(k + 1):
+        for prefix in itertools.product(range(vocab), repeat=m):
+            prob_prefix = 1.0
+            for i, x in enumerate(prefix):
+                prob_prefix *= float(accept_mass[i, x])
+            if prob_prefix == 0.0:
+                continue
+            last = p[m] / p[m].sum() if m == k else residual[m]
+            for t in range(vocab):
+                value = prob_prefix * float(last[t])
+                if value > 0:
+                    out[prefix + (t,)] = out.get(prefix + (t,), 0.0) + value
+    return out
+
+
+def greedy_verify_reference(
+    draft_token_ids: torch.Tensor,
+    target_logits: torch.Tensor,
+    num_draft_tokens: Optional[torch.Tensor] = None,
+) -> Tuple[torch.Tensor, torch.Tensor]:
+    """vLLM's greedy rule, one position at a time (ties: the smallest token id)."""
+    batch, n = draft_token_ids.shape
+    tokens = torch.full((batch, n + 1), -1, dtype=torch.int32)
+    num_accepted = torch.zeros(batch, dtype=torch.int32)
+    for b in range(batch):
+        k = n if num_draft_tokens is None else int(num_draft_tokens[b])
+        for i in range(k + 1):
+            best = int(torch.argmax(target_logits[b, i].double()))
+            tokens[b, i] = best
+            if i == k or best != int(draft_token_ids[b, i]):
+                num_accepted[b] = i
+                break
+    return tokens, num_accepted

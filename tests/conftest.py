@@ -1,0 +1,87 @@
+"""The three backends every op is tested on.
+
+* ``cpu``:  torch.ops.fastar on CPU tensors (the native CPU kernels).
+* ``simt``: torch.ops.fastar_simt on CPU tensors: the CUDA kernels and their glue, compiled by g++ over the
+            SIMT emulator (fastar._C_simt, built by ``make test`` whenever the CUDA headers exist).
+* ``cuda``: torch.ops.fastar on CUDA tensors (needs a GPU and a CUDA build of fastar).
+
+A test takes the ``backend`` fixture and calls the op through it; inputs are made on the CPU, moved to
+the backend's device, and results come back on the CPU.
+"""
+from __future__ import annotations
+
+import os
+
+import pytest
+import torch
+
+import fastar
+from fastar import _simt, acceptance
+
+REQUIRE_CUDA_BUILD = os.environ.get("FASTAR_REQUIRE_CUDA_BUILD") == "1"
+
+
+def _simt_unavailable_reason():
+    try:
+        _simt.load()
+        return None
+    except ImportError as exc:
+        return f"SIMT build not present (build with FASTAR_BUILD_SIMT=1; needs the CUDA headers): {exc}"
+
+
+def _cuda_unavailable_reason():
+    if not torch.cuda.is_available():
+        return "no CUDA GPU on this machine"
+    if not fastar.build_info()["cuda"]:
+        return "fastar was built without CUDA kernels"
+    return None
+
+
+class Backend:
+    def __init__(self, name: str):
+        self.name = name
+        self.device = torch.device("cuda" if name == "cuda" else "cpu")
+        self.ops = torch.ops.fastar_simt if name == "simt" else torch.ops.fastar
+        # The CPU kernels raise on invalid values; the CUDA kernels (and so the SIMT build) mark rows.
+        self.marks_invalid_rows = name != "cpu"
+
+    def __repr__(self):
+        return f"Backend({self.name})"
+
+    def to(self, t):
+        return None if t is None else t.to(self.device) if isinstance(t, torch.Tensor) else t
+
+    def speculative_sample(self, draft_token_ids, draft_probs, target_probs, *, num_draft_tokens=None, seed=None, offset=0):
+        tokens, num_accepted = acceptance._speculative_sample(
+            self.ops.speculative_sample,
+            self.to(draft_token_ids),
+            self.to(draft_probs),
+            self.to(target_probs),
+            self.to(num_draft_tokens),
+            self.to(seed),
+            self.to(offset),
+        )
+        return tokens.cpu(), num_accepted.cpu()
+
+    def greedy_verify(self, draft_token_ids, target_logits, *, num_draft_tokens=None):
+        tokens, num_accepted = acceptance._greedy_verify(
+            self.ops.greedy_verify, self.to(draft_token_ids), self.to(target_logits), self.to(num_draft_tokens)
+        )
+        return tokens.cpu(), num_accepted.cpu()
+
+    def checked(self, fn, *args, **kwargs):
+        """Call an acceptance op and raise for invalid rows on every backend (CPU raises by itself)."""
+        tokens, num_accepted = fn(*args, **kwargs)
+        acceptance.check_rows(num_accepted, "fastar")
+        return tokens, num_accepted
+
+
+@pytest.fixture(params=["cpu", "simt", "cuda"])
+def backend(request):
+    name = request.param
+    reason = {"cpu": None, "simt": _simt_unavailable_reason(), "cuda": _cuda_unavailable_reason()}[name]
+    if reason is not None:
+        if name == "simt" and REQUIRE_CUDA_BUILD:
+            pytest.fail(f"FASTAR_REQUIRE_CUDA_BUILD=1 but {reason}")
+        pytest.skip(reason)
+    return Backend(name)
