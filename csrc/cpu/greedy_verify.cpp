@@ -1,12 +1,12 @@
 // CPU kernel of fastar.greedy_verify: accept drafts while they equal the target argmax (vLLM's rule:
 // the first mismatch slot holds the target argmax; a bonus token only when every draft matched).
-#include <torch/library.h>
 
 #include <cmath>
 #include <limits>
 
 #include "core/acceptance.h"
 #include "cpu/acceptance_rows.h"
+#include "ops.h"
 #include "ops/acceptance_args.h"
 
 namespace fastar {
@@ -59,6 +59,8 @@ void greedy_verify_rows(const GreedyVerifyParams& prm) {
                           [&](int64_t b, int32_t* out, int64_t* accepted) { return verify_one_row<P>(prm, b, out, accepted); });
 }
 
+}  // namespace
+
 std::tuple<at::Tensor, at::Tensor> greedy_verify_cpu(const at::Tensor& draft_token_ids, const at::Tensor& target_logits,
                                                      const std::optional<at::Tensor>& num_draft_tokens) {
   GreedyVerifyLaunch l = prepare_greedy_verify(draft_token_ids, target_logits, num_draft_tokens);
@@ -67,9 +69,5 @@ std::tuple<at::Tensor, at::Tensor> greedy_verify_cpu(const at::Tensor& draft_tok
   raise_on_bad_rows("fastar.greedy_verify", l.prm.num_accepted, l.prm.B);
   return {l.tokens, l.num_accepted};
 }
-
-}  // namespace
-
-TORCH_LIBRARY_IMPL(fastar, CPU, m) { m.impl("greedy_verify", &greedy_verify_cpu); }
 
 }  // namespace fastar

@@ -1,10 +1,10 @@
 // CPU kernel of fastar.speculative_sample: rows in parallel, each row reads only the p(x)/q(x) scalars of its
 // drafts and the one or two probability rows it samples from (SEMANTICS.md §4).
-#include <torch/library.h>
 
 #include "core/acceptance.h"
 #include "cpu/acceptance_rows.h"
 #include "cpu/fixed_point_row.h"
+#include "ops.h"
 #include "ops/acceptance_args.h"
 
 namespace fastar {
@@ -69,6 +69,8 @@ void speculative_sample_rows(const SpeculativeSampleParams& prm) {
                           [&](int64_t b, int32_t* out, int64_t* accepted) { return sample_one_row<P>(prm, b, out, accepted); });
 }
 
+}  // namespace
+
 std::tuple<at::Tensor, at::Tensor> speculative_sample_cpu(const at::Tensor& draft_token_ids,
                                                           const std::optional<at::Tensor>& draft_probs,
                                                           const at::Tensor& target_probs,
@@ -83,9 +85,5 @@ std::tuple<at::Tensor, at::Tensor> speculative_sample_cpu(const at::Tensor& draf
   raise_on_bad_rows("fastar.speculative_sample", l.prm.num_accepted, l.prm.B);
   return {l.tokens, l.num_accepted};
 }
-
-}  // namespace
-
-TORCH_LIBRARY_IMPL(fastar, CPU, m) { m.impl("speculative_sample", &speculative_sample_cpu); }
 
 }  // namespace fastar

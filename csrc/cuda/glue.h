@@ -1,21 +1,14 @@
-// What differs between the two builds of the CUDA glue: the op library and dispatch key, the device
-// guard and stream, and where the seed lives. fastar._C: torch.ops.fastar on CUDA tensors.
-// fastar._C_simt (FASTAR_SIMT): torch.ops.fastar_simt on CPU tensors, kernels run by the SIMT emulator.
+// What differs between the two builds of the CUDA glue: the device guard and stream, and where the seed
+// lives. fastar._C: CUDA tensors. fastar._C_simt (FASTAR_SIMT): CPU tensors, kernels run by the emulator.
 #pragma once
 #include <ATen/core/Tensor.h>
 #include <c10/util/Exception.h>
-#include <torch/library.h>
 
 #include "core/philox.h"
 
-#if defined(FASTAR_SIMT)
-#define FASTAR_CUDA_LIBRARY fastar_simt
-#define FASTAR_CUDA_KEY CPU
-#else
+#if !defined(FASTAR_SIMT)
 #include <c10/cuda/CUDAGuard.h>
 #include <c10/cuda/CUDAStream.h>
-#define FASTAR_CUDA_LIBRARY fastar
-#define FASTAR_CUDA_KEY CUDA
 #endif
 
 namespace fastar {

@@ -1,10 +1,10 @@
 // Torch glue of the CUDA fastar.greedy_verify (compiled for CUDA and for the SIMT build, see glue.h).
 #include "cuda/glue.h"
 #include "cuda/launchers.h"
+#include "ops.h"
 #include "ops/acceptance_args.h"
 
 namespace fastar {
-namespace {
 
 std::tuple<at::Tensor, at::Tensor> greedy_verify_cuda(const at::Tensor& draft_token_ids,
                                                       const at::Tensor& target_logits,
@@ -14,9 +14,5 @@ std::tuple<at::Tensor, at::Tensor> greedy_verify_cuda(const at::Tensor& draft_to
   if (l.prm.B > 0) launch_greedy_verify(l.prm, float_kind(l.target_logits), scope.stream());
   return {l.tokens, l.num_accepted};
 }
-
-}  // namespace
-
-TORCH_LIBRARY_IMPL(FASTAR_CUDA_LIBRARY, FASTAR_CUDA_KEY, m) { m.impl("greedy_verify", &greedy_verify_cuda); }
 
 }  // namespace fastar

@@ -2,10 +2,10 @@
 // into fastar._C for the CUDA dispatch key, and (FASTAR_SIMT) into fastar._C_simt on CPU tensors.
 #include "cuda/glue.h"
 #include "cuda/launchers.h"
+#include "ops.h"
 #include "ops/acceptance_args.h"
 
 namespace fastar {
-namespace {
 
 std::tuple<at::Tensor, at::Tensor> speculative_sample_cuda(const at::Tensor& draft_token_ids,
                                                            const std::optional<at::Tensor>& draft_probs,
@@ -19,9 +19,5 @@ std::tuple<at::Tensor, at::Tensor> speculative_sample_cuda(const at::Tensor& dra
   if (l.prm.B > 0) launch_speculative_sample(l.prm, float_kind(l.target_probs), scope.stream());
   return {l.tokens, l.num_accepted};
 }
-
-}  // namespace
-
-TORCH_LIBRARY_IMPL(FASTAR_CUDA_LIBRARY, FASTAR_CUDA_KEY, m) { m.impl("speculative_sample", &speculative_sample_cuda); }
 
 }  // namespace fastar

@@ -228,14 +228,18 @@ inline thread_local bool tl_launching = false;
   for (int w = 0; w * 32 < s.n; ++w) {
     for (int gi = 0; gi < s.warps[w].ngroups; ++gi) {
       const Group& g = s.warps[w].groups[gi];
-      unsigned exited = 0;
-      for (int l = 0; l < 32; ++l)
-        if ((g.mask >> l & 1) && s.fibers[w * 32 + l].state == State::Done) exited |= 1u << l;
+      unsigned exited = 0, at_barrier = 0;
+      for (int l = 0; l < 32; ++l) {
+        if (!(g.mask >> l & 1)) continue;
+        const State st = s.fibers[w * 32 + l].state;
+        if (st == State::Done) exited |= 1u << l;
+        if (st == State::AtBarrier) at_barrier |= 1u << l;
+      }
       std::fprintf(stderr,
                    "  warp %d: lanes 0x%08x wait in %s(mask=0x%08x) at %s:%u:%u; lanes 0x%08x of the mask never "
-                   "arrived (0x%08x of them have exited)\n",
+                   "arrived (exited: 0x%08x, at __syncthreads: 0x%08x)\n",
                    w, g.arrived, op_name(g.op), g.mask, g.site.file_name(), g.site.line(), g.site.column(),
-                   g.mask & ~g.arrived, exited);
+                   g.mask & ~g.arrived, exited, at_barrier);
     }
   }
   std::fflush(stderr);
@@ -511,7 +515,9 @@ inline void run_block(Sched& s) {
 }
 
 inline std::string dim_str(dim3 d) {
-  return "(" + std::to_string(d.x) + "," + std::to_string(d.y) + "," + std::to_string(d.z) + ")";
+  char buf[40];
+  std::snprintf(buf, sizeof buf, "(%u,%u,%u)", d.x, d.y, d.z);
+  return buf;
 }
 
 inline void validate(const char* name, dim3 grid, dim3 block, size_t smem) {
@@ -754,7 +760,6 @@ FASTAR_SIMT_ATOMIC_FETCH(atomicAdd, float, fetch_add)
 FASTAR_SIMT_ATOMIC_FETCH(atomicAdd, double, fetch_add)
 FASTAR_SIMT_ATOMIC_FETCH(atomicSub, int, fetch_sub)
 FASTAR_SIMT_ATOMIC_FETCH(atomicSub, unsigned int, fetch_sub)
-FASTAR_SIMT_ATOMIC_FETCH(atomicSub, unsigned long long, fetch_sub)
 FASTAR_SIMT_ATOMIC_FETCH(atomicExch, int, exchange)
 FASTAR_SIMT_ATOMIC_FETCH(atomicExch, unsigned int, exchange)
 FASTAR_SIMT_ATOMIC_FETCH(atomicExch, unsigned long long, exchange)

@@ -1,0 +1,30 @@
+// Every op's per-device implementation, as registered by registration.cpp (and for the SIMT build by
+// simt/registration_simt.cpp). Implementations include only ATen's Tensor headers: torch/library.h costs
+// ~10 s of compile time per file, so only the registration files include it.
+#pragma once
+#include <ATen/core/Tensor.h>
+
+#include <optional>
+#include <tuple>
+
+namespace fastar {
+
+std::tuple<at::Tensor, at::Tensor> speculative_sample_cpu(const at::Tensor& draft_token_ids,
+                                                          const std::optional<at::Tensor>& draft_probs,
+                                                          const at::Tensor& target_probs,
+                                                          const std::optional<at::Tensor>& num_draft_tokens,
+                                                          const at::Tensor& seed, const at::Tensor& offset);
+std::tuple<at::Tensor, at::Tensor> greedy_verify_cpu(const at::Tensor& draft_token_ids, const at::Tensor& target_logits,
+                                                     const std::optional<at::Tensor>& num_draft_tokens);
+
+// The CUDA glue (csrc/cuda/*_glue.cpp): CUDA tensors in fastar._C, CPU tensors in the SIMT build.
+std::tuple<at::Tensor, at::Tensor> speculative_sample_cuda(const at::Tensor& draft_token_ids,
+                                                           const std::optional<at::Tensor>& draft_probs,
+                                                           const at::Tensor& target_probs,
+                                                           const std::optional<at::Tensor>& num_draft_tokens,
+                                                           const at::Tensor& seed, const at::Tensor& offset);
+std::tuple<at::Tensor, at::Tensor> greedy_verify_cuda(const at::Tensor& draft_token_ids,
+                                                      const at::Tensor& target_logits,
+                                                      const std::optional<at::Tensor>& num_draft_tokens);
+
+}  // namespace fastar
