@@ -20,16 +20,22 @@
 
 #ifdef __CUDACC__
 
+#include <stdexcept>
+#include <string>
+
 #define FASTAR_DYNAMIC_SMEM(type, name)                                   \
   extern __shared__ __align__(16) unsigned char fastar_dyn_smem_[];       \
   type* name = reinterpret_cast<type*>(fastar_dyn_smem_)
 
 namespace fastar {
 template <typename... KArgs, typename... Args>
-void launch_kernel(const char* /*name*/, void (*kernel)(KArgs...), dim3 grid, dim3 block, size_t smem,
+void launch_kernel(const char* name, void (*kernel)(KArgs...), dim3 grid, dim3 block, size_t smem,
                    cudaStream_t stream, Args&&... args) {
   if (grid.x == 0 || grid.y == 0 || grid.z == 0) return;
   kernel<<<grid, block, smem, stream>>>(std::forward<Args>(args)...);
+  // A bad launch configuration is reported here, as a Python RuntimeError through torch.
+  const cudaError_t err = cudaGetLastError();
+  if (err != cudaSuccess) throw std::runtime_error(std::string("fastar: launch of ") + name + " failed: " + cudaGetErrorString(err));
 }
 }  // namespace fastar
 
