@@ -63,11 +63,15 @@ def check_rows(num_accepted: torch.Tensor, op: str = "fastar") -> None:
 
 
 def _validate_values(op, draft_token_ids, rows, num_draft_tokens, probabilities, draft_probs=None):
-    """Full validation for debug mode, in plain PyTorch (reads every element)."""
+    """Full validation for debug mode, in plain PyTorch (reads every element a row uses)."""
     n, vocab = draft_token_ids.shape[1], rows.shape[-1]
     if num_draft_tokens is not None and ((num_draft_tokens < 0) | (num_draft_tokens > n)).any():
         raise ValueError(f"{op}: num_draft_tokens outside [0, {n}]")
-    if ((draft_token_ids < 0) | (draft_token_ids >= vocab)).any():
+    bad_ids = (draft_token_ids < 0) | (draft_token_ids >= vocab)
+    if num_draft_tokens is not None:  # positions past a row's length are padding (vLLM pads with -1)
+        positions = torch.arange(n, device=draft_token_ids.device)
+        bad_ids &= positions < num_draft_tokens.unsqueeze(1)
+    if bad_ids.any():
         raise IndexError(f"{op}: a draft token id outside [0, {vocab})")
     if probabilities:
         for name, t in (("target_probs", rows), ("draft_probs", draft_probs)):
