@@ -3,6 +3,7 @@
 // ~10 s of compile time per file, so only the registration files include it.
 #pragma once
 #include <ATen/core/Tensor.h>
+#include <c10/util/ArrayRef.h>
 
 #include <optional>
 #include <tuple>
@@ -16,6 +17,14 @@ std::tuple<at::Tensor, at::Tensor> speculative_sample_cpu(const at::Tensor& draf
                                                           const at::Tensor& seed, const at::Tensor& offset);
 std::tuple<at::Tensor, at::Tensor> greedy_verify_cpu(const at::Tensor& draft_token_ids, const at::Tensor& target_logits,
                                                      const std::optional<at::Tensor>& num_draft_tokens);
+std::tuple<at::Tensor, at::Tensor> attention_cpu(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
+                                                 const std::optional<at::Tensor>& kv_lens,
+                                                 const std::optional<at::Tensor>& block_table,
+                                                 const std::optional<at::Tensor>& q_block_ids,
+                                                 const std::optional<at::Tensor>& k_block_ids,
+                                                 const std::optional<at::Tensor>& mask_bits,
+                                                 const std::optional<at::Tensor>& bias, at::IntArrayRef mask_config,
+                                                 double scale);
 
 // The CUDA glue (csrc/cuda/*_glue.cpp): CUDA tensors in fastar._C, CPU tensors in the SIMT build.
 std::tuple<at::Tensor, at::Tensor> speculative_sample_cuda(const at::Tensor& draft_token_ids,

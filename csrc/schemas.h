@@ -15,11 +15,18 @@ inline void define_schemas(torch::Library& m) {
   m.def(
       "greedy_verify(Tensor draft_token_ids, Tensor target_logits, Tensor? num_draft_tokens) "
       "-> (Tensor tokens, Tensor num_accepted)");
+  // Masked attention. Layout [B, H, L, D] (k, v as [num_pages, Hkv, page_size, D] with a block_table);
+  // mask_config = [causal, bottom_right, window, window_left, window_sinks, block_relation, bits_cols]
+  // (csrc/core/attention.h). Returns the output and the natural-log LSE [B, Hq, Lq] in float32.
+  m.def(
+      "attention(Tensor q, Tensor k, Tensor v, Tensor? kv_lens, Tensor? block_table, Tensor? q_block_ids, "
+      "Tensor? k_block_ids, Tensor? mask_bits, Tensor? bias, int[] mask_config, float scale) -> (Tensor out, Tensor lse)");
 }
 
 inline void register_cpu_kernels(torch::Library& m) {
   m.impl("speculative_sample", &speculative_sample_cpu);
   m.impl("greedy_verify", &greedy_verify_cpu);
+  m.impl("attention", &attention_cpu);
 }
 
 // The CUDA kernels' glue; registered for CUDA in fastar._C and for CPU tensors in the SIMT build.

@@ -7,8 +7,14 @@ from ._loader import load_extension
 
 _C = load_extension()
 
-from . import reference  # noqa: E402
+from . import masks, reference  # noqa: E402
 from ._fake import register_fakes  # noqa: E402
+from .attention import (  # noqa: E402
+    attention,
+    attention_with_kvcache,
+    patch_sdpa,
+    scaled_dot_product_attention,
+)
 from .acceptance import (  # noqa: E402
     check_rows,
     debug_checks_enabled,
@@ -26,11 +32,16 @@ def build_info() -> dict:
 
 
 __all__ = [
+    "attention",
+    "attention_with_kvcache",
     "build_info",
     "check_rows",
     "debug_checks_enabled",
     "greedy_verify",
+    "masks",
+    "patch_sdpa",
     "reference",
+    "scaled_dot_product_attention",
     "set_debug_checks",
     "speculative_sample",
 ]

@@ -23,3 +23,9 @@ def register_fakes(namespace: str) -> None:
     @torch.library.register_fake(f"{namespace}::greedy_verify")
     def _greedy_verify(draft_token_ids, target_logits, num_draft_tokens):
         return _acceptance_outputs(draft_token_ids, target_logits)
+
+    @torch.library.register_fake(f"{namespace}::attention")
+    def _attention(q, k, v, kv_lens, block_table, q_block_ids, k_block_ids, mask_bits, bias, mask_config, scale):
+        torch._check(q.dim() == 4, lambda: "q must be 4-D [B, H, L, D]")
+        batch, heads, length, _ = q.shape
+        return q.new_empty(q.shape), q.new_empty((batch, heads, length), dtype=torch.float32)

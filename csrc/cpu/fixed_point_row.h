@@ -1,30 +1,14 @@
 // Fixed-point inverse-CDF sampling over one probability row on the CPU (see core/acceptance.h for why
 // fixed point). AVX2 does 8 tokens per step; other CPUs take the scalar loop, with identical results.
 #pragma once
-#include <c10/util/BFloat16.h>
-#include <c10/util/Half.h>
-
 #include <cstdint>
 
 #include "core/acceptance.h"
-
-#if defined(__AVX2__) && defined(__F16C__)
-#include <immintrin.h>
-#define FASTAR_CPU_AVX2 1
-#endif
+#include "cpu/vec.h"
 
 namespace fastar::cpu {
 
 #if defined(FASTAR_CPU_AVX2)
-inline __m256 load8(const float* x) { return _mm256_loadu_ps(x); }
-inline __m256 load8(const c10::Half* x) {
-  return _mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(x)));
-}
-inline __m256 load8(const c10::BFloat16* x) {  // bfloat16 is the upper half of a float32
-  const __m256i wide = _mm256_cvtepu16_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(x)));
-  return _mm256_castsi256_ps(_mm256_slli_epi32(wide, 16));
-}
-
 // acc (4 x uint64) += fixed_weight of 8 floats; the same round-via-2^52 trick as the scalar code.
 inline __m256i add_fixed8(__m256i acc, __m256 w) {
   w = _mm256_max_ps(w, _mm256_setzero_ps());  // NaN -> 0, as in fixed_weight

@@ -1,0 +1,163 @@
+// Arguments and mask rules of fastar's attention kernels, shared by the CPU and CUDA kernels.
+//
+// A mask is an AND of optional terms, each given as structure (never as an Lq x Lk float tensor):
+//   causal  key j visible iff j <= i + diag           (diag = Lk_b - Lq bottom-right, or 0 top-left)
+//   window  key j visible iff i + diag - left <= j <= i + diag, or j < sinks
+//   block   block ids per query and key: causal kb <= qb, same kb == qb, prev qb - 1 <= kb <= qb
+//   bits    bit-packed custom mask over the last `bits_cols` keys of each sequence (earlier keys are
+//           visible: the prefix of tree verification): row-major, little-endian bits, one row of
+//           ceil(bits_cols / 8) bytes per query (FlashInfer's layout)
+//   bias    an additive float mask (SDPA's float attn_mask), with broadcast strides
+// Whole key tiles are classified first: hidden tiles are skipped, fully visible ones run without
+// per-element mask work.
+#pragma once
+#include <cstdint>
+
+#include "core/macros.h"
+
+namespace fastar {
+
+enum class BlockRelation : int32_t { kNone = 0, kCausal = 1, kSame = 2, kPrev = 3 };
+
+struct AttentionMask {
+  bool causal;
+  bool bottom_right;  // diagonal alignment of causal and window: Lk_b - Lq (true) or 0 (SDPA's is_causal)
+  bool window;
+  int64_t window_left;
+  int64_t window_sinks;
+  BlockRelation block;
+  const int32_t* q_block_ids;  // [B or 1, Lq]
+  const int32_t* k_block_ids;  // [B or 1, Lk]
+  int64_t q_block_sb, k_block_sb;
+  const uint8_t* bits;  // [B or 1, Lq, bits_row]
+  int64_t bits_sb, bits_row, bits_cols;
+  const void* bias;  // element type of q; [B, H, Lq, Lk] with broadcast (0) strides, unit stride along keys
+  int64_t bias_sb, bias_sh, bias_sq;
+};
+
+struct AttentionParams {
+  // q, out: [B, Hq, Lq, D]; k, v: [B, Hkv, Lk, D], all with unit stride along D, any other strides.
+  // Paged caches: key position s lives in page block_table[b, s / page_size] at row s % page_size, and the
+  // batch stride is the page stride.
+  const void* q;
+  const void* k;
+  const void* v;
+  void* out;
+  float* lse;  // [B, Hq, Lq] contiguous, natural log; null if not requested
+  int64_t q_sb, q_sh, q_sl;
+  int64_t k_sb, k_sh, k_sl;
+  int64_t v_sb, v_sh, v_sl;
+  int64_t o_sb, o_sh, o_sl;
+  const int32_t* block_table;  // [B, max_pages] or null (contiguous)
+  int64_t bt_sb, page_size, num_pages;
+  const int32_t* kv_lens;  // [B] keys per sequence, or null: every sequence has Lk keys
+  int64_t B, Hq, Hkv, Lq, Lk, D;
+  float scale;
+  AttentionMask mask;
+};
+
+FASTAR_HD int64_t kv_len(const AttentionParams& p, int64_t b) { return p.kv_lens ? p.kv_lens[b] : p.Lk; }
+
+// Per-sequence positions of the mask: query i's causal diagonal is key i + diag; the bit-packed part
+// starts at key bits_start.
+struct MaskGeometry {
+  int64_t diag;
+  int64_t bits_start;
+};
+
+FASTAR_HD MaskGeometry mask_geometry(const AttentionParams& p, int64_t b) {
+  const int64_t lk = kv_len(p, b);
+  return MaskGeometry{p.mask.bottom_right ? lk - p.Lq : 0, lk - p.mask.bits_cols};
+}
+
+// Key position -> element offset of its row in k or v (for head h of batch b).
+FASTAR_HD int64_t kv_row_offset(const AttentionParams& p, int64_t sb, int64_t sh, int64_t sl, int64_t b, int64_t h,
+                                int64_t s) {
+  if (p.block_table) {
+    const int64_t page = p.block_table[b * p.bt_sb + s / p.page_size];
+    return page * sb + h * sh + (s % p.page_size) * sl;
+  }
+  return b * sb + h * sh + s * sl;
+}
+
+FASTAR_HD bool block_visible(BlockRelation r, int32_t qb, int32_t kb) {
+  switch (r) {
+    case BlockRelation::kCausal:
+      return kb <= qb;
+    case BlockRelation::kSame:
+      return kb == qb;
+    case BlockRelation::kPrev:
+      return kb <= qb && kb >= qb - 1;
+    default:
+      return true;
+  }
+}
+
+// Whether query i of batch b sees key j (bias excluded: it is added to the logit, not tested).
+FASTAR_HD bool mask_visible(const AttentionMask& m, int64_t b, int64_t i, int64_t j, MaskGeometry g) {
+  const int64_t d = i + g.diag;
+  if (m.causal && j > d) return false;
+  if (m.window && !(j >= d - m.window_left && j <= d) && j >= m.window_sinks) return false;
+  if (m.block != BlockRelation::kNone &&
+      !block_visible(m.block, m.q_block_ids[b * m.q_block_sb + i], m.k_block_ids[b * m.k_block_sb + j]))
+    return false;
+  if (m.bits && j >= g.bits_start) {
+    const int64_t c = j - g.bits_start;
+    if (!((m.bits[b * m.bits_sb + i * m.bits_row + (c >> 3)] >> (c & 7)) & 1)) return false;
+  }
+  return true;
+}
+
+enum class TileClass : int32_t { kHidden = 0, kPartial = 1, kFull = 2 };
+
+// Classifies the tile of queries [i0, i1) x keys [j0, j1) (both non-empty). Block ids are summarised by
+// their ranges over the tile, so the answer is exact for sorted ids and conservative (partial) otherwise.
+FASTAR_HD TileClass classify_tile(const AttentionMask& m, int64_t b, int64_t i0, int64_t i1, int64_t j0, int64_t j1,
+                                  MaskGeometry g) {
+  bool full = true;
+  const int64_t d_lo = i0 + g.diag, d_hi = i1 - 1 + g.diag;  // the tile's first and last query diagonals
+  if (m.causal) {
+    if (j0 > d_hi) return TileClass::kHidden;
+    full &= j1 - 1 <= d_lo;
+  }
+  if (m.window) {
+    const bool in_sinks = j1 <= m.window_sinks;
+    if (!in_sinks && j0 >= m.window_sinks && (j1 - 1 < d_lo - m.window_left || j0 > d_hi)) return TileClass::kHidden;
+    full &= in_sinks || (j0 >= d_hi - m.window_left && j1 - 1 <= d_lo);
+  }
+  if (m.block != BlockRelation::kNone) {
+    int32_t qmin = m.q_block_ids[b * m.q_block_sb + i0], qmax = qmin;
+    for (int64_t i = i0 + 1; i < i1; ++i) {
+      const int32_t v = m.q_block_ids[b * m.q_block_sb + i];
+      qmin = v < qmin ? v : qmin;
+      qmax = v > qmax ? v : qmax;
+    }
+    int32_t kmin = m.k_block_ids[b * m.k_block_sb + j0], kmax = kmin;
+    for (int64_t j = j0 + 1; j < j1; ++j) {
+      const int32_t v = m.k_block_ids[b * m.k_block_sb + j];
+      kmin = v < kmin ? v : kmin;
+      kmax = v > kmax ? v : kmax;
+    }
+    switch (m.block) {
+      case BlockRelation::kCausal:
+        if (kmin > qmax) return TileClass::kHidden;
+        full &= kmax <= qmin;
+        break;
+      case BlockRelation::kSame:
+        if (kmax < qmin || kmin > qmax) return TileClass::kHidden;
+        full &= kmin == kmax && qmin == qmax && kmin == qmin;
+        break;
+      case BlockRelation::kPrev:
+        if (kmax < qmin - 1 || kmin > qmax) return TileClass::kHidden;
+        full &= kmin >= qmax - 1 && kmax <= qmin;
+        break;
+      default:
+        break;
+    }
+  }
+  if (m.bits) full &= j1 <= g.bits_start;
+  if (m.bias) full = false;
+  return full ? TileClass::kFull : TileClass::kPartial;
+}
+
+}  // namespace fastar

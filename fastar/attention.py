@@ -1,0 +1,277 @@
+"""Fused masked attention for decoding and verification.
+
+Conventions:
+
+* Layout ``[B, H, L, D]`` (SDPA's) for :func:`attention`; FlashAttention's ``[B, L, H, D]`` for
+  :func:`attention_with_kvcache`. GQA/MQA: ``Hq % Hkv == 0``, query head ``h`` uses kv head
+  ``h // (Hq // Hkv)``. float32, float16 and bfloat16; accumulation in float32.
+* Masks are structured objects (:mod:`fastar.masks`), bottom-right aligned: the queries are the last ``Lq``
+  key positions. A query row that sees no key gets output 0 and LSE ``-inf``.
+* LSE: natural log, float32 ``[B, Hq, Lq]``.
+"""
+from __future__ import annotations
+
+import contextlib
+import math
+import warnings
+from typing import Optional, Tuple, Union
+
+import torch
+
+from .masks import Dense, Mask, MaskArgs
+
+_SUPPORTED = (torch.float32, torch.float16, torch.bfloat16)
+
+
+def _run(op, q, k, v, args: MaskArgs, scale: float, kv_lens=None, block_table=None):
+    config = [
+        int(args.causal),
+        int(args.bottom_right),
+        int(args.window),
+        int(args.window_left),
+        int(args.window_sinks),
+        int(args.block_relation),
+        int(args.bits_cols),
+    ]
+    return op(q, k, v, kv_lens, block_table, args.q_block_ids, args.k_block_ids, args.bits, args.bias, config, scale)
+
+
+def _check_layout(q, k, v):
+    for name, t in (("q", q), ("k", k), ("v", v)):
+        if not isinstance(t, torch.Tensor):
+            raise TypeError(f"fastar.attention: {name} must be a tensor, got {type(t).__name__}")
+        if t.dim() != 4:
+            raise ValueError(f"fastar.attention: {name} must be 4-D, got shape {tuple(t.shape)}")
+
+
+def _attention(op, q, k, v, mask, scale, return_lse, out):
+    _check_layout(q, k, v)
+    B, _, Lq, D = q.shape
+    args = MaskArgs.none() if mask is None else _lower(mask, B, Lq, k.shape[2], q.device)
+    result, lse = _run(op, q, k, v, args, D**-0.5 if scale is None else float(scale))
+    if out is not None:
+        out.copy_(result)
+        result = out
+    return (result, lse) if return_lse else result
+
+
+def _lower(mask, B, Lq, Lk, device, kv_lens=None) -> MaskArgs:
+    if not isinstance(mask, Mask):
+        raise TypeError(
+            f"fastar.attention: mask must be a fastar.masks object (Causal, Tree, BlockCausal, Window, Dense), "
+            f"got {type(mask).__name__}; wrap a bool tensor in fastar.masks.Dense"
+        )
+    return mask.lower(B, Lq, Lk, device, kv_lens)
+
+
+def attention(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    *,
+    mask: Optional[Mask] = None,
+    scale: Optional[float] = None,
+    return_lse: bool = False,
+    out: Optional[torch.Tensor] = None,
+) -> Union[torch.Tensor, Tuple[torch.Tensor, torch.Tensor]]:
+    """Masked attention ``softmax(q k^T * scale + mask) v``.
+
+    Args:
+        q: ``[B, Hq, Lq, D]``; k, v: ``[B, Hkv, Lk, D]`` with ``Hq % Hkv == 0``. Same dtype (float32,
+            float16 or bfloat16), any strides with a unit stride along ``D``.
+        mask: a :mod:`fastar.masks` object (``Causal()``, ``Tree(parents)``, ``BlockCausal(...)``,
+            ``Window(left, sinks)``, ``Dense(bool)``, or their ``&``); None = every key visible.
+        scale: softmax scale, default ``1/sqrt(D)``.
+        return_lse: also return the natural-log LSE, float32 ``[B, Hq, Lq]`` (``-inf`` for rows that see
+            no key).
+        out: optional ``[B, Hq, Lq, D]`` tensor to write the output into.
+
+    Returns:
+        ``out`` ``[B, Hq, Lq, D]`` in q's dtype, or ``(out, lse)``.
+    """
+    return _attention(torch.ops.fastar.attention, q, k, v, mask, scale, return_lse, out)
+
+
+def _kvcache_append(cache: torch.Tensor, new: torch.Tensor, positions: torch.Tensor, block_table):
+    """Write new [B, Lnew, H, D] into the cache at the given positions [B, Lnew] (in place, no host sync)."""
+    B, L = positions.shape
+    if block_table is None:
+        rows = torch.arange(B, device=cache.device).unsqueeze(1).expand(B, L)
+        cache[rows, positions] = new.to(cache.dtype)
+    else:
+        page_size = cache.shape[1]
+        pages = torch.gather(block_table.long(), 1, positions // page_size)
+        cache[pages, positions % page_size] = new.to(cache.dtype)
+
+
+def _attention_with_kvcache(op, q, k_cache, v_cache, cache_seqlens, k_new, v_new, block_table, mask, scale, return_lse):
+    for name, t in (("q", q), ("k_cache", k_cache), ("v_cache", v_cache)):
+        if not isinstance(t, torch.Tensor) or t.dim() != 4:
+            raise ValueError(f"fastar.attention_with_kvcache: {name} must be a 4-D tensor")
+    B, Lq, _, D = q.shape
+    if not isinstance(cache_seqlens, torch.Tensor):
+        cache_seqlens = torch.full((B,), int(cache_seqlens), dtype=torch.int32, device=q.device)
+    if cache_seqlens.shape != (B,):
+        raise ValueError(f"fastar.attention_with_kvcache: cache_seqlens must have shape [{B}], got {tuple(cache_seqlens.shape)}")
+    cache_seqlens = cache_seqlens.to(torch.int32)
+    capacity = (block_table.shape[1] * k_cache.shape[1]) if block_table is not None else k_cache.shape[1]
+    kv_lens = cache_seqlens
+    if (k_new is None) != (v_new is None):
+        raise ValueError("fastar.attention_with_kvcache: give both k_new and v_new, or neither")
+    if k_new is not None:
+        if k_new.dim() != 4 or k_new.shape[0] != B or k_new.shape != v_new.shape or k_new.shape[2:] != k_cache.shape[2:]:
+            raise ValueError(
+                f"fastar.attention_with_kvcache: k_new and v_new must have shape [B, Lnew, Hkv, D] = "
+                f"[{B}, Lnew, {k_cache.shape[2]}, {k_cache.shape[3]}], got {tuple(k_new.shape)} and {tuple(v_new.shape)}"
+            )
+        L_new = k_new.shape[1]
+        positions = cache_seqlens.long().unsqueeze(1) + torch.arange(L_new, device=q.device)
+        if positions.device.type == "cpu" and positions.numel() and int(positions.max()) >= capacity:
+            raise ValueError(f"fastar.attention_with_kvcache: appending {L_new} tokens overflows the cache of {capacity}")
+        _kvcache_append(k_cache, k_new, positions, block_table)
+        _kvcache_append(v_cache, v_new, positions, block_table)
+        kv_lens = cache_seqlens + L_new
+    # [B, S, H, D] caches (or [pages, page_size, H, D]) are [B, H, S, D] views for the kernel.
+    k_view, v_view, q_view = k_cache.transpose(1, 2), v_cache.transpose(1, 2), q.transpose(1, 2)
+    args = MaskArgs.none() if mask is None else _lower(mask, B, Lq, capacity, q.device, kv_lens)
+    bt = None if block_table is None else block_table.to(torch.int32)
+    result, lse = _run(op, q_view, k_view, v_view, args, D**-0.5 if scale is None else float(scale), kv_lens, bt)
+    result = result.transpose(1, 2)
+    return (result, lse) if return_lse else result
+
+
+def attention_with_kvcache(
+    q: torch.Tensor,
+    k_cache: torch.Tensor,
+    v_cache: torch.Tensor,
+    *,
+    cache_seqlens: Union[torch.Tensor, int],
+    k_new: Optional[torch.Tensor] = None,
+    v_new: Optional[torch.Tensor] = None,
+    block_table: Optional[torch.Tensor] = None,
+    mask: Optional[Mask] = None,
+    scale: Optional[float] = None,
+    return_lse: bool = False,
+):
+    """Decode / verify against a KV cache, FlashAttention style (``flash_attn_with_kvcache``).
+
+    Args:
+        q: ``[B, Lq, Hq, D]`` the new tokens' queries.
+        k_cache, v_cache: ``[B, S_max, Hkv, D]`` contiguous caches, or with ``block_table`` paged caches
+            ``[num_pages, page_size, Hkv, D]`` (any page size).
+        cache_seqlens: int ``[B]`` (or an int): tokens already in each sequence's cache.
+        k_new, v_new: optional ``[B, Lq_new, Hkv, D]``, written into the cache in place at
+            ``cache_seqlens`` before attending (so the new tokens see themselves).
+        block_table: int ``[B, max_pages]``: page ``block_table[b, s // page_size]`` holds position ``s``.
+        mask: applied to the queries (the last ``Lq`` positions of each sequence): e.g. ``Causal()`` for a
+            chain of drafts, ``Tree(parents)`` for tree verification, ``BlockCausal`` for block diffusion.
+            None = every cached key visible.
+        scale, return_lse: as in :func:`attention`.
+
+    Returns:
+        ``[B, Lq, Hq, D]`` (and the LSE ``[B, Hq, Lq]``). Sequence ``b`` attends to its first
+        ``cache_seqlens[b] (+ Lq_new)`` keys.
+    """
+    return _attention_with_kvcache(
+        torch.ops.fastar.attention, q, k_cache, v_cache, cache_seqlens, k_new, v_new, block_table, mask, scale, return_lse
+    )
+
+
+_warned = set()
+
+
+def _fallback(reason: str, *args, **kwargs):
+    if reason not in _warned:
+        _warned.add(reason)
+        warnings.warn(f"fastar.scaled_dot_product_attention falls back to PyTorch's: {reason}", stacklevel=3)
+    return _torch_sdpa(*args, **kwargs)
+
+
+_torch_sdpa = torch.nn.functional.scaled_dot_product_attention
+
+
+def _fallback_reason(query, key, value, attn_mask, dropout_p, is_causal, enable_gqa) -> Optional[str]:
+    tensors = [query, key, value] + ([attn_mask] if attn_mask is not None else [])
+    if dropout_p > 0.0:
+        return "dropout"
+    if torch.is_grad_enabled() and any(t.requires_grad for t in tensors):
+        return "a tensor requires grad (fastar's kernels are inference-only)"
+    if any(t.dim() != 4 for t in (query, key, value)):
+        return "inputs are not 4-D [B, H, L, D]"
+    if query.dtype not in _SUPPORTED or key.dtype != query.dtype or value.dtype != query.dtype:
+        return f"dtype {query.dtype} (fastar takes float32, float16, bfloat16)"
+    if query.device.type != "cpu" and not (query.device.type == "cuda" and _has_cuda_kernels()):
+        return f"device {query.device}"
+    if attn_mask is not None and is_causal:
+        return "attn_mask together with is_causal"
+    if key.shape[1] != query.shape[1] and not enable_gqa:
+        return "key/value heads differ from query heads without enable_gqa"
+    if key.shape[0] != query.shape[0] or key.shape[-1] != query.shape[-1] or value.shape[-1] != query.shape[-1]:
+        return "shapes fastar does not take (different batch or value head dim)"
+    return None
+
+
+def _has_cuda_kernels() -> bool:
+    from . import build_info
+
+    return bool(build_info()["cuda"])
+
+
+def _sdpa_mask_args(query, key, attn_mask, is_causal) -> MaskArgs:
+    B, H, Lq, _ = query.shape
+    Lk = key.shape[2]
+    if attn_mask is None:
+        args = MaskArgs.none()
+        return args._replace(causal=True, bottom_right=False) if is_causal else args
+    mask = attn_mask
+    while mask.dim() < 4:
+        mask = mask.unsqueeze(0)
+    if mask.dtype == torch.bool and mask.shape[1] == 1:
+        # One mask for all heads: bit-packed (1 bit per element instead of a float).
+        dense = mask[:, 0].expand(mask.shape[0], Lq, Lk)
+        return Dense(dense).lower(B, Lq, Lk, query.device)
+    if mask.dtype == torch.bool:
+        bias = torch.zeros(mask.shape, dtype=query.dtype, device=query.device).masked_fill_(~mask, float("-inf"))
+    else:
+        bias = mask.to(query.dtype)
+    bias = bias.expand(bias.shape[0], bias.shape[1], Lq, Lk)
+    return MaskArgs.none()._replace(bias=bias)
+
+
+def scaled_dot_product_attention(
+    query, key, value, attn_mask=None, dropout_p=0.0, is_causal=False, scale=None, enable_gqa=False
+):
+    """Drop-in for ``torch.nn.functional.scaled_dot_product_attention``: same signature, same results.
+
+    Keeps PyTorch's conventions: ``is_causal`` is top-left aligned, bool masks say True = attend, float
+    masks are added to the logits, masks broadcast to ``[B, H, Lq, Lk]``, a row that sees no key gives 0.
+    Where fastar cannot serve (dropout, a tensor that requires grad, an unsupported dtype, device or
+    shape) it calls PyTorch's op instead (correct gradients, never a wrong answer) and says so once
+    through ``warnings``.
+    """
+    reason = _fallback_reason(query, key, value, attn_mask, dropout_p, is_causal, enable_gqa)
+    if reason is not None:
+        return _fallback(
+            reason, query, key, value, attn_mask=attn_mask, dropout_p=dropout_p, is_causal=is_causal, scale=scale,
+            enable_gqa=enable_gqa,
+        )
+    args = _sdpa_mask_args(query, key, attn_mask, is_causal)
+    scale = 1.0 / math.sqrt(query.shape[-1]) if scale is None else float(scale)
+    out, _ = _run(torch.ops.fastar.attention, query, key, value, args, scale)
+    return out
+
+
+@contextlib.contextmanager
+def patch_sdpa():
+    """Within the block, ``torch.nn.functional.scaled_dot_product_attention`` is fastar's drop-in.
+
+    Reaches code that looks the function up at call time (``F.scaled_dot_product_attention(...)``, as VAR,
+    LlamaGen and most research code do), not a name imported before the block.
+    """
+    functional = torch.nn.functional
+    previous = functional.scaled_dot_product_attention
+    functional.scaled_dot_product_attention = scaled_dot_product_attention
+    try:
+        yield
+    finally:
+        functional.scaled_dot_product_attention = previous
