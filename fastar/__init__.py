@@ -9,7 +9,7 @@ _C = load_extension()
 
 from . import masks, reference  # noqa: E402
 from ._fake import register_fakes  # noqa: E402
-from .attention import (  # noqa: E402
+from .masked_attention import (  # noqa: E402
     attention,
     attention_with_kvcache,
     patch_sdpa,

@@ -80,8 +80,7 @@ def pack_bits(mask: torch.Tensor) -> torch.Tensor:
     n = mask.shape[-1]
     padded = torch.nn.functional.pad(mask.to(torch.uint8), (0, -n % 8))
     weights = torch.tensor([1 << b for b in range(8)], dtype=torch.uint8, device=mask.device)
-    packed = (padded.unflatten(-1, (-1, 8)) * weights).sum(-1, dtype=torch.uint8)
-    return packed
+    return (padded.unflatten(-1, (-1, 8)) * weights).sum(-1, dtype=torch.uint8)
 
 
 def unpack_bits(bits: torch.Tensor, n: int) -> torch.Tensor:
@@ -203,7 +202,9 @@ class Causal(Mask):
     def _visible(self, geo: _Geometry) -> torch.Tensor:
         return geo.j <= geo.qpos
 
-    def lower(self, batch, Lq, Lk, device, kv_lens=None) -> MaskArgs:
+    def lower(
+        self, batch: int, Lq: int, Lk: int, device: Device, kv_lens: Optional[torch.Tensor] = None
+    ) -> MaskArgs:
         return MaskArgs.none()._replace(causal=True)
 
     def __repr__(self) -> str:
@@ -226,7 +227,9 @@ class Window(Mask):
     def _visible(self, geo: _Geometry) -> torch.Tensor:
         return (geo.j <= geo.qpos) & ((geo.j >= geo.qpos - self.left) | (geo.j < self.sinks))
 
-    def lower(self, batch, Lq, Lk, device, kv_lens=None) -> MaskArgs:
+    def lower(
+        self, batch: int, Lq: int, Lk: int, device: Device, kv_lens: Optional[torch.Tensor] = None
+    ) -> MaskArgs:
         return MaskArgs.none()._replace(causal=True, window=True, window_left=self.left, window_sinks=self.sinks)
 
     def __repr__(self) -> str:
@@ -334,7 +337,9 @@ class BlockCausal(Mask):
             return kb == qb
         return (kb <= qb) & (kb >= qb - 1)
 
-    def lower(self, batch, Lq, Lk, device, kv_lens=None) -> MaskArgs:
+    def lower(
+        self, batch: int, Lq: int, Lk: int, device: Device, kv_lens: Optional[torch.Tensor] = None
+    ) -> MaskArgs:
         q_ids, k_ids = self._ids(batch, Lq, Lk, device, kv_lens)
         return MaskArgs.none()._replace(
             block_relation=_RELATIONS[self.relation], q_block_ids=q_ids, k_block_ids=k_ids
@@ -473,7 +478,9 @@ class Tree(Mask):
         in_tree = torch.gather(ancestors.expand(index.shape[0], T, T), 2, index.clamp(max=T - 1))
         return (node < 0) | in_tree
 
-    def lower(self, batch, Lq, Lk, device, kv_lens=None) -> MaskArgs:
+    def lower(
+        self, batch: int, Lq: int, Lk: int, device: Device, kv_lens: Optional[torch.Tensor] = None
+    ) -> MaskArgs:
         self._check(batch, Lq, Lk)
         return MaskArgs.none()._replace(bits=self._bits.to(device), bits_cols=self.num_nodes)
 
@@ -528,7 +535,9 @@ class Dense(Mask):
         self._check(geo.batch, geo.Lq, geo.Lk)
         return unpack_bits(self.bits.to(geo.j.device), self.Lk)
 
-    def lower(self, batch, Lq, Lk, device, kv_lens=None) -> MaskArgs:
+    def lower(
+        self, batch: int, Lq: int, Lk: int, device: Device, kv_lens: Optional[torch.Tensor] = None
+    ) -> MaskArgs:
         self._check(batch, Lq, Lk)
         bits = self.bits.to(device)
         if kv_lens is not None:
@@ -574,7 +583,9 @@ class And(Mask):
             visible = visible & m._visible(geo)
         return visible
 
-    def lower(self, batch, Lq, Lk, device, kv_lens=None) -> MaskArgs:
+    def lower(
+        self, batch: int, Lq: int, Lk: int, device: Device, kv_lens: Optional[torch.Tensor] = None
+    ) -> MaskArgs:
         _check_batch(self._mask_batch(), batch, "And")
         structured: List[MaskArgs] = []
         as_bits: List[Mask] = []

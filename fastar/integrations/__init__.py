@@ -1,0 +1,1 @@
+"""Integrations of fastar's kernels with model libraries (imported on demand)."""
