@@ -249,6 +249,10 @@ def scaled_dot_product_attention(
     shape) it calls PyTorch's op instead (correct gradients, never a wrong answer) and says so once
     through ``warnings``.
     """
+    return _sdpa(torch.ops.fastar.attention, query, key, value, attn_mask, dropout_p, is_causal, scale, enable_gqa)
+
+
+def _sdpa(op, query, key, value, attn_mask, dropout_p, is_causal, scale, enable_gqa):
     reason = _fallback_reason(query, key, value, attn_mask, dropout_p, is_causal, enable_gqa)
     if reason is not None:
         return _fallback(
@@ -257,7 +261,7 @@ def scaled_dot_product_attention(
         )
     args = _sdpa_mask_args(query, key, attn_mask, is_causal)
     scale = 1.0 / math.sqrt(query.shape[-1]) if scale is None else float(scale)
-    out, _ = _run(torch.ops.fastar.attention, query, key, value, args, scale)
+    out, _ = _run(op, query, key, value, args, scale)
     return out
 
 

@@ -16,7 +16,7 @@ import pytest
 import torch
 
 import fastar
-from fastar import _simt, acceptance
+from fastar import _simt, acceptance, masked_attention
 
 REQUIRE_CUDA_BUILD = os.environ.get("FASTAR_REQUIRE_CUDA_BUILD") == "1"
 
@@ -68,6 +68,30 @@ class Backend:
             self.ops.greedy_verify, self.to(draft_token_ids), self.to(target_logits), self.to(num_draft_tokens)
         )
         return tokens.cpu(), num_accepted.cpu()
+
+    def attention(self, q, k, v, *, mask=None, scale=None, return_lse=False):
+        result = masked_attention._attention(
+            self.ops.attention, self.to(q), self.to(k), self.to(v), mask, scale, return_lse, None
+        )
+        return tuple(t.cpu() for t in result) if return_lse else result.cpu()
+
+    def attention_with_kvcache(self, q, k_cache, v_cache, *, cache_seqlens, k_new=None, v_new=None, block_table=None,
+                               mask=None, scale=None, return_lse=False):
+        """Runs on copies of the caches moved to the device; returns (result, k_cache, v_cache) on the CPU."""
+        k_dev, v_dev = self.to(k_cache).clone(), self.to(v_cache).clone()
+        result = masked_attention._attention_with_kvcache(
+            self.ops.attention, self.to(q), k_dev, v_dev, self.to(cache_seqlens), self.to(k_new), self.to(v_new),
+            self.to(block_table), mask, scale, return_lse,
+        )
+        result = tuple(t.cpu() for t in result) if return_lse else result.cpu()
+        return result, k_dev.cpu(), v_dev.cpu()
+
+    def scaled_dot_product_attention(self, query, key, value, attn_mask=None, dropout_p=0.0, is_causal=False,
+                                     scale=None, enable_gqa=False):
+        return masked_attention._sdpa(
+            self.ops.attention, self.to(query), self.to(key), self.to(value), self.to(attn_mask), dropout_p, is_causal,
+            scale, enable_gqa,
+        ).cpu()
 
     def checked(self, fn, *args, **kwargs):
         """Call an acceptance op and raise for invalid rows on every backend (CPU raises by itself)."""
