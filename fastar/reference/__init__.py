@@ -1,4 +1,5 @@
 """Plain-PyTorch references of fastar's ops: written for clarity (loops, float64), the tests' oracle."""
+from .attention import attention_reference, mask_from_args
 from .acceptance import (
     greedy_verify_reference,
     philox4x32_10,
@@ -7,6 +8,8 @@ from .acceptance import (
 )
 
 __all__ = [
+    "attention_reference",
+    "mask_from_args",
     "greedy_verify_reference",
     "philox4x32_10",
     "speculative_output_distribution",
