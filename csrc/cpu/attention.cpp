@@ -22,7 +22,7 @@ namespace fastar {
 namespace {
 
 constexpr int64_t kKeyTile = 64;
-constexpr int64_t kMaxRows = 64;  // query rows (heads x positions) per work item
+constexpr int64_t kMaxRows = 256;  // query rows (heads x positions) per work item
 constexpr float kNegInf = -std::numeric_limits<float>::infinity();
 
 template <typename T>
@@ -59,6 +59,58 @@ inline void axpy(float* o, float w, const T* v, int64_t D) {
   for (; d < D; ++d) o[d] += w * to_f(v[d]);
 }
 
+#if defined(FASTAR_CPU_AVX2)
+// Register-blocked C[MR x 16] (=|+=) A[MR x K] * B[K x 16] (row strides lda, ldb, ldc): 8 accumulators,
+// per k two loads of B and MR broadcasts of A. The GEMM path of tiles with many query rows.
+template <int MR>
+inline void gemm_rows_x16(const float* a, int64_t lda, const float* b, int64_t ldb, int64_t K, float* c, int64_t ldc,
+                          bool accumulate) {
+  __m256 acc[MR][2];
+  for (int r = 0; r < MR; ++r) {
+    acc[r][0] = accumulate ? _mm256_loadu_ps(c + r * ldc) : _mm256_setzero_ps();
+    acc[r][1] = accumulate ? _mm256_loadu_ps(c + r * ldc + 8) : _mm256_setzero_ps();
+  }
+  for (int64_t k = 0; k < K; ++k) {
+    const __m256 b0 = _mm256_loadu_ps(b + k * ldb), b1 = _mm256_loadu_ps(b + k * ldb + 8);
+    for (int r = 0; r < MR; ++r) {
+      const __m256 av = _mm256_broadcast_ss(a + r * lda + k);
+      acc[r][0] = _mm256_fmadd_ps(av, b0, acc[r][0]);
+      acc[r][1] = _mm256_fmadd_ps(av, b1, acc[r][1]);
+    }
+  }
+  for (int r = 0; r < MR; ++r) {
+    _mm256_storeu_ps(c + r * ldc, acc[r][0]);
+    _mm256_storeu_ps(c + r * ldc + 8, acc[r][1]);
+  }
+}
+
+// C[M x N] (=|+=) A[M x K] * B[K x N] with N a multiple of 16: blocks of 6 rows (12 accumulators + 2 loads
+// + 1 broadcast fill the 16 AVX2 registers), then the remaining rows.
+template <int MR>
+inline void gemm_rows_tail(int64_t rows, const float* a, int64_t lda, const float* b, int64_t ldb, int64_t K,
+                           float* c, int64_t ldc, bool accumulate) {
+  if constexpr (MR > 0) {
+    if (rows == MR) return gemm_rows_x16<MR>(a, lda, b, ldb, K, c, ldc, accumulate);
+    gemm_rows_tail<MR - 1>(rows, a, lda, b, ldb, K, c, ldc, accumulate);
+  }
+}
+
+inline void gemm_x16(int64_t M, int64_t N, int64_t K, const float* a, int64_t lda, const float* b, int64_t ldb,
+                     float* c, int64_t ldc, bool accumulate) {
+  constexpr int64_t kRows = 6;
+  for (int64_t n0 = 0; n0 < N; n0 += 16) {
+    int64_t m0 = 0;
+    for (; m0 + kRows <= M; m0 += kRows)
+      gemm_rows_x16<kRows>(a + m0 * lda, lda, b + n0, ldb, K, c + m0 * ldc + n0, ldc, accumulate);
+    gemm_rows_tail<kRows - 1>(M - m0, a + m0 * lda, lda, b + n0, ldb, K, c + m0 * ldc + n0, ldc, accumulate);
+  }
+}
+#endif
+
+// Tiles with at least this many query rows use the GEMM path (K and V staged as float): compute-bound
+// verification and prefill. Fewer rows (decode) stream K and V straight from memory with dot/axpy loops.
+constexpr int64_t kGemmMinRows = 8;
+
 // Running softmax state of one query row.
 struct RowState {
   float m = kNegInf;  // running max of the logits
@@ -92,7 +144,7 @@ class AttentionCpu {
       partial_ml_.assign(static_cast<size_t>(items * splits_ * rows_cap), Partial{kNegInf, 0.0f});
     }
     at::parallel_for(0, items * splits_, 1, [&](int64_t w0, int64_t w1) {
-      std::vector<float> scratch(static_cast<size_t>(rows_cap * (2 * p_.D + kKeyTile + 1)));
+      std::vector<float> scratch(static_cast<size_t>(rows_cap * (2 * p_.D + kKeyTile + 1) + 2 * kKeyTile * p_.D));
       for (int64_t w = w0; w < w1; ++w) run_item(w / splits_, w % splits_, scratch.data());
     });
     if (splits_ > 1) {
@@ -121,6 +173,13 @@ class AttentionCpu {
     float* o = q + R * D;              // [R, D] unnormalised output
     float* s = o + R * D;              // [R, kKeyTile] logits, then probabilities
     float* corr = s + R * kKeyTile;    // [R] rescaling of o for the current tile
+    float* kt = corr + R;              // [D, kKeyTile] the key tile, transposed, in float (GEMM path)
+    float* vf = kt + D * kKeyTile;     // [kKeyTile, D] the value tile in float (GEMM path)
+#if defined(FASTAR_CPU_AVX2)
+    const bool gemm = R >= kGemmMinRows;
+#else
+    const bool gemm = false;
+#endif
     std::vector<RowState> st(static_cast<size_t>(R));
     const T* qbase = static_cast<const T*>(p_.q);
     for (int64_t r = 0; r < R; ++r) {
@@ -144,9 +203,13 @@ class AttentionCpu {
       const TileClass cls = classify_tile(p_.mask, it.b, it.i0, it.i0 + it.nq, j0, j1, geom);
       if (cls == TileClass::kHidden) continue;
       // Logits: each key row is read once for all R rows.
-      for (int64_t c = 0; c < nk; ++c) {
-        const T* krow = kbase + kv_row_offset(p_, p_.k_sb, p_.k_sh, p_.k_sl, it.b, it.hkv, j0 + c);
-        for (int64_t r = 0; r < R; ++r) s[r * kKeyTile + c] = dot_row(q + r * D, krow, D);
+      if (gemm) {
+        logits_gemm(it, j0, nk, q, R, kt, s, kbase);
+      } else {
+        for (int64_t c = 0; c < nk; ++c) {
+          const T* krow = kbase + kv_row_offset(p_, p_.k_sb, p_.k_sh, p_.k_sl, it.b, it.hkv, j0 + c);
+          for (int64_t r = 0; r < R; ++r) s[r * kKeyTile + c] = dot_row(q + r * D, krow, D);
+        }
       }
       if (cls == TileClass::kPartial) {
         for (int64_t r = 0; r < R; ++r) {
@@ -183,12 +246,56 @@ class AttentionCpu {
         }
       }
       // o += p v: each value row is read once for all R rows.
-      for (int64_t c = 0; c < nk; ++c) {
-        const T* vrow = vbase + kv_row_offset(p_, p_.v_sb, p_.v_sh, p_.v_sl, it.b, it.hkv, j0 + c);
-        for (int64_t r = 0; r < R; ++r) axpy(o + r * D, s[r * kKeyTile + c], vrow, D);
+      if (gemm) {
+        values_gemm(it, j0, nk, s, R, vf, o, vbase);
+      } else {
+        for (int64_t c = 0; c < nk; ++c) {
+          const T* vrow = vbase + kv_row_offset(p_, p_.v_sb, p_.v_sh, p_.v_sl, it.b, it.hkv, j0 + c);
+          for (int64_t r = 0; r < R; ++r) axpy(o + r * D, s[r * kKeyTile + c], vrow, D);
+        }
       }
     }
     finish_item(item, split, it, o, st.data());
+  }
+
+  // s[R, kKeyTile] = q[R, D] * K^T over the tile's nk keys (columns past nk are left arbitrary).
+  void logits_gemm(const Item& it, int64_t j0, int64_t nk, const float* q, int64_t R, float* kt, float* s,
+                   const T* kbase) {
+#if defined(FASTAR_CPU_AVX2)
+    const int64_t D = p_.D, n16 = (nk + 15) / 16 * 16;
+    for (int64_t c = 0; c < n16; ++c) {
+      if (c >= nk) {
+        for (int64_t d = 0; d < D; ++d) kt[d * kKeyTile + c] = 0.0f;
+        continue;
+      }
+      const T* krow = kbase + kv_row_offset(p_, p_.k_sb, p_.k_sh, p_.k_sl, it.b, it.hkv, j0 + c);
+      for (int64_t d = 0; d < D; ++d) kt[d * kKeyTile + c] = to_f(krow[d]);
+    }
+    gemm_x16(R, n16, D, q, D, kt, kKeyTile, s, kKeyTile, false);
+#else
+    (void)it, (void)j0, (void)nk, (void)q, (void)R, (void)kt, (void)s, (void)kbase;
+#endif
+  }
+
+  // o[R, D] += s[R, :nk] * V over the tile.
+  void values_gemm(const Item& it, int64_t j0, int64_t nk, const float* s, int64_t R, float* vf, float* o,
+                   const T* vbase) {
+#if defined(FASTAR_CPU_AVX2)
+    const int64_t D = p_.D, d16 = D / 16 * 16;
+    for (int64_t c = 0; c < nk; ++c) {
+      const T* vrow = vbase + kv_row_offset(p_, p_.v_sb, p_.v_sh, p_.v_sl, it.b, it.hkv, j0 + c);
+      for (int64_t d = 0; d < D; ++d) vf[c * D + d] = to_f(vrow[d]);
+    }
+    if (d16 > 0) gemm_x16(R, d16, nk, s, kKeyTile, vf, D, o, D, true);
+    for (int64_t r = 0; r < R; ++r) {
+      for (int64_t c = 0; c < nk; ++c) {
+        const float w = s[r * kKeyTile + c];
+        for (int64_t d = d16; d < D; ++d) o[r * D + d] += w * vf[c * D + d];
+      }
+    }
+#else
+    (void)it, (void)j0, (void)nk, (void)s, (void)R, (void)vf, (void)o, (void)vbase;
+#endif
   }
 
   void finish_item(int64_t item, int64_t split, const Item& it, const float* o, const RowState* st) {
