@@ -48,6 +48,11 @@ def _attention(op, q, k, v, mask, scale, return_lse, out):
     _check_layout(q, k, v)
     B, _, Lq, D = q.shape
     args = MaskArgs.none() if mask is None else _lower(mask, B, Lq, k.shape[2], q.device)
+    if out is not None and (out.shape != q.shape or out.dtype != q.dtype or out.device != q.device):
+        raise ValueError(
+            f"fastar.attention: out must be a {q.dtype} tensor of shape {tuple(q.shape)} on {q.device}, "
+            f"got {out.dtype} {tuple(out.shape)} on {out.device}"
+        )
     result, lse = _run(op, q, k, v, args, D**-0.5 if scale is None else float(scale))
     if out is not None:
         out.copy_(result)
@@ -78,7 +83,8 @@ def attention(
 
     Args:
         q: ``[B, Hq, Lq, D]``; k, v: ``[B, Hkv, Lk, D]`` with ``Hq % Hkv == 0``. Same dtype (float32,
-            float16 or bfloat16), any strides with a unit stride along ``D``.
+            float16 or bfloat16), any strides with a unit stride along ``D``. The CUDA kernels take
+            ``D <= 256``; the CPU kernels any ``D``.
         mask: a :mod:`fastar.masks` object (``Causal()``, ``Tree(parents)``, ``BlockCausal(...)``,
             ``Window(left, sinks)``, ``Dense(bool)``, or their ``&``); None = every key visible.
         scale: softmax scale, default ``1/sqrt(D)``.

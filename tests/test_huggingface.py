@@ -1,0 +1,112 @@
+"""transformers integration: ``attn_implementation="fastar"`` gives the logits and greedy generations of
+``attn_implementation="sdpa"`` on tiny random-initialised models (Llama with GQA, GPT-2), running fastar's
+kernels (no fallback to PyTorch).
+
+Tolerance: float32 logits within ``1e-5 * max(1, max|logits|)`` of SDPA's (both accumulate in float32; the
+observed difference is ~1e-7).
+"""
+from __future__ import annotations
+
+import copy
+import warnings
+
+import pytest
+import torch
+
+transformers = pytest.importorskip("transformers")
+
+import fastar.integrations.huggingface  # noqa: E402,F401  (registers attn_implementation="fastar")
+from fastar import masked_attention  # noqa: E402
+
+VOCAB, PROMPT, NEW_TOKENS = 128, 12, 10
+
+CONFIGS = {
+    # GQA: 4 query heads share 2 kv heads; a larger init range than the default for sharper attention.
+    "llama": lambda: transformers.LlamaConfig(
+        vocab_size=VOCAB, hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
+        num_key_value_heads=2, max_position_embeddings=64, initializer_range=0.2, pad_token_id=0,
+    ),
+    "gpt2": lambda: transformers.GPT2Config(
+        vocab_size=VOCAB, n_positions=64, n_embd=64, n_layer=2, n_head=4, initializer_range=0.2, pad_token_id=0,
+    ),
+}
+
+
+@pytest.fixture(scope="module", params=sorted(CONFIGS))
+def models(request):
+    """(sdpa model, fastar model, number of layers) with the same random weights."""
+    cfg = CONFIGS[request.param]()
+    torch.manual_seed(0)
+    # transformers mutates the config it is given: one copy per model.
+    reference = transformers.AutoModelForCausalLM.from_config(copy.deepcopy(cfg), attn_implementation="sdpa").eval()
+    model = transformers.AutoModelForCausalLM.from_config(copy.deepcopy(cfg), attn_implementation="fastar").eval()
+    model.load_state_dict(reference.state_dict())
+    assert model.config._attn_implementation == "fastar"
+    assert reference.config._attn_implementation == "sdpa"
+    return reference, model, cfg.num_hidden_layers
+
+
+@pytest.fixture
+def fastar_calls(monkeypatch):
+    """Counts the calls of fastar's kernels; fails the test on a fallback warning."""
+    calls = []
+    run = masked_attention._run
+
+    def counting_run(*args, **kwargs):
+        calls.append(1)
+        return run(*args, **kwargs)
+
+    monkeypatch.setattr(masked_attention, "_run", counting_run)
+    monkeypatch.setattr(masked_attention, "_warned", set())  # a fallback warns again in this test
+    with warnings.catch_warnings(record=True) as record:
+        warnings.simplefilter("always")
+        yield calls
+    fallbacks = [str(w.message) for w in record if "falls back" in str(w.message)]
+    assert fallbacks == [], f"fastar fell back to PyTorch: {fallbacks}"
+
+
+def inputs():
+    gen = torch.Generator().manual_seed(1)
+    input_ids = torch.randint(1, VOCAB, (3, PROMPT), generator=gen)
+    attention_mask = torch.ones(3, PROMPT, dtype=torch.long)
+    attention_mask[1, :4] = 0  # left padding
+    attention_mask[2, :9] = 0
+    input_ids[attention_mask == 0] = 0
+    return input_ids, attention_mask
+
+
+def assert_logits_close(got, want):
+    tol = 1e-5 * max(1.0, want.abs().max().item())
+    err = (got - want).abs().max().item()
+    assert err <= tol, f"logits differ by {err:.3g} > {tol:.3g}"
+
+
+@torch.no_grad()
+def test_logits_match_sdpa(models, fastar_calls):
+    reference, model, layers = models
+    input_ids, attention_mask = inputs()
+    want = reference(input_ids=input_ids, attention_mask=attention_mask).logits
+    got = model(input_ids=input_ids, attention_mask=attention_mask).logits
+    assert len(fastar_calls) == layers
+    assert_logits_close(got, want)
+    # The padding mask matters here (so a kernel ignoring it could not pass): without it row 1 changes.
+    unmasked = reference(input_ids=input_ids).logits
+    assert (unmasked[1] - want[1]).abs().max() > 1e-2
+    # No padding: transformers may pass no mask and is_causal (SDPA's top-left causal).
+    got = model(input_ids=input_ids[:1]).logits
+    assert len(fastar_calls) == 2 * layers
+    assert_logits_close(got, reference(input_ids=input_ids[:1]).logits)
+
+
+@torch.no_grad()
+def test_greedy_generate_matches_sdpa(models, fastar_calls):
+    reference, model, layers = models
+    input_ids, attention_mask = inputs()
+    kwargs = dict(attention_mask=attention_mask, max_new_tokens=NEW_TOKENS, do_sample=False, use_cache=True,
+                  pad_token_id=0)
+    want = reference.generate(input_ids, **kwargs)
+    got = model.generate(input_ids, **kwargs)
+    assert got.shape == (3, PROMPT + NEW_TOKENS)
+    assert torch.equal(got, want), f"fastar generated\n{got}\nSDPA generated\n{want}"
+    # A prefill and NEW_TOKENS - 1 decode steps (one query against the KV cache), every layer through fastar.
+    assert len(fastar_calls) == layers * NEW_TOKENS
