@@ -35,5 +35,13 @@ std::tuple<at::Tensor, at::Tensor> speculative_sample_cuda(const at::Tensor& dra
 std::tuple<at::Tensor, at::Tensor> greedy_verify_cuda(const at::Tensor& draft_token_ids,
                                                       const at::Tensor& target_logits,
                                                       const std::optional<at::Tensor>& num_draft_tokens);
+std::tuple<at::Tensor, at::Tensor> attention_cuda(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
+                                                  const std::optional<at::Tensor>& kv_lens,
+                                                  const std::optional<at::Tensor>& block_table,
+                                                  const std::optional<at::Tensor>& q_block_ids,
+                                                  const std::optional<at::Tensor>& k_block_ids,
+                                                  const std::optional<at::Tensor>& mask_bits,
+                                                  const std::optional<at::Tensor>& bias, at::IntArrayRef mask_config,
+                                                  double scale);
 
 }  // namespace fastar

@@ -33,6 +33,7 @@ inline void register_cpu_kernels(torch::Library& m) {
 inline void register_cuda_kernels(torch::Library& m) {
   m.impl("speculative_sample", &speculative_sample_cuda);
   m.impl("greedy_verify", &greedy_verify_cuda);
+  m.impl("attention", &attention_cuda);
 }
 
 }  // namespace fastar

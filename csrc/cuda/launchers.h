@@ -5,11 +5,24 @@
 #include <cstdint>
 
 #include "core/acceptance.h"
+#include "core/attention.h"
 
 namespace fastar {
 
 // stream: a cudaStream_t (ignored by the SIMT emulator).
 void launch_speculative_sample(const SpeculativeSampleParams& prm, FloatKind kind, void* stream);
 void launch_greedy_verify(const GreedyVerifyParams& prm, FloatKind kind, void* stream);
+
+// fastar.attention (cuda/attention.cu). plan_attention picks the kernel shape and the number of kv splits;
+// with more than one split the glue allocates `workspace_floats` float32 for the partial results and
+// passes them to launch_attention. Head dims up to kAttentionMaxHeadDim.
+constexpr int64_t kAttentionMaxHeadDim = 256;
+struct AttentionPlan {
+  int64_t splits;
+  int64_t workspace_floats;
+};
+AttentionPlan plan_attention(const AttentionParams& prm);
+void launch_attention(const AttentionParams& prm, FloatKind kind, const AttentionPlan& plan, float* workspace,
+                      void* stream);
 
 }  // namespace fastar

@@ -1,0 +1,477 @@
+// CUDA kernels of fastar's masked attention: online softmax (FlashAttention's recurrence) in float32.
+//
+// One block (4 warps) per work item (batch, kv head, query tile, head chunk) and kv split (blockIdx.y). The
+// item's rows are query heads of one GQA group x query positions, so each K/V tile is loaded once for the
+// group. Key tiles are classified against the structured mask first (core/attention.h), 128 tiles at a time
+// by one thread each: hidden tiles are skipped, fully visible ones run without per-element mask work.
+// Logits and probabilities are in log2 units (scale * log2(e) is folded into q) so exp is one exp2f.
+//
+// Two shapes of the same kernel (template argument kKeySlices):
+//  * tiled (kKeySlices = 1), for longer queries: each warp owns kRowsPerWarp rows; the 32-key K and V
+//    tiles are staged in shared memory as float.
+//  * decode (kKeySlices > 1), for short queries (few rows): the warps split each tile's keys instead
+//    (32 each) and every warp holds all rows; only K is staged, each warp reads the V rows of its own keys
+//    from global memory (coalesced, read once). The warps' partial states are merged in shared memory.
+// Inside a warp, QK^T has lanes over keys (K rows in shared memory with an odd stride: no bank conflicts;
+// q reads are broadcasts), the row max is a warp shuffle reduction, and P.V has lanes over D with the
+// probabilities broadcast from shared memory.
+// With several kv splits (flash-decoding: few items, long caches), each block writes its unnormalised
+// partial output and (max, sum) to a float32 workspace and attention_merge_kernel combines them by LSE.
+#pragma once
+#include <cmath>
+
+#include "core/attention.h"
+#include "cuda/common.cuh"
+
+namespace fastar::cuda {
+
+constexpr int kAttnThreads = 128;
+constexpr int kAttnWarps = kAttnThreads / 32;
+constexpr int kClsChunk = kAttnThreads;  // tiles classified per pass, one per thread
+constexpr float kLog2e = 1.4426950408889634f;
+constexpr float kLn2 = 0.6931471805599453f;
+
+// What the launcher decided, shared by the attention and merge kernels.
+struct AttentionWork {
+  int64_t G;              // query heads per kv head
+  int64_t ng, nq;         // heads and query positions per item (rows = ng * nq)
+  int64_t n_head_chunks;  // ceil(G / ng)
+  int64_t n_q_tiles;      // ceil(Lq / nq)
+  int64_t splits;         // kv splits (gridDim.y)
+  float* part_o;          // [splits, B, Hq, Lq, D] unnormalised outputs, null when splits == 1
+  float* part_ml;         // [splits, B, Hq, Lq, 2] their running max and sum (log2 units)
+};
+
+// Dynamic shared memory: int64 V row offsets [kBk] (-1: key absent or its page out of range), tile classes
+// [kClsChunk], then floats: q [rows, D], K [kBk, D | 1] (reused to merge the decode warps' states), V [kBk, D]
+// (tiled only), probabilities [warps, kRowsPerWarp, 32].
+struct AttnSmem {
+  int ks;                     // K row stride
+  int q, k, v, p, floats;     // float offsets and count
+  int64_t bytes;
+};
+
+template <int kKeySlices, int kRowsPerWarp>
+FASTAR_HD AttnSmem attn_smem_layout(int D) {
+  constexpr int kRows = kAttnWarps / kKeySlices * kRowsPerWarp, kBk = 32 * kKeySlices;
+  AttnSmem s;
+  s.ks = D | 1;
+  s.q = 0;
+  s.k = kRows * D;
+  const int k_region = kBk * s.ks, merge_region = kAttnWarps * kRowsPerWarp * (D + 2);
+  s.v = s.k + (k_region > merge_region ? k_region : merge_region);
+  s.p = s.v + (kKeySlices == 1 ? kBk * D : 0);
+  s.floats = s.p + kAttnWarps * kRowsPerWarp * 32;
+  s.bytes = int64_t{kBk} * 8 + int64_t{kClsChunk} * 4 + int64_t{s.floats} * 4;
+  return s;
+}
+
+template <typename T>
+__device__ __forceinline__ T from_float(float x);
+template <>
+__device__ __forceinline__ float from_float<float>(float x) {
+  return x;
+}
+template <>
+__device__ __forceinline__ __half from_float<__half>(float x) {
+  return __float2half_rn(x);
+}
+template <>
+__device__ __forceinline__ __nv_bfloat16 from_float<__nv_bfloat16>(float x) {
+  return __float2bfloat16_rn(x);
+}
+
+__device__ __forceinline__ int64_t min64(int64_t a, int64_t b) { return a < b ? a : b; }
+__device__ __forceinline__ int64_t max64(int64_t a, int64_t b) { return a > b ? a : b; }
+
+__device__ __forceinline__ float warp_max(float v) {
+  for (int d = 16; d > 0; d >>= 1) v = fmaxf(v, __shfl_xor_sync(kFullMask, v, d));
+  return v;
+}
+
+__device__ __forceinline__ float warp_sum(float v) {
+  for (int d = 16; d > 0; d >>= 1) v += __shfl_xor_sync(kFullMask, v, d);
+  return v;
+}
+
+// The key's page must exist: the CPU glue rejects bad block tables, the CUDA one cannot without a sync.
+__device__ __forceinline__ bool page_ok(const AttentionParams& p, int64_t b, int64_t s) {
+  if (!p.block_table) return true;
+  const int64_t page = p.block_table[b * p.bt_sb + s / p.page_size];
+  return page >= 0 && page < p.num_pages;
+}
+
+// s[r] = q[r] . k for the first N rows (q rows of stride D in shared memory, all lanes the same address).
+template <int N, int kRows>
+__device__ __forceinline__ void qk_rows(const float* __restrict__ q, const float* __restrict__ k, int D,
+                                        float (&s)[kRows]) {
+  float a[N];
+#pragma unroll
+  for (int r = 0; r < N; ++r) a[r] = 0.0f;
+#pragma unroll 4
+  for (int d = 0; d < D; ++d) {
+    const float kd = k[d];
+#pragma unroll
+    for (int r = 0; r < N; ++r) a[r] = fmaf(q[r * D + d], kd, a[r]);
+  }
+#pragma unroll
+  for (int r = 0; r < N; ++r) s[r] = a[r];
+}
+
+// qk_rows for a run-time row count 1 <= n <= kRows (decode: often one or two rows of eight).
+template <int kRows, int N = kRows>
+__device__ __forceinline__ void qk_upto(int n, const float* q, const float* k, int D, float (&s)[kRows]) {
+  if constexpr (N > 1) {
+    if (n <= N / 2) return qk_upto<kRows, N / 2>(n, q, k, D, s);
+  }
+  qk_rows<N>(q, k, D, s);
+}
+
+// V rows of the tile staged in shared memory (tiled kernel).
+struct SmemValues {
+  const float* v;  // [kBk, D]
+  int D;
+  template <int kDC>
+  __device__ __forceinline__ bool load(int c, int lane, float (&x)[kDC]) const {
+#pragma unroll
+    for (int i = 0; i < kDC; ++i) {
+      const int d = lane + 32 * i;
+      x[i] = d < D ? v[c * D + d] : 0.0f;
+    }
+    return true;
+  }
+};
+
+// V rows read from global memory by the warp that owns the key (decode kernel).
+template <typename T>
+struct GlobalValues {
+  const T* v;
+  const int64_t* off;  // row offsets in shared memory, -1: skip the key
+  int D;
+  template <int kDC>
+  __device__ __forceinline__ bool load(int c, int lane, float (&x)[kDC]) const {
+    const int64_t o = off[c];
+    if (o < 0) return false;
+#pragma unroll
+    for (int i = 0; i < kDC; ++i) {
+      const int d = lane + 32 * i;
+      x[i] = d < D ? to_float(v[o + d]) : 0.0f;
+    }
+    return true;
+  }
+};
+
+// acc[r] += sum over keys c < nk of p[r][c] * V[c] for the first N rows; p rows of stride 32 in shared memory.
+template <int N, int kRows, int kDC, typename Values>
+__device__ __forceinline__ void pv_rows(const Values& vals, int c0, int nk, const float* __restrict__ p, int lane,
+                                        float (&acc)[kRows][kDC]) {
+#pragma unroll 2
+  for (int c = 0; c < nk; ++c) {
+    float x[kDC];
+    if (!vals.load(c0 + c, lane, x)) continue;
+#pragma unroll
+    for (int r = 0; r < N; ++r) {
+      const float pr = p[r * 32 + c];
+#pragma unroll
+      for (int i = 0; i < kDC; ++i) acc[r][i] = fmaf(pr, x[i], acc[r][i]);
+    }
+  }
+}
+
+template <int kRows, int kDC, typename Values, int N = kRows>
+__device__ __forceinline__ void pv_upto(int n, const Values& vals, int c0, int nk, const float* p, int lane,
+                                        float (&acc)[kRows][kDC]) {
+  if constexpr (N > 1) {
+    if (n <= N / 2) return pv_upto<kRows, kDC, Values, N / 2>(n, vals, c0, nk, p, lane, acc);
+  }
+  pv_rows<N>(vals, c0, nk, p, lane, acc);
+}
+
+// Where row r of an item goes: normalised into out/lse, or (split) unnormalised into the workspace.
+struct RowDest {
+  int64_t b, h, i;
+};
+
+template <typename T>
+__device__ __forceinline__ void store_value(const AttentionParams& p, const AttentionWork& w, int64_t split,
+                                            const RowDest& rd, int64_t d, float o, float l) {
+  if (w.part_o) {
+    const int64_t row = ((split * p.B + rd.b) * p.Hq + rd.h) * p.Lq + rd.i;
+    w.part_o[row * p.D + d] = o;
+  } else {
+    T* dst = static_cast<T*>(p.out) + rd.b * p.o_sb + rd.h * p.o_sh + rd.i * p.o_sl;
+    dst[d] = from_float<T>(l > 0.0f ? o / l : 0.0f);
+  }
+}
+
+__device__ __forceinline__ void store_stats(const AttentionParams& p, const AttentionWork& w, int64_t split,
+                                            const RowDest& rd, float m, float l) {
+  const int64_t row = (rd.b * p.Hq + rd.h) * p.Lq + rd.i;
+  if (w.part_o) {
+    w.part_ml[(split * p.B * p.Hq * p.Lq + row) * 2] = m;
+    w.part_ml[(split * p.B * p.Hq * p.Lq + row) * 2 + 1] = l;
+  } else if (p.lse) {
+    p.lse[row] = l > 0.0f ? (m + log2f(l)) * kLn2 : -INFINITY;  // a row that saw no key: -inf
+  }
+}
+
+template <typename T, int kDC, int kRowsPerWarp, int kKeySlices>
+__global__ void __launch_bounds__(kAttnThreads) attention_kernel(AttentionParams p, AttentionWork w) {
+  constexpr int kRowGroups = kAttnWarps / kKeySlices;
+  constexpr int kRows = kRowGroups * kRowsPerWarp;  // rows per block
+  constexpr int kBk = 32 * kKeySlices;              // keys per tile
+  constexpr bool kStageV = kKeySlices == 1;
+  static_assert(kAttnWarps % kKeySlices == 0, "the warps must divide evenly into key slices");
+
+  const int D = static_cast<int>(p.D);
+  const AttnSmem lay = attn_smem_layout<kKeySlices, kRowsPerWarp>(D);
+  FASTAR_DYNAMIC_SMEM(unsigned char, smem);
+  int64_t* s_voff = reinterpret_cast<int64_t*>(smem);
+  int* s_cls = reinterpret_cast<int*>(s_voff + kBk);
+  float* s_f = reinterpret_cast<float*>(s_cls + kClsChunk);
+  float* s_q = s_f + lay.q;
+  float* s_k = s_f + lay.k;
+  float* s_v = s_f + lay.v;
+  float* s_p = s_f + lay.p;
+
+  const int tid = threadIdx.x, lane = tid & 31, warp = tid >> 5;
+  const int slice = warp % kKeySlices, group = warp / kKeySlices;
+
+  int64_t item = blockIdx.x;
+  const int64_t qt = item % w.n_q_tiles;
+  item /= w.n_q_tiles;
+  const int64_t hc = item % w.n_head_chunks;
+  item /= w.n_head_chunks;
+  const int64_t hkv = item % p.Hkv, b = item / p.Hkv;
+  const int64_t split = blockIdx.y;
+  const int64_t i0 = qt * w.nq, g0 = hc * w.ng;
+  const int nq = static_cast<int>(min64(w.nq, p.Lq - i0));
+  const int ng = static_cast<int>(min64(w.ng, w.G - g0));
+  const int R = nq * ng;  // row r: head hkv * G + g0 + r / nq at position i0 + r % nq
+  auto dest = [&](int r) { return RowDest{b, hkv * w.G + g0 + r / nq, i0 + r % nq}; };
+
+  // q * scale * log2(e) in float; rows past R are zero (their logits are masked anyway).
+  const float qscale = p.scale * kLog2e;
+  for (int r = warp; r < kRows; r += kAttnWarps) {
+    float* dst = s_q + r * D;
+    if (r < R) {
+      const RowDest rd = dest(r);
+      const T* src = static_cast<const T*>(p.q) + rd.b * p.q_sb + rd.h * p.q_sh + rd.i * p.q_sl;
+      for (int d = lane; d < D; d += 32) dst[d] = to_float(src[d]) * qscale;
+    } else {
+      for (int d = lane; d < D; d += 32) dst[d] = 0.0f;
+    }
+  }
+
+  // A kv_lens entry outside [0, Lk] is rejected on the CPU only; clamping keeps every read in bounds.
+  const int64_t lk = max64(0, min64(kv_len(p, b), p.Lk));
+  const MaskGeometry geom = mask_geometry(p, b);
+  const int64_t tiles = (lk + kBk - 1) / kBk;
+  const int64_t per_split = (tiles + w.splits - 1) / w.splits;
+  const int64_t t_begin = min64(tiles, split * per_split), t_end = min64(tiles, t_begin + per_split);
+
+  const int row0 = group * kRowsPerWarp;
+  const int nrows = static_cast<int>(max64(0, min64(kRowsPerWarp, R - row0)));  // warp-uniform
+  float m[kRowsPerWarp], l[kRowsPerWarp], acc[kRowsPerWarp][kDC];
+#pragma unroll
+  for (int r = 0; r < kRowsPerWarp; ++r) {
+    m[r] = -INFINITY;
+    l[r] = 0.0f;  // this lane's share of the row sum, summed over the warp at the end
+#pragma unroll
+    for (int i = 0; i < kDC; ++i) acc[r][i] = 0.0f;
+  }
+
+  const T* kbase = static_cast<const T*>(p.k);
+  const T* vbase = static_cast<const T*>(p.v);
+  const T* bias = static_cast<const T*>(p.mask.bias);
+  float* my_p = s_p + warp * kRowsPerWarp * 32;
+
+  for (int64_t c0 = t_begin; c0 < t_end; c0 += kClsChunk) {
+    const int nt = static_cast<int>(min64(kClsChunk, t_end - c0));
+    __syncthreads();  // the previous chunk's classes have been read
+    if (tid < nt) {
+      const int64_t j0 = (c0 + tid) * kBk;
+      s_cls[tid] = static_cast<int>(classify_tile(p.mask, b, i0, i0 + nq, j0, min64(lk, j0 + kBk), geom));
+    }
+    __syncthreads();
+    for (int ti = 0; ti < nt; ++ti) {
+      const TileClass cls = static_cast<TileClass>(s_cls[ti]);
+      if (cls == TileClass::kHidden) continue;  // block-uniform
+      const int64_t j0 = (c0 + ti) * kBk;
+      const int nk = static_cast<int>(min64(kBk, lk - j0));
+
+      __syncthreads();  // every warp is done with the previous tile's K, V and row offsets
+      // Stage the tile: warps over key rows, lanes over D (coalesced).
+      for (int c = warp; c < kBk; c += kAttnWarps) {
+        const int64_t j = j0 + c;
+        const bool ok = c < nk && page_ok(p, b, j);
+        const int64_t voff = ok ? kv_row_offset(p, p.v_sb, p.v_sh, p.v_sl, b, hkv, j) : -1;
+        if (lane == 0) s_voff[c] = voff;
+        if (ok) {
+          const T* krow = kbase + kv_row_offset(p, p.k_sb, p.k_sh, p.k_sl, b, hkv, j);
+          float* kd = s_k + c * lay.ks;
+          for (int d = lane; d < D; d += 32) kd[d] = to_float(krow[d]);
+        }
+        if constexpr (kStageV) {
+          float* vd = s_v + c * D;
+          for (int d = lane; d < D; d += 32) vd[d] = ok ? to_float(vbase[voff + d]) : 0.0f;  // p = 0 there, no NaN
+        }
+      }
+      __syncthreads();
+      if (nrows == 0) continue;  // a warp without rows (short item) only helps with the loads
+
+      // Logits of this lane's key for the warp's rows.
+      const int c = slice * 32 + lane;
+      const int64_t j = j0 + c;
+      const bool key_ok = c < nk && s_voff[c] >= 0;
+      float s[kRowsPerWarp];
+      if constexpr (kKeySlices > 1) {
+        qk_upto<kRowsPerWarp>(nrows, s_q + row0 * D, s_k + c * lay.ks, D, s);
+      } else {
+        qk_rows<kRowsPerWarp>(s_q + row0 * D, s_k + c * lay.ks, D, s);
+      }
+      // Mask terms of a partial tile, as an additive 0 / -inf / bias per row, staged in this lane's own
+      // probability slots: a rolled loop keeps one copy of the mask code instead of kRowsPerWarp.
+      const bool partial = key_ok && cls == TileClass::kPartial;
+      if (partial) {
+#pragma unroll 1
+        for (int r = 0; r < nrows; ++r) {
+          const RowDest rd = dest(row0 + r);
+          float add = 0.0f;
+          if (!mask_visible(p.mask, b, rd.i, j, geom)) {
+            add = -INFINITY;
+          } else if (bias) {
+            add = to_float(bias[rd.b * p.mask.bias_sb + rd.h * p.mask.bias_sh + rd.i * p.mask.bias_sq + j]) * kLog2e;
+          }
+          my_p[r * 32 + lane] = add;
+        }
+      }
+#pragma unroll
+      for (int r = 0; r < kRowsPerWarp; ++r) {
+        if (r >= nrows || !key_ok) {
+          s[r] = -INFINITY;
+        } else if (partial) {
+          s[r] += my_p[r * 32 + lane];
+        }
+      }
+      // Online softmax: what was accumulated so far is rescaled by 2^(m_old - m_new).
+#pragma unroll
+      for (int r = 0; r < kRowsPerWarp; ++r) {
+        float pr = 0.0f;  // rows past nrows: 0, so P.V over all kRowsPerWarp rows stays finite
+        const float mx = r < nrows ? warp_max(s[r]) : -INFINITY;
+        if (mx != -INFINITY) {  // warp-uniform: the row sees some key of this slice
+          const float m_new = fmaxf(m[r], mx);
+          const float corr = exp2f(m[r] - m_new);  // 0 on the row's first visible tile
+          pr = exp2f(s[r] - m_new);
+          l[r] = l[r] * corr + pr;
+          m[r] = m_new;
+#pragma unroll
+          for (int i = 0; i < kDC; ++i) acc[r][i] *= corr;
+        }
+        my_p[r * 32 + lane] = pr;
+      }
+      __syncwarp();
+      // o += p V: lanes over D, each V row read once for all the warp's rows.
+      const int nkw = static_cast<int>(max64(0, min64(32, nk - slice * 32)));
+      if constexpr (kStageV) {
+        pv_rows<kRowsPerWarp>(SmemValues{s_v, D}, slice * 32, nkw, my_p, lane, acc);
+      } else {
+        pv_upto<kRowsPerWarp, kDC>(nrows, GlobalValues<T>{vbase, s_voff, D}, slice * 32, nkw, my_p, lane, acc);
+      }
+    }
+  }
+
+#pragma unroll
+  for (int r = 0; r < kRowsPerWarp; ++r) {
+    if (r < nrows) l[r] = warp_sum(l[r]);
+  }
+
+  if constexpr (kKeySlices == 1) {
+#pragma unroll
+    for (int r = 0; r < kRowsPerWarp; ++r) {
+      if (r >= nrows) break;
+      const RowDest rd = dest(row0 + r);
+#pragma unroll
+      for (int i = 0; i < kDC; ++i) {
+        const int d = lane + 32 * i;
+        if (d < D) store_value<T>(p, w, split, rd, d, acc[r][i], l[r]);
+      }
+      if (lane == 0) store_stats(p, w, split, rd, m[r], l[r]);
+    }
+  } else {
+    // Merge the key slices' states of each row: [warp][row][m, l, acc[D]] in the K area.
+    float* s_m = s_k;
+    __syncthreads();  // every warp is done with K
+#pragma unroll
+    for (int r = 0; r < kRowsPerWarp; ++r) {
+      if (r >= nrows) break;
+      float* dst = s_m + (warp * kRowsPerWarp + r) * (D + 2);
+      if (lane == 0) {
+        dst[0] = m[r];
+        dst[1] = l[r];
+      }
+#pragma unroll
+      for (int i = 0; i < kDC; ++i) {
+        const int d = lane + 32 * i;
+        if (d < D) dst[2 + d] = acc[r][i];
+      }
+    }
+    __syncthreads();
+    for (int r = warp; r < R; r += kAttnWarps) {
+      const int g = r / kRowsPerWarp, rr = r % kRowsPerWarp;
+      const float* src[kKeySlices];
+      float mx = -INFINITY;
+#pragma unroll
+      for (int sl = 0; sl < kKeySlices; ++sl) {
+        src[sl] = s_m + ((g * kKeySlices + sl) * kRowsPerWarp + rr) * (D + 2);
+        mx = fmaxf(mx, src[sl][0]);
+      }
+      float wgt[kKeySlices], lsum = 0.0f;
+#pragma unroll
+      for (int sl = 0; sl < kKeySlices; ++sl) {
+        wgt[sl] = mx == -INFINITY ? 0.0f : exp2f(src[sl][0] - mx);  // a slice that saw nothing: m = -inf, 0
+        lsum += src[sl][1] * wgt[sl];
+      }
+      const RowDest rd = dest(r);
+      for (int d = lane; d < D; d += 32) {
+        float o = 0.0f;
+#pragma unroll
+        for (int sl = 0; sl < kKeySlices; ++sl) o = fmaf(wgt[sl], src[sl][2 + d], o);
+        store_value<T>(p, w, split, rd, d, o, lsum);
+      }
+      if (lane == 0) store_stats(p, w, split, rd, mx, lsum);
+    }
+  }
+}
+
+// Combines the kv splits of each row by their LSE: one warp per row of [B, Hq, Lq], lanes over D.
+template <typename T>
+__global__ void __launch_bounds__(kAttnThreads) attention_merge_kernel(AttentionParams p, AttentionWork w) {
+  const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
+  const int64_t rows = p.B * p.Hq * p.Lq;
+  const int64_t row = static_cast<int64_t>(blockIdx.x) * kAttnWarps + warp;
+  if (row >= rows) return;  // no barriers below
+  const int64_t i = row % p.Lq, h = row / p.Lq % p.Hq, b = row / (p.Lq * p.Hq);
+  const float* ml = w.part_ml + row * 2;
+  float mx = -INFINITY;
+  for (int64_t s = 0; s < w.splits; ++s) mx = fmaxf(mx, ml[s * rows * 2]);
+  float lsum = 0.0f;
+  if (mx != -INFINITY) {
+    for (int64_t s = 0; s < w.splits; ++s) lsum += ml[s * rows * 2 + 1] * exp2f(ml[s * rows * 2] - mx);
+  }
+  const RowDest rd{b, h, i};
+  const AttentionWork out_only{w.G, w.ng, w.nq, w.n_head_chunks, w.n_q_tiles, 1, nullptr, nullptr};
+  for (int64_t d = lane; d < p.D; d += 32) {
+    float o = 0.0f;
+    if (lsum > 0.0f) {
+      for (int64_t s = 0; s < w.splits; ++s) {
+        const float ms = ml[s * rows * 2];
+        if (ms != -INFINITY) o = fmaf(exp2f(ms - mx), w.part_o[(s * rows + row) * p.D + d], o);
+      }
+    }
+    store_value<T>(p, out_only, 0, rd, d, o, lsum);
+  }
+  if (lane == 0) store_stats(p, out_only, 0, rd, mx, lsum);
+}
+
+}  // namespace fastar::cuda
