@@ -29,6 +29,28 @@ def _simt_unavailable_reason():
         return f"SIMT build not present (build with FASTAR_BUILD_SIMT=1; needs the CUDA headers): {exc}"
 
 
+@pytest.fixture
+def debug_checks():
+    """Turn on fastar's debug-mode validation for one test."""
+    previous = acceptance.debug_checks_enabled()
+    acceptance.set_debug_checks(True)
+    try:
+        yield
+    finally:
+        acceptance.set_debug_checks(previous)
+
+
+@pytest.fixture(autouse=True)
+def _debug_checks_off():
+    """Tests assume the default (no debug validation, whatever FASTAR_DEBUG_CHECKS says) unless they ask."""
+    previous = acceptance.debug_checks_enabled()
+    acceptance.set_debug_checks(False)
+    try:
+        yield
+    finally:
+        acceptance.set_debug_checks(previous)
+
+
 def _cuda_unavailable_reason():
     if not torch.cuda.is_available():
         return "no CUDA GPU on this machine"

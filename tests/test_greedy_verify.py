@@ -15,34 +15,10 @@ from hypothesis import strategies as st
 import fastar
 from fastar import _simt, acceptance
 from fastar.reference import greedy_verify_reference
+from helpers import assert_same
 
 FLOAT_DTYPES = [torch.float32, torch.float16, torch.bfloat16]
 STATUS_BAD_NUM_DRAFT, STATUS_BAD_ID, STATUS_BAD_VALUE = 1, 2, 4
-
-
-@pytest.fixture(autouse=True)
-def _debug_checks_off():
-    previous = fastar.debug_checks_enabled()
-    fastar.set_debug_checks(False)
-    try:
-        yield
-    finally:
-        fastar.set_debug_checks(previous)
-
-
-def assert_same(got, want, msg=""):
-    tokens, num_accepted = got
-    ref_tokens, ref_num_accepted = want
-    assert tokens.dtype == torch.int32 and num_accepted.dtype == torch.int32
-    assert tokens.shape == ref_tokens.shape and num_accepted.shape == ref_num_accepted.shape
-    if not torch.equal(num_accepted, ref_num_accepted) or not torch.equal(tokens, ref_tokens):
-        bad = (tokens != ref_tokens).any(-1) | (num_accepted != ref_num_accepted)
-        row = int(torch.nonzero(bad)[0])
-        raise AssertionError(
-            f"{msg} first differing row {row}: got {tokens[row].tolist()} / {int(num_accepted[row])}, "
-            f"reference {ref_tokens[row].tolist()} / {int(ref_num_accepted[row])} "
-            f"({int(bad.sum())} of {bad.numel()} rows differ)"
-        )
 
 
 def logits_with_argmax(argmax_rows, vocab, seed=0, margin=4.0):
@@ -401,25 +377,20 @@ def test_nan_in_unread_row(backend):
     assert got[1].tolist() == [1, 3, 3]
 
 
-def test_debug_checks(backend):
+def test_debug_checks(backend, debug_checks):
     drafts, logits = valid_case()
     drafts[0, 1] = (drafts[0, 1] + 1) % 8
     bad = logits.clone()
     bad[0, 2, 3] = float("nan")
-    previous = fastar.debug_checks_enabled()
-    fastar.set_debug_checks(True)
-    try:
-        with pytest.raises(ValueError, match="target_logits holds a NaN"):
-            backend.greedy_verify(drafts, bad)
-        d = drafts.clone()
-        d[2, 2] = 8
-        with pytest.raises(IndexError, match="draft token id outside"):
-            backend.greedy_verify(d, logits)
-        with pytest.raises(ValueError, match="num_draft_tokens outside"):
-            backend.greedy_verify(drafts, logits, num_draft_tokens=torch.tensor([0, 4, 0]))
-        assert_same(backend.greedy_verify(drafts, logits), greedy_verify_reference(drafts, logits))
-    finally:
-        fastar.set_debug_checks(previous)
+    with pytest.raises(ValueError, match="target_logits holds a NaN"):
+        backend.greedy_verify(drafts, bad)
+    d = drafts.clone()
+    d[2, 2] = 8
+    with pytest.raises(IndexError, match="draft token id outside"):
+        backend.greedy_verify(d, logits)
+    with pytest.raises(ValueError, match="num_draft_tokens outside"):
+        backend.greedy_verify(drafts, logits, num_draft_tokens=torch.tensor([0, 4, 0]))
+    assert_same(backend.greedy_verify(drafts, logits), greedy_verify_reference(drafts, logits))
 
 
 def test_invalid_rows_are_marked(backend):

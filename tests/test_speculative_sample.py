@@ -32,6 +32,7 @@ from fastar.reference import (
     speculative_output_distribution,
     speculative_sample_reference,
 )
+from helpers import assert_same
 
 P_THRESHOLD = 1e-3  # statistical tests fail when a p-value is below this (fixed seeds: deterministic)
 FLOAT_DTYPES = [torch.float32, torch.float16, torch.bfloat16]
@@ -107,21 +108,6 @@ def reference(drafts, q, p, num_draft=None, seed=0, offset=0):
     seed = int(seed) if isinstance(seed, torch.Tensor) else seed
     offset = int(offset) if isinstance(offset, torch.Tensor) else offset
     return speculative_sample_reference(drafts, q, p, num_draft, seed=seed, offset=offset)
-
-
-def assert_same(got, want, msg=""):
-    tokens, num_accepted = got
-    ref_tokens, ref_num_accepted = want
-    assert tokens.dtype == torch.int32 and num_accepted.dtype == torch.int32
-    assert tokens.shape == ref_tokens.shape and num_accepted.shape == ref_num_accepted.shape
-    if not torch.equal(num_accepted, ref_num_accepted) or not torch.equal(tokens, ref_tokens):
-        bad = (tokens != ref_tokens).any(-1) | (num_accepted != ref_num_accepted)
-        row = int(torch.nonzero(bad)[0])
-        raise AssertionError(
-            f"{msg} first differing row {row}: got {tokens[row].tolist()} / {int(num_accepted[row])}, "
-            f"reference {ref_tokens[row].tolist()} / {int(ref_num_accepted[row])} "
-            f"({int(bad.sum())} of {bad.numel()} rows differ)"
-        )
 
 
 def assert_well_formed(tokens, num_accepted, drafts, vocab, num_draft=None):
@@ -225,27 +211,6 @@ def simt_backend_or_skip():
     except ImportError as exc:
         pytest.skip(f"SIMT build not present: {exc}")
     return torch.ops.fastar_simt
-
-
-@pytest.fixture
-def debug_checks():
-    previous = fastar.debug_checks_enabled()
-    fastar.set_debug_checks(True)
-    try:
-        yield
-    finally:
-        fastar.set_debug_checks(previous)
-
-
-@pytest.fixture(autouse=True)
-def _debug_checks_off():
-    """Tests assume the default (no debug validation) unless they ask for the debug_checks fixture."""
-    previous = fastar.debug_checks_enabled()
-    fastar.set_debug_checks(False)
-    try:
-        yield
-    finally:
-        fastar.set_debug_checks(previous)
 
 
 # ----------------------------------------------------------------------------------------------------

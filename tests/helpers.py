@@ -1,0 +1,19 @@
+"""Assertions shared by the acceptance-op tests."""
+from __future__ import annotations
+
+import torch
+
+
+def assert_same(got, want, msg=""):
+    tokens, num_accepted = got
+    ref_tokens, ref_num_accepted = want
+    assert tokens.dtype == torch.int32 and num_accepted.dtype == torch.int32
+    assert tokens.shape == ref_tokens.shape and num_accepted.shape == ref_num_accepted.shape
+    if not torch.equal(num_accepted, ref_num_accepted) or not torch.equal(tokens, ref_tokens):
+        bad = (tokens != ref_tokens).any(-1) | (num_accepted != ref_num_accepted)
+        row = int(torch.nonzero(bad)[0])
+        raise AssertionError(
+            f"{msg} first differing row {row}: got {tokens[row].tolist()} / {int(num_accepted[row])}, "
+            f"reference {ref_tokens[row].tolist()} / {int(ref_num_accepted[row])} "
+            f"({int(bad.sum())} of {bad.numel()} rows differ)"
+        )
