@@ -11,6 +11,7 @@
 #include <algorithm>
 #include <cmath>
 #include <limits>
+#include <type_traits>
 #include <vector>
 
 #include "core/attention.h"
@@ -262,14 +263,24 @@ class AttentionCpu {
   void logits_gemm(const Item& it, int64_t j0, int64_t nk, const float* q, int64_t R, float* kt, float* s,
                    const T* kbase) {
 #if defined(FASTAR_CPU_AVX2)
-    const int64_t D = p_.D, n16 = (nk + 15) / 16 * 16;
-    for (int64_t c = 0; c < n16; ++c) {
-      if (c >= nk) {
-        for (int64_t d = 0; d < D; ++d) kt[d * kKeyTile + c] = 0.0f;
-        continue;
+    const int64_t D = p_.D, n16 = (nk + 15) / 16 * 16, d8 = D / 8 * 8;
+    const T* krows[kKeyTile];
+    for (int64_t c = 0; c < nk; ++c) krows[c] = kbase + kv_row_offset(p_, p_.k_sb, p_.k_sh, p_.k_sl, it.b, it.hkv, j0 + c);
+    // Transpose (and convert) the key tile 8 keys x 8 dims at a time; zero keys past nk.
+    for (int64_t c0 = 0; c0 < n16; c0 += 8) {
+      if (c0 + 8 <= nk) {
+        for (int64_t d0 = 0; d0 < d8; d0 += 8) {
+          __m256 rows[8];
+          for (int k = 0; k < 8; ++k) rows[k] = cpu::load8(krows[c0 + k] + d0);
+          cpu::transpose8x8(rows);
+          for (int k = 0; k < 8; ++k) _mm256_storeu_ps(kt + (d0 + k) * kKeyTile + c0, rows[k]);
+        }
+        for (int64_t c = c0; c < c0 + 8; ++c)
+          for (int64_t d = d8; d < D; ++d) kt[d * kKeyTile + c] = to_f(krows[c][d]);
+      } else {
+        for (int64_t c = c0; c < c0 + 8; ++c)
+          for (int64_t d = 0; d < D; ++d) kt[d * kKeyTile + c] = c < nk ? to_f(krows[c][d]) : 0.0f;
       }
-      const T* krow = kbase + kv_row_offset(p_, p_.k_sb, p_.k_sh, p_.k_sl, it.b, it.hkv, j0 + c);
-      for (int64_t d = 0; d < D; ++d) kt[d * kKeyTile + c] = to_f(krow[d]);
     }
     gemm_x16(R, n16, D, q, D, kt, kKeyTile, s, kKeyTile, false);
 #else
@@ -277,20 +288,32 @@ class AttentionCpu {
 #endif
   }
 
-  // o[R, D] += s[R, :nk] * V over the tile.
+  // o[R, D] += s[R, :nk] * V over the tile. float values of a contiguous cache are used where they lie.
   void values_gemm(const Item& it, int64_t j0, int64_t nk, const float* s, int64_t R, float* vf, float* o,
                    const T* vbase) {
 #if defined(FASTAR_CPU_AVX2)
     const int64_t D = p_.D, d16 = D / 16 * 16;
-    for (int64_t c = 0; c < nk; ++c) {
-      const T* vrow = vbase + kv_row_offset(p_, p_.v_sb, p_.v_sh, p_.v_sl, it.b, it.hkv, j0 + c);
-      for (int64_t d = 0; d < D; ++d) vf[c * D + d] = to_f(vrow[d]);
+    const float* vt = vf;
+    int64_t ldv = D;
+    if constexpr (std::is_same_v<T, float>) {
+      if (!p_.block_table) {
+        vt = vbase + kv_row_offset(p_, p_.v_sb, p_.v_sh, p_.v_sl, it.b, it.hkv, j0);
+        ldv = p_.v_sl;
+      }
     }
-    if (d16 > 0) gemm_x16(R, d16, nk, s, kKeyTile, vf, D, o, D, true);
+    if (vt == vf) {
+      for (int64_t c = 0; c < nk; ++c) {
+        const T* vrow = vbase + kv_row_offset(p_, p_.v_sb, p_.v_sh, p_.v_sl, it.b, it.hkv, j0 + c);
+        int64_t d = 0;
+        for (; d + 8 <= D; d += 8) _mm256_storeu_ps(vf + c * D + d, cpu::load8(vrow + d));
+        for (; d < D; ++d) vf[c * D + d] = to_f(vrow[d]);
+      }
+    }
+    if (d16 > 0) gemm_x16(R, d16, nk, s, kKeyTile, vt, ldv, o, D, true);
     for (int64_t r = 0; r < R; ++r) {
       for (int64_t c = 0; c < nk; ++c) {
         const float w = s[r * kKeyTile + c];
-        for (int64_t d = d16; d < D; ++d) o[r * D + d] += w * vf[c * D + d];
+        for (int64_t d = d16; d < D; ++d) o[r * D + d] += w * vt[c * ldv + d];
       }
     }
 #else
