@@ -1,0 +1,70 @@
+"""`python -m bench`: time every op against its plain-PyTorch baseline, print the table as rows complete, and
+write results*.json and speedup*.png under bench/results/."""
+from __future__ import annotations
+
+import argparse
+import os
+import re
+import time
+
+import torch
+
+import fastar
+from bench import bench_greedy_verify, bench_speculative_sample, common
+
+OPS = [bench_speculative_sample.BENCH, bench_greedy_verify.BENCH]
+GOAL = 20.0  # the project's target speed-up of speculative_sample over the baseline
+# (max rounds, seconds per case after which rounds stop once 3 are done)
+ROUNDS = {"full": (40, 12.0), "quick": (4, 1.5)}
+
+
+def main(argv=None) -> None:
+    parser = argparse.ArgumentParser(prog="python -m bench", description=__doc__)
+    parser.add_argument("--quick", action="store_true", help="a few rounds per case: a smoke test")
+    parser.add_argument("--only", metavar="NAME", help="only the rows whose 'op[case id]' contains NAME")
+    parser.add_argument("--threads", type=int, default=os.cpu_count(), help="torch threads (default: all cores)")
+    parser.add_argument("--device", choices=["cpu", "cuda"], default="cpu")
+    args = parser.parse_args(argv)
+    if args.device == "cuda" and not (torch.cuda.is_available() and fastar.build_info()["cuda"]):
+        parser.error("--device cuda needs a CUDA GPU and a CUDA build of fastar")
+    selected = [(op, case) for op in OPS for case in op.cases if not args.only or args.only in f"{op.name}[{case.id}]"]
+    if not selected:
+        parser.error(f"--only {args.only}: no case matches")
+
+    torch.set_num_threads(args.threads)
+    torch.manual_seed(0)  # the baselines draw from torch's global generator
+    meta = {
+        "device": args.device,
+        "device_name": common.device_name(args.device),
+        "threads": torch.get_num_threads(),
+        "torch": torch.__version__,
+        "fastar_build": fastar.build_info(),
+        "quick": args.quick,
+        "date": time.strftime("%Y-%m-%d %H:%M:%S"),
+    }
+    snapshot = common.cpu_snapshot()
+    meta["copy_GBps"] = common.copy_bandwidth(args.device) / 1e9
+    meta["copy_others_cpu_share"] = common.others_share(snapshot, common.cpu_snapshot())
+    common.print_header(meta)
+    rounds, budget_s = ROUNDS["quick" if args.quick else "full"]
+    rows = []
+    for op, case in selected:
+        x = op.make_inputs(case, args.device)
+        rows.append(common.measure(op, case, x, args.device, meta["copy_GBps"] * 1e9, rounds, budget_s))
+        common.print_row(rows[-1])
+        del x  # before the next case's inputs are built: the large shapes take ~300 MB
+
+    # A smoke test, a partial or a GPU run gets its own files, so it never overwrites the full CPU results.
+    suffix = "".join(
+        [f"-{args.device}" if args.device != "cpu" else "", "-quick" if args.quick else ""]
+        + ([f"-{re.sub(r'[^A-Za-z0-9]+', '_', args.only)}"] if args.only else [])
+    )
+    json_path = common.RESULTS_DIR / f"results{suffix}.json"
+    png_path = common.RESULTS_DIR / f"speedup{suffix}.png"
+    common.write_json(json_path, meta, rows)
+    common.write_plot(png_path, meta, rows, GOAL)
+    print(f"wrote {json_path} and {png_path}", flush=True)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,286 @@
+"""Shared benchmark machinery: cases and realistic inputs, interleaved cold-cache timing, the machine's copy
+bandwidth, output checks, and the table / JSON / PNG reports."""
+from __future__ import annotations
+
+import dataclasses
+import itertools
+import json
+import os
+import platform
+import statistics
+import time
+from pathlib import Path
+from typing import Callable
+
+import torch
+
+RESULTS_DIR = Path(__file__).parent / "results"
+
+# softmax(6 * randn) over 32k-128k tokens has a top-1 probability ~0.45 and an entropy ~2 nats, like an
+# LLM's next-token distribution at temperature 1.
+TEMPERATURE = 6.0
+# Noise on the target's log-probabilities that makes the draft's: ~0.79 acceptance per position (and ~0.79
+# argmax agreement), in the range EAGLE/Medusa-style drafters reach.
+DRAFT_NOISE = 0.75
+# A scalar read from a large row costs a whole cache line, and the adjacent-line prefetcher fetches a second.
+SCALAR_READ_BYTES = 128
+# Each timed call starts with caches emptied by reading this much (more than the CPU's L3 / the GPU's L2):
+# in a decoding step the probabilities come from a model, not from a previous identical call. Reading, not
+# writing, so the timed call does not pay for writing back dirty lines.
+FLUSH_BYTES = {"cpu": 64 << 20, "cuda": 256 << 20}
+DTYPE_NAMES = {torch.float32: "f32", torch.bfloat16: "bf16"}
+
+
+@dataclasses.dataclass(frozen=True)
+class Case:
+    B: int
+    n: int
+    V: int
+    dtype: torch.dtype = torch.float32
+    draft_probs: bool = True  # False: the drafter gives no probabilities (n-gram, EAGLE-2/3)
+
+    @property
+    def id(self) -> str:
+        return f"B{self.B}-n{self.n}-V{self.V}-{DTYPE_NAMES[self.dtype]}" + ("" if self.draft_probs else "-noq")
+
+    @property
+    def shape(self) -> str:
+        return f"B={self.B} n={self.n} V={self.V}" + ("" if self.draft_probs else " no q")
+
+
+@dataclasses.dataclass(frozen=True)
+class OpBench:
+    """One op's entry in the CLI table. Both implementations are called as fn(inputs, seed) -> (tokens,
+    num_accepted); the seed feeds fastar's Philox, the baselines draw from torch's global generator as
+    users' code does."""
+
+    name: str
+    cases: list[Case]
+    make_inputs: Callable[[Case, str], dict]
+    fastar: Callable[[dict, int], tuple]
+    baseline: Callable[[dict, int], tuple]
+    nbytes: Callable[[dict, torch.Tensor], int]  # bytes the op must move, given a run's num_accepted
+    agree: Callable[[dict, list, list], None]  # raises unless the baseline's outputs match fastar's
+
+
+def realistic_logits(case: Case, device: str) -> tuple[torch.Tensor, torch.Tensor]:
+    """float32 log-probabilities of a target [B, n+1, V] and of a draft [B, n, V] close to it."""
+    gen = torch.Generator(device).manual_seed(0)
+    target = torch.randn(case.B, case.n + 1, case.V, generator=gen, device=device).mul_(TEMPERATURE).log_softmax(-1)
+    noise = torch.randn(case.B, case.n, case.V, generator=gen, device=device).mul_(DRAFT_NOISE)
+    return target, noise.add_(target[:, : case.n]).log_softmax(-1)
+
+
+def check_output(out: tuple, draft_token_ids: torch.Tensor, V: int) -> None:
+    """Raise unless every output element was written: the accepted drafts, one token in [0, V), then -1."""
+    tokens, num_accepted = (t.cpu() for t in out)
+    B, n = draft_token_ids.shape
+    assert tokens.dtype == num_accepted.dtype == torch.int32, (tokens.dtype, num_accepted.dtype)
+    assert tokens.shape == (B, n + 1) and num_accepted.shape == (B,), (tokens.shape, num_accepted.shape)
+    assert ((num_accepted >= 0) & (num_accepted <= n)).all(), num_accepted
+    pos = torch.arange(n + 1)
+    accepted = pos < num_accepted[:, None]
+    emitted = pos == num_accepted[:, None]
+    drafts = torch.nn.functional.pad(draft_token_ids.cpu().int(), (0, 1))
+    assert (tokens[accepted] == drafts[accepted]).all(), "an accepted slot does not hold its draft"
+    assert ((tokens[emitted] >= 0) & (tokens[emitted] < V)).all(), "the emitted target token is outside [0, V)"
+    assert (tokens[pos > num_accepted[:, None]] == -1).all(), "padding is not -1"
+
+
+def sync(device: str) -> None:
+    if device == "cuda":
+        torch.cuda.synchronize()
+
+
+class CacheFlusher:
+    def __init__(self, device: str):
+        self.buffer = torch.ones(FLUSH_BYTES[device] // 4, device=device)
+        self.device = device
+
+    def __call__(self) -> None:
+        self.buffer.sum()
+        sync(self.device)
+
+
+def timed(fn: Callable, device: str) -> tuple[float, object]:
+    sync(device)
+    start = time.perf_counter()
+    out = fn()
+    sync(device)
+    return time.perf_counter() - start, out
+
+
+def copy_bandwidth(device: str, nbytes: int = 256 << 20, repeats: int = 5) -> float:
+    """Bytes/s of a 256 MB tensor copy, counting the read and the write (median of a few)."""
+    src = torch.ones(nbytes // 4, device=device)  # written, so its pages are real (not the shared zero page)
+    dst = torch.empty_like(src)
+    times = [timed(lambda: dst.copy_(src), device)[0] for _ in range(repeats + 1)][1:]  # the first faults pages in
+    return 2 * nbytes / statistics.median(times)
+
+
+def cpu_snapshot() -> tuple[float, float, float] | None:
+    """(CPU-seconds used by all processes, by this one, wall clock); None without Linux's /proc/stat."""
+    try:
+        user, nice, system, _idle, _iowait, irq, softirq = map(int, Path("/proc/stat").read_text().split()[1:8])
+    except OSError:
+        return None
+    own = os.times()
+    return (user + nice + system + irq + softirq) / os.sysconf("SC_CLK_TCK"), own.user + own.system, time.perf_counter()
+
+
+def others_share(before, after) -> float | None:
+    """Share of the cores used by other processes between two snapshots: they skew every timing."""
+    if before is None or after is None:
+        return None
+    busy, own, wall = (a - b for a, b in zip(after, before))
+    return max(0.0, (busy - own) / (wall * os.cpu_count()))
+
+
+def measure(op: OpBench, case: Case, x: dict, device: str, copy_Bps: float, rounds: int, budget_s: float,
+            warmup: int = 2) -> dict:
+    """Interleaved rounds of (fastar, baseline) on cold caches, until `rounds` or the time budget (at least
+    3 rounds); every output is checked. Returns the CLI row."""
+    flush = CacheFlusher(device)
+    runs = {"fastar": ([], []), "torch": ([], [])}  # name -> (times, outputs)
+    start, snapshot = time.perf_counter(), cpu_snapshot()
+    for r in itertools.count():
+        measured = r >= warmup
+        if measured and (r - warmup >= rounds or (r - warmup >= 3 and time.perf_counter() - start > budget_s)):
+            break
+        for name, fn in (("fastar", op.fastar), ("torch", op.baseline)):
+            flush()
+            t, out = timed(lambda: fn(x, r), device)
+            check_output(out, x["draft_token_ids"], case.V)
+            if measured:
+                runs[name][0].append(t)
+                runs[name][1].append(tuple(o.cpu() for o in out))
+    others = others_share(snapshot, cpu_snapshot())
+    op.agree(x, runs["fastar"][1], runs["torch"][1])
+    fastar_s, torch_s = (statistics.median(runs[k][0]) for k in ("fastar", "torch"))
+    nbytes = statistics.median(op.nbytes(x, na) for _, na in runs["fastar"][1])
+    accepted = torch.stack([na for _, na in runs["fastar"][1]]).double().mean().item()
+    return {
+        "op": op.name,
+        "case": case.id,
+        "shape": case.shape,
+        "dtype": DTYPE_NAMES[case.dtype],
+        "fastar_s": fastar_s,
+        "torch_s": torch_s,
+        "speedup": torch_s / fastar_s,
+        "bytes": nbytes,
+        "fastar_GBps": nbytes / fastar_s / 1e9,
+        "torch_GBps": nbytes / torch_s / 1e9,
+        "fastar_pct_copy": 100 * nbytes / fastar_s / copy_Bps,
+        "torch_pct_copy": 100 * nbytes / torch_s / copy_Bps,
+        "mean_accepted": accepted,
+        "n": case.n,
+        "rounds": len(runs["fastar"][0]),
+        "others_cpu_share": others,
+    }
+
+
+def benchmark_op(benchmark, fn: Callable, x: dict, V: int, rounds: int = 10) -> None:
+    """pytest-benchmark timing of fn(x, seed) on cold caches, a new seed per round; checks the last output."""
+    flush = CacheFlusher("cpu")
+    seeds = itertools.count()
+
+    def setup():
+        flush()
+        return (x, next(seeds)), {}
+
+    check_output(benchmark.pedantic(fn, setup=setup, rounds=rounds, warmup_rounds=1), x["draft_token_ids"], V)
+
+
+def device_name(device: str) -> str:
+    if device == "cuda":
+        return torch.cuda.get_device_name()
+    try:
+        cpuinfo = Path("/proc/cpuinfo").read_text()
+        return next(line.split(":", 1)[1].strip() for line in cpuinfo.splitlines() if line.startswith("model name"))
+    except (OSError, StopIteration):
+        return platform.processor() or platform.machine()
+
+
+# (header, width, row -> text)
+COLUMNS = [
+    ("op", 18, lambda r: r["op"]),
+    ("shape", 24, lambda r: r["shape"]),
+    ("dtype", 5, lambda r: r["dtype"]),
+    ("fastar", 9, lambda r: format_time(r["fastar_s"])),
+    ("torch", 9, lambda r: format_time(r["torch_s"])),
+    ("speed-up", 8, lambda r: f"{r['speedup']:.1f}x"),
+    ("GB/s", 6, lambda r: f"{r['fastar_GBps']:.1f}"),
+    ("% copy", 6, lambda r: f"{r['fastar_pct_copy']:.0f}%"),
+    ("torch GB/s", 10, lambda r: f"{r['torch_GBps']:.2f}"),
+    ("accepted", 8, lambda r: f"{r['mean_accepted']:.2f}/{r['n']}"),
+    ("others", 6, lambda r: format_share(r["others_cpu_share"])),
+]
+
+
+def format_time(seconds: float) -> str:
+    ms = seconds * 1e3
+    return f"{ms:.3f} ms" if ms < 1 else f"{ms:.2f} ms" if ms < 10 else f"{ms:.1f} ms" if ms < 100 else f"{ms:.0f} ms"
+
+
+def format_share(share: float | None) -> str:
+    return "n/a" if share is None else f"{100 * share:.0f}%"
+
+
+def print_header(meta: dict) -> None:
+    print(f"device: {meta['device_name']} ({meta['device']}, {meta['threads']} threads), torch {meta['torch']}")
+    print(f"copy bandwidth: {meta['copy_GBps']:.1f} GB/s (256 MB tensor copy, read + write; others: "
+          f"{format_share(meta['copy_others_cpu_share'])})")
+    print("fastar/torch: median time per call, cold caches; GB/s: bytes the op must move (from each run's"
+          " num_accepted) / time; accepted: mean accepted drafts per sequence; others: share of the cores that"
+          " other processes used meanwhile (above a few %, the timings are unreliable)")
+    print("  ".join(f"{h:>{w}}" if i > 2 else f"{h:<{w}}" for i, (h, w, _) in enumerate(COLUMNS)))
+    print("  ".join("-" * w for _, w, _ in COLUMNS), flush=True)
+
+
+def print_row(row: dict) -> None:
+    print("  ".join(f"{f(row):>{w}}" if i > 2 else f"{f(row):<{w}}" for i, (_, w, f) in enumerate(COLUMNS)), flush=True)
+
+
+def write_json(path: Path, meta: dict, rows: list[dict]) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps({"meta": meta, "rows": rows}, indent=2) + "\n")
+
+
+def write_plot(path: Path, meta: dict, rows: list[dict], goal: float) -> None:
+    """Speed-up over the baseline (with the project goal) and the share of copy bandwidth reached, per row."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    from matplotlib.ticker import FixedLocator, FuncFormatter, NullFormatter
+
+    labels = [f"{r['op']}\n{r['shape']} {r['dtype']}" for r in rows]
+    y = range(len(rows))
+    speedups = [r["speedup"] for r in rows]
+    fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(13, 0.75 * len(rows) + 1.6), sharey=True)
+    ax1.barh(y, speedups, color="tab:blue")
+    ax1.axvline(goal, color="tab:red", linestyle="--", label=f"goal {goal:g}x (speculative_sample)")
+    ax1.set_xscale("log")
+    lo, hi = min(1.0, min(speedups) / 1.5), 3 * max(goal, *speedups)  # room for the value labels
+    ax1.set_xlim(lo, hi)
+    ticks = [t for t in (0.5, 1, 2, 5, 10, 20, 50, 100, 200, 500, 1000) if lo <= t <= hi]
+    ax1.xaxis.set_major_locator(FixedLocator(ticks))
+    ax1.xaxis.set_major_formatter(FuncFormatter(lambda v, _: f"{v:g}x"))
+    ax1.xaxis.set_minor_formatter(NullFormatter())
+    ax1.set_xlabel("speed-up of fastar over plain PyTorch (log scale)")
+    for i, r in enumerate(rows):
+        ax1.annotate(f" {r['speedup']:.1f}x", (r["speedup"], i), va="center", fontsize=9)
+    ax1.legend(loc="lower right", fontsize=8)
+    ax1.set_yticks(list(y), labels, fontsize=8)
+    ax1.invert_yaxis()
+    height = 0.4
+    for name, shift, color in (("fastar", -height / 2, "tab:blue"), ("torch", height / 2, "tab:gray")):
+        ax2.barh([i + shift for i in y], [r[f"{name}_pct_copy"] for r in rows], height, label=name, color=color)
+    ax2.axvline(100, color="black", linewidth=0.8)
+    ax2.set_xlabel(f"% of copy bandwidth ({meta['copy_GBps']:.1f} GB/s) on the bytes the op must move")
+    ax2.legend(loc="best", fontsize=8)
+    fig.suptitle(f"fastar on {meta['device_name']} ({meta['device']}, {meta['threads']} threads)", fontsize=10)
+    fig.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
