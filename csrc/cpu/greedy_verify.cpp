@@ -6,6 +6,7 @@
 
 #include "core/acceptance.h"
 #include "cpu/acceptance_rows.h"
+#include "cpu/vec.h"
 #include "ops.h"
 #include "ops/acceptance_args.h"
 
@@ -14,21 +15,41 @@ namespace {
 
 using namespace accept;
 
-// First index of the maximum (torch.argmax's tie rule); -1 when the row holds a NaN.
+// First index of the maximum (torch.argmax's tie rule); -1 when the row holds a NaN. Two passes over the
+// row (max, then the first index holding it): vectorised, and the second pass reads from cache.
 template <typename P>
 int64_t argmax_row(const P* row, int64_t V) {
   float best = -std::numeric_limits<float>::infinity();
-  int64_t best_i = 0;
   bool nan = false;
-  for (int64_t t = 0; t < V; ++t) {
+  int64_t t = 0;
+#if defined(FASTAR_CPU_AVX2)
+  __m256 mv = _mm256_set1_ps(best), nanv = _mm256_setzero_ps();
+  for (; t + 8 <= V; t += 8) {
+    const __m256 x = cpu::load8(row + t);
+    mv = _mm256_max_ps(mv, x);
+    nanv = _mm256_or_ps(nanv, _mm256_cmp_ps(x, x, _CMP_UNORD_Q));
+  }
+  best = cpu::hmax8(mv);
+  nan = _mm256_movemask_ps(nanv) != 0;
+#endif
+  for (; t < V; ++t) {
     const float v = static_cast<float>(row[t]);
     nan |= std::isnan(v);
-    if (v > best) {
-      best = v;
-      best_i = t;
-    }
+    best = v > best ? v : best;
   }
-  return nan ? -1 : best_i;
+  if (nan) return -1;
+  t = 0;
+#if defined(FASTAR_CPU_AVX2)
+  const __m256 bv = _mm256_set1_ps(best);
+  for (; t + 8 <= V; t += 8) {
+    const int hit = _mm256_movemask_ps(_mm256_cmp_ps(cpu::load8(row + t), bv, _CMP_EQ_OQ));
+    if (hit) return t + __builtin_ctz(hit);
+  }
+#endif
+  for (; t < V; ++t) {
+    if (static_cast<float>(row[t]) == best) return t;
+  }
+  return 0;  // every value is -inf: index 0, as torch.argmax
 }
 
 template <typename P>
