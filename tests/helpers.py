@@ -1,7 +1,17 @@
-"""Assertions shared by the acceptance-op tests."""
+"""Helpers shared by the tests."""
 from __future__ import annotations
 
 import torch
+from hypothesis import HealthCheck
+
+# hypothesis settings of the per-backend property tests: fixed examples (the suite is deterministic),
+# no example database, and fixtures (the backend) shared across examples.
+HYPOTHESIS = dict(
+    deadline=None,
+    derandomize=True,
+    database=None,
+    suppress_health_check=[HealthCheck.function_scoped_fixture, HealthCheck.too_slow, HealthCheck.data_too_large],
+)
 
 
 def assert_same(got, want, msg=""):

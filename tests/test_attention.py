@@ -23,13 +23,14 @@ from typing import List, Optional
 import pytest
 import torch
 import torch.nn.functional as F
-from hypothesis import HealthCheck, given, settings
+from hypothesis import given, settings
 from hypothesis import strategies as st
 
 import fastar
 from fastar import _simt, masked_attention
 from fastar.masks import And, BlockCausal, Causal, Dense, Tree, Window
 from fastar.reference.attention import attention_reference
+from helpers import HYPOTHESIS
 
 DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 MEDUSA_CHOICES = [[0], [1], [0, 0], [0, 1], [0, 0, 0]]
@@ -50,12 +51,6 @@ SIZES = {
 INTERESTING_LK = (1, 2, 7, 31, 63, 64, 65, 127, 128, 129, 150, 191, 200, 257, 300)
 INTERESTING_LQ = (1, 3, 16, 17, 33, 64, 65)
 
-HYPOTHESIS = dict(
-    deadline=None,
-    derandomize=True,
-    database=None,
-    suppress_health_check=[HealthCheck.function_scoped_fixture, HealthCheck.too_slow, HealthCheck.data_too_large],
-)
 
 
 @pytest.fixture(autouse=True)

@@ -9,13 +9,13 @@ import zlib
 
 import pytest
 import torch
-from hypothesis import HealthCheck, given, settings
+from hypothesis import given, settings
 from hypothesis import strategies as st
 
 import fastar
 from fastar import _simt, acceptance
 from fastar.reference import greedy_verify_reference
-from helpers import assert_same
+from helpers import HYPOTHESIS, assert_same
 
 FLOAT_DTYPES = [torch.float32, torch.float16, torch.bfloat16]
 STATUS_BAD_NUM_DRAFT, STATUS_BAD_ID, STATUS_BAD_VALUE = 1, 2, 4
@@ -220,13 +220,7 @@ def test_long_drafts(backend):
     assert got[1].tolist() == [n, 280, 0]
 
 
-@settings(
-    max_examples=20,
-    deadline=None,
-    derandomize=True,  # fixed examples: the suite is deterministic
-    database=None,
-    suppress_health_check=[HealthCheck.function_scoped_fixture],
-)
+@settings(max_examples=20, **HYPOTHESIS)
 @given(
     batch=st.integers(0, 6),
     n=st.integers(0, 6),

@@ -21,7 +21,7 @@ from typing import Dict, Optional, Sequence, Tuple
 import numpy as np
 import pytest
 import torch
-from hypothesis import HealthCheck, given, settings
+from hypothesis import given, settings
 from hypothesis import strategies as st
 from scipy import stats
 
@@ -32,7 +32,7 @@ from fastar.reference import (
     speculative_output_distribution,
     speculative_sample_reference,
 )
-from helpers import assert_same
+from helpers import HYPOTHESIS, assert_same
 
 P_THRESHOLD = 1e-3  # statistical tests fail when a p-value is below this (fixed seeds: deterministic)
 FLOAT_DTYPES = [torch.float32, torch.float16, torch.bfloat16]
@@ -553,13 +553,7 @@ def test_seed_and_offset_tensors(backend):
 DTYPE = st.sampled_from(FLOAT_DTYPES)
 
 
-@settings(
-    max_examples=20,
-    deadline=None,
-    derandomize=True,  # fixed examples: the suite is deterministic
-    database=None,
-    suppress_health_check=[HealthCheck.function_scoped_fixture],
-)
+@settings(max_examples=20, **HYPOTHESIS)
 @given(
     batch=st.integers(0, 6),
     n=st.integers(0, 6),

@@ -97,6 +97,22 @@ inline std::tuple<at::Tensor, at::Tensor> allocate_acceptance_outputs(const at::
   return {at::empty({B, n + 1}, opts), at::empty({B}, opts)};
 }
 
+// The arguments both acceptance ops share: draft ids, ragged lengths, outputs and sizes.
+template <typename Params>
+void fill_row_args(Params& prm, const at::Tensor& ids, const std::optional<at::Tensor>& num_draft, at::Tensor& tokens,
+                   at::Tensor& num_accepted, const AcceptanceShapes& s) {
+  prm.draft_ids = ids.data_ptr();
+  prm.ids64 = ids.scalar_type() == at::kLong;
+  prm.ids_sb = s.n;
+  prm.num_draft = num_draft ? num_draft->data_ptr() : nullptr;
+  prm.nd64 = num_draft && num_draft->scalar_type() == at::kLong;
+  prm.tokens = tokens.data_ptr<int32_t>();
+  prm.num_accepted = num_accepted.data_ptr<int32_t>();
+  prm.B = s.B;
+  prm.n = s.n;
+  prm.V = s.V;
+}
+
 // Checked inputs with unit stride along V, the allocated outputs, and the kernel arguments over them
 // (the caller fills in the seed: a value on the CPU, possibly a device pointer on CUDA).
 struct SpeculativeSampleLaunch {
@@ -120,22 +136,13 @@ inline SpeculativeSampleLaunch prepare_speculative_sample(const at::Tensor& draf
   std::tie(l.tokens, l.num_accepted) = allocate_acceptance_outputs(l.target_probs, s.B, s.n);
   SpeculativeSampleParams& prm = l.prm;
   prm = SpeculativeSampleParams{};
-  prm.draft_ids = l.ids.data_ptr();
-  prm.ids64 = l.ids.scalar_type() == at::kLong;
-  prm.ids_sb = s.n;
-  prm.num_draft = l.num_draft ? l.num_draft->data_ptr() : nullptr;
-  prm.nd64 = l.num_draft && l.num_draft->scalar_type() == at::kLong;
+  fill_row_args(prm, l.ids, l.num_draft, l.tokens, l.num_accepted, s);
   prm.draft_probs = l.draft_probs ? l.draft_probs->data_ptr() : nullptr;
   prm.dp_sb = l.draft_probs ? l.draft_probs->stride(0) : 0;
   prm.dp_sn = l.draft_probs ? l.draft_probs->stride(1) : 0;
   prm.target_probs = l.target_probs.data_ptr();
   prm.tp_sb = l.target_probs.stride(0);
   prm.tp_sn = l.target_probs.stride(1);
-  prm.tokens = l.tokens.data_ptr<int32_t>();
-  prm.num_accepted = l.num_accepted.data_ptr<int32_t>();
-  prm.B = s.B;
-  prm.n = s.n;
-  prm.V = s.V;
   return l;
 }
 
@@ -155,19 +162,11 @@ inline GreedyVerifyLaunch prepare_greedy_verify(const at::Tensor& draft_token_id
   if (num_draft_tokens) l.num_draft = num_draft_tokens->contiguous();
   std::tie(l.tokens, l.num_accepted) = allocate_acceptance_outputs(l.target_logits, s.B, s.n);
   GreedyVerifyParams& prm = l.prm;
-  prm.draft_ids = l.ids.data_ptr();
-  prm.ids64 = l.ids.scalar_type() == at::kLong;
-  prm.ids_sb = s.n;
-  prm.num_draft = l.num_draft ? l.num_draft->data_ptr() : nullptr;
-  prm.nd64 = l.num_draft && l.num_draft->scalar_type() == at::kLong;
+  prm = GreedyVerifyParams{};
+  fill_row_args(prm, l.ids, l.num_draft, l.tokens, l.num_accepted, s);
   prm.target_logits = l.target_logits.data_ptr();
   prm.tl_sb = l.target_logits.stride(0);
   prm.tl_sn = l.target_logits.stride(1);
-  prm.tokens = l.tokens.data_ptr<int32_t>();
-  prm.num_accepted = l.num_accepted.data_ptr<int32_t>();
-  prm.B = s.B;
-  prm.n = s.n;
-  prm.V = s.V;
   return l;
 }
 
