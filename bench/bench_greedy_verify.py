@@ -8,9 +8,9 @@ import torch
 
 import fastar
 from bench import common
-from bench.common import Case
+from bench.common import AcceptanceCase
 
-CASES = [Case(32, 5, 32000), Case(32, 8, 128256)]
+CASES = [AcceptanceCase(32, 5, 32000), AcceptanceCase(32, 8, 128256)]
 
 
 def torch_greedy_verify(draft_token_ids, target_logits):
@@ -24,7 +24,7 @@ def torch_greedy_verify(draft_token_ids, target_logits):
     return tokens.int(), num_accepted.int()
 
 
-def make_inputs(case: Case, device: str = "cpu") -> dict:
+def make_inputs(case: AcceptanceCase, device: str = "cpu") -> dict:
     """Target logits from common.realistic_logits; each draft is the argmax of the draft's distribution."""
     target_logp, draft_logp = common.realistic_logits(case, device)
     return {"draft_token_ids": draft_logp.argmax(-1), "target_logits": target_logp.to(case.dtype)}
@@ -52,7 +52,10 @@ def agree(x: dict, fastar_runs: list, torch_runs: list) -> None:
         assert torch.equal(tokens, torch_tokens) and torch.equal(na, torch_na), "fastar and torch disagree"
 
 
-BENCH = common.OpBench("greedy_verify", CASES, make_inputs, run_fastar, run_torch, nbytes, agree)
+BENCH = common.OpBench(
+    "greedy_verify", CASES, make_inputs, run_fastar, run_torch, common.check_acceptance, agree,
+    common.acceptance_metrics(nbytes), common.ACCEPTANCE_TABLE,
+)
 
 inputs = functools.cache(make_inputs)
 parametrize_cases = pytest.mark.parametrize("case", CASES, ids=lambda c: c.id)
@@ -60,12 +63,12 @@ parametrize_cases = pytest.mark.parametrize("case", CASES, ids=lambda c: c.id)
 
 @parametrize_cases
 def test_greedy_verify_fastar(benchmark, case):
-    common.benchmark_op(benchmark, run_fastar, inputs(case), case.V)
+    common.benchmark_op(benchmark, BENCH, run_fastar, case, inputs(case))
 
 
 @parametrize_cases
 def test_greedy_verify_torch(benchmark, case):
-    common.benchmark_op(benchmark, run_torch, inputs(case), case.V)
+    common.benchmark_op(benchmark, BENCH, run_torch, case, inputs(case))
 
 
 @parametrize_cases
@@ -73,5 +76,5 @@ def test_greedy_verify_baseline_agrees(case):
     x = inputs(case)
     outs = [run_fastar(x, 0), run_torch(x, 0)]
     for out in outs:
-        common.check_output(out, x["draft_token_ids"], case.V)
+        common.check_acceptance(case, x, out)
     agree(x, [outs[0]], [outs[1]])

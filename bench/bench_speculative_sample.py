@@ -9,14 +9,15 @@ import torch.nn.functional as F
 
 import fastar
 from bench import common
-from bench.common import Case
+from bench.common import AcceptanceCase
 
 CASES = [
-    Case(32, 5, 32000),
-    Case(32, 8, 128256),
-    Case(32, 5, 32000, torch.bfloat16),
-    Case(32, 5, 32000, draft_probs=False),
+    AcceptanceCase(32, 5, 32000),
+    AcceptanceCase(32, 8, 128256),
+    AcceptanceCase(32, 5, 32000, torch.bfloat16),
+    AcceptanceCase(32, 5, 32000, draft_probs=False),
 ]
+GOAL = 20.0  # the project's target speed-up over the baseline
 
 
 def torch_speculative_sample(draft_token_ids, draft_probs, target_probs):
@@ -48,7 +49,7 @@ def torch_speculative_sample(draft_token_ids, draft_probs, target_probs):
     return tokens.int(), num_accepted.int()
 
 
-def make_inputs(case: Case, device: str = "cpu") -> dict:
+def make_inputs(case: AcceptanceCase, device: str = "cpu") -> dict:
     """Target and draft distributions from common.realistic_logits; the drafts are sampled from q, or, for
     a drafter without probabilities (which drafts greedily, as EAGLE-2/3 do), its argmax."""
     target_logp, draft_logp = common.realistic_logits(case, device)
@@ -112,7 +113,10 @@ def agree(x: dict, fastar_runs: list, torch_runs: list) -> None:
         )
 
 
-BENCH = common.OpBench("speculative_sample", CASES, make_inputs, run_fastar, run_torch, nbytes, agree)
+BENCH = common.OpBench(
+    "speculative_sample", CASES, make_inputs, run_fastar, run_torch, common.check_acceptance, agree,
+    common.acceptance_metrics(nbytes), common.ACCEPTANCE_TABLE, goal=GOAL,
+)
 
 inputs = functools.cache(make_inputs)
 parametrize_cases = pytest.mark.parametrize("case", CASES, ids=lambda c: c.id)
@@ -120,12 +124,12 @@ parametrize_cases = pytest.mark.parametrize("case", CASES, ids=lambda c: c.id)
 
 @parametrize_cases
 def test_speculative_sample_fastar(benchmark, case):
-    common.benchmark_op(benchmark, run_fastar, inputs(case), case.V)
+    common.benchmark_op(benchmark, BENCH, run_fastar, case, inputs(case))
 
 
 @parametrize_cases
 def test_speculative_sample_torch(benchmark, case):
-    common.benchmark_op(benchmark, run_torch, inputs(case), case.V)
+    common.benchmark_op(benchmark, BENCH, run_torch, case, inputs(case))
 
 
 @parametrize_cases
@@ -133,5 +137,5 @@ def test_speculative_sample_baseline_agrees(case):
     x = inputs(case)
     runs = [[fn(x, seed) for seed in range(16)] for fn in (run_fastar, run_torch)]
     for out in runs[0] + runs[1]:
-        common.check_output(out, x["draft_token_ids"], case.V)
+        common.check_acceptance(case, x, out)
     agree(x, *runs)

@@ -1,5 +1,6 @@
-"""Shared benchmark machinery: cases and realistic inputs, interleaved cold-cache timing, the machine's copy
-bandwidth, output checks, and the table / JSON / PNG reports."""
+"""Shared benchmark machinery: an op's entry and its cases, interleaved cold-cache timing, the machine's copy
+bandwidth, the table / JSON / PNG reports; and the acceptance ops' (speculative_sample, greedy_verify) cases,
+realistic inputs, output checks and table."""
 from __future__ import annotations
 
 import dataclasses
@@ -10,7 +11,7 @@ import platform
 import statistics
 import time
 from pathlib import Path
-from typing import Callable
+from typing import Callable, Optional, Protocol
 
 import torch
 
@@ -31,8 +32,26 @@ FLUSH_BYTES = {"cpu": 64 << 20, "cuda": 256 << 20}
 DTYPE_NAMES = {torch.float32: "f32", torch.bfloat16: "bf16"}
 
 
+class Case(Protocol):
+    """What the harness needs of an op's case, whatever else the op's own case class holds."""
+
+    @property
+    def id(self) -> str:  # unique within the op: `--only op[id]` and the pytest ids
+        ...
+
+    @property
+    def shape(self) -> str:  # the table's shape column
+        ...
+
+    @property
+    def dtype(self) -> torch.dtype:
+        ...
+
+
 @dataclasses.dataclass(frozen=True)
-class Case:
+class AcceptanceCase:
+    """A case of the acceptance ops: B sequences of n drafts over a vocabulary of V."""
+
     B: int
     n: int
     V: int
@@ -48,22 +67,41 @@ class Case:
         return f"B={self.B} n={self.n} V={self.V}" + ("" if self.draft_probs else " no q")
 
 
+Column = tuple[str, int, Callable[[dict], str]]  # (header, width, row -> text)
+
+
+@dataclasses.dataclass(frozen=True)
+class Table:
+    """A table of the CLI output: the legend printed above its header, and its columns (the first three
+    left-aligned). Consecutive rows of ops with the same table share one header."""
+
+    legend: str
+    columns: list[Column]
+
+
 @dataclasses.dataclass(frozen=True)
 class OpBench:
-    """One op's entry in the CLI table. Both implementations are called as fn(inputs, seed) -> (tokens,
-    num_accepted); the seed feeds fastar's Philox, the baselines draw from torch's global generator as
-    users' code does."""
+    """One op's entry in the CLI table. Every implementation is called as fn(inputs, seed) -> outputs (a
+    tensor or a tuple of tensors); the seed feeds fastar's Philox where the op samples, the baselines draw
+    from torch's global generator as users' code does."""
 
     name: str
     cases: list[Case]
     make_inputs: Callable[[Case, str], dict]
-    fastar: Callable[[dict, int], tuple]
-    baseline: Callable[[dict, int], tuple]
-    nbytes: Callable[[dict, torch.Tensor], int]  # bytes the op must move, given a run's num_accepted
-    agree: Callable[[dict, list, list], None]  # raises unless the baseline's outputs match fastar's
+    fastar: Callable[[dict, int], object]
+    baseline: Callable[[dict, int], object]  # the plain-PyTorch way: the "torch" time and the speed-up
+    check: Callable[[Case, dict, object], None]  # raises unless every element of one call's outputs was written
+    agree: Callable[[dict, list, list], None]  # (inputs, fastar's outputs, a baseline's): raises unless they match
+    # From fastar's outputs of every round: "bytes" the op must move, optionally "flops", then the op's own fields.
+    metrics: Callable[[Case, dict, list], dict]
+    table: Table
+    # Further baselines of a case beside `baseline` (name -> fn), prepared outside the timed region (compiled,
+    # say), and row fields about that preparation; the bool says it is a --quick run.
+    more_baselines: Optional[Callable[[Case, dict, str, bool], tuple[dict, dict]]] = None
+    goal: Optional[float] = None  # the speed-up the project aims at (a row's own "goal" field overrides it)
 
 
-def realistic_logits(case: Case, device: str) -> tuple[torch.Tensor, torch.Tensor]:
+def realistic_logits(case: AcceptanceCase, device: str) -> tuple[torch.Tensor, torch.Tensor]:
     """float32 log-probabilities of a target [B, n+1, V] and of a draft [B, n, V] close to it."""
     gen = torch.Generator(device).manual_seed(0)
     target = torch.randn(case.B, case.n + 1, case.V, generator=gen, device=device).mul_(TEMPERATURE).log_softmax(-1)
@@ -85,6 +123,25 @@ def check_output(out: tuple, draft_token_ids: torch.Tensor, V: int) -> None:
     assert (tokens[accepted] == drafts[accepted]).all(), "an accepted slot does not hold its draft"
     assert ((tokens[emitted] >= 0) & (tokens[emitted] < V)).all(), "the emitted target token is outside [0, V)"
     assert (tokens[pos > num_accepted[:, None]] == -1).all(), "padding is not -1"
+
+
+def check_acceptance(case: AcceptanceCase, x: dict, out: tuple) -> None:
+    """OpBench.check of the acceptance ops."""
+    check_output(out, x["draft_token_ids"], case.V)
+
+
+def acceptance_metrics(nbytes: Callable[[dict, torch.Tensor], int]) -> Callable[[AcceptanceCase, dict, list], dict]:
+    """OpBench.metrics of an acceptance op whose bytes to move depend on a run's num_accepted: the median over
+    the rounds, and the mean accepted drafts per sequence."""
+
+    def metrics(case: AcceptanceCase, x: dict, outputs: list) -> dict:
+        return {
+            "bytes": statistics.median(nbytes(x, na) for _, na in outputs),
+            "mean_accepted": torch.stack([na for _, na in outputs]).double().mean().item(),
+            "n": case.n,
+        }
+
+    return metrics
 
 
 def sync(device: str) -> None:
@@ -136,50 +193,54 @@ def others_share(before, after) -> float | None:
     return max(0.0, (busy - own) / (wall * os.cpu_count()))
 
 
+def to_cpu(out):
+    return out.cpu() if isinstance(out, torch.Tensor) else tuple(o.cpu() for o in out)
+
+
 def measure(op: OpBench, case: Case, x: dict, device: str, copy_Bps: float, rounds: int, budget_s: float,
-            warmup: int = 2) -> dict:
-    """Interleaved rounds of (fastar, baseline) on cold caches, until `rounds` or the time budget (at least
-    3 rounds); every output is checked. Returns the CLI row."""
+            more: Optional[dict] = None, warmup: int = 2) -> dict:
+    """Interleaved rounds of fastar, the baseline and `more` baselines (name -> fn) on cold caches, until
+    `rounds` or the time budget (at least 3 rounds); every output is checked, and every baseline's agree with
+    fastar's. Returns the CLI row: a time and a speed-up per baseline, then GB/s (and GFLOP/s) per implementation."""
+    impls = {"fastar": op.fastar, "torch": op.baseline, **(more or {})}
     flush = CacheFlusher(device)
-    runs = {"fastar": ([], []), "torch": ([], [])}  # name -> (times, outputs)
+    runs = {name: ([], []) for name in impls}  # name -> (times, outputs)
     start, snapshot = time.perf_counter(), cpu_snapshot()
     for r in itertools.count():
         measured = r >= warmup
         if measured and (r - warmup >= rounds or (r - warmup >= 3 and time.perf_counter() - start > budget_s)):
             break
-        for name, fn in (("fastar", op.fastar), ("torch", op.baseline)):
+        for name, fn in impls.items():
             flush()
             t, out = timed(lambda: fn(x, r), device)
-            check_output(out, x["draft_token_ids"], case.V)
+            op.check(case, x, out)
             if measured:
                 runs[name][0].append(t)
-                runs[name][1].append(tuple(o.cpu() for o in out))
+                runs[name][1].append(to_cpu(out))
     others = others_share(snapshot, cpu_snapshot())
-    op.agree(x, runs["fastar"][1], runs["torch"][1])
-    fastar_s, torch_s = (statistics.median(runs[k][0]) for k in ("fastar", "torch"))
-    nbytes = statistics.median(op.nbytes(x, na) for _, na in runs["fastar"][1])
-    accepted = torch.stack([na for _, na in runs["fastar"][1]]).double().mean().item()
-    return {
-        "op": op.name,
-        "case": case.id,
-        "shape": case.shape,
-        "dtype": DTYPE_NAMES[case.dtype],
-        "fastar_s": fastar_s,
-        "torch_s": torch_s,
-        "speedup": torch_s / fastar_s,
-        "bytes": nbytes,
-        "fastar_GBps": nbytes / fastar_s / 1e9,
-        "torch_GBps": nbytes / torch_s / 1e9,
-        "fastar_pct_copy": 100 * nbytes / fastar_s / copy_Bps,
-        "torch_pct_copy": 100 * nbytes / torch_s / copy_Bps,
-        "mean_accepted": accepted,
-        "n": case.n,
-        "rounds": len(runs["fastar"][0]),
-        "others_cpu_share": others,
-    }
+    for name in impls:
+        if name != "fastar":
+            op.agree(x, runs["fastar"][1], runs[name][1])
+    seconds = {name: statistics.median(times) for name, (times, _) in runs.items()}
+    metrics = op.metrics(case, x, runs["fastar"][1])
+    nbytes, flops = metrics.pop("bytes"), metrics.pop("flops", None)
+    row = {"op": op.name, "case": case.id, "shape": case.shape, "dtype": DTYPE_NAMES[case.dtype]}
+    row.update({f"{name}_s": s for name, s in seconds.items()})
+    row["speedup"] = seconds["torch"] / seconds["fastar"]
+    row.update({f"speedup_vs_{name}": seconds[name] / seconds["fastar"] for name in more or {}})
+    row["bytes"] = nbytes
+    row.update({f"{name}_GBps": nbytes / s / 1e9 for name, s in seconds.items()})
+    row.update({f"{name}_pct_copy": 100 * nbytes / s / copy_Bps for name, s in seconds.items()})
+    if flops is not None:
+        row["flops"] = flops
+        row.update({f"{name}_GFLOPs": flops / s / 1e9 for name, s in seconds.items()})
+    row.update(metrics)
+    row["rounds"] = len(runs["fastar"][0])
+    row["others_cpu_share"] = others
+    return row
 
 
-def benchmark_op(benchmark, fn: Callable, x: dict, V: int, rounds: int = 10) -> None:
+def benchmark_op(benchmark, op: OpBench, fn: Callable, case: Case, x: dict, rounds: int = 10) -> None:
     """pytest-benchmark timing of fn(x, seed) on cold caches, a new seed per round; checks the last output."""
     flush = CacheFlusher("cpu")
     seeds = itertools.count()
@@ -188,7 +249,7 @@ def benchmark_op(benchmark, fn: Callable, x: dict, V: int, rounds: int = 10) -> 
         flush()
         return (x, next(seeds)), {}
 
-    check_output(benchmark.pedantic(fn, setup=setup, rounds=rounds, warmup_rounds=1), x["draft_token_ids"], V)
+    op.check(case, x, benchmark.pedantic(fn, setup=setup, rounds=rounds, warmup_rounds=1))
 
 
 def device_name(device: str) -> str:
@@ -201,20 +262,24 @@ def device_name(device: str) -> str:
         return platform.processor() or platform.machine()
 
 
-# (header, width, row -> text)
-COLUMNS = [
-    ("op", 18, lambda r: r["op"]),
-    ("shape", 24, lambda r: r["shape"]),
-    ("dtype", 5, lambda r: r["dtype"]),
-    ("fastar", 9, lambda r: format_time(r["fastar_s"])),
-    ("torch", 9, lambda r: format_time(r["torch_s"])),
-    ("speed-up", 8, lambda r: f"{r['speedup']:.1f}x"),
-    ("GB/s", 6, lambda r: f"{r['fastar_GBps']:.1f}"),
-    ("% copy", 6, lambda r: f"{r['fastar_pct_copy']:.0f}%"),
-    ("torch GB/s", 10, lambda r: f"{r['torch_GBps']:.2f}"),
-    ("accepted", 8, lambda r: f"{r['mean_accepted']:.2f}/{r['n']}"),
-    ("others", 6, lambda r: format_share(r["others_cpu_share"])),
-]
+ACCEPTANCE_TABLE = Table(
+    "fastar/torch: median time per call, cold caches; GB/s: bytes the op must move (from each run's"
+    " num_accepted) / time; accepted: mean accepted drafts per sequence; others: share of the cores that"
+    " other processes used meanwhile (above a few %, the timings are unreliable)",
+    [
+        ("op", 18, lambda r: r["op"]),
+        ("shape", 24, lambda r: r["shape"]),
+        ("dtype", 5, lambda r: r["dtype"]),
+        ("fastar", 9, lambda r: format_time(r["fastar_s"])),
+        ("torch", 9, lambda r: format_time(r["torch_s"])),
+        ("speed-up", 8, lambda r: f"{r['speedup']:.1f}x"),
+        ("GB/s", 6, lambda r: f"{r['fastar_GBps']:.1f}"),
+        ("% copy", 6, lambda r: f"{r['fastar_pct_copy']:.0f}%"),
+        ("torch GB/s", 10, lambda r: f"{r['torch_GBps']:.2f}"),
+        ("accepted", 8, lambda r: f"{r['mean_accepted']:.2f}/{r['n']}"),
+        ("others", 6, lambda r: format_share(r["others_cpu_share"])),
+    ],
+)
 
 
 def format_time(seconds: float) -> str:
@@ -229,16 +294,21 @@ def format_share(share: float | None) -> str:
 def print_header(meta: dict) -> None:
     print(f"device: {meta['device_name']} ({meta['device']}, {meta['threads']} threads), torch {meta['torch']}")
     print(f"copy bandwidth: {meta['copy_GBps']:.1f} GB/s (256 MB tensor copy, read + write; others: "
-          f"{format_share(meta['copy_others_cpu_share'])})")
-    print("fastar/torch: median time per call, cold caches; GB/s: bytes the op must move (from each run's"
-          " num_accepted) / time; accepted: mean accepted drafts per sequence; others: share of the cores that"
-          " other processes used meanwhile (above a few %, the timings are unreliable)")
-    print("  ".join(f"{h:>{w}}" if i > 2 else f"{h:<{w}}" for i, (h, w, _) in enumerate(COLUMNS)))
-    print("  ".join("-" * w for _, w, _ in COLUMNS), flush=True)
+          f"{format_share(meta['copy_others_cpu_share'])})", flush=True)
 
 
-def print_row(row: dict) -> None:
-    print("  ".join(f"{f(row):>{w}}" if i > 2 else f"{f(row):<{w}}" for i, (_, w, f) in enumerate(COLUMNS)), flush=True)
+def print_table_header(table: Table, first: bool = True) -> None:
+    """The legend and the column headers of a table; a blank line before all but the first table."""
+    if not first:
+        print()
+    print(table.legend)
+    print("  ".join(f"{h:>{w}}" if i > 2 else f"{h:<{w}}" for i, (h, w, _) in enumerate(table.columns)))
+    print("  ".join("-" * w for _, w, _ in table.columns), flush=True)
+
+
+def print_row(table: Table, row: dict) -> None:
+    cells = [(f(row), w) for _, w, f in table.columns]
+    print("  ".join(f"{c:>{w}}" if i > 2 else f"{c:<{w}}" for i, (c, w) in enumerate(cells)), flush=True)
 
 
 def write_json(path: Path, meta: dict, rows: list[dict]) -> None:
@@ -246,8 +316,9 @@ def write_json(path: Path, meta: dict, rows: list[dict]) -> None:
     path.write_text(json.dumps({"meta": meta, "rows": rows}, indent=2) + "\n")
 
 
-def write_plot(path: Path, meta: dict, rows: list[dict], goal: float) -> None:
-    """Speed-up over the baseline (with the project goal) and the share of copy bandwidth reached, per row."""
+def write_plot(path: Path, meta: dict, rows: list[dict], goals: list[Optional[float]]) -> None:
+    """Speed-up over the baseline (with each row's goal, None for none) and, for the memory-bound rows, the
+    share of copy bandwidth reached (compute-bound rows, with a "bound" of "compute", show their GFLOP/s)."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -259,9 +330,11 @@ def write_plot(path: Path, meta: dict, rows: list[dict], goal: float) -> None:
     speedups = [r["speedup"] for r in rows]
     fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(13, 0.75 * len(rows) + 1.6), sharey=True)
     ax1.barh(y, speedups, color="tab:blue")
-    ax1.axvline(goal, color="tab:red", linestyle="--", label=f"goal {goal:g}x (speculative_sample)")
+    set_goals = [(i, goal) for i, goal in enumerate(goals) if goal is not None]
+    for k, (i, goal) in enumerate(set_goals):
+        ax1.plot([goal, goal], [i - 0.45, i + 0.45], color="tab:red", linestyle="--", label=None if k else "goal")
     ax1.set_xscale("log")
-    lo, hi = min(1.0, min(speedups) / 1.5), 3 * max(goal, *speedups)  # room for the value labels
+    lo, hi = min(1.0, min(speedups) / 1.5), 3 * max(speedups + [goal for _, goal in set_goals])  # room for the labels
     ax1.set_xlim(lo, hi)
     ticks = [t for t in (0.5, 1, 2, 5, 10, 20, 50, 100, 200, 500, 1000) if lo <= t <= hi]
     ax1.xaxis.set_major_locator(FixedLocator(ticks))
@@ -270,12 +343,19 @@ def write_plot(path: Path, meta: dict, rows: list[dict], goal: float) -> None:
     ax1.set_xlabel("speed-up of fastar over plain PyTorch (log scale)")
     for i, r in enumerate(rows):
         ax1.annotate(f" {r['speedup']:.1f}x", (r["speedup"], i), va="center", fontsize=9)
-    ax1.legend(loc="lower right", fontsize=8)
+    if set_goals:
+        ax1.legend(loc="lower right", fontsize=8)
     ax1.set_yticks(list(y), labels, fontsize=8)
     ax1.invert_yaxis()
     height = 0.4
+    memory = [i for i, r in enumerate(rows) if r.get("bound", "memory") == "memory"]
     for name, shift, color in (("fastar", -height / 2, "tab:blue"), ("torch", height / 2, "tab:gray")):
-        ax2.barh([i + shift for i in y], [r[f"{name}_pct_copy"] for r in rows], height, label=name, color=color)
+        ax2.barh([i + shift for i in memory], [rows[i][f"{name}_pct_copy"] for i in memory], height, label=name,
+                 color=color)
+    for i, r in enumerate(rows):
+        if i not in memory:
+            ax2.annotate(f"compute-bound: fastar {r['fastar_GFLOPs']:.1f} GFLOP/s, torch {r['torch_GFLOPs']:.1f}",
+                         (2, i), va="center", fontsize=8)
     ax2.axvline(100, color="black", linewidth=0.8)
     ax2.set_xlabel(f"% of copy bandwidth ({meta['copy_GBps']:.1f} GB/s) on the bytes the op must move")
     ax2.legend(loc="best", fontsize=8)
