@@ -49,32 +49,49 @@ inline float dot_row(const float* a, const T* b, int64_t D) {
   return s;
 }
 
-// o[0..D) += w * v (v in the input type).
-template <typename T>
-inline void axpy(float* o, float w, const T* v, int64_t D) {
-  int64_t d = 0;
 #if defined(FASTAR_CPU_AVX2)
-  const __m256 wv = _mm256_set1_ps(w);
-  for (; d + 8 <= D; d += 8) _mm256_storeu_ps(o + d, _mm256_fmadd_ps(wv, cpu::load8(v + d), _mm256_loadu_ps(o + d)));
-#endif
-  for (; d < D; ++d) o[d] += w * to_f(v[d]);
+// o[0..8 NV) += sum_c w[c] * rows[c][d0..d0 + 8 NV), with o held in registers across the rows.
+template <int NV, typename T>
+inline void axpy_rows(float* o, const float* w, const T* const* rows, int64_t n, int64_t d0) {
+  __m256 acc[NV];
+  for (int i = 0; i < NV; ++i) acc[i] = _mm256_loadu_ps(o + 8 * i);
+  for (int64_t c = 0; c < n; ++c) {
+    const __m256 wv = _mm256_broadcast_ss(w + c);
+    for (int i = 0; i < NV; ++i) acc[i] = _mm256_fmadd_ps(wv, cpu::load8(rows[c] + d0 + 8 * i), acc[i]);
+  }
+  for (int i = 0; i < NV; ++i) _mm256_storeu_ps(o + 8 * i, acc[i]);
 }
 
-#if defined(FASTAR_CPU_AVX2)
-// Register-blocked C[MR x 16] (=|+=) A[MR x K] * B[K x 16] (row strides lda, ldb, ldc): 8 accumulators,
-// per k two loads of B and MR broadcasts of A. The GEMM path of tiles with many query rows.
+// axpy_rows for nv < NV vectors.
+template <int NV, typename T>
+inline void axpy_rows_tail(int nv, float* o, const float* w, const T* const* rows, int64_t n, int64_t d0) {
+  if constexpr (NV > 0) {
+    if (nv == NV) return axpy_rows<NV>(o, w, rows, n, d0);
+    axpy_rows_tail<NV - 1>(nv, o, w, rows, n, d0);
+  }
+}
+
+// Register-blocked C[MR x 16] = A[MR x K] * B[K x 16] (+ C scaled per row): A's element (r, k) lies at
+// a[r * a_rs + k * a_ks], so A may be read transposed. With c_scale, C's row r is first multiplied by
+// c_scale[r] (the online softmax's rescaling, folded into the accumulator load); without it C is
+// overwritten. 8 accumulators; per k two loads of B and MR broadcasts of A.
 template <int MR>
-inline void gemm_rows_x16(const float* a, int64_t lda, const float* b, int64_t ldb, int64_t K, float* c, int64_t ldc,
-                          bool accumulate) {
+inline void gemm_rows_x16(const float* a, int64_t a_rs, int64_t a_ks, const float* b, int64_t ldb, int64_t K,
+                          float* c, int64_t ldc, const float* c_scale) {
   __m256 acc[MR][2];
   for (int r = 0; r < MR; ++r) {
-    acc[r][0] = accumulate ? _mm256_loadu_ps(c + r * ldc) : _mm256_setzero_ps();
-    acc[r][1] = accumulate ? _mm256_loadu_ps(c + r * ldc + 8) : _mm256_setzero_ps();
+    if (c_scale) {
+      const __m256 sc = _mm256_broadcast_ss(c_scale + r);
+      acc[r][0] = _mm256_mul_ps(_mm256_loadu_ps(c + r * ldc), sc);
+      acc[r][1] = _mm256_mul_ps(_mm256_loadu_ps(c + r * ldc + 8), sc);
+    } else {
+      acc[r][0] = acc[r][1] = _mm256_setzero_ps();
+    }
   }
   for (int64_t k = 0; k < K; ++k) {
     const __m256 b0 = _mm256_loadu_ps(b + k * ldb), b1 = _mm256_loadu_ps(b + k * ldb + 8);
     for (int r = 0; r < MR; ++r) {
-      const __m256 av = _mm256_broadcast_ss(a + r * lda + k);
+      const __m256 av = _mm256_broadcast_ss(a + r * a_rs + k * a_ks);
       acc[r][0] = _mm256_fmadd_ps(av, b0, acc[r][0]);
       acc[r][1] = _mm256_fmadd_ps(av, b1, acc[r][1]);
     }
@@ -85,43 +102,42 @@ inline void gemm_rows_x16(const float* a, int64_t lda, const float* b, int64_t l
   }
 }
 
-// C[M x N] (=|+=) A[M x K] * B[K x N] with N a multiple of 16: blocks of 4 rows, then the remaining rows.
-// (6-row blocks would fill all 16 AVX2 registers on paper but spill in practice: 2.5x slower here.)
+// gemm_rows_x16 for rows < MR.
 template <int MR>
-inline void gemm_rows_tail(int64_t rows, const float* a, int64_t lda, const float* b, int64_t ldb, int64_t K,
-                           float* c, int64_t ldc, bool accumulate) {
+inline void gemm_rows_tail(int64_t rows, const float* a, int64_t a_rs, int64_t a_ks, const float* b, int64_t ldb,
+                           int64_t K, float* c, int64_t ldc, const float* c_scale) {
   if constexpr (MR > 0) {
-    if (rows == MR) return gemm_rows_x16<MR>(a, lda, b, ldb, K, c, ldc, accumulate);
-    gemm_rows_tail<MR - 1>(rows, a, lda, b, ldb, K, c, ldc, accumulate);
+    if (rows == MR) return gemm_rows_x16<MR>(a, a_rs, a_ks, b, ldb, K, c, ldc, c_scale);
+    gemm_rows_tail<MR - 1>(rows, a, a_rs, a_ks, b, ldb, K, c, ldc, c_scale);
   }
 }
 
-inline void gemm_x16(int64_t M, int64_t N, int64_t K, const float* a, int64_t lda, const float* b, int64_t ldb,
-                     float* c, int64_t ldc, bool accumulate) {
+// C[M x N] = A[M x K] * B[K x N] (+ C scaled per row), N a multiple of 16: blocks of 4 rows, then the rest.
+// (6-row blocks would fill all 16 AVX2 registers on paper but spill in practice: 2.5x slower here.)
+inline void gemm_x16(int64_t M, int64_t N, int64_t K, const float* a, int64_t a_rs, int64_t a_ks, const float* b,
+                     int64_t ldb, float* c, int64_t ldc, const float* c_scale) {
   constexpr int64_t kRows = 4;
   for (int64_t n0 = 0; n0 < N; n0 += 16) {
     int64_t m0 = 0;
     for (; m0 + kRows <= M; m0 += kRows)
-      gemm_rows_x16<kRows>(a + m0 * lda, lda, b + n0, ldb, K, c + m0 * ldc + n0, ldc, accumulate);
-    gemm_rows_tail<kRows - 1>(M - m0, a + m0 * lda, lda, b + n0, ldb, K, c + m0 * ldc + n0, ldc, accumulate);
+      gemm_rows_x16<kRows>(a + m0 * a_rs, a_rs, a_ks, b + n0, ldb, K, c + m0 * ldc + n0, ldc,
+                           c_scale ? c_scale + m0 : nullptr);
+    gemm_rows_tail<kRows - 1>(M - m0, a + m0 * a_rs, a_rs, a_ks, b + n0, ldb, K, c + m0 * ldc + n0, ldc,
+                              c_scale ? c_scale + m0 : nullptr);
   }
 }
 #endif
 
-// Tiles with at least this many query rows use the GEMM path (K and V staged as float): compute-bound
-// verification and prefill. Fewer rows (decode) stream K and V straight from memory with dot/axpy loops.
+// Tiles with at least this many query rows use the GEMM path: compute-bound verification and prefill.
+// Fewer rows (decode) stream K and V straight from memory with dot/axpy loops.
 constexpr int64_t kGemmMinRows = 8;
-
-// Running softmax state of one query row.
-struct RowState {
-  float m = kNegInf;  // running max of the logits
-  float l = 0.0f;     // running sum of exp(logit - m)
-};
 
 // Partial result of one work item for one row, before normalisation (used to merge kv splits).
 struct Partial {
   float m, l;
 };
+
+inline int64_t round_up16(int64_t x) { return (x + 15) / 16 * 16; }
 
 template <typename T>
 class AttentionCpu {
@@ -139,13 +155,13 @@ class AttentionCpu {
 
   void run() {
     const int64_t items = p_.B * p_.Hkv * n_q_tiles_;
-    const int64_t rows_cap = G_ * q_tile_;
+    const int64_t rows_cap = G_ * q_tile_, rp = round_up16(rows_cap), D = p_.D;
     if (splits_ > 1) {
-      partial_o_.assign(static_cast<size_t>(items * splits_ * rows_cap * p_.D), 0.0f);
+      partial_o_.assign(static_cast<size_t>(items * splits_ * rows_cap * D), 0.0f);
       partial_ml_.assign(static_cast<size_t>(items * splits_ * rows_cap), Partial{kNegInf, 0.0f});
     }
     at::parallel_for(0, items * splits_, 1, [&](int64_t w0, int64_t w1) {
-      std::vector<float> scratch(static_cast<size_t>(rows_cap * (2 * p_.D + kKeyTile + 1) + 2 * kKeyTile * p_.D));
+      std::vector<float> scratch(static_cast<size_t>(rp * (2 * D + kKeyTile + 3) + 2 * kKeyTile * D));
       for (int64_t w = w0; w < w1; ++w) run_item(w / splits_, w % splits_, scratch.data());
     });
     if (splits_ > 1) {
@@ -160,6 +176,18 @@ class AttentionCpu {
     int64_t b, hkv, i0, nq;
   };
 
+  // Per-item buffers, carved from the thread's scratch. Rows are padded to rp (a multiple of 16).
+  struct Buffers {
+    float* q;     // stream: [R, D] queries * scale; GEMM: [D, rp] the same, transposed (pad rows zero)
+    float* o;     // [R, D] unnormalised output
+    float* s;     // stream: [R, kKeyTile] logits; GEMM: [kKeyTile, rp] transposed; then probabilities
+    float* m;     // [rp] running max of the logits
+    float* l;     // [rp] running sum of exp(logit - m)
+    float* corr;  // [rp] rescaling of o for the current tile
+    float* kf;    // [kKeyTile, D] the key tile in float (GEMM path, when not used in place)
+    float* vf;    // [kKeyTile, D] the value tile in float (GEMM path, when not used in place)
+  };
+
   Item item_at(int64_t item) const {
     const int64_t qt = item % n_q_tiles_, bh = item / n_q_tiles_;
     const int64_t i0 = qt * q_tile_;
@@ -167,27 +195,34 @@ class AttentionCpu {
   }
 
   // Row r of an item is query head hkv * G + r / nq at position i0 + r % nq.
+  int64_t row_head(const Item& it, int64_t r) const { return it.hkv * G_ + r / it.nq; }
+  int64_t row_pos(const Item& it, int64_t r) const { return it.i0 + r % it.nq; }
+
   void run_item(int64_t item, int64_t split, float* scratch) {
     const Item it = item_at(item);
-    const int64_t D = p_.D, R = G_ * it.nq;
-    float* q = scratch;                // [R, D] queries * scale, in float
-    float* o = q + R * D;              // [R, D] unnormalised output
-    float* s = o + R * D;              // [R, kKeyTile] logits, then probabilities
-    float* corr = s + R * kKeyTile;    // [R] rescaling of o for the current tile
-    float* kt = corr + R;              // [D, kKeyTile] the key tile, transposed, in float (GEMM path)
-    float* vf = kt + D * kKeyTile;     // [kKeyTile, D] the value tile in float (GEMM path)
+    const int64_t D = p_.D, R = G_ * it.nq, rp = round_up16(G_ * q_tile_);
+    Buffers buf;
+    buf.q = scratch;
+    buf.o = buf.q + rp * D;
+    buf.s = buf.o + rp * D;
+    buf.m = buf.s + rp * kKeyTile;
+    buf.l = buf.m + rp;
+    buf.corr = buf.l + rp;
+    buf.kf = buf.corr + rp;
+    buf.vf = buf.kf + kKeyTile * D;
 #if defined(FASTAR_CPU_AVX2)
     const bool gemm = R >= kGemmMinRows;
 #else
     const bool gemm = false;
 #endif
-    std::vector<RowState> st(static_cast<size_t>(R));
+    std::fill(buf.q, buf.q + rp * D, 0.0f);
+    std::fill(buf.o, buf.o + R * D, 0.0f);
+    std::fill(buf.m, buf.m + rp, kNegInf);
+    std::fill(buf.l, buf.l + rp, 0.0f);
     const T* qbase = static_cast<const T*>(p_.q);
     for (int64_t r = 0; r < R; ++r) {
-      const int64_t h = it.hkv * G_ + r / it.nq, i = it.i0 + r % it.nq;
-      const T* src = qbase + it.b * p_.q_sb + h * p_.q_sh + i * p_.q_sl;
-      for (int64_t d = 0; d < D; ++d) q[r * D + d] = to_f(src[d]) * p_.scale;
-      std::fill(o + r * D, o + (r + 1) * D, 0.0f);
+      const T* src = qbase + it.b * p_.q_sb + row_head(it, r) * p_.q_sh + row_pos(it, r) * p_.q_sl;
+      for (int64_t d = 0; d < D; ++d) buf.q[gemm ? d * rp + r : r * D + d] = to_f(src[d]) * p_.scale;
     }
 
     const int64_t lk = kv_len(p_, it.b);
@@ -195,143 +230,161 @@ class AttentionCpu {
     const int64_t tiles = (lk + kKeyTile - 1) / kKeyTile;
     const int64_t per_split = (tiles + splits_ - 1) / splits_;
     const int64_t t_begin = split * per_split, t_end = std::min(tiles, t_begin + per_split);
+    for (int64_t t = t_begin; t < t_end; ++t) {
+      const int64_t j0 = t * kKeyTile, nk = std::min(lk, j0 + kKeyTile) - j0;
+      const TileClass cls = classify_tile(p_.mask, it.b, it.i0, it.i0 + it.nq, j0, j0 + nk, geom);
+      if (cls == TileClass::kHidden) continue;
+      if (gemm) {
+        tile_gemm(it, j0, nk, cls == TileClass::kPartial, geom, buf);
+      } else {
+        tile_stream(it, j0, nk, cls == TileClass::kPartial, geom, buf);
+      }
+    }
+    finish_item(item, split, it, buf);
+  }
+
+  // Applies the mask to logit (r, c) of the tile at s[r * rs + c * cs]: -inf where hidden, + bias.
+  void mask_tile(const Item& it, int64_t j0, int64_t nk, const MaskGeometry& geom, float* s, int64_t rs,
+                 int64_t cs) const {
+    const T* bias = static_cast<const T*>(p_.mask.bias);
+    for (int64_t r = 0; r < G_ * it.nq; ++r) {
+      const int64_t h = row_head(it, r), i = row_pos(it, r);
+      const T* brow = bias ? bias + it.b * p_.mask.bias_sb + h * p_.mask.bias_sh + i * p_.mask.bias_sq : nullptr;
+      for (int64_t c = 0; c < nk; ++c) {
+        float& x = s[r * rs + c * cs];
+        if (!mask_visible(p_.mask, it.b, i, j0 + c, geom)) {
+          x = kNegInf;
+        } else if (brow) {
+          x += to_f(brow[j0 + c]);
+        }
+      }
+    }
+  }
+
+  // Streaming path of the few-row tiles (decode): K and V rows are read from memory once per tile, key by
+  // key (reading eight keys side by side measured 15% slower from DRAM). The output stays in registers
+  // across the tile's value rows, so no store-to-load chain runs through o.
+  void tile_stream(const Item& it, int64_t j0, int64_t nk, bool partial, const MaskGeometry& geom, Buffers& buf) {
+    const int64_t D = p_.D, R = G_ * it.nq;
     const T* kbase = static_cast<const T*>(p_.k);
     const T* vbase = static_cast<const T*>(p_.v);
-    const T* bias = static_cast<const T*>(p_.mask.bias);
-
-    for (int64_t t = t_begin; t < t_end; ++t) {
-      const int64_t j0 = t * kKeyTile, j1 = std::min(lk, j0 + kKeyTile), nk = j1 - j0;
-      const TileClass cls = classify_tile(p_.mask, it.b, it.i0, it.i0 + it.nq, j0, j1, geom);
-      if (cls == TileClass::kHidden) continue;
-      // Logits: each key row is read once for all R rows.
-      if (gemm) {
-        logits_gemm(it, j0, nk, q, R, kt, s, kbase);
-      } else {
-        for (int64_t c = 0; c < nk; ++c) {
-          const T* krow = kbase + kv_row_offset(p_, p_.k_sb, p_.k_sh, p_.k_sl, it.b, it.hkv, j0 + c);
-          for (int64_t r = 0; r < R; ++r) s[r * kKeyTile + c] = dot_row(q + r * D, krow, D);
-        }
+    for (int64_t c = 0; c < nk; ++c) {
+      const T* krow = kbase + kv_row_offset(p_, p_.k_sb, p_.k_sh, p_.k_sl, it.b, it.hkv, j0 + c);
+      for (int64_t r = 0; r < R; ++r) buf.s[r * kKeyTile + c] = dot_row(buf.q + r * D, krow, D);
+    }
+    if (partial) mask_tile(it, j0, nk, geom, buf.s, kKeyTile, 1);
+    // Online softmax: what was accumulated so far is rescaled by exp(m_old - m_new).
+    for (int64_t r = 0; r < R; ++r) {
+      float* srow = buf.s + r * kKeyTile;
+      const float mx = cpu::max_of(srow, nk, kNegInf);
+      if (mx == kNegInf) {  // nothing visible in this tile for this row
+        std::fill(srow, srow + nk, 0.0f);
+        continue;
       }
-      if (cls == TileClass::kPartial) {
-        for (int64_t r = 0; r < R; ++r) {
-          const int64_t h = it.hkv * G_ + r / it.nq, i = it.i0 + r % it.nq;
-          float* srow = s + r * kKeyTile;
-          const T* brow = bias ? bias + it.b * p_.mask.bias_sb + h * p_.mask.bias_sh + i * p_.mask.bias_sq : nullptr;
-          for (int64_t c = 0; c < nk; ++c) {
-            if (!mask_visible(p_.mask, it.b, i, j0 + c, geom)) {
-              srow[c] = kNegInf;
-            } else if (brow) {
-              srow[c] += to_f(brow[j0 + c]);
-            }
-          }
-        }
-      }
-      // Online softmax: what was accumulated so far is rescaled by exp(m_old - m_new).
-      for (int64_t r = 0; r < R; ++r) {
-        float* srow = s + r * kKeyTile;
-        const float mx = cpu::max_of(srow, nk, kNegInf);
-        RowState& rs = st[static_cast<size_t>(r)];
-        if (mx == kNegInf) {  // nothing visible in this tile for this row
-          std::fill(srow, srow + nk, 0.0f);
-          corr[r] = 1.0f;
-          continue;
-        }
-        const float m_new = std::max(rs.m, mx);
-        corr[r] = std::exp(rs.m - m_new);  // exp(-inf) = 0 on the row's first visible tile
-        rs.l = rs.l * corr[r] + cpu::exp_shift_sum(srow, nk, m_new);
-        rs.m = m_new;
-      }
-      for (int64_t r = 0; r < R; ++r) {
-        if (corr[r] != 1.0f) {
-          for (int64_t d = 0; d < D; ++d) o[r * D + d] *= corr[r];
-        }
-      }
-      // o += p v: each value row is read once for all R rows.
-      if (gemm) {
-        values_gemm(it, j0, nk, s, R, vf, o, vbase);
-      } else {
-        for (int64_t c = 0; c < nk; ++c) {
-          const T* vrow = vbase + kv_row_offset(p_, p_.v_sb, p_.v_sh, p_.v_sl, it.b, it.hkv, j0 + c);
-          for (int64_t r = 0; r < R; ++r) axpy(o + r * D, s[r * kKeyTile + c], vrow, D);
-        }
+      const float m_new = std::max(buf.m[r], mx);
+      const float corr = std::exp(buf.m[r] - m_new);  // exp(-inf) = 0 on the row's first visible tile
+      buf.l[r] = buf.l[r] * corr + cpu::exp_shift_sum(srow, nk, m_new);
+      buf.m[r] = m_new;
+      if (corr != 1.0f) {
+        for (int64_t d = 0; d < D; ++d) buf.o[r * D + d] *= corr;
       }
     }
-    finish_item(item, split, it, o, st.data());
-  }
-
-  // s[R, kKeyTile] = q[R, D] * K^T over the tile's nk keys (columns past nk are left arbitrary).
-  void logits_gemm(const Item& it, int64_t j0, int64_t nk, const float* q, int64_t R, float* kt, float* s,
-                   const T* kbase) {
+    const T* vrows[kKeyTile];
+    for (int64_t c = 0; c < nk; ++c) vrows[c] = vbase + kv_row_offset(p_, p_.v_sb, p_.v_sh, p_.v_sl, it.b, it.hkv, j0 + c);
+    for (int64_t r = 0; r < R; ++r) {
+      float* orow = buf.o + r * D;
+      const float* w = buf.s + r * kKeyTile;
+      int64_t d = 0;
 #if defined(FASTAR_CPU_AVX2)
-    const int64_t D = p_.D, n16 = (nk + 15) / 16 * 16, d8 = D / 8 * 8;
-    const T* krows[kKeyTile];
-    for (int64_t c = 0; c < nk; ++c) krows[c] = kbase + kv_row_offset(p_, p_.k_sb, p_.k_sh, p_.k_sl, it.b, it.hkv, j0 + c);
-    // Transpose (and convert) the key tile 8 keys x 8 dims at a time; zero keys past nk.
-    for (int64_t c0 = 0; c0 < n16; c0 += 8) {
-      if (c0 + 8 <= nk) {
-        for (int64_t d0 = 0; d0 < d8; d0 += 8) {
-          __m256 rows[8];
-          for (int k = 0; k < 8; ++k) rows[k] = cpu::load8(krows[c0 + k] + d0);
-          cpu::transpose8x8(rows);
-          for (int k = 0; k < 8; ++k) _mm256_storeu_ps(kt + (d0 + k) * kKeyTile + c0, rows[k]);
-        }
-        for (int64_t c = c0; c < c0 + 8; ++c)
-          for (int64_t d = d8; d < D; ++d) kt[d * kKeyTile + c] = to_f(krows[c][d]);
-      } else {
-        for (int64_t c = c0; c < c0 + 8; ++c)
-          for (int64_t d = 0; d < D; ++d) kt[d * kKeyTile + c] = c < nk ? to_f(krows[c][d]) : 0.0f;
-      }
-    }
-    gemm_x16(R, n16, D, q, D, kt, kKeyTile, s, kKeyTile, false);
-#else
-    (void)it, (void)j0, (void)nk, (void)q, (void)R, (void)kt, (void)s, (void)kbase;
+      for (; d + 64 <= D; d += 64) axpy_rows<8>(orow + d, w, vrows, nk, d);
+      axpy_rows_tail<7>(static_cast<int>((D - d) / 8), orow + d, w, vrows, nk, d);
+      d = D / 8 * 8;
 #endif
+      for (; d < D; ++d) {
+        float acc = orow[d];
+        for (int64_t c = 0; c < nk; ++c) acc += w[c] * to_f(vrows[c][d]);
+        orow[d] = acc;
+      }
+    }
   }
 
-  // o[R, D] += s[R, :nk] * V over the tile. float values of a contiguous cache are used where they lie.
-  void values_gemm(const Item& it, int64_t j0, int64_t nk, const float* s, int64_t R, float* vf, float* o,
-                   const T* vbase) {
-#if defined(FASTAR_CPU_AVX2)
-    const int64_t D = p_.D, d16 = D / 16 * 16;
-    const float* vt = vf;
-    int64_t ldv = D;
+  // The rows of a K or V tile as a float matrix: in place for a float contiguous cache, else converted
+  // into dst. Returns the pointer and sets the row stride.
+  const float* float_rows(const void* base, int64_t sb, int64_t sh, int64_t sl, const Item& it, int64_t j0,
+                          int64_t nk, float* dst, int64_t& ld) const {
+    const T* tb = static_cast<const T*>(base);
     if constexpr (std::is_same_v<T, float>) {
       if (!p_.block_table) {
-        vt = vbase + kv_row_offset(p_, p_.v_sb, p_.v_sh, p_.v_sl, it.b, it.hkv, j0);
-        ldv = p_.v_sl;
+        ld = sl;
+        return tb + kv_row_offset(p_, sb, sh, sl, it.b, it.hkv, j0);
       }
     }
-    if (vt == vf) {
+    const int64_t D = p_.D;
+    ld = D;
+    for (int64_t c = 0; c < nk; ++c) {
+      const T* row = tb + kv_row_offset(p_, sb, sh, sl, it.b, it.hkv, j0 + c);
+      int64_t d = 0;
+#if defined(FASTAR_CPU_AVX2)
+      for (; d + 8 <= D; d += 8) _mm256_storeu_ps(dst + c * D + d, cpu::load8(row + d));
+#endif
+      for (; d < D; ++d) dst[c * D + d] = to_f(row[d]);
+    }
+    return dst;
+  }
+
+  // GEMM path of the many-row tiles. The logits are computed transposed, s^T[nk, rp] = K q^T, so K is
+  // read row by row as it lies (no transpose per tile) and the softmax runs down the columns, eight
+  // query rows per vector; o[R, D] = o * corr + P V then reads P = s^T transposed.
+  void tile_gemm(const Item& it, int64_t j0, int64_t nk, bool partial, const MaskGeometry& geom, Buffers& buf) {
+#if defined(FASTAR_CPU_AVX2)
+    const int64_t D = p_.D, R = G_ * it.nq, rp = round_up16(G_ * q_tile_), d16 = D / 16 * 16;
+    int64_t ldk = 0, ldv = 0;
+    const float* kf = float_rows(p_.k, p_.k_sb, p_.k_sh, p_.k_sl, it, j0, nk, buf.kf, ldk);
+    gemm_x16(nk, rp, D, kf, ldk, 1, buf.q, rp, buf.s, rp, nullptr);
+    if (partial) mask_tile(it, j0, nk, geom, buf.s, 1, rp);
+    const __m256 neg_inf = _mm256_set1_ps(kNegInf), zero = _mm256_setzero_ps();
+    for (int64_t r0 = 0; r0 < rp; r0 += 8) {
+      __m256 mx = neg_inf;
+      for (int64_t c = 0; c < nk; ++c) mx = _mm256_max_ps(mx, _mm256_loadu_ps(buf.s + c * rp + r0));
+      const __m256 m_old = _mm256_loadu_ps(buf.m + r0), m_new = _mm256_max_ps(m_old, mx);
+      // Rows that have seen nothing yet shift by 0, so their exp(-inf) stays 0 instead of NaN.
+      const __m256 shift = _mm256_blendv_ps(m_new, zero, _mm256_cmp_ps(m_new, neg_inf, _CMP_EQ_OQ));
+      __m256 sum = zero;
       for (int64_t c = 0; c < nk; ++c) {
-        const T* vrow = vbase + kv_row_offset(p_, p_.v_sb, p_.v_sh, p_.v_sl, it.b, it.hkv, j0 + c);
-        int64_t d = 0;
-        for (; d + 8 <= D; d += 8) _mm256_storeu_ps(vf + c * D + d, cpu::load8(vrow + d));
-        for (; d < D; ++d) vf[c * D + d] = to_f(vrow[d]);
+        const __m256 e = cpu::exp8(_mm256_sub_ps(_mm256_loadu_ps(buf.s + c * rp + r0), shift));
+        _mm256_storeu_ps(buf.s + c * rp + r0, e);
+        sum = _mm256_add_ps(sum, e);
       }
+      const __m256 corr = cpu::exp8(_mm256_sub_ps(m_old, shift));  // 0 on a row's first visible tile
+      _mm256_storeu_ps(buf.corr + r0, corr);
+      _mm256_storeu_ps(buf.l + r0, _mm256_fmadd_ps(_mm256_loadu_ps(buf.l + r0), corr, sum));
+      _mm256_storeu_ps(buf.m + r0, m_new);
     }
-    if (d16 > 0) gemm_x16(R, d16, nk, s, kKeyTile, vt, ldv, o, D, true);
+    const float* vf = float_rows(p_.v, p_.v_sb, p_.v_sh, p_.v_sl, it, j0, nk, buf.vf, ldv);
+    if (d16 > 0) gemm_x16(R, d16, nk, buf.s, 1, rp, vf, ldv, buf.o, D, buf.corr);
     for (int64_t r = 0; r < R; ++r) {
-      for (int64_t c = 0; c < nk; ++c) {
-        const float w = s[r * kKeyTile + c];
-        for (int64_t d = d16; d < D; ++d) o[r * D + d] += w * vt[c * ldv + d];
+      for (int64_t d = d16; d < D; ++d) {
+        float acc = buf.o[r * D + d] * buf.corr[r];
+        for (int64_t c = 0; c < nk; ++c) acc += buf.s[c * rp + r] * vf[c * ldv + d];
+        buf.o[r * D + d] = acc;
       }
     }
 #else
-    (void)it, (void)j0, (void)nk, (void)s, (void)R, (void)vf, (void)o, (void)vbase;
+    (void)it, (void)j0, (void)nk, (void)partial, (void)geom, (void)buf;
 #endif
   }
 
-  void finish_item(int64_t item, int64_t split, const Item& it, const float* o, const RowState* st) {
+  void finish_item(int64_t item, int64_t split, const Item& it, const Buffers& buf) {
     const int64_t D = p_.D, R = G_ * it.nq, rows_cap = G_ * q_tile_;
     if (splits_ > 1) {
       const int64_t base = (item * splits_ + split) * rows_cap;
       for (int64_t r = 0; r < R; ++r) {
-        partial_ml_[static_cast<size_t>(base + r)] = Partial{st[r].m, st[r].l};
-        std::copy(o + r * D, o + (r + 1) * D, partial_o_.begin() + (base + r) * D);
+        partial_ml_[static_cast<size_t>(base + r)] = Partial{buf.m[r], buf.l[r]};
+        std::copy(buf.o + r * D, buf.o + (r + 1) * D, partial_o_.begin() + (base + r) * D);
       }
       return;
     }
-    for (int64_t r = 0; r < R; ++r) write_row(it, r, o + r * D, st[r].m, st[r].l);
+    for (int64_t r = 0; r < R; ++r) write_row(it, r, buf.o + r * D, buf.m[r], buf.l[r]);
   }
 
   void merge_splits(int64_t item) {
@@ -360,7 +413,7 @@ class AttentionCpu {
 
   // Normalise and store one row; a row that saw no key gets 0 and LSE -inf.
   void write_row(const Item& it, int64_t r, const float* o, float m, float l) {
-    const int64_t h = it.hkv * G_ + r / it.nq, i = it.i0 + r % it.nq;
+    const int64_t h = row_head(it, r), i = row_pos(it, r);
     T* dst = static_cast<T*>(p_.out) + it.b * p_.o_sb + h * p_.o_sh + i * p_.o_sl;
     const float inv = l > 0.0f ? 1.0f / l : 0.0f;
     for (int64_t d = 0; d < p_.D; ++d) dst[d] = static_cast<T>(o[d] * inv);
