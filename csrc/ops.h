@@ -25,6 +25,12 @@ std::tuple<at::Tensor, at::Tensor> attention_cpu(const at::Tensor& q, const at::
                                                  const std::optional<at::Tensor>& mask_bits,
                                                  const std::optional<at::Tensor>& bias, at::IntArrayRef mask_config,
                                                  double scale);
+std::tuple<at::Tensor, at::Tensor> scale_attention_cpu(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
+                                                       const std::optional<at::Tensor>& token_info,
+                                                       const std::optional<at::Tensor>& scale_hw,
+                                                       const std::optional<at::Tensor>& tile_map,
+                                                       const std::optional<at::Tensor>& q_scale,
+                                                       at::IntArrayRef config, double scale);
 
 // The CUDA glue (csrc/cuda/*_glue.cpp): CUDA tensors in fastar._C, CPU tensors in the SIMT build.
 std::tuple<at::Tensor, at::Tensor> speculative_sample_cuda(const at::Tensor& draft_token_ids,
@@ -43,5 +49,11 @@ std::tuple<at::Tensor, at::Tensor> attention_cuda(const at::Tensor& q, const at:
                                                   const std::optional<at::Tensor>& mask_bits,
                                                   const std::optional<at::Tensor>& bias, at::IntArrayRef mask_config,
                                                   double scale);
+std::tuple<at::Tensor, at::Tensor> scale_attention_cuda(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
+                                                       const std::optional<at::Tensor>& token_info,
+                                                       const std::optional<at::Tensor>& scale_hw,
+                                                       const std::optional<at::Tensor>& tile_map,
+                                                       const std::optional<at::Tensor>& q_scale,
+                                                       at::IntArrayRef config, double scale);
 
 }  // namespace fastar

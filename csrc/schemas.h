@@ -21,12 +21,20 @@ inline void define_schemas(torch::Library& m) {
   m.def(
       "attention(Tensor q, Tensor k, Tensor v, Tensor? kv_lens, Tensor? block_table, Tensor? q_block_ids, "
       "Tensor? k_block_ids, Tensor? mask_bits, Tensor? bias, int[] mask_config, float scale) -> (Tensor out, Tensor lse)");
+  // Next-scale (VAR) attention: the same kernels with scale ids, local window, tile map and qk_norm.
+  // token_info [3, Lk] = (scale id, y, x) per token, query i = token Lk - Lq + i; scale_hw [S, 2];
+  // tile_map uint8 [ceil(Lq / tile_q), ceil(Lk / tile_k)]; config = [relation, local_window, full_scales,
+  // qk_norm, tile_q, tile_k] (csrc/ops/scale_attention_args.h).
+  m.def(
+      "scale_attention(Tensor q, Tensor k, Tensor v, Tensor? token_info, Tensor? scale_hw, Tensor? tile_map, "
+      "Tensor? q_scale, int[] config, float scale) -> (Tensor out, Tensor lse)");
 }
 
 inline void register_cpu_kernels(torch::Library& m) {
   m.impl("speculative_sample", &speculative_sample_cpu);
   m.impl("greedy_verify", &greedy_verify_cpu);
   m.impl("attention", &attention_cpu);
+  m.impl("scale_attention", &scale_attention_cpu);
 }
 
 // The CUDA kernels' glue; registered for CUDA in fastar._C and for CPU tensors in the SIMT build.
@@ -34,6 +42,7 @@ inline void register_cuda_kernels(torch::Library& m) {
   m.impl("speculative_sample", &speculative_sample_cuda);
   m.impl("greedy_verify", &greedy_verify_cuda);
   m.impl("attention", &attention_cuda);
+  m.impl("scale_attention", &scale_attention_cuda);
 }
 
 }  // namespace fastar

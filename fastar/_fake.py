@@ -13,6 +13,12 @@ def _acceptance_outputs(draft_token_ids: torch.Tensor, rows: torch.Tensor):
     return tokens, num_accepted
 
 
+def _attention_outputs(q: torch.Tensor):
+    torch._check(q.dim() == 4, lambda: "q must be 4-D [B, H, L, D]")
+    batch, heads, length, _ = q.shape
+    return q.new_empty(q.shape), q.new_empty((batch, heads, length), dtype=torch.float32)
+
+
 def register_fakes(namespace: str) -> None:
     """Register the fakes of every op of ``torch.ops.<namespace>`` (fastar, or fastar_simt in tests)."""
 
@@ -26,6 +32,8 @@ def register_fakes(namespace: str) -> None:
 
     @torch.library.register_fake(f"{namespace}::attention")
     def _attention(q, k, v, kv_lens, block_table, q_block_ids, k_block_ids, mask_bits, bias, mask_config, scale):
-        torch._check(q.dim() == 4, lambda: "q must be 4-D [B, H, L, D]")
-        batch, heads, length, _ = q.shape
-        return q.new_empty(q.shape), q.new_empty((batch, heads, length), dtype=torch.float32)
+        return _attention_outputs(q)
+
+    @torch.library.register_fake(f"{namespace}::scale_attention")
+    def _scale_attention(q, k, v, token_info, scale_hw, tile_map, q_scale, config, scale):
+        return _attention_outputs(q)

@@ -33,6 +33,19 @@ struct AttentionMask {
   int64_t bits_sb, bits_row, bits_cols;
   const void* bias;  // element type of q; [B, H, Lq, Lk] with broadcast (0) strides, unit stride along keys
   int64_t bias_sb, bias_sh, bias_sq;
+  // Next-scale local window (fastar.ScaleLayout): the block ids are scale ids, tokens carry their (y, x) on
+  // their scale's grid, and a key of another scale (past the first full_scales) is visible iff its cell,
+  // mapped onto the query's grid, lies within scale_window cells of the query. Query i is token
+  // i + q_token_offset of k_y/k_x.
+  int64_t scale_window;  // -1 = off
+  int64_t full_scales, num_scales, q_token_offset;
+  const int32_t* tok_y;     // [Lk]
+  const int32_t* tok_x;     // [Lk]
+  const int32_t* scale_hw;  // [num_scales, 2]
+  // Known class of every (tile_q x tile_k) block of the [Lq, Lk] mask (TileClass values), combined with
+  // the other terms: how a precomputed block-sparse map (ScaleLayout.tile_map) drives the kernels.
+  const uint8_t* tile_map;
+  int64_t tile_q, tile_k, tile_cols;
 };
 
 struct AttentionParams {
@@ -53,8 +66,14 @@ struct AttentionParams {
   const int32_t* kv_lens;  // [B] keys per sequence, or null: every sequence has Lk keys
   int64_t B, Hq, Hkv, Lq, Lk, D;
   float scale;
+  // qk_norm (VAR's attn_l2_norm): q and k are L2-normalised in the kernel and q is multiplied by
+  // q_scale[h] (null = 1) before the softmax scale.
+  bool qk_norm;
+  const float* q_scale;
   AttentionMask mask;
 };
+
+constexpr float kQkNormEps = 1e-12f;  // F.normalize's eps: x / max(|x|, eps)
 
 FASTAR_HD int64_t kv_len(const AttentionParams& p, int64_t b) { return p.kv_lens ? p.kv_lens[b] : p.Lk; }
 
@@ -93,6 +112,19 @@ FASTAR_HD bool block_visible(BlockRelation r, int32_t qb, int32_t kb) {
   }
 }
 
+// The next-scale local window rule for query token tq of scale sq and key token tk of scale sk.
+FASTAR_HD bool scale_window_visible(const AttentionMask& m, int64_t tq, int64_t tk, int32_t sq, int32_t sk) {
+  if (sk == sq || sk < m.full_scales) return true;
+  // Ids outside [0, num_scales) are rejected on the CPU only; clamping keeps every read in bounds.
+  const int64_t last = m.num_scales - 1;
+  const int64_t a = sq < 0 ? 0 : (sq > last ? last : sq), c = sk < 0 ? 0 : (sk > last ? last : sk);
+  const int64_t hq = m.scale_hw[2 * a], wq = m.scale_hw[2 * a + 1], hk = m.scale_hw[2 * c], wk = m.scale_hw[2 * c + 1];
+  const int64_t dy = (2 * int64_t{m.tok_y[tk]} + 1) * hq / (2 * hk) - m.tok_y[tq];
+  const int64_t dx = (2 * int64_t{m.tok_x[tk]} + 1) * wq / (2 * wk) - m.tok_x[tq];
+  const int64_t r = m.scale_window;
+  return dy <= r && -dy <= r && dx <= r && -dx <= r;
+}
+
 // Whether query i of batch b sees key j (bias excluded: it is added to the logit, not tested).
 FASTAR_HD bool mask_visible(const AttentionMask& m, int64_t b, int64_t i, int64_t j, MaskGeometry g) {
   const int64_t d = i + g.diag;
@@ -105,6 +137,10 @@ FASTAR_HD bool mask_visible(const AttentionMask& m, int64_t b, int64_t i, int64_
     const int64_t c = j - g.bits_start;
     if (!((m.bits[b * m.bits_sb + i * m.bits_row + (c >> 3)] >> (c & 7)) & 1)) return false;
   }
+  if (m.scale_window >= 0 &&
+      !scale_window_visible(m, i + m.q_token_offset, j, m.q_block_ids[b * m.q_block_sb + i],
+                            m.k_block_ids[b * m.k_block_sb + j]))
+    return false;
   return true;
 }
 
@@ -157,6 +193,20 @@ FASTAR_HD TileClass classify_tile(const AttentionMask& m, int64_t b, int64_t i0,
   }
   if (m.bits) full &= j1 <= g.bits_start;
   if (m.bias) full = false;
+  if (m.tile_map) {
+    bool any = false, all = true;
+    for (int64_t qb = i0 / m.tile_q; qb <= (i1 - 1) / m.tile_q; ++qb) {
+      for (int64_t kb = j0 / m.tile_k; kb <= (j1 - 1) / m.tile_k; ++kb) {
+        const uint8_t c = m.tile_map[qb * m.tile_cols + kb];
+        any |= c != static_cast<uint8_t>(TileClass::kHidden);
+        all &= c == static_cast<uint8_t>(TileClass::kFull);
+      }
+    }
+    if (!any) return TileClass::kHidden;
+    full &= all;
+  } else if (m.scale_window >= 0) {
+    full = false;
+  }
   return full ? TileClass::kFull : TileClass::kPartial;
 }
 

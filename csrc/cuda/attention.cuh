@@ -94,6 +94,14 @@ __device__ __forceinline__ float warp_sum(float v) {
   return v;
 }
 
+// 1 / max(|x|, eps) of a row of D elements (qk_norm), with lane reading x[lane::32]; warp-uniform call.
+template <typename T>
+__device__ __forceinline__ float inv_norm(const T* x, int D, int lane) {
+  float ss = 0.0f;
+  for (int d = lane; d < D; d += 32) ss += to_float(x[d]) * to_float(x[d]);
+  return 1.0f / fmaxf(sqrtf(warp_sum(ss)), kQkNormEps);
+}
+
 // The key's page must exist: the CPU glue rejects bad block tables, the CUDA one cannot without a sync.
 __device__ __forceinline__ bool page_ok(const AttentionParams& p, int64_t b, int64_t s) {
   if (!p.block_table) return true;
@@ -257,7 +265,9 @@ __global__ void __launch_bounds__(kAttnThreads) attention_kernel(AttentionParams
     if (r < R) {
       const RowDest rd = dest(r);
       const T* src = static_cast<const T*>(p.q) + rd.b * p.q_sb + rd.h * p.q_sh + rd.i * p.q_sl;
-      for (int d = lane; d < D; d += 32) dst[d] = to_float(src[d]) * qscale;
+      float f = qscale;
+      if (p.qk_norm) f *= (p.q_scale ? p.q_scale[rd.h] : 1.0f) * inv_norm(src, D, lane);
+      for (int d = lane; d < D; d += 32) dst[d] = to_float(src[d]) * f;
     } else {
       for (int d = lane; d < D; d += 32) dst[d] = 0.0f;
     }
@@ -310,7 +320,12 @@ __global__ void __launch_bounds__(kAttnThreads) attention_kernel(AttentionParams
         if (ok) {
           const T* krow = kbase + kv_row_offset(p, p.k_sb, p.k_sh, p.k_sl, b, hkv, j);
           float* kd = s_k + c * lay.ks;
-          for (int d = lane; d < D; d += 32) kd[d] = to_float(krow[d]);
+          if (p.qk_norm) {
+            const float f = inv_norm(krow, D, lane);
+            for (int d = lane; d < D; d += 32) kd[d] = to_float(krow[d]) * f;
+          } else {
+            for (int d = lane; d < D; d += 32) kd[d] = to_float(krow[d]);
+          }
         }
         if constexpr (kStageV) {
           float* vd = s_v + c * D;

@@ -9,6 +9,19 @@
 
 namespace fastar {
 
+void run_attention_cuda(const AttentionLaunch& l, const char* op) {
+  TORCH_CHECK_VALUE(l.prm.D <= kAttentionMaxHeadDim, op, ": the CUDA kernels take head dims up to ",
+                    kAttentionMaxHeadDim, ", got ", l.prm.D);
+  if (l.prm.B * l.prm.Hq * l.prm.Lq > 0) {
+    const AttentionPlan plan = plan_attention(l.prm);
+    // Partial results of the kv splits; stream-ordered by the caching allocator, so no sync is needed.
+    at::Tensor workspace;
+    if (plan.workspace_floats > 0) workspace = at::empty({plan.workspace_floats}, l.out.options().dtype(at::kFloat));
+    launch_attention(l.prm, float_kind(l.out), plan, workspace.defined() ? workspace.data_ptr<float>() : nullptr,
+                     DeviceScope::current_stream());
+  }
+}
+
 std::tuple<at::Tensor, at::Tensor> attention_cuda(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
                                                   const std::optional<at::Tensor>& kv_lens,
                                                   const std::optional<at::Tensor>& block_table,
@@ -20,16 +33,7 @@ std::tuple<at::Tensor, at::Tensor> attention_cuda(const at::Tensor& q, const at:
   DeviceScope scope(q, "fastar.attention");
   AttentionLaunch l = prepare_attention(q, k, v, kv_lens, block_table, q_block_ids, k_block_ids, mask_bits, bias,
                                         mask_config, scale);
-  TORCH_CHECK_VALUE(l.prm.D <= kAttentionMaxHeadDim, "fastar.attention: the CUDA kernels take head dims up to ",
-                    kAttentionMaxHeadDim, ", got ", l.prm.D);
-  if (l.prm.B * l.prm.Hq * l.prm.Lq > 0) {
-    const AttentionPlan plan = plan_attention(l.prm);
-    // Partial results of the kv splits; stream-ordered by the caching allocator, so no sync is needed.
-    at::Tensor workspace;
-    if (plan.workspace_floats > 0) workspace = at::empty({plan.workspace_floats}, l.out.options().dtype(at::kFloat));
-    launch_attention(l.prm, float_kind(l.out), plan, workspace.defined() ? workspace.data_ptr<float>() : nullptr,
-                     scope.stream());
-  }
+  run_attention_cuda(l, "fastar.attention");
   return {l.out, l.lse};
 }
 

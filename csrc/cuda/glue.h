@@ -27,7 +27,10 @@ class DeviceScope {
 #endif
   }
 
-  void* stream() const {
+  void* stream() const { return current_stream(); }
+
+  // The current stream of the current device (which a DeviceScope has set).
+  static void* current_stream() {
 #if defined(FASTAR_SIMT)
     return nullptr;
 #else

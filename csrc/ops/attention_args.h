@@ -18,6 +18,7 @@ constexpr int64_t kMaskConfigSize = 7;
 struct AttentionLaunch {
   at::Tensor q, k, v, out, lse;
   std::optional<at::Tensor> kv_lens, block_table, q_block_ids, k_block_ids, bits, bias;
+  std::optional<at::Tensor> token_info, scale_hw, tile_map, q_scale;  // fastar.scale_attention
   AttentionParams prm;
 };
 
@@ -61,6 +62,7 @@ inline AttentionLaunch prepare_attention(const at::Tensor& q, const at::Tensor& 
   int64_t Lk = k.size(2);
   AttentionParams& p = l.prm;
   p = AttentionParams{};
+  p.mask.scale_window = -1;
   if (block_table) {
     l.block_table = checked_index_tensor("block_table", *block_table, 2, q);
     TORCH_CHECK_VALUE(l.block_table->size(0) == B, op, ": block_table must have shape [B, max_pages] with B=", B,
@@ -178,5 +180,10 @@ inline AttentionLaunch prepare_attention(const at::Tensor& q, const at::Tensor& 
   p.scale = static_cast<float>(scale);
   return l;
 }
+
+// Runs the prepared kernel arguments on each backend (cpu/attention.cpp, cuda/attention_glue.cpp); shared
+// by fastar.attention and fastar.scale_attention. `op` names the caller in error messages.
+void run_attention_cpu(const AttentionLaunch& l);
+void run_attention_cuda(const AttentionLaunch& l, const char* op);
 
 }  // namespace fastar
