@@ -168,23 +168,28 @@ def flex_mask_mod(x: dict):
 
 def compile_flex(case: AttentionCase, x: dict, device: str):
     """torch.compile'd flex_attention with the case's block mask built once (the same at every step: the
-    tree's own mask is a tensor mask_mod reads; the mask's blocks do not change), and its first call, which
-    compiles. Returns (fn, the seconds the block mask and the first call took)."""
+    tree's own mask is a tensor mask_mod reads; the mask's blocks do not change): compile_flex_mask's."""
+    return compile_flex_mask(flex_mask_mod(x), case.Lq, case.Lk, case.Hq != case.Hkv, x, device,
+                             f"attention_{case.kind}[{case.id}]")
+
+
+def compile_flex_mask(mask_mod, Lq: int, Lk: int, gqa: bool, x: dict, device: str, label: str):
+    """torch.compile'd flex_attention of x's q, k, v with mask_mod's block mask built once, and its first call,
+    which compiles. Returns (fn, the seconds the block mask and the first call took)."""
     from torch.nn.attention.flex_attention import create_block_mask, flex_attention
 
     start = time.perf_counter()
-    block_mask = create_block_mask(flex_mask_mod(x), None, None, case.Lq, case.Lk, device=device)
+    block_mask = create_block_mask(mask_mod, None, None, Lq, Lk, device=device)
     built = time.perf_counter()
     flex = torch.compile(flex_attention, dynamic=False)
-    gqa = case.Hq != case.Hkv
 
     def run_flex(x: dict, seed: int) -> torch.Tensor:
         return flex(x["q"], x["k"], x["v"], block_mask=block_mask, enable_gqa=gqa)
 
     run_flex(x, 0)
     compiled = time.perf_counter()
-    print(f"attention_{case.kind}[{case.id}]: flex_attention compiled in {compiled - built:.1f} s (first call), block "
-          f"mask built in {built - start:.1f} s; neither is timed", file=sys.stderr, flush=True)
+    print(f"{label}: flex_attention compiled in {compiled - built:.1f} s (first call), block mask built in "
+          f"{built - start:.1f} s; neither is timed", file=sys.stderr, flush=True)
     return run_flex, {"flex_compile_s": compiled - built, "flex_block_mask_s": built - start}
 
 
