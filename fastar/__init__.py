@@ -15,6 +15,7 @@ from .masked_attention import (  # noqa: E402
     patch_sdpa,
     scaled_dot_product_attention,
 )
+from .scale import ScaleLayout, scale_attention  # noqa: E402
 from .acceptance import (  # noqa: E402
     check_rows,
     debug_checks_enabled,
@@ -32,6 +33,7 @@ def build_info() -> dict:
 
 
 __all__ = [
+    "ScaleLayout",
     "attention",
     "attention_with_kvcache",
     "build_info",
@@ -41,6 +43,7 @@ __all__ = [
     "masks",
     "patch_sdpa",
     "reference",
+    "scale_attention",
     "scaled_dot_product_attention",
     "set_debug_checks",
     "speculative_sample",

@@ -6,6 +6,7 @@ from .acceptance import (
     speculative_output_distribution,
     speculative_sample_reference,
 )
+from .scale import scale_attention_reference
 
 __all__ = [
     "attention_reference",
@@ -13,5 +14,6 @@ __all__ = [
     "greedy_verify_reference",
     "philox4x32_10",
     "speculative_output_distribution",
+    "scale_attention_reference",
     "speculative_sample_reference",
 ]
