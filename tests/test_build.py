@@ -58,10 +58,23 @@ def _acceptance_samples(device):
         [*to(qa.bfloat16(), ka.bfloat16(), va.bfloat16(), lens, None, None, None, None, None), causal, 0.25],
         [*to(qa, ka, va, None, None, ids_q, ids_k, None, None), block, 0.25],
     ]
+    # scale_attention over scales (1, 2, 3) (14 tokens): causal with a window, "same" for the last 5 queries
+    # with qk_norm in bfloat16, and no mask (a cached step).
+    layout = fastar.ScaleLayout((1, 2, 3), local_window=0)
+    info, hw = layout.token_info(), layout.scale_hw()
+    qs, ks, vs = torch.randn(2, 4, 14, 16, generator=g), torch.randn(2, 2, 14, 16, generator=g), torch.randn(2, 2, 14, 16, generator=g)
+    bf = lambda *ts: [t.bfloat16() for t in ts]  # noqa: E731
+    scale_attention = [
+        [*to(qs, ks, vs, info, hw, layout.tile_map(), None), [1, 0, 0, 0, 64, 64], 0.25],
+        [*to(*bf(qs[:, :, 9:], ks, vs), info, None, layout.tile_map(q_offset=9), torch.rand(4, generator=g) + 1),
+         [2, -1, 0, 1, 64, 64], 1.0],
+        [*to(qs[:, :, 5:], ks, vs, None, None, None, None), [0, -1, 0, 0, 64, 64], 0.25],
+    ]
     return {
         "speculative_sample": [to(ids, q, p, None, seed, offset), to(ids, None, p.half(), nd, seed, offset)],
         "greedy_verify": [to(ids, p, None), to(ids.int(), p.bfloat16(), nd)],
         "attention": attention,
+        "scale_attention": scale_attention,
     }
 
 
@@ -124,3 +137,31 @@ def test_public_api_compiles_without_graph_breaks():
     for row, k in zip(tokens.tolist(), accepted.tolist()):
         assert all(0 <= t < V for t in row[: k + 1])
         assert all(t == -1 for t in row[k + 1 :])
+
+
+@pytest.mark.parametrize("dynamic", [False, True])
+def test_scale_attention_compiles_without_graph_breaks(dynamic):
+    """fastar.scale_attention under torch.compile(fullgraph=True): the layout's tables are built at trace time
+    (graph constants), for the whole sequence and its last scale; another query count (and any count under
+    dynamic shapes that is not one of those) runs without a tile map. Each result equals eager mode's."""
+    torch._dynamo.reset()
+
+    def fn(q, k, v, q_scale, layout):
+        full, lse = fastar.scale_attention(q, k, v, layout, qk_norm=True, q_scale=q_scale, return_lse=True)
+        last = fastar.scale_attention(q[:, :, layout.starts[-1]:], k, v, layout)
+        other = fastar.scale_attention(q[:, :, 3:], k, v, layout, scale=0.3)
+        return full * 2, lse, last + 1, other
+
+    compiled = torch.compile(fn, fullgraph=True, dynamic=dynamic)
+    g = torch.Generator().manual_seed(0)
+    layouts = [
+        fastar.ScaleLayout((1, 2, 3, 4), local_window=1),
+        fastar.ScaleLayout((1, 2, 3, 4), relation="prev"),
+        fastar.ScaleLayout([(1, 2), (2, 2), (2, 3), (3, 3)], relation="same"),
+    ]
+    for layout in layouts:
+        L = layout.num_tokens
+        q, k, v = (torch.randn(2, H, L, 64, generator=g) for H in (4, 2, 2))
+        q_scale = torch.rand(4, generator=g) + 1
+        for got, want in zip(compiled(q, k, v, q_scale, layout), fn(q, k, v, q_scale, layout)):
+            torch.testing.assert_close(got, want, rtol=1e-6, atol=1e-6)
