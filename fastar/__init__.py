@@ -16,6 +16,7 @@ from .masked_attention import (  # noqa: E402
     scaled_dot_product_attention,
 )
 from .scale import ScaleLayout, scale_attention  # noqa: E402
+from .scale_kvcache import ScaleKVCache  # noqa: E402
 from .acceptance import (  # noqa: E402
     check_rows,
     debug_checks_enabled,
@@ -33,6 +34,7 @@ def build_info() -> dict:
 
 
 __all__ = [
+    "ScaleKVCache",
     "ScaleLayout",
     "attention",
     "attention_with_kvcache",

@@ -7,6 +7,7 @@ from .acceptance import (
     speculative_sample_reference,
 )
 from .scale import scale_attention_reference
+from .scale_kvcache import scalekv_keep_reference
 
 __all__ = [
     "attention_reference",
@@ -15,5 +16,6 @@ __all__ = [
     "philox4x32_10",
     "speculative_output_distribution",
     "scale_attention_reference",
+    "scalekv_keep_reference",
     "speculative_sample_reference",
 ]
