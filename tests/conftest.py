@@ -115,12 +115,15 @@ class Backend:
             scale, enable_gqa,
         ).cpu()
 
-    def scale_attention(self, q, k, v, layout, *, scale=None, qk_norm=False, q_scale=None, return_lse=False):
-        result = fastar.scale._scale_attention(
-            self.ops.scale_attention, self.to(q), self.to(k), self.to(v), layout, scale, qk_norm, self.to(q_scale),
-            return_lse,
-        )
-        return tuple(t.cpu() for t in result) if return_lse else result.cpu()
+    def scale_kvcache(self, batch, heads, head_dim, layout, dtype):
+        """A fastar.ScaleKVCache on the backend's device whose attend runs the backend's kernel; give it
+        tensors through ``to`` and bring its results back with ``.cpu()``. Its buffers start as NaN, so a
+        read of a slot never written shows in the results."""
+        cache = fastar.ScaleKVCache(batch, heads, head_dim, layout, dtype, self.device)
+        cache._ops = self.ops
+        cache._k.fill_(float("nan"))
+        cache._v.fill_(float("nan"))
+        return cache
 
     def checked(self, fn, *args, **kwargs):
         """Call an acceptance op and raise for invalid rows on every backend (CPU raises by itself)."""
