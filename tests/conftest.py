@@ -125,6 +125,13 @@ class Backend:
         cache._v.fill_(float("nan"))
         return cache
 
+    def scale_attention(self, q, k, v, layout, *, scale=None, qk_norm=False, q_scale=None, return_lse=False):
+        result = fastar.scale._scale_attention(
+            self.ops.scale_attention, self.to(q), self.to(k), self.to(v), layout, scale, qk_norm, self.to(q_scale),
+            return_lse,
+        )
+        return tuple(t.cpu() for t in result) if return_lse else result.cpu()
+
     def checked(self, fn, *args, **kwargs):
         """Call an acceptance op and raise for invalid rows on every backend (CPU raises by itself)."""
         tokens, num_accepted = fn(*args, **kwargs)
