@@ -112,17 +112,33 @@ FASTAR_HD bool block_visible(BlockRelation r, int32_t qb, int32_t kb) {
   }
 }
 
-// The next-scale local window rule for query token tq of scale sq and key token tk of scale sk.
-FASTAR_HD bool scale_window_visible(const AttentionMask& m, int64_t tq, int64_t tk, int32_t sq, int32_t sk) {
-  if (sk == sq || sk < m.full_scales) return true;
+// The next-scale local window rule, in pieces so a kernel can cache a key's mapped cell per query scale.
+struct GridCell {
+  int64_t y, x;
+};
+
+// Keys of the query's own scale and of the first full_scales scales are not restricted by the window.
+FASTAR_HD bool scale_window_exempt(const AttentionMask& m, int32_t sq, int32_t sk) {
+  return sk == sq || sk < m.full_scales;
+}
+
+// Key token tk of scale sk mapped onto the grid of scale sq: the cell holding its centre.
+FASTAR_HD GridCell scale_window_cell(const AttentionMask& m, int64_t tk, int32_t sq, int32_t sk) {
   // Ids outside [0, num_scales) are rejected on the CPU only; clamping keeps every read in bounds.
   const int64_t last = m.num_scales - 1;
   const int64_t a = sq < 0 ? 0 : (sq > last ? last : sq), c = sk < 0 ? 0 : (sk > last ? last : sk);
-  const int64_t hq = m.scale_hw[2 * a], wq = m.scale_hw[2 * a + 1], hk = m.scale_hw[2 * c], wk = m.scale_hw[2 * c + 1];
-  const int64_t dy = (2 * int64_t{m.tok_y[tk]} + 1) * hq / (2 * hk) - m.tok_y[tq];
-  const int64_t dx = (2 * int64_t{m.tok_x[tk]} + 1) * wq / (2 * wk) - m.tok_x[tq];
-  const int64_t r = m.scale_window;
+  return GridCell{(2 * int64_t{m.tok_y[tk]} + 1) * m.scale_hw[2 * a] / (2 * m.scale_hw[2 * c]),
+                  (2 * int64_t{m.tok_x[tk]} + 1) * m.scale_hw[2 * a + 1] / (2 * m.scale_hw[2 * c + 1])};
+}
+
+// Whether a mapped cell lies within scale_window cells of query token tq (Chebyshev distance).
+FASTAR_HD bool scale_window_near(const AttentionMask& m, GridCell cell, int64_t tq) {
+  const int64_t dy = cell.y - m.tok_y[tq], dx = cell.x - m.tok_x[tq], r = m.scale_window;
   return dy <= r && -dy <= r && dx <= r && -dx <= r;
+}
+
+FASTAR_HD bool scale_window_visible(const AttentionMask& m, int64_t tq, int64_t tk, int32_t sq, int32_t sk) {
+  return scale_window_exempt(m, sq, sk) || scale_window_near(m, scale_window_cell(m, tk, sq, sk), tq);
 }
 
 // Whether query i of batch b sees key j (bias excluded: it is added to the logit, not tested).

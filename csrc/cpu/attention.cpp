@@ -162,6 +162,8 @@ class AttentionCpu {
     // Query positions per tile: as many as fit kMaxRows rows with the whole GQA group.
     q_tile_ = std::max<int64_t>(1, std::min<int64_t>(p.Lq, kMaxRows / G_));
     if (G_ > kMaxRows) q_tile_ = 1;
+    // A precomputed tile map is exact per tile_q queries: tiles no taller skip everything it hides.
+    if (p.mask.tile_map) q_tile_ = std::min(q_tile_, p.mask.tile_q);
     n_q_tiles_ = (p.Lq + q_tile_ - 1) / q_tile_;
     const int64_t items = p.B * p.Hkv * n_q_tiles_;
     const int64_t key_tiles = (p.Lk + kKeyTile - 1) / kKeyTile;
@@ -262,16 +264,36 @@ class AttentionCpu {
     finish_item(item, split, it, buf);
   }
 
-  // Applies the mask to logit (r, c) of the tile at s[r * rs + c * cs]: -inf where hidden, + bias.
+  // Applies the mask to logit (r, c) of the tile at s[r * rs + c * cs]: -inf where hidden, + bias. The
+  // next-scale window maps each key onto the query's grid once per query scale, not once per pair.
   void mask_tile(const Item& it, int64_t j0, int64_t nk, const MaskGeometry& geom, float* s, int64_t rs,
                  int64_t cs) const {
-    const T* bias = static_cast<const T*>(p_.mask.bias);
+    const AttentionMask& m = p_.mask;
+    AttentionMask rest = m;
+    rest.scale_window = -1;
+    const bool win = m.scale_window >= 0;
+    int32_t mapped_for = -1;
+    GridCell cells[kKeyTile];
+    bool exempt[kKeyTile];
+    const T* bias = static_cast<const T*>(m.bias);
     for (int64_t r = 0; r < G_ * it.nq; ++r) {
       const int64_t h = row_head(it, r), i = row_pos(it, r);
-      const T* brow = bias ? bias + it.b * p_.mask.bias_sb + h * p_.mask.bias_sh + i * p_.mask.bias_sq : nullptr;
+      const T* brow = bias ? bias + it.b * m.bias_sb + h * m.bias_sh + i * m.bias_sq : nullptr;
+      const int64_t tq = i + m.q_token_offset;
+      if (win) {
+        const int32_t sq = m.q_block_ids[it.b * m.q_block_sb + i];
+        if (sq != mapped_for) {
+          for (int64_t c = 0; c < nk; ++c) {
+            const int32_t sk = m.k_block_ids[it.b * m.k_block_sb + j0 + c];
+            exempt[c] = scale_window_exempt(m, sq, sk);
+            if (!exempt[c]) cells[c] = scale_window_cell(m, j0 + c, sq, sk);
+          }
+          mapped_for = sq;
+        }
+      }
       for (int64_t c = 0; c < nk; ++c) {
         float& x = s[r * rs + c * cs];
-        if (!mask_visible(p_.mask, it.b, i, j0 + c, geom)) {
+        if (!mask_visible(rest, it.b, i, j0 + c, geom) || (win && !exempt[c] && !scale_window_near(m, cells[c], tq))) {
           x = kNegInf;
         } else if (brow) {
           x += to_f(brow[j0 + c]);
