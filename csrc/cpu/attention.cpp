@@ -264,40 +264,58 @@ class AttentionCpu {
     finish_item(item, split, it, buf);
   }
 
-  // Applies the mask to logit (r, c) of the tile at s[r * rs + c * cs]: -inf where hidden, + bias. The
-  // next-scale window maps each key onto the query's grid once per query scale, not once per pair.
+  // Applies the mask to logit (r, c) of the tile at s[r * rs + c * cs]: -inf where hidden, + bias. Whether
+  // key c is visible to query position pos is found once for all heads, in vis[c * nq + pos]. Masks of
+  // block (scale) ids alone go by runs of positions of one id: a key's block test and its cell on the
+  // query's grid (next-scale window) are shared by the run, leaving a few integer compares per pair.
   void mask_tile(const Item& it, int64_t j0, int64_t nk, const MaskGeometry& geom, float* s, int64_t rs,
                  int64_t cs) const {
     const AttentionMask& m = p_.mask;
-    AttentionMask rest = m;
-    rest.scale_window = -1;
-    const bool win = m.scale_window >= 0;
-    int32_t mapped_for = -1;
-    GridCell cells[kKeyTile];
-    bool exempt[kKeyTile];
-    const T* bias = static_cast<const T*>(m.bias);
-    for (int64_t r = 0; r < G_ * it.nq; ++r) {
-      const int64_t h = row_head(it, r), i = row_pos(it, r);
-      const T* brow = bias ? bias + it.b * m.bias_sb + h * m.bias_sh + i * m.bias_sq : nullptr;
-      const int64_t tq = i + m.q_token_offset;
-      if (win) {
-        const int32_t sq = m.q_block_ids[it.b * m.q_block_sb + i];
-        if (sq != mapped_for) {
-          for (int64_t c = 0; c < nk; ++c) {
-            const int32_t sk = m.k_block_ids[it.b * m.k_block_sb + j0 + c];
-            exempt[c] = scale_window_exempt(m, sq, sk);
-            if (!exempt[c]) cells[c] = scale_window_cell(m, j0 + c, sq, sk);
+    const int64_t nq = it.nq;
+    uint8_t vis[kKeyTile * kMaxRows];
+    if (m.causal || m.window || m.bits) {
+      for (int64_t c = 0; c < nk; ++c)
+        for (int64_t pos = 0; pos < nq; ++pos) vis[c * nq + pos] = mask_visible(m, it.b, it.i0 + pos, j0 + c, geom);
+    } else if (m.block != BlockRelation::kNone || m.scale_window >= 0) {
+      const int32_t* qids = m.q_block_ids + it.b * m.q_block_sb + it.i0;
+      const int32_t* kids = m.k_block_ids + it.b * m.k_block_sb + j0;
+      const int64_t t0 = it.i0 + m.q_token_offset;
+      for (int64_t p0 = 0, p1; p0 < nq; p0 = p1) {
+        const int32_t sq = qids[p0];
+        for (p1 = p0 + 1; p1 < nq && qids[p1] == sq; ++p1) {
+        }
+        for (int64_t c = 0; c < nk; ++c) {
+          uint8_t* v = vis + c * nq;
+          const int32_t sk = kids[c];
+          const bool keep = block_visible(m.block, sq, sk);
+          if (!keep || m.scale_window < 0 || scale_window_exempt(m, sq, sk)) {
+            std::fill(v + p0, v + p1, keep);
+            continue;
           }
-          mapped_for = sq;
+          const GridCell cell = scale_window_cell(m, j0 + c, sq, sk);
+          for (int64_t pos = p0; pos < p1; ++pos) v[pos] = scale_window_near(m, cell, t0 + pos);
         }
       }
-      for (int64_t c = 0; c < nk; ++c) {
-        float& x = s[r * rs + c * cs];
-        if (!mask_visible(rest, it.b, i, j0 + c, geom) || (win && !exempt[c] && !scale_window_near(m, cells[c], tq))) {
-          x = kNegInf;
-        } else if (brow) {
-          x += to_f(brow[j0 + c]);
-        }
+    } else {
+      std::fill(vis, vis + nk * nq, 1);
+    }
+    const T* bias = static_cast<const T*>(m.bias);
+    auto apply = [&](int64_t g, int64_t pos, int64_t c) {
+      float& x = s[(g * nq + pos) * rs + c * cs];
+      if (!vis[c * nq + pos]) {
+        x = kNegInf;
+      } else if (bias) {
+        x += to_f(bias[it.b * m.bias_sb + (it.hkv * G_ + g) * m.bias_sh + (it.i0 + pos) * m.bias_sq + j0 + c]);
+      }
+    };
+    // The inner loop runs along the unit stride of s.
+    for (int64_t g = 0; g < G_; ++g) {
+      if (rs == 1) {
+        for (int64_t c = 0; c < nk; ++c)
+          for (int64_t pos = 0; pos < nq; ++pos) apply(g, pos, c);
+      } else {
+        for (int64_t pos = 0; pos < nq; ++pos)
+          for (int64_t c = 0; c < nk; ++c) apply(g, pos, c);
       }
     }
   }
