@@ -4,6 +4,7 @@
 #pragma once
 #include <ATen/core/Tensor.h>
 #include <c10/util/ArrayRef.h>
+#include <c10/util/string_view.h>
 
 #include <optional>
 #include <tuple>
@@ -31,6 +32,9 @@ std::tuple<at::Tensor, at::Tensor> scale_attention_cpu(const at::Tensor& q, cons
                                                        const std::optional<at::Tensor>& tile_map,
                                                        const std::optional<at::Tensor>& q_scale,
                                                        at::IntArrayRef config, double scale);
+at::Tensor sample_cfg_cpu(const at::Tensor& logits, double cfg, c10::string_view schedule,
+                          std::optional<int64_t> scale_index, std::optional<int64_t> num_scales, int64_t top_k,
+                          double top_p, double temperature, const at::Tensor& seed, const at::Tensor& offset);
 
 // The CUDA glue (csrc/cuda/*_glue.cpp): CUDA tensors in fastar._C, CPU tensors in the SIMT build.
 std::tuple<at::Tensor, at::Tensor> speculative_sample_cuda(const at::Tensor& draft_token_ids,
@@ -55,5 +59,8 @@ std::tuple<at::Tensor, at::Tensor> scale_attention_cuda(const at::Tensor& q, con
                                                        const std::optional<at::Tensor>& tile_map,
                                                        const std::optional<at::Tensor>& q_scale,
                                                        at::IntArrayRef config, double scale);
+at::Tensor sample_cfg_cuda(const at::Tensor& logits, double cfg, c10::string_view schedule,
+                           std::optional<int64_t> scale_index, std::optional<int64_t> num_scales, int64_t top_k,
+                           double top_p, double temperature, const at::Tensor& seed, const at::Tensor& offset);
 
 }  // namespace fastar

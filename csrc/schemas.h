@@ -28,6 +28,11 @@ inline void define_schemas(torch::Library& m) {
   m.def(
       "scale_attention(Tensor q, Tensor k, Tensor v, Tensor? token_info, Tensor? scale_hw, Tensor? tile_map, "
       "Tensor? q_scale, int[] config, float scale) -> (Tensor out, Tensor lse)");
+  // Classifier-free guidance of a doubled batch ([2B, V] or [2B, L, V], conditional rows first), top-k/top-p
+  // filtering and sampling: int64 tokens [B] or [B, L] (csrc/ops/sample_cfg_args.h, csrc/core/sampling.h).
+  m.def(
+      "sample_cfg(Tensor logits, float cfg, str schedule, int? scale_index, int? num_scales, int top_k, float top_p, "
+      "float temperature, Tensor seed, Tensor offset) -> Tensor tokens");
 }
 
 inline void register_cpu_kernels(torch::Library& m) {
@@ -35,6 +40,7 @@ inline void register_cpu_kernels(torch::Library& m) {
   m.impl("greedy_verify", &greedy_verify_cpu);
   m.impl("attention", &attention_cpu);
   m.impl("scale_attention", &scale_attention_cpu);
+  m.impl("sample_cfg", &sample_cfg_cpu);
 }
 
 // The CUDA kernels' glue; registered for CUDA in fastar._C and for CPU tensors in the SIMT build.
@@ -43,6 +49,7 @@ inline void register_cuda_kernels(torch::Library& m) {
   m.impl("greedy_verify", &greedy_verify_cuda);
   m.impl("attention", &attention_cuda);
   m.impl("scale_attention", &scale_attention_cuda);
+  m.impl("sample_cfg", &sample_cfg_cuda);
 }
 
 }  // namespace fastar

@@ -24,6 +24,7 @@ from .acceptance import (  # noqa: E402
     set_debug_checks,
     speculative_sample,
 )
+from .sampling import check_tokens, sample_cfg  # noqa: E402
 
 register_fakes("fastar")
 
@@ -40,11 +41,13 @@ __all__ = [
     "attention_with_kvcache",
     "build_info",
     "check_rows",
+    "check_tokens",
     "debug_checks_enabled",
     "greedy_verify",
     "masks",
     "patch_sdpa",
     "reference",
+    "sample_cfg",
     "scale_attention",
     "scaled_dot_product_attention",
     "set_debug_checks",

@@ -37,3 +37,9 @@ def register_fakes(namespace: str) -> None:
     @torch.library.register_fake(f"{namespace}::scale_attention")
     def _scale_attention(q, k, v, token_info, scale_hw, tile_map, q_scale, config, scale):
         return _attention_outputs(q)
+
+    @torch.library.register_fake(f"{namespace}::sample_cfg")
+    def _sample_cfg(logits, cfg, schedule, scale_index, num_scales, top_k, top_p, temperature, seed, offset):
+        torch._check(logits.dim() in (2, 3), lambda: "logits must be [2B, V] or [2B, L, V]")
+        torch._check(logits.shape[0] % 2 == 0, lambda: "the first dimension of logits must be even")
+        return logits.new_empty((logits.shape[0] // 2, *logits.shape[1:-1]), dtype=torch.int64)

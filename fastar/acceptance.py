@@ -81,24 +81,28 @@ def _validate_values(op, draft_token_ids, rows, num_draft_tokens, probabilities,
         raise ValueError(f"{op}: target_logits holds a NaN")
 
 
-def _scalar_tensor(value, name: str) -> torch.Tensor:
+def _scalar_tensor(op: str, value, name: str) -> torch.Tensor:
     """An int64 scalar tensor from a Python int (taken modulo 2**64) or a 1-element int64 tensor."""
     if isinstance(value, torch.Tensor):
         return value
     if not isinstance(value, int) or isinstance(value, bool):
-        raise TypeError(f"fastar.speculative_sample: {name} must be an int or an int64 tensor, got {type(value).__name__}")
+        raise TypeError(f"{op}: {name} must be an int or an int64 tensor, got {type(value).__name__}")
     value %= 1 << 64
     if value >= 1 << 63:
         value -= 1 << 64
     return torch.tensor(value, dtype=torch.int64)
 
 
-def _speculative_sample(op, draft_token_ids, draft_probs, target_probs, num_draft_tokens, seed, offset):
+def _philox_args(op: str, seed, offset, device: torch.device) -> Tuple[torch.Tensor, torch.Tensor]:
+    """The (seed, offset) int64 scalar tensors of a Philox-sampling op; seed=None draws a seed."""
     if seed is None:
         # Consume torch's default generator of the device, so torch.manual_seed makes runs repeatable.
-        seed = torch.randint(0, 2**62, (), dtype=torch.int64, device=target_probs.device)
-    seed_t = _scalar_tensor(seed, "seed")
-    offset_t = _scalar_tensor(offset, "offset")
+        seed = torch.randint(0, 2**62, (), dtype=torch.int64, device=device)
+    return _scalar_tensor(op, seed, "seed"), _scalar_tensor(op, offset, "offset")
+
+
+def _speculative_sample(op, draft_token_ids, draft_probs, target_probs, num_draft_tokens, seed, offset):
+    seed_t, offset_t = _philox_args("fastar.speculative_sample", seed, offset, target_probs.device)
     if _debug_checks:
         _validate_values("fastar.speculative_sample", draft_token_ids, target_probs, num_draft_tokens, True, draft_probs)
     tokens, num_accepted = op(draft_token_ids, draft_probs, target_probs, num_draft_tokens, seed_t, offset_t)

@@ -16,7 +16,7 @@ import pytest
 import torch
 
 import fastar
-from fastar import _simt, acceptance, masked_attention
+from fastar import _simt, acceptance, masked_attention, sampling
 
 REQUIRE_CUDA_BUILD = os.environ.get("FASTAR_REQUIRE_CUDA_BUILD") == "1"
 
@@ -131,6 +131,13 @@ class Backend:
             return_lse,
         )
         return tuple(t.cpu() for t in result) if return_lse else result.cpu()
+
+    def sample_cfg(self, logits, *, cfg, schedule="var", scale_index=None, num_scales=None, top_k=0, top_p=1.0,
+                   temperature=1.0, seed=None, offset=0):
+        return sampling._sample_cfg(
+            self.ops.sample_cfg, self.to(logits), cfg, schedule, scale_index, num_scales, top_k, top_p, temperature,
+            self.to(seed), self.to(offset),
+        ).cpu()
 
     def checked(self, fn, *args, **kwargs):
         """Call an acceptance op and raise for invalid rows on every backend (CPU raises by itself)."""

@@ -1,8 +1,12 @@
 """Helpers shared by the tests."""
 from __future__ import annotations
 
+from collections import Counter
+from typing import Dict
+
 import torch
 from hypothesis import HealthCheck
+from scipy import stats
 
 # hypothesis settings of the per-backend property tests: fixed examples (the suite is deterministic),
 # no example database, and fixtures (the backend) shared across examples.
@@ -27,3 +31,33 @@ def assert_same(got, want, msg=""):
             f"reference {ref_tokens[row].tolist()} / {int(ref_num_accepted[row])} "
             f"({int(bad.sum())} of {bad.numel()} rows differ)"
         )
+
+
+def rows(backend, cpu: int, simt: int) -> int:
+    """Number of i.i.d. rows for a statistical test: the emulated CUDA backend is ~1 ms per row."""
+    return simt if backend.name == "simt" else cpu
+
+
+def chisquare_pvalue(observed: Counter, expected: Dict, total: int) -> float:
+    """Pearson chi-square of observed outcome counts against exact probabilities; bins with an expected
+    count below 5 are merged (and the merged bin into the smallest other bin if it is still below 5)."""
+    probs_sum = sum(expected.values())
+    assert abs(probs_sum - 1.0) < 1e-6, f"expected probabilities sum to {probs_sum}"
+    impossible = [key for key in observed if expected.get(key, 0.0) <= 0.0]
+    assert not impossible, f"outcomes with probability 0 were emitted: {impossible[:5]}"
+    keys = sorted(expected, key=lambda key: expected[key], reverse=True)
+    obs = [observed.get(key, 0) for key in keys]
+    exp = [expected[key] * total for key in keys]
+    big = [i for i, e in enumerate(exp) if e >= 5]
+    small = [i for i, e in enumerate(exp) if e < 5]
+    f_obs = [obs[i] for i in big]
+    f_exp = [exp[i] for i in big]
+    if small:
+        f_obs.append(sum(obs[i] for i in small))
+        f_exp.append(sum(exp[i] for i in small))
+        if f_exp[-1] < 5 and len(f_exp) > 1:
+            f_obs[-2] += f_obs.pop()
+            f_exp[-2] += f_exp.pop()
+    assert len(f_exp) >= 2, "test is degenerate: fewer than two bins"
+    scale = sum(f_obs) / sum(f_exp)  # == 1 up to rounding; scipy insists on equal sums
+    return float(stats.chisquare(f_obs, [e * scale for e in f_exp]).pvalue)

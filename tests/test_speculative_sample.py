@@ -32,7 +32,7 @@ from fastar.reference import (
     speculative_output_distribution,
     speculative_sample_reference,
 )
-from helpers import HYPOTHESIS, assert_same
+from helpers import HYPOTHESIS, assert_same, chisquare_pvalue, rows
 
 P_THRESHOLD = 1e-3  # statistical tests fail when a p-value is below this (fixed seeds: deterministic)
 FLOAT_DTYPES = [torch.float32, torch.float16, torch.bfloat16]
@@ -42,11 +42,6 @@ STATUS_BAD_NUM_DRAFT, STATUS_BAD_ID, STATUS_BAD_VALUE, STATUS_ZERO_MASS = 1, 2, 
 # ----------------------------------------------------------------------------------------------------
 # helpers
 # ----------------------------------------------------------------------------------------------------
-
-
-def rows(backend, cpu: int, simt: int) -> int:
-    """Number of i.i.d. rows for a statistical test: the emulated CUDA backend is ~1 ms per row."""
-    return simt if backend.name == "simt" else cpu
 
 
 def random_probs(gen, shape, *, sparsity: float = 0.0, sharpness: float = 1.0) -> torch.Tensor:
@@ -125,31 +120,6 @@ def assert_well_formed(tokens, num_accepted, drafts, vocab, num_draft=None):
     last = tokens.long().gather(1, na[:, None]).squeeze(1)
     assert ((last >= 0) & (last < vocab)).all(), last
     assert (tokens[pos > na[:, None]] == -1).all()
-
-
-def chisquare_pvalue(observed: Counter, expected: Dict, total: int) -> float:
-    """Pearson chi-square of observed outcome counts against exact probabilities; bins with an expected
-    count below 5 are merged (and the merged bin into the smallest other bin if it is still below 5)."""
-    probs_sum = sum(expected.values())
-    assert abs(probs_sum - 1.0) < 1e-6, f"expected probabilities sum to {probs_sum}"
-    impossible = [key for key in observed if expected.get(key, 0.0) <= 0.0]
-    assert not impossible, f"outcomes with probability 0 were emitted: {impossible[:5]}"
-    keys = sorted(expected, key=lambda key: expected[key], reverse=True)
-    obs = [observed.get(key, 0) for key in keys]
-    exp = [expected[key] * total for key in keys]
-    big = [i for i, e in enumerate(exp) if e >= 5]
-    small = [i for i, e in enumerate(exp) if e < 5]
-    f_obs = [obs[i] for i in big]
-    f_exp = [exp[i] for i in big]
-    if small:
-        f_obs.append(sum(obs[i] for i in small))
-        f_exp.append(sum(exp[i] for i in small))
-        if f_exp[-1] < 5 and len(f_exp) > 1:
-            f_obs[-2] += f_obs.pop()
-            f_exp[-2] += f_exp.pop()
-    assert len(f_exp) >= 2, "test is degenerate: fewer than two bins"
-    scale = sum(f_obs) / sum(f_exp)  # == 1 up to rounding; scipy insists on equal sums
-    return float(stats.chisquare(f_obs, [e * scale for e in f_exp]).pvalue)
 
 
 def emitted_sequences(tokens: torch.Tensor, num_accepted: torch.Tensor) -> Counter:

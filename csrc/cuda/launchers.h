@@ -6,12 +6,14 @@
 
 #include "core/acceptance.h"
 #include "core/attention.h"
+#include "core/sampling.h"
 
 namespace fastar {
 
 // stream: a cudaStream_t (ignored by the SIMT emulator).
 void launch_speculative_sample(const SpeculativeSampleParams& prm, FloatKind kind, void* stream);
 void launch_greedy_verify(const GreedyVerifyParams& prm, FloatKind kind, void* stream);
+void launch_sample_cfg(const SampleCfgParams& prm, FloatKind kind, void* stream);
 
 // fastar.attention (cuda/attention.cu). plan_attention picks the kernel shape and the number of kv splits;
 // with more than one split the glue allocates `workspace_floats` float32 for the partial results and

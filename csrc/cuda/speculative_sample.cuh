@@ -70,9 +70,8 @@ __global__ void __launch_bounds__(kThreads) speculative_sample_kernel(Speculativ
     const bool rejected = j < k;
     SampleRowView<P> row{tp + j * prm.tp_sn, rejected && dp ? dp + j * prm.dp_sn : nullptr,
                          rejected && !dp ? load_index(prm.draft_ids, prm.ids64, b * prm.ids_sb + j) : -1};
-    // Warp w owns tokens [w * seg, (w + 1) * seg): contiguous, so a prefix over warps is a prefix over tokens.
-    const int64_t seg = ((V + kWarps - 1) / kWarps + 31) / 32 * 32;
-    const int64_t begin = warp * seg, end = begin + seg < V ? begin + seg : V;
+    int64_t begin, end;
+    warp_segment<kWarps>(V, warp, &begin, &end);
     for (;;) {  // at most twice: a residual with no mass falls back to p
       uint64_t sum = 0;
       bool bad = false;
@@ -117,19 +116,9 @@ __global__ void __launch_bounds__(kThreads) speculative_sample_kernel(Speculativ
       __syncthreads();  // every thread has read s_retry before thread 0 may write it again
     }
     if (s_status == kOk && warp == s_pick_warp) {
-      uint64_t remaining = s_pick_target;
-      for (int64_t base = begin; base < end; base += 32) {  // warp-uniform trip count
-        const int64_t t = base + lane;
-        const uint64_t w = t < end ? row.weight(t, to_float(row.p[t])) : 0;
-        const uint64_t incl = warp_inclusive_scan(w, lane);
-        const uint64_t chunk = __shfl_sync(kFullMask, incl, 31);
-        if (remaining < chunk) {
-          const unsigned hit = __ballot_sync(kFullMask, incl > remaining);
-          if (lane == 0) s_token = static_cast<int>(base + __ffs(hit) - 1);
-          break;
-        }
-        remaining -= chunk;
-      }
+      const int64_t t = warp_find_token(begin, end, s_pick_target, lane,
+                                        [&](int64_t t) { return row.weight(t, to_float(row.p[t])); });
+      if (lane == 0) s_token = static_cast<int>(t);
     }
     __syncthreads();
   }

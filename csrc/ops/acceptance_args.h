@@ -26,10 +26,14 @@ inline void check_token_ids(const char* op, const char* name, const at::Tensor& 
                    " must be int32 or int64, got ", t.scalar_type());
 }
 
-inline void check_float(const char* op, const char* name, const at::Tensor& t) {
+inline void check_float_dtype(const char* op, const char* name, const at::Tensor& t) {
   const auto st = t.scalar_type();
   TORCH_CHECK_TYPE(st == at::kFloat || st == at::kHalf || st == at::kBFloat16, op, ": ", name,
                    " must be float32, float16 or bfloat16, got ", st);
+}
+
+inline void check_float(const char* op, const char* name, const at::Tensor& t) {
+  check_float_dtype(op, name, t);
   TORCH_CHECK_VALUE(t.dim() == 3, op, ": ", name, " must be 3-D [B, positions, V], got shape ", t.sizes());
 }
 

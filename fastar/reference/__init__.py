@@ -6,6 +6,7 @@ from .acceptance import (
     speculative_output_distribution,
     speculative_sample_reference,
 )
+from .sampling import sample_cfg_reference
 from .scale import scale_attention_reference
 from .scale_kvcache import scalekv_keep_reference
 
@@ -14,6 +15,7 @@ __all__ = [
     "mask_from_args",
     "greedy_verify_reference",
     "philox4x32_10",
+    "sample_cfg_reference",
     "speculative_output_distribution",
     "scale_attention_reference",
     "scalekv_keep_reference",

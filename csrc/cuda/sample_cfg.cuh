@@ -1,0 +1,164 @@
+// CUDA kernel of fastar.sample_cfg: one block per (image, position). The guided logits are recomputed from the
+// two input rows at every pass (they stay in L1/L2), never sorted:
+//  1. the block finds the maximum (and NaN / +inf / all -inf rows, marked with token -1);
+//  2. the top-k threshold (the k-th largest logit) and the top-p threshold (the largest logit whose mass of
+//     logits at or above it reaches ceil(top_p * total)) are radix selects over the logits' order keys, 8 bits
+//     per pass, counting tokens or summing fixed-point weights in a shared 256-bin histogram;
+//  3. each warp sums the kept weights of a contiguous segment, thread 0 picks the segment holding the target,
+//     and that warp scans it 32 tokens at a time. Integer sums make the token identical to the CPU kernel's.
+#pragma once
+#include "core/sampling.h"
+#include "cuda/common.cuh"
+
+namespace fastar::cuda {
+
+struct RadixSelectShared {
+  unsigned long long hist[256];
+  uint32_t prefix;
+  unsigned long long remaining;
+};
+
+// The largest key T such that the weights of the tokens with key >= max(T, floor) sum to at least target
+// (1 <= target <= the weights' total over keys >= floor). key_weight(t, &key) returns token t's weight (1 to
+// count tokens) and its key. Bins are walked from the top, so a weight is only ever added to larger keys' sums.
+template <int kThreads, typename KeyWeight>
+__device__ uint32_t block_radix_select(int64_t V, uint32_t floor, uint64_t target, KeyWeight key_weight,
+                                       RadixSelectShared& sh) {
+  const int tid = threadIdx.x, lane = tid & 31;
+  if (tid == 0) {
+    sh.prefix = 0;
+    sh.remaining = target;
+  }
+  for (int shift = 24; shift >= 0; shift -= 8) {
+    for (int i = tid; i < 256; i += kThreads) sh.hist[i] = 0;
+    __syncthreads();
+    const uint32_t prefix = sh.prefix;
+    for (int64_t t = tid; t < V; t += kThreads) {
+      uint32_t key;
+      const uint64_t w = key_weight(t, &key);
+      const bool candidate = shift == 24 || (key >> (shift + 8)) == (prefix >> (shift + 8));
+      if (w && candidate && key >= floor) atomicAdd(&sh.hist[(key >> shift) & 255u], static_cast<unsigned long long>(w));
+    }
+    __syncthreads();
+    if (tid < 32) {  // lane i holds bins 255 - 8i down to 248 - 8i
+      uint64_t sum = 0;
+      for (int j = 0; j < 8; ++j) sum += sh.hist[255 - 8 * lane - j];
+      const uint64_t incl = warp_inclusive_scan(sum, lane);
+      const uint64_t need = sh.remaining;
+      const int first = __ffs(__ballot_sync(kFullMask, incl >= need)) - 1;
+      if (lane == first) {
+        uint64_t above = incl - sum;
+        int bin = 255 - 8 * lane;
+        while (above + sh.hist[bin] < need) above += sh.hist[bin--];
+        sh.prefix = prefix | (static_cast<uint32_t>(bin) << shift);
+        sh.remaining = need - above;
+      }
+    }
+    __syncthreads();
+  }
+  const uint32_t key = sh.prefix;
+  __syncthreads();  // read by every thread before a next select rewrites it
+  return key;
+}
+
+template <typename P, int kThreads>
+__global__ void __launch_bounds__(kThreads) sample_cfg_kernel(SampleCfgParams prm) {
+  using namespace sampling;
+  constexpr int kWarps = kThreads / 32;
+  __shared__ RadixSelectShared s_radix;
+  __shared__ float s_warp_max[kWarps];
+  __shared__ int s_warp_nan[kWarps];
+  __shared__ unsigned long long s_warp_sum[kWarps];
+  __shared__ float s_max;
+  __shared__ int s_status;
+  __shared__ int s_pick_warp;
+  __shared__ unsigned long long s_pick_target;
+
+  const int tid = threadIdx.x, lane = tid & 31, warp = tid >> 5;
+  const int64_t row = blockIdx.x, b = row / prm.L, l = row % prm.L, V = prm.V;
+  const P* cond = static_cast<const P*>(prm.logits) + b * prm.s_row + l * prm.s_pos;
+  const P* uncond = cond + prm.B * prm.s_row;
+  auto logit = [&](int64_t t) { return guided_logit(to_float(cond[t]), to_float(uncond[t]), prm.cond_w, prm.uncond_w); };
+
+  float m = -INFINITY;
+  bool nan = false;
+  for (int64_t t = tid; t < V; t += kThreads) {
+    const float x = logit(t);
+    nan |= x != x;
+    m = fmaxf(m, x);
+  }
+  m = warp_max(m);
+  nan = __any_sync(kFullMask, nan);
+  if (lane == 0) {
+    s_warp_max[warp] = m;
+    s_warp_nan[warp] = nan;
+  }
+  __syncthreads();
+  if (tid == 0) {
+    int any_nan = 0;
+    for (int w = 0; w < kWarps; ++w) {
+      m = fmaxf(m, s_warp_max[w]);
+      any_nan |= s_warp_nan[w];
+    }
+    s_max = m;
+    s_status = any_nan || m == INFINITY ? kBadValue : m == -INFINITY ? kNoFiniteLogit : kOk;
+  }
+  __syncthreads();
+  if (s_status != kOk) {  // block-uniform: no thread reaches another barrier
+    if (tid == 0) prm.tokens[row] = -1;
+    return;
+  }
+  const float mx = s_max;
+
+  uint32_t tau = 0;  // the smallest kept key (0: every token)
+  if (prm.top_k > 0) {
+    tau = block_radix_select<kThreads>(
+        V, 0, prm.top_k,
+        [&](int64_t t, uint32_t* key) {
+          *key = order_key(logit(t));
+          return uint64_t{1};
+        },
+        s_radix);
+  }
+  auto key_weight = [&](int64_t t, uint32_t* key) {
+    const float x = logit(t);
+    *key = order_key(x);
+    return token_weight(x, mx);
+  };
+  auto kept_weight = [&](int64_t t) {
+    uint32_t key;
+    const uint64_t w = key_weight(t, &key);
+    return key >= tau ? w : 0;
+  };
+  if (prm.top_p_fixed) {
+    uint64_t sum = 0;
+    for (int64_t t = tid; t < V; t += kThreads) sum += kept_weight(t);
+    const uint64_t total = block_sum<kWarps>(sum, s_warp_sum);
+    tau = block_radix_select<kThreads>(V, tau, top_p_target(prm.top_p_fixed, total), key_weight, s_radix);
+  }
+
+  int64_t begin, end;
+  warp_segment<kWarps>(V, warp, &begin, &end);
+  uint64_t sum = 0;
+  for (int64_t t = begin + lane; t < end; t += 32) sum += kept_weight(t);
+  sum = warp_sum(sum);
+  if (lane == 0) s_warp_sum[warp] = sum;
+  __syncthreads();
+  if (tid == 0) {  // the total is > 0: the maximum is always kept, with weight 2^40
+    uint64_t total = 0;
+    for (int w = 0; w < kWarps; ++w) total += s_warp_sum[w];
+    uint64_t target =
+        accept::sample_target(accept::draw(prm.seed, static_cast<uint32_t>(b), static_cast<uint32_t>(l)).sample_bits, total);
+    int w = 0;
+    while (target >= s_warp_sum[w]) target -= s_warp_sum[w++];
+    s_pick_warp = w;
+    s_pick_target = target;
+  }
+  __syncthreads();
+  if (warp == s_pick_warp) {
+    const int64_t t = warp_find_token(begin, end, s_pick_target, lane, kept_weight);
+    if (lane == 0) prm.tokens[row] = t;
+  }
+}
+
+}  // namespace fastar::cuda
