@@ -40,7 +40,8 @@ def rows(backend, cpu: int, simt: int) -> int:
 
 def chisquare_pvalue(observed: Counter, expected: Dict, total: int) -> float:
     """Pearson chi-square of observed outcome counts against exact probabilities; bins with an expected
-    count below 5 are merged (and the merged bin into the smallest other bin if it is still below 5)."""
+    count below 5 are merged (and the merged bin into the smallest other bin if it is still below 5 and at least
+    two other bins remain)."""
     probs_sum = sum(expected.values())
     assert abs(probs_sum - 1.0) < 1e-6, f"expected probabilities sum to {probs_sum}"
     impossible = [key for key in observed if expected.get(key, 0.0) <= 0.0]
@@ -55,9 +56,10 @@ def chisquare_pvalue(observed: Counter, expected: Dict, total: int) -> float:
     if small:
         f_obs.append(sum(obs[i] for i in small))
         f_exp.append(sum(exp[i] for i in small))
-        if f_exp[-1] < 5 and len(f_exp) > 1:
-            f_obs[-2] += f_obs.pop()
-            f_exp[-2] += f_exp.pop()
+        if f_exp[-1] < 5 and len(f_exp) > 2:
+            small_obs, small_exp = f_obs.pop(), f_exp.pop()  # `f[-2] += f.pop()` stores after the pop
+            f_obs[-1] += small_obs
+            f_exp[-1] += small_exp
     assert len(f_exp) >= 2, "test is degenerate: fewer than two bins"
     scale = sum(f_obs) / sum(f_exp)  # == 1 up to rounding; scipy insists on equal sums
     return float(stats.chisquare(f_obs, [e * scale for e in f_exp]).pvalue)

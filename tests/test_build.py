@@ -70,8 +70,15 @@ def _acceptance_samples(device):
          [2, -1, 0, 1, 64, 64], 1.0],
         [*to(qs[:, :, 5:], ks, vs, None, None, None, None), [0, -1, 0, 0, 64, 64], 0.25],
     ]
+    # sample_cfg: VAR's [2B, L, V] with both filters, LlamaGen's [2B, V] in bfloat16 with a constant schedule.
+    logits = torch.randn(4, 3, 40, generator=g) * 2
+    sample_cfg = [
+        [*to(logits), 1.5, "var", 4, 10, 8, 0.9, 1.0, *to(seed, offset)],
+        [*to(logits[:, 0].bfloat16()), 4.0, "constant", None, None, 0, 0.8, 0.7, *to(seed, offset)],
+    ]
     return {
         "speculative_sample": [to(ids, q, p, None, seed, offset), to(ids, None, p.half(), nd, seed, offset)],
+        "sample_cfg": sample_cfg,
         "greedy_verify": [to(ids, p, None), to(ids.int(), p.bfloat16(), nd)],
         "attention": attention,
         "scale_attention": scale_attention,
@@ -137,6 +144,24 @@ def test_public_api_compiles_without_graph_breaks():
     for row, k in zip(tokens.tolist(), accepted.tolist()):
         assert all(0 <= t < V for t in row[: k + 1])
         assert all(t == -1 for t in row[k + 1 :])
+
+
+def test_sample_cfg_compiles_without_graph_breaks():
+    """fastar.sample_cfg under torch.compile(fullgraph=True) with tensor, int and drawn seeds: seeded calls give
+    eager mode's tokens (a drawn seed comes from inductor's own random numbers, so only its range is checked)."""
+    logits = torch.randn(6, 4, 50)
+
+    def step(logits, seed, offset):
+        var = fastar.sample_cfg(logits, cfg=1.5, scale_index=3, num_scales=10, top_k=10, top_p=0.9, seed=seed,
+                                offset=offset)
+        llamagen = fastar.sample_cfg(logits[:, 0], cfg=4.0, schedule="constant", top_p=0.95, seed=7)
+        return var, llamagen, fastar.sample_cfg(logits, cfg=2.0, scale_index=9, num_scales=10, temperature=0.5)
+
+    seed, offset = torch.tensor(3), torch.tensor(5)
+    *seeded, unseeded = torch.compile(step, fullgraph=True)(logits, seed, offset)
+    for got, want in zip(seeded, step(logits, seed, offset)):
+        assert got.dtype == torch.int64 and torch.equal(got, want)
+    assert unseeded.shape == (3, 4) and ((unseeded >= 0) & (unseeded < 50)).all()
 
 
 @pytest.mark.parametrize("dynamic", [False, True])
