@@ -2,10 +2,10 @@
 // 16384 for LlamaGen, k ~ 1000):
 //  1. one vectorised pass mixes the conditional and unconditional rows and finds the maximum;
 //  2. one computes every token's fixed-point weight exp(x - max) and the order key of its logit;
-//  3. with top-k or top-p, one scalar pass counts tokens and sums weights per bin of the keys' top 11 bits.
-//     Walking the bins down from the maximum finds the bin holding the k-th largest logit (and then the one
-//     where the top-p mass is reached); only that bin's few tokens are selected exactly (nth_element by key,
-//     a weighted quickselect by mass);
+//  3. with top-k or top-p, one scalar pass counts tokens and sums weights per bin of max - x (1/32 wide, so
+//     tokens spread over many bins). Walking the bins down from the maximum finds the bin holding the k-th
+//     largest logit (and then the one where the top-p mass is reached); only that bin's few tokens are
+//     selected exactly (nth_element by key, a weighted quickselect by mass);
 //  4. a blocked fixed-point inverse CDF over the kept tokens picks the token.
 
 #include <ATen/Parallel.h>
@@ -27,8 +27,8 @@ namespace {
 using namespace sampling;
 
 constexpr float kInf = std::numeric_limits<float>::infinity();
-constexpr int kBinShift = 21;  // bins of the top 11 key bits: a few hundred tokens each for VAR's logits
-constexpr int kBins = 1 << (32 - kBinShift);
+constexpr int kBins = 2048;
+constexpr float kBinsPerUnit = 32.0f;  // bins cover max - x in [0, 64); the last one also everything below
 constexpr int64_t kPickBlock = 256;  // tokens per block of the inverse-CDF search
 
 struct Candidate {
@@ -39,6 +39,7 @@ struct Candidate {
 // Per-thread buffers, reused across the rows of a chunk.
 struct Scratch {
   std::vector<float> x;
+  std::vector<int32_t> bin;
   std::vector<uint32_t> key;
   std::vector<uint64_t> w, mass, block_sums;
   std::vector<uint32_t> count;
@@ -73,16 +74,26 @@ float mix_row(const P* cond, const P* uncond, int64_t V, float cond_w, float unc
   return m;
 }
 
-// w[t] = token_weight(x[t], m), key[t] = order_key(x[t]); returns the sum of the weights.
-uint64_t weights_and_keys(const float* x, int64_t V, float m, uint64_t* w, uint32_t* key) {
+// Bin of a token: non-decreasing in max - x, so a lower bin holds only larger logits than a higher one (equal
+// logits share a bin). Any monotone binning gives the same thresholds; this one spreads logits evenly.
+int32_t bin_of(float x, float m) {
+  const float d = (m - x) * kBinsPerUnit;
+  return d < kBins - 1 ? static_cast<int32_t>(d) : kBins - 1;
+}
+
+// w[t] = token_weight(x[t], m), key[t] = order_key(x[t]), bin[t] = bin_of(x[t], m); returns the sum of the
+// weights.
+uint64_t weights_and_keys(const float* x, int64_t V, float m, uint64_t* w, uint32_t* key, int32_t* bin) {
   uint64_t total = 0;
   int64_t t = 0;
 #if defined(FASTAR_CPU_AVX2)
-  const __m256 mv = _mm256_set1_ps(m);
+  const __m256 mv = _mm256_set1_ps(m), per_unit = _mm256_set1_ps(kBinsPerUnit), last = _mm256_set1_ps(kBins - 1);
   const __m256i top = _mm256_set1_epi32(static_cast<int32_t>(0x80000000u));
   __m256i acc = _mm256_setzero_si256();
   for (; t + 8 <= V; t += 8) {
     const __m256 g = _mm256_loadu_ps(x + t);
+    const __m256 d = _mm256_min_ps(_mm256_mul_ps(_mm256_sub_ps(mv, g), per_unit), last);  // inf -> last
+    _mm256_storeu_si256(reinterpret_cast<__m256i*>(bin + t), _mm256_cvttps_epi32(d));
     __m256i lo, hi;
     cpu::fixed8(cpu::exp8(_mm256_sub_ps(g, mv)), &lo, &hi);
     _mm256_storeu_si256(reinterpret_cast<__m256i*>(w + t), lo);
@@ -98,17 +109,31 @@ uint64_t weights_and_keys(const float* x, int64_t V, float m, uint64_t* w, uint3
   for (; t < V; ++t) {
     w[t] = token_weight(x[t], m);
     key[t] = order_key(x[t]);
+    bin[t] = bin_of(x[t], m);
     total += w[t];
   }
   return total;
 }
 
-// The tokens of key bin `bin` with key >= floor (and weight > 0 when positive_only), into s.cand.
-void collect(const Scratch& s, int64_t V, int bin, uint32_t floor, bool positive_only, std::vector<Candidate>& cand) {
+// The tokens of bin `bin` with key >= floor (and weight > 0 when positive_only), into cand. Few tokens match:
+// 8 bins are compared at once and only the matches looked at.
+void collect(const Scratch& s, int64_t V, int32_t bin, uint32_t floor, bool positive_only, std::vector<Candidate>& cand) {
   cand.clear();
-  for (int64_t t = 0; t < V; ++t) {
-    const uint32_t k = s.key[t];
-    if (static_cast<int>(k >> kBinShift) == bin && k >= floor && (s.w[t] || !positive_only)) cand.push_back({k, s.w[t]});
+  auto consider = [&](int64_t t) {
+    if (s.key[t] >= floor && (s.w[t] || !positive_only)) cand.push_back({s.key[t], s.w[t]});
+  };
+  int64_t t = 0;
+#if defined(FASTAR_CPU_AVX2)
+  const __m256i bv = _mm256_set1_epi32(bin);
+  for (; t + 8 <= V; t += 8) {
+    const __m256i b = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(s.bin.data() + t));
+    for (unsigned hits = _mm256_movemask_ps(_mm256_castsi256_ps(_mm256_cmpeq_epi32(b, bv))); hits; hits &= hits - 1) {
+      consider(t + __builtin_ctz(hits));
+    }
+  }
+#endif
+  for (; t < V; ++t) {
+    if (s.bin[t] == bin) consider(t);
   }
 }
 
@@ -138,25 +163,23 @@ uint32_t weighted_select(Candidate* first, Candidate* last, uint64_t target) {
 }
 
 // The smallest kept key: top-k's k-th largest, then top-p's cut among the tokens top-k kept (0: keep all).
-uint32_t threshold(const SampleCfgParams& prm, float m, uint64_t total, Scratch& s) {
+uint32_t threshold(const SampleCfgParams& prm, uint64_t total, Scratch& s) {
   const int64_t V = prm.V;
   std::fill(s.count.begin(), s.count.end(), 0u);
   std::fill(s.mass.begin(), s.mass.end(), 0ull);
   for (int64_t t = 0; t < V; ++t) {
-    const uint32_t bin = s.key[t] >> kBinShift;
-    ++s.count[bin];
-    s.mass[bin] += s.w[t];
+    ++s.count[s.bin[t]];
+    s.mass[s.bin[t]] += s.w[t];
   }
-  const int top = static_cast<int>(order_key(m) >> kBinShift);  // no token lies in a higher bin
   uint32_t tau = 0;
   int tau_bin = -1;
   uint64_t tau_bin_mass = 0;  // the weights of tau_bin's tokens with key >= tau
   if (prm.top_k > 0) {
-    int bin = top;
+    int bin = 0;
     uint64_t count_above = 0, mass_above = 0;
     while (count_above + s.count[bin] < static_cast<uint64_t>(prm.top_k)) {
       count_above += s.count[bin];
-      mass_above += s.mass[bin--];
+      mass_above += s.mass[bin++];
     }
     collect(s, V, bin, 0, false, s.cand);
     const int64_t rank = prm.top_k - static_cast<int64_t>(count_above);  // 1-based, within the bin
@@ -169,9 +192,9 @@ uint32_t threshold(const SampleCfgParams& prm, float m, uint64_t total, Scratch&
   }
   if (prm.top_p_fixed) {
     const uint64_t target = top_p_target(prm.top_p_fixed, total);  // <= total: the walk stops at tau_bin at the latest
-    int bin = top;
+    int bin = 0;
     uint64_t mass_above = 0;
-    for (;; --bin) {
+    for (;; ++bin) {
       const uint64_t in_bin = bin == tau_bin ? tau_bin_mass : s.mass[bin];
       if (mass_above + in_bin >= target) break;
       mass_above += in_bin;
@@ -232,8 +255,8 @@ int32_t sample_position(const SampleCfgParams& prm, int64_t b, int64_t l, Scratc
   const float m = mix_row(cond, uncond, V, prm.cond_w, prm.uncond_w, s.x.data(), &nan);
   if (nan || m == kInf) return kBadValue;
   if (m == -kInf) return kNoFiniteLogit;
-  const uint64_t total = weights_and_keys(s.x.data(), V, m, s.w.data(), s.key.data());
-  const uint32_t tau = prm.top_k > 0 || prm.top_p_fixed ? threshold(prm, m, total, s) : 0;
+  const uint64_t total = weights_and_keys(s.x.data(), V, m, s.w.data(), s.key.data(), s.bin.data());
+  const uint32_t tau = prm.top_k > 0 || prm.top_p_fixed ? threshold(prm, total, s) : 0;
   const uint64_t bits = accept::draw(prm.seed, static_cast<uint32_t>(b), static_cast<uint32_t>(l)).sample_bits;
   *token = pick_token(s.key.data(), s.w.data(), V, tau, bits, s.block_sums);
   return kOk;
@@ -247,6 +270,7 @@ std::vector<int32_t> sample_cfg_rows(const SampleCfgParams& prm) {
     Scratch s;
     s.x.resize(prm.V);
     s.key.resize(prm.V);
+    s.bin.resize(prm.V);
     s.w.resize(prm.V);
     s.count.resize(kBins);
     s.mass.resize(kBins);
