@@ -13,7 +13,7 @@ import torch
 
 import fastar
 from bench import common
-from fastar.reference import sample_cfg_reference
+from fastar.reference import cfg_mix, sample_cfg_reference, var_top_k_top_p_
 
 
 @dataclasses.dataclass(frozen=True)
@@ -69,25 +69,11 @@ def torch_sample_cfg(logits: torch.Tensor, *, cfg: float, schedule: str = "var",
     uncond + cfg (cond - uncond)), temperature, then VAR's sample_with_top_k_top_p_: mask below the k-th
     largest, sort ascending, drop cumsum(softmax) <= 1 - top_p but the last, softmax, multinomial. Draws from
     torch's global generator; int64 tokens [B] or [B, L], fastar.sample_cfg's signature and outputs."""
-    B = logits.shape[0] // 2
-    cond, uncond = logits[:B].float(), logits[B:].float()
-    if schedule == "var":
-        t = cfg * scale_index / (num_scales - 1)
-        mixed = (1 + t) * cond - t * uncond
-    else:
-        mixed = uncond + cfg * (cond - uncond)
+    mixed = cfg_mix(logits.float(), cfg, schedule, scale_index, num_scales)
     if temperature != 1.0:
         mixed = mixed / temperature
-    V = mixed.shape[-1]
-    if top_k > 0:
-        kth = mixed.topk(min(top_k, V), largest=True, sorted=False, dim=-1)[0].amin(dim=-1, keepdim=True)
-        mixed.masked_fill_(mixed < kth, -math.inf)
-    if top_p < 1.0:
-        sorted_logits, sorted_idx = mixed.sort(dim=-1, descending=False)
-        remove = sorted_logits.softmax(dim=-1).cumsum_(dim=-1) <= (1 - top_p)
-        remove[..., -1:] = False
-        mixed.masked_fill_(remove.scatter(sorted_idx.ndim - 1, sorted_idx, remove), -math.inf)
-    return torch.multinomial(mixed.softmax(dim=-1).view(-1, V), num_samples=1).view(mixed.shape[:-1])
+    var_top_k_top_p_(mixed, top_k, top_p if top_p < 1.0 else 0.0)
+    return torch.multinomial(mixed.softmax(dim=-1).view(-1, mixed.shape[-1]), num_samples=1).view(mixed.shape[:-1])
 
 
 def make_inputs(case: SampleCase, device: str = "cpu") -> dict:
