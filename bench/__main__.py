@@ -10,10 +10,18 @@ import time
 import torch
 
 import fastar
-from bench import bench_attention, bench_greedy_verify, bench_scale_attention, bench_speculative_sample, common
+from bench import (
+    bench_attention,
+    bench_greedy_verify,
+    bench_sample_cfg,
+    bench_scale_attention,
+    bench_speculative_sample,
+    common,
+)
 
 OPS = [
     bench_speculative_sample.BENCH, bench_greedy_verify.BENCH, *bench_attention.BENCHES, *bench_scale_attention.BENCHES,
+    bench_sample_cfg.BENCH,
 ]
 # (max rounds, seconds per case after which rounds stop once 3 are done)
 ROUNDS = {"full": (40, 12.0), "quick": (4, 1.5)}

@@ -21,7 +21,7 @@ import torch
 
 import fastar
 from fastar import sampling
-from fastar.reference import philox4x32_10, sample_cfg_reference
+from fastar.reference import philox4x32_10, sample_cfg_reference, var_top_k_top_p_
 from helpers import chisquare_pvalue, rows
 
 P_THRESHOLD = 1e-4  # statistical tests fail when a p-value is below this (fixed seeds: deterministic)
@@ -30,16 +30,8 @@ VAR = dict(cfg=1.5, schedule="var", scale_index=6, num_scales=10)
 
 
 def var_kept(logits: torch.Tensor, top_k: int, top_p: float) -> torch.Tensor:
-    """bool [..., V]: the tokens VAR's sample_with_top_k_top_p_ leaves finite (its code, on a copy, any dtype)."""
-    x = logits.clone()
-    if top_k > 0:
-        x.masked_fill_(x < x.topk(top_k, largest=True, sorted=False, dim=-1)[0].amin(dim=-1, keepdim=True), -math.inf)
-    if top_p > 0:
-        sorted_logits, sorted_idx = x.sort(dim=-1, descending=False)
-        remove = sorted_logits.softmax(dim=-1).cumsum_(dim=-1) <= (1 - top_p)
-        remove[..., -1:] = False
-        x.masked_fill_(remove.scatter(sorted_idx.ndim - 1, sorted_idx, remove), -math.inf)
-    return x > -math.inf
+    """bool [..., V]: the tokens VAR's sample_with_top_k_top_p_ leaves finite (its code, on a copy)."""
+    return var_top_k_top_p_(logits.clone(), top_k, top_p) > -math.inf
 
 
 def guided_logits(gen, images: int, vocab: int, spread: float = 2.0) -> torch.Tensor:

@@ -9,15 +9,23 @@
 namespace fastar::cpu {
 
 #if defined(FASTAR_CPU_AVX2)
-// acc (4 x uint64) += fixed_weight of 8 floats; the same round-via-2^52 trick as the scalar code.
-inline __m256i add_fixed8(__m256i acc, __m256 w) {
+// fixed_weight of 8 floats, lanes 0-3 in *lo and 4-7 in *hi (uint64); the same round-via-2^52 trick as the
+// scalar code.
+inline void fixed8(__m256 w, __m256i* lo, __m256i* hi) {
   w = _mm256_max_ps(w, _mm256_setzero_ps());  // NaN -> 0, as in fixed_weight
   const __m256d scale = _mm256_set1_pd(accept::kFixedScale), magic = _mm256_set1_pd(accept::kRoundMagic);
   const __m256i magic_bits = _mm256_set1_epi64x(static_cast<int64_t>(accept::kRoundMagicBits));
-  const __m256d lo = _mm256_add_pd(_mm256_mul_pd(_mm256_cvtps_pd(_mm256_castps256_ps128(w)), scale), magic);
-  const __m256d hi = _mm256_add_pd(_mm256_mul_pd(_mm256_cvtps_pd(_mm256_extractf128_ps(w, 1)), scale), magic);
-  acc = _mm256_add_epi64(acc, _mm256_sub_epi64(_mm256_castpd_si256(lo), magic_bits));
-  return _mm256_add_epi64(acc, _mm256_sub_epi64(_mm256_castpd_si256(hi), magic_bits));
+  const __m256d l = _mm256_add_pd(_mm256_mul_pd(_mm256_cvtps_pd(_mm256_castps256_ps128(w)), scale), magic);
+  const __m256d h = _mm256_add_pd(_mm256_mul_pd(_mm256_cvtps_pd(_mm256_extractf128_ps(w, 1)), scale), magic);
+  *lo = _mm256_sub_epi64(_mm256_castpd_si256(l), magic_bits);
+  *hi = _mm256_sub_epi64(_mm256_castpd_si256(h), magic_bits);
+}
+
+// acc (4 x uint64) += fixed_weight of 8 floats.
+inline __m256i add_fixed8(__m256i acc, __m256 w) {
+  __m256i lo, hi;
+  fixed8(w, &lo, &hi);
+  return _mm256_add_epi64(_mm256_add_epi64(acc, lo), hi);
 }
 
 inline __m256 prob_ok8(__m256 x) {  // all-ones lanes where 0 <= x <= 1 (false for NaN)

@@ -1,15 +1,18 @@
-// CPU kernel of fastar.sample_cfg: (image, position) pairs in parallel. Per pair: one vectorised pass mixes the
-// conditional and unconditional rows and finds the maximum, nth_element finds the top-k threshold, one vectorised
-// pass computes the exp weights of the kept tokens, a weighted quickselect over them the top-p threshold, and a
-// blocked fixed-point inverse CDF picks the token. No sort: V is 4096 (VAR) to 16384 (LlamaGen), k ~ 1000.
+// CPU kernel of fastar.sample_cfg: (image, position) pairs in parallel. Per pair, no sort (V is 4096 for VAR,
+// 16384 for LlamaGen, k ~ 1000):
+//  1. one vectorised pass mixes the conditional and unconditional rows and finds the maximum;
+//  2. one computes every token's fixed-point weight exp(x - max) and the order key of its logit;
+//  3. with top-k or top-p, one scalar pass counts tokens and sums weights per bin of max - x (1/32 wide, so
+//     tokens spread over many bins). Walking the bins down from the maximum finds the bin holding the k-th
+//     largest logit (and then the one where the top-p mass is reached); only that bin's few tokens are
+//     selected exactly (nth_element by key, a weighted quickselect by mass);
+//  4. a blocked fixed-point inverse CDF over the kept tokens picks the token.
 
 #include <ATen/Parallel.h>
 
 #include <algorithm>
 #include <cmath>
-#include <functional>
 #include <limits>
-#include <string>
 #include <vector>
 
 #include "core/sampling.h"
@@ -24,18 +27,23 @@ namespace {
 using namespace sampling;
 
 constexpr float kInf = std::numeric_limits<float>::infinity();
+constexpr int kBins = 2048;
+constexpr float kBinsPerUnit = 32.0f;  // bins cover max - x in [0, 64); the last one also everything below
 constexpr int64_t kPickBlock = 256;  // tokens per block of the inverse-CDF search
 
 struct Candidate {
-  float x;
+  uint32_t key;
   uint64_t w;
 };
 
 // Per-thread buffers, reused across the rows of a chunk.
 struct Scratch {
-  std::vector<float> x, e, tmp;
-  std::vector<Candidate> kept;
-  std::vector<uint64_t> block_sums;
+  std::vector<float> x;
+  std::vector<int32_t> bin;
+  std::vector<uint32_t> key;
+  std::vector<uint64_t> w, mass, block_sums;
+  std::vector<uint32_t> count;
+  std::vector<Candidate> cand;
 };
 
 // x[t] = guided logit of token t; returns the maximum, *nan = some x[t] is NaN.
@@ -66,41 +74,82 @@ float mix_row(const P* cond, const P* uncond, int64_t V, float cond_w, float unc
   return m;
 }
 
-// e[t] = exp(x[t] - m) for x[t] >= floor, else 0; returns the fixed-point total of the kept weights.
-uint64_t exp_weights(const float* x, int64_t V, float m, float floor, float* e) {
+// Bin of a token: non-decreasing in max - x, so a lower bin holds only larger logits than a higher one (equal
+// logits share a bin). Any monotone binning gives the same thresholds; this one spreads logits evenly.
+int32_t bin_of(float x, float m) {
+  const float d = (m - x) * kBinsPerUnit;
+  return d < kBins - 1 ? static_cast<int32_t>(d) : kBins - 1;
+}
+
+// w[t] = token_weight(x[t], m), key[t] = order_key(x[t]), bin[t] = bin_of(x[t], m); returns the sum of the
+// weights.
+uint64_t weights_and_keys(const float* x, int64_t V, float m, uint64_t* w, uint32_t* key, int32_t* bin) {
   uint64_t total = 0;
   int64_t t = 0;
 #if defined(FASTAR_CPU_AVX2)
-  const __m256 mv = _mm256_set1_ps(m), fv = _mm256_set1_ps(floor);
+  const __m256 mv = _mm256_set1_ps(m), per_unit = _mm256_set1_ps(kBinsPerUnit), last = _mm256_set1_ps(kBins - 1);
+  const __m256i top = _mm256_set1_epi32(static_cast<int32_t>(0x80000000u));
   __m256i acc = _mm256_setzero_si256();
   for (; t + 8 <= V; t += 8) {
     const __m256 g = _mm256_loadu_ps(x + t);
-    const __m256 w = _mm256_and_ps(cpu::exp8(_mm256_sub_ps(g, mv)), _mm256_cmp_ps(g, fv, _CMP_GE_OQ));
-    _mm256_storeu_ps(e + t, w);
-    acc = cpu::add_fixed8(acc, w);
+    const __m256 d = _mm256_min_ps(_mm256_mul_ps(_mm256_sub_ps(mv, g), per_unit), last);  // inf -> last
+    _mm256_storeu_si256(reinterpret_cast<__m256i*>(bin + t), _mm256_cvttps_epi32(d));
+    __m256i lo, hi;
+    cpu::fixed8(cpu::exp8(_mm256_sub_ps(g, mv)), &lo, &hi);
+    _mm256_storeu_si256(reinterpret_cast<__m256i*>(w + t), lo);
+    _mm256_storeu_si256(reinterpret_cast<__m256i*>(w + t + 4), hi);
+    acc = _mm256_add_epi64(_mm256_add_epi64(acc, lo), hi);
+    // order_key: -0 + 0 is +0; negative floats flip every bit, the others only the sign bit.
+    const __m256i u = _mm256_castps_si256(_mm256_add_ps(g, _mm256_setzero_ps()));
+    const __m256i k = _mm256_xor_si256(u, _mm256_or_si256(_mm256_srai_epi32(u, 31), top));
+    _mm256_storeu_si256(reinterpret_cast<__m256i*>(key + t), k);
   }
   total = cpu::hsum(acc);
 #endif
   for (; t < V; ++t) {
-    e[t] = x[t] >= floor ? exp_nonpositive(x[t] - m) : 0.0f;
-    total += accept::fixed_weight(e[t]);
+    w[t] = token_weight(x[t], m);
+    key[t] = order_key(x[t]);
+    bin[t] = bin_of(x[t], m);
+    total += w[t];
   }
   return total;
 }
 
-// The largest value T among the candidates whose weights over {x >= T} sum to at least target
-// (1 <= target <= their total): a quickselect that partitions by value and descends by mass. Reorders them.
-float weighted_select(Candidate* first, Candidate* last, uint64_t target) {
+// The tokens of bin `bin` with key >= floor (and weight > 0 when positive_only), into cand. Few tokens match:
+// 8 bins are compared at once and only the matches looked at.
+void collect(const Scratch& s, int64_t V, int32_t bin, uint32_t floor, bool positive_only, std::vector<Candidate>& cand) {
+  cand.clear();
+  auto consider = [&](int64_t t) {
+    if (s.key[t] >= floor && (s.w[t] || !positive_only)) cand.push_back({s.key[t], s.w[t]});
+  };
+  int64_t t = 0;
+#if defined(FASTAR_CPU_AVX2)
+  const __m256i bv = _mm256_set1_epi32(bin);
+  for (; t + 8 <= V; t += 8) {
+    const __m256i b = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(s.bin.data() + t));
+    for (unsigned hits = _mm256_movemask_ps(_mm256_castsi256_ps(_mm256_cmpeq_epi32(b, bv))); hits; hits &= hits - 1) {
+      consider(t + __builtin_ctz(hits));
+    }
+  }
+#endif
+  for (; t < V; ++t) {
+    if (s.bin[t] == bin) consider(t);
+  }
+}
+
+// The largest key T among the candidates whose weights over {key >= T} sum to at least target
+// (1 <= target <= their total): a quickselect that partitions by key and descends by mass. Reorders them.
+uint32_t weighted_select(Candidate* first, Candidate* last, uint64_t target) {
   auto mass = [](const Candidate* a, const Candidate* b) {
     uint64_t s = 0;
     for (; a != b; ++a) s += a->w;
     return s;
   };
   for (;;) {
-    const float a = first->x, b = first[(last - first) / 2].x, c = last[-1].x;
-    const float pivot = std::max(std::min(a, b), std::min(std::max(a, b), c));  // median of three
-    Candidate* above = std::partition(first, last, [pivot](const Candidate& k) { return k.x > pivot; });
-    Candidate* below = std::partition(above, last, [pivot](const Candidate& k) { return k.x == pivot; });
+    const uint32_t a = first->key, b = first[(last - first) / 2].key, c = last[-1].key;
+    const uint32_t pivot = std::max(std::min(a, b), std::min(std::max(a, b), c));  // median of three
+    Candidate* above = std::partition(first, last, [pivot](const Candidate& k) { return k.key > pivot; });
+    Candidate* below = std::partition(above, last, [pivot](const Candidate& k) { return k.key == pivot; });
     const uint64_t hi = mass(first, above);
     if (hi >= target) {
       last = above;  // holds mass >= target >= 1, so it is not empty
@@ -113,29 +162,79 @@ float weighted_select(Candidate* first, Candidate* last, uint64_t target) {
   }
 }
 
-// The token at which the inclusive prefix sum of the kept weights (x >= tau) first exceeds sample_target(bits,
-// total): block sums first, then one block token by token.
-int64_t pick_token(const float* x, const float* e, int64_t V, float tau, uint64_t bits, std::vector<uint64_t>& sums) {
-  auto weight = [&](int64_t t) { return x[t] >= tau ? accept::fixed_weight(e[t]) : 0; };
+// The smallest kept key: top-k's k-th largest, then top-p's cut among the tokens top-k kept (0: keep all).
+uint32_t threshold(const SampleCfgParams& prm, uint64_t total, Scratch& s) {
+  const int64_t V = prm.V;
+  std::fill(s.count.begin(), s.count.end(), 0u);
+  std::fill(s.mass.begin(), s.mass.end(), 0ull);
+  for (int64_t t = 0; t < V; ++t) {
+    ++s.count[s.bin[t]];
+    s.mass[s.bin[t]] += s.w[t];
+  }
+  uint32_t tau = 0;
+  int tau_bin = -1;
+  uint64_t tau_bin_mass = 0;  // the weights of tau_bin's tokens with key >= tau
+  if (prm.top_k > 0) {
+    int bin = 0;
+    uint64_t count_above = 0, mass_above = 0;
+    while (count_above + s.count[bin] < static_cast<uint64_t>(prm.top_k)) {
+      count_above += s.count[bin];
+      mass_above += s.mass[bin++];
+    }
+    collect(s, V, bin, 0, false, s.cand);
+    const int64_t rank = prm.top_k - static_cast<int64_t>(count_above);  // 1-based, within the bin
+    std::nth_element(s.cand.begin(), s.cand.begin() + (rank - 1), s.cand.end(),
+                     [](const Candidate& a, const Candidate& b) { return a.key > b.key; });
+    tau = s.cand[rank - 1].key;
+    for (const Candidate& c : s.cand) tau_bin_mass += c.key >= tau ? c.w : 0;
+    tau_bin = bin;
+    total = mass_above + tau_bin_mass;
+  }
+  if (prm.top_p_fixed) {
+    const uint64_t target = top_p_target(prm.top_p_fixed, total);  // <= total: the walk stops at tau_bin at the latest
+    int bin = 0;
+    uint64_t mass_above = 0;
+    for (;; ++bin) {
+      const uint64_t in_bin = bin == tau_bin ? tau_bin_mass : s.mass[bin];
+      if (mass_above + in_bin >= target) break;
+      mass_above += in_bin;
+    }
+    // Tokens of weight 0 cannot be where the mass reaches the target: leave them out.
+    collect(s, V, bin, tau, true, s.cand);
+    tau = weighted_select(s.cand.data(), s.cand.data() + s.cand.size(), target - mass_above);
+  }
+  return tau;
+}
+
+// The token at which the inclusive prefix sum of the kept weights (key >= tau) first exceeds
+// sample_target(bits, total): block sums first, then one block token by token.
+int64_t pick_token(const uint32_t* key, const uint64_t* w, int64_t V, uint32_t tau, uint64_t bits,
+                   std::vector<uint64_t>& sums) {
+  auto weight = [&](int64_t t) { return key[t] >= tau ? w[t] : 0; };
   const int64_t blocks = (V + kPickBlock - 1) / kPickBlock;
   sums.assign(blocks, 0);
   uint64_t total = 0;
   for (int64_t blk = 0; blk < blocks; ++blk) {
     const int64_t end = std::min(V, (blk + 1) * kPickBlock);
     int64_t t = blk * kPickBlock;
-    uint64_t s = 0;
+    uint64_t sum = 0;
 #if defined(FASTAR_CPU_AVX2)
-    const __m256 tv = _mm256_set1_ps(tau);
+    const __m256i tv = _mm256_set1_epi32(static_cast<int32_t>(tau));
     __m256i acc = _mm256_setzero_si256();
     for (; t + 8 <= end; t += 8) {
-      const __m256 keep = _mm256_cmp_ps(_mm256_loadu_ps(x + t), tv, _CMP_GE_OQ);
-      acc = cpu::add_fixed8(acc, _mm256_and_ps(_mm256_loadu_ps(e + t), keep));
+      const __m256i k = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(key + t));
+      const __m256i keep = _mm256_cmpeq_epi32(_mm256_max_epu32(k, tv), k);  // key >= tau, unsigned
+      const __m256i lo = _mm256_and_si256(_mm256_cvtepi32_epi64(_mm256_castsi256_si128(keep)),
+                                          _mm256_loadu_si256(reinterpret_cast<const __m256i*>(w + t)));
+      const __m256i hi = _mm256_and_si256(_mm256_cvtepi32_epi64(_mm256_extracti128_si256(keep, 1)),
+                                          _mm256_loadu_si256(reinterpret_cast<const __m256i*>(w + t + 4)));
+      acc = _mm256_add_epi64(_mm256_add_epi64(acc, lo), hi);
     }
-    s = cpu::hsum(acc);
+    sum = cpu::hsum(acc);
 #endif
-    for (; t < end; ++t) s += weight(t);
-    sums[blk] = s;
-    total += s;
+    for (; t < end; ++t) sum += weight(t);
+    sums[blk] = sum;
+    total += sum;
   }
   uint64_t target = accept::sample_target(bits, total);
   int64_t blk = 0;
@@ -152,30 +251,14 @@ int32_t sample_position(const SampleCfgParams& prm, int64_t b, int64_t l, Scratc
   const int64_t V = prm.V;
   const P* cond = static_cast<const P*>(prm.logits) + b * prm.s_row + l * prm.s_pos;
   const P* uncond = cond + prm.B * prm.s_row;
-  float* x = s.x.data();
-  float* e = s.e.data();
   bool nan = false;
-  const float m = mix_row(cond, uncond, V, prm.cond_w, prm.uncond_w, x, &nan);
+  const float m = mix_row(cond, uncond, V, prm.cond_w, prm.uncond_w, s.x.data(), &nan);
   if (nan || m == kInf) return kBadValue;
   if (m == -kInf) return kNoFiniteLogit;
-
-  float tau = -kInf;
-  if (prm.top_k > 0) {  // the k-th largest logit; every token equal to it is kept
-    std::copy(x, x + V, s.tmp.begin());
-    std::nth_element(s.tmp.begin(), s.tmp.begin() + (prm.top_k - 1), s.tmp.end(), std::greater<float>());
-    tau = s.tmp[prm.top_k - 1];
-  }
-  const uint64_t total = exp_weights(x, V, m, tau, e);
-  if (prm.top_p_fixed) {  // tokens of weight 0 cannot be where the mass reaches the target: leave them out
-    s.kept.clear();
-    for (int64_t t = 0; t < V; ++t) {
-      const uint64_t w = accept::fixed_weight(e[t]);
-      if (w) s.kept.push_back({x[t], w});
-    }
-    tau = weighted_select(s.kept.data(), s.kept.data() + s.kept.size(), top_p_target(prm.top_p_fixed, total));
-  }
-  *token = pick_token(x, e, V, tau, accept::draw(prm.seed, static_cast<uint32_t>(b), static_cast<uint32_t>(l)).sample_bits,
-                      s.block_sums);
+  const uint64_t total = weights_and_keys(s.x.data(), V, m, s.w.data(), s.key.data(), s.bin.data());
+  const uint32_t tau = prm.top_k > 0 || prm.top_p_fixed ? threshold(prm, total, s) : 0;
+  const uint64_t bits = accept::draw(prm.seed, static_cast<uint32_t>(b), static_cast<uint32_t>(l)).sample_bits;
+  *token = pick_token(s.key.data(), s.w.data(), V, tau, bits, s.block_sums);
   return kOk;
 }
 
@@ -186,8 +269,11 @@ std::vector<int32_t> sample_cfg_rows(const SampleCfgParams& prm) {
   at::parallel_for(0, prm.B * prm.L, 1, [&](int64_t begin, int64_t end) {
     Scratch s;
     s.x.resize(prm.V);
-    s.e.resize(prm.V);
-    if (prm.top_k > 0) s.tmp.resize(prm.V);
+    s.key.resize(prm.V);
+    s.bin.resize(prm.V);
+    s.w.resize(prm.V);
+    s.count.resize(kBins);
+    s.mass.resize(kBins);
     for (int64_t i = begin; i < end; ++i) {
       status[i] = sample_position<P>(prm, i / prm.L, i % prm.L, s, prm.tokens + i);
       if (status[i] != kOk) prm.tokens[i] = -1;

@@ -6,12 +6,13 @@ from .acceptance import (
     speculative_output_distribution,
     speculative_sample_reference,
 )
-from .sampling import sample_cfg_reference
+from .sampling import cfg_mix, sample_cfg_reference, var_top_k_top_p_
 from .scale import scale_attention_reference
 from .scale_kvcache import scalekv_keep_reference
 
 __all__ = [
     "attention_reference",
+    "cfg_mix",
     "mask_from_args",
     "greedy_verify_reference",
     "philox4x32_10",
@@ -20,4 +21,5 @@ __all__ = [
     "scale_attention_reference",
     "scalekv_keep_reference",
     "speculative_sample_reference",
+    "var_top_k_top_p_",
 ]

@@ -1,9 +1,39 @@
-"""Reference of fastar.sample_cfg: the distribution it samples from, in float64 plain PyTorch."""
+"""Reference of fastar.sample_cfg: the distribution it samples from, in float64 plain PyTorch; and the PyTorch
+code of VAR's sampler it replaces (``cfg_mix``, ``var_top_k_top_p_``), shared with the tests and benchmarks."""
 from __future__ import annotations
 
+import math
 from typing import Optional
 
 import torch
+
+
+def cfg_mix(logits: torch.Tensor, cfg: float, schedule: str = "var", scale_index: Optional[int] = None,
+            num_scales: Optional[int] = None) -> torch.Tensor:
+    """Classifier-free guidance of [2B, ..., V] logits (conditional rows first), in the logits' dtype: VAR's
+    ``(1 + t) * cond - t * uncond`` with ``t = cfg * scale_index / (num_scales - 1)`` (schedule "var"), or
+    LlamaGen's ``uncond + cfg * (cond - uncond)`` (schedule "constant")."""
+    B = logits.shape[0] // 2
+    cond, uncond = logits[:B], logits[B:]
+    if schedule == "var":
+        t = cfg * scale_index / (num_scales - 1)
+        return (1 + t) * cond - t * uncond
+    return uncond + cfg * (cond - uncond)
+
+
+def var_top_k_top_p_(logits: torch.Tensor, top_k: int, top_p: float) -> torch.Tensor:
+    """VAR's ``sample_with_top_k_top_p_`` filter as VAR writes it, in place: -inf below the k-th largest logit
+    (``top_k > 0``), then, sorted ascending, on the tokens with ``cumsum(softmax) <= 1 - top_p`` but the last
+    (``top_p > 0``; tied logits are split by their sort position). Returns logits."""
+    if top_k > 0:
+        kth = logits.topk(min(top_k, logits.shape[-1]), largest=True, sorted=False, dim=-1)[0].amin(dim=-1, keepdim=True)
+        logits.masked_fill_(logits < kth, -math.inf)
+    if top_p > 0:
+        sorted_logits, sorted_idx = logits.sort(dim=-1, descending=False)
+        remove = sorted_logits.softmax(dim=-1).cumsum_(dim=-1) <= (1 - top_p)
+        remove[..., -1:] = False
+        logits.masked_fill_(remove.scatter(sorted_idx.ndim - 1, sorted_idx, remove), -math.inf)
+    return logits
 
 
 def sample_cfg_reference(
@@ -24,15 +54,7 @@ def sample_cfg_reference(
     top-p drops a token when the mass of the tokens with a strictly larger logit is ``>= top_p`` (VAR's
     ascending ``cumsum <= 1 - top_p``), so equal logits share one decision and the largest is always kept.
     """
-    x = logits.double()
-    B = x.shape[0] // 2
-    cond, uncond = x[:B], x[B:]
-    if schedule == "var":
-        t = cfg * scale_index / (num_scales - 1)
-        mixed = (1 + t) * cond - t * uncond
-    else:
-        mixed = uncond + cfg * (cond - uncond)
-    mixed = mixed / temperature
+    mixed = cfg_mix(logits.double(), cfg, schedule, scale_index, num_scales) / temperature
     V = mixed.shape[-1]
     if 0 < top_k < V:
         kth = mixed.topk(top_k, dim=-1).values[..., -1:]
