@@ -12,7 +12,8 @@ import torch
 import torch.nn.functional as F
 
 import fastar
-from bench import bench_attention, common
+from bench import bench_attention, bench_sample_cfg, common
+from fastar.reference import sample_cfg_reference
 
 VAR_256 = (1, 2, 3, 4, 5, 6, 8, 10, 13, 16)  # 680 tokens
 VAR_512 = (1, 2, 3, 4, 6, 9, 13, 18, 24, 32)  # 2240 tokens
@@ -189,35 +190,15 @@ def make_loop(case: ScaleCase, device: str) -> dict:
     return {"case": case, "layout": layout, "steps": steps, "q_scale": q_scale}
 
 
-def cfg_logits(logits: torch.Tensor, scale_index: int, num_scales: int) -> torch.Tensor:
-    """VAR's guidance: (1 + t) cond - t uncond, t = CFG * scale_index / (num_scales - 1); [B, n, V] float32."""
-    B = logits.shape[0] // 2
-    t = CFG * scale_index / (num_scales - 1)
-    return (1 + t) * logits[:B] - t * logits[B:]
-
-
-def top_k_top_p_allowed(logits: torch.Tensor) -> torch.Tensor:
-    """bool [B, n, V]: the tokens VAR's sample_with_top_k_top_p_ keeps: the top-k logits (ties at the k-th
-    kept), then dropping the least likely tokens while their cumulative probability stays <= 1 - top_p."""
-    allowed = logits >= logits.topk(TOP_K, dim=-1, sorted=False).values.amin(-1, keepdim=True)
-    filtered = logits.masked_fill(~allowed, float("-inf"))
-    ascending, order = filtered.sort(dim=-1)
-    drop = ascending.softmax(-1).cumsum_(-1) <= 1 - TOP_P
-    drop[..., -1] = False  # the most likely token always stays
-    return allowed & ~drop.scatter(-1, order, drop)
-
-
-def sample_torch(logits: torch.Tensor, scale_index: int, num_scales: int) -> torch.Tensor:
-    """VAR's sampler today: CFG mix, top-k threshold, sort/softmax/cumsum top-p, multinomial. int64 [B, n]."""
-    mixed = cfg_logits(logits, scale_index, num_scales)
-    mixed = mixed.masked_fill_(~top_k_top_p_allowed(mixed), float("-inf"))
-    B, n, V = mixed.shape
-    return torch.multinomial(mixed.softmax(-1).view(-1, V), 1).view(B, n)
+def sampling(layout: fastar.ScaleLayout, scale_index: int) -> dict:
+    """fastar.sample_cfg's keyword arguments (but seed and offset) at scale scale_index: VAR's FID settings."""
+    return {"cfg": CFG, "schedule": "var", "scale_index": scale_index, "num_scales": layout.num_scales,
+            "top_k": TOP_K, "top_p": TOP_P}
 
 
 def run_fastar_loop(x: dict, seed: int) -> tuple:
-    """Per scale and layer, ScaleKVCache.append + attend (qk_norm in the kernel); per scale, fastar.sample_cfg
-    (the PyTorch sampler until it is merged). Returns (tokens int64 [B, L], the last attention output)."""
+    """Per scale and layer, ScaleKVCache.append + attend (qk_norm in the kernel); per scale, fastar.sample_cfg.
+    Returns (tokens int64 [B, L], the last attention output)."""
     case, layout = x["case"], x["layout"]
     caches = [fastar.ScaleKVCache(case.rows, case.H, case.D, layout, case.dtype, x["q_scale"].device)
               for _ in range(case.layers)]
@@ -226,18 +207,13 @@ def run_fastar_loop(x: dict, seed: int) -> tuple:
         for cache in caches:
             cache.append(k, v)
             out = cache.attend(q, qk_norm=True, q_scale=x["q_scale"])
-        if hasattr(fastar, "sample_cfg"):
-            tokens.append(fastar.sample_cfg(logits, cfg=CFG, schedule="var", scale_index=s,
-                                            num_scales=layout.num_scales, top_k=TOP_K, top_p=TOP_P, seed=seed,
-                                            offset=layout.starts[s]))
-        else:
-            tokens.append(sample_torch(logits, s, layout.num_scales))
+        tokens.append(fastar.sample_cfg(logits, seed=seed, offset=layout.starts[s], **sampling(layout, s)))
     return torch.cat(tokens, 1), out
 
 
 def run_torch_loop(x: dict, seed: int) -> tuple:
     """VAR's loop today: per layer, L2-normalise q and k, torch.cat k and v onto the cache, SDPA; per scale,
-    sample_torch. Returns (tokens int64 [B, L], the last attention output)."""
+    bench_sample_cfg.torch_sample_cfg (VAR's sampler). Returns (tokens int64 [B, L], the last attention output)."""
     case, layout = x["case"], x["layout"]
     scale_mul = x["q_scale"].view(1, case.H, 1, 1)
     cached = [None] * case.layers
@@ -249,26 +225,26 @@ def run_torch_loop(x: dict, seed: int) -> tuple:
                                                             torch.cat((cached[layer][1], v), 2))
             cached[layer] = ck, cv
             out = F.scaled_dot_product_attention(qn, ck, cv, scale=1.0)
-        tokens.append(sample_torch(logits, s, layout.num_scales))
+        tokens.append(bench_sample_cfg.torch_sample_cfg(logits, **sampling(layout, s)))
     return torch.cat(tokens, 1), out
 
 
 def check_loop(case: ScaleCase, x: dict, out: tuple) -> None:
-    """Tokens int64 [B, L], every one in its row's top-k and (but for a few on the top-p boundary, where float
-    summation orders differ) in its top-p set; the attention output finite."""
+    """Tokens int64 [B, L], every one in its position's top-k set and (but for a few on the top-p boundary,
+    where float rounding differs) in its top-p set of the float64 reference; the attention output finite."""
     tokens, attention = out
     assert tokens.dtype == torch.int64 and tokens.shape == (case.B, case.tokens), (tokens.dtype, tokens.shape)
     assert ((tokens >= 0) & (tokens < case.vocab)).all(), "a token outside [0, V)"
     outside_top_k = outside_top_p = 0
     layout = x["layout"]
     for s, (*_, logits) in enumerate(x["steps"]):
-        mixed = cfg_logits(logits, s, layout.num_scales)
-        chosen = tokens[:, layout.starts[s] : layout.ends[s]].to(mixed.device).unsqueeze(-1)
-        kth = mixed.topk(TOP_K, dim=-1).values[..., -1:]
-        outside_top_k += int((mixed.gather(-1, chosen) < kth).sum())
-        outside_top_p += int((~top_k_top_p_allowed(mixed).gather(-1, chosen)).sum())
+        chosen = tokens[:, layout.starts[s] : layout.ends[s]].to(logits.device).unsqueeze(-1)
+        kwargs = sampling(layout, s)
+        outside_top_k += int((sample_cfg_reference(logits, **dict(kwargs, top_p=1.0)).gather(-1, chosen) == 0).sum())
+        outside_top_p += int((sample_cfg_reference(logits, **kwargs).gather(-1, chosen) == 0).sum())
     assert outside_top_k == 0, f"{outside_top_k} tokens outside the top-{TOP_K}"
-    assert outside_top_p <= 0.01 * tokens.numel(), f"{outside_top_p} of {tokens.numel()} tokens outside top-p"
+    assert outside_top_p <= bench_sample_cfg.TOP_P_SLACK * tokens.numel(), (
+        f"{outside_top_p} of {tokens.numel()} tokens outside top-p")
     assert attention.shape == x["steps"][-1][0].shape and torch.isfinite(attention).all()
 
 
@@ -292,8 +268,7 @@ def metrics_loop(case: ScaleCase, x: dict, outputs: list) -> dict:
     logits = sum(step[3].numel() * step[3].element_size() for step in x["steps"])
     pairs = attention_pairs(layout)
     return {"bytes": case.layers * per_layer * element + logits, "bound": "compute", "goal": case.goal,
-            "flops": 4 * case.D * case.rows * case.H * pairs * case.layers,
-            "sampler": "fastar.sample_cfg" if hasattr(fastar, "sample_cfg") else "torch (no fastar.sample_cfg)"}
+            "flops": 4 * case.D * case.rows * case.H * pairs * case.layers}
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -441,8 +416,9 @@ def test_scale_check_loop_catches_tokens_outside_top_k():
     case = next(c for c in CASES if c.kind == "loop").small()
     x = make_loop(case, "cpu")
     tokens, attention = run_torch_loop(x, 0)
-    scales = x["layout"].num_scales
-    least = torch.cat([cfg_logits(step[3], s, scales).argmin(-1) for s, step in enumerate(x["steps"])], 1)
+    layout = x["layout"]
+    least = torch.cat([sample_cfg_reference(step[3], **sampling(layout, s)).argmin(-1)
+                       for s, step in enumerate(x["steps"])], 1)
     check_loop(case, x, (tokens, attention))
     with pytest.raises(AssertionError, match="outside the top"):
         check_loop(case, x, (least, attention))
