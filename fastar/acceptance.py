@@ -39,7 +39,8 @@ _STATUS_TEXT = (
 
 
 def set_debug_checks(enabled: bool) -> None:
-    """Validate every input value before each acceptance op and raise for marked rows after it (syncs)."""
+    """Validate every input value before each acceptance op and raise for marked rows after it, and raise for
+    marked tokens after each fastar.sample_cfg (syncs)."""
     global _debug_checks
     _debug_checks = bool(enabled)
 

@@ -18,11 +18,13 @@ from collections import Counter
 
 import pytest
 import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 import fastar
 from fastar import sampling
 from fastar.reference import philox4x32_10, sample_cfg_reference, var_top_k_top_p_
-from helpers import chisquare_pvalue, rows
+from helpers import HYPOTHESIS, chisquare_pvalue, rows
 
 P_THRESHOLD = 1e-4  # statistical tests fail when a p-value is below this (fixed seeds: deterministic)
 LN2 = math.log(2)
@@ -211,6 +213,35 @@ def test_same_tokens_as_the_cpu_kernel(backend, case):
     assert torch.equal(tokens, fastar.sample_cfg(logits.contiguous(), seed=99, offset=3, **config))
 
 
+@settings(max_examples=80, **HYPOTHESIS)
+@given(
+    images=st.integers(1, 3),
+    positions=st.integers(1, 3),
+    vocab=st.integers(1, 300),
+    levels=st.sampled_from([3, 20, None]),  # logits from a few values (many ties), or continuous
+    spread=st.sampled_from([0.5, 4.0, 40.0]),
+    top_k=st.integers(0, 60),
+    top_p=st.sampled_from([1.0, 0.999, 0.9, 0.5, 0.1, 1e-9]),
+    var=st.booleans(),
+    dtype=st.sampled_from([torch.float32, torch.bfloat16]),
+    seed=st.integers(0, 2**64 - 1),
+)
+def test_same_tokens_as_the_cpu_kernel_random(backend, images, positions, vocab, levels, spread, top_k, top_p, var,
+                                              dtype, seed):
+    gen = torch.Generator().manual_seed(seed % 2**63)
+    shape = (2 * images, positions, vocab)
+    if levels is None:
+        logits = torch.randn(shape, generator=gen) * spread
+    else:
+        logits = torch.randint(0, levels, shape, generator=gen) * (spread / levels)
+    config = dict(VAR, scale_index=seed % 10) if var else dict(cfg=spread / 8, schedule="constant")
+    config.update(top_k=top_k, top_p=top_p)
+    logits = logits.to(dtype)
+    tokens = backend.sample_cfg(logits, seed=seed, offset=positions, **config)
+    assert torch.equal(tokens, fastar.sample_cfg(logits, seed=seed, offset=positions, **config))
+    assert ((tokens >= 0) & (tokens < vocab)).all()
+
+
 def test_seed_and_offset_select_the_stream(backend):
     logits = torch.zeros(2, 40, 64)
     draw = lambda seed, offset: backend.sample_cfg(logits, seed=seed, offset=offset, **VAR)  # noqa: E731
@@ -252,6 +283,7 @@ def test_shapes(backend):
     assert backend.sample_cfg(torch.randn(6, 4, 33, generator=gen), **VAR).shape == (3, 4)
     assert backend.sample_cfg(torch.randn(0, 4, 33), **VAR).shape == (0, 4)
     assert backend.sample_cfg(torch.randn(2, 0, 33), **VAR).shape == (1, 0)
+    assert backend.sample_cfg(torch.randn(2, 1), top_k=5, top_p=0.5, **VAR).tolist() == [0]
 
 
 def test_var_schedule_is_constant_guidance_with_cfg_one_plus_t(backend):

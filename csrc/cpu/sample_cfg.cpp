@@ -1,7 +1,7 @@
 // CPU kernel of fastar.sample_cfg: (image, position) pairs in parallel. Per pair, no sort (V is 4096 for VAR,
 // 16384 for LlamaGen, k ~ 1000):
 //  1. one vectorised pass mixes the conditional and unconditional rows and finds the maximum;
-//  2. one computes every token's fixed-point weight exp(x - max) and the order key of its logit;
+//  2. one computes every token's fixed-point weight exp(x - max) and, to filter, its logit's order key and bin;
 //  3. with top-k or top-p, one scalar pass counts tokens and sums weights per bin of max - x (1/32 wide, so
 //     tokens spread over many bins). Walking the bins down from the maximum finds the bin holding the k-th
 //     largest logit (and then the one where the top-p mass is reached); only that bin's few tokens are
@@ -36,7 +36,7 @@ struct Candidate {
   uint64_t w;
 };
 
-// Per-thread buffers, reused across the rows of a chunk.
+// Per-thread buffers, kept across calls: allocating them afresh cost a quarter of a VAR-d16 call.
 struct Scratch {
   std::vector<float> x;
   std::vector<int32_t> bin;
@@ -81,8 +81,9 @@ int32_t bin_of(float x, float m) {
   return d < kBins - 1 ? static_cast<int32_t>(d) : kBins - 1;
 }
 
-// w[t] = token_weight(x[t], m), key[t] = order_key(x[t]), bin[t] = bin_of(x[t], m); returns the sum of the
-// weights.
+// w[t] = token_weight(x[t], m) and, to filter, key[t] = order_key(x[t]), bin[t] = bin_of(x[t], m); returns the
+// sum of the weights.
+template <bool kFilter>
 uint64_t weights_and_keys(const float* x, int64_t V, float m, uint64_t* w, uint32_t* key, int32_t* bin) {
   uint64_t total = 0;
   int64_t t = 0;
@@ -92,24 +93,28 @@ uint64_t weights_and_keys(const float* x, int64_t V, float m, uint64_t* w, uint3
   __m256i acc = _mm256_setzero_si256();
   for (; t + 8 <= V; t += 8) {
     const __m256 g = _mm256_loadu_ps(x + t);
-    const __m256 d = _mm256_min_ps(_mm256_mul_ps(_mm256_sub_ps(mv, g), per_unit), last);  // inf -> last
-    _mm256_storeu_si256(reinterpret_cast<__m256i*>(bin + t), _mm256_cvttps_epi32(d));
     __m256i lo, hi;
     cpu::fixed8(cpu::exp8(_mm256_sub_ps(g, mv)), &lo, &hi);
     _mm256_storeu_si256(reinterpret_cast<__m256i*>(w + t), lo);
     _mm256_storeu_si256(reinterpret_cast<__m256i*>(w + t + 4), hi);
     acc = _mm256_add_epi64(_mm256_add_epi64(acc, lo), hi);
-    // order_key: -0 + 0 is +0; negative floats flip every bit, the others only the sign bit.
-    const __m256i u = _mm256_castps_si256(_mm256_add_ps(g, _mm256_setzero_ps()));
-    const __m256i k = _mm256_xor_si256(u, _mm256_or_si256(_mm256_srai_epi32(u, 31), top));
-    _mm256_storeu_si256(reinterpret_cast<__m256i*>(key + t), k);
+    if constexpr (kFilter) {
+      const __m256 d = _mm256_min_ps(_mm256_mul_ps(_mm256_sub_ps(mv, g), per_unit), last);  // inf -> last
+      _mm256_storeu_si256(reinterpret_cast<__m256i*>(bin + t), _mm256_cvttps_epi32(d));
+      // order_key: -0 + 0 is +0; negative floats flip every bit, the others only the sign bit.
+      const __m256i u = _mm256_castps_si256(_mm256_add_ps(g, _mm256_setzero_ps()));
+      const __m256i k = _mm256_xor_si256(u, _mm256_or_si256(_mm256_srai_epi32(u, 31), top));
+      _mm256_storeu_si256(reinterpret_cast<__m256i*>(key + t), k);
+    }
   }
   total = cpu::hsum(acc);
 #endif
   for (; t < V; ++t) {
     w[t] = token_weight(x[t], m);
-    key[t] = order_key(x[t]);
-    bin[t] = bin_of(x[t], m);
+    if constexpr (kFilter) {
+      key[t] = order_key(x[t]);
+      bin[t] = bin_of(x[t], m);
+    }
     total += w[t];
   }
   return total;
@@ -162,7 +167,7 @@ uint32_t weighted_select(Candidate* first, Candidate* last, uint64_t target) {
   }
 }
 
-// The smallest kept key: top-k's k-th largest, then top-p's cut among the tokens top-k kept (0: keep all).
+// The smallest kept key: top-k's k-th largest, then top-p's cut among the tokens top-k kept.
 uint32_t threshold(const SampleCfgParams& prm, uint64_t total, Scratch& s) {
   const int64_t V = prm.V;
   std::fill(s.count.begin(), s.count.end(), 0u);
@@ -206,11 +211,12 @@ uint32_t threshold(const SampleCfgParams& prm, uint64_t total, Scratch& s) {
   return tau;
 }
 
-// The token at which the inclusive prefix sum of the kept weights (key >= tau) first exceeds
+// The token at which the inclusive prefix sum of the kept weights (all, or key >= tau to filter) first exceeds
 // sample_target(bits, total): block sums first, then one block token by token.
+template <bool kFilter>
 int64_t pick_token(const uint32_t* key, const uint64_t* w, int64_t V, uint32_t tau, uint64_t bits,
                    std::vector<uint64_t>& sums) {
-  auto weight = [&](int64_t t) { return key[t] >= tau ? w[t] : 0; };
+  auto weight = [&](int64_t t) { return !kFilter || key[t] >= tau ? w[t] : 0; };
   const int64_t blocks = (V + kPickBlock - 1) / kPickBlock;
   sums.assign(blocks, 0);
   uint64_t total = 0;
@@ -222,12 +228,14 @@ int64_t pick_token(const uint32_t* key, const uint64_t* w, int64_t V, uint32_t t
     const __m256i tv = _mm256_set1_epi32(static_cast<int32_t>(tau));
     __m256i acc = _mm256_setzero_si256();
     for (; t + 8 <= end; t += 8) {
-      const __m256i k = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(key + t));
-      const __m256i keep = _mm256_cmpeq_epi32(_mm256_max_epu32(k, tv), k);  // key >= tau, unsigned
-      const __m256i lo = _mm256_and_si256(_mm256_cvtepi32_epi64(_mm256_castsi256_si128(keep)),
-                                          _mm256_loadu_si256(reinterpret_cast<const __m256i*>(w + t)));
-      const __m256i hi = _mm256_and_si256(_mm256_cvtepi32_epi64(_mm256_extracti128_si256(keep, 1)),
-                                          _mm256_loadu_si256(reinterpret_cast<const __m256i*>(w + t + 4)));
+      __m256i lo = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(w + t));
+      __m256i hi = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(w + t + 4));
+      if constexpr (kFilter) {
+        const __m256i k = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(key + t));
+        const __m256i keep = _mm256_cmpeq_epi32(_mm256_max_epu32(k, tv), k);  // key >= tau, unsigned
+        lo = _mm256_and_si256(_mm256_cvtepi32_epi64(_mm256_castsi256_si128(keep)), lo);
+        hi = _mm256_and_si256(_mm256_cvtepi32_epi64(_mm256_extracti128_si256(keep, 1)), hi);
+      }
       acc = _mm256_add_epi64(_mm256_add_epi64(acc, lo), hi);
     }
     sum = cpu::hsum(acc);
@@ -255,10 +263,15 @@ int32_t sample_position(const SampleCfgParams& prm, int64_t b, int64_t l, Scratc
   const float m = mix_row(cond, uncond, V, prm.cond_w, prm.uncond_w, s.x.data(), &nan);
   if (nan || m == kInf) return kBadValue;
   if (m == -kInf) return kNoFiniteLogit;
-  const uint64_t total = weights_and_keys(s.x.data(), V, m, s.w.data(), s.key.data(), s.bin.data());
-  const uint32_t tau = prm.top_k > 0 || prm.top_p_fixed ? threshold(prm, total, s) : 0;
   const uint64_t bits = accept::draw(prm.seed, static_cast<uint32_t>(b), static_cast<uint32_t>(l)).sample_bits;
-  *token = pick_token(s.key.data(), s.w.data(), V, tau, bits, s.block_sums);
+  if (prm.top_k > 0 || prm.top_p_fixed) {
+    const uint64_t total = weights_and_keys<true>(s.x.data(), V, m, s.w.data(), s.key.data(), s.bin.data());
+    const uint32_t tau = threshold(prm, total, s);
+    *token = pick_token<true>(s.key.data(), s.w.data(), V, tau, bits, s.block_sums);
+  } else {
+    weights_and_keys<false>(s.x.data(), V, m, s.w.data(), nullptr, nullptr);
+    *token = pick_token<false>(nullptr, s.w.data(), V, 0, bits, s.block_sums);
+  }
   return kOk;
 }
 
@@ -267,7 +280,7 @@ template <typename P>
 std::vector<int32_t> sample_cfg_rows(const SampleCfgParams& prm) {
   std::vector<int32_t> status(prm.B * prm.L, kOk);
   at::parallel_for(0, prm.B * prm.L, 1, [&](int64_t begin, int64_t end) {
-    Scratch s;
+    static thread_local Scratch s;
     s.x.resize(prm.V);
     s.key.resize(prm.V);
     s.bin.resize(prm.V);
