@@ -374,16 +374,28 @@ def test_window_with_sinks(backend, left, sinks, Lq, Lk):
     check_attention(out, lse, q, k, v, want, what=repr(mask))
 
 
+# Shared block ids with runs longer than half a CPU query tile (GQA group 8: 32 positions a tile), which
+# start tiles of their own, and short runs, which join them; and ids out of order.
+MIXED_RUNS = [40, 3, 2, 30, 20, 5]
+
+
 @pytest.mark.parametrize("relation", ["causal", "same", "prev"])
-@pytest.mark.parametrize("form", ["block_size", "block_ids", "block_lengths_per_sequence"])
+@pytest.mark.parametrize("form", ["block_size", "block_ids", "block_lengths_per_sequence", "mixed_runs",
+                                  "unsorted_ids"])
 def test_block_relations(backend, relation, form):
     gen = torch.Generator().manual_seed(11)
     B, Hq, Hkv, D, Lk = 2, 4, 4, 80, 100
+    if form in ("mixed_runs", "unsorted_ids"):
+        Hq, Hkv = 8, 1
     Lq = 40 if backend.name == "simt" else 45
     if form == "block_size":
         mask = BlockCausal(block_size=8, relation=relation)
     elif form == "block_ids":
         mask = BlockCausal((torch.rand(Lk, generator=gen) < 0.2).cumsum(0), relation=relation)
+    elif form == "mixed_runs":
+        mask = BlockCausal(block_lengths=MIXED_RUNS, relation=relation)
+    elif form == "unsorted_ids":
+        mask = BlockCausal(torch.randint(0, 4, (Lk,), generator=gen), relation=relation)
     else:
         mask = BlockCausal(block_lengths=[[10, 30, 0, 60, 0, 0], [1, 4, 9, 16, 25, 45]], relation=relation)
     q = make((B, Hq, Lq, D), torch.float32, gen)
@@ -392,8 +404,10 @@ def test_block_relations(backend, relation, form):
     # The relations written out here, over the block id of every position.
     if form == "block_size":
         ids = (torch.arange(Lk) // 8).expand(B, Lk)
-    elif form == "block_ids":
+    elif form in ("block_ids", "unsorted_ids"):
         ids = mask.block_ids.expand(B, Lk)
+    elif form == "mixed_runs":
+        ids = torch.repeat_interleave(torch.arange(len(MIXED_RUNS)), torch.tensor(MIXED_RUNS)).expand(B, Lk)
     else:
         ids = torch.stack([torch.repeat_interleave(torch.arange(len(ls)), torch.tensor(ls))
                            for ls in ([10, 30, 0, 60, 0, 0], [1, 4, 9, 16, 25, 45])])

@@ -168,7 +168,10 @@ class AttentionCpu {
     if (G_ > kMaxRows) q_tile_ = 1;
     // A precomputed tile map is exact per tile_q queries: tiles no taller skip everything it hides.
     if (p.mask.tile_map) q_tile_ = std::min(q_tile_, p.mask.tile_q);
-    n_q_tiles_ = (p.Lq + q_tile_ - 1) / q_tile_;
+    split_query_tiles();
+    n_q_tiles_ = static_cast<int64_t>(q_starts_.size()) - 1;
+    sorted_k_blocks_ = p.mask.block == BlockRelation::kCausal && p.mask.k_block_sb == 0 &&
+                       std::is_sorted(p.mask.k_block_ids, p.mask.k_block_ids + p.Lk);
     const int64_t items = p.B * p.Hkv * n_q_tiles_;
     const int64_t key_tiles = (p.Lk + kKeyTile - 1) / kKeyTile;
     const int64_t want = 4 * static_cast<int64_t>(at::get_num_threads());
@@ -210,10 +213,40 @@ class AttentionCpu {
     float* vf;    // [kKeyTile, D] the value tile in float (GEMM path)
   };
 
+  // Query tiles of at most q_tile_ positions. With block ids shared by the batch (scales of a ScaleLayout,
+  // blocks of BlockCausal), a run of one id at least half a tile long starts a tile of its own, so a tile
+  // holds one scale (or several small ones) and sees one prefix of the keys, not a staircase of partial
+  // tiles.
+  void split_query_tiles() {
+    const AttentionMask& m = p_.mask;
+    q_starts_.assign(1, 0);
+    const bool by_block = m.block != BlockRelation::kNone && m.q_block_sb == 0;
+    for (int64_t i = 0; i < p_.Lq;) {
+      int64_t run = 1;
+      if (by_block)
+        while (i + run < p_.Lq && m.q_block_ids[i + run] == m.q_block_ids[i]) ++run;
+      if (run >= (q_tile_ + 1) / 2 && i > q_starts_.back()) q_starts_.push_back(i);
+      for (int64_t j = i; j < i + run; ++j)
+        if (j - q_starts_.back() == q_tile_) q_starts_.push_back(j);
+      i += run;
+    }
+    q_starts_.push_back(p_.Lq);
+  }
+
   Item item_at(int64_t item) const {
     const int64_t qt = item % n_q_tiles_, bh = item / n_q_tiles_;
-    const int64_t i0 = qt * q_tile_;
-    return Item{bh / p_.Hkv, bh % p_.Hkv, i0, std::min(q_tile_, p_.Lq - i0)};
+    const int64_t i0 = q_starts_[qt];
+    return Item{bh / p_.Hkv, bh % p_.Hkv, i0, q_starts_[qt + 1] - i0};
+  }
+
+  // Keys past the returned end are hidden from every query of the tile: with the causal block relation
+  // over sorted key ids, those whose id exceeds the tile's largest query id.
+  int64_t visible_key_end(const Item& it, int64_t lk) const {
+    if (!sorted_k_blocks_) return lk;
+    const AttentionMask& m = p_.mask;
+    const int32_t* qids = m.q_block_ids + it.b * m.q_block_sb;
+    const int32_t qmax = *std::max_element(qids + it.i0, qids + it.i0 + it.nq);
+    return std::upper_bound(m.k_block_ids, m.k_block_ids + lk, qmax) - m.k_block_ids;
   }
 
   // Row r of an item is query head hkv * G + r / nq at position i0 + r % nq.
@@ -250,7 +283,7 @@ class AttentionCpu {
       for (int64_t d = 0; d < D; ++d) buf.q[gemm ? d * rp + r : r * D + d] = to_f(src[d]) * f;
     }
 
-    const int64_t lk = kv_len(p_, it.b);
+    const int64_t lk = visible_key_end(it, kv_len(p_, it.b));
     const MaskGeometry geom = mask_geometry(p_, it.b);
     const int64_t tiles = (lk + kKeyTile - 1) / kKeyTile;
     const int64_t per_split = (tiles + splits_ - 1) / splits_;
@@ -490,6 +523,8 @@ class AttentionCpu {
   const AttentionParams& p_;
   const int64_t G_;
   int64_t q_tile_ = 1, n_q_tiles_ = 1, splits_ = 1;
+  std::vector<int64_t> q_starts_;  // [n_q_tiles_ + 1] first query position of each tile, then Lq
+  bool sorted_k_blocks_ = false;
   std::vector<float> partial_o_;
   std::vector<Partial> partial_ml_;
 };
