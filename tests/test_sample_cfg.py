@@ -156,6 +156,19 @@ def test_top_k_one_is_the_argmax_of_the_guided_logits(backend):
         assert torch.equal(backend.sample_cfg(logits, top_k=1, seed=2, **config), want)
 
 
+def test_tokens_fully_written_over_poisoned_memory(backend):
+    """Every position is written: the allocator is dirtied with freed blocks of the output's size first, and
+    every token must then be the deterministic top-1 choice (no poison value is an argmax in [0, V))."""
+    gen = torch.Generator().manual_seed(21)
+    logits = torch.randn(10, 7, 33, generator=gen) * 3
+    want = sample_cfg_reference(logits, **VAR).argmax(-1)
+    for _ in range(3):
+        poison = [torch.full((5, 7), 0x7F7F7F7F, dtype=torch.int64, device=backend.device) for _ in range(4)]
+        del poison
+        tokens = backend.sample_cfg(logits, top_k=1, seed=3, **VAR)
+        assert torch.equal(tokens, want)
+
+
 def test_top_k_at_least_vocab_is_no_top_k(backend):
     gen = torch.Generator().manual_seed(6)
     logits = torch.randn(4, 8, 30, generator=gen)
