@@ -159,6 +159,11 @@ struct Partial {
 
 inline int64_t round_up16(int64_t x) { return (x + 15) / 16 * 16; }
 
+// Row stride of the GEMM path's transposed buffers (q^T, s^T) for rp rows: 16 floats more than rp, so a
+// column panel read down k does not map every row to the same few L1 sets (rp = 256 is a 1 KiB stride,
+// 4 of 64 sets: the panel fell out of L1 on every pass).
+inline int64_t padded_ld(int64_t rp) { return rp + 16; }
+
 template <typename T>
 class AttentionCpu {
  public:
@@ -186,7 +191,8 @@ class AttentionCpu {
       partial_ml_.assign(static_cast<size_t>(items * splits_ * rows_cap), Partial{kNegInf, 0.0f});
     }
     at::parallel_for(0, items * splits_, 1, [&](int64_t w0, int64_t w1) {
-      std::vector<float> scratch(static_cast<size_t>(rp * (2 * D + kKeyTile + 3) + 2 * D * kKeyTile));
+      const int64_t ld = padded_ld(rp);
+      std::vector<float> scratch(static_cast<size_t>(ld * (D + kKeyTile) + rp * (D + 3) + 2 * D * kKeyTile));
       for (int64_t w = w0; w < w1; ++w) run_item(w / splits_, w % splits_, scratch.data());
     });
     if (splits_ > 1) {
@@ -203,9 +209,9 @@ class AttentionCpu {
 
   // Per-item buffers, carved from the thread's scratch. Rows are padded to rp (a multiple of 16).
   struct Buffers {
-    float* q;     // stream: [R, D] queries * scale; GEMM: [D, rp] the same, transposed (pad rows zero)
+    float* q;     // stream: [R, D] queries * scale; GEMM: [D, ld] the same, transposed (pad rows zero)
     float* o;     // [R, D] unnormalised output
-    float* s;     // stream: [R, kKeyTile] logits; GEMM: [kKeyTile, rp] transposed; then probabilities
+    float* s;     // stream: [R, kKeyTile] logits; GEMM: [kKeyTile, ld] transposed; then probabilities
     float* m;     // [rp] running max of the logits
     float* l;     // [rp] running sum of exp(logit - m)
     float* corr;  // [rp] rescaling of o for the current tile
@@ -255,12 +261,12 @@ class AttentionCpu {
 
   void run_item(int64_t item, int64_t split, float* scratch) {
     const Item it = item_at(item);
-    const int64_t D = p_.D, R = G_ * it.nq, rp = round_up16(G_ * q_tile_);
+    const int64_t D = p_.D, R = G_ * it.nq, rp = round_up16(G_ * q_tile_), ld = padded_ld(rp);
     Buffers buf;
     buf.q = scratch;
-    buf.o = buf.q + rp * D;
+    buf.o = buf.q + ld * D;
     buf.s = buf.o + rp * D;
-    buf.m = buf.s + rp * kKeyTile;
+    buf.m = buf.s + ld * kKeyTile;
     buf.l = buf.m + rp;
     buf.corr = buf.l + rp;
     buf.kf = buf.corr + rp;
@@ -270,7 +276,7 @@ class AttentionCpu {
 #else
     const bool gemm = false;
 #endif
-    std::fill(buf.q, buf.q + rp * D, 0.0f);
+    std::fill(buf.q, buf.q + ld * D, 0.0f);
     std::fill(buf.o, buf.o + R * D, 0.0f);
     std::fill(buf.m, buf.m + rp, kNegInf);
     std::fill(buf.l, buf.l + rp, 0.0f);
@@ -280,7 +286,7 @@ class AttentionCpu {
       const T* src = qbase + it.b * p_.q_sb + h * p_.q_sh + row_pos(it, r) * p_.q_sl;
       float f = p_.scale;
       if (p_.qk_norm) f *= (p_.q_scale ? p_.q_scale[h] : 1.0f) / std::max(std::sqrt(sum_squares(src, D)), kQkNormEps);
-      for (int64_t d = 0; d < D; ++d) buf.q[gemm ? d * rp + r : r * D + d] = to_f(src[d]) * f;
+      for (int64_t d = 0; d < D; ++d) buf.q[gemm ? d * ld + r : r * D + d] = to_f(src[d]) * f;
     }
 
     const int64_t lk = visible_key_end(it, kv_len(p_, it.b));
@@ -288,28 +294,43 @@ class AttentionCpu {
     const int64_t tiles = (lk + kKeyTile - 1) / kKeyTile;
     const int64_t per_split = (tiles + splits_ - 1) / splits_;
     const int64_t t_begin = split * per_split, t_end = std::min(tiles, t_begin + per_split);
+    uint8_t vis[kKeyTile * kMaxRows];
+    int32_t idx[kKeyTile];
     for (int64_t t = t_begin; t < t_end; ++t) {
       const int64_t j0 = t * kKeyTile, nk = std::min(lk, j0 + kKeyTile) - j0;
       const TileClass cls = classify_tile(p_.mask, it.b, it.i0, it.i0 + it.nq, j0, j0 + nk, geom);
       if (cls == TileClass::kHidden) continue;
+      TileKeys keys{j0, nk, nullptr, nullptr};
+      if (cls == TileClass::kPartial) {
+        tile_visibility(it, j0, nk, geom, vis);
+        keys = TileKeys{j0, compact_keys(nk, it.nq, vis, idx), idx, vis};
+        if (keys.n == 0) continue;
+      }
       if (gemm) {
-        tile_gemm(it, j0, nk, cls == TileClass::kPartial, geom, buf);
+        tile_gemm(it, keys, buf);
       } else {
-        tile_stream(it, j0, nk, cls == TileClass::kPartial, geom, buf);
+        tile_stream(it, keys, buf);
       }
     }
     finish_item(item, split, it, buf);
   }
 
-  // Applies the mask to logit (r, c) of the tile at s[r * rs + c * cs]: -inf where hidden, + bias. Whether
-  // key c is visible to query position pos is found once for all heads, in vis[c * nq + pos]. Masks of
-  // block (scale) ids alone go by runs of positions of one id: a key's block test and its cell on the
-  // query's grid (next-scale window) are shared by the run, leaving a few integer compares per pair.
-  void mask_tile(const Item& it, int64_t j0, int64_t nk, const MaskGeometry& geom, float* s, int64_t rs,
-                 int64_t cs) const {
+  // The keys a tile computes: key at(c) for c < n. Partial tiles list the offsets (from j0) of the keys that
+  // some query of the item sees in idx, and whether each is visible to query position pos in
+  // vis[c * nq + pos]; full tiles have neither.
+  struct TileKeys {
+    int64_t j0, n;
+    const int32_t* idx;
+    const uint8_t* vis;
+    int64_t at(int64_t c) const { return j0 + (idx ? idx[c] : c); }
+  };
+
+  // Whether key j0 + c is visible to query position i0 + pos, into vis[c * nq + pos], once for all heads.
+  // Masks of block (scale) ids alone go by runs of positions of one id: a key's block test and its cell on
+  // the query's grid (next-scale window) are shared by the run, and the run's window test is a vector loop.
+  void tile_visibility(const Item& it, int64_t j0, int64_t nk, const MaskGeometry& geom, uint8_t* vis) const {
     const AttentionMask& m = p_.mask;
     const int64_t nq = it.nq;
-    uint8_t vis[kKeyTile * kMaxRows];
     if (m.causal || m.window || m.bits) {
       for (int64_t c = 0; c < nk; ++c)
         for (int64_t pos = 0; pos < nq; ++pos) vis[c * nq + pos] = mask_visible(m, it.b, it.i0 + pos, j0 + c, geom);
@@ -317,6 +338,9 @@ class AttentionCpu {
       const int32_t* qids = m.q_block_ids + it.b * m.q_block_sb + it.i0;
       const int32_t* kids = m.k_block_ids + it.b * m.k_block_sb + j0;
       const int64_t t0 = it.i0 + m.q_token_offset;
+      const int32_t* ty = m.tok_y + t0;
+      const int32_t* tx = m.tok_x + t0;
+      const uint32_t span = static_cast<uint32_t>(2 * m.scale_window);
       for (int64_t p0 = 0, p1; p0 < nq; p0 = p1) {
         const int32_t sq = qids[p0];
         for (p1 = p0 + 1; p1 < nq && qids[p1] == sq; ++p1) {
@@ -329,57 +353,91 @@ class AttentionCpu {
             std::fill(v + p0, v + p1, keep);
             continue;
           }
+          // scale_window_near with the cell's offset folded in: |d| <= r iff d + r, unsigned, <= 2r.
           const GridCell cell = scale_window_cell(m, j0 + c, sq, sk);
-          for (int64_t pos = p0; pos < p1; ++pos) v[pos] = scale_window_near(m, cell, t0 + pos);
+          const int32_t oy = static_cast<int32_t>(cell.y + m.scale_window);
+          const int32_t ox = static_cast<int32_t>(cell.x + m.scale_window);
+          for (int64_t pos = p0; pos < p1; ++pos)
+            v[pos] = (static_cast<uint32_t>(oy - ty[pos]) <= span) & (static_cast<uint32_t>(ox - tx[pos]) <= span);
         }
       }
     } else {
       std::fill(vis, vis + nk * nq, 1);
     }
-    const T* bias = static_cast<const T*>(m.bias);
-    auto apply = [&](int64_t g, int64_t pos, int64_t c) {
-      float& x = s[(g * nq + pos) * rs + c * cs];
-      if (!vis[c * nq + pos]) {
-        x = kNegInf;
-      } else if (bias) {
-        x += to_f(bias[it.b * m.bias_sb + (it.hkv * G_ + g) * m.bias_sh + (it.i0 + pos) * m.bias_sq + j0 + c]);
+  }
+
+  // Drops the keys that no query position sees (a window's far keys cost no GEMM work): their offsets
+  // go to idx and their vis rows move to the front. Returns how many are left.
+  static int64_t compact_keys(int64_t nk, int64_t nq, uint8_t* vis, int32_t* idx) {
+    int64_t n = 0;
+    for (int64_t c = 0; c < nk; ++c) {
+      const uint8_t* row = vis + c * nq;
+      if (std::all_of(row, row + nq, [](uint8_t x) { return x == 0; })) continue;
+      if (n != c) std::copy(row, row + nq, vis + n * nq);
+      idx[n++] = static_cast<int32_t>(c);
+    }
+    return n;
+  }
+
+  // Applies keys.vis to logit (r, c) of the tile at s[r * rs + c * cs]: -inf where hidden, + bias.
+  void apply_mask(const Item& it, const TileKeys& keys, float* s, int64_t rs, int64_t cs) const {
+    const AttentionMask& m = p_.mask;
+    const int64_t nq = it.nq, n = keys.n;
+    const uint8_t* vis = keys.vis;
+    if (m.bias) {
+      const T* bias = static_cast<const T*>(m.bias);
+      for (int64_t g = 0; g < G_; ++g) {
+        for (int64_t c = 0; c < n; ++c) {
+          const T* brow = bias + it.b * m.bias_sb + (it.hkv * G_ + g) * m.bias_sh + it.i0 * m.bias_sq + keys.at(c);
+          for (int64_t pos = 0; pos < nq; ++pos) {
+            float& x = s[(g * nq + pos) * rs + c * cs];
+            x = vis[c * nq + pos] ? x + to_f(brow[pos * m.bias_sq]) : kNegInf;
+          }
+        }
       }
-    };
+      return;
+    }
     // The inner loop runs along the unit stride of s.
     for (int64_t g = 0; g < G_; ++g) {
       if (rs == 1) {
-        for (int64_t c = 0; c < nk; ++c)
-          for (int64_t pos = 0; pos < nq; ++pos) apply(g, pos, c);
+        for (int64_t c = 0; c < n; ++c) {
+          float* x = s + g * nq + c * cs;
+          const uint8_t* v = vis + c * nq;
+          for (int64_t pos = 0; pos < nq; ++pos) x[pos] = v[pos] ? x[pos] : kNegInf;
+        }
       } else {
         for (int64_t pos = 0; pos < nq; ++pos)
-          for (int64_t c = 0; c < nk; ++c) apply(g, pos, c);
+          for (int64_t c = 0; c < n; ++c) {
+            float& x = s[(g * nq + pos) * rs + c * cs];
+            x = vis[c * nq + pos] ? x : kNegInf;
+          }
       }
     }
   }
 
   // qk_norm: logit (r, c) at s[r * rs + c * cs], r < R, is divided by |k_c|.
-  void normalise_keys(const Item& it, int64_t j0, int64_t nk, Buffers& buf, int64_t rs, int64_t cs, int64_t R) const {
+  void normalise_keys(const Item& it, const TileKeys& keys, float* s, int64_t rs, int64_t cs, int64_t R) const {
     const T* kbase = static_cast<const T*>(p_.k);
-    for (int64_t c = 0; c < nk; ++c) {
-      const T* krow = kbase + kv_row_offset(p_, p_.k_sb, p_.k_sh, p_.k_sl, it.b, it.hkv, j0 + c);
+    for (int64_t c = 0; c < keys.n; ++c) {
+      const T* krow = kbase + kv_row_offset(p_, p_.k_sb, p_.k_sh, p_.k_sl, it.b, it.hkv, keys.at(c));
       const float inv = 1.0f / std::max(std::sqrt(sum_squares(krow, p_.D)), kQkNormEps);
-      for (int64_t r = 0; r < R; ++r) buf.s[r * rs + c * cs] *= inv;
+      for (int64_t r = 0; r < R; ++r) s[r * rs + c * cs] *= inv;
     }
   }
 
   // Streaming path of the few-row tiles (decode): K and V rows are read from memory once per tile, key by
   // key (reading eight keys side by side measured 15% slower from DRAM). The output stays in registers
   // across the tile's value rows, so no store-to-load chain runs through o.
-  void tile_stream(const Item& it, int64_t j0, int64_t nk, bool partial, const MaskGeometry& geom, Buffers& buf) {
-    const int64_t D = p_.D, R = G_ * it.nq;
+  void tile_stream(const Item& it, const TileKeys& keys, Buffers& buf) {
+    const int64_t D = p_.D, R = G_ * it.nq, nk = keys.n;
     const T* kbase = static_cast<const T*>(p_.k);
     const T* vbase = static_cast<const T*>(p_.v);
     for (int64_t c = 0; c < nk; ++c) {
-      const T* krow = kbase + kv_row_offset(p_, p_.k_sb, p_.k_sh, p_.k_sl, it.b, it.hkv, j0 + c);
+      const T* krow = kbase + kv_row_offset(p_, p_.k_sb, p_.k_sh, p_.k_sl, it.b, it.hkv, keys.at(c));
       for (int64_t r = 0; r < R; ++r) buf.s[r * kKeyTile + c] = dot_row(buf.q + r * D, krow, D);
     }
-    if (p_.qk_norm) normalise_keys(it, j0, nk, buf, kKeyTile, 1, R);
-    if (partial) mask_tile(it, j0, nk, geom, buf.s, kKeyTile, 1);
+    if (p_.qk_norm) normalise_keys(it, keys, buf.s, kKeyTile, 1, R);
+    if (keys.vis) apply_mask(it, keys, buf.s, kKeyTile, 1);
     // Online softmax: what was accumulated so far is rescaled by exp(m_old - m_new).
     for (int64_t r = 0; r < R; ++r) {
       float* srow = buf.s + r * kKeyTile;
@@ -397,7 +455,7 @@ class AttentionCpu {
       }
     }
     const T* vrows[kKeyTile];
-    for (int64_t c = 0; c < nk; ++c) vrows[c] = vbase + kv_row_offset(p_, p_.v_sb, p_.v_sh, p_.v_sl, it.b, it.hkv, j0 + c);
+    for (int64_t c = 0; c < nk; ++c) vrows[c] = vbase + kv_row_offset(p_, p_.v_sb, p_.v_sh, p_.v_sl, it.b, it.hkv, keys.at(c));
     for (int64_t r = 0; r < R; ++r) {
       float* orow = buf.o + r * D;
       const float* w = buf.s + r * kKeyTile;
@@ -415,14 +473,14 @@ class AttentionCpu {
     }
   }
 
-  // The rows of a K or V tile converted into dst as a contiguous float matrix [nk, D]. Float caches are
+  // The rows of a K or V tile converted into dst as a contiguous float matrix [n, D]. Float caches are
   // copied too: reading a 2240-key float cache in place ran the GEMMs at 60% of the copied tile's speed.
-  float* float_rows(const void* base, int64_t sb, int64_t sh, int64_t sl, const Item& it, int64_t j0, int64_t nk,
+  float* float_rows(const void* base, int64_t sb, int64_t sh, int64_t sl, const Item& it, const TileKeys& keys,
                     float* dst) const {
     const T* tb = static_cast<const T*>(base);
     const int64_t D = p_.D;
-    for (int64_t c = 0; c < nk; ++c) {
-      const T* row = tb + kv_row_offset(p_, sb, sh, sl, it.b, it.hkv, j0 + c);
+    for (int64_t c = 0; c < keys.n; ++c) {
+      const T* row = tb + kv_row_offset(p_, sb, sh, sl, it.b, it.hkv, keys.at(c));
       int64_t d = 0;
 #if defined(FASTAR_CPU_AVX2)
       for (; d + 8 <= D; d += 8) _mm256_storeu_ps(dst + c * D + d, cpu::load8(row + d));
@@ -435,24 +493,25 @@ class AttentionCpu {
   // GEMM path of the many-row tiles. The logits are computed transposed, s^T[nk, rp] = K q^T, so K is
   // read row by row as it lies (no transpose per tile) and the softmax runs down the columns, eight
   // query rows per vector; o[R, D] = o * corr + P V then reads P = s^T transposed.
-  void tile_gemm(const Item& it, int64_t j0, int64_t nk, bool partial, const MaskGeometry& geom, Buffers& buf) {
+  void tile_gemm(const Item& it, const TileKeys& keys, Buffers& buf) {
 #if defined(FASTAR_CPU_AVX2)
-    const int64_t D = p_.D, R = G_ * it.nq, rp = round_up16(G_ * q_tile_), d16 = D / 16 * 16;
-    const float* kf = float_rows(p_.k, p_.k_sb, p_.k_sh, p_.k_sl, it, j0, nk, buf.kf);
-    gemm_x16(nk, rp, D, kf, D, 1, buf.q, rp, buf.s, rp, nullptr);
-    if (p_.qk_norm) normalise_keys(it, j0, nk, buf, 1, rp, rp);
-    if (partial) mask_tile(it, j0, nk, geom, buf.s, 1, rp);
+    const int64_t D = p_.D, R = G_ * it.nq, rp = round_up16(G_ * q_tile_), ld = padded_ld(rp),
+                  d16 = D / 16 * 16, nk = keys.n;
+    const float* kf = float_rows(p_.k, p_.k_sb, p_.k_sh, p_.k_sl, it, keys, buf.kf);
+    gemm_x16(nk, rp, D, kf, D, 1, buf.q, ld, buf.s, ld, nullptr);
+    if (p_.qk_norm) normalise_keys(it, keys, buf.s, 1, ld, rp);
+    if (keys.vis) apply_mask(it, keys, buf.s, 1, ld);
     const __m256 neg_inf = _mm256_set1_ps(kNegInf), zero = _mm256_setzero_ps();
     for (int64_t r0 = 0; r0 < rp; r0 += 8) {
       __m256 mx = neg_inf;
-      for (int64_t c = 0; c < nk; ++c) mx = _mm256_max_ps(mx, _mm256_loadu_ps(buf.s + c * rp + r0));
+      for (int64_t c = 0; c < nk; ++c) mx = _mm256_max_ps(mx, _mm256_loadu_ps(buf.s + c * ld + r0));
       const __m256 m_old = _mm256_loadu_ps(buf.m + r0), m_new = _mm256_max_ps(m_old, mx);
       // Rows that have seen nothing yet shift by 0, so their exp(-inf) stays 0 instead of NaN.
       const __m256 shift = _mm256_blendv_ps(m_new, zero, _mm256_cmp_ps(m_new, neg_inf, _CMP_EQ_OQ));
       __m256 sum = zero;
       for (int64_t c = 0; c < nk; ++c) {
-        const __m256 e = cpu::exp8(_mm256_sub_ps(_mm256_loadu_ps(buf.s + c * rp + r0), shift));
-        _mm256_storeu_ps(buf.s + c * rp + r0, e);
+        const __m256 e = cpu::exp8(_mm256_sub_ps(_mm256_loadu_ps(buf.s + c * ld + r0), shift));
+        _mm256_storeu_ps(buf.s + c * ld + r0, e);
         sum = _mm256_add_ps(sum, e);
       }
       const __m256 corr = cpu::exp8(_mm256_sub_ps(m_old, shift));  // 0 on a row's first visible tile
@@ -460,17 +519,17 @@ class AttentionCpu {
       _mm256_storeu_ps(buf.l + r0, _mm256_fmadd_ps(_mm256_loadu_ps(buf.l + r0), corr, sum));
       _mm256_storeu_ps(buf.m + r0, m_new);
     }
-    const float* vf = float_rows(p_.v, p_.v_sb, p_.v_sh, p_.v_sl, it, j0, nk, buf.vf);
-    if (d16 > 0) gemm_x16(R, d16, nk, buf.s, 1, rp, vf, D, buf.o, D, buf.corr);
+    const float* vf = float_rows(p_.v, p_.v_sb, p_.v_sh, p_.v_sl, it, keys, buf.vf);
+    if (d16 > 0) gemm_x16(R, d16, nk, buf.s, 1, ld, vf, D, buf.o, D, buf.corr);
     for (int64_t r = 0; r < R; ++r) {
       for (int64_t d = d16; d < D; ++d) {
         float acc = buf.o[r * D + d] * buf.corr[r];
-        for (int64_t c = 0; c < nk; ++c) acc += buf.s[c * rp + r] * vf[c * D + d];
+        for (int64_t c = 0; c < nk; ++c) acc += buf.s[c * ld + r] * vf[c * D + d];
         buf.o[r * D + d] = acc;
       }
     }
 #else
-    (void)it, (void)j0, (void)nk, (void)partial, (void)geom, (void)buf;
+    (void)it, (void)keys, (void)buf;
 #endif
   }
 
