@@ -9,6 +9,7 @@
 #include <ATen/ops/empty.h>
 
 #include <algorithm>
+#include <atomic>
 #include <cmath>
 #include <limits>
 #include <type_traits>
@@ -161,8 +162,9 @@ inline int64_t round_up16(int64_t x) { return (x + 15) / 16 * 16; }
 
 // Row stride of the GEMM path's transposed buffers (q^T, s^T) for rp rows: 16 floats more than rp, so a
 // column panel read down k does not map every row to the same few L1 sets (rp = 256 is a 1 KiB stride,
-// 4 of 64 sets: the panel fell out of L1 on every pass).
-inline int64_t padded_ld(int64_t rp) { return rp + 16; }
+// 4 of 64 sets: the panel fell out of L1 on every pass). The float K and V tiles [nk, D] get the same
+// padding: at D = 128 their rows are 512 bytes apart, 8 sets.
+inline int64_t padded_ld(int64_t n) { return n + 16; }
 
 template <typename T>
 class AttentionCpu {
@@ -190,10 +192,16 @@ class AttentionCpu {
       partial_o_.assign(static_cast<size_t>(items * splits_ * rows_cap * D), 0.0f);
       partial_ml_.assign(static_cast<size_t>(items * splits_ * rows_cap), Partial{kNegInf, 0.0f});
     }
-    at::parallel_for(0, items * splits_, 1, [&](int64_t w0, int64_t w1) {
+    // Each thread takes the next item when it is done with one: items differ in cost (masks hide different
+    // parts of each), and a core that is slowed (by another VM or process) just takes fewer, where fixed
+    // halves made the other core wait.
+    const int64_t total = items * splits_;
+    std::atomic<int64_t> next{0};
+    at::parallel_for(0, std::min<int64_t>(total, at::get_num_threads()), 1, [&](int64_t, int64_t) {
       const int64_t ld = padded_ld(rp);
-      std::vector<float> scratch(static_cast<size_t>(ld * (D + kKeyTile) + rp * (D + 3) + 2 * D * kKeyTile));
-      for (int64_t w = w0; w < w1; ++w) run_item(w / splits_, w % splits_, scratch.data());
+      std::vector<float> scratch(static_cast<size_t>(ld * (D + kKeyTile) + rp * (D + 3) + 2 * padded_ld(D) * kKeyTile));
+      for (int64_t w; (w = next.fetch_add(1, std::memory_order_relaxed)) < total;)
+        run_item(w / splits_, w % splits_, scratch.data());
     });
     if (splits_ > 1) {
       at::parallel_for(0, items, 1, [&](int64_t i0, int64_t i1) {
@@ -215,8 +223,8 @@ class AttentionCpu {
     float* m;     // [rp] running max of the logits
     float* l;     // [rp] running sum of exp(logit - m)
     float* corr;  // [rp] rescaling of o for the current tile
-    float* kf;    // [kKeyTile, D] the key tile in float (GEMM path)
-    float* vf;    // [kKeyTile, D] the value tile in float (GEMM path)
+    float* kf;    // [kKeyTile, padded_ld(D)] the key tile in float (GEMM path)
+    float* vf;    // [kKeyTile, padded_ld(D)] the value tile in float (GEMM path)
   };
 
   // Query tiles of at most q_tile_ positions. With block ids shared by the batch (scales of a ScaleLayout,
@@ -270,7 +278,7 @@ class AttentionCpu {
     buf.l = buf.m + rp;
     buf.corr = buf.l + rp;
     buf.kf = buf.corr + rp;
-    buf.vf = buf.kf + kKeyTile * D;
+    buf.vf = buf.kf + kKeyTile * padded_ld(D);
     #if defined(FASTAR_CPU_AVX2)
     const bool gemm = R >= kGemmMinRows;
 #else
@@ -473,19 +481,20 @@ class AttentionCpu {
     }
   }
 
-  // The rows of a K or V tile converted into dst as a contiguous float matrix [n, D]. Float caches are
-  // copied too: reading a 2240-key float cache in place ran the GEMMs at 60% of the copied tile's speed.
+  // The rows of a K or V tile converted into dst as a float matrix [n, D], row stride padded_ld(D). Float
+  // caches are copied too: reading a 2240-key float cache in place ran the GEMMs at 60% of the copied
+  // tile's speed.
   float* float_rows(const void* base, int64_t sb, int64_t sh, int64_t sl, const Item& it, const TileKeys& keys,
                     float* dst) const {
     const T* tb = static_cast<const T*>(base);
-    const int64_t D = p_.D;
+    const int64_t D = p_.D, ld = padded_ld(D);
     for (int64_t c = 0; c < keys.n; ++c) {
       const T* row = tb + kv_row_offset(p_, sb, sh, sl, it.b, it.hkv, keys.at(c));
       int64_t d = 0;
 #if defined(FASTAR_CPU_AVX2)
-      for (; d + 8 <= D; d += 8) _mm256_storeu_ps(dst + c * D + d, cpu::load8(row + d));
+      for (; d + 8 <= D; d += 8) _mm256_storeu_ps(dst + c * ld + d, cpu::load8(row + d));
 #endif
-      for (; d < D; ++d) dst[c * D + d] = to_f(row[d]);
+      for (; d < D; ++d) dst[c * ld + d] = to_f(row[d]);
     }
     return dst;
   }
@@ -498,7 +507,7 @@ class AttentionCpu {
     const int64_t D = p_.D, R = G_ * it.nq, rp = round_up16(G_ * q_tile_), ld = padded_ld(rp),
                   d16 = D / 16 * 16, nk = keys.n;
     const float* kf = float_rows(p_.k, p_.k_sb, p_.k_sh, p_.k_sl, it, keys, buf.kf);
-    gemm_x16(nk, rp, D, kf, D, 1, buf.q, ld, buf.s, ld, nullptr);
+    gemm_x16(nk, rp, D, kf, padded_ld(D), 1, buf.q, ld, buf.s, ld, nullptr);
     if (p_.qk_norm) normalise_keys(it, keys, buf.s, 1, ld, rp);
     if (keys.vis) apply_mask(it, keys, buf.s, 1, ld);
     const __m256 neg_inf = _mm256_set1_ps(kNegInf), zero = _mm256_setzero_ps();
@@ -520,11 +529,11 @@ class AttentionCpu {
       _mm256_storeu_ps(buf.m + r0, m_new);
     }
     const float* vf = float_rows(p_.v, p_.v_sb, p_.v_sh, p_.v_sl, it, keys, buf.vf);
-    if (d16 > 0) gemm_x16(R, d16, nk, buf.s, 1, ld, vf, D, buf.o, D, buf.corr);
+    if (d16 > 0) gemm_x16(R, d16, nk, buf.s, 1, ld, vf, padded_ld(D), buf.o, D, buf.corr);
     for (int64_t r = 0; r < R; ++r) {
       for (int64_t d = d16; d < D; ++d) {
         float acc = buf.o[r * D + d] * buf.corr[r];
-        for (int64_t c = 0; c < nk; ++c) acc += buf.s[c * ld + r] * vf[c * D + d];
+        for (int64_t c = 0; c < nk; ++c) acc += buf.s[c * ld + r] * vf[c * padded_ld(D) + d];
         buf.o[r * D + d] = acc;
       }
     }
