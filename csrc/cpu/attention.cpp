@@ -175,6 +175,9 @@ class AttentionCpu {
     if (G_ > kMaxRows) q_tile_ = 1;
     // A precomputed tile map is exact per tile_q queries: tiles no taller skip everything it hides.
     if (p.mask.tile_map) q_tile_ = std::min(q_tile_, p.mask.tile_q);
+    // A next-scale window hides most of a wide tile's keys from some of its rows only: shorter query tiles
+    // leave fewer keys after compaction (VAR 680, W=2: 12% fewer logits computed at 32 than at 64).
+    if (p.mask.scale_window >= 0) q_tile_ = std::min<int64_t>(q_tile_, 32);
     split_query_tiles();
     n_q_tiles_ = static_cast<int64_t>(q_starts_.size()) - 1;
     sorted_k_blocks_ = p.mask.block == BlockRelation::kCausal && p.mask.k_block_sb == 0 &&
@@ -192,16 +195,18 @@ class AttentionCpu {
       partial_o_.assign(static_cast<size_t>(items * splits_ * rows_cap * D), 0.0f);
       partial_ml_.assign(static_cast<size_t>(items * splits_ * rows_cap), Partial{kNegInf, 0.0f});
     }
-    // Each thread takes the next item when it is done with one: items differ in cost (masks hide different
-    // parts of each), and a core that is slowed (by another VM or process) just takes fewer, where fixed
-    // halves made the other core wait.
-    const int64_t total = items * splits_;
+    // Each thread takes the next chunk of items when it is done with one: items differ in cost (masks hide
+    // different parts of each), and a core that is slowed (by another VM or process) just takes fewer,
+    // where fixed halves made the other core wait. A chunk is a run of consecutive items (mostly one head's
+    // query tiles), so its K and V stay in the core's L2.
+    const int64_t total = items * splits_, threads = at::get_num_threads();
+    const int64_t chunk = std::max<int64_t>(1, total / (8 * threads));
     std::atomic<int64_t> next{0};
-    at::parallel_for(0, std::min<int64_t>(total, at::get_num_threads()), 1, [&](int64_t, int64_t) {
+    at::parallel_for(0, std::min(total, threads), 1, [&](int64_t, int64_t) {
       const int64_t ld = padded_ld(rp);
       std::vector<float> scratch(static_cast<size_t>(ld * (D + kKeyTile) + rp * (D + 3) + 2 * padded_ld(D) * kKeyTile));
-      for (int64_t w; (w = next.fetch_add(1, std::memory_order_relaxed)) < total;)
-        run_item(w / splits_, w % splits_, scratch.data());
+      for (int64_t w0; (w0 = next.fetch_add(chunk, std::memory_order_relaxed)) < total;)
+        for (int64_t w = w0; w < std::min(total, w0 + chunk); ++w) run_item(w / splits_, w % splits_, scratch.data());
     });
     if (splits_ > 1) {
       at::parallel_for(0, items, 1, [&](int64_t i0, int64_t i1) {
