@@ -315,8 +315,7 @@ class AttentionCpu {
       if (cls == TileClass::kHidden) continue;
       TileKeys keys{j0, nk, nullptr, nullptr};
       if (cls == TileClass::kPartial) {
-        tile_visibility(it, j0, nk, geom, vis);
-        keys = TileKeys{j0, compact_keys(nk, it.nq, vis, idx), idx, vis};
+        keys = TileKeys{j0, visible_keys(it, j0, nk, geom, vis, idx), idx, vis};
         if (keys.n == 0) continue;
       }
       if (gemm) {
@@ -338,56 +337,83 @@ class AttentionCpu {
     int64_t at(int64_t c) const { return j0 + (idx ? idx[c] : c); }
   };
 
-  // Whether key j0 + c is visible to query position i0 + pos, into vis[c * nq + pos], once for all heads.
-  // Masks of block (scale) ids alone go by runs of positions of one id: a key's block test and its cell on
-  // the query's grid (next-scale window) are shared by the run, and the run's window test is a vector loop.
-  void tile_visibility(const Item& it, int64_t j0, int64_t nk, const MaskGeometry& geom, uint8_t* vis) const {
+  // The keys of the tile that some query position of the item may see: their offsets from j0 go to idx,
+  // and whether key idx[c] is visible to position i0 + pos to vis[c * nq + pos] (once for all heads).
+  // Returns how many. Keys no position sees are dropped, so a window's far keys cost no GEMM work.
+  int64_t visible_keys(const Item& it, int64_t j0, int64_t nk, const MaskGeometry& geom, uint8_t* vis,
+                       int32_t* idx) const {
     const AttentionMask& m = p_.mask;
     const int64_t nq = it.nq;
     if (m.causal || m.window || m.bits) {
-      for (int64_t c = 0; c < nk; ++c)
-        for (int64_t pos = 0; pos < nq; ++pos) vis[c * nq + pos] = mask_visible(m, it.b, it.i0 + pos, j0 + c, geom);
-    } else if (m.block != BlockRelation::kNone || m.scale_window >= 0) {
-      const int32_t* qids = m.q_block_ids + it.b * m.q_block_sb + it.i0;
-      const int32_t* kids = m.k_block_ids + it.b * m.k_block_sb + j0;
-      const int64_t t0 = it.i0 + m.q_token_offset;
-      const int32_t* ty = m.tok_y + t0;
-      const int32_t* tx = m.tok_x + t0;
-      const uint32_t span = static_cast<uint32_t>(2 * m.scale_window);
-      for (int64_t p0 = 0, p1; p0 < nq; p0 = p1) {
-        const int32_t sq = qids[p0];
-        for (p1 = p0 + 1; p1 < nq && qids[p1] == sq; ++p1) {
+      int64_t n = 0;
+      for (int64_t c = 0; c < nk; ++c) {
+        uint8_t* v = vis + n * nq;
+        bool any = false;
+        for (int64_t pos = 0; pos < nq; ++pos) {
+          v[pos] = mask_visible(m, it.b, it.i0 + pos, j0 + c, geom);
+          any |= v[pos] != 0;
         }
-        for (int64_t c = 0; c < nk; ++c) {
-          uint8_t* v = vis + c * nq;
-          const int32_t sk = kids[c];
-          const bool keep = block_visible(m.block, sq, sk);
-          if (!keep || m.scale_window < 0 || scale_window_exempt(m, sq, sk)) {
-            std::fill(v + p0, v + p1, keep);
-            continue;
-          }
-          // scale_window_near with the cell's offset folded in: |d| <= r iff d + r, unsigned, <= 2r.
-          const GridCell cell = scale_window_cell(m, j0 + c, sq, sk);
-          const int32_t oy = static_cast<int32_t>(cell.y + m.scale_window);
-          const int32_t ox = static_cast<int32_t>(cell.x + m.scale_window);
-          for (int64_t pos = p0; pos < p1; ++pos)
-            v[pos] = (static_cast<uint32_t>(oy - ty[pos]) <= span) & (static_cast<uint32_t>(ox - tx[pos]) <= span);
-        }
+        if (any) idx[n++] = static_cast<int32_t>(c);
       }
-    } else {
-      std::fill(vis, vis + nk * nq, 1);
+      return n;
     }
-  }
-
-  // Drops the keys that no query position sees (a window's far keys cost no GEMM work): their offsets
-  // go to idx and their vis rows move to the front. Returns how many are left.
-  static int64_t compact_keys(int64_t nk, int64_t nq, uint8_t* vis, int32_t* idx) {
+    if (m.block == BlockRelation::kNone && m.scale_window < 0) {
+      std::fill(vis, vis + nk * nq, 1);
+      for (int64_t c = 0; c < nk; ++c) idx[c] = static_cast<int32_t>(c);
+      return nk;
+    }
+    // Masks of block (scale) ids alone go by runs of positions of one id: a key's block test and its cell
+    // on the query's grid (next-scale window) are shared by the run. A cell outside the window around the
+    // run's bounding box is seen by none of it; the others get a vector loop over the run.
+    struct Run {
+      int64_t p0, p1;
+      int32_t sq, y0, y1, x0, x1;
+    };
+    Run runs[kMaxRows];
+    int64_t n_runs = 0;
+    const int32_t* qids = m.q_block_ids + it.b * m.q_block_sb + it.i0;
+    const int32_t* kids = m.k_block_ids + it.b * m.k_block_sb + j0;
+    const int64_t t0 = it.i0 + m.q_token_offset;
+    const int32_t* ty = m.scale_window >= 0 ? m.tok_y + t0 : nullptr;
+    const int32_t* tx = m.scale_window >= 0 ? m.tok_x + t0 : nullptr;
+    for (int64_t p0 = 0, p1; p0 < nq; p0 = p1) {
+      Run& r = runs[n_runs++];
+      r = Run{p0, p0, qids[p0], 0, 0, 0, 0};
+      for (p1 = p0 + 1; p1 < nq && qids[p1] == r.sq; ++p1) {
+      }
+      r.p1 = p1;
+      if (ty) {
+        r.y0 = *std::min_element(ty + p0, ty + p1), r.y1 = *std::max_element(ty + p0, ty + p1);
+        r.x0 = *std::min_element(tx + p0, tx + p1), r.x1 = *std::max_element(tx + p0, tx + p1);
+      }
+    }
+    const int64_t w = m.scale_window;
+    const uint32_t span = static_cast<uint32_t>(2 * w);
     int64_t n = 0;
     for (int64_t c = 0; c < nk; ++c) {
-      const uint8_t* row = vis + c * nq;
-      if (std::all_of(row, row + nq, [](uint8_t x) { return x == 0; })) continue;
-      if (n != c) std::copy(row, row + nq, vis + n * nq);
-      idx[n++] = static_cast<int32_t>(c);
+      uint8_t* v = vis + n * nq;
+      const int32_t sk = kids[c];
+      bool any = false;
+      for (int64_t ri = 0; ri < n_runs; ++ri) {
+        const Run& r = runs[ri];
+        const bool keep = block_visible(m.block, r.sq, sk);
+        if (!keep || w < 0 || scale_window_exempt(m, r.sq, sk)) {
+          std::fill(v + r.p0, v + r.p1, keep);
+          any |= keep;
+          continue;
+        }
+        const GridCell cell = scale_window_cell(m, j0 + c, r.sq, sk);
+        if (cell.y < r.y0 - w || cell.y > r.y1 + w || cell.x < r.x0 - w || cell.x > r.x1 + w) {
+          std::fill(v + r.p0, v + r.p1, 0);
+          continue;
+        }
+        any = true;  // perhaps: a row of zeros left over only computes -inf logits
+        // scale_window_near with the cell's offset folded in: |d| <= w iff d + w, unsigned, <= 2w.
+        const int32_t oy = static_cast<int32_t>(cell.y + w), ox = static_cast<int32_t>(cell.x + w);
+        for (int64_t pos = r.p0; pos < r.p1; ++pos)
+          v[pos] = (static_cast<uint32_t>(oy - ty[pos]) <= span) & (static_cast<uint32_t>(ox - tx[pos]) <= span);
+      }
+      if (any) idx[n++] = static_cast<int32_t>(c);
     }
     return n;
   }
