@@ -351,7 +351,8 @@ class AttentionCpu {
       const TileClass cur = cls;
       cls = t + 1 < t_end ? tile_class(t + 1) : TileClass::kHidden;
       if (cur == TileClass::kHidden) continue;
-      if (gemm && cls != TileClass::kHidden) plan_prefetch(it, j0 + kKeyTile, std::min(lk, j0 + 2 * kKeyTile), steps, pf);
+      if (gemm && cls != TileClass::kHidden)
+        plan_prefetch(it, j0 + kKeyTile, std::min(lk, j0 + 2 * kKeyTile), steps, pf);
       TileKeys keys{j0, nk, nullptr, nullptr};
       if (cur == TileClass::kPartial) {
         keys = TileKeys{j0, visible_keys(it, j0, nk, geom, vis, idx), idx, vis};
@@ -551,7 +552,8 @@ class AttentionCpu {
       }
     }
     const T* vrows[kKeyTile];
-    for (int64_t c = 0; c < nk; ++c) vrows[c] = vbase + kv_row_offset(p_, p_.v_sb, p_.v_sh, p_.v_sl, it.b, it.hkv, keys.at(c));
+    for (int64_t c = 0; c < nk; ++c)
+      vrows[c] = vbase + kv_row_offset(p_, p_.v_sb, p_.v_sh, p_.v_sl, it.b, it.hkv, keys.at(c));
     for (int64_t r = 0; r < R; ++r) {
       float* orow = buf.o + r * D;
       const float* w = buf.s + r * kKeyTile;
