@@ -89,6 +89,7 @@ struct RowPrefetch {
 };
 
 constexpr int64_t kGemmRows = 6;  // rows of gemm_x16's register blocks
+constexpr int64_t kL2Resident = 512 << 10;  // bytes: half of a 1 MB L2 (Zen 4, recent Intel)
 
 #if defined(FASTAR_CPU_AVX2)
 // o[0..8 NV) += sum_c w[c] * rows[c][d0..d0 + 8 NV), with o held in registers across the rows.
@@ -321,14 +322,7 @@ class AttentionCpu {
     std::fill(buf.o, buf.o + R * D, 0.0f);
     std::fill(buf.m, buf.m + rp, kNegInf);
     std::fill(buf.l, buf.l + rp, 0.0f);
-    const T* qbase = static_cast<const T*>(p_.q);
-    for (int64_t r = 0; r < R; ++r) {
-      const int64_t h = row_head(it, r);
-      const T* src = qbase + it.b * p_.q_sb + h * p_.q_sh + row_pos(it, r) * p_.q_sl;
-      float f = p_.scale;
-      if (p_.qk_norm) f *= (p_.q_scale ? p_.q_scale[h] : 1.0f) / std::max(std::sqrt(sum_squares(src, D)), kQkNormEps);
-      for (int64_t d = 0; d < D; ++d) buf.q[gemm ? d * ld + r : r * D + d] = to_f(src[d]) * f;
-    }
+    load_queries(it, gemm, ld, buf.q);
 
     const int64_t lk = visible_key_end(it, kv_len(p_, it.b));
     const MaskGeometry geom = mask_geometry(p_, it.b);
@@ -338,6 +332,9 @@ class AttentionCpu {
     uint8_t vis[kKeyTile * kMaxRows];
     int32_t idx[kKeyTile];
     RowPrefetch pf;  // GEMM path only
+    // Keys and values that stay in L2 from one query tile of the head to the next (a VAR 680 head's 350
+    // KB) need no prefetch: its instructions made that pass slower.
+    const bool prefetch = gemm && 2 * lk * D * static_cast<int64_t>(sizeof(T)) > kL2Resident;
     // GEMM blocks of a full tile: the next tile's rows are fetched across them.
     const int64_t steps =
         (kKeyTile + kGemmRows - 1) / kGemmRows * (rp / 16) + (R + kGemmRows - 1) / kGemmRows * (D / 16);
@@ -351,7 +348,7 @@ class AttentionCpu {
       const TileClass cur = cls;
       cls = t + 1 < t_end ? tile_class(t + 1) : TileClass::kHidden;
       if (cur == TileClass::kHidden) continue;
-      if (gemm && cls != TileClass::kHidden)
+      if (prefetch && cls != TileClass::kHidden)
         plan_prefetch(it, j0 + kKeyTile, std::min(lk, j0 + 2 * kKeyTile), steps, pf);
       TileKeys keys{j0, nk, nullptr, nullptr};
       if (cur == TileClass::kPartial) {
@@ -383,6 +380,43 @@ class AttentionCpu {
 #else
     (void)it, (void)j_begin, (void)j_end, (void)steps;
 #endif
+  }
+
+  // The item's query rows times the softmax scale (and qk_norm's factor) into q: [R, D], or transposed
+  // [D, ld] for the GEMM path, eight rows at a time through an 8x8 transpose (one float at a time, the
+  // strided stores cost 9% of a windowed VAR pass, whose items are short).
+  void load_queries(const Item& it, bool transposed, int64_t ld, float* q) const {
+    const int64_t D = p_.D, R = G_ * it.nq;
+    const T* qbase = static_cast<const T*>(p_.q);
+    for (int64_t r0 = 0; r0 < R; r0 += 8) {
+      const int64_t nr = std::min<int64_t>(8, R - r0);
+      const T* src[8];
+      float f[8];
+      for (int64_t i = 0; i < nr; ++i) {
+        const int64_t h = row_head(it, r0 + i);
+        src[i] = qbase + it.b * p_.q_sb + h * p_.q_sh + row_pos(it, r0 + i) * p_.q_sl;
+        f[i] = p_.scale;
+        if (p_.qk_norm)
+          f[i] *= (p_.q_scale ? p_.q_scale[h] : 1.0f) / std::max(std::sqrt(sum_squares(src[i], D)), kQkNormEps);
+      }
+      int64_t d = 0;
+      if (transposed) {
+#if defined(FASTAR_CPU_AVX2)
+        for (; d + 8 <= D; d += 8) {
+          __m256 x[8];
+          for (int64_t i = 0; i < 8; ++i)
+            x[i] = i < nr ? _mm256_mul_ps(cpu::load8(src[i] + d), _mm256_set1_ps(f[i])) : _mm256_setzero_ps();
+          cpu::transpose8x8(x);
+          for (int64_t j = 0; j < 8; ++j) _mm256_storeu_ps(q + (d + j) * ld + r0, x[j]);
+        }
+#endif
+        for (; d < D; ++d)
+          for (int64_t i = 0; i < nr; ++i) q[d * ld + r0 + i] = to_f(src[i][d]) * f[i];
+      } else {
+        for (int64_t i = 0; i < nr; ++i)
+          for (d = 0; d < D; ++d) q[(r0 + i) * D + d] = to_f(src[i][d]) * f[i];
+      }
+    }
   }
 
   // The keys a tile computes: key at(c) for c < n. Partial tiles list the offsets (from j0) of the keys that
