@@ -623,6 +623,18 @@ class AttentionCpu {
     return dst;
   }
 
+  // A float K or V tile read where it lies, when its keys are consecutive rows of one contiguous cache:
+  // the row pointer of its first key, with the row stride in ld; else null (the tile is copied). A value
+  // tile is read down its columns by the GEMM, so rows a multiple of 512 bytes apart (D = 128) are copied
+  // to padded rows instead.
+  const float* in_place(const void* base, int64_t sb, int64_t sh, int64_t sl, const Item& it, const TileKeys& keys,
+                        bool columns, int64_t& ld) const {
+    if (!std::is_same_v<T, float> || p_.block_table || (columns && sl * 4 % 512 == 0)) return nullptr;
+    if (keys.idx && keys.idx[keys.n - 1] - keys.idx[0] != keys.n - 1) return nullptr;
+    ld = sl;
+    return static_cast<const float*>(base) + kv_row_offset(p_, sb, sh, sl, it.b, it.hkv, keys.at(0));
+  }
+
   // GEMM path of the many-row tiles. The logits are computed transposed, s^T[nk, rp] = K q^T, so K is
   // read row by row as it lies (no transpose per tile) and the softmax runs down the columns, eight
   // query rows per vector; o[R, D] = o * corr + P V then reads P = s^T transposed.
@@ -630,8 +642,10 @@ class AttentionCpu {
 #if defined(FASTAR_CPU_AVX2)
     const int64_t D = p_.D, R = G_ * it.nq, rp = round_up16(G_ * q_tile_), ld = padded_ld(rp),
                   d16 = D / 16 * 16, nk = keys.n;
-    const float* kf = float_rows(p_.k, p_.k_sb, p_.k_sh, p_.k_sl, it, keys, buf.kf);
-    gemm_x16(nk, rp, D, kf, padded_ld(D), 1, buf.q, ld, buf.s, ld, nullptr, pf);
+    int64_t kld = padded_ld(D), vld = padded_ld(D);
+    const float* kf = in_place(p_.k, p_.k_sb, p_.k_sh, p_.k_sl, it, keys, false, kld);
+    if (!kf) kf = float_rows(p_.k, p_.k_sb, p_.k_sh, p_.k_sl, it, keys, buf.kf);
+    gemm_x16(nk, rp, D, kf, kld, 1, buf.q, ld, buf.s, ld, nullptr, pf);
     if (p_.qk_norm) normalise_keys(it, keys, buf.s, 1, ld, rp);
     if (keys.vis) apply_mask(it, keys, buf.s, 1, ld);
     const __m256 neg_inf = _mm256_set1_ps(kNegInf), zero = _mm256_setzero_ps();
@@ -652,12 +666,13 @@ class AttentionCpu {
       _mm256_storeu_ps(buf.l + r0, _mm256_fmadd_ps(_mm256_loadu_ps(buf.l + r0), corr, sum));
       _mm256_storeu_ps(buf.m + r0, m_new);
     }
-    const float* vf = float_rows(p_.v, p_.v_sb, p_.v_sh, p_.v_sl, it, keys, buf.vf);
-    if (d16 > 0) gemm_x16(R, d16, nk, buf.s, 1, ld, vf, padded_ld(D), buf.o, D, buf.corr, pf);
+    const float* vf = in_place(p_.v, p_.v_sb, p_.v_sh, p_.v_sl, it, keys, true, vld);
+    if (!vf) vf = float_rows(p_.v, p_.v_sb, p_.v_sh, p_.v_sl, it, keys, buf.vf);
+    if (d16 > 0) gemm_x16(R, d16, nk, buf.s, 1, ld, vf, vld, buf.o, D, buf.corr, pf);
     for (int64_t r = 0; r < R; ++r) {
       for (int64_t d = d16; d < D; ++d) {
         float acc = buf.o[r * D + d] * buf.corr[r];
-        for (int64_t c = 0; c < nk; ++c) acc += buf.s[c * ld + r] * vf[c * padded_ld(D) + d];
+        for (int64_t c = 0; c < nk; ++c) acc += buf.s[c * ld + r] * vf[c * vld + d];
         buf.o[r * D + d] = acc;
       }
     }
