@@ -417,6 +417,27 @@ def test_block_relations(backend, relation, form):
     check_attention(out, lse, q, k, v, want.unsqueeze(1), what=repr(mask))
 
 
+@pytest.mark.parametrize("D", [24, 36, 72])
+def test_head_dims_off_the_vector_width(backend, D):
+    """Head dims that are not a multiple of 16 (or 8): the kernels' vector loops leave a tail. Eight or more
+    query rows (the CPU's GEMM path) and one (its streaming path), a causal mask and a block relation
+    whose partial tiles drop keys, float32 and bfloat16."""
+    gen = torch.Generator().manual_seed(13)
+    Lk = 150
+    for dtype in (torch.float32, torch.bfloat16):
+        for Lq, mask, dense in (
+            (33, Causal(), torch.ones(33, Lk, dtype=torch.bool).tril(Lk - 33)),
+            (1, Causal(), None),
+            (40, BlockCausal(block_size=10, relation="same"), None),
+        ):
+            q = make((2, 4, Lq, D), dtype, gen)
+            k, v = make((2, 2, Lk, D), dtype, gen), make((2, 2, Lk, D), dtype, gen)
+            out, lse = backend.attention(q, k, v, mask=mask, return_lse=True)
+            if dense is None:
+                dense = dense4(mask, Lq, Lk, 2)
+            check_attention(out, lse, q, k, v, dense, what=f"D={D} {dtype} Lq={Lq} {mask!r}")
+
+
 def test_var_block_causal_and_cached_inference(backend):
     """VAR (SEMANTICS.md §2): scales (1, 2, 3, 4) -> block lengths (1, 4, 9, 16), 30 tokens. The training
     pass is block-causal; at inference each scale's tokens are appended to the KV cache and attend to the
