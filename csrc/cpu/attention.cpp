@@ -227,15 +227,19 @@ class AttentionCpu {
     // Each thread takes the next chunk of items when it is done with one: items differ in cost (masks hide
     // different parts of each), and a core that is slowed (by another VM or process) just takes fewer,
     // where fixed halves made the other core wait. A chunk is a run of consecutive items (mostly one head's
-    // query tiles), so its K and V stay in the core's L2.
+    // query tiles, whose K and V stay in the core's L2), a quarter of a thread's share of what is left, so
+    // the last chunks are short and the threads finish together (OpenMP's guided schedule).
     const int64_t total = items * splits_, threads = at::get_num_threads();
-    const int64_t chunk = std::max<int64_t>(1, total / (8 * threads));
     std::atomic<int64_t> next{0};
     at::parallel_for(0, std::min(total, threads), 1, [&](int64_t, int64_t) {
       const int64_t ld = padded_ld(rp);
       std::vector<float> scratch(static_cast<size_t>(ld * (D + kKeyTile) + rp * (D + 3) + 2 * padded_ld(D) * kKeyTile));
-      for (int64_t w0; (w0 = next.fetch_add(chunk, std::memory_order_relaxed)) < total;)
-        for (int64_t w = w0; w < std::min(total, w0 + chunk); ++w) run_item(w / splits_, w % splits_, scratch.data());
+      for (int64_t w0 = next.load(std::memory_order_relaxed); w0 < total;) {
+        const int64_t w1 = w0 + std::max<int64_t>(1, (total - w0) / (4 * threads));
+        if (!next.compare_exchange_weak(w0, w1, std::memory_order_relaxed)) continue;  // w0 reloaded
+        for (int64_t w = w0; w < std::min(total, w1); ++w) run_item(w / splits_, w % splits_, scratch.data());
+        w0 = next.load(std::memory_order_relaxed);
+      }
     });
     if (splits_ > 1) {
       at::parallel_for(0, items, 1, [&](int64_t i0, int64_t i1) {
