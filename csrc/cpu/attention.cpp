@@ -333,9 +333,21 @@ class AttentionCpu {
     const int64_t tiles = (lk + kKeyTile - 1) / kKeyTile;
     const int64_t per_split = (tiles + splits_ - 1) / splits_;
     const int64_t t_begin = split * per_split, t_end = std::min(tiles, t_begin + per_split);
-    uint8_t vis[kKeyTile * kMaxRows];
-    int32_t idx[kKeyTile];
+    // The kept keys of partial tiles are batched, up to a tile's worth, before they are computed: a window
+    // leaves about 32 of 64, and half-empty tiles ran their GEMMs and softmax at a lower efficiency.
+    // (The online softmax takes keys in any order.) The batch lists key positions, from 0.
+    uint8_t vis[2 * kKeyTile * kMaxRows];
+    int32_t idx[2 * kKeyTile];
+    int64_t batched = 0;
     RowPrefetch pf;  // GEMM path only
+    auto compute = [&](const TileKeys& keys) {
+      if (gemm) {
+        tile_gemm(it, keys, buf, pf);
+        pf.finish();
+      } else {
+        tile_stream(it, keys, buf);  // decode: the hardware prefetcher follows its streams (with ours, 20% slower)
+      }
+    };
     // Keys and values that stay in L2 from one query tile of the head to the next (a VAR 680 head's 350
     // KB) need no prefetch: its instructions made that pass slower.
     const bool prefetch = gemm && 2 * lk * D * static_cast<int64_t>(sizeof(T)) > kL2Resident;
@@ -354,18 +366,21 @@ class AttentionCpu {
       if (cur == TileClass::kHidden) continue;
       if (prefetch && cls != TileClass::kHidden)
         plan_prefetch(it, j0 + kKeyTile, std::min(lk, j0 + 2 * kKeyTile), steps, pf);
-      TileKeys keys{j0, nk, nullptr, nullptr};
-      if (cur == TileClass::kPartial) {
-        keys = TileKeys{j0, visible_keys(it, j0, nk, geom, vis, idx), idx, vis};
-        if (keys.n == 0) continue;
+      if (cur == TileClass::kFull) {
+        compute(TileKeys{j0, nk, nullptr, nullptr});
+        continue;
       }
-      if (gemm) {
-        tile_gemm(it, keys, buf, pf);
-        pf.finish();
-      } else {
-        tile_stream(it, keys, buf);  // decode: the hardware prefetcher follows its streams (with ours, 20% slower)
+      const int64_t n = visible_keys(it, j0, nk, geom, vis + batched * it.nq, idx + batched);
+      for (int64_t c = batched; c < batched + n; ++c) idx[c] += static_cast<int32_t>(j0);
+      if (batched + n > kKeyTile) {  // the batch so far, then the new keys move to its front
+        compute(TileKeys{0, batched, idx, vis});
+        std::copy(idx + batched, idx + batched + n, idx);
+        std::copy(vis + batched * it.nq, vis + (batched + n) * it.nq, vis);
+        batched = 0;
       }
+      batched += n;
     }
+    if (batched > 0) compute(TileKeys{0, batched, idx, vis});
     finish_item(item, split, it, buf);
   }
 
@@ -423,8 +438,8 @@ class AttentionCpu {
     }
   }
 
-  // The keys a tile computes: key at(c) for c < n. Partial tiles list the offsets (from j0) of the keys that
-  // some query of the item sees in idx, and whether each is visible to query position pos in
+  // The keys a tile computes: key at(c) for c < n. Batches of partial tiles list the keys that some query
+  // of the item sees in idx (positions, with j0 = 0), and whether each is visible to query position pos in
   // vis[c * nq + pos]; full tiles have neither.
   struct TileKeys {
     int64_t j0, n;
