@@ -3,7 +3,8 @@
 // A work item is (batch, kv head, query tile, kv split). Its rows are every query head of the GQA group
 // times the tile's query positions, so each K/V tile is loaded once for the whole group. Key tiles are
 // classified against the structured mask first (core/attention.h): hidden tiles are skipped, fully
-// visible ones run without per-element mask work. When there are too few work items for the threads
+// visible ones run without per-element mask work, and partial ones keep only the keys some query of the
+// item sees (batched up to a tile's worth). When there are too few work items for the threads
 // (decode with a small batch), the keys are split and the partial results merged by their LSE.
 #include <ATen/Parallel.h>
 #include <ATen/ops/empty.h>
@@ -161,7 +162,6 @@ inline void gemm_rows_tail(int64_t rows, const float* a, int64_t a_rs, int64_t a
 // 12 accumulators keep both FMA pipes of a Zen 4 / recent Intel core busy through the FMA latency (8 did
 // not: 34 vs 53 GFLOP/s a core); gemm_rows_x16's loops are unrolled by pragma so they stay in registers.
 // pf takes a step after each block.
-
 inline void gemm_x16(int64_t M, int64_t N, int64_t K, const float* a, int64_t a_rs, int64_t a_ks, const float* b,
                      int64_t ldb, float* c, int64_t ldc, const float* c_scale, RowPrefetch& pf) {
   constexpr int64_t kRows = kGemmRows;
@@ -624,9 +624,8 @@ class AttentionCpu {
     }
   }
 
-  // The rows of a K or V tile converted into dst as a float matrix [n, D], row stride padded_ld(D). Float
-  // caches are copied too: reading a 2240-key float cache in place ran the GEMMs at 60% of the copied
-  // tile's speed.
+  // The rows of a K or V tile converted into dst as a float matrix [n, D], row stride padded_ld(D): 16-bit
+  // caches, and float ones that in_place declines (paged, gathered keys, value rows 512 bytes apart).
   float* float_rows(const void* base, int64_t sb, int64_t sh, int64_t sl, const Item& it, const TileKeys& keys,
                     float* dst) const {
     const T* tb = static_cast<const T*>(base);
