@@ -718,7 +718,8 @@ class AttentionCpu {
     std::vector<float> acc(static_cast<size_t>(D));
     for (int64_t r = 0; r < R; ++r) {
       float m = kNegInf;
-      for (int64_t sp = 0; sp < splits_; ++sp) m = std::max(m, partial_ml_[static_cast<size_t>((item * splits_ + sp) * rows_cap + r)].m);
+      for (int64_t sp = 0; sp < splits_; ++sp)
+        m = std::max(m, partial_ml_[static_cast<size_t>((item * splits_ + sp) * rows_cap + r)].m);
       std::fill(acc.begin(), acc.end(), 0.0f);
       float l = 0.0f;
       if (m != kNegInf) {
