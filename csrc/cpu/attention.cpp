@@ -89,7 +89,7 @@ struct RowPrefetch {
   }
 };
 
-constexpr int64_t kGemmRows = 6;  // rows of gemm_x16's register blocks
+constexpr int64_t kGemmRows = 6;  // rows of gemm_x8's register blocks
 constexpr int64_t kL2Resident = 512 << 10;  // bytes: half of a 1 MB L2 (Zen 4, recent Intel)
 
 #if defined(FASTAR_CPU_AVX2)
@@ -114,73 +114,108 @@ inline void axpy_rows_tail(int nv, float* o, const float* w, const T* const* row
   }
 }
 
-// Register-blocked C[MR x 16] = A[MR x K] * B[K x 16] (+ C scaled per row): A's element (r, k) lies at
-// a[r * a_rs + k * a_ks], so A may be read transposed. With c_scale, C's row r is first multiplied by
-// c_scale[r] (the online softmax's rescaling, folded into the accumulator load); without it C is
-// overwritten. 2 MR accumulators; per k two loads of B and MR broadcasts of A.
-template <int MR>
-inline void gemm_rows_x16(const float* a, int64_t a_rs, int64_t a_ks, const float* b, int64_t ldb, int64_t K,
-                          float* c, int64_t ldc, const float* c_scale) {
-  __m256 acc[MR][2];
+// The two products of the GEMM path, whose gathered operand is read through row pointers (where the keys'
+// rows lie: they are not copied):
+//   kLogits  s^T = K q^T: A's row r at a_rows[r] (key rows), element k at [k]; B's row k at b + k * ldb.
+//   kValues  o = P V:     A(r, k) at a[r + k * a_ks] (P = s^T read transposed); B's row k at b_rows[k].
+// Unit strides along the inner index let every broadcast and load address its row with a constant offset
+// or one index register.
+enum class Gemm { kLogits, kValues };
+
+struct GemmOperands {
+  const float* const* a_rows;
+  const float* a;
+  int64_t a_ks;
+  const float* b;
+  int64_t ldb;
+  const float* const* b_rows;
+};
+
+// Register-blocked C[MR x 8 NV] = A[m0 : m0 + MR, :K] * B[:K, n0 : n0 + 8 NV] (+ C scaled per row): with
+// c_scale, C's row r is first multiplied by c_scale[r] (the online softmax's rescaling, folded into the
+// accumulator load); without it C is overwritten. MR NV accumulators; per k NV loads of B and MR
+// broadcasts of A.
+template <Gemm kind, int MR, int NV>
+inline void gemm_block(const GemmOperands& op, int64_t m0, int64_t n0, int64_t K, float* c, int64_t ldc,
+                       const float* c_scale) {
+  const float* ar[MR];
+  __m256 acc[MR][NV];
 #pragma GCC unroll 16
   for (int r = 0; r < MR; ++r) {
-    if (c_scale) {
-      const __m256 sc = _mm256_broadcast_ss(c_scale + r);
-      acc[r][0] = _mm256_mul_ps(_mm256_loadu_ps(c + r * ldc), sc);
-      acc[r][1] = _mm256_mul_ps(_mm256_loadu_ps(c + r * ldc + 8), sc);
-    } else {
-      acc[r][0] = acc[r][1] = _mm256_setzero_ps();
-    }
+    ar[r] = kind == Gemm::kLogits ? op.a_rows[m0 + r] : op.a + m0 + r;
+#pragma GCC unroll 2
+    for (int v = 0; v < NV; ++v)
+      acc[r][v] = c_scale ? _mm256_mul_ps(_mm256_loadu_ps(c + r * ldc + 8 * v), _mm256_broadcast_ss(c_scale + r))
+                          : _mm256_setzero_ps();
   }
-  for (int64_t k = 0; k < K; ++k) {
-    const __m256 b0 = _mm256_loadu_ps(b + k * ldb), b1 = _mm256_loadu_ps(b + k * ldb + 8);
+  // The strided operand's row k, advanced by a pointer step (a multiply per k measured slower).
+  const float* strided = kind == Gemm::kLogits ? op.b + n0 : op.a + m0;
+  const int64_t step = kind == Gemm::kLogits ? op.ldb : op.a_ks;
+  for (int64_t k = 0; k < K; ++k, strided += step) {
+    const float* bk = kind == Gemm::kLogits ? strided : op.b_rows[k] + n0;
+    __m256 bv[NV];
+#pragma GCC unroll 2
+    for (int v = 0; v < NV; ++v) bv[v] = _mm256_loadu_ps(bk + 8 * v);
 #pragma GCC unroll 16
     for (int r = 0; r < MR; ++r) {
-      const __m256 av = _mm256_broadcast_ss(a + r * a_rs + k * a_ks);
-      acc[r][0] = _mm256_fmadd_ps(av, b0, acc[r][0]);
-      acc[r][1] = _mm256_fmadd_ps(av, b1, acc[r][1]);
+      const __m256 av = _mm256_broadcast_ss(kind == Gemm::kLogits ? ar[r] + k : strided + r);
+#pragma GCC unroll 2
+      for (int v = 0; v < NV; ++v) acc[r][v] = _mm256_fmadd_ps(av, bv[v], acc[r][v]);
     }
   }
 #pragma GCC unroll 16
-  for (int r = 0; r < MR; ++r) {
-    _mm256_storeu_ps(c + r * ldc, acc[r][0]);
-    _mm256_storeu_ps(c + r * ldc + 8, acc[r][1]);
-  }
+  for (int r = 0; r < MR; ++r)
+#pragma GCC unroll 2
+    for (int v = 0; v < NV; ++v) _mm256_storeu_ps(c + r * ldc + 8 * v, acc[r][v]);
 }
 
-// gemm_rows_x16 for rows < MR.
-template <int MR>
-inline void gemm_rows_tail(int64_t rows, const float* a, int64_t a_rs, int64_t a_ks, const float* b, int64_t ldb,
-                           int64_t K, float* c, int64_t ldc, const float* c_scale) {
+// gemm_block for rows < MR (the rows left below the whole blocks).
+template <Gemm kind, int MR, int NV>
+inline void gemm_block_tail(int64_t rows, const GemmOperands& op, int64_t m0, int64_t n0, int64_t K, float* c,
+                            int64_t ldc, const float* c_scale) {
   if constexpr (MR > 0) {
-    if (rows == MR) return gemm_rows_x16<MR>(a, a_rs, a_ks, b, ldb, K, c, ldc, c_scale);
-    gemm_rows_tail<MR - 1>(rows, a, a_rs, a_ks, b, ldb, K, c, ldc, c_scale);
+    if (rows == MR) return gemm_block<kind, MR, NV>(op, m0, n0, K, c, ldc, c_scale);
+    gemm_block_tail<kind, MR - 1, NV>(rows, op, m0, n0, K, c, ldc, c_scale);
   }
 }
 
-// C[M x N] = A[M x K] * B[K x N] (+ C scaled per row), N a multiple of 16: blocks of 6 rows, then the rest.
-// 12 accumulators keep both FMA pipes of a Zen 4 / recent Intel core busy through the FMA latency (8 did
-// not: 34 vs 53 GFLOP/s a core); gemm_rows_x16's loops are unrolled by pragma so they stay in registers.
-// pf takes a step after each block.
-inline void gemm_x16(int64_t M, int64_t N, int64_t K, const float* a, int64_t a_rs, int64_t a_ks, const float* b,
-                     int64_t ldb, float* c, int64_t ldc, const float* c_scale, RowPrefetch& pf) {
+// C[M x N] = A[M x K] * B[K x N] (+ C scaled per row), N a multiple of 8: panels of 16 columns in blocks of
+// 6 rows, then the rest, and a last 8-column panel in blocks of 12 rows. 12 accumulators keep both FMA
+// pipes of a Zen 4 / recent Intel core busy through the FMA latency (8 did not: 34 vs 53 GFLOP/s a core);
+// the micro-kernels' loops are unrolled by pragma so they stay in registers. pf takes a step after each
+// block.
+template <Gemm kind>
+inline void gemm_x8(int64_t M, int64_t N, int64_t K, const GemmOperands& op, float* c, int64_t ldc,
+                    const float* c_scale, RowPrefetch& pf) {
   constexpr int64_t kRows = kGemmRows;
-  for (int64_t n0 = 0; n0 < N; n0 += 16) {
+  auto panel = [&](auto nv, int64_t n0) {
+    constexpr int NV = decltype(nv)::value, MR = 12 / NV;
     int64_t m0 = 0;
-    for (; m0 + kRows <= M; m0 += kRows) {
-      gemm_rows_x16<kRows>(a + m0 * a_rs, a_rs, a_ks, b + n0, ldb, K, c + m0 * ldc + n0, ldc,
-                           c_scale ? c_scale + m0 : nullptr);
+    for (; m0 + MR <= M; m0 += MR) {
+      gemm_block<kind, MR, NV>(op, m0, n0, K, c + m0 * ldc + n0, ldc, c_scale ? c_scale + m0 : nullptr);
       pf.step();
     }
-    gemm_rows_tail<kRows - 1>(M - m0, a + m0 * a_rs, a_rs, a_ks, b + n0, ldb, K, c + m0 * ldc + n0, ldc,
-                              c_scale ? c_scale + m0 : nullptr);
-  }
+    gemm_block_tail<kind, MR - 1, NV>(M - m0, op, m0, n0, K, c + m0 * ldc + n0, ldc,
+                                      c_scale ? c_scale + m0 : nullptr);
+  };
+  static_assert(12 / 2 == kRows, "gemm_x8's 16-column blocks are kGemmRows high");
+  for (int64_t n0 = 0; n0 + 16 <= N; n0 += 16) panel(std::integral_constant<int, 2>{}, n0);
+  if (N % 16 != 0) panel(std::integral_constant<int, 1>{}, N - 8);
 }
 #endif
 
 // Tiles with at least this many query rows use the GEMM path: compute-bound verification and prefill.
 // Fewer rows (decode) stream K and V straight from memory with dot/axpy loops.
 constexpr int64_t kGemmMinRows = 8;
+#if defined(FASTAR_CPU_AVX2)
+constexpr bool kGemm = true;
+#else
+constexpr bool kGemm = false;
+#endif
+// Query positions per row group of plan_keys: 8 computed 10% fewer logits for VAR 680, W=2, but its smaller
+// GEMMs ran slower overall.
+constexpr int64_t kGroup = 16;
+constexpr int64_t kMaxPlanBytes = 16 << 20;  // build_plans' bound on Lq x Lk
 
 // Partial result of one work item for one row, before normalisation (used to merge kv splits).
 struct Partial {
@@ -229,6 +264,13 @@ class AttentionCpu {
     // where fixed halves made the other core wait. A chunk is a run of consecutive items (mostly one head's
     // query tiles, whose K and V stay in the core's L2), a quarter of a thread's share of what is left, so
     // the last chunks are short and the threads finish together (OpenMP's guided schedule).
+    // A mask that is the same for every sequence (a ScaleLayout's, a shared causal or tree mask) is planned
+    // once per query tile instead of once per item: VAR runs 16-32 heads per tile. The plans hold a byte
+    // per visible (query, key) pair of the partial tiles, at most Lq x Lk.
+    const AttentionMask& m = p_.mask;
+    const bool shared = !p_.kv_lens && (m.block == BlockRelation::kNone || (m.q_block_sb == 0 && m.k_block_sb == 0)) &&
+                        (!m.bits || m.bits_sb == 0);
+    if (shared && p_.B * p_.Hkv > 1 && p_.Lq * p_.Lk <= kMaxPlanBytes) build_plans();
     const int64_t total = items * splits_, threads = at::get_num_threads();
     std::atomic<int64_t> next{0};
     at::parallel_for(0, std::min(total, threads), 1, [&](int64_t, int64_t) {
@@ -317,30 +359,23 @@ class AttentionCpu {
     buf.corr = buf.l + rp;
     buf.kf = buf.corr + rp;
     buf.vf = buf.kf + kKeyTile * padded_ld(D);
-    #if defined(FASTAR_CPU_AVX2)
-    const bool gemm = R >= kGemmMinRows;
-#else
-    const bool gemm = false;
-#endif
+    const bool gemm = kGemm && R >= kGemmMinRows;
     std::fill(buf.q, buf.q + ld * D, 0.0f);
     std::fill(buf.o, buf.o + R * D, 0.0f);
     std::fill(buf.m, buf.m + rp, kNegInf);
     std::fill(buf.l, buf.l + rp, 0.0f);
     load_queries(it, gemm, ld, buf.q);
 
-    const int64_t lk = visible_key_end(it, kv_len(p_, it.b));
-    const MaskGeometry geom = mask_geometry(p_, it.b);
-    const int64_t tiles = (lk + kKeyTile - 1) / kKeyTile;
-    const int64_t per_split = (tiles + splits_ - 1) / splits_;
-    const int64_t t_begin = split * per_split, t_end = std::min(tiles, t_begin + per_split);
-    // The kept keys of partial tiles are batched, up to a tile's worth, before they are computed: a window
-    // leaves about 32 of 64, and half-empty tiles ran their GEMMs and softmax at a lower efficiency.
-    // (The online softmax takes keys in any order.) The batch lists key positions, from 0.
-    uint8_t vis[2 * kKeyTile * kMaxRows];
-    int32_t idx[2 * kKeyTile];
-    int64_t batched = 0;
+    const int64_t lk = kv_len(p_, it.b);
+    // Keys and values that stay in L2 from one query tile of the head to the next (a VAR 680 head's 350
+    // KB) need no prefetch: its instructions made that pass slower.
+    const bool prefetch = gemm && 2 * lk * D * static_cast<int64_t>(sizeof(T)) > kL2Resident;
+    // GEMM blocks of a full tile: the next tile's rows are fetched across them.
+    const int64_t steps =
+        (kKeyTile + kGemmRows - 1) / kGemmRows * (rp / 16) + (R + kGemmRows - 1) / kGemmRows * (D / 16);
     RowPrefetch pf;  // GEMM path only
-    auto compute = [&](const TileKeys& keys) {
+    auto compute = [&](const TileKeys& keys, int64_t pf_begin, int64_t pf_end) {
+      if (prefetch && pf_begin < pf_end) plan_prefetch(it, pf_begin, pf_end, steps, pf);
       if (gemm) {
         tile_gemm(it, keys, buf, pf);
         pf.finish();
@@ -348,40 +383,97 @@ class AttentionCpu {
         tile_stream(it, keys, buf);  // decode: the hardware prefetcher follows its streams (with ours, 20% slower)
       }
     };
-    // Keys and values that stay in L2 from one query tile of the head to the next (a VAR 680 head's 350
-    // KB) need no prefetch: its instructions made that pass slower.
-    const bool prefetch = gemm && 2 * lk * D * static_cast<int64_t>(sizeof(T)) > kL2Resident;
-    // GEMM blocks of a full tile: the next tile's rows are fetched across them.
-    const int64_t steps =
-        (kKeyTile + kGemmRows - 1) / kGemmRows * (rp / 16) + (R + kGemmRows - 1) / kGemmRows * (D / 16);
+    if (plans_.empty()) {
+      const int64_t tiles = (visible_key_end(it, lk) + kKeyTile - 1) / kKeyTile;
+      const int64_t per_split = (tiles + splits_ - 1) / splits_;
+      const int64_t t_begin = split * per_split;
+      plan_keys(it, t_begin, std::min(tiles, t_begin + per_split), compute);
+    } else {
+      const KeyPlan& plan = plans_[static_cast<size_t>(item % n_q_tiles_)];
+      const int64_t n = static_cast<int64_t>(plan.steps.size()), per_split = (n + splits_ - 1) / splits_;
+      for (int64_t i = split * per_split; i < std::min(n, (split + 1) * per_split); ++i) {
+        const PlanStep& s = plan.steps[static_cast<size_t>(i)];
+        TileKeys keys = s.keys;
+        if (keys.idx) keys.idx = plan.idx.data() + s.idx_at, keys.vis = plan.vis.data() + s.vis_at;
+        compute(keys, s.pf_begin, s.pf_end);
+      }
+    }
+    finish_item(item, split, it, buf);
+  }
+
+  // Calls emit(keys, pf_begin, pf_end) for every batch of keys of the item's key tiles [t_begin, t_end) that
+  // its queries see, and the key range [pf_begin, pf_end) to fetch meanwhile (the next visited tile). Fully
+  // visible tiles go whole. Partial tiles keep the keys some query sees; with one query head per item, per
+  // group of kGroup positions (a next-scale window's coarse keys are each seen by a few grid cells: VAR
+  // 680, W=2, computes 8% fewer logits). Kept keys are batched per group, a tile's worth at a time (a
+  // window keeps about half of a tile, and half-empty tiles ran at a lower efficiency); the online softmax
+  // takes keys in any order.
+  template <typename Emit>
+  void plan_keys(const Item& it, int64_t t_begin, int64_t t_end, Emit&& emit) const {
+    const int64_t nq = it.nq, lk = visible_key_end(it, kv_len(p_, it.b));
+    const int64_t gw = kGemm && G_ == 1 && nq >= 2 * kGroup ? kGroup : nq, groups = (nq + gw - 1) / gw;
+    const MaskGeometry geom = mask_geometry(p_, it.b);
+    uint8_t tile_vis[kKeyTile * kMaxRows], vis[kKeyTile * kMaxRows];  // group g's batch at vis + kKeyTile * g * gw
+    int32_t tile_idx[kKeyTile], idx[kKeyTile * (kMaxRows / kGroup)];     // group g's at idx + kKeyTile * g
+    int64_t batched[kMaxRows / kGroup] = {};
     auto tile_class = [&](int64_t t) {
       const int64_t j0 = t * kKeyTile;
       return classify_tile(p_.mask, it.b, it.i0, it.i0 + it.nq, j0, std::min(lk, j0 + kKeyTile), geom);
     };
+    auto batch = [&](int64_t g) {
+      const int64_t p0 = g * gw;
+      return TileKeys{0, batched[g], idx + kKeyTile * g, vis + kKeyTile * p0, p0, std::min(gw, nq - p0)};
+    };
+    int64_t pf_begin = 0, pf_end = 0;
     TileClass cls = t_begin < t_end ? tile_class(t_begin) : TileClass::kHidden;
     for (int64_t t = t_begin; t < t_end; ++t) {
       const int64_t j0 = t * kKeyTile, nk = std::min(lk, j0 + kKeyTile) - j0;
       const TileClass cur = cls;
       cls = t + 1 < t_end ? tile_class(t + 1) : TileClass::kHidden;
       if (cur == TileClass::kHidden) continue;
-      if (prefetch && cls != TileClass::kHidden)
-        plan_prefetch(it, j0 + kKeyTile, std::min(lk, j0 + 2 * kKeyTile), steps, pf);
+      pf_begin = j0 + kKeyTile, pf_end = cls == TileClass::kHidden ? pf_begin : std::min(lk, j0 + 2 * kKeyTile);
       if (cur == TileClass::kFull) {
-        compute(TileKeys{j0, nk, nullptr, nullptr});
+        emit(TileKeys{j0, nk, nullptr, nullptr, 0, nq}, pf_begin, pf_end);
         continue;
       }
-      const int64_t n = visible_keys(it, j0, nk, geom, vis + batched * it.nq, idx + batched);
-      for (int64_t c = batched; c < batched + n; ++c) idx[c] += static_cast<int32_t>(j0);
-      if (batched + n > kKeyTile) {  // the batch so far, then the new keys move to its front
-        compute(TileKeys{0, batched, idx, vis});
-        std::copy(idx + batched, idx + batched + n, idx);
-        std::copy(vis + batched * it.nq, vis + (batched + n) * it.nq, vis);
-        batched = 0;
+      const int64_t n = visible_keys(it, j0, nk, geom, tile_vis, tile_idx);
+      for (int64_t g = 0; g < groups; ++g) {
+        const int64_t p0 = g * gw, np = std::min(gw, nq - p0);
+        for (int64_t c = 0; c < n; ++c) {
+          const uint8_t* v = tile_vis + c * nq + p0;
+          if (groups > 1 && std::none_of(v, v + np, [](uint8_t x) { return x != 0; })) continue;
+          if (batched[g] == kKeyTile) {
+            emit(batch(g), pf_begin, pf_end);
+            batched[g] = 0;
+          }
+          std::copy(v, v + np, vis + kKeyTile * p0 + batched[g] * np);
+          idx[kKeyTile * g + batched[g]++] = static_cast<int32_t>(j0 + tile_idx[c]);
+        }
       }
-      batched += n;
     }
-    if (batched > 0) compute(TileKeys{0, batched, idx, vis});
-    finish_item(item, split, it, buf);
+    for (int64_t g = 0; g < groups; ++g)
+      if (batched[g] > 0) emit(batch(g), pf_end, pf_end);
+  }
+
+  // The key plan of every query tile, built once for all items when the mask is the same for every sequence.
+  void build_plans() {
+    plans_.resize(static_cast<size_t>(n_q_tiles_));
+    at::parallel_for(0, n_q_tiles_, 1, [&](int64_t t0, int64_t t1) {
+      for (int64_t qt = t0; qt < t1; ++qt) {
+        const Item it = item_at(qt);
+        KeyPlan& plan = plans_[static_cast<size_t>(qt)];
+        const int64_t tiles = (visible_key_end(it, p_.Lk) + kKeyTile - 1) / kKeyTile;
+        plan_keys(it, 0, tiles, [&](const TileKeys& keys, int64_t pf_begin, int64_t pf_end) {
+          PlanStep s{keys, static_cast<int64_t>(plan.idx.size()), static_cast<int64_t>(plan.vis.size()), pf_begin,
+                     pf_end};
+          if (keys.idx) {
+            plan.idx.insert(plan.idx.end(), keys.idx, keys.idx + keys.n);
+            plan.vis.insert(plan.vis.end(), keys.vis, keys.vis + keys.n * keys.np);
+          }
+          plan.steps.push_back(s);
+        });
+      }
+    });
   }
 
   // Aims pf at the K and V rows of keys [j_begin, j_end), to be fetched in `steps` steps.
@@ -438,14 +530,26 @@ class AttentionCpu {
     }
   }
 
-  // The keys a tile computes: key at(c) for c < n. Batches of partial tiles list the keys that some query
-  // of the item sees in idx (positions, with j0 = 0), and whether each is visible to query position pos in
-  // vis[c * nq + pos]; full tiles have neither.
+  // The keys a step computes: key at(c) for c < n. Batches of partial tiles list the keys that some query
+  // of their positions sees in idx (key positions, with j0 = 0), and whether each is visible to query
+  // position p0 + pos in vis[c * np + pos]; full tiles have neither.
   struct TileKeys {
     int64_t j0, n;
     const int32_t* idx;
     const uint8_t* vis;
+    int64_t p0, np;  // the query positions [p0, p0 + np) that compute them (with G > 1: all of the item's)
     int64_t at(int64_t c) const { return j0 + (idx ? idx[c] : c); }
+  };
+
+  // A batch of plan_keys, its idx and vis stored at idx_at and vis_at of the plan's arrays.
+  struct PlanStep {
+    TileKeys keys;
+    int64_t idx_at, vis_at, pf_begin, pf_end;
+  };
+  struct KeyPlan {
+    std::vector<PlanStep> steps;
+    std::vector<int32_t> idx;
+    std::vector<uint8_t> vis;
   };
 
   // The keys of the tile that some query position of the item may see: their offsets from j0 go to idx,
@@ -529,19 +633,21 @@ class AttentionCpu {
     return n;
   }
 
-  // Applies keys.vis to logit (r, c) of the tile at s[r * rs + c * cs]: -inf where hidden, + bias.
+  // Applies keys.vis to logit (r, c) of the tile at s[r * rs + c * cs], for the rows of the keys' positions:
+  // -inf where hidden, + bias.
   void apply_mask(const Item& it, const TileKeys& keys, float* s, int64_t rs, int64_t cs) const {
     const AttentionMask& m = p_.mask;
-    const int64_t nq = it.nq, n = keys.n;
+    const int64_t nq = it.nq, n = keys.n, p0 = keys.p0, np = keys.np;
     const uint8_t* vis = keys.vis;
     if (m.bias) {
       const T* bias = static_cast<const T*>(m.bias);
       for (int64_t g = 0; g < G_; ++g) {
         for (int64_t c = 0; c < n; ++c) {
-          const T* brow = bias + it.b * m.bias_sb + (it.hkv * G_ + g) * m.bias_sh + it.i0 * m.bias_sq + keys.at(c);
-          for (int64_t pos = 0; pos < nq; ++pos) {
-            float& x = s[(g * nq + pos) * rs + c * cs];
-            x = vis[c * nq + pos] ? x + to_f(brow[pos * m.bias_sq]) : kNegInf;
+          const T* brow = bias + it.b * m.bias_sb + (it.hkv * G_ + g) * m.bias_sh + (it.i0 + p0) * m.bias_sq +
+                          keys.at(c);
+          for (int64_t pos = 0; pos < np; ++pos) {
+            float& x = s[(g * nq + p0 + pos) * rs + c * cs];
+            x = vis[c * np + pos] ? x + to_f(brow[pos * m.bias_sq]) : kNegInf;
           }
         }
       }
@@ -551,15 +657,25 @@ class AttentionCpu {
     for (int64_t g = 0; g < G_; ++g) {
       if (rs == 1) {
         for (int64_t c = 0; c < n; ++c) {
-          float* x = s + g * nq + c * cs;
-          const uint8_t* v = vis + c * nq;
-          for (int64_t pos = 0; pos < nq; ++pos) x[pos] = v[pos] ? x[pos] : kNegInf;
+          float* x = s + g * nq + p0 + c * cs;
+          const uint8_t* v = vis + c * np;
+          int64_t pos = 0;
+#if defined(FASTAR_CPU_AVX2)
+          for (; pos + 8 <= np; pos += 8) {
+            const __m256i hidden = _mm256_cmpeq_epi32(
+                _mm256_cvtepu8_epi32(_mm_loadl_epi64(reinterpret_cast<const __m128i*>(v + pos))),
+                _mm256_setzero_si256());
+            _mm256_storeu_ps(x + pos, _mm256_blendv_ps(_mm256_loadu_ps(x + pos), _mm256_set1_ps(kNegInf),
+                                                       _mm256_castsi256_ps(hidden)));
+          }
+#endif
+          for (; pos < np; ++pos) x[pos] = v[pos] ? x[pos] : kNegInf;
         }
       } else {
-        for (int64_t pos = 0; pos < nq; ++pos)
+        for (int64_t pos = 0; pos < np; ++pos)
           for (int64_t c = 0; c < n; ++c) {
-            float& x = s[(g * nq + pos) * rs + c * cs];
-            x = vis[c * nq + pos] ? x : kNegInf;
+            float& x = s[(g * nq + p0 + pos) * rs + c * cs];
+            x = vis[c * np + pos] ? x : kNegInf;
           }
       }
     }
@@ -624,33 +740,27 @@ class AttentionCpu {
     }
   }
 
-  // The rows of a K or V tile converted into dst as a float matrix [n, D], row stride padded_ld(D): 16-bit
-  // caches, and float ones that in_place declines (paged, gathered keys, value rows 512 bytes apart).
-  float* float_rows(const void* base, int64_t sb, int64_t sh, int64_t sl, const Item& it, const TileKeys& keys,
-                    float* dst) const {
+  // Pointers to the rows of the keys' K or V in float: where they lie for a float cache, else converted into
+  // dst [n, padded_ld(D)]. Value rows are read down their columns by the GEMM, so float rows a multiple of
+  // 512 bytes apart (D = 128) are copied to padded rows too: in place, a column panel fell on 8 L1 sets.
+  void float_rows(const void* base, int64_t sb, int64_t sh, int64_t sl, const Item& it, const TileKeys& keys,
+                  bool columns, float* dst, const float** rows) const {
     const T* tb = static_cast<const T*>(base);
     const int64_t D = p_.D, ld = padded_ld(D);
+    const bool in_place = std::is_same_v<T, float> && !(columns && sl * 4 % 512 == 0);
     for (int64_t c = 0; c < keys.n; ++c) {
       const T* row = tb + kv_row_offset(p_, sb, sh, sl, it.b, it.hkv, keys.at(c));
+      if (in_place) {
+        rows[c] = reinterpret_cast<const float*>(row);
+        continue;
+      }
       int64_t d = 0;
 #if defined(FASTAR_CPU_AVX2)
       for (; d + 8 <= D; d += 8) _mm256_storeu_ps(dst + c * ld + d, cpu::load8(row + d));
 #endif
       for (; d < D; ++d) dst[c * ld + d] = to_f(row[d]);
+      rows[c] = dst + c * ld;
     }
-    return dst;
-  }
-
-  // A float K or V tile read where it lies, when its keys are consecutive rows of one contiguous cache:
-  // the row pointer of its first key, with the row stride in ld; else null (the tile is copied). A value
-  // tile is read down its columns by the GEMM, so rows a multiple of 512 bytes apart (D = 128) are copied
-  // to padded rows instead.
-  const float* in_place(const void* base, int64_t sb, int64_t sh, int64_t sl, const Item& it, const TileKeys& keys,
-                        bool columns, int64_t& ld) const {
-    if (!std::is_same_v<T, float> || p_.block_table || (columns && sl * 4 % 512 == 0)) return nullptr;
-    if (keys.idx && keys.idx[keys.n - 1] - keys.idx[0] != keys.n - 1) return nullptr;
-    ld = sl;
-    return static_cast<const float*>(base) + kv_row_offset(p_, sb, sh, sl, it.b, it.hkv, keys.at(0));
   }
 
   // GEMM path of the many-row tiles. The logits are computed transposed, s^T[nk, rp] = K q^T, so K is
@@ -658,39 +768,42 @@ class AttentionCpu {
   // query rows per vector; o[R, D] = o * corr + P V then reads P = s^T transposed.
   void tile_gemm(const Item& it, const TileKeys& keys, Buffers& buf, RowPrefetch& pf) {
 #if defined(FASTAR_CPU_AVX2)
-    const int64_t D = p_.D, R = G_ * it.nq, rp = round_up16(G_ * q_tile_), ld = padded_ld(rp),
-                  d16 = D / 16 * 16, nk = keys.n;
-    int64_t kld = padded_ld(D), vld = padded_ld(D);
-    const float* kf = in_place(p_.k, p_.k_sb, p_.k_sh, p_.k_sl, it, keys, false, kld);
-    if (!kf) kf = float_rows(p_.k, p_.k_sb, p_.k_sh, p_.k_sl, it, keys, buf.kf);
-    gemm_x16(nk, rp, D, kf, kld, 1, buf.q, ld, buf.s, ld, nullptr, pf);
-    if (p_.qk_norm) normalise_keys(it, keys, buf.s, 1, ld, rp);
+    // The step's rows [r0, r0 + nr): its positions with G = 1, else every row; r0 is a multiple of 8, so the
+    // GEMM's columns [r0, r0 + cols) stay inside q^T's rp (the padding columns hold zero queries).
+    const int64_t D = p_.D, rp = round_up16(G_ * q_tile_), ld = padded_ld(rp), d8 = D / 8 * 8, nk = keys.n;
+    const int64_t r0 = G_ == 1 ? keys.p0 : 0, nr = G_ == 1 ? keys.np : G_ * it.nq, cols = (nr + 7) / 8 * 8;
+    const float *krows[kKeyTile], *vrows[kKeyTile];
+    float_rows(p_.k, p_.k_sb, p_.k_sh, p_.k_sl, it, keys, false, buf.kf, krows);
+    gemm_x8<Gemm::kLogits>(nk, cols, D, GemmOperands{krows, nullptr, 0, buf.q + r0, ld, nullptr}, buf.s + r0, ld,
+                           nullptr, pf);
+    if (p_.qk_norm) normalise_keys(it, keys, buf.s + r0, 1, ld, cols);
     if (keys.vis) apply_mask(it, keys, buf.s, 1, ld);
     const __m256 neg_inf = _mm256_set1_ps(kNegInf), zero = _mm256_setzero_ps();
-    for (int64_t r0 = 0; r0 < rp; r0 += 8) {
+    for (int64_t r = r0; r < r0 + cols; r += 8) {
       __m256 mx = neg_inf;
-      for (int64_t c = 0; c < nk; ++c) mx = _mm256_max_ps(mx, _mm256_loadu_ps(buf.s + c * ld + r0));
-      const __m256 m_old = _mm256_loadu_ps(buf.m + r0), m_new = _mm256_max_ps(m_old, mx);
+      for (int64_t c = 0; c < nk; ++c) mx = _mm256_max_ps(mx, _mm256_loadu_ps(buf.s + c * ld + r));
+      const __m256 m_old = _mm256_loadu_ps(buf.m + r), m_new = _mm256_max_ps(m_old, mx);
       // Rows that have seen nothing yet shift by 0, so their exp(-inf) stays 0 instead of NaN.
       const __m256 shift = _mm256_blendv_ps(m_new, zero, _mm256_cmp_ps(m_new, neg_inf, _CMP_EQ_OQ));
       __m256 sum = zero;
       for (int64_t c = 0; c < nk; ++c) {
-        const __m256 e = cpu::exp8(_mm256_sub_ps(_mm256_loadu_ps(buf.s + c * ld + r0), shift));
-        _mm256_storeu_ps(buf.s + c * ld + r0, e);
+        const __m256 e = cpu::exp8(_mm256_sub_ps(_mm256_loadu_ps(buf.s + c * ld + r), shift));
+        _mm256_storeu_ps(buf.s + c * ld + r, e);
         sum = _mm256_add_ps(sum, e);
       }
       const __m256 corr = cpu::exp8(_mm256_sub_ps(m_old, shift));  // 0 on a row's first visible tile
-      _mm256_storeu_ps(buf.corr + r0, corr);
-      _mm256_storeu_ps(buf.l + r0, _mm256_fmadd_ps(_mm256_loadu_ps(buf.l + r0), corr, sum));
-      _mm256_storeu_ps(buf.m + r0, m_new);
+      _mm256_storeu_ps(buf.corr + r, corr);
+      _mm256_storeu_ps(buf.l + r, _mm256_fmadd_ps(_mm256_loadu_ps(buf.l + r), corr, sum));
+      _mm256_storeu_ps(buf.m + r, m_new);
     }
-    const float* vf = in_place(p_.v, p_.v_sb, p_.v_sh, p_.v_sl, it, keys, true, vld);
-    if (!vf) vf = float_rows(p_.v, p_.v_sb, p_.v_sh, p_.v_sl, it, keys, buf.vf);
-    if (d16 > 0) gemm_x16(R, d16, nk, buf.s, 1, ld, vf, vld, buf.o, D, buf.corr, pf);
-    for (int64_t r = 0; r < R; ++r) {
-      for (int64_t d = d16; d < D; ++d) {
+    float_rows(p_.v, p_.v_sb, p_.v_sh, p_.v_sl, it, keys, true, buf.vf, vrows);
+    if (d8 > 0)
+      gemm_x8<Gemm::kValues>(nr, d8, nk, GemmOperands{nullptr, buf.s + r0, ld, nullptr, 0, vrows}, buf.o + r0 * D, D,
+                             buf.corr + r0, pf);
+    for (int64_t r = r0; r < r0 + nr; ++r) {
+      for (int64_t d = d8; d < D; ++d) {
         float acc = buf.o[r * D + d] * buf.corr[r];
-        for (int64_t c = 0; c < nk; ++c) acc += buf.s[c * ld + r] * vf[c * vld + d];
+        for (int64_t c = 0; c < nk; ++c) acc += buf.s[c * ld + r] * vrows[c][d];
         buf.o[r * D + d] = acc;
       }
     }
@@ -753,6 +866,7 @@ class AttentionCpu {
   bool sorted_k_blocks_ = false;
   std::vector<float> partial_o_;
   std::vector<Partial> partial_ml_;
+  std::vector<KeyPlan> plans_;  // [n_q_tiles_] when built once for all sequences (build_plans), else empty
 };
 
 }  // namespace
