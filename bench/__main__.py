@@ -53,6 +53,7 @@ def main(argv=None) -> None:
     }
     snapshot = common.cpu_snapshot()
     meta["copy_GBps"] = common.copy_bandwidth(args.device) / 1e9
+    meta["read_GBps"] = common.read_bandwidth(args.device) / 1e9
     meta["copy_others_cpu_share"] = common.others_share(snapshot, common.cpu_snapshot())
     common.print_header(meta)
     rounds, budget_s = ROUNDS["quick" if args.quick else "full"]
@@ -63,7 +64,8 @@ def main(argv=None) -> None:
             table = op.table
         x = op.make_inputs(case, args.device)
         more, prepared = op.more_baselines(case, x, args.device, args.quick) if op.more_baselines else ({}, {})
-        row = common.measure(op, case, x, args.device, meta["copy_GBps"] * 1e9, rounds, budget_s, more)
+        row = common.measure(op, case, x, args.device, meta["copy_GBps"] * 1e9, meta["read_GBps"] * 1e9, rounds,
+                             budget_s, more)
         rows.append({**row, **prepared})
         goals.append(row.get("goal", op.goal))
         common.print_row(table, rows[-1])

@@ -175,6 +175,14 @@ def copy_bandwidth(device: str, nbytes: int = 256 << 20, repeats: int = 5) -> fl
     return 2 * nbytes / statistics.median(times)
 
 
+def read_bandwidth(device: str, nbytes: int = 256 << 20, repeats: int = 5) -> float:
+    """Bytes/s of summing a 256 MB tensor: what reading memory alone reaches (median of a few). A decode
+    reads its K/V cache and writes next to nothing, so this is its ceiling."""
+    src = torch.ones(nbytes // 4, device=device)
+    times = [timed(lambda: src.sum(), device)[0] for _ in range(repeats + 1)][1:]
+    return nbytes / statistics.median(times)
+
+
 def cpu_snapshot() -> tuple[float, float, float] | None:
     """(CPU-seconds used by all processes, by this one, wall clock); None without Linux's /proc/stat."""
     try:
@@ -197,8 +205,8 @@ def to_cpu(out):
     return out.cpu() if isinstance(out, torch.Tensor) else tuple(o.cpu() for o in out)
 
 
-def measure(op: OpBench, case: Case, x: dict, device: str, copy_Bps: float, rounds: int, budget_s: float,
-            more: Optional[dict] = None, warmup: int = 2) -> dict:
+def measure(op: OpBench, case: Case, x: dict, device: str, copy_Bps: float, read_Bps: float, rounds: int,
+            budget_s: float, more: Optional[dict] = None, warmup: int = 2) -> dict:
     """Interleaved rounds of fastar, the baseline and `more` baselines (name -> fn) on cold caches, until
     `rounds` or the time budget (at least 3 rounds); every output is checked, and every baseline's agree with
     fastar's. Returns the CLI row: a time and a speed-up per baseline, then GB/s (and GFLOP/s) per implementation."""
@@ -231,6 +239,7 @@ def measure(op: OpBench, case: Case, x: dict, device: str, copy_Bps: float, roun
     row["bytes"] = nbytes
     row.update({f"{name}_GBps": nbytes / s / 1e9 for name, s in seconds.items()})
     row.update({f"{name}_pct_copy": 100 * nbytes / s / copy_Bps for name, s in seconds.items()})
+    row.update({f"{name}_pct_read": 100 * nbytes / s / read_Bps for name, s in seconds.items()})
     if flops is not None:
         row["flops"] = flops
         row.update({f"{name}_GFLOPs": flops / s / 1e9 for name, s in seconds.items()})
@@ -293,8 +302,9 @@ def format_share(share: float | None) -> str:
 
 def print_header(meta: dict) -> None:
     print(f"device: {meta['device_name']} ({meta['device']}, {meta['threads']} threads), torch {meta['torch']}")
-    print(f"copy bandwidth: {meta['copy_GBps']:.1f} GB/s (256 MB tensor copy, read + write; others: "
-          f"{format_share(meta['copy_others_cpu_share'])})", flush=True)
+    print(f"copy bandwidth: {meta['copy_GBps']:.1f} GB/s (256 MB tensor copy, read + write), read bandwidth: "
+          f"{meta['read_GBps']:.1f} GB/s (256 MB tensor sum); others: {format_share(meta['copy_others_cpu_share'])}",
+          flush=True)
 
 
 def print_table_header(table: Table, first: bool = True) -> None:
