@@ -216,6 +216,7 @@ constexpr bool kGemm = false;
 // GEMMs ran slower overall.
 constexpr int64_t kGroup = 16;
 constexpr int64_t kMaxPlanBytes = 16 << 20;  // build_plans' bound on Lq x Lk
+constexpr int64_t kHeadCacheBytes = 8 << 20;  // a thread's float K and V of one head (HeadCache)
 
 // Partial result of one work item for one row, before normalisation (used to merge kv splits).
 struct Partial {
@@ -272,14 +273,23 @@ class AttentionCpu {
                         (!m.bits || m.bits_sb == 0);
     if (shared && p_.B * p_.Hkv > 1 && p_.Lq * p_.Lk <= kMaxPlanBytes) build_plans();
     const int64_t total = items * splits_, threads = at::get_num_threads();
+    // 16-bit K/V are converted once per head when several query tiles read them and the head fits.
+    const bool head_cache = !std::is_same_v<T, float> && kGemm && n_q_tiles_ > 1 &&
+                            2 * p_.Lk * padded_ld(D) * static_cast<int64_t>(sizeof(float)) <= kHeadCacheBytes;
     std::atomic<int64_t> next{0};
     at::parallel_for(0, std::min(total, threads), 1, [&](int64_t, int64_t) {
       const int64_t ld = padded_ld(rp);
       std::vector<float> scratch(static_cast<size_t>(ld * (D + kKeyTile) + rp * (D + 3) + 2 * padded_ld(D) * kKeyTile));
+      HeadCache head;
+      if (head_cache) {
+        head.ready.resize(static_cast<size_t>((p_.Lk + kKeyTile - 1) / kKeyTile));
+        head.k.resize(static_cast<size_t>(p_.Lk * padded_ld(D)));
+        head.v.resize(head.k.size());
+      }
       for (int64_t w0 = next.load(std::memory_order_relaxed); w0 < total;) {
         const int64_t w1 = w0 + std::max<int64_t>(1, (total - w0) / (4 * threads));
         if (!next.compare_exchange_weak(w0, w1, std::memory_order_relaxed)) continue;  // w0 reloaded
-        for (int64_t w = w0; w < std::min(total, w1); ++w) run_item(w / splits_, w % splits_, scratch.data());
+        for (int64_t w = w0; w < std::min(total, w1); ++w) run_item(w / splits_, w % splits_, scratch.data(), head_cache ? &head : nullptr);
         w0 = next.load(std::memory_order_relaxed);
       }
     });
@@ -295,6 +305,15 @@ class AttentionCpu {
     int64_t b, hkv, i0, nq;
   };
 
+  // The float K and V rows of one head (b, hkv) [Lk, padded_ld(D)], converted a key tile at a time as the
+  // GEMM path asks for them. A thread's consecutive items are mostly query tiles of one head, which now
+  // convert each 16-bit row once instead of once per item and row group (13% of a VAR 680 bf16 pass).
+  struct HeadCache {
+    int64_t b = -1, hkv = -1;
+    std::vector<uint8_t> ready;  // [key tiles]
+    std::vector<float> k, v;
+  };
+
   // Per-item buffers, carved from the thread's scratch. Rows are padded to rp (a multiple of 16).
   struct Buffers {
     float* q;     // stream: [R, D] queries * scale; GEMM: [D, ld] the same, transposed (pad rows zero)
@@ -305,7 +324,9 @@ class AttentionCpu {
     float* corr;  // [rp] rescaling of o for the current tile
     float* kf;    // [kKeyTile, padded_ld(D)] the key tile in float (GEMM path)
     float* vf;    // [kKeyTile, padded_ld(D)] the value tile in float (GEMM path)
+    HeadCache* head;  // the thread's, when 16-bit K/V rows are converted once per head
   };
+
 
   // Query tiles of at most q_tile_ positions. With block ids shared by the batch (scales of a ScaleLayout,
   // blocks of BlockCausal), a run of one id at least half a tile long starts a tile of its own, so a tile
@@ -347,7 +368,7 @@ class AttentionCpu {
   int64_t row_head(const Item& it, int64_t r) const { return it.hkv * G_ + r / it.nq; }
   int64_t row_pos(const Item& it, int64_t r) const { return it.i0 + r % it.nq; }
 
-  void run_item(int64_t item, int64_t split, float* scratch) {
+  void run_item(int64_t item, int64_t split, float* scratch, HeadCache* head) {
     const Item it = item_at(item);
     const int64_t D = p_.D, R = G_ * it.nq, rp = round_up16(G_ * q_tile_), ld = padded_ld(rp);
     Buffers buf;
@@ -360,6 +381,11 @@ class AttentionCpu {
     buf.kf = buf.corr + rp;
     buf.vf = buf.kf + kKeyTile * padded_ld(D);
     const bool gemm = kGemm && R >= kGemmMinRows;
+    buf.head = gemm ? head : nullptr;
+    if (buf.head && (head->b != it.b || head->hkv != it.hkv)) {
+      std::fill(head->ready.begin(), head->ready.end(), 0);
+      head->b = it.b, head->hkv = it.hkv;
+    }
     std::fill(buf.q, buf.q + ld * D, 0.0f);
     std::fill(buf.o, buf.o + R * D, 0.0f);
     std::fill(buf.m, buf.m + rp, kNegInf);
@@ -740,26 +766,49 @@ class AttentionCpu {
     }
   }
 
-  // Pointers to the rows of the keys' K or V in float: where they lie for a float cache, else converted into
-  // dst [n, padded_ld(D)]. Value rows are read down their columns by the GEMM, so float rows a multiple of
-  // 512 bytes apart (D = 128) are copied to padded rows too: in place, a column panel fell on 8 L1 sets.
-  void float_rows(const void* base, int64_t sb, int64_t sh, int64_t sl, const Item& it, const TileKeys& keys,
-                  bool columns, float* dst, const float** rows) const {
-    const T* tb = static_cast<const T*>(base);
-    const int64_t D = p_.D, ld = padded_ld(D);
-    const bool in_place = std::is_same_v<T, float> && !(columns && sl * 4 % 512 == 0);
+  // One K or V row converted to float.
+  void to_float_row(const T* row, float* dst) const {
+    int64_t d = 0;
+#if defined(FASTAR_CPU_AVX2)
+    for (; d + 8 <= p_.D; d += 8) _mm256_storeu_ps(dst + d, cpu::load8(row + d));
+#endif
+    for (; d < p_.D; ++d) dst[d] = to_f(row[d]);
+  }
+
+  // Pointers to the rows of the keys' K (or V) in float: where they lie for a float cache; else in the
+  // thread's head cache, or converted into dst [n, padded_ld(D)]. Value rows are read down their columns by
+  // the GEMM, so float rows a multiple of 512 bytes apart (D = 128) are copied to padded rows too: in
+  // place, a column panel fell on 8 L1 sets.
+  void float_rows(const Item& it, const TileKeys& keys, bool value, const Buffers& buf, const float** rows) const {
+    const T* base = static_cast<const T*>(value ? p_.v : p_.k);
+    const int64_t sb = value ? p_.v_sb : p_.k_sb, sh = value ? p_.v_sh : p_.k_sh, sl = value ? p_.v_sl : p_.k_sl;
+    const int64_t ld = padded_ld(p_.D);
+    if (HeadCache* hc = buf.head) {
+      for (int64_t c = 0; c < keys.n; ++c) {
+        const int64_t j = keys.at(c), t = j / kKeyTile;
+        if (!hc->ready[static_cast<size_t>(t)]) {  // the tile's K and V rows, both wanted by the same keys
+          for (int64_t r = t * kKeyTile; r < std::min(kv_len(p_, it.b), (t + 1) * kKeyTile); ++r) {
+            to_float_row(static_cast<const T*>(p_.k) + kv_row_offset(p_, p_.k_sb, p_.k_sh, p_.k_sl, it.b, it.hkv, r),
+                         hc->k.data() + r * ld);
+            to_float_row(static_cast<const T*>(p_.v) + kv_row_offset(p_, p_.v_sb, p_.v_sh, p_.v_sl, it.b, it.hkv, r),
+                         hc->v.data() + r * ld);
+          }
+          hc->ready[static_cast<size_t>(t)] = 1;
+        }
+        rows[c] = (value ? hc->v : hc->k).data() + j * ld;
+      }
+      return;
+    }
+    const bool in_place = std::is_same_v<T, float> && !(value && sl * 4 % 512 == 0);
+    float* dst = value ? buf.vf : buf.kf;
     for (int64_t c = 0; c < keys.n; ++c) {
-      const T* row = tb + kv_row_offset(p_, sb, sh, sl, it.b, it.hkv, keys.at(c));
+      const T* row = base + kv_row_offset(p_, sb, sh, sl, it.b, it.hkv, keys.at(c));
       if (in_place) {
         rows[c] = reinterpret_cast<const float*>(row);
-        continue;
+      } else {
+        to_float_row(row, dst + c * ld);
+        rows[c] = dst + c * ld;
       }
-      int64_t d = 0;
-#if defined(FASTAR_CPU_AVX2)
-      for (; d + 8 <= D; d += 8) _mm256_storeu_ps(dst + c * ld + d, cpu::load8(row + d));
-#endif
-      for (; d < D; ++d) dst[c * ld + d] = to_f(row[d]);
-      rows[c] = dst + c * ld;
     }
   }
 
@@ -773,7 +822,7 @@ class AttentionCpu {
     const int64_t D = p_.D, rp = round_up16(G_ * q_tile_), ld = padded_ld(rp), d8 = D / 8 * 8, nk = keys.n;
     const int64_t r0 = G_ == 1 ? keys.p0 : 0, nr = G_ == 1 ? keys.np : G_ * it.nq, cols = (nr + 7) / 8 * 8;
     const float *krows[kKeyTile], *vrows[kKeyTile];
-    float_rows(p_.k, p_.k_sb, p_.k_sh, p_.k_sl, it, keys, false, buf.kf, krows);
+    float_rows(it, keys, false, buf, krows);
     gemm_x8<Gemm::kLogits>(nk, cols, D, GemmOperands{krows, nullptr, 0, buf.q + r0, ld, nullptr}, buf.s + r0, ld,
                            nullptr, pf);
     if (p_.qk_norm) normalise_keys(it, keys, buf.s + r0, 1, ld, cols);
@@ -796,7 +845,7 @@ class AttentionCpu {
       _mm256_storeu_ps(buf.l + r, _mm256_fmadd_ps(_mm256_loadu_ps(buf.l + r), corr, sum));
       _mm256_storeu_ps(buf.m + r, m_new);
     }
-    float_rows(p_.v, p_.v_sb, p_.v_sh, p_.v_sl, it, keys, true, buf.vf, vrows);
+    float_rows(it, keys, true, buf, vrows);
     if (d8 > 0)
       gemm_x8<Gemm::kValues>(nr, d8, nk, GemmOperands{nullptr, buf.s + r0, ld, nullptr, 0, vrows}, buf.o + r0 * D, D,
                              buf.corr + r0, pf);
