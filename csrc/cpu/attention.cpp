@@ -13,6 +13,7 @@
 #include <atomic>
 #include <cmath>
 #include <limits>
+#include <tuple>
 #include <type_traits>
 #include <vector>
 
@@ -243,6 +244,7 @@ class AttentionCpu {
     // A next-scale window hides most of a wide tile's keys from some of its rows only: shorter query tiles
     // leave fewer keys after compaction (VAR 680, W=2: 12% fewer logits computed at 32 than at 64).
     if (p.mask.scale_window >= 0) q_tile_ = std::min<int64_t>(q_tile_, 32);
+    order_by_patches();
     split_query_tiles();
     n_q_tiles_ = static_cast<int64_t>(q_starts_.size()) - 1;
     sorted_k_blocks_ = p.mask.block == BlockRelation::kCausal && p.mask.k_block_sb == 0 &&
@@ -348,6 +350,30 @@ class AttentionCpu {
     q_starts_.push_back(p_.Lq);
   }
 
+  // Under a next-scale window, each scale's queries are taken in 4x4 patches of its grid (row-major patch
+  // order, then row-major inside the patch): a 32-query tile is then a 4x8 patch and a row group of 16 a
+  // 4x4 one, which see fewer coarse keys than two grid rows and one (VAR 680, W=2: 9% fewer logits). The
+  // order only permutes positions of one scale id, so the ids read by index stay those of the tile.
+  void order_by_patches() {
+    const AttentionMask& m = p_.mask;
+    if (m.scale_window < 0 || m.block == BlockRelation::kNone || m.q_block_sb != 0) return;
+    qpos_.resize(static_cast<size_t>(p_.Lq));
+    for (int64_t i = 0; i < p_.Lq; ++i) qpos_[static_cast<size_t>(i)] = static_cast<int32_t>(i);
+    const int32_t* ty = m.tok_y + m.q_token_offset;
+    const int32_t* tx = m.tok_x + m.q_token_offset;
+    auto key = [&](int32_t i) {
+      return std::make_tuple(ty[i] / 4, tx[i] / 4, ty[i] % 4, tx[i] % 4);
+    };
+    for (int64_t i = 0, run; i < p_.Lq; i += run) {
+      for (run = 1; i + run < p_.Lq && m.q_block_ids[i + run] == m.q_block_ids[i];) ++run;
+      std::stable_sort(qpos_.begin() + i, qpos_.begin() + i + run,
+                       [&](int32_t a, int32_t b) { return key(a) < key(b); });
+    }
+  }
+
+  // Query position of the item's p-th query (in patch order under a next-scale window).
+  int64_t pos_at(const Item& it, int64_t p) const { return qpos_.empty() ? it.i0 + p : qpos_[it.i0 + p]; }
+
   Item item_at(int64_t item) const {
     const int64_t qt = item % n_q_tiles_, bh = item / n_q_tiles_;
     const int64_t i0 = q_starts_[qt];
@@ -364,9 +390,9 @@ class AttentionCpu {
     return std::upper_bound(m.k_block_ids, m.k_block_ids + lk, qmax) - m.k_block_ids;
   }
 
-  // Row r of an item is query head hkv * G + r / nq at position i0 + r % nq.
+  // Row r of an item is query head hkv * G + r / nq at position pos_at(it, r % nq).
   int64_t row_head(const Item& it, int64_t r) const { return it.hkv * G_ + r / it.nq; }
-  int64_t row_pos(const Item& it, int64_t r) const { return it.i0 + r % it.nq; }
+  int64_t row_pos(const Item& it, int64_t r) const { return pos_at(it, r % it.nq); }
 
   void run_item(int64_t item, int64_t split, float* scratch, HeadCache* head) {
     const Item it = item_at(item);
@@ -442,9 +468,16 @@ class AttentionCpu {
     uint8_t tile_vis[kKeyTile * kMaxRows], vis[kKeyTile * kMaxRows];  // group g's batch at vis + kKeyTile * g * gw
     int32_t tile_idx[kKeyTile], idx[kKeyTile * (kMaxRows / kGroup)];     // group g's at idx + kKeyTile * g
     int64_t batched[kMaxRows / kGroup] = {};
+    // The tile's positions span [q_lo, q_hi) (more than nq of them in patch order): classified over the
+    // span, a key tile is hidden or full only if it is for every query of the tile.
+    int64_t q_lo = it.i0, q_hi = it.i0 + nq;
+    if (!qpos_.empty()) {
+      const auto span = std::minmax_element(qpos_.begin() + it.i0, qpos_.begin() + it.i0 + nq);
+      q_lo = *span.first, q_hi = *span.second + 1;
+    }
     auto tile_class = [&](int64_t t) {
       const int64_t j0 = t * kKeyTile;
-      return classify_tile(p_.mask, it.b, it.i0, it.i0 + it.nq, j0, std::min(lk, j0 + kKeyTile), geom);
+      return classify_tile(p_.mask, it.b, q_lo, q_hi, j0, std::min(lk, j0 + kKeyTile), geom);
     };
     auto batch = [&](int64_t g) {
       const int64_t p0 = g * gw;
@@ -579,7 +612,7 @@ class AttentionCpu {
   };
 
   // The keys of the tile that some query position of the item may see: their offsets from j0 go to idx,
-  // and whether key idx[c] is visible to position i0 + pos to vis[c * nq + pos] (once for all heads).
+  // and whether key idx[c] is visible to the item's query pos to vis[c * nq + pos] (once for all heads).
   // Returns how many. Keys no position sees are dropped, so a window's far keys cost no GEMM work.
   int64_t visible_keys(const Item& it, int64_t j0, int64_t nk, const MaskGeometry& geom, uint8_t* vis,
                        int32_t* idx) const {
@@ -591,7 +624,7 @@ class AttentionCpu {
         uint8_t* v = vis + n * nq;
         bool any = false;
         for (int64_t pos = 0; pos < nq; ++pos) {
-          v[pos] = mask_visible(m, it.b, it.i0 + pos, j0 + c, geom);
+          v[pos] = mask_visible(m, it.b, pos_at(it, pos), j0 + c, geom);
           any |= v[pos] != 0;
         }
         if (any) idx[n++] = static_cast<int32_t>(c);
@@ -614,9 +647,15 @@ class AttentionCpu {
     int64_t n_runs = 0;
     const int32_t* qids = m.q_block_ids + it.b * m.q_block_sb + it.i0;
     const int32_t* kids = m.k_block_ids + it.b * m.k_block_sb + j0;
-    const int64_t t0 = it.i0 + m.q_token_offset;
-    const int32_t* ty = m.scale_window >= 0 ? m.tok_y + t0 : nullptr;
-    const int32_t* tx = m.scale_window >= 0 ? m.tok_x + t0 : nullptr;
+    int32_t qy[kMaxRows], qx[kMaxRows];  // the queries' cells
+    const int32_t* ty = m.scale_window >= 0 ? qy : nullptr;
+    const int32_t* tx = m.scale_window >= 0 ? qx : nullptr;
+    if (ty) {
+      for (int64_t pos = 0; pos < nq; ++pos) {
+        qy[pos] = m.tok_y[pos_at(it, pos) + m.q_token_offset];
+        qx[pos] = m.tok_x[pos_at(it, pos) + m.q_token_offset];
+      }
+    }
     for (int64_t p0 = 0, p1; p0 < nq; p0 = p1) {
       Run& r = runs[n_runs++];
       r = Run{p0, p0, qids[p0], 0, 0, 0, 0};
@@ -669,11 +708,10 @@ class AttentionCpu {
       const T* bias = static_cast<const T*>(m.bias);
       for (int64_t g = 0; g < G_; ++g) {
         for (int64_t c = 0; c < n; ++c) {
-          const T* brow = bias + it.b * m.bias_sb + (it.hkv * G_ + g) * m.bias_sh + (it.i0 + p0) * m.bias_sq +
-                          keys.at(c);
+          const T* bcol = bias + it.b * m.bias_sb + (it.hkv * G_ + g) * m.bias_sh + keys.at(c);
           for (int64_t pos = 0; pos < np; ++pos) {
             float& x = s[(g * nq + p0 + pos) * rs + c * cs];
-            x = vis[c * np + pos] ? x + to_f(brow[pos * m.bias_sq]) : kNegInf;
+            x = vis[c * np + pos] ? x + to_f(bcol[pos_at(it, p0 + pos) * m.bias_sq]) : kNegInf;
           }
         }
       }
@@ -911,7 +949,8 @@ class AttentionCpu {
   const AttentionParams& p_;
   const int64_t G_;
   int64_t q_tile_ = 1, n_q_tiles_ = 1, splits_ = 1;
-  std::vector<int64_t> q_starts_;  // [n_q_tiles_ + 1] first query position of each tile, then Lq
+  std::vector<int32_t> qpos_;      // [Lq] query positions in tile order (order_by_patches), or empty: in order
+  std::vector<int64_t> q_starts_;  // [n_q_tiles_ + 1] first query (in tile order) of each tile, then Lq
   bool sorted_k_blocks_ = false;
   std::vector<float> partial_o_;
   std::vector<Partial> partial_ml_;
