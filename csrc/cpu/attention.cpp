@@ -318,7 +318,7 @@ class AttentionCpu {
 
   // Per-item buffers, carved from the thread's scratch. Rows are padded to rp (a multiple of 16).
   struct Buffers {
-    float* q;     // stream: [R, D] queries * scale; GEMM: [D, ld] the same, transposed (pad rows zero)
+    float* q;     // stream: [R, D] queries * scale; GEMM: [D, ld] the same, transposed (pad rows to 8 zero)
     float* o;     // [R, D] unnormalised output
     float* s;     // stream: [R, kKeyTile] logits; GEMM: [kKeyTile, ld] transposed; then probabilities
     float* m;     // [rp] running max of the logits
@@ -412,7 +412,6 @@ class AttentionCpu {
       std::fill(head->ready.begin(), head->ready.end(), 0);
       head->b = it.b, head->hkv = it.hkv;
     }
-    std::fill(buf.q, buf.q + ld * D, 0.0f);
     std::fill(buf.o, buf.o + R * D, 0.0f);
     std::fill(buf.m, buf.m + rp, kNegInf);
     std::fill(buf.l, buf.l + rp, 0.0f);
@@ -572,16 +571,21 @@ class AttentionCpu {
       int64_t d = 0;
       if (transposed) {
 #if defined(FASTAR_CPU_AVX2)
-        for (; d + 8 <= D; d += 8) {
-          __m256 x[8];
-          for (int64_t i = 0; i < 8; ++i)
-            x[i] = i < nr ? _mm256_mul_ps(cpu::load8(src[i] + d), _mm256_set1_ps(f[i])) : _mm256_setzero_ps();
-          cpu::transpose8x8(x);
-          for (int64_t j = 0; j < 8; ++j) _mm256_storeu_ps(q + (d + j) * ld + r0, x[j]);
-        }
+        auto transpose = [&](auto all_rows) {  // rows past nr are zero queries (the GEMM's padding columns)
+          for (; d + 8 <= D; d += 8) {
+            __m256 x[8];
+            for (int64_t i = 0; i < 8; ++i)
+              x[i] = decltype(all_rows)::value || i < nr ? _mm256_mul_ps(cpu::load8(src[i] + d), _mm256_set1_ps(f[i]))
+                                                         : _mm256_setzero_ps();
+            cpu::transpose8x8(x);
+            for (int64_t j = 0; j < 8; ++j) _mm256_storeu_ps(q + (d + j) * ld + r0, x[j]);
+          }
+        };
+        if (nr == 8) transpose(std::true_type{});
+        else transpose(std::false_type{});
 #endif
         for (; d < D; ++d)
-          for (int64_t i = 0; i < nr; ++i) q[d * ld + r0 + i] = to_f(src[i][d]) * f[i];
+          for (int64_t i = 0; i < 8; ++i) q[d * ld + r0 + i] = i < nr ? to_f(src[i][d]) * f[i] : 0.0f;
       } else {
         for (int64_t i = 0; i < nr; ++i)
           for (d = 0; d < D; ++d) q[(r0 + i) * D + d] = to_f(src[i][d]) * f[i];
@@ -838,6 +842,11 @@ class AttentionCpu {
       return;
     }
     const bool in_place = std::is_same_v<T, float> && !(value && sl * 4 % 512 == 0);
+    if (in_place && !p_.block_table) {  // the common case, without a page lookup per row
+      const float* head = reinterpret_cast<const float*>(base + it.b * sb + it.hkv * sh);
+      for (int64_t c = 0; c < keys.n; ++c) rows[c] = head + keys.at(c) * sl;
+      return;
+    }
     float* dst = value ? buf.vf : buf.kf;
     for (int64_t c = 0; c < keys.n; ++c) {
       const T* row = base + kv_row_offset(p_, sb, sh, sl, it.b, it.hkv, keys.at(c));
