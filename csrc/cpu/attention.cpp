@@ -4,8 +4,10 @@
 // times the tile's query positions, so each K/V tile is loaded once for the whole group. Key tiles are
 // classified against the structured mask first (core/attention.h): hidden tiles are skipped, fully
 // visible ones run without per-element mask work, and partial ones keep only the keys some query of the
-// item sees (batched up to a tile's worth). When there are too few work items for the threads
-// (decode with a small batch), the keys are split and the partial results merged by their LSE.
+// item (or of a 16-position group of it) sees, batched up to a tile's worth. This plan of keys is made
+// once per query tile when the mask is the same for every sequence, else per item. When there are too
+// few work items for the threads (decode with a small batch), the keys are split and the partial results
+// merged by their LSE.
 #include <ATen/Parallel.h>
 #include <ATen/ops/empty.h>
 
@@ -324,8 +326,8 @@ class AttentionCpu {
     float* m;     // [rp] running max of the logits
     float* l;     // [rp] running sum of exp(logit - m)
     float* corr;  // [rp] rescaling of o for the current tile
-    float* kf;    // [kKeyTile, padded_ld(D)] the key tile in float (GEMM path)
-    float* vf;    // [kKeyTile, padded_ld(D)] the value tile in float (GEMM path)
+    float* kf;    // [kKeyTile, padded_ld(D)] the step's key rows converted to float (GEMM path)
+    float* vf;    // [kKeyTile, padded_ld(D)] the step's value rows converted to float (GEMM path)
     HeadCache* head;  // the thread's, when 16-bit K/V rows are converted once per head
   };
 
