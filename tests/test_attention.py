@@ -1013,6 +1013,22 @@ def test_return_lse_and_out(backend):
                     torch.ones(6, 20, dtype=torch.bool).tril(14))
 
 
+def test_out_poisoned_planned_and_grouped(backend):
+    """Every row of a NaN-poisoned out= is written when the CPU kernel plans the keys once for the batch (a
+    shared mask, B x Hkv > 1) and keeps them per 16-query group (one query head per kv head, 70 queries):
+    the causal diagonal and a window's tiles are partial, so both the whole-tile and the grouped steps run."""
+    gen = torch.Generator().manual_seed(11)
+    q, k, v = (make(shape, torch.float32, gen) for shape in ((2, 3, 70, 64), (2, 3, 90, 64), (2, 3, 90, 64)))
+    q, k, v = backend.to(q), backend.to(k), backend.to(v)
+    op = backend.ops.attention
+    for mask, dense in ((Causal(), torch.ones(70, 90, dtype=torch.bool).tril(20)),
+                        (Window(37, sinks=3), Window(37, sinks=3).materialize(70, 90))):
+        out = torch.full((2, 3, 70, 64), float("nan"), device=q.device)
+        result, lse = masked_attention._attention(op, q, k, v, mask, None, True, out)
+        assert result is out and not out.isnan().any()
+        check_attention(out.cpu(), lse.cpu(), q.cpu(), k.cpu(), v.cpu(), dense.cpu(), what=type(mask).__name__)
+
+
 def test_out_of_wrong_shape_is_rejected():
     """out must be [B, Hq, Lq, D]: a larger tensor must not be filled by broadcasting."""
     q, k, v = _qkv((2, 4, 6, 64), (2, 2, 20, 64))
