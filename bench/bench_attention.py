@@ -185,6 +185,9 @@ def compile_flex_mask(mask_mod, Lq: int, Lk: int, gqa: bool, x: dict, device: st
     start = time.perf_counter()
     block_mask = create_block_mask(mask_mod, None, None, Lq, Lk, device=device)
     built = time.perf_counter()
+    # Every case's shapes and mask recompile the one flex_attention frame; past dynamo's recompile limit (8)
+    # it would run uncompiled (and warn), so each case starts from a fresh cache.
+    torch._dynamo.reset()
     flex = torch.compile(flex_attention, dynamic=False)
 
     def run_flex(x: dict, seed: int) -> torch.Tensor:
