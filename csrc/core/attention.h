@@ -167,6 +167,8 @@ enum class TileClass : int32_t { kHidden = 0, kPartial = 1, kFull = 2 };
 FASTAR_HD TileClass classify_tile(const AttentionMask& m, int64_t b, int64_t i0, int64_t i1, int64_t j0, int64_t j1,
                                   MaskGeometry g) {
   bool full = true;
+  // Whether a next-scale window leaves every pair of the tile alone (scale_window_exempt for all its ids).
+  bool window_exempt = false;
   const int64_t d_lo = i0 + g.diag, d_hi = i1 - 1 + g.diag;  // the tile's first and last query diagonals
   if (m.causal) {
     if (j0 > d_hi) return TileClass::kHidden;
@@ -190,6 +192,7 @@ FASTAR_HD TileClass classify_tile(const AttentionMask& m, int64_t b, int64_t i0,
       kmin = v < kmin ? v : kmin;
       kmax = v > kmax ? v : kmax;
     }
+    window_exempt = kmax < m.full_scales || (kmin == kmax && qmin == qmax && kmin == qmin);
     switch (m.block) {
       case BlockRelation::kCausal:
         if (kmin > qmax) return TileClass::kHidden;
@@ -219,9 +222,11 @@ FASTAR_HD TileClass classify_tile(const AttentionMask& m, int64_t b, int64_t i0,
       }
     }
     if (!any) return TileClass::kHidden;
-    full &= all;
+    // The map's blocks need not line up with the tile: a block it shares with another scale's queries is
+    // partial there, although the window leaves this tile whole (a scale's own keys).
+    full &= all || window_exempt;
   } else if (m.scale_window >= 0) {
-    full = false;
+    full &= window_exempt;
   }
   return full ? TileClass::kFull : TileClass::kPartial;
 }
