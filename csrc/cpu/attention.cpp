@@ -14,6 +14,7 @@
 #include <algorithm>
 #include <atomic>
 #include <cmath>
+#include <cstring>
 #include <limits>
 #include <tuple>
 #include <type_traits>
@@ -879,11 +880,29 @@ class AttentionCpu {
     gemm_x8<Gemm::kLogits>(nk, cols, D, GemmOperands{krows, nullptr, 0, buf.q + r0, ld, nullptr}, buf.s + r0, ld,
                            nullptr, pf);
     if (p_.qk_norm) normalise_keys(it, keys, buf.s + r0, 1, ld, cols);
-    if (keys.vis) apply_mask(it, keys, buf.s, 1, ld);
+    // With one query head and no bias, the max pass applies the mask too (one pass over s less): a column of
+    // eight rows reads its eight visibility bytes per key; rows past the step's np read as hidden.
+    const bool mask_in_max = keys.vis && G_ == 1 && !p_.mask.bias;
+    if (keys.vis && !mask_in_max) apply_mask(it, keys, buf.s, 1, ld);
     const __m256 neg_inf = _mm256_set1_ps(kNegInf), zero = _mm256_setzero_ps();
     for (int64_t r = r0; r < r0 + cols; r += 8) {
       __m256 mx = neg_inf;
-      for (int64_t c = 0; c < nk; ++c) mx = _mm256_max_ps(mx, _mm256_loadu_ps(buf.s + c * ld + r));
+      if (mask_in_max) {
+        const int64_t np = keys.np, left = std::min<int64_t>(8, np - (r - r0));
+        const uint8_t* v = keys.vis + (r - r0);
+        for (int64_t c = 0; c < nk; ++c, v += np) {
+          uint64_t bytes = 0;
+          if (left == 8) std::memcpy(&bytes, v, 8);
+          else for (int64_t i = 0; i < left; ++i) bytes |= static_cast<uint64_t>(v[i]) << (8 * i);
+          const __m256i hidden = _mm256_cmpeq_epi32(_mm256_cvtepu8_epi32(_mm_cvtsi64_si128(static_cast<int64_t>(bytes))),
+                                                    _mm256_setzero_si256());
+          const __m256 x = _mm256_blendv_ps(_mm256_loadu_ps(buf.s + c * ld + r), neg_inf, _mm256_castsi256_ps(hidden));
+          _mm256_storeu_ps(buf.s + c * ld + r, x);
+          mx = _mm256_max_ps(mx, x);
+        }
+      } else {
+        for (int64_t c = 0; c < nk; ++c) mx = _mm256_max_ps(mx, _mm256_loadu_ps(buf.s + c * ld + r));
+      }
       const __m256 m_old = _mm256_loadu_ps(buf.m + r), m_new = _mm256_max_ps(m_old, mx);
       // Rows that have seen nothing yet shift by 0, so their exp(-inf) stays 0 instead of NaN.
       const __m256 shift = _mm256_blendv_ps(m_new, zero, _mm256_cmp_ps(m_new, neg_inf, _CMP_EQ_OQ));
