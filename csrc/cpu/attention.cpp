@@ -122,6 +122,13 @@ inline void axpy_rows_tail(int nv, float* o, const float* w, const T* const* row
   }
 }
 
+// x with -inf in the lanes whose visibility byte (byte i of vis8 for lane i) is 0.
+inline __m256 hide8(__m256 x, uint64_t vis8) {
+  const __m256i hidden = _mm256_cmpeq_epi32(_mm256_cvtepu8_epi32(_mm_cvtsi64_si128(static_cast<int64_t>(vis8))),
+                                            _mm256_setzero_si256());
+  return _mm256_blendv_ps(x, _mm256_set1_ps(kNegInf), _mm256_castsi256_ps(hidden));
+}
+
 // The two products of the GEMM path, whose gathered operand is read through row pointers (where the keys'
 // rows lie: they are not copied):
 //   kLogits  s^T = K q^T: A's row r at a_rows[r] (key rows), element k at [k]; B's row k at b + k * ldb.
@@ -737,11 +744,9 @@ class AttentionCpu {
           int64_t pos = 0;
 #if defined(FASTAR_CPU_AVX2)
           for (; pos + 8 <= np; pos += 8) {
-            const __m256i hidden = _mm256_cmpeq_epi32(
-                _mm256_cvtepu8_epi32(_mm_loadl_epi64(reinterpret_cast<const __m128i*>(v + pos))),
-                _mm256_setzero_si256());
-            _mm256_storeu_ps(x + pos, _mm256_blendv_ps(_mm256_loadu_ps(x + pos), _mm256_set1_ps(kNegInf),
-                                                       _mm256_castsi256_ps(hidden)));
+            uint64_t bytes;
+            std::memcpy(&bytes, v + pos, 8);
+            _mm256_storeu_ps(x + pos, hide8(_mm256_loadu_ps(x + pos), bytes));
           }
 #endif
           for (; pos < np; ++pos) x[pos] = v[pos] ? x[pos] : kNegInf;
@@ -894,9 +899,7 @@ class AttentionCpu {
           uint64_t bytes = 0;
           if (left == 8) std::memcpy(&bytes, v, 8);
           else for (int64_t i = 0; i < left; ++i) bytes |= static_cast<uint64_t>(v[i]) << (8 * i);
-          const __m256i hidden = _mm256_cmpeq_epi32(_mm256_cvtepu8_epi32(_mm_cvtsi64_si128(static_cast<int64_t>(bytes))),
-                                                    _mm256_setzero_si256());
-          const __m256 x = _mm256_blendv_ps(_mm256_loadu_ps(buf.s + c * ld + r), neg_inf, _mm256_castsi256_ps(hidden));
+          const __m256 x = hide8(_mm256_loadu_ps(buf.s + c * ld + r), bytes);
           _mm256_storeu_ps(buf.s + c * ld + r, x);
           mx = _mm256_max_ps(mx, x);
         }
