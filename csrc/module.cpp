@@ -7,6 +7,7 @@
 #include <vector>
 
 #include "core/philox.h"
+#include "cpu/isa.h"
 
 #if defined(FASTAR_WITH_CUDA)
 #include <cuda_runtime_api.h>  // CUDART_VERSION
@@ -21,29 +22,6 @@ extern "C" __attribute__((used)) const char fastar_torch_version_marker[] =
 
 namespace {
 
-std::vector<std::string> cpu_isa() {
-  std::vector<std::string> isa;
-#if defined(__AVX__)
-  isa.push_back("avx");
-#endif
-#if defined(__AVX2__)
-  isa.push_back("avx2");
-#endif
-#if defined(__FMA__)
-  isa.push_back("fma");
-#endif
-#if defined(__AVX512F__)
-  isa.push_back("avx512f");
-#endif
-#if defined(__AVX512BF16__)
-  isa.push_back("avx512bf16");
-#endif
-#if defined(__ARM_NEON)
-  isa.push_back("neon");
-#endif
-  return isa;
-}
-
 py::dict build_info() {
   py::dict d;
   d["torch_version"] = FASTAR_TORCH_VERSION;
@@ -55,8 +33,14 @@ py::dict build_info() {
   d["cuda_version"] = py::none();
 #endif
   d["cuda_archs"] = std::string(FASTAR_CUDA_ARCHS_STR);
-  d["cpu_flags"] = std::string(FASTAR_CPU_FLAGS_STR);
-  d["cpu_isa"] = cpu_isa();
+  d["cpu_isa"] = fastar::cpu::isa_name(fastar::cpu::active_isa());
+  std::vector<std::string> built, supported;
+  for (fastar::cpu::Isa isa : fastar::cpu::built_isas()) {
+    built.push_back(fastar::cpu::isa_name(isa));
+    if (fastar::cpu::isa_supported(isa)) supported.push_back(fastar::cpu::isa_name(isa));
+  }
+  d["cpu_isas_built"] = built;
+  d["cpu_isas_supported"] = supported;
   bool simt = false;
   try {
     py::module_::import("fastar._C_simt");
@@ -72,8 +56,12 @@ py::dict build_info() {
 PYBIND11_MODULE(_C, m) {
   m.doc() = "fastar's compiled kernels (ops are registered as torch.ops.fastar.*)";
   m.def("build_info", &build_info,
-        "What this build contains: torch version built against, CUDA version and archs, CPU ISA flags, "
-        "whether the CUDA kernels and the SIMT emulation build are present.");
+        "What this build contains: torch version built against, CUDA version and archs, the CPU kernels' "
+        "ISAs (built, run by this CPU, active), whether the CUDA kernels and the SIMT emulation build are "
+        "present.");
+  m.def(
+      "_set_cpu_isa", [](const std::string& name) { fastar::cpu::set_active_isa(name.c_str()); },
+      "Runs the CPU kernels with another ISA from now on (generic, avx2, avx512; tests and benchmarks).");
   m.def(
       "philox4x32_10",
       [](std::vector<uint32_t> ctr, uint32_t k0, uint32_t k1) {

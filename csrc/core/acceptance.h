@@ -10,6 +10,7 @@
 #include <cstdint>
 #include <cstring>
 
+#include "core/dtype.h"
 #include "core/macros.h"
 #include "core/philox.h"
 
@@ -84,9 +85,6 @@ namespace fastar {
 FASTAR_HD int64_t load_index(const void* p, bool is64, int64_t i) {
   return is64 ? static_cast<const int64_t*>(p)[i] : static_cast<const int32_t*>(p)[i];
 }
-
-// The float dtypes the acceptance kernels take (launchers must not see torch's dtype enum).
-enum class FloatKind { kFloat32, kFloat16, kBFloat16 };
 
 // Arguments of one launch, filled by the glue from tensors; strides in elements, V-stride is 1.
 // Probability pointers are typed by the kernel (float, half or bfloat16).

@@ -1,62 +1,193 @@
-// Small AVX2 helpers shared by the CPU kernels (8 floats per step; float, half and bfloat16 sources).
-// Kernels keep a scalar path for other CPUs that computes the same values.
+// The CPU kernels' vector layer: float vectors of one width per ISA, written against by every kernel under
+// csrc/cpu/kernels/. Such a source is compiled once per ISA (CMakeLists.txt defines FASTAR_ISA as generic,
+// avx2 or avx512); it includes its other headers first, then this one, and puts its code between
+// FASTAR_ISA_BEGIN and FASTAR_ISA_END: inside, the compiler targets that ISA and names live in
+// fastar::cpu::<ISA>, so the copies of one kernel never mix (and headers outside stay baseline code).
+//
+//   type    lanes  ISA                      also
+//   Vec4    4      generic (GCC vectors)    SSE2 on x86-64, NEON on Arm
+//   Vec8    8      avx2: AVX2 + FMA + F16C  avx512's half-width vector
+//   Vec16   16     avx512: F, BW, VL, DQ
+// `Vec` is the ISA's widest, `kGemm*` its register blocking. Every type has the same operations: zero,
+// broadcast, load (float, c10::Half, c10::BFloat16 sources), store, + - *, fmadd, max, min, hsum, hmax, exp,
+// hide (-inf where a visibility byte is 0), zero_if_neg_inf, any_nan and first_equal (the first lane equal to
+// a value, or -1).
 #pragma once
 #include <c10/util/BFloat16.h>
 #include <c10/util/Half.h>
 
 #include <cmath>
 #include <cstdint>
+#include <cstring>
+#include <limits>
 
-#if defined(__AVX2__) && defined(__F16C__) && defined(__FMA__)
-#include <immintrin.h>
-#define FASTAR_CPU_AVX2 1
+#if !defined(FASTAR_ISA)
+#error "cpu/vec.h is for sources compiled once per ISA (csrc/cpu/kernels/): FASTAR_ISA is not defined"
 #endif
 
-namespace fastar::cpu {
+#define FASTAR_ISA_LEVEL_generic 0
+#define FASTAR_ISA_LEVEL_avx2 1
+#define FASTAR_ISA_LEVEL_avx512 2
+#define FASTAR_ISA_LEVEL_OF(isa) FASTAR_ISA_LEVEL_##isa
+#define FASTAR_ISA_LEVEL_EXPAND(isa) FASTAR_ISA_LEVEL_OF(isa)
+#define FASTAR_ISA_LEVEL FASTAR_ISA_LEVEL_EXPAND(FASTAR_ISA)
 
-#if defined(FASTAR_CPU_AVX2)
-inline __m256 load8(const float* x) { return _mm256_loadu_ps(x); }
-inline __m256 load8(const c10::Half* x) {
-  return _mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(x)));
-}
-inline __m256 load8(const c10::BFloat16* x) {  // bfloat16 is the upper half of a float32
-  const __m256i wide = _mm256_cvtepu16_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(x)));
-  return _mm256_castsi256_ps(_mm256_slli_epi32(wide, 16));
+#if FASTAR_ISA_LEVEL > 0
+#include <immintrin.h>
+#endif
+
+#if FASTAR_ISA_LEVEL == 2
+#define FASTAR_ISA_TARGET \
+  _Pragma("GCC push_options") _Pragma("GCC target(\"avx512f,avx512bw,avx512vl,avx512dq,avx2,fma,f16c,bmi2\")")
+#define FASTAR_ISA_TARGET_END _Pragma("GCC pop_options")
+#elif FASTAR_ISA_LEVEL == 1
+#define FASTAR_ISA_TARGET _Pragma("GCC push_options") _Pragma("GCC target(\"avx2,fma,f16c,bmi2\")")
+#define FASTAR_ISA_TARGET_END _Pragma("GCC pop_options")
+#else
+#define FASTAR_ISA_TARGET
+#define FASTAR_ISA_TARGET_END
+#endif
+
+#define FASTAR_ISA_BEGIN FASTAR_ISA_TARGET namespace fastar::cpu::FASTAR_ISA {
+#define FASTAR_ISA_END \
+  }                    \
+  FASTAR_ISA_TARGET_END
+
+FASTAR_ISA_BEGIN
+
+constexpr float kNegInf = -std::numeric_limits<float>::infinity();
+
+template <typename T>
+inline float to_f(T x) {
+  return static_cast<float>(x);
 }
 
-inline float hsum8(__m256 v) {
-  __m128 s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
+// ---- Vec4: GCC vector extensions (any target) ------------------------------------------------------------
+struct Vec4 {
+  typedef float F __attribute__((vector_size(16)));
+  typedef int32_t I __attribute__((vector_size(16)));
+  static constexpr int kSize = 4;
+  F v;
+  static Vec4 zero() { return {F{0, 0, 0, 0}}; }
+  static Vec4 broadcast(float x) { return {F{x, x, x, x}}; }
+  static Vec4 broadcast(const float* p) { return broadcast(*p); }
+  static Vec4 load(const float* p) {
+    F r;
+    std::memcpy(&r, p, sizeof(r));
+    return {r};
+  }
+  static Vec4 load(const c10::BFloat16* p) {  // bfloat16 is the upper half of a float32
+    uint16_t h[4];
+    std::memcpy(h, p, sizeof(h));
+    const I bits{int32_t{h[0]} << 16, int32_t{h[1]} << 16, int32_t{h[2]} << 16, int32_t{h[3]} << 16};
+    return {(F)bits};
+  }
+  static Vec4 load(const c10::Half* p) { return {F{to_f(p[0]), to_f(p[1]), to_f(p[2]), to_f(p[3])}}; }
+  void store(float* p) const { std::memcpy(p, &v, sizeof(v)); }
+};
+inline Vec4 operator+(Vec4 a, Vec4 b) { return {a.v + b.v}; }
+inline Vec4 operator-(Vec4 a, Vec4 b) { return {a.v - b.v}; }
+inline Vec4 operator*(Vec4 a, Vec4 b) { return {a.v * b.v}; }
+inline Vec4 fmadd(Vec4 a, Vec4 b, Vec4 c) { return {a.v * b.v + c.v}; }
+inline Vec4 max(Vec4 a, Vec4 b) { return {a.v > b.v ? a.v : b.v}; }
+inline Vec4 min(Vec4 a, Vec4 b) { return {a.v < b.v ? a.v : b.v}; }
+inline float hsum(Vec4 a) { return (a.v[0] + a.v[2]) + (a.v[1] + a.v[3]); }
+inline float hmax(Vec4 a) {
+  const float x = a.v[0] > a.v[2] ? a.v[0] : a.v[2], y = a.v[1] > a.v[3] ? a.v[1] : a.v[3];
+  return x > y ? x : y;
+}
+// Nearest integer for |x| < 2^22 (ties to even), as a float.
+inline Vec4 round_nearest(Vec4 x) {
+  const Vec4::F magic = Vec4::broadcast(12582912.0f).v;  // 1.5 * 2^23
+  return {(x.v + magic) - magic};
+}
+// 2^n for integral n in [-126, 127].
+inline Vec4 pow2(Vec4 n) {
+  return {(Vec4::F)((__builtin_convertvector(n.v, Vec4::I) + 127) << 23)};
+}
+inline Vec4 zero_below(Vec4 y, Vec4 x, float t) {  // y where x >= t, else 0
+  return {(Vec4::F)((Vec4::I)y.v & (x.v >= Vec4::broadcast(t).v))};
+}
+inline bool any_nan(Vec4 x) {
+  const Vec4::I nan = x.v != x.v;
+  return (nan[0] | nan[1] | nan[2] | nan[3]) != 0;
+}
+inline int first_equal(Vec4 x, float value) {
+  for (int i = 0; i < 4; ++i)
+    if (x.v[i] == value) return i;
+  return -1;
+}
+inline Vec4 zero_if_neg_inf(Vec4 x) { return {x.v == Vec4::broadcast(kNegInf).v ? Vec4::zero().v : x.v}; }
+// x with -inf in lane i where vis[i] == 0, for i < n, and in every lane i >= n.
+inline Vec4 hide(Vec4 x, const uint8_t* vis, int n) {
+  const Vec4::I seen{n > 0 && vis[0], n > 1 && vis[1], n > 2 && vis[2], n > 3 && vis[3]};
+  return {seen != 0 ? x.v : Vec4::broadcast(kNegInf).v};
+}
+
+#if FASTAR_ISA_LEVEL >= 1
+// ---- Vec8: AVX2 ------------------------------------------------------------------------------------------
+struct Vec8 {
+  static constexpr int kSize = 8;
+  __m256 v;
+  static Vec8 zero() { return {_mm256_setzero_ps()}; }
+  static Vec8 broadcast(float x) { return {_mm256_set1_ps(x)}; }
+  static Vec8 broadcast(const float* p) { return {_mm256_broadcast_ss(p)}; }
+  static Vec8 load(const float* p) { return {_mm256_loadu_ps(p)}; }
+  static Vec8 load(const c10::Half* p) {
+    return {_mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p)))};
+  }
+  static Vec8 load(const c10::BFloat16* p) {
+    const __m256i wide = _mm256_cvtepu16_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p)));
+    return {_mm256_castsi256_ps(_mm256_slli_epi32(wide, 16))};
+  }
+  void store(float* p) const { _mm256_storeu_ps(p, v); }
+};
+inline Vec8 operator+(Vec8 a, Vec8 b) { return {_mm256_add_ps(a.v, b.v)}; }
+inline Vec8 operator-(Vec8 a, Vec8 b) { return {_mm256_sub_ps(a.v, b.v)}; }
+inline Vec8 operator*(Vec8 a, Vec8 b) { return {_mm256_mul_ps(a.v, b.v)}; }
+inline Vec8 fmadd(Vec8 a, Vec8 b, Vec8 c) { return {_mm256_fmadd_ps(a.v, b.v, c.v)}; }
+inline Vec8 max(Vec8 a, Vec8 b) { return {_mm256_max_ps(a.v, b.v)}; }
+inline Vec8 min(Vec8 a, Vec8 b) { return {_mm256_min_ps(a.v, b.v)}; }
+inline float hsum(Vec8 a) {
+  __m128 s = _mm_add_ps(_mm256_castps256_ps128(a.v), _mm256_extractf128_ps(a.v, 1));
   s = _mm_add_ps(s, _mm_movehl_ps(s, s));
-  s = _mm_add_ss(s, _mm_movehdup_ps(s));
-  return _mm_cvtss_f32(s);
+  return _mm_cvtss_f32(_mm_add_ss(s, _mm_movehdup_ps(s)));
 }
-
-// exp of 8 floats (relative error ~2e-7): 2^n * e^r with n = round(x / ln2), r = x - n ln2 split into two
-// constants (Cody-Waite), e^r by a degree-6 polynomial. Inputs below -87.3 (and -inf) give exactly 0.
-inline __m256 exp8(__m256 x) {
-  const __m256 zero_below = _mm256_cmp_ps(x, _mm256_set1_ps(-87.3f), _CMP_GE_OQ);
-  x = _mm256_min_ps(_mm256_max_ps(x, _mm256_set1_ps(-87.3f)), _mm256_set1_ps(88.3f));
-  const __m256 n = _mm256_round_ps(_mm256_mul_ps(x, _mm256_set1_ps(1.44269504088896341f)),
-                                   _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
-  __m256 r = _mm256_fnmadd_ps(n, _mm256_set1_ps(0.693359375f), x);
-  r = _mm256_fnmadd_ps(n, _mm256_set1_ps(-2.12194440e-4f), r);
-  __m256 y = _mm256_set1_ps(1.9875691500e-4f);
-  y = _mm256_fmadd_ps(y, r, _mm256_set1_ps(1.3981999507e-3f));
-  y = _mm256_fmadd_ps(y, r, _mm256_set1_ps(8.3334519073e-3f));
-  y = _mm256_fmadd_ps(y, r, _mm256_set1_ps(4.1665795894e-2f));
-  y = _mm256_fmadd_ps(y, r, _mm256_set1_ps(1.6666665459e-1f));
-  y = _mm256_fmadd_ps(y, r, _mm256_set1_ps(5.0000001201e-1f));
-  y = _mm256_fmadd_ps(y, _mm256_mul_ps(r, r), _mm256_add_ps(r, _mm256_set1_ps(1.0f)));
-  const __m256i pow2n = _mm256_slli_epi32(_mm256_add_epi32(_mm256_cvtps_epi32(n), _mm256_set1_epi32(127)), 23);
-  return _mm256_and_ps(_mm256_mul_ps(y, _mm256_castsi256_ps(pow2n)), zero_below);
+inline float hmax(Vec8 a) {
+  __m128 s = _mm_max_ps(_mm256_castps256_ps128(a.v), _mm256_extractf128_ps(a.v, 1));
+  s = _mm_max_ps(s, _mm_movehl_ps(s, s));
+  return _mm_cvtss_f32(_mm_max_ss(s, _mm_movehdup_ps(s)));
 }
-
-// In-place transpose of an 8x8 float block held in 8 registers.
-inline void transpose8x8(__m256 r[8]) {
+inline Vec8 round_nearest(Vec8 x) { return {_mm256_round_ps(x.v, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC)}; }
+inline Vec8 pow2(Vec8 n) {
+  return {_mm256_castsi256_ps(_mm256_slli_epi32(_mm256_add_epi32(_mm256_cvtps_epi32(n.v), _mm256_set1_epi32(127)), 23))};
+}
+inline Vec8 zero_below(Vec8 y, Vec8 x, float t) {
+  return {_mm256_and_ps(y.v, _mm256_cmp_ps(x.v, _mm256_set1_ps(t), _CMP_GE_OQ))};
+}
+inline bool any_nan(Vec8 x) { return _mm256_movemask_ps(_mm256_cmp_ps(x.v, x.v, _CMP_UNORD_Q)) != 0; }
+inline int first_equal(Vec8 x, float value) {
+  const int hits = _mm256_movemask_ps(_mm256_cmp_ps(x.v, _mm256_set1_ps(value), _CMP_EQ_OQ));
+  return hits ? __builtin_ctz(hits) : -1;
+}
+inline Vec8 zero_if_neg_inf(Vec8 x) {
+  return {_mm256_blendv_ps(x.v, _mm256_setzero_ps(), _mm256_cmp_ps(x.v, _mm256_set1_ps(kNegInf), _CMP_EQ_OQ))};
+}
+inline Vec8 hide(Vec8 x, const uint8_t* vis, int n) {
+  uint64_t bytes = 0;
+  if (n >= 8) std::memcpy(&bytes, vis, 8);
+  else
+    for (int i = 0; i < n; ++i) bytes |= static_cast<uint64_t>(vis[i]) << (8 * i);
+  const __m256i hidden = _mm256_cmpeq_epi32(_mm256_cvtepu8_epi32(_mm_cvtsi64_si128(static_cast<int64_t>(bytes))),
+                                            _mm256_setzero_si256());
+  return {_mm256_blendv_ps(x.v, _mm256_set1_ps(kNegInf), _mm256_castsi256_ps(hidden))};
+}
+// In-place transpose of an 8x8 float block.
+inline void transpose8x8(Vec8 r[8]) {
   __m256 t[8], u[8];
   for (int i = 0; i < 8; i += 2) {
-    t[i] = _mm256_unpacklo_ps(r[i], r[i + 1]);
-    t[i + 1] = _mm256_unpackhi_ps(r[i], r[i + 1]);
+    t[i] = _mm256_unpacklo_ps(r[i].v, r[i + 1].v);
+    t[i + 1] = _mm256_unpackhi_ps(r[i].v, r[i + 1].v);
   }
   for (int i = 0; i < 8; i += 4) {
     u[i] = _mm256_shuffle_ps(t[i], t[i + 2], _MM_SHUFFLE(1, 0, 1, 0));
@@ -65,53 +196,97 @@ inline void transpose8x8(__m256 r[8]) {
     u[i + 3] = _mm256_shuffle_ps(t[i + 1], t[i + 3], _MM_SHUFFLE(3, 2, 3, 2));
   }
   for (int i = 0; i < 4; ++i) {
-    r[i] = _mm256_permute2f128_ps(u[i], u[i + 4], 0x20);
-    r[i + 4] = _mm256_permute2f128_ps(u[i], u[i + 4], 0x31);
+    r[i].v = _mm256_permute2f128_ps(u[i], u[i + 4], 0x20);
+    r[i + 4].v = _mm256_permute2f128_ps(u[i], u[i + 4], 0x31);
   }
-}
-
-inline float hmax8(__m256 v) {
-  __m128 s = _mm_max_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
-  s = _mm_max_ps(s, _mm_movehl_ps(s, s));
-  s = _mm_max_ss(s, _mm_movehdup_ps(s));
-  return _mm_cvtss_f32(s);
 }
 #endif
 
-// max of x[0..n)
-inline float max_of(const float* x, int64_t n, float init) {
-  int64_t i = 0;
-  float m = init;
-#if defined(FASTAR_CPU_AVX2)
-  if (n >= 8) {
-    __m256 mv = _mm256_set1_ps(init);
-    for (; i + 8 <= n; i += 8) mv = _mm256_max_ps(mv, _mm256_loadu_ps(x + i));
-    m = hmax8(mv);
+#if FASTAR_ISA_LEVEL >= 2
+// ---- Vec16: AVX-512 --------------------------------------------------------------------------------------
+struct Vec16 {
+  static constexpr int kSize = 16;
+  __m512 v;
+  static Vec16 zero() { return {_mm512_setzero_ps()}; }
+  static Vec16 broadcast(float x) { return {_mm512_set1_ps(x)}; }
+  static Vec16 broadcast(const float* p) { return {_mm512_set1_ps(*p)}; }
+  static Vec16 load(const float* p) { return {_mm512_loadu_ps(p)}; }
+  static Vec16 load(const c10::Half* p) {
+    return {_mm512_cvtph_ps(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(p)))};
   }
+  static Vec16 load(const c10::BFloat16* p) {
+    const __m512i wide = _mm512_cvtepu16_epi32(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(p)));
+    return {_mm512_castsi512_ps(_mm512_slli_epi32(wide, 16))};
+  }
+  void store(float* p) const { _mm512_storeu_ps(p, v); }
+};
+inline Vec16 operator+(Vec16 a, Vec16 b) { return {_mm512_add_ps(a.v, b.v)}; }
+inline Vec16 operator-(Vec16 a, Vec16 b) { return {_mm512_sub_ps(a.v, b.v)}; }
+inline Vec16 operator*(Vec16 a, Vec16 b) { return {_mm512_mul_ps(a.v, b.v)}; }
+inline Vec16 fmadd(Vec16 a, Vec16 b, Vec16 c) { return {_mm512_fmadd_ps(a.v, b.v, c.v)}; }
+inline Vec16 max(Vec16 a, Vec16 b) { return {_mm512_max_ps(a.v, b.v)}; }
+inline Vec16 min(Vec16 a, Vec16 b) { return {_mm512_min_ps(a.v, b.v)}; }
+inline float hsum(Vec16 a) {
+  return hsum(Vec8{_mm256_add_ps(_mm512_castps512_ps256(a.v), _mm512_extractf32x8_ps(a.v, 1))});
+}
+inline float hmax(Vec16 a) {
+  return hmax(Vec8{_mm256_max_ps(_mm512_castps512_ps256(a.v), _mm512_extractf32x8_ps(a.v, 1))});
+}
+inline Vec16 round_nearest(Vec16 x) {
+  return {_mm512_roundscale_ps(x.v, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC)};
+}
+inline Vec16 pow2(Vec16 n) {
+  return {_mm512_castsi512_ps(_mm512_slli_epi32(_mm512_add_epi32(_mm512_cvtps_epi32(n.v), _mm512_set1_epi32(127)), 23))};
+}
+inline Vec16 zero_below(Vec16 y, Vec16 x, float t) {
+  return {_mm512_maskz_mov_ps(_mm512_cmp_ps_mask(x.v, _mm512_set1_ps(t), _CMP_GE_OQ), y.v)};
+}
+inline bool any_nan(Vec16 x) { return _mm512_cmp_ps_mask(x.v, x.v, _CMP_UNORD_Q) != 0; }
+inline int first_equal(Vec16 x, float value) {
+  const unsigned hits = _mm512_cmp_ps_mask(x.v, _mm512_set1_ps(value), _CMP_EQ_OQ);
+  return hits ? __builtin_ctz(hits) : -1;
+}
+inline Vec16 zero_if_neg_inf(Vec16 x) {
+  return {_mm512_mask_mov_ps(x.v, _mm512_cmp_ps_mask(x.v, _mm512_set1_ps(kNegInf), _CMP_EQ_OQ), _mm512_setzero_ps())};
+}
+inline Vec16 hide(Vec16 x, const uint8_t* vis, int n) {
+  const __mmask16 lanes = n >= 16 ? __mmask16(0xffff) : n <= 0 ? __mmask16(0) : __mmask16((1u << n) - 1);
+  const __m128i bytes = _mm_maskz_loadu_epi8(lanes, vis);
+  const __mmask16 seen = _mm512_test_epi32_mask(_mm512_cvtepu8_epi32(bytes), _mm512_set1_epi32(0xff));
+  return {_mm512_mask_mov_ps(_mm512_set1_ps(kNegInf), seen, x.v)};
+}
 #endif
-  for (; i < n; ++i) m = x[i] > m ? x[i] : m;
-  return m;
+
+// exp of every lane (relative error ~2e-7): 2^n e^r with n = round(x / ln 2), r = x - n ln 2 in two parts
+// (Cody-Waite), e^r by a degree-6 polynomial. Lanes below -87.3 (and -inf) give exactly 0.
+template <typename V>
+inline V exp(V x) {
+  const V xc = min(max(x, V::broadcast(-87.3f)), V::broadcast(88.3f));
+  const V n = round_nearest(xc * V::broadcast(1.44269504088896341f));
+  V r = fmadd(n, V::broadcast(-0.693359375f), xc);
+  r = fmadd(n, V::broadcast(2.12194440e-4f), r);
+  V y = V::broadcast(1.9875691500e-4f);
+  y = fmadd(y, r, V::broadcast(1.3981999507e-3f));
+  y = fmadd(y, r, V::broadcast(8.3334519073e-3f));
+  y = fmadd(y, r, V::broadcast(4.1665795894e-2f));
+  y = fmadd(y, r, V::broadcast(1.6666665459e-1f));
+  y = fmadd(y, r, V::broadcast(5.0000001201e-1f));
+  y = fmadd(y, r * r, r + V::broadcast(1.0f));
+  return zero_below(y * pow2(n), x, -87.3f);
 }
 
-// x[i] = exp(x[i] - shift) for i < n; returns the sum.
-inline float exp_shift_sum(float* x, int64_t n, float shift) {
-  int64_t i = 0;
-  float sum = 0.0f;
-#if defined(FASTAR_CPU_AVX2)
-  __m256 acc = _mm256_setzero_ps();
-  const __m256 sv = _mm256_set1_ps(shift);
-  for (; i + 8 <= n; i += 8) {
-    const __m256 e = exp8(_mm256_sub_ps(_mm256_loadu_ps(x + i), sv));
-    _mm256_storeu_ps(x + i, e);
-    acc = _mm256_add_ps(acc, e);
-  }
-  sum = hsum8(acc);
+// The ISA's widest vector and the register blocking of its GEMM micro-kernels (csrc/cpu/kernels/gemm.h):
+// blocks of kGemmRows rows x kGemmVecs vectors, kGemmRows * kGemmVecs accumulators in registers.
+#if FASTAR_ISA_LEVEL == 2
+using Vec = Vec16;
+constexpr int kGemmRows = 12, kGemmVecs = 2;  // 24 of 32 registers
+#elif FASTAR_ISA_LEVEL == 1
+using Vec = Vec8;
+constexpr int kGemmRows = 6, kGemmVecs = 2;  // 12 of 16: both FMA pipes busy through the FMA latency
+#else
+using Vec = Vec4;
+constexpr int kGemmRows = 4, kGemmVecs = 2;  // 8 of 16 SSE registers: a multiply and an add per FMA
 #endif
-  for (; i < n; ++i) {
-    x[i] = std::exp(x[i] - shift);
-    sum += x[i];
-  }
-  return sum;
-}
+constexpr int kW = Vec::kSize;
 
-}  // namespace fastar::cpu
+FASTAR_ISA_END

@@ -1,14 +1,15 @@
 // Fixed-point inverse-CDF sampling over one probability row on the CPU (see core/acceptance.h for why
-// fixed point). AVX2 does 8 tokens per step; other CPUs take the scalar loop, with identical results.
+// fixed point), compiled per ISA (cpu/vec.h). AVX2 and AVX-512 do 8 tokens per step; the generic build takes
+// the scalar loop, with identical results.
 #pragma once
 #include <cstdint>
 
 #include "core/acceptance.h"
 #include "cpu/vec.h"
 
-namespace fastar::cpu {
+FASTAR_ISA_BEGIN
 
-#if defined(FASTAR_CPU_AVX2)
+#if FASTAR_ISA_LEVEL >= 1
 // fixed_weight of 8 floats, lanes 0-3 in *lo and 4-7 in *hi (uint64); the same round-via-2^52 trick as the
 // scalar code.
 inline void fixed8(__m256 w, __m256i* lo, __m256i* hi) {
@@ -32,7 +33,7 @@ inline __m256 prob_ok8(__m256 x) {  // all-ones lanes where 0 <= x <= 1 (false f
   return _mm256_and_ps(_mm256_cmp_ps(x, _mm256_setzero_ps(), _CMP_GE_OQ), _mm256_cmp_ps(x, _mm256_set1_ps(1.0f), _CMP_LE_OQ));
 }
 
-inline uint64_t hsum(__m256i v) {
+inline uint64_t hsum_u64(__m256i v) {
   alignas(32) uint64_t lanes[4];
   _mm256_store_si256(reinterpret_cast<__m256i*>(lanes), v);
   return lanes[0] + lanes[1] + lanes[2] + lanes[3];
@@ -58,21 +59,21 @@ struct FixedRow {
     uint64_t total = 0;
     bool good = true;
     int64_t t = begin;
-#if defined(FASTAR_CPU_AVX2)
+#if FASTAR_ISA_LEVEL >= 1
     __m256i acc = _mm256_setzero_si256();
     __m256 valid = _mm256_castsi256_ps(_mm256_set1_epi32(-1));
     for (; t + 8 <= end; t += 8) {
-      const __m256 pv = load8(p + t);
+      const __m256 pv = Vec8::load(p + t).v;
       valid = _mm256_and_ps(valid, prob_ok8(pv));
       if (q) {
-        const __m256 qv = load8(q + t);
+        const __m256 qv = Vec8::load(q + t).v;
         valid = _mm256_and_ps(valid, prob_ok8(qv));
         acc = add_fixed8(acc, _mm256_sub_ps(pv, qv));
       } else {
         acc = add_fixed8(acc, pv);
       }
     }
-    total = hsum(acc);
+    total = hsum_u64(acc);
     good = _mm256_movemask_ps(valid) == 0xff;
 #endif
     for (; t < end; ++t) {
@@ -119,4 +120,4 @@ struct FixedRow {
   }
 };
 
-}  // namespace fastar::cpu
+FASTAR_ISA_END

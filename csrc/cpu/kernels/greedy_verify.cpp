@@ -1,0 +1,93 @@
+// The CPU kernel of fastar.greedy_verify, compiled per ISA (cpu/vec.h): accept drafts while they equal the
+// target argmax (vLLM's rule: the first mismatch slot holds the target argmax; a bonus token only when every
+// draft matched).
+#include "cpu/kernels/acceptance.h"
+
+#include <c10/util/BFloat16.h>
+#include <c10/util/Half.h>
+
+#include <cmath>
+#include <limits>
+
+#include "core/acceptance.h"
+#include "cpu/acceptance_rows.h"
+#include "cpu/vec.h"
+
+FASTAR_ISA_BEGIN
+namespace {
+
+using namespace accept;
+
+// First index of the maximum (torch.argmax's tie rule); -1 when the row holds a NaN. Two passes over the
+// row (max, then the first index holding it): vectorised, and the second pass reads from cache.
+template <typename P>
+int64_t argmax_row(const P* row, int64_t V) {
+  float best = -std::numeric_limits<float>::infinity();
+  bool nan = false;
+  int64_t t = 0;
+  Vec mv = Vec::broadcast(best);
+  for (; t + kW <= V; t += kW) {
+    const Vec x = Vec::load(row + t);
+    mv = max(mv, x);
+    nan |= any_nan(x);
+  }
+  best = hmax(mv);
+  for (; t < V; ++t) {
+    const float v = static_cast<float>(row[t]);
+    nan |= std::isnan(v);
+    best = v > best ? v : best;
+  }
+  if (nan) return -1;
+  t = 0;
+  for (; t + kW <= V; t += kW) {
+    const int hit = first_equal(Vec::load(row + t), best);
+    if (hit >= 0) return t + hit;
+  }
+  for (; t < V; ++t) {
+    if (static_cast<float>(row[t]) == best) return t;
+  }
+  return 0;  // every value is -inf: index 0, as torch.argmax
+}
+
+template <typename P>
+int32_t verify_one_row(const GreedyVerifyParams& prm, int64_t b, int32_t* out, int64_t* accepted) {
+  const int64_t k = row_num_draft(prm.num_draft, prm.nd64, b, prm.n);
+  if (k < 0) return kBadNumDraft;
+  auto draft = [&](int64_t i) { return load_index(prm.draft_ids, prm.ids64, b * prm.ids_sb + i); };
+  for (int64_t i = 0; i < k; ++i) {
+    const int64_t x = draft(i);
+    if (x < 0 || x >= prm.V) return kBadTokenId;
+  }
+  const P* logits = static_cast<const P*>(prm.target_logits) + b * prm.tl_sb;
+  for (int64_t i = 0; i <= k; ++i) {
+    const int64_t best = argmax_row(logits + i * prm.tl_sn, prm.V);
+    if (best < 0) return kBadValue;
+    out[i] = static_cast<int32_t>(best);
+    if (i == k || best != draft(i)) {
+      *accepted = i;
+      return kOk;
+    }
+  }
+  return kOk;  // unreachable: the loop returns at i == k
+}
+
+template <typename P>
+void greedy_verify_rows(const GreedyVerifyParams& prm) {
+  for_each_acceptance_row(prm.tokens, prm.num_accepted, prm.B, prm.n,
+                          [&](int64_t b, int32_t* out, int64_t* accepted) { return verify_one_row<P>(prm, b, out, accepted); });
+}
+
+}  // namespace
+
+void greedy_verify(const GreedyVerifyParams& prm, FloatKind kind) {
+  switch (kind) {
+    case FloatKind::kFloat32:
+      return greedy_verify_rows<float>(prm);
+    case FloatKind::kFloat16:
+      return greedy_verify_rows<c10::Half>(prm);
+    case FloatKind::kBFloat16:
+      return greedy_verify_rows<c10::BFloat16>(prm);
+  }
+}
+
+FASTAR_ISA_END

@@ -1,0 +1,226 @@
+// The attention kernel's micro-kernels, written once against the vector layer (cpu/vec.h) and compiled
+// per ISA: row reductions, the decode path's dot/axpy loops, and the register-blocked GEMMs of the tile path.
+#pragma once
+#include <algorithm>
+#include <cstdint>
+#include <cstring>
+
+#include "cpu/vec.h"
+
+FASTAR_ISA_BEGIN
+
+// max(init, x[0..n))
+inline float max_of(const float* x, int64_t n, float init) {
+  int64_t i = 0;
+  float m = init;
+  if (n >= kW) {
+    Vec mv = Vec::broadcast(init);
+    for (; i + kW <= n; i += kW) mv = max(mv, Vec::load(x + i));
+    m = hmax(mv);
+  }
+  for (; i < n; ++i) m = x[i] > m ? x[i] : m;
+  return m;
+}
+
+// x[i] = exp(x[i] - shift) for i < n; returns the sum.
+inline float exp_shift_sum(float* x, int64_t n, float shift) {
+  int64_t i = 0;
+  Vec acc = Vec::zero();
+  const Vec sv = Vec::broadcast(shift);
+  for (; i + kW <= n; i += kW) {
+    const Vec e = exp(Vec::load(x + i) - sv);
+    e.store(x + i);
+    acc = acc + e;
+  }
+  float sum = hsum(acc);
+  for (; i < n; ++i) {
+    x[i] = std::exp(x[i] - shift);
+    sum += x[i];
+  }
+  return sum;
+}
+
+// dot(a[0..D), b[0..D)) with a in float and b in the input type.
+template <typename T>
+inline float dot_row(const float* a, const T* b, int64_t D) {
+  int64_t d = 0;
+  Vec acc0 = Vec::zero(), acc1 = Vec::zero();
+  for (; d + 2 * kW <= D; d += 2 * kW) {
+    acc0 = fmadd(Vec::load(a + d), Vec::load(b + d), acc0);
+    acc1 = fmadd(Vec::load(a + d + kW), Vec::load(b + d + kW), acc1);
+  }
+  for (; d + kW <= D; d += kW) acc0 = fmadd(Vec::load(a + d), Vec::load(b + d), acc0);
+  float s = hsum(acc0 + acc1);
+  for (; d < D; ++d) s += a[d] * to_f(b[d]);
+  return s;
+}
+
+template <typename T>
+inline float sum_squares(const T* x, int64_t D) {
+  int64_t d = 0;
+  Vec acc = Vec::zero();
+  for (; d + kW <= D; d += kW) {
+    const Vec v = Vec::load(x + d);
+    acc = fmadd(v, v, acc);
+  }
+  float s = hsum(acc);
+  for (; d < D; ++d) s += to_f(x[d]) * to_f(x[d]);
+  return s;
+}
+
+// One row converted to float.
+template <typename T>
+inline void to_float_row(const T* row, float* dst, int64_t D) {
+  int64_t d = 0;
+  for (; d + kW <= D; d += kW) Vec::load(row + d).store(dst + d);
+  for (; d < D; ++d) dst[d] = to_f(row[d]);
+}
+
+// o[0..W NV) += sum_c w[c] * rows[c][d0..d0 + W NV), with o held in registers across the rows.
+template <int NV, typename T>
+inline void axpy_rows(float* o, const float* w, const T* const* rows, int64_t n, int64_t d0) {
+  Vec acc[NV];
+  for (int i = 0; i < NV; ++i) acc[i] = Vec::load(o + kW * i);
+  for (int64_t c = 0; c < n; ++c) {
+    const Vec wv = Vec::broadcast(w + c);
+    for (int i = 0; i < NV; ++i) acc[i] = fmadd(wv, Vec::load(rows[c] + d0 + kW * i), acc[i]);
+  }
+  for (int i = 0; i < NV; ++i) acc[i].store(o + kW * i);
+}
+
+// axpy_rows for nv < NV vectors.
+template <int NV, typename T>
+inline void axpy_rows_tail(int nv, float* o, const float* w, const T* const* rows, int64_t n, int64_t d0) {
+  if constexpr (NV > 0) {
+    if (nv == NV) return axpy_rows<NV>(o, w, rows, n, d0);
+    axpy_rows_tail<NV - 1>(nv, o, w, rows, n, d0);
+  }
+}
+
+// o[0..D) += sum_c w[c] * rows[c][0..D): the decode path's P V for one query row.
+template <typename T>
+inline void axpy_row(float* o, const float* w, const T* const* rows, int64_t n, int64_t D) {
+  int64_t d = 0;
+  for (; d + 8 * kW <= D; d += 8 * kW) axpy_rows<8>(o + d, w, rows, n, d);
+  axpy_rows_tail<7>(static_cast<int>((D - d) / kW), o + d, w, rows, n, d);
+  for (d = D / kW * kW; d < D; ++d) {
+    float acc = o[d];
+    for (int64_t c = 0; c < n; ++c) acc += w[c] * to_f(rows[c][d]);
+    o[d] = acc;
+  }
+}
+
+// Software prefetch of the next key tile's K and V rows into L2, spread over the current tile's GEMM
+// blocks: issued in one burst, they would fill the core's miss buffers and stall it.
+struct RowPrefetch {
+  static constexpr int64_t kMaxRows = 256;
+  const char* rows[kMaxRows];
+  int64_t n_rows = 0, lines_per_row = 0, per_step = 0, row = 0, line = 0;
+
+  void step() {
+    for (int64_t i = 0; i < per_step && row < n_rows; ++i) {
+      __builtin_prefetch(rows[row] + 64 * line, 0, 2);
+      if (++line == lines_per_row) line = 0, ++row;
+    }
+  }
+  void finish() {
+    per_step = n_rows * lines_per_row;
+    step();
+  }
+};
+
+// The two products of the tile path, whose gathered operand is read through row pointers (where the keys'
+// rows lie: they are not copied):
+//   kLogits  s^T = K q^T: A's row r at a_rows[r] (key rows), element k at [k]; B's row k at b + k * ldb.
+//   kValues  o = P V:     A(r, k) at a[r + k * a_ks] (P = s^T read transposed); B's row k at b_rows[k].
+enum class Gemm { kLogits, kValues };
+
+struct GemmOperands {
+  const float* const* a_rows;
+  const float* a;
+  int64_t a_ks;
+  const float* b;
+  int64_t ldb;
+  const float* const* b_rows;
+};
+
+// Register-blocked C[MR x NV lanes] = A[m0 : m0 + MR, :K] * B[:K, n0 : n0 + NV lanes], vectors of type V.
+// With c_scale, C's row r is first multiplied by c_scale[r] (the online softmax's rescaling, folded into the
+// accumulator load); without it C is overwritten.
+template <Gemm kind, typename V, int MR, int NV>
+inline void gemm_block(const GemmOperands& op, int64_t m0, int64_t n0, int64_t K, float* c, int64_t ldc,
+                       const float* c_scale) {
+  constexpr int W = V::kSize;
+  const float* ar[MR];
+  V acc[MR][NV];
+#pragma GCC unroll 32
+  for (int r = 0; r < MR; ++r) {
+    ar[r] = kind == Gemm::kLogits ? op.a_rows[m0 + r] : op.a + m0 + r;
+#pragma GCC unroll 4
+    for (int v = 0; v < NV; ++v)
+      acc[r][v] = c_scale ? V::load(c + r * ldc + W * v) * V::broadcast(c_scale + r) : V::zero();
+  }
+  // The strided operand's row k, advanced by a pointer step.
+  const float* strided = kind == Gemm::kLogits ? op.b + n0 : op.a + m0;
+  const int64_t step = kind == Gemm::kLogits ? op.ldb : op.a_ks;
+  for (int64_t k = 0; k < K; ++k, strided += step) {
+    const float* bk = kind == Gemm::kLogits ? strided : op.b_rows[k] + n0;
+    V bv[NV];
+#pragma GCC unroll 4
+    for (int v = 0; v < NV; ++v) bv[v] = V::load(bk + W * v);
+#pragma GCC unroll 32
+    for (int r = 0; r < MR; ++r) {
+      const V av = V::broadcast(kind == Gemm::kLogits ? ar[r] + k : strided + r);
+#pragma GCC unroll 4
+      for (int v = 0; v < NV; ++v) acc[r][v] = fmadd(av, bv[v], acc[r][v]);
+    }
+  }
+#pragma GCC unroll 32
+  for (int r = 0; r < MR; ++r)
+#pragma GCC unroll 4
+    for (int v = 0; v < NV; ++v) acc[r][v].store(c + r * ldc + W * v);
+}
+
+// gemm_block for rows < MR (the rows left below the whole blocks).
+template <Gemm kind, typename V, int MR, int NV>
+inline void gemm_block_tail(int64_t rows, const GemmOperands& op, int64_t m0, int64_t n0, int64_t K, float* c,
+                            int64_t ldc, const float* c_scale) {
+  if constexpr (MR > 0) {
+    if (rows == MR) return gemm_block<kind, V, MR, NV>(op, m0, n0, K, c, ldc, c_scale);
+    gemm_block_tail<kind, V, MR - 1, NV>(rows, op, m0, n0, K, c, ldc, c_scale);
+  }
+}
+
+// Columns [n0, n0 + NV lanes) of C, in blocks of MR rows; pf takes a step after each whole block.
+template <Gemm kind, typename V, int MR, int NV>
+inline void gemm_panel(int64_t M, int64_t n0, int64_t K, const GemmOperands& op, float* c, int64_t ldc,
+                       const float* c_scale, RowPrefetch& pf) {
+  int64_t m0 = 0;
+  for (; m0 + MR <= M; m0 += MR) {
+    gemm_block<kind, V, MR, NV>(op, m0, n0, K, c + m0 * ldc + n0, ldc, c_scale ? c_scale + m0 : nullptr);
+    pf.step();
+  }
+  gemm_block_tail<kind, V, MR - 1, NV>(M - m0, op, m0, n0, K, c + m0 * ldc + n0, ldc, c_scale ? c_scale + m0 : nullptr);
+}
+
+// GEMM blocks a gemm of M x N takes (the steps a prefetch is spread over).
+inline int64_t gemm_steps(int64_t M, int64_t N) {
+  return (M + kGemmRows - 1) / kGemmRows * ((N + kGemmVecs * kW - 1) / (kGemmVecs * kW));
+}
+
+// C[M x N] = A[M x K] * B[K x N] (+ C scaled per row), N a multiple of 8: panels of kGemmVecs vectors, then
+// single vectors in blocks of kGemmRows * kGemmVecs rows (the same accumulator count), then (AVX-512) a last
+// 8-column panel of half-width vectors.
+template <Gemm kind>
+inline void gemm(int64_t M, int64_t N, int64_t K, const GemmOperands& op, float* c, int64_t ldc, const float* c_scale,
+                 RowPrefetch& pf) {
+  int64_t n0 = 0;
+  for (; n0 + kGemmVecs * kW <= N; n0 += kGemmVecs * kW)
+    gemm_panel<kind, Vec, kGemmRows, kGemmVecs>(M, n0, K, op, c, ldc, c_scale, pf);
+  for (; n0 + kW <= N; n0 += kW) gemm_panel<kind, Vec, kGemmRows * kGemmVecs, 1>(M, n0, K, op, c, ldc, c_scale, pf);
+#if FASTAR_ISA_LEVEL >= 2
+  if (n0 < N) gemm_panel<kind, Vec8, kGemmRows * kGemmVecs, 1>(M, n0, K, op, c, ldc, c_scale, pf);
+#endif
+}
+
+FASTAR_ISA_END
