@@ -16,8 +16,14 @@ $(VENV)/.installed: requirements.txt
 build: $(VENV)/.installed
 	$(PY) -m pip install --disable-pip-version-check --no-build-isolation --no-deps -e .
 
+# The full suite runs the CPU kernels of the best ISA this CPU runs; then the CPU tests run again under each
+# other ISA it runs (FASTAR_CPU_ISA, csrc/cpu/isa.h).
 test: build
 	$(PY) -m pytest tests
+	@for isa in $$($(PY) -c "import fastar; i = fastar.build_info(); print(*[x for x in i['cpu_isas_supported'] if x != i['cpu_isa']])"); do \
+	  echo "== CPU tests with FASTAR_CPU_ISA=$$isa"; \
+	  FASTAR_CPU_ISA=$$isa $(PY) -m pytest tests -q -k "cpu and not cpu_isa" || exit 1; \
+	done
 
 bench: build
 	$(PY) -m bench

@@ -33,7 +33,13 @@ def main(argv=None) -> None:
     parser.add_argument("--only", metavar="NAME", help="only the rows whose 'op[case id]' contains NAME")
     parser.add_argument("--threads", type=int, default=os.cpu_count(), help="torch threads (default: all cores)")
     parser.add_argument("--device", choices=["cpu", "cuda"], default="cpu")
+    parser.add_argument("--isa", choices=fastar.build_info()["cpu_isas_built"],
+                        help="the CPU kernels' ISA (default: the best this CPU runs, or FASTAR_CPU_ISA)")
     args = parser.parse_args(argv)
+    if args.isa:
+        if args.isa not in fastar.build_info()["cpu_isas_supported"]:
+            parser.error(f"--isa {args.isa}: this CPU does not run it")
+        fastar._C._set_cpu_isa(args.isa)
     if args.device == "cuda" and not (torch.cuda.is_available() and fastar.build_info()["cuda"]):
         parser.error("--device cuda needs a CUDA GPU and a CUDA build of fastar")
     selected = [(op, case) for op in OPS for case in op.cases if not args.only or args.only in f"{op.name}[{case.id}]"]
@@ -73,7 +79,8 @@ def main(argv=None) -> None:
 
     # A smoke test, a partial or a GPU run gets its own files, so it never overwrites the full CPU results.
     suffix = "".join(
-        [f"-{args.device}" if args.device != "cpu" else "", "-quick" if args.quick else ""]
+        [f"-{args.device}" if args.device != "cpu" else "", f"-{args.isa}" if args.isa else "",
+         "-quick" if args.quick else ""]
         + ([f"-{re.sub(r'[^A-Za-z0-9]+', '_', args.only)}"] if args.only else [])
     )
     json_path = common.RESULTS_DIR / f"results{suffix}.json"

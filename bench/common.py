@@ -301,7 +301,8 @@ def format_share(share: float | None) -> str:
 
 
 def print_header(meta: dict) -> None:
-    print(f"device: {meta['device_name']} ({meta['device']}, {meta['threads']} threads), torch {meta['torch']}")
+    print(f"device: {meta['device_name']} ({meta['device']}, {meta['threads']} threads), torch {meta['torch']}, "
+          f"fastar CPU kernels: {meta['fastar_build']['cpu_isa']}")
     print(f"copy bandwidth: {meta['copy_GBps']:.1f} GB/s (256 MB tensor copy, read + write), read bandwidth: "
           f"{meta['read_GBps']:.1f} GB/s (256 MB tensor sum); others: {format_share(meta['copy_others_cpu_share'])}",
           flush=True)
