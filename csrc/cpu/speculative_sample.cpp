@@ -1,5 +1,5 @@
 // CPU kernel of fastar.speculative_sample: rows in parallel, each row reads only the p(x)/q(x) scalars of its
-// drafts and the one or two probability rows it samples from (SEMANTICS.md §4).
+// drafts and the one or two probability rows it samples from (docs/acceptance.md).
 
 #include "core/acceptance.h"
 #include "cpu/acceptance_rows.h"
