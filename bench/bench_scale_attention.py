@@ -17,7 +17,7 @@ from fastar.reference import sample_cfg_reference
 
 VAR_256 = (1, 2, 3, 4, 5, 6, 8, 10, 13, 16)  # 680 tokens
 VAR_512 = (1, 2, 3, 4, 6, 9, 13, 18, 24, 32)  # 2240 tokens
-# VAR's FID sampling settings (SEMANTICS.md §2): CFG 1.5 ramped over the scales, top-k 900, top-p 0.96.
+# VAR's FID sampling settings (docs/sampling.md): CFG 1.5 ramped over the scales, top-k 900, top-p 0.96.
 CFG, TOP_K, TOP_P = 1.5, 900, 0.96
 # Spread of the random logits (VAR-d16's codebook of 4096): softmax(3 * randn) over 4096 leaves ~40% of the
 # vocabulary in the top-p 0.96 mass, so top-k and top-p both cut.
@@ -150,7 +150,7 @@ def more_full(case: ScaleCase, x: dict, device: str, quick: bool) -> tuple[dict,
 
 def agree_full(x: dict, fastar_runs: list, baseline_runs: list) -> None:
     """float32: the last outputs match to rounding (bench_attention.agree). bfloat16: FlashAttention's error
-    ratio (SEMANTICS.md §0) against float32 attention over the same inputs, max|fastar - ref| <= 2 max|baseline -
+    ratio (docs/attention.md) against float32 attention over the same inputs, max|fastar - ref| <= 2 max|baseline -
     ref| + 1e-5: outputs of the first scales (a few keys) are values of v, where one bfloat16 rounding of the
     output is larger than a fixed tolerance."""
     if x["q"].dtype == torch.float32:

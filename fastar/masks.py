@@ -1,6 +1,6 @@
 """Structured attention masks: small objects that describe which keys each query sees, never an Lq x Lk tensor.
 
-Conventions (SEMANTICS.md §0-§2):
+Conventions (docs/masks.md):
 
 * Boolean masks say True = attend. Queries are the **last** ``Lq`` of the ``Lk`` key positions
   (bottom-right alignment, as FlashAttention and FlashInfer): query ``i`` sits at key position

@@ -2,7 +2,7 @@
 
 VAR generates an image scale by scale: at step ``s`` the model feeds only the ``h_s * w_s`` tokens of scale
 ``s``, appends their keys and values to each layer's cache, and attends with those queries to everything
-cached, with no mask (SEMANTICS.md §2). This equals the rows of scale ``s`` in the full block-causal
+cached, with no mask (docs/scale_attention.md). This equals the rows of scale ``s`` in the full block-causal
 (``relation="causal"``) pass. :class:`ScaleKVCache` is one layer's cache: preallocated K and V of
 ``[batch, heads, capacity, head_dim]``, written in place by :meth:`~ScaleKVCache.append`, read through views
 by :meth:`~ScaleKVCache.attend` (the ``scale_attention`` kernels with no mask: no concatenation, no copy).

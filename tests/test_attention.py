@@ -1,10 +1,10 @@
-"""Tests of fastar's masked attention ops (SEMANTICS.md §0-§2) on every backend (cpu / simt / cuda).
+"""Tests of fastar's masked attention ops (docs/attention.md, docs/masks.md) on every backend (cpu / simt / cuda).
 
 Every result is checked against an independent reference: ``attention_reference`` (softmax attention in
 float64) over the mask's definition (``Mask.materialize``, itself checked element by element in
 ``test_masks.py``), or PyTorch's own ``scaled_dot_product_attention`` for the drop-in.
 
-Tolerances (SEMANTICS.md §0):
+Tolerances (docs/attention.md):
 
 * float32: ``max|out - ref64| <= 1e-5 * max(1, max|ref64|)``.
 * float16 / bfloat16: FlashAttention's error-ratio criterion ``max|out - ref64| <= 2 * max|lowprec - ref64| +
@@ -314,7 +314,7 @@ def test_tree_equals_causal_attention_over_path(backend, dtype):
 
 
 def test_medusa_buffers_end_to_end(backend):
-    """Tree.from_choices gives Medusa's buffers (SEMANTICS.md §1); tree verification against a ragged KV
+    """Tree.from_choices gives Medusa's buffers (docs/masks.md); tree verification against a ragged KV
     cache, with the tree tokens appended as k_new, equals the reference and, node by node, causal attention
     over the prefix and the node's path (retrieve_paths)."""
     tree = Tree.from_choices(MEDUSA_CHOICES)
@@ -439,7 +439,7 @@ def test_head_dims_off_the_vector_width(backend, D):
 
 
 def test_var_block_causal_and_cached_inference(backend):
-    """VAR (SEMANTICS.md §2): scales (1, 2, 3, 4) -> block lengths (1, 4, 9, 16), 30 tokens. The training
+    """VAR (docs/scale_attention.md): scales (1, 2, 3, 4) -> block lengths (1, 4, 9, 16), 30 tokens. The training
     pass is block-causal; at inference each scale's tokens are appended to the KV cache and attend to the
     whole cache with no mask, which must equal the rows of the full block-causal pass."""
     scales = (1, 2, 3, 4)

@@ -1,4 +1,4 @@
-"""Tests of fastar.greedy_verify (SEMANTICS.md §4, vLLM's greedy rule) on every backend.
+"""Tests of fastar.greedy_verify (docs/acceptance.md, vLLM's greedy rule) on every backend.
 
 Oracle: ``fastar.reference.greedy_verify_reference`` (torch.argmax over float64, one position at a time),
 plus hand-written vLLM cases. Each op call goes through the ``backend`` fixture (cpu / simt / cuda).
@@ -75,7 +75,7 @@ def assert_well_formed(tokens, num_accepted, drafts, vocab, num_draft=None):
 
 VLLM_CASES = [
     # (drafts, target argmax per position, expected tokens, expected num_accepted)
-    ([[1, 2, 3]], [[1, 5, 3, 4]], [[1, 5, -1, -1]], [1]),  # SEMANTICS §4: early mismatch
+    ([[1, 2, 3]], [[1, 5, 3, 4]], [[1, 5, -1, -1]], [1]),  # docs/acceptance.md: early mismatch
     ([[1, 2, 3]], [[1, 2, 3, 4]], [[1, 2, 3, 4]], [3]),  # perfect match: bonus token
     ([[1, 2, 3]], [[6, 2, 3, 4]], [[6, -1, -1, -1]], [0]),  # mismatch at the first position
     ([[1, 2, 3]], [[1, 2, 7, 4]], [[1, 2, 7, -1]], [2]),  # mismatch at the last draft: no bonus

@@ -1,4 +1,4 @@
-"""Tests of the structured masks (fastar.masks) and the attention reference (SEMANTICS.md §0-§2).
+"""Tests of the structured masks (fastar.masks) and the attention reference (docs/masks.md, docs/attention.md).
 
 Three descriptions of every mask are checked against each other:
 
@@ -197,7 +197,7 @@ def test_eagle_tree_matches_medusa_buffers():
 
 
 def test_tree_row_is_prefix_and_path():
-    """SEMANTICS §1: tree attention of a node = causal attention over the prefix plus its root-to-node path."""
+    """docs/masks.md: tree attention of a node = causal attention over the prefix plus its root-to-node path."""
     tree = Tree.from_choices(EAGLE_CHOICES)
     T, prefix = tree.num_nodes, 4
     dense = tree.materialize(T, prefix + T)[0]
@@ -228,7 +228,7 @@ def test_batched_tree_and_multiple_roots():
 
 
 def test_var_scales_vector():
-    """SEMANTICS §2: scales (1, 2, 3) -> ids [0, 1×4, 2×9]; rows 1-4 see columns 0-4, rows 5-13 see all."""
+    """docs/scale_attention.md: scales (1, 2, 3) -> ids [0, 1×4, 2×9]; rows 1-4 see columns 0-4, rows 5-13 see all."""
     ids = [0] + [1] * 4 + [2] * 9
     for mask in (BlockCausal(ids), BlockCausal(block_lengths=[1, 4, 9])):
         dense = mask.materialize(14, 14)[0]
@@ -531,7 +531,7 @@ def test_attention_reference_matches_sdpa(Hq, Hkv):
 
 
 def test_tree_attention_equals_causal_attention_over_the_path():
-    """SEMANTICS §1's test: each node's tree-attention output = causal attention over prefix + its path."""
+    """The tree rule of docs/masks.md: each node's tree-attention output = causal attention over prefix + its path."""
     g = torch.Generator().manual_seed(1)
     tree = Tree.from_choices(MEDUSA_CHOICES)
     T, prefix, H, D = tree.num_nodes, 3, 2, 8

@@ -1,4 +1,4 @@
-"""Tests of fastar.scale_attention (next-scale / VAR attention, SEMANTICS.md §2) on every backend.
+"""Tests of fastar.scale_attention (next-scale / VAR attention, docs/scale_attention.md) on every backend.
 
 Every result is checked against ``scale_attention_reference`` (float64 attention over
 ``ScaleLayout.materialize``, itself checked pair by pair in ``test_scale_layout.py``) with the tolerances of
@@ -197,7 +197,7 @@ def test_last_queries(backend, relation, window, full_scales, Lq):
 
 
 def test_cached_inference_equals_full_pass(backend):
-    """VAR's claim (SEMANTICS.md §2): at step s the queries of scale s attend to the cache of scales 0..s with
+    """VAR's claim (docs/scale_attention.md): at step s the queries of scale s attend to the cache of scales 0..s with
     no mask; that equals the rows of scale s of the full block-causal pass. The cached steps run with no mask
     terms (relation 0, no tables)."""
     full_layout = ScaleLayout(VAR_256)

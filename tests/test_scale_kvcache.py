@@ -8,7 +8,7 @@
 
 Tolerances (``test_attention.py``'s): float32 ``max|out - ref64| <= 1e-5 * max(1, max|ref64|)``; bfloat16
 ``max|out - ref64| <= 2 * max|sdpa_bf16 - ref64| + 1e-5`` (FlashAttention's error ratio against PyTorch's
-SDPA run in bfloat16 on the same inputs, normalised for qk_norm, SEMANTICS.md §0). Two fastar results of the
+SDPA run in bfloat16 on the same inputs, normalised for qk_norm, docs/attention.md). Two fastar results of the
 same rows (cached step, full pass) agree to ``2e-6`` (float32) or one bfloat16 rounding (``1.6e-2``).
 """
 from __future__ import annotations

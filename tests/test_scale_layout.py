@@ -1,4 +1,4 @@
-"""Tests of fastar.ScaleLayout (SEMANTICS.md §2): token counts, token tables, the visibility rule against a
+"""Tests of fastar.ScaleLayout (docs/scale_attention.md): token counts, token tables, the visibility rule against a
 pair-by-pair loop, and the block maps of the kernels against the dense mask."""
 from __future__ import annotations
 
@@ -87,7 +87,7 @@ def test_token_counts(scales, tokens, ends):
 
 
 def test_semantics_vector():
-    """SEMANTICS.md §2: scales (1, 2, 3) -> ids [0, 1, 1, 1, 1, 2 x 9]; rows 1-4 see columns 0-4, rows 5-13
+    """docs/scale_attention.md: scales (1, 2, 3) -> ids [0, 1, 1, 1, 1, 2 x 9]; rows 1-4 see columns 0-4, rows 5-13
     all 14."""
     layout = ScaleLayout((1, 2, 3))
     assert layout.scale_ids().tolist() == [0, 1, 1, 1, 1] + [2] * 9

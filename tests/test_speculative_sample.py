@@ -1,4 +1,4 @@
-"""Tests of fastar.speculative_sample (SEMANTICS.md §4) on every backend.
+"""Tests of fastar.speculative_sample (docs/acceptance.md) on every backend.
 
 The oracle is ``fastar.reference``: ``speculative_sample_reference`` fixes the exact token of every
 (seed, offset, row, position), ``speculative_output_distribution`` the exact distribution of the emitted
@@ -290,7 +290,7 @@ def test_vllm_ragged_and_empty_without_draft_probs(backend):
 
 
 def test_toy_acceptance_probability(backend):
-    # SEMANTICS §4 toy: p = (.5, .3, .2), q = (.2, .3, .5) -> P(accept) = sum min(p, q) = 0.7; per draft
+    # docs/acceptance.md toy: p = (.5, .3, .2), q = (.2, .3, .5) -> P(accept) = sum min(p, q) = 0.7; per draft
     # token the acceptance probability is min(1, p/q) = (1, 1, 0.4).
     N = rows(backend, 200_000, 1_000)
     gen = torch.Generator().manual_seed(1234)

@@ -1,4 +1,4 @@
-"""References for the acceptance ops (SEMANTICS.md §4), one row and one position at a time.
+"""References for the acceptance ops (docs/acceptance.md), one row and one position at a time.
 
 ``speculative_sample_reference`` follows the documented algorithm step by step with the documented random
 numbers (Philox4x32-10, 53-bit accept uniforms, 2^-40 fixed-point inverse CDF), so kernels must match it
