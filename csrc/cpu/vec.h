@@ -105,8 +105,8 @@ inline Vec4 round_nearest(Vec4 x) {
 inline Vec4 pow2(Vec4 n) {
   return {(Vec4::F)((__builtin_convertvector(n.v, Vec4::I) + 127) << 23)};
 }
-inline Vec4 zero_below(Vec4 y, Vec4 x, float t) {  // y where x >= t, else 0
-  return {(Vec4::F)((Vec4::I)y.v & (x.v >= Vec4::broadcast(t).v))};
+inline Vec4 zero_below(Vec4 y, Vec4 x, float t) {  // 0 where x < t, else y (NaN lanes of x keep y)
+  return {(Vec4::F)((Vec4::I)y.v & ~(x.v < Vec4::broadcast(t).v))};
 }
 inline bool any_nan(Vec4 x) {
   const Vec4::I nan = x.v != x.v;
@@ -163,7 +163,7 @@ inline Vec8 pow2(Vec8 n) {
   return {_mm256_castsi256_ps(_mm256_slli_epi32(_mm256_add_epi32(_mm256_cvtps_epi32(n.v), _mm256_set1_epi32(127)), 23))};
 }
 inline Vec8 zero_below(Vec8 y, Vec8 x, float t) {
-  return {_mm256_and_ps(y.v, _mm256_cmp_ps(x.v, _mm256_set1_ps(t), _CMP_GE_OQ))};
+  return {_mm256_andnot_ps(_mm256_cmp_ps(x.v, _mm256_set1_ps(t), _CMP_LT_OQ), y.v)};
 }
 inline bool any_nan(Vec8 x) { return _mm256_movemask_ps(_mm256_cmp_ps(x.v, x.v, _CMP_UNORD_Q)) != 0; }
 inline int first_equal(Vec8 x, float value) {
@@ -239,7 +239,7 @@ inline Vec16 pow2(Vec16 n) {
   return {_mm512_castsi512_ps(_mm512_slli_epi32(_mm512_add_epi32(_mm512_cvtps_epi32(n.v), _mm512_set1_epi32(127)), 23))};
 }
 inline Vec16 zero_below(Vec16 y, Vec16 x, float t) {
-  return {_mm512_maskz_mov_ps(_mm512_cmp_ps_mask(x.v, _mm512_set1_ps(t), _CMP_GE_OQ), y.v)};
+  return {_mm512_maskz_mov_ps(_mm512_cmp_ps_mask(x.v, _mm512_set1_ps(t), _CMP_NLT_UQ), y.v)};
 }
 inline bool any_nan(Vec16 x) { return _mm512_cmp_ps_mask(x.v, x.v, _CMP_UNORD_Q) != 0; }
 inline int first_equal(Vec16 x, float value) {
@@ -258,10 +258,11 @@ inline Vec16 hide(Vec16 x, const uint8_t* vis, int n) {
 #endif
 
 // exp of every lane (relative error ~2e-7): 2^n e^r with n = round(x / ln 2), r = x - n ln 2 in two parts
-// (Cody-Waite), e^r by a degree-6 polynomial. Lanes below -87.3 (and -inf) give exactly 0.
+// (Cody-Waite), e^r by a degree-6 polynomial. Lanes below -87.3 (and -inf) give exactly 0, NaN lanes NaN
+// (max and min return their second operand when one is NaN, as the x86 instructions do).
 template <typename V>
 inline V exp(V x) {
-  const V xc = min(max(x, V::broadcast(-87.3f)), V::broadcast(88.3f));
+  const V xc = min(V::broadcast(88.3f), max(V::broadcast(-87.3f), x));
   const V n = round_nearest(xc * V::broadcast(1.44269504088896341f));
   V r = fmadd(n, V::broadcast(-0.693359375f), xc);
   r = fmadd(n, V::broadcast(2.12194440e-4f), r);

@@ -90,7 +90,7 @@ class AttentionCpu {
 
   void run() {
     const int64_t items = p_.B * p_.Hkv * n_q_tiles_;
-    const int64_t rows_cap = G_ * q_tile_, rp = round_up16(rows_cap), D = p_.D;
+    const int64_t rows_cap = G_ * q_tile_, D = p_.D;
     if (splits_ > 1) {
       partial_o_.assign(static_cast<size_t>(items * splits_ * rows_cap * D), 0.0f);
       partial_ml_.assign(static_cast<size_t>(items * splits_ * rows_cap), Partial{kNegInf, 0.0f});
@@ -113,8 +113,8 @@ class AttentionCpu {
                             2 * p_.Lk * padded_ld(D) * static_cast<int64_t>(sizeof(float)) <= kHeadCacheBytes;
     std::atomic<int64_t> next{0};
     at::parallel_for(0, std::min(total, threads), 1, [&](int64_t, int64_t) {
-      const int64_t ld = padded_ld(rp);
-      std::vector<float> scratch(static_cast<size_t>(ld * (D + kBatch) + rp * (D + 3) + 2 * padded_ld(D) * kBatch));
+      Buffers unused;
+      std::vector<float> scratch(static_cast<size_t>(layout_buffers(nullptr, unused)));
       HeadCache head;
       if (head_cache) {
         head.ready.resize(static_cast<size_t>((p_.Lk + kKeyTile - 1) / kKeyTile));
@@ -160,7 +160,31 @@ class AttentionCpu {
     float* kf;    // [kBatch, padded_ld(D)] the step's key rows converted to float (GEMM path)
     float* vf;    // [kBatch, padded_ld(D)] the step's value rows converted to float (GEMM path)
     HeadCache* head;  // the thread's, when 16-bit K/V rows are converted once per head
+    // Partial steps add p * v only for the visible pairs, so a NaN or infinite value row a mask hides from a
+    // row cannot reach it through 0 * v (the fast path's products do): an item is rerun so when its output
+    // holds a non-finite value.
+    bool careful;
   };
+
+  // Points buf's arrays into base (null: nowhere) and returns how many floats they take: the one place that
+  // sizes and carves a thread's scratch.
+  int64_t layout_buffers(float* base, Buffers& buf) const {
+    const int64_t rp = round_up16(G_ * q_tile_), ld = padded_ld(rp), D = p_.D, kd = padded_ld(D);
+    int64_t at = 0;
+    auto take = [&](float*& array, int64_t n) {
+      array = base ? base + at : nullptr;
+      at += n;
+    };
+    take(buf.q, ld * D);
+    take(buf.o, rp * D);
+    take(buf.s, ld * kBatch);
+    take(buf.m, rp);
+    take(buf.l, rp);
+    take(buf.corr, rp);
+    take(buf.kf, kBatch * kd);
+    take(buf.vf, kBatch * kd);
+    return at;
+  }
 
 
   // Query tiles of at most q_tile_ positions. With block ids shared by the batch (scales of a ScaleLayout,
@@ -231,23 +255,13 @@ class AttentionCpu {
     const Item it = item_at(item);
     const int64_t D = p_.D, R = G_ * it.nq, rp = round_up16(G_ * q_tile_), ld = padded_ld(rp);
     Buffers buf;
-    buf.q = scratch;
-    buf.o = buf.q + ld * D;
-    buf.s = buf.o + rp * D;
-    buf.m = buf.s + ld * kBatch;
-    buf.l = buf.m + rp;
-    buf.corr = buf.l + rp;
-    buf.kf = buf.corr + rp;
-    buf.vf = buf.kf + kBatch * padded_ld(D);
+    layout_buffers(scratch, buf);
     const bool gemm = R >= kGemmMinRows;
     buf.head = gemm ? head : nullptr;
     if (buf.head && (head->b != it.b || head->hkv != it.hkv)) {
       std::fill(head->ready.begin(), head->ready.end(), 0);
       head->b = it.b, head->hkv = it.hkv;
     }
-    std::fill(buf.o, buf.o + R * D, 0.0f);
-    std::fill(buf.m, buf.m + rp, kNegInf);
-    std::fill(buf.l, buf.l + rp, 0.0f);
     load_queries(it, gemm, ld, buf.q);
 
     const int64_t lk = kv_len(p_, it.b);
@@ -266,21 +280,29 @@ class AttentionCpu {
         tile_stream(it, keys, buf);  // decode: the hardware prefetcher follows its streams (with ours, 20% slower)
       }
     };
-    if (plans_.empty()) {
-      const int64_t tiles = (visible_key_end(it, lk) + kKeyTile - 1) / kKeyTile;
-      const int64_t per_split = (tiles + splits_ - 1) / splits_;
-      const int64_t t_begin = split * per_split;
-      plan_keys(it, t_begin, std::min(tiles, t_begin + per_split), compute);
-    } else {
-      const KeyPlan& plan = plans_[static_cast<size_t>(item % n_q_tiles_)];
-      const int64_t n = static_cast<int64_t>(plan.steps.size()), per_split = (n + splits_ - 1) / splits_;
-      for (int64_t i = split * per_split; i < std::min(n, (split + 1) * per_split); ++i) {
-        const PlanStep& s = plan.steps[static_cast<size_t>(i)];
-        TileKeys keys = s.keys;
-        if (keys.idx) keys.idx = plan.idx.data() + s.idx_at, keys.vis = plan.vis.data() + s.vis_at;
-        compute(keys, s.pf_begin, s.pf_end);
+    auto attempt = [&](bool careful) {
+      buf.careful = careful;
+      std::fill(buf.o, buf.o + R * D, 0.0f);
+      std::fill(buf.m, buf.m + rp, kNegInf);
+      std::fill(buf.l, buf.l + rp, 0.0f);
+      if (plans_.empty()) {
+        const int64_t tiles = (visible_key_end(it, lk) + kKeyTile - 1) / kKeyTile;
+        const int64_t per_split = (tiles + splits_ - 1) / splits_;
+        const int64_t t_begin = split * per_split;
+        plan_keys(it, t_begin, std::min(tiles, t_begin + per_split), compute);
+      } else {
+        const KeyPlan& plan = plans_[static_cast<size_t>(item % n_q_tiles_)];
+        const int64_t n = static_cast<int64_t>(plan.steps.size()), per_split = (n + splits_ - 1) / splits_;
+        for (int64_t i = split * per_split; i < std::min(n, (split + 1) * per_split); ++i) {
+          const PlanStep& s = plan.steps[static_cast<size_t>(i)];
+          TileKeys keys = s.keys;
+          if (keys.idx) keys.idx = plan.idx.data() + s.idx_at, keys.vis = plan.vis.data() + s.vis_at;
+          compute(keys, s.pf_begin, s.pf_end);
+        }
       }
-    }
+    };
+    attempt(false);
+    if (!all_finite(buf.o, R * D)) attempt(true);
     finish_item(item, split, it, buf);
   }
 
@@ -594,14 +616,11 @@ class AttentionCpu {
     // Online softmax: what was accumulated so far is rescaled by exp(m_old - m_new).
     for (int64_t r = 0; r < R; ++r) {
       float* srow = buf.s + r * kBatch;
-      const float mx = max_of(srow, nk, kNegInf);
-      if (mx == kNegInf) {  // nothing visible in this tile for this row
-        std::fill(srow, srow + nk, 0.0f);
-        continue;
-      }
-      const float m_new = std::max(buf.m[r], mx);
-      const float corr = std::exp(buf.m[r] - m_new);  // exp(-inf) = 0 on the row's first visible tile
-      buf.l[r] = buf.l[r] * corr + exp_shift_sum(srow, nk, m_new);
+      const float m_old = buf.m[r], m_new = std::max(m_old, max_of(srow, nk, kNegInf));
+      // A row that has seen nothing yet shifts by 0, so its hidden logits' exp(-inf) is 0 (a NaN logit NaN).
+      const float shift = m_new == kNegInf ? 0.0f : m_new;
+      const float corr = m_old == kNegInf ? 0.0f : std::exp(m_old - m_new);
+      buf.l[r] = buf.l[r] * corr + exp_shift_sum(srow, nk, shift);
       buf.m[r] = m_new;
       if (corr != 1.0f) {
         for (int64_t d = 0; d < D; ++d) buf.o[r * D + d] *= corr;
@@ -610,7 +629,30 @@ class AttentionCpu {
     const T* vrows[kBatch];
     for (int64_t c = 0; c < nk; ++c)
       vrows[c] = vbase + kv_row_offset(p_, p_.v_sb, p_.v_sh, p_.v_sl, it.b, it.hkv, keys.at(c));
+    if (buf.careful && keys.vis) {
+      masked_values(keys, 0, R, [&](int64_t r, int64_t c) { return buf.s[r * kBatch + c]; }, vrows, buf, false);
+      return;
+    }
     for (int64_t r = 0; r < R; ++r) axpy_row(buf.o + r * D, buf.s + r * kBatch, vrows, nk, D);
+  }
+
+  // o[r] (* corr[r] when rescale) += sum over the keys row r sees of p(r, c) * v_c, for rows [r0, r0 + nr).
+  // Row r is query position (r - r0) % np of the keys' positions (every head of a GQA group shares them).
+  template <typename P, typename V>
+  void masked_values(const TileKeys& keys, int64_t r0, int64_t nr, P&& p, const V* const* vrows, Buffers& buf,
+                     bool rescale) const {
+    const int64_t D = p_.D;
+    for (int64_t r = r0; r < r0 + nr; ++r) {
+      float* o = buf.o + r * D;
+      if (rescale)
+        for (int64_t d = 0; d < D; ++d) o[d] *= buf.corr[r];
+      const int64_t pos = (r - r0) % keys.np;
+      for (int64_t c = 0; c < keys.n; ++c) {
+        if (!keys.vis[c * keys.np + pos]) continue;
+        const float w = p(r, c);
+        for (int64_t d = 0; d < D; ++d) o[d] += w * to_f(vrows[c][d]);
+      }
+    }
   }
 
   // Pointers to the rows of the keys' K (or V) in float: where they lie for a float cache; else in the
@@ -700,6 +742,10 @@ class AttentionCpu {
       m_new.store(buf.m + r);
     }
     float_rows(it, keys, true, buf, vrows);
+    if (buf.careful && keys.vis) {
+      masked_values(keys, r0, nr, [&](int64_t r, int64_t c) { return buf.s[c * ld + r]; }, vrows, buf, true);
+      return;
+    }
     if (d8 > 0)
       gemm<Gemm::kValues>(nr, d8, nk, GemmOperands{nullptr, buf.s + r0, ld, nullptr, 0, vrows}, buf.o + r0 * D, D,
                           buf.corr + r0, pf);
@@ -730,21 +776,21 @@ class AttentionCpu {
     const int64_t D = p_.D, R = G_ * it.nq, rows_cap = G_ * q_tile_;
     std::vector<float> acc(static_cast<size_t>(D));
     for (int64_t r = 0; r < R; ++r) {
-      float m = kNegInf;
-      for (int64_t sp = 0; sp < splits_; ++sp)
-        m = std::max(m, partial_ml_[static_cast<size_t>((item * splits_ + sp) * rows_cap + r)].m);
+      float m = kNegInf;  // the largest split max, or NaN if one is
+      for (int64_t sp = 0; sp < splits_; ++sp) {
+        const float ms = partial_ml_[static_cast<size_t>((item * splits_ + sp) * rows_cap + r)].m;
+        m = ms > m || ms != ms ? ms : m;
+      }
       std::fill(acc.begin(), acc.end(), 0.0f);
       float l = 0.0f;
-      if (m != kNegInf) {
-        for (int64_t sp = 0; sp < splits_; ++sp) {
-          const int64_t idx = (item * splits_ + sp) * rows_cap + r;
-          const Partial& pm = partial_ml_[static_cast<size_t>(idx)];
-          if (pm.l == 0.0f) continue;
-          const float w = std::exp(pm.m - m);
-          l += pm.l * w;
-          const float* po = partial_o_.data() + idx * D;
-          for (int64_t d = 0; d < D; ++d) acc[d] += w * po[d];
-        }
+      for (int64_t sp = 0; sp < splits_; ++sp) {
+        const int64_t idx = (item * splits_ + sp) * rows_cap + r;
+        const Partial& pm = partial_ml_[static_cast<size_t>(idx)];
+        if (pm.l == 0.0f) continue;  // saw nothing (a NaN sum is merged: NaN stays NaN)
+        const float w = std::exp(pm.m - m);
+        l += pm.l * w;
+        const float* po = partial_o_.data() + idx * D;
+        for (int64_t d = 0; d < D; ++d) acc[d] += w * po[d];
       }
       write_row(it, r, acc.data(), m, l);
     }
@@ -754,9 +800,9 @@ class AttentionCpu {
   void write_row(const Item& it, int64_t r, const float* o, float m, float l) {
     const int64_t h = row_head(it, r), i = row_pos(it, r);
     T* dst = static_cast<T*>(p_.out) + it.b * p_.o_sb + h * p_.o_sh + i * p_.o_sl;
-    const float inv = l > 0.0f ? 1.0f / l : 0.0f;
+    const float inv = l == 0.0f ? 0.0f : 1.0f / l;  // NaN l (a NaN the row sees) gives NaN
     for (int64_t d = 0; d < p_.D; ++d) dst[d] = static_cast<T>(o[d] * inv);
-    if (p_.lse) p_.lse[(it.b * p_.Hq + h) * p_.Lq + i] = l > 0.0f ? m + std::log(l) : kNegInf;
+    if (p_.lse) p_.lse[(it.b * p_.Hq + h) * p_.Lq + i] = l == 0.0f ? kNegInf : m + std::log(l);
   }
 
   const AttentionParams& p_;

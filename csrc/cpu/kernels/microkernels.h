@@ -40,6 +40,19 @@ inline float exp_shift_sum(float* x, int64_t n, float shift) {
   return sum;
 }
 
+// Whether x[0..n) holds no NaN and no infinity (x - x is 0 exactly for finite x).
+inline bool all_finite(const float* x, int64_t n) {
+  int64_t i = 0;
+  Vec acc = Vec::zero();
+  for (; i + kW <= n; i += kW) {
+    const Vec v = Vec::load(x + i);
+    acc = acc + (v - v);
+  }
+  bool finite = !any_nan(acc);
+  for (; i < n; ++i) finite &= std::isfinite(x[i]);
+  return finite;
+}
+
 // dot(a[0..D), b[0..D)) with a in float and b in the input type.
 template <typename T>
 inline float dot_row(const float* a, const T* b, int64_t D) {
