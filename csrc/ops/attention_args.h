@@ -55,8 +55,8 @@ inline BlockRelation parse_block_relation(const char* op, const char* name, c10:
   return BlockRelation::kPrev;
 }
 
-// Whether out and t may share memory: raises where they surely do (both dense, byte ranges meeting); true
-// where they might (same storage, byte ranges meeting, one not dense), false where they cannot.
+// Whether out and t may share memory: raises where they surely do (the same view, or both dense with byte
+// ranges meeting); true where they might (same storage, byte ranges meeting), false where they cannot.
 inline bool out_may_overlap(const char* op, const at::Tensor& out, const char* name, const at::Tensor& t) {
   if (out.numel() == 0 || t.numel() == 0 || !out.storage().is_alias_of(t.storage())) return false;
   auto range = [](const at::Tensor& x) {
@@ -68,7 +68,8 @@ inline bool out_may_overlap(const char* op, const at::Tensor& out, const char* n
   const auto [ob, oe] = range(out);
   const auto [tb, te] = range(t);
   if (ob >= te || tb >= oe) return false;
-  TORCH_CHECK_VALUE(!(out.is_non_overlapping_and_dense() && t.is_non_overlapping_and_dense()), op,
+  const bool same_view = ob == tb && out.strides() == t.strides();
+  TORCH_CHECK_VALUE(!same_view && !(out.is_non_overlapping_and_dense() && t.is_non_overlapping_and_dense()), op,
                     ": out shares memory with ", name);
   return true;
 }
