@@ -13,21 +13,43 @@ inline void define_schemas(torch::Library& m) {
       "speculative_sample(Tensor draft_token_ids, Tensor? draft_probs, Tensor target_probs, "
       "Tensor? num_draft_tokens, Tensor seed, Tensor offset) -> (Tensor tokens, Tensor num_accepted)");
   m.def(
-      "greedy_verify(Tensor draft_token_ids, Tensor target_logits, Tensor? num_draft_tokens) "
+      "greedy_verify(Tensor draft_token_ids, Tensor target_logits, Tensor? num_draft_tokens=None) "
       "-> (Tensor tokens, Tensor num_accepted)");
-  // Masked attention. Layout [B, H, L, D] (k, v as [num_pages, Hkv, page_size, D] with a block_table);
-  // mask_config = [causal, bottom_right, window, window_left, window_sinks, block_relation, bits_cols]
-  // (csrc/core/attention.h). Returns the output and the natural-log LSE [B, Hq, Lq] in float32.
+  // Masked attention, written into `out`; returns the natural-log LSE [B, Hq, Lq] in float32 (-inf for a row
+  // that sees no key). The mask is the AND of the terms given (csrc/core/attention.h); i + diag is query i's
+  // own key position.
   m.def(
-      "attention(Tensor q, Tensor k, Tensor v, Tensor? kv_lens, Tensor? block_table, Tensor? q_block_ids, "
-      "Tensor? k_block_ids, Tensor? mask_bits, Tensor? bias, int[] mask_config, float scale) -> (Tensor out, Tensor lse)");
-  // Next-scale (VAR) attention: the same kernels with scale ids, local window, tile map and qk_norm.
-  // token_info [3, Lk] = (scale id, y, x) per token, query i = token Lk - Lq + i; scale_hw [S, 2];
-  // tile_map uint8 [ceil(Lq / tile_q), ceil(Lk / tile_k)]; config = [relation, local_window, full_scales,
-  // qk_norm, tile_q, tile_k] (csrc/ops/scale_attention_args.h).
+      "attention(Tensor q, Tensor k, Tensor v, Tensor(a!) out, float scale, *, "
+      // q [B, Hq, Lq, D], k and v [B, Hkv, Lk, D]; out [B, Hq, Lq, D] of q's dtype, unit stride along D,
+      // sharing no memory with an input; scale multiplies the logits.
+      "Tensor? kv_lens=None, "  // int32 [B]: keys of each sequence (default Lk)
+      "Tensor? block_table=None, "  // int32 [B, max_pages]: paged k and v [num_pages, Hkv, page_size, D]
+      "bool causal=False, "  // key j visible iff j <= i + diag
+      "bool bottom_right=True, "  // diag = Lk_b - Lq (the queries are the last keys), else 0 (SDPA's is_causal)
+      "int window_left=-1, "  // >= 0: key j visible iff i + diag - window_left <= j <= i + diag or j < window_sinks
+      "int window_sinks=0, "  // the first keys, visible to every query of the window
+      "str block_relation=\"none\", "  // causal kb <= qb, same kb == qb, prev qb - 1 <= kb <= qb, or none
+      "Tensor? q_block_ids=None, "  // int32 [B or 1, Lq]: qb of each query, for block_relation
+      "Tensor? k_block_ids=None, "  // int32 [B or 1, Lk]: kb of each key, for block_relation
+      "Tensor? mask_bits=None, "  // uint8 [B or 1, Lq, ceil(mask_bits_cols / 8)]: little-endian bit-packed rows
+      "int mask_bits_cols=0, "  // mask_bits covers the last mask_bits_cols keys of each sequence
+      "Tensor? bias=None"  // q's dtype [B or 1, Hq or 1, Lq, Lk]: added to the logits
+      ") -> Tensor lse");
+  // Next-scale (VAR) attention: the attention kernels with scale ids, a local window, a tile map and qk_norm,
+  // written into `out` as fastar.attention. Query i is token Lk - Lq + i.
   m.def(
-      "scale_attention(Tensor q, Tensor k, Tensor v, Tensor? token_info, Tensor? scale_hw, Tensor? tile_map, "
-      "Tensor? q_scale, int[] config, float scale) -> (Tensor out, Tensor lse)");
+      "scale_attention(Tensor q, Tensor k, Tensor v, Tensor(a!) out, float scale, *, "
+      "Tensor? token_info=None, "  // int32 [3, Lk]: (scale id, y, x) of each token
+      "Tensor? scale_hw=None, "  // int32 [num_scales, 2]: (h, w) of each scale, for local_window
+      "Tensor? tile_map=None, "  // uint8 [ceil(Lq / tile_q), ceil(Lk / tile_k)]: TileClass of each tile
+      "str relation=\"none\", "  // scale ids as block ids: causal, same, prev, or none (every key visible)
+      "int local_window=-1, "  // >= 0: a key of an earlier scale is visible iff within this many cells
+      "int full_scales=0, "  // the first scales, exempt from local_window
+      "bool qk_norm=False, "  // L2-normalise q and k in the kernel, then multiply q by q_scale
+      "Tensor? q_scale=None, "  // float32 [Hq] (default 1), only with qk_norm
+      "int tile_q=64, "  // the query tile of tile_map
+      "int tile_k=64"  // the key tile of tile_map
+      ") -> Tensor lse");
   // Classifier-free guidance of a doubled batch ([2B, V] or [2B, L, V], conditional rows first), top-k/top-p
   // filtering and sampling: int64 tokens [B] or [B, L] (csrc/ops/sample_cfg_args.h, csrc/core/sampling.h).
   m.def(

@@ -13,10 +13,12 @@ def _acceptance_outputs(draft_token_ids: torch.Tensor, rows: torch.Tensor):
     return tokens, num_accepted
 
 
-def _attention_outputs(q: torch.Tensor):
+def _attention_lse(q: torch.Tensor, out: torch.Tensor):
+    """The LSE of an attention op; the op writes ``out`` in place, so its fake only checks it."""
     torch._check(q.dim() == 4, lambda: "q must be 4-D [B, H, L, D]")
+    torch._check(out.shape == q.shape and out.dtype == q.dtype, lambda: "out must have the shape and dtype of q")
     batch, heads, length, _ = q.shape
-    return q.new_empty(q.shape), q.new_empty((batch, heads, length), dtype=torch.float32)
+    return q.new_empty((batch, heads, length), dtype=torch.float32)
 
 
 def register_fakes(namespace: str) -> None:
@@ -27,16 +29,16 @@ def register_fakes(namespace: str) -> None:
         return _acceptance_outputs(draft_token_ids, target_probs)
 
     @torch.library.register_fake(f"{namespace}::greedy_verify")
-    def _greedy_verify(draft_token_ids, target_logits, num_draft_tokens):
+    def _greedy_verify(draft_token_ids, target_logits, num_draft_tokens=None):
         return _acceptance_outputs(draft_token_ids, target_logits)
 
     @torch.library.register_fake(f"{namespace}::attention")
-    def _attention(q, k, v, kv_lens, block_table, q_block_ids, k_block_ids, mask_bits, bias, mask_config, scale):
-        return _attention_outputs(q)
+    def _attention(q, k, v, out, scale, **mask):
+        return _attention_lse(q, out)
 
     @torch.library.register_fake(f"{namespace}::scale_attention")
-    def _scale_attention(q, k, v, token_info, scale_hw, tile_map, q_scale, config, scale):
-        return _attention_outputs(q)
+    def _scale_attention(q, k, v, out, scale, **layout):
+        return _attention_lse(q, out)
 
     @torch.library.register_fake(f"{namespace}::sample_cfg")
     def _sample_cfg(logits, cfg, schedule, scale_index, num_scales, top_k, top_p, temperature, seed, offset):

@@ -18,22 +18,23 @@ from typing import Optional, Tuple, Union
 
 import torch
 
-from .masks import Dense, Mask, MaskArgs
+from .masks import BLOCK_NAMES, Dense, Mask, MaskArgs
 
 _SUPPORTED = (torch.float32, torch.float16, torch.bfloat16)
 
 
-def _run(op, q, k, v, args: MaskArgs, scale: float, kv_lens=None, block_table=None):
-    config = [
-        int(args.causal),
-        int(args.bottom_right),
-        int(args.window),
-        int(args.window_left),
-        int(args.window_sinks),
-        int(args.block_relation),
-        int(args.bits_cols),
-    ]
-    return op(q, k, v, kv_lens, block_table, args.q_block_ids, args.k_block_ids, args.bits, args.bias, config, scale)
+def _run(op, q, k, v, args: MaskArgs, scale: float, kv_lens=None, block_table=None, out=None):
+    """The attention op on [B, H, L, D] views, written into ``out`` (a new tensor when None): (out, lse)."""
+    if out is None:
+        out = q.new_empty(q.shape)
+    lse = op(
+        q, k, v, out, scale, kv_lens=kv_lens, block_table=block_table, causal=args.causal,
+        bottom_right=args.bottom_right, window_left=args.window_left if args.window else -1,
+        window_sinks=args.window_sinks, block_relation=BLOCK_NAMES[args.block_relation],
+        q_block_ids=args.q_block_ids, k_block_ids=args.k_block_ids, mask_bits=args.bits,
+        mask_bits_cols=args.bits_cols, bias=args.bias,
+    )
+    return out, lse
 
 
 def _check_layout(q, k, v):
@@ -48,15 +49,10 @@ def _attention(op, q, k, v, mask, scale, return_lse, out):
     _check_layout(q, k, v)
     B, _, Lq, D = q.shape
     args = MaskArgs.none() if mask is None else _lower(mask, B, Lq, k.shape[2], q.device)
-    if out is not None and (out.shape != q.shape or out.dtype != q.dtype or out.device != q.device):
-        raise ValueError(
-            f"fastar.attention: out must be a {q.dtype} tensor of shape {tuple(q.shape)} on {q.device}, "
-            f"got {out.dtype} {tuple(out.shape)} on {out.device}"
-        )
-    result, lse = _run(op, q, k, v, args, D**-0.5 if scale is None else float(scale))
-    if out is not None:
-        out.copy_(result)
-        result = out
+    if out is not None and not isinstance(out, torch.Tensor):
+        raise TypeError(f"fastar.attention: out must be a tensor, got {type(out).__name__}")
+    # The op checks out (q's shape, dtype and device, no memory shared with an input) and writes it in place.
+    result, lse = _run(op, q, k, v, args, D**-0.5 if scale is None else float(scale), out=out)
     return (result, lse) if return_lse else result
 
 
@@ -90,7 +86,8 @@ def attention(
         scale: softmax scale, default ``1/sqrt(D)``.
         return_lse: also return the natural-log LSE, float32 ``[B, Hq, Lq]`` (``-inf`` for rows that see
             no key).
-        out: optional ``[B, Hq, Lq, D]`` tensor to write the output into.
+        out: optional ``[B, Hq, Lq, D]`` tensor of q's dtype and device that the kernel writes in place (any
+            strides; it must not share memory with an input).
 
     Returns:
         ``out`` ``[B, Hq, Lq, D]`` in q's dtype, or ``(out, lse)``.
@@ -141,8 +138,9 @@ def _attention_with_kvcache(op, q, k_cache, v_cache, cache_seqlens, k_new, v_new
     k_view, v_view, q_view = k_cache.transpose(1, 2), v_cache.transpose(1, 2), q.transpose(1, 2)
     args = MaskArgs.none() if mask is None else _lower(mask, B, Lq, capacity, q.device, kv_lens)
     bt = None if block_table is None else block_table.to(torch.int32)
-    result, lse = _run(op, q_view, k_view, v_view, args, D**-0.5 if scale is None else float(scale), kv_lens, bt)
-    result = result.transpose(1, 2)
+    result = q.new_empty(q.shape)
+    _, lse = _run(op, q_view, k_view, v_view, args, D**-0.5 if scale is None else float(scale), kv_lens, bt,
+                  out=result.transpose(1, 2))
     return (result, lse) if return_lse else result
 
 

@@ -37,6 +37,7 @@ import torch
 Device = Union[torch.device, str, None]
 
 BLOCK_NONE, BLOCK_CAUSAL, BLOCK_SAME, BLOCK_PREV = 0, 1, 2, 3
+BLOCK_NAMES = ("none", "causal", "same", "prev")  # the attention op's block_relation, indexed by BLOCK_*
 _RELATIONS = {"causal": BLOCK_CAUSAL, "same": BLOCK_SAME, "prev": BLOCK_PREV}
 _INT32 = torch.iinfo(torch.int32)
 

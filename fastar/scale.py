@@ -13,7 +13,7 @@ from typing import Dict, List, Optional, Sequence, Tuple, Union
 import torch
 import torch.nn.functional as F
 
-from .masks import BLOCK_NONE, _RELATIONS
+from .masks import _RELATIONS
 
 Device = Union[torch.device, str, None]
 
@@ -322,16 +322,18 @@ def _scale_attention(op, q, k, v, layout, scale, qk_norm, q_scale, return_lse):
         scale = 1.0 if qk_norm else D**-0.5
     if q_scale is not None:
         q_scale = q_scale.to(torch.float32)
-    tile = [_OP_TILE, _OP_TILE]
+    out = q.new_empty(q.shape)
     if layout._sees_every_key(q_offset):
         # A cached step (the last scale over the whole cache): attention with no mask and no tables.
-        config = [BLOCK_NONE, -1, 0, int(qk_norm), *tile]
-        out, lse = op(q, k, v, None, None, None, q_scale, config, float(scale))
+        lse = op(q, k, v, out, float(scale), qk_norm=bool(qk_norm), q_scale=q_scale)
     else:
-        window = -1 if layout.local_window is None else layout.local_window
-        config = [_RELATIONS[layout.relation], window, layout.full_scales, int(qk_norm), *tile]
-        tables = _op_tables(layout, Lq, q.device)
-        out, lse = op(q, k, v, *tables, q_scale, config, float(scale))
+        info, hw, tiles = _op_tables(layout, Lq, q.device)
+        lse = op(
+            q, k, v, out, float(scale), token_info=info, scale_hw=hw, tile_map=tiles, relation=layout.relation,
+            local_window=-1 if layout.local_window is None else layout.local_window,
+            full_scales=layout.full_scales, qk_norm=bool(qk_norm), q_scale=q_scale, tile_q=_OP_TILE,
+            tile_k=_OP_TILE,
+        )
     return (out, lse) if return_lse else out
 
 

@@ -31,8 +31,7 @@ from typing import List, Optional
 import torch
 import torch.nn.functional as F
 
-from .masks import BLOCK_NONE
-from .scale import _OP_TILE, _int
+from .scale import _int
 
 _SUPPORTED = (torch.float32, torch.float16, torch.bfloat16)
 # Keys per batch row converted to float64 at once while scoring: bounds compress's scratch memory.
@@ -187,8 +186,8 @@ class ScaleKVCache:
         if scale is None:
             scale = 1.0 if qk_norm else q.shape[-1] ** -0.5
         # Every cached key is visible: no relation, window or full scales, so no mask tables.
-        config = [BLOCK_NONE, -1, 0, int(bool(qk_norm)), _OP_TILE, _OP_TILE]
-        out, _ = self._ops.scale_attention(q, self.keys, self.values, None, None, None, q_scale, config, float(scale))
+        out = q.new_empty(q.shape)
+        self._ops.scale_attention(q, self.keys, self.values, out, float(scale), qk_norm=bool(qk_norm), q_scale=q_scale)
         return out
 
     def compress(self, q: torch.Tensor, budget: int, *, window: int = 16, pool: int = 5, qk_norm: bool = False,

@@ -985,6 +985,26 @@ def test_torch_compile_fullgraph():
     torch.testing.assert_close(got[2] - 1, ref, rtol=1e-5, atol=1e-5)
 
 
+def test_torch_compile_out_in_place():
+    """Under torch.compile(fullgraph=True), out= (a graph input, and a view of one) is written in place, as
+    in eager mode."""
+    torch._dynamo.reset()
+
+    def fn(q, k, v, out, buffer):
+        fastar.attention(q, k, v, mask=Causal(), out=out)
+        _, lse = fastar.attention(q, k, v, out=buffer.transpose(1, 2), return_lse=True)
+        return lse
+
+    gen = torch.Generator().manual_seed(2)
+    q, k, v = (make(shape, torch.float32, gen) for shape in ((2, 4, 7, 32), (2, 2, 19, 32), (2, 2, 19, 32)))
+    compiled = torch.compile(fn, fullgraph=True)
+    out, buffer = torch.full_like(q, float("nan")), torch.full((2, 7, 4, 32), float("nan"))
+    lse = compiled(q, k, v, out, buffer)
+    torch.testing.assert_close(out, fastar.attention(q, k, v, mask=Causal()), rtol=1e-6, atol=1e-6)
+    torch.testing.assert_close(buffer.transpose(1, 2), fastar.attention(q, k, v), rtol=1e-6, atol=1e-6)
+    torch.testing.assert_close(lse, fastar.attention(q, k, v, return_lse=True)[1], rtol=1e-6, atol=1e-6)
+
+
 # ---------------------------------------------------------------------------------------------------------
 # 7. return_lse and out=
 
@@ -1027,6 +1047,78 @@ def test_out_poisoned_planned_and_grouped(backend):
         result, lse = masked_attention._attention(op, q, k, v, mask, None, True, out)
         assert result is out and not out.isnan().any()
         check_attention(out.cpu(), lse.cpu(), q.cpu(), k.cpu(), v.cpu(), dense.cpu(), what=type(mask).__name__)
+
+
+def _run_counting_copies(fn):
+    """fn() under the profiler: its result and the number of aten::copy_ calls it made (Python or C++)."""
+    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) as prof:
+        result = fn()
+    return result, sum(e.name == "aten::copy_" for e in prof.events())
+
+
+def test_out_is_written_in_place(backend):
+    """out= is the kernel's own output: the same storage, no temporary copied into it, every element of a
+    NaN-poisoned out written, for a contiguous out and a transposed view (unit stride along D)."""
+    gen = torch.Generator().manual_seed(21)
+    q, k, v = (make(shape, torch.float16, gen) for shape in ((2, 4, 9, 64), (2, 2, 30, 64), (2, 2, 30, 64)))
+    dq, dk, dv = backend.to(q), backend.to(k), backend.to(v)
+    mask = Window(11, sinks=2)
+    for shape, view in (((2, 4, 9, 64), lambda t: t), ((2, 9, 4, 64), lambda t: t.transpose(1, 2))):
+        buffer = torch.full(shape, float("nan"), dtype=torch.float16, device=backend.device)
+        out = view(buffer)
+        (result, lse), copies = _run_counting_copies(
+            lambda: masked_attention._attention(backend.ops.attention, dq, dk, dv, mask, None, True, out)
+        )
+        assert result is out and out.data_ptr() == buffer.data_ptr()
+        assert copies == 0, f"out {tuple(out.stride())}: {copies} copies"
+        check_attention(out.cpu(), lse.cpu(), q, k, v, mask.materialize(9, 30), what=f"out {tuple(out.stride())}")
+
+
+def test_out_with_a_non_unit_last_stride(backend):
+    """An out whose D elements are not adjacent (one column of a wider buffer) gets the kernel's result
+    through one temporary; the buffer's other column stays as it was."""
+    gen = torch.Generator().manual_seed(22)
+    q, k, v = (make(shape, torch.float32, gen) for shape in ((2, 4, 9, 32), (2, 2, 30, 32), (2, 2, 30, 32)))
+    buffer = torch.full((2, 4, 9, 32, 2), float("nan"), device=backend.device)
+    out = buffer[..., 1]
+    (result, lse), copies = _run_counting_copies(
+        lambda: masked_attention._attention(
+            backend.ops.attention, backend.to(q), backend.to(k), backend.to(v), Causal(), None, True, out
+        )
+    )
+    assert result is out and copies == 1
+    assert buffer[..., 0].isnan().all()
+    check_attention(out.cpu(), lse.cpu(), q, k, v, Causal().materialize(9, 30))
+
+
+def test_out_sharing_memory_with_an_input(backend):
+    """out must not share memory with an input: a ValueError naming it where it surely does (the same view, or
+    dense tensors whose bytes meet) or for an out with repeated elements; where ATen cannot tell (strided views
+    of one buffer) the kernel writes a temporary, so the inputs are read before out is written."""
+    gen = torch.Generator().manual_seed(23)
+    shape = (2, 2, 8, 32)
+    n = math.prod(shape)
+    flat = backend.to(torch.randn(2 * n + 32, generator=gen))
+    q, k = flat[:n].view(shape), flat[n : 2 * n].view(shape)
+    v = backend.to(torch.randn(shape, generator=gen))
+    op = backend.ops.attention
+    # The same views, then dense views whose bytes meet those of q (and k), and of k.
+    for name, out in (("q", q), ("k", k), ("v", v), ("q", flat[32 : n + 32].view(shape)),
+                      ("k", flat[n + 8 : 2 * n + 8].view(shape))):
+        with pytest.raises(ValueError, match=f"out shares memory with {name}"):
+            masked_attention._attention(op, q, k, v, None, None, False, out)
+    with pytest.raises(ValueError, match="out has elements that share memory"):
+        masked_attention._attention(op, q, k, v, None, None, False, torch.empty_like(q[:1]).expand(shape))
+    with pytest.raises(TypeError, match="dtype"):
+        masked_attention._attention(op, q, k, v, None, None, False, torch.empty_like(q, dtype=torch.float16))
+
+    # q and out: interleaved halves of one buffer's rows; out overwrites q's columns only after the kernel.
+    wide = backend.to(torch.randn(2, 2, 8, 64, generator=gen))
+    q_half, out = wide[..., :32], wide[..., 32:]
+    q_before = q_half.cpu().clone()
+    result, lse = masked_attention._attention(op, q_half, k, v, Causal(), None, True, out)
+    assert result is out and torch.equal(q_half.cpu(), q_before)
+    check_attention(out.cpu(), lse.cpu(), q_before, k.cpu(), v.cpu(), Causal().materialize(8, 8))
 
 
 def test_out_of_wrong_shape_is_rejected():

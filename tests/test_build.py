@@ -52,11 +52,16 @@ def _acceptance_samples(device):
     qa, ka, va = torch.randn(2, 4, 3, 16, generator=g), torch.randn(2, 2, 9, 16, generator=g), torch.randn(2, 2, 9, 16, generator=g)
     lens = torch.tensor([9, 4], dtype=torch.int32)
     ids_q, ids_k = torch.tensor([[0, 1, 1]], dtype=torch.int32), torch.tensor([[0, 0, 0, 0, 0, 0, 0, 1, 1]], dtype=torch.int32)
-    none, causal, block = [0, 1, 0, 0, 0, 0, 0], [1, 1, 0, 0, 0, 0, 0], [0, 1, 0, 0, 0, 1, 0]
+    # (args, kwargs): out is written in place, also a transposed view and one with a non-unit last stride.
+    out = lambda q: torch.empty(q.shape, dtype=q.dtype, device=device)  # noqa: E731
+    transposed = lambda q: out(q.transpose(1, 2)).transpose(1, 2)  # noqa: E731
+    strided = lambda q: torch.empty(*q.shape, 2, dtype=q.dtype, device=device)[..., 0]  # noqa: E731
     attention = [
-        [*to(qa, ka, va, None, None, None, None, None, None), none, 0.25],
-        [*to(qa.bfloat16(), ka.bfloat16(), va.bfloat16(), lens, None, None, None, None, None), causal, 0.25],
-        [*to(qa, ka, va, None, None, ids_q, ids_k, None, None), block, 0.25],
+        ([*to(qa, ka, va), out(qa), 0.25], {}),
+        ([*to(qa.bfloat16(), ka.bfloat16(), va.bfloat16()), transposed(qa.bfloat16()), 0.25],
+         dict(kv_lens=to(lens)[0], causal=True)),
+        ([*to(qa, ka, va), strided(qa), 0.25],
+         dict(block_relation="causal", q_block_ids=to(ids_q)[0], k_block_ids=to(ids_k)[0])),
     ]
     # scale_attention over scales (1, 2, 3) (14 tokens): causal with a window, "same" for the last 5 queries
     # with qk_norm in bfloat16, and no mask (a cached step).
@@ -64,11 +69,15 @@ def _acceptance_samples(device):
     info, hw = layout.token_info(), layout.scale_hw()
     qs, ks, vs = torch.randn(2, 4, 14, 16, generator=g), torch.randn(2, 2, 14, 16, generator=g), torch.randn(2, 2, 14, 16, generator=g)
     bf = lambda *ts: [t.bfloat16() for t in ts]  # noqa: E731
+    q_same = qs[:, :, 9:].bfloat16()
     scale_attention = [
-        [*to(qs, ks, vs, info, hw, layout.tile_map(), None), [1, 0, 0, 0, 64, 64], 0.25],
-        [*to(*bf(qs[:, :, 9:], ks, vs), info, None, layout.tile_map(q_offset=9), torch.rand(4, generator=g) + 1),
-         [2, -1, 0, 1, 64, 64], 1.0],
-        [*to(qs[:, :, 5:], ks, vs, None, None, None, None), [0, -1, 0, 0, 64, 64], 0.25],
+        ([*to(qs, ks, vs), out(qs), 0.25],
+         dict(zip(("token_info", "scale_hw", "tile_map"), to(info, hw, layout.tile_map())), relation="causal",
+              local_window=0)),
+        ([*to(q_same, *bf(ks, vs)), strided(q_same), 1.0],
+         dict(token_info=to(info)[0], tile_map=to(layout.tile_map(q_offset=9))[0], relation="same", qk_norm=True,
+              q_scale=to(torch.rand(4, generator=g) + 1)[0])),
+        ([*to(qs[:, :, 5:], ks, vs), out(qs[:, :, 5:]), 0.25], {}),
     ]
     # sample_cfg: VAR's [2B, L, V] with both filters, LlamaGen's [2B, V] in bfloat16 with a constant schedule.
     logits = torch.randn(4, 3, 40, generator=g) * 2
@@ -79,7 +88,7 @@ def _acceptance_samples(device):
     return {
         "speculative_sample": [to(ids, q, p, None, seed, offset), to(ids, None, p.half(), nd, seed, offset)],
         "sample_cfg": sample_cfg,
-        "greedy_verify": [to(ids, p, None), to(ids.int(), p.bfloat16(), nd)],
+        "greedy_verify": [to(ids, p), to(ids.int(), p.bfloat16(), nd)],
         "attention": attention,
         "scale_attention": scale_attention,
     }
@@ -111,8 +120,9 @@ def test_opcheck_every_op(namespace, device):
         op = getattr(getattr(torch.ops, namespace), name).default
         if not torch._C._dispatch_has_kernel_for_dispatch_key(op.name(), "CPU" if device == "cpu" else "CUDA"):
             continue  # e.g. an op whose CUDA kernel (and so SIMT build) is not written yet
-        for args in samples[name]:
-            torch.library.opcheck(op, args)
+        for sample in samples[name]:
+            args, kwargs = sample if isinstance(sample, tuple) else (sample, {})
+            torch.library.opcheck(op, args, kwargs)
 
 
 def test_public_api_compiles_without_graph_breaks():

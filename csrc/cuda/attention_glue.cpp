@@ -22,19 +22,19 @@ void run_attention_cuda(const AttentionLaunch& l, const char* op) {
   }
 }
 
-std::tuple<at::Tensor, at::Tensor> attention_cuda(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
-                                                  const std::optional<at::Tensor>& kv_lens,
-                                                  const std::optional<at::Tensor>& block_table,
-                                                  const std::optional<at::Tensor>& q_block_ids,
-                                                  const std::optional<at::Tensor>& k_block_ids,
-                                                  const std::optional<at::Tensor>& mask_bits,
-                                                  const std::optional<at::Tensor>& bias, at::IntArrayRef mask_config,
-                                                  double scale) {
+at::Tensor attention_cuda(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, const at::Tensor& out,
+                          double scale, const std::optional<at::Tensor>& kv_lens,
+                          const std::optional<at::Tensor>& block_table, bool causal, bool bottom_right,
+                          int64_t window_left, int64_t window_sinks, c10::string_view block_relation,
+                          const std::optional<at::Tensor>& q_block_ids, const std::optional<at::Tensor>& k_block_ids,
+                          const std::optional<at::Tensor>& mask_bits, int64_t mask_bits_cols,
+                          const std::optional<at::Tensor>& bias) {
   DeviceScope scope(q, "fastar.attention");
-  AttentionLaunch l = prepare_attention(q, k, v, kv_lens, block_table, q_block_ids, k_block_ids, mask_bits, bias,
-                                        mask_config, scale);
+  const AttentionArgs args{kv_lens, block_table, causal, bottom_right, window_left, window_sinks,
+                           block_relation, q_block_ids, k_block_ids, mask_bits, mask_bits_cols, bias};
+  AttentionLaunch l = prepare_attention(q, k, v, out, scale, args);
   run_attention_cuda(l, "fastar.attention");
-  return {l.out, l.lse};
+  return finish_attention(l);
 }
 
 }  // namespace fastar

@@ -1,22 +1,38 @@
 // Argument checks, output allocation and kernel arguments of fastar.attention, shared by every backend.
 #pragma once
+#include <ATen/MemoryOverlap.h>
 #include <ATen/core/Tensor.h>
 #include <ATen/ops/empty.h>
 #include <c10/util/Exception.h>
+#include <c10/util/string_view.h>
 
 #include <cstdint>
 #include <optional>
+#include <string>
+#include <utility>
 
 #include "core/attention.h"
 #include "ops/acceptance_args.h"
 
 namespace fastar {
 
-// mask_config = [causal, bottom_right, window, window_left, window_sinks, block_relation, bits_cols]
-constexpr int64_t kMaskConfigSize = 7;
+// The keyword arguments of the attention op, in its schema's order (csrc/schemas.h says what each means).
+struct AttentionArgs {
+  std::optional<at::Tensor> kv_lens, block_table;
+  bool causal = false;
+  bool bottom_right = true;
+  int64_t window_left = -1;
+  int64_t window_sinks = 0;
+  c10::string_view block_relation = "none";
+  std::optional<at::Tensor> q_block_ids, k_block_ids, mask_bits;
+  int64_t mask_bits_cols = 0;
+  std::optional<at::Tensor> bias;
+};
 
+// The kernel writes `out`, the caller's tensor, or a temporary copied into `out_target` by finish_attention.
 struct AttentionLaunch {
   at::Tensor q, k, v, out, lse;
+  std::optional<at::Tensor> out_target;
   std::optional<at::Tensor> kv_lens, block_table, q_block_ids, k_block_ids, bits, bias;
   std::optional<at::Tensor> token_info, scale_hw, tile_map, q_scale;  // fastar.scale_attention
   AttentionParams prm;
@@ -30,13 +46,37 @@ inline at::Tensor checked_index_tensor(const char* name, const at::Tensor& t, in
   return t.contiguous();
 }
 
-inline AttentionLaunch prepare_attention(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
-                                         const std::optional<at::Tensor>& kv_lens,
-                                         const std::optional<at::Tensor>& block_table,
-                                         const std::optional<at::Tensor>& q_block_ids,
-                                         const std::optional<at::Tensor>& k_block_ids,
-                                         const std::optional<at::Tensor>& mask_bits, const std::optional<at::Tensor>& bias,
-                                         at::IntArrayRef mask_config, double scale) {
+inline BlockRelation parse_block_relation(const char* op, const char* name, c10::string_view s) {
+  if (s == "none") return BlockRelation::kNone;
+  if (s == "causal") return BlockRelation::kCausal;
+  if (s == "same") return BlockRelation::kSame;
+  TORCH_CHECK_VALUE(s == "prev", op, ": ", name, " must be \"none\", \"causal\", \"same\" or \"prev\", got \"",
+                    std::string(s), "\"");
+  return BlockRelation::kPrev;
+}
+
+// Whether out and t may share memory: raises where they surely do (the same view, or both dense with byte
+// ranges meeting); true where they might (same storage, byte ranges meeting), false where they cannot.
+inline bool out_may_overlap(const char* op, const at::Tensor& out, const char* name, const at::Tensor& t) {
+  if (out.numel() == 0 || t.numel() == 0 || !out.storage().is_alias_of(t.storage())) return false;
+  auto range = [](const at::Tensor& x) {
+    int64_t span = 1;
+    for (int64_t d = 0; d < x.dim(); ++d) span += (x.size(d) - 1) * x.stride(d);
+    const char* begin = static_cast<const char*>(x.data_ptr());
+    return std::make_pair(begin, begin + span * x.element_size());
+  };
+  const auto [ob, oe] = range(out);
+  const auto [tb, te] = range(t);
+  if (ob >= te || tb >= oe) return false;
+  const bool same_view = ob == tb && out.strides() == t.strides();
+  TORCH_CHECK_VALUE(!same_view && !(out.is_non_overlapping_and_dense() && t.is_non_overlapping_and_dense()), op,
+                    ": out shares memory with ", name);
+  return true;
+}
+
+// Checks and kernel arguments of everything but `out` (bind_out).
+inline AttentionLaunch prepare_attention_inputs(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
+                                                double scale, const AttentionArgs& a) {
   constexpr const char* op = "fastar.attention";
   TORCH_CHECK_VALUE(q.dim() == 4 && k.dim() == 4 && v.dim() == 4, op,
                     ": q, k and v must be 4-D [B, H, L, D], got shapes ", q.sizes(), ", ", k.sizes(), ", ", v.sizes());
@@ -47,7 +87,6 @@ inline AttentionLaunch prepare_attention(const at::Tensor& q, const at::Tensor& 
                    ", ", k.scalar_type(), ", ", v.scalar_type());
   check_same_device(op, "k", k, q);
   check_same_device(op, "v", v, q);
-  TORCH_CHECK_VALUE(mask_config.size() == kMaskConfigSize, op, ": mask_config must hold ", kMaskConfigSize, " values");
 
   AttentionLaunch l;
   l.q = unit_last_stride(q);
@@ -63,8 +102,8 @@ inline AttentionLaunch prepare_attention(const at::Tensor& q, const at::Tensor& 
   AttentionParams& p = l.prm;
   p = AttentionParams{};
   p.mask.scale_window = -1;
-  if (block_table) {
-    l.block_table = checked_index_tensor("block_table", *block_table, 2, q);
+  if (a.block_table) {
+    l.block_table = checked_index_tensor("block_table", *a.block_table, 2, q);
     TORCH_CHECK_VALUE(l.block_table->size(0) == B, op, ": block_table must have shape [B, max_pages] with B=", B,
                       ", got ", l.block_table->sizes());
     p.block_table = l.block_table->data_ptr<int32_t>();
@@ -80,8 +119,8 @@ inline AttentionLaunch prepare_attention(const at::Tensor& q, const at::Tensor& 
   } else {
     TORCH_CHECK_VALUE(k.size(0) == B, op, ": q and k must have the same batch size, got ", B, " and ", k.size(0));
   }
-  if (kv_lens) {
-    l.kv_lens = checked_index_tensor("kv_lens", *kv_lens, 1, q);
+  if (a.kv_lens) {
+    l.kv_lens = checked_index_tensor("kv_lens", *a.kv_lens, 1, q);
     TORCH_CHECK_VALUE(l.kv_lens->size(0) == B, op, ": kv_lens must have shape [B] with B=", B, ", got ",
                       l.kv_lens->sizes());
     p.kv_lens = l.kv_lens->data_ptr<int32_t>();
@@ -93,24 +132,25 @@ inline AttentionLaunch prepare_attention(const at::Tensor& q, const at::Tensor& 
   }
 
   AttentionMask& m = p.mask;
-  m.causal = mask_config[0] != 0;
-  m.bottom_right = mask_config[1] != 0;
-  m.window = mask_config[2] != 0;
-  m.window_left = mask_config[3];
-  m.window_sinks = mask_config[4];
-  TORCH_CHECK_VALUE(mask_config[5] >= 0 && mask_config[5] <= 3, op, ": unknown block relation ", mask_config[5]);
-  m.block = static_cast<BlockRelation>(mask_config[5]);
-  m.bits_cols = mask_config[6];
-  TORCH_CHECK_VALUE(m.window_left >= 0 && m.window_sinks >= 0, op, ": window sizes must be non-negative");
+  m.causal = a.causal;
+  m.bottom_right = a.bottom_right;
+  TORCH_CHECK_VALUE(a.window_left >= -1 && a.window_sinks >= 0, op,
+                    ": window_left must be >= 0 (or -1 = no window) and window_sinks >= 0, got ", a.window_left, " and ",
+                    a.window_sinks);
+  m.window = a.window_left >= 0;
+  m.window_left = m.window ? a.window_left : 0;
+  m.window_sinks = a.window_sinks;
+  m.block = parse_block_relation(op, "block_relation", a.block_relation);
+  m.bits_cols = a.mask_bits_cols;
   auto batch_stride = [&](const at::Tensor& t, const char* name) {
     TORCH_CHECK_VALUE(t.size(0) == B || t.size(0) == 1, op, ": ", name, " must have batch size ", B, " or 1, got ",
                       t.size(0));
     return t.size(0) == 1 ? int64_t{0} : t.stride(0);
   };
   if (m.block != BlockRelation::kNone) {
-    TORCH_CHECK_VALUE(q_block_ids && k_block_ids, op, ": a block relation needs q_block_ids and k_block_ids");
-    l.q_block_ids = checked_index_tensor("q_block_ids", *q_block_ids, 2, q);
-    l.k_block_ids = checked_index_tensor("k_block_ids", *k_block_ids, 2, q);
+    TORCH_CHECK_VALUE(a.q_block_ids && a.k_block_ids, op, ": a block relation needs q_block_ids and k_block_ids");
+    l.q_block_ids = checked_index_tensor("q_block_ids", *a.q_block_ids, 2, q);
+    l.k_block_ids = checked_index_tensor("k_block_ids", *a.k_block_ids, 2, q);
     TORCH_CHECK_VALUE(l.q_block_ids->size(1) == Lq, op, ": q_block_ids must have ", Lq, " columns, got ",
                       l.q_block_ids->sizes());
     TORCH_CHECK_VALUE(l.k_block_ids->size(1) == Lk, op, ": k_block_ids must have ", Lk, " columns, got ",
@@ -120,43 +160,41 @@ inline AttentionLaunch prepare_attention(const at::Tensor& q, const at::Tensor& 
     m.q_block_sb = batch_stride(*l.q_block_ids, "q_block_ids");
     m.k_block_sb = batch_stride(*l.k_block_ids, "k_block_ids");
   }
-  if (mask_bits) {
-    TORCH_CHECK_TYPE(mask_bits->scalar_type() == at::kByte, op, ": mask_bits must be uint8, got ",
-                     mask_bits->scalar_type());
-    TORCH_CHECK_VALUE(mask_bits->dim() == 3, op, ": mask_bits must be 3-D [B or 1, Lq, bytes], got ",
-                      mask_bits->sizes());
-    check_same_device(op, "mask_bits", *mask_bits, q);
+  if (a.mask_bits) {
+    TORCH_CHECK_TYPE(a.mask_bits->scalar_type() == at::kByte, op, ": mask_bits must be uint8, got ",
+                     a.mask_bits->scalar_type());
+    TORCH_CHECK_VALUE(a.mask_bits->dim() == 3, op, ": mask_bits must be 3-D [B or 1, Lq, bytes], got ",
+                      a.mask_bits->sizes());
+    check_same_device(op, "mask_bits", *a.mask_bits, q);
     TORCH_CHECK_VALUE(m.bits_cols >= 0 && m.bits_cols <= Lk, op, ": the bit-packed mask covers ", m.bits_cols,
                       " keys, more than the ", Lk, " keys");
-    TORCH_CHECK_VALUE(mask_bits->size(1) == Lq && mask_bits->size(2) == (m.bits_cols + 7) / 8, op,
+    TORCH_CHECK_VALUE(a.mask_bits->size(1) == Lq && a.mask_bits->size(2) == (m.bits_cols + 7) / 8, op,
                       ": mask_bits must have shape [B or 1, ", Lq, ", ", (m.bits_cols + 7) / 8, "], got ",
-                      mask_bits->sizes());
-    l.bits = mask_bits->contiguous();
+                      a.mask_bits->sizes());
+    l.bits = a.mask_bits->contiguous();
     m.bits = l.bits->data_ptr<uint8_t>();
     m.bits_sb = batch_stride(*l.bits, "mask_bits");
     m.bits_row = l.bits->size(2);
   }
-  if (bias) {
-    TORCH_CHECK_TYPE(bias->scalar_type() == st, op, ": bias must have the dtype of q (", st, "), got ",
-                     bias->scalar_type());
-    TORCH_CHECK_VALUE(bias->dim() == 4 && (bias->size(0) == B || bias->size(0) == 1) &&
-                          (bias->size(1) == Hq || bias->size(1) == 1) && bias->size(2) == Lq && bias->size(3) == Lk,
+  if (a.bias) {
+    TORCH_CHECK_TYPE(a.bias->scalar_type() == st, op, ": bias must have the dtype of q (", st, "), got ",
+                     a.bias->scalar_type());
+    TORCH_CHECK_VALUE(a.bias->dim() == 4 && (a.bias->size(0) == B || a.bias->size(0) == 1) &&
+                          (a.bias->size(1) == Hq || a.bias->size(1) == 1) && a.bias->size(2) == Lq && a.bias->size(3) == Lk,
                       op, ": bias must have shape [B or 1, H or 1, Lq, Lk] = [", B, ", ", Hq, ", ", Lq, ", ", Lk,
-                      "], got ", bias->sizes());
-    check_same_device(op, "bias", *bias, q);
-    l.bias = unit_last_stride(*bias);
+                      "], got ", a.bias->sizes());
+    check_same_device(op, "bias", *a.bias, q);
+    l.bias = unit_last_stride(*a.bias);
     m.bias = l.bias->data_ptr();
     m.bias_sb = l.bias->size(0) == 1 ? 0 : l.bias->stride(0);
     m.bias_sh = l.bias->size(1) == 1 ? 0 : l.bias->stride(1);
     m.bias_sq = l.bias->stride(2);
   }
 
-  l.out = at::empty({B, Hq, Lq, D}, q.options());
   l.lse = at::empty({B, Hq, Lq}, q.options().dtype(at::kFloat));
   p.q = l.q.data_ptr();
   p.k = l.k.data_ptr();
   p.v = l.v.data_ptr();
-  p.out = l.out.data_ptr();
   p.lse = l.lse.data_ptr<float>();
   p.q_sb = l.q.stride(0);
   p.q_sh = l.q.stride(1);
@@ -167,10 +205,7 @@ inline AttentionLaunch prepare_attention(const at::Tensor& q, const at::Tensor& 
   p.v_sb = l.v.stride(0);
   p.v_sh = l.v.stride(1);
   p.v_sl = l.v.stride(2);
-  p.o_sb = l.out.stride(0);
-  p.o_sh = l.out.stride(1);
-  p.o_sl = l.out.stride(2);
-  p.num_pages = block_table ? k.size(0) : 0;
+  p.num_pages = a.block_table ? k.size(0) : 0;
   p.B = B;
   p.Hq = Hq;
   p.Hkv = Hkv;
@@ -179,6 +214,52 @@ inline AttentionLaunch prepare_attention(const at::Tensor& q, const at::Tensor& 
   p.D = D;
   p.scale = static_cast<float>(scale);
   return l;
+}
+
+// out: [B, Hq, Lq, D] of q's dtype and device, no element twice, no memory shared with an input the kernel
+// reads. The kernel writes it in place, or (a non-unit last stride, or memory it may share with an input) a
+// temporary that finish_attention copies into it.
+inline void bind_out(AttentionLaunch& l, const at::Tensor& out, const char* op) {
+  const at::Tensor& q = l.q;
+  TORCH_CHECK_TYPE(out.scalar_type() == q.scalar_type(), op, ": out must have the dtype of q (", q.scalar_type(),
+                   "), got ", out.scalar_type());
+  TORCH_CHECK_VALUE(out.device() == q.device(), op, ": out is on ", out.device(), " but q is on ", q.device());
+  TORCH_CHECK_VALUE(out.sizes() == q.sizes(), op, ": out must have the shape of q ", q.sizes(), ", got ", out.sizes());
+  TORCH_CHECK_VALUE(at::has_internal_overlap(out) != at::MemOverlap::Yes, op,
+                    ": out has elements that share memory (an expanded tensor)");
+  bool temporary = out.numel() > 0 && out.size(3) > 1 && out.stride(3) != 1;
+  const std::pair<const char*, const at::Tensor*> inputs[] = {{"q", &l.q}, {"k", &l.k}, {"v", &l.v}};
+  for (const auto& [name, t] : inputs) temporary |= out_may_overlap(op, out, name, *t);
+  const std::pair<const char*, const std::optional<at::Tensor>*> optional_inputs[] = {
+      {"kv_lens", &l.kv_lens},       {"block_table", &l.block_table}, {"q_block_ids", &l.q_block_ids},
+      {"k_block_ids", &l.k_block_ids}, {"mask_bits", &l.bits},          {"bias", &l.bias},
+      {"token_info", &l.token_info}, {"scale_hw", &l.scale_hw},       {"tile_map", &l.tile_map},
+      {"q_scale", &l.q_scale}};
+  for (const auto& [name, t] : optional_inputs) temporary |= t->has_value() && out_may_overlap(op, out, name, **t);
+  if (temporary) {
+    l.out = at::empty(out.sizes(), out.options());
+    l.out_target = out;
+  } else {
+    l.out = out;
+  }
+  AttentionParams& p = l.prm;
+  p.out = l.out.data_ptr();
+  p.o_sb = l.out.stride(0);
+  p.o_sh = l.out.stride(1);
+  p.o_sl = l.out.stride(2);
+}
+
+inline AttentionLaunch prepare_attention(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
+                                         const at::Tensor& out, double scale, const AttentionArgs& a) {
+  AttentionLaunch l = prepare_attention_inputs(q, k, v, scale, a);
+  bind_out(l, out, "fastar.attention");
+  return l;
+}
+
+// After the kernel: the temporary (if any) copied into out; returns the LSE.
+inline at::Tensor finish_attention(const AttentionLaunch& l) {
+  if (l.out_target) l.out_target->copy_(l.out);
+  return l.lse;
 }
 
 // Runs the prepared kernel arguments on each backend (cpu/attention.cpp, cuda/attention_glue.cpp); shared
