@@ -286,7 +286,7 @@ using Vec = Vec8;
 constexpr int kGemmRows = 6, kGemmVecs = 2;  // 12 of 16: both FMA pipes busy through the FMA latency
 #else
 using Vec = Vec4;
-constexpr int kGemmRows = 4, kGemmVecs = 2;  // 8 of 16 SSE registers: a multiply and an add per FMA
+constexpr int kGemmRows = 2, kGemmVecs = 4;  // 8 accumulators, 1 broadcast per 32 flops (SSE2 has none from memory)
 #endif
 constexpr int kW = Vec::kSize;
 
