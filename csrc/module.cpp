@@ -6,6 +6,7 @@
 #include <string>
 #include <vector>
 
+#include "core/acceptance.h"
 #include "core/philox.h"
 #include "cpu/isa.h"
 
@@ -59,6 +60,10 @@ PYBIND11_MODULE(_C, m) {
         "What this build contains: torch version built against, CUDA version and archs, the CPU kernels' "
         "ISAs (built, run by this CPU, active), whether the CUDA kernels and the SIMT emulation build are "
         "present.");
+  m.def(
+      "describe_status",
+      &fastar::accept::describe_status,
+      "The meaning of an acceptance row status (the bits of -num_accepted of a marked row).");
   m.def(
       "_set_cpu_isa", [](const std::string& name) { fastar::cpu::set_active_isa(name.c_str()); },
       "Runs the CPU kernels with another ISA from now on (generic, avx2, avx512; tests and benchmarks).");

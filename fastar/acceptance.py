@@ -30,13 +30,6 @@ import torch
 
 _debug_checks = os.environ.get("FASTAR_DEBUG_CHECKS", "0") == "1"
 
-_STATUS_TEXT = (
-    (1, "num_draft_tokens outside [0, n]"),
-    (2, "a draft token id outside [0, V)"),
-    (4, "a probability that is NaN, negative or greater than 1 (or a NaN logit)"),
-    (8, "a distribution to sample from with zero total probability"),
-)
-
 
 def set_debug_checks(enabled: bool) -> None:
     """Validate every input value before each acceptance op and raise for marked rows after it, and raise for
@@ -50,7 +43,10 @@ def debug_checks_enabled() -> bool:
 
 
 def describe_status(status: int) -> str:
-    return "; ".join(text for bit, text in _STATUS_TEXT if status & bit)
+    """What a marked row's status (``-num_accepted``) means; the texts are the kernels' own."""
+    from . import _C
+
+    return _C.describe_status(int(status))
 
 
 def check_rows(num_accepted: torch.Tensor, op: str = "fastar") -> None:

@@ -9,6 +9,7 @@
 #pragma once
 #include <cstdint>
 #include <cstring>
+#include <string>
 
 #include "core/dtype.h"
 #include "core/macros.h"
@@ -24,6 +25,26 @@ enum Status : int32_t {
   kBadValue = 4,     // a probability that is NaN, negative or > 1 (or a NaN logit)
   kZeroMass = 8,     // the row to sample from has no probability mass
 };
+
+// What each status bit means, in error messages (CPU ops, fastar.check_rows via fastar._C.describe_status).
+struct StatusText {
+  int32_t bit;
+  const char* text;
+};
+inline constexpr StatusText kStatusTexts[] = {
+    {kBadNumDraft, "num_draft_tokens outside [0, n]"},
+    {kBadTokenId, "a draft token id outside [0, V)"},
+    {kBadValue, "a probability that is NaN, negative or greater than 1 (or a NaN logit)"},
+    {kZeroMass, "a distribution to sample from with zero total probability"},
+};
+
+// The texts of a status's bits, joined by "; " (host code).
+inline std::string describe_status(int32_t status) {
+  std::string s;
+  for (const StatusText& t : kStatusTexts)
+    if (status & t.bit) s += (s.empty() ? "" : "; ") + std::string(t.text);
+  return s;
+}
 
 FASTAR_HD bool prob_ok(float p) { return p >= 0.0f && p <= 1.0f; }  // false for NaN
 

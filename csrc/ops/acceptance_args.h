@@ -198,23 +198,13 @@ void dispatch_cpu_float(FloatKind kind, F&& f) {
   }
 }
 
-inline std::string describe_status(int32_t status) {
-  std::string s;
-  auto add = [&](const char* what) { s += s.empty() ? what : std::string("; ") + what; };
-  if (status & accept::kBadNumDraft) add("num_draft_tokens outside [0, n]");
-  if (status & accept::kBadTokenId) add("a draft token id outside [0, V)");
-  if (status & accept::kBadValue) add("a probability that is NaN, negative or greater than 1 (or a NaN logit)");
-  if (status & accept::kZeroMass) add("a distribution to sample from with zero total probability");
-  return s;
-}
-
 // CPU kernels report per-row statuses; raise for the first bad row (no device sync involved on the CPU).
 inline void raise_on_bad_rows(const char* op, const int32_t* num_accepted, int64_t B) {
   for (int64_t b = 0; b < B; ++b) {
     if (num_accepted[b] < 0) {
       const int32_t status = -num_accepted[b];
       const std::string msg = std::string(op) + ": invalid input in batch row " + std::to_string(b) + ": " +
-                              describe_status(status);
+                              accept::describe_status(status);
       if (status & accept::kBadTokenId) TORCH_CHECK_INDEX(false, msg);
       TORCH_CHECK_VALUE(false, msg);
     }
