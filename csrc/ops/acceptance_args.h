@@ -3,9 +3,7 @@
 #pragma once
 #include <ATen/core/Tensor.h>
 #include <ATen/ops/empty.h>
-#include <c10/util/BFloat16.h>
 #include <c10/util/Exception.h>
-#include <c10/util/Half.h>
 #include <c10/util/Optional.h>
 
 #include <cstdint>
@@ -13,6 +11,7 @@
 #include <tuple>
 
 #include "core/acceptance.h"
+#include "ops/common.h"
 
 namespace fastar {
 
@@ -26,20 +25,9 @@ inline void check_token_ids(const char* op, const char* name, const at::Tensor& 
                    " must be int32 or int64, got ", t.scalar_type());
 }
 
-inline void check_float_dtype(const char* op, const char* name, const at::Tensor& t) {
-  const auto st = t.scalar_type();
-  TORCH_CHECK_TYPE(st == at::kFloat || st == at::kHalf || st == at::kBFloat16, op, ": ", name,
-                   " must be float32, float16 or bfloat16, got ", st);
-}
-
 inline void check_float(const char* op, const char* name, const at::Tensor& t) {
   check_float_dtype(op, name, t);
   TORCH_CHECK_VALUE(t.dim() == 3, op, ": ", name, " must be 3-D [B, positions, V], got shape ", t.sizes());
-}
-
-inline void check_same_device(const char* op, const char* name, const at::Tensor& t, const at::Tensor& ref) {
-  TORCH_CHECK_VALUE(t.device() == ref.device(), op, ": ", name, " is on ", t.device(), " but the probabilities are on ",
-                    ref.device());
 }
 
 // Shared by both ops: draft ids [B, n], the per-position rows [B, n+1, V], optional ragged lengths [B].
@@ -64,13 +52,6 @@ inline AcceptanceShapes check_acceptance_args(const char* op, const at::Tensor& 
   return {B, n, V};
 }
 
-inline void check_seed(const char* op, const char* name, const at::Tensor& t, const at::Tensor& ref) {
-  TORCH_CHECK_TYPE(t.scalar_type() == at::kLong, op, ": ", name, " must be an int64 tensor, got ", t.scalar_type());
-  TORCH_CHECK_VALUE(t.numel() == 1, op, ": ", name, " must hold one value, got shape ", t.sizes());
-  TORCH_CHECK_VALUE(t.is_cpu() || t.device() == ref.device(), op, ": ", name, " must be on the CPU or on ",
-                    ref.device(), ", got ", t.device());
-}
-
 inline AcceptanceShapes check_speculative_sample_args(const at::Tensor& ids, const std::optional<at::Tensor>& draft_probs,
                                                       const at::Tensor& target_probs,
                                                       const std::optional<at::Tensor>& num_draft,
@@ -91,10 +72,6 @@ inline AcceptanceShapes check_speculative_sample_args(const at::Tensor& ids, con
   check_seed(op, "offset", offset, target_probs);
   return s;
 }
-
-// Kernels read rows with a unit stride along V and arbitrary strides elsewhere; small index tensors are
-// simply made contiguous.
-inline at::Tensor unit_last_stride(const at::Tensor& t) { return t.stride(-1) == 1 ? t : t.contiguous(); }
 
 inline std::tuple<at::Tensor, at::Tensor> allocate_acceptance_outputs(const at::Tensor& like, int64_t B, int64_t n) {
   auto opts = like.options().dtype(at::kInt);
@@ -172,30 +149,6 @@ inline GreedyVerifyLaunch prepare_greedy_verify(const at::Tensor& draft_token_id
   prm.tl_sb = l.target_logits.stride(0);
   prm.tl_sn = l.target_logits.stride(1);
   return l;
-}
-
-inline FloatKind float_kind(const at::Tensor& t) {
-  switch (t.scalar_type()) {
-    case at::kHalf:
-      return FloatKind::kFloat16;
-    case at::kBFloat16:
-      return FloatKind::kBFloat16;
-    default:
-      return FloatKind::kFloat32;
-  }
-}
-
-// Calls f(T{}) with T the CPU element type of kind.
-template <typename F>
-void dispatch_cpu_float(FloatKind kind, F&& f) {
-  switch (kind) {
-    case FloatKind::kFloat32:
-      return f(float{});
-    case FloatKind::kFloat16:
-      return f(at::Half{});
-    case FloatKind::kBFloat16:
-      return f(at::BFloat16{});
-  }
 }
 
 // CPU kernels report per-row statuses; raise for the first bad row (no device sync involved on the CPU).

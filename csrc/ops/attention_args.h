@@ -12,7 +12,7 @@
 #include <utility>
 
 #include "core/attention.h"
-#include "ops/acceptance_args.h"
+#include "ops/common.h"
 
 namespace fastar {
 

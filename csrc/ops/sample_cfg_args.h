@@ -12,7 +12,7 @@
 #include <string>
 
 #include "core/sampling.h"
-#include "ops/acceptance_args.h"
+#include "ops/common.h"
 
 namespace fastar {
 
