@@ -13,6 +13,7 @@ from typing import Dict, List, Optional, Sequence, Tuple, Union
 import torch
 import torch.nn.functional as F
 
+from ._validate import head_dim, no_grad
 from .masks import _RELATIONS
 
 Device = Union[torch.device, str, None]
@@ -269,7 +270,9 @@ def _check_inputs(q, k, v, layout, q_scale, qk_norm) -> None:
                         f"{q.dtype}, {k.dtype}, {v.dtype}")
     if k.device != q.device or v.device != q.device:
         raise ValueError(f"{op}: q, k, v must be on one device, got {q.device}, {k.device}, {v.device}")
+    no_grad(op, q=q, k=k, v=v, q_scale=q_scale)
     B, Hq, Lq, D = q.shape
+    head_dim(op, D)
     L = layout.num_tokens
     if k.shape != v.shape or k.shape[0] != B or k.shape[3] != D or Hq % k.shape[1] != 0:
         raise ValueError(f"{op}: k and v must both have shape [B={B}, Hkv, L, D={D}] with Hq={Hq} a multiple of "
