@@ -40,6 +40,7 @@ BLOCK_NONE, BLOCK_CAUSAL, BLOCK_SAME, BLOCK_PREV = 0, 1, 2, 3
 BLOCK_NAMES = ("none", "causal", "same", "prev")  # the attention op's block_relation, indexed by BLOCK_*
 _RELATIONS = {"causal": BLOCK_CAUSAL, "same": BLOCK_SAME, "prev": BLOCK_PREV}
 _INT32 = torch.iinfo(torch.int32)
+_INT64_MAX = torch.iinfo(torch.int64).max
 
 
 class MaskArgs(NamedTuple):
@@ -217,16 +218,19 @@ class Window(Mask):
     visible iff ``j <= i'`` and (``i' - left <= j`` or ``j < sinks``).
 
     ``left`` keys before the query's own position (the window holds ``left + 1`` keys); the ``sinks`` first
-    keys stay visible to every later query. Sinks obey causality too.
+    keys stay visible to every later query. Sinks obey causality too. Values past the int64 range cover every
+    key already and are stored as its maximum.
     """
 
     def __init__(self, left: int, sinks: int = 0):
-        self.left, self.sinks = _as_int(left, "left"), _as_int(sinks, "sinks")
-        if self.left < 0 or self.sinks < 0:
-            raise ValueError(f"Window needs left >= 0 and sinks >= 0, got left={self.left}, sinks={self.sinks}")
+        left, sinks = _as_int(left, "left"), _as_int(sinks, "sinks")
+        if left < 0 or sinks < 0:
+            raise ValueError(f"Window needs left >= 0 and sinks >= 0, got left={left}, sinks={sinks}")
+        # Past int64 (the kernels' type) a window or sink count covers every key already: same meaning.
+        self.left, self.sinks = min(left, _INT64_MAX), min(sinks, _INT64_MAX)
 
     def _visible(self, geo: _Geometry) -> torch.Tensor:
-        return (geo.j <= geo.qpos) & ((geo.j >= geo.qpos - self.left) | (geo.j < self.sinks))
+        return (geo.j <= geo.qpos) & ((geo.qpos - geo.j <= self.left) | (geo.j < self.sinks))
 
     def lower(
         self, batch: int, Lq: int, Lk: int, device: Device, kv_lens: Optional[torch.Tensor] = None
@@ -331,7 +335,8 @@ class BlockCausal(Mask):
 
     def _visible(self, geo: _Geometry) -> torch.Tensor:
         q_ids, k_ids = self._ids(geo.batch, geo.Lq, geo.Lk, geo.j.device, geo.kv_lens)
-        qb, kb = q_ids.unsqueeze(2), k_ids.unsqueeze(1)
+        # int64, so that qb - 1 cannot wrap around for int32 ids.
+        qb, kb = q_ids.to(torch.int64).unsqueeze(2), k_ids.to(torch.int64).unsqueeze(1)
         if self.relation == "causal":
             return kb <= qb
         if self.relation == "same":

@@ -220,6 +220,52 @@ def test_expanded_cache_refuses_append_but_reads(backend):
 
 
 # ---------------------------------------------------------------------------------------------------------
+# 5. Integer overflow in masks, in the kernels and in fastar.reference alike.
+
+
+@pytest.mark.parametrize("left", [2**31, 2**63 - 1, 2**64])
+def test_huge_window_is_causal(backend, left):
+    q, k, v = qkv(Lq=5, Lk=70)
+    out, lse = backend.attention(q, k, v, mask=Window(left), return_lse=True)
+    check_attention(out, lse, q, k, v, torch.ones(5, 70, dtype=torch.bool).tril(65), what=f"Window({left})")
+    out, lse = backend.attention(q, k, v, mask=Window(left, sinks=2**64), return_lse=True)
+    check_attention(out, lse, q, k, v, torch.ones(5, 70, dtype=torch.bool).tril(65), what="huge sinks")
+
+
+def test_reference_window_does_not_overflow():
+    causal = torch.ones(6, 9, dtype=torch.bool).tril(3)
+    for left in (2**63 - 1, 2**64):
+        assert torch.equal(Window(left).materialize(6, 9)[0], causal)
+        assert torch.equal(mask_from_args(Window(left).lower(1, 6, 9, "cpu"), 1, 6, 9)[0], causal)
+
+
+@pytest.mark.parametrize("relation", ["prev", "causal", "same"])
+def test_block_ids_at_the_int32_limits(backend, relation):
+    low, high = -(2**31), 2**31 - 1
+    ids = [low, low + 1, low, 0, low, low, low + 1, high - 1, high]  # queries: the last 5
+    q, k, v = qkv(Lq=5, Lk=9)
+    qb, kb = torch.tensor(ids[4:]).view(-1, 1), torch.tensor(ids).view(1, -1)  # int64: no wrap-around
+    rule = {"prev": (kb <= qb) & (kb >= qb - 1), "causal": kb <= qb, "same": kb == qb}[relation]
+    mask = BlockCausal(ids, relation=relation)
+    out, lse = backend.attention(q, k, v, mask=mask, return_lse=True)
+    check_attention(out, lse, q, k, v, rule, what=f"BlockCausal {relation} at the int32 limits")
+    assert torch.equal(mask.materialize(5, 9)[0], rule)
+    assert torch.equal(mask_from_args(mask.lower(1, 5, 9, "cpu"), 1, 5, 9)[0], rule)
+
+
+@pytest.mark.parametrize("window", [2**31, 2**64])
+def test_huge_local_window_restricts_nothing(backend, window):
+    layout = fastar.ScaleLayout([1, 2, 3, 4], local_window=window)
+    plain = fastar.ScaleLayout([1, 2, 3, 4])
+    assert torch.equal(layout.materialize(), plain.materialize())
+    gen = torch.Generator().manual_seed(0)
+    q, k, v = (make((1, 2, 30, 16), torch.float32, gen) for _ in range(3))
+    out = backend.scale_attention(q, k, v, layout)
+    ref, _ = scale_attention_reference(q.double(), k.double(), v.double(), plain)
+    assert_output_close(out, ref, q, k, v, what=f"local_window={window}")
+
+
+# ---------------------------------------------------------------------------------------------------------
 # 6. The SDPA drop-in takes the mask dtypes PyTorch takes, and refuses the others as PyTorch does.
 
 
