@@ -332,6 +332,30 @@ def test_integral_seeds_and_offsets(backend):
 # 8. torch.compile(fullgraph=True): masks with block ids, trees built in the function, cache appends.
 
 
+def test_block_causal_and_tree_compile():
+    torch._dynamo.reset()
+    q, k, v = qkv(Lq=6, Lk=6)
+    ids = torch.tensor([0, 0, 1, 1, 2, 2])
+    lengths = BlockCausal(block_lengths=[2, 2, 2], relation="prev")
+
+    def fn(q, k, v):
+        return (fastar.attention(q, k, v, mask=BlockCausal(ids)),
+                fastar.attention(q, k, v, mask=BlockCausal(block_size=2, relation="same")),
+                fastar.attention(q, k, v, mask=lengths),
+                fastar.attention(q, k, v, mask=Tree([-1, 0, 0, 1, 1, 2])))
+
+    got = torch.compile(fn, fullgraph=True, backend="eager")(q, k, v)
+    qb, kb = ids.view(-1, 1), ids.view(1, -1)
+    parents = [-1, 0, 0, 1, 1, 2]
+    tree = torch.eye(6, dtype=torch.bool)
+    for t, p in enumerate(parents):
+        if p >= 0:
+            tree[t] |= tree[p]
+    for out, dense in zip(got, (kb <= qb, kb == qb, (kb <= qb) & (kb >= qb - 1), tree)):
+        ref, _ = attention_reference(q.double(), k.double(), v.double(), mask=dense)
+        assert_output_close(out, ref, q, k, v, dense)
+
+
 def test_kvcache_append_compiles():
     torch._dynamo.reset()
     q, k_cache, v_cache = kvcache_inputs()
