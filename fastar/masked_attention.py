@@ -14,6 +14,8 @@ from __future__ import annotations
 import contextlib
 import math
 import warnings
+import weakref
+from collections import OrderedDict
 from typing import Optional, Tuple, Union
 
 import torch
@@ -282,6 +284,40 @@ def _has_cuda_kernels() -> bool:
     return bool(build_info()["cuda"])
 
 
+# Float masks classified by _bool_if_zero_or_neg_inf: key -> (weak reference to the mask's base tensor, the
+# bool mask or None). The weak reference tells a live mask from a new tensor at a freed mask's address.
+_mask_kinds: "OrderedDict[tuple, tuple]" = OrderedDict()
+_MASK_KINDS_SIZE = 8
+
+
+def _bool_if_zero_or_neg_inf(mask: torch.Tensor) -> torch.Tensor:
+    """A float mask whose values are all 0 or -inf as the bool mask it means (``mask == 0``, True = attend),
+    which the kernels read bit-packed instead of as an additive bias; any other mask as it is.
+
+    The answer is cached per mask tensor (its address, version counter, shape, strides, dtype and device,
+    while it lives), so a mask reused across calls (VAR's ``attn_bias``) is read once: one host sync per
+    distinct CUDA mask. Not under torch.compile, and not for inference tensors on a device (they keep no
+    version counter): those run as a bias.
+    """
+    if torch.compiler.is_compiling() or (mask.is_inference() and mask.device.type != "cpu"):
+        return mask
+    base = mask if mask._base is None else mask._base
+    key = None
+    if not mask.is_inference():
+        key = (mask.data_ptr(), mask._version, tuple(mask.shape), mask.stride(), mask.dtype, mask.device)
+        hit = _mask_kinds.get(key)
+        if hit is not None and hit[0]() is base:
+            _mask_kinds.move_to_end(key)
+            return mask if hit[1] is None else hit[1]
+    visible = mask == 0
+    as_bool = visible if bool((visible | (mask == float("-inf"))).all()) else None
+    if key is not None:
+        _mask_kinds[key] = (weakref.ref(base), as_bool)
+        if len(_mask_kinds) > _MASK_KINDS_SIZE:
+            _mask_kinds.popitem(last=False)
+    return mask if as_bool is None else as_bool
+
+
 def _sdpa_mask_args(query, key, attn_mask, is_causal) -> MaskArgs:
     B, H, Lq, _ = query.shape
     Lk = key.shape[2]
@@ -289,6 +325,8 @@ def _sdpa_mask_args(query, key, attn_mask, is_causal) -> MaskArgs:
         args = MaskArgs.none()
         return args._replace(causal=True, bottom_right=False) if is_causal else args
     mask = attn_mask
+    if mask.dtype != torch.bool:
+        mask = _bool_if_zero_or_neg_inf(mask)
     while mask.dim() < 4:
         mask = mask.unsqueeze(0)
     if mask.dtype == torch.bool and mask.shape[1] == 1:

@@ -376,3 +376,59 @@ def test_kvcache_append_compiles():
     k_bad = k_cache.clone()
     with pytest.raises(RuntimeError, match="overflows"):
         compiled(q, k_bad, v_cache.clone(), torch.tensor([3, 7]))
+
+
+# ---------------------------------------------------------------------------------------------------------
+# 9. Float masks of only 0 and -inf (VAR's attn_bias) run as bool masks, with PyTorch's results.
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("shape", ["2d", "b1", "bh"])
+def test_sdpa_zero_neg_inf_float_masks(backend, monkeypatch, shape, dtype):
+    B, H, Lq, Lk = 2, 2, 9, 21
+    gen = torch.Generator().manual_seed(7)
+    q, k, v = (make((B, H, L, 16), dtype, gen) for L in (Lq, Lk, Lk))
+    dims = {"2d": (Lq, Lk), "b1": (B, 1, Lq, Lk), "bh": (B, H, Lq, Lk)}[shape]
+    hidden = torch.rand(dims, generator=gen) < 0.4
+    hidden[..., ::4, :] = True  # rows that see no key: 0 in PyTorch's convention
+    mask = torch.zeros(dims, dtype=dtype).masked_fill(hidden, float("-inf"))
+    lowered = []
+    run = masked_attention._run
+    monkeypatch.setattr(masked_attention, "_run", lambda op, q, k, v, args, *a, **kw: lowered.append(args) or
+                        run(op, q, k, v, args, *a, **kw))
+    monkeypatch.setattr(masked_attention, "_mask_kinds", type(masked_attention._mask_kinds)())
+    for _ in range(2):  # the second call finds the mask's kind in the cache
+        out = backend.scaled_dot_product_attention(q, k, v, attn_mask=mask)
+        want = F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
+        ref, _ = attention_reference(q.double(), k.double(), v.double(), mask=~hidden)
+        assert torch.all(out[..., ::4, :] == 0) and torch.all(want[..., ::4, :] == 0)
+        assert_output_close(out, ref, q, k, v, ~hidden)
+        if dtype == torch.float32:
+            torch.testing.assert_close(out, want, rtol=1e-5, atol=1e-5)
+    assert len(masked_attention._mask_kinds) == 1
+    if shape != "bh":  # one mask for all heads: bit-packed, no additive bias
+        assert all(a.bits is not None and a.bias is None for a in lowered)
+    # Changed in place (a new version): no longer 0/-inf only, so it is an additive bias again.
+    mask[..., 1, 0] = 0.5
+    lowered.clear()
+    out = backend.scaled_dot_product_attention(q, k, v, attn_mask=mask)
+    assert lowered[0].bias is not None and lowered[0].bits is None
+    bias = torch.zeros(dims, dtype=torch.float64).masked_fill(hidden, float("-inf"))
+    bias[..., 1, 0] = 0.5
+    ref, _ = attention_reference(q.double(), k.double(), v.double(), bias=bias)
+    assert_output_close(out, ref, q, k, v, None, bias.to(dtype))
+
+
+def test_sdpa_mask_kind_cache_follows_views_and_is_bounded(backend):
+    """VAR slices its attn_bias buffer on every call: each new view of the same buffer is a cache hit."""
+    L = 12
+    buffer = torch.full((1, 1, 16, 16), float("-inf")).triu(1)  # 0 on and below the diagonal
+    q, k, v = qkv(Lq=L, Lk=L)
+    masked_attention._mask_kinds.clear()
+    for _ in range(3):
+        out = backend.scaled_dot_product_attention(q, k, v, attn_mask=buffer[:, :, :L, :L])
+    assert len(masked_attention._mask_kinds) == 1
+    torch.testing.assert_close(out, F.scaled_dot_product_attention(q, k, v, is_causal=True), rtol=1e-5, atol=1e-5)
+    for n in range(20):
+        backend.scaled_dot_product_attention(q, k, v, attn_mask=torch.zeros(L, L) + n)
+    assert len(masked_attention._mask_kinds) <= masked_attention._MASK_KINDS_SIZE
