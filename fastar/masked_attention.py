@@ -8,6 +8,8 @@ Conventions:
 * Masks are structured objects (:mod:`fastar.masks`), bottom-right aligned: the queries are the last ``Lq``
   key positions. A query row that sees no key gets output 0 and LSE ``-inf``.
 * LSE: natural log, float32 ``[B, Hq, Lq]``.
+* Inference only: under grad mode an input that requires grad is a ValueError (the kernels compute no
+  gradients); so are inputs on different devices.
 """
 from __future__ import annotations
 
