@@ -98,10 +98,27 @@ class CMakeExtension(Extension):
         super().__init__(name, sources=[])
 
 
+NO_TORCH_MESSAGE = (
+    "fastar: torch cannot be imported in the build environment. fastar's kernels must be compiled against the "
+    "torch they will run with, so build it in the environment that has that torch, without build isolation:\n"
+    "    pip install --no-build-isolation .\n"
+    "(plain `pip install .` builds in an isolated environment, which has no torch)."
+)
+
+
+def require_torch():
+    """Stop the build with NO_TORCH_MESSAGE unless torch is importable (before CMake runs)."""
+    try:
+        import torch  # noqa: F401
+    except ImportError:
+        sys.exit(NO_TORCH_MESSAGE)
+
+
 class cmake_build_ext(build_ext):
     """Configure CMake once and build every extension target with Ninja (vLLM's pattern)."""
 
     def build_extensions(self):
+        require_torch()
         cuda_home = find_cuda_home()
         out_dir = Path(self.get_ext_fullpath(self.extensions[0].name)).parent.resolve()
         out_dir.mkdir(parents=True, exist_ok=True)

@@ -28,6 +28,8 @@ from typing import Optional, Tuple
 
 import torch
 
+from ._validate import integral, same_device
+
 _debug_checks = os.environ.get("FASTAR_DEBUG_CHECKS", "0") == "1"
 
 
@@ -79,11 +81,11 @@ def _validate_values(op, draft_token_ids, rows, num_draft_tokens, probabilities,
 
 
 def _scalar_tensor(op: str, value, name: str) -> torch.Tensor:
-    """An int64 scalar tensor from a Python int (taken modulo 2**64) or a 1-element int64 tensor."""
+    """An int64 scalar tensor from an integral scalar (a Python or numpy integer, taken modulo 2**64) or an
+    integer tensor of one element."""
+    value = integral(op, value, name)
     if isinstance(value, torch.Tensor):
         return value
-    if not isinstance(value, int) or isinstance(value, bool):
-        raise TypeError(f"{op}: {name} must be an int or an int64 tensor, got {type(value).__name__}")
     value %= 1 << 64
     if value >= 1 << 63:
         value -= 1 << 64
@@ -91,14 +93,28 @@ def _scalar_tensor(op: str, value, name: str) -> torch.Tensor:
 
 
 def _philox_args(op: str, seed, offset, device: torch.device) -> Tuple[torch.Tensor, torch.Tensor]:
-    """The (seed, offset) int64 scalar tensors of a Philox-sampling op; seed=None draws a seed."""
+    """The (seed, offset) int64 scalar tensors of a Philox-sampling op; seed=None draws a seed. Tensors must be
+    on the CPU or on ``device``, the inputs' device."""
     if seed is None:
         # Consume torch's default generator of the device, so torch.manual_seed makes runs repeatable.
         seed = torch.randint(0, 2**62, (), dtype=torch.int64, device=device)
-    return _scalar_tensor(op, seed, "seed"), _scalar_tensor(op, offset, "offset")
+    seed_t, offset_t = _scalar_tensor(op, seed, "seed"), _scalar_tensor(op, offset, "offset")
+    for name, t in (("seed", seed_t), ("offset", offset_t)):
+        if t.device.type != "cpu" and t.device != device:
+            raise ValueError(f"{op}: {name} is on {t.device}; it must be on the CPU or on {device}, the inputs' device")
+    return seed_t, offset_t
+
+
+def _check_devices(op: str, rows_name: str, rows, **tensors) -> None:
+    """TypeError unless the probability/logit rows are a tensor; ValueError unless every input is on its device."""
+    if not isinstance(rows, torch.Tensor):
+        raise TypeError(f"{op}: {rows_name} must be a tensor, got {type(rows).__name__}")
+    same_device(op, rows.device, **tensors)
 
 
 def _speculative_sample(op, draft_token_ids, draft_probs, target_probs, num_draft_tokens, seed, offset):
+    _check_devices("fastar.speculative_sample", "target_probs", target_probs, draft_token_ids=draft_token_ids,
+                   draft_probs=draft_probs, num_draft_tokens=num_draft_tokens)
     seed_t, offset_t = _philox_args("fastar.speculative_sample", seed, offset, target_probs.device)
     if _debug_checks:
         _validate_values("fastar.speculative_sample", draft_token_ids, target_probs, num_draft_tokens, True, draft_probs)
@@ -109,6 +125,8 @@ def _speculative_sample(op, draft_token_ids, draft_probs, target_probs, num_draf
 
 
 def _greedy_verify(op, draft_token_ids, target_logits, num_draft_tokens):
+    _check_devices("fastar.greedy_verify", "target_logits", target_logits, draft_token_ids=draft_token_ids,
+                   num_draft_tokens=num_draft_tokens)
     if _debug_checks:
         _validate_values("fastar.greedy_verify", draft_token_ids, target_logits, num_draft_tokens, False)
     tokens, num_accepted = op(draft_token_ids, target_logits, num_draft_tokens)

@@ -8,19 +8,35 @@ Conventions:
 * Masks are structured objects (:mod:`fastar.masks`), bottom-right aligned: the queries are the last ``Lq``
   key positions. A query row that sees no key gets output 0 and LSE ``-inf``.
 * LSE: natural log, float32 ``[B, Hq, Lq]``.
+* Inference only: under grad mode an input that requires grad is a ValueError (the kernels compute no
+  gradients); so are inputs on different devices.
 """
 from __future__ import annotations
 
 import contextlib
 import math
 import warnings
+import weakref
+from collections import OrderedDict
 from typing import Optional, Tuple, Union
 
 import torch
 
+from ._validate import (
+    INT32_MAX,
+    check,
+    head_dim,
+    index_tensor,
+    integral,
+    narrow_int32,
+    no_grad,
+    overlaps_itself,
+    same_device,
+)
 from .masks import BLOCK_NAMES, Dense, Mask, MaskArgs
 
 _SUPPORTED = (torch.float32, torch.float16, torch.bfloat16)
+_KV_OP = "fastar.attention_with_kvcache"
 
 
 def _run(op, q, k, v, args: MaskArgs, scale: float, kv_lens=None, block_table=None, out=None):
@@ -37,16 +53,19 @@ def _run(op, q, k, v, args: MaskArgs, scale: float, kv_lens=None, block_table=No
     return out, lse
 
 
-def _check_layout(q, k, v):
+def _check_layout(q, k, v, out):
     for name, t in (("q", q), ("k", k), ("v", v)):
         if not isinstance(t, torch.Tensor):
             raise TypeError(f"fastar.attention: {name} must be a tensor, got {type(t).__name__}")
         if t.dim() != 4:
             raise ValueError(f"fastar.attention: {name} must be 4-D, got shape {tuple(t.shape)}")
+    head_dim("fastar.attention", q.shape[-1])
+    same_device("fastar.attention", q.device, k=k, v=v, out=out)
+    no_grad("fastar.attention", q=q, k=k, v=v)
 
 
 def _attention(op, q, k, v, mask, scale, return_lse, out):
-    _check_layout(q, k, v)
+    _check_layout(q, k, v, out if isinstance(out, torch.Tensor) else None)
     B, _, Lq, D = q.shape
     args = MaskArgs.none() if mask is None else _lower(mask, B, Lq, k.shape[2], q.device)
     if out is not None and not isinstance(out, torch.Tensor):
@@ -110,27 +129,58 @@ def _kvcache_append(cache: torch.Tensor, new: torch.Tensor, positions: torch.Ten
 def _attention_with_kvcache(op, q, k_cache, v_cache, cache_seqlens, k_new, v_new, block_table, mask, scale, return_lse):
     for name, t in (("q", q), ("k_cache", k_cache), ("v_cache", v_cache)):
         if not isinstance(t, torch.Tensor) or t.dim() != 4:
-            raise ValueError(f"fastar.attention_with_kvcache: {name} must be a 4-D tensor")
+            raise ValueError(f"{_KV_OP}: {name} must be a 4-D tensor")
     B, Lq, _, D = q.shape
-    if not isinstance(cache_seqlens, torch.Tensor):
-        cache_seqlens = torch.full((B,), int(cache_seqlens), dtype=torch.int32, device=q.device)
-    if cache_seqlens.shape != (B,):
-        raise ValueError(f"fastar.attention_with_kvcache: cache_seqlens must have shape [{B}], got {tuple(cache_seqlens.shape)}")
-    cache_seqlens = cache_seqlens.to(torch.int32)
-    capacity = (block_table.shape[1] * k_cache.shape[1]) if block_table is not None else k_cache.shape[1]
-    kv_lens = cache_seqlens
+    head_dim(_KV_OP, D)
     if (k_new is None) != (v_new is None):
-        raise ValueError("fastar.attention_with_kvcache: give both k_new and v_new, or neither")
+        raise ValueError(f"{_KV_OP}: give both k_new and v_new, or neither")
+    if not isinstance(cache_seqlens, torch.Tensor):
+        n = integral(_KV_OP, cache_seqlens, "cache_seqlens")
+        if not 0 <= n <= INT32_MAX:
+            raise ValueError(f"{_KV_OP}: cache_seqlens must be a length in [0, capacity], got {n}")
+        cache_seqlens = torch.full((B,), n, device=q.device)
+    cache_seqlens = index_tensor(_KV_OP, cache_seqlens, "cache_seqlens", q.device)
+    if block_table is not None:
+        block_table = index_tensor(_KV_OP, block_table, "block_table", q.device)
+        if block_table.dim() != 2:
+            raise ValueError(f"{_KV_OP}: block_table must be 2-D [B, max_pages], got shape {tuple(block_table.shape)}")
+    same_device(_KV_OP, q.device, k_cache=k_cache, v_cache=v_cache, k_new=k_new, v_new=v_new,
+                cache_seqlens=cache_seqlens, block_table=block_table)
+    no_grad(_KV_OP, q=q, k_cache=k_cache, v_cache=v_cache, k_new=k_new, v_new=v_new)
+    if cache_seqlens.shape != (B,):
+        raise ValueError(f"{_KV_OP}: cache_seqlens must have shape [{B}], got {tuple(cache_seqlens.shape)}")
+    capacity = (block_table.shape[1] * k_cache.shape[1]) if block_table is not None else k_cache.shape[1]
+    L_new = 0
     if k_new is not None:
         if k_new.dim() != 4 or k_new.shape[0] != B or k_new.shape != v_new.shape or k_new.shape[2:] != k_cache.shape[2:]:
             raise ValueError(
-                f"fastar.attention_with_kvcache: k_new and v_new must have shape [B, Lnew, Hkv, D] = "
+                f"{_KV_OP}: k_new and v_new must have shape [B, Lnew, Hkv, D] = "
                 f"[{B}, Lnew, {k_cache.shape[2]}, {k_cache.shape[3]}], got {tuple(k_new.shape)} and {tuple(v_new.shape)}"
             )
         L_new = k_new.shape[1]
+        if L_new > capacity:
+            raise ValueError(f"{_KV_OP}: appending {L_new} tokens overflows the cache of {capacity}")
+        for name, cache in (("k_cache", k_cache), ("v_cache", v_cache)):
+            if overlaps_itself(cache):
+                raise ValueError(
+                    f"{_KV_OP}: {name} has elements that share memory (an expanded or stride-0 view), so an "
+                    "append would write one slot for several positions; pass a cache with its own memory"
+                )
+    # Values are checked on the CPU before narrowing to int32; device tensors are not read (no host sync):
+    # they are clamped into the valid range instead (see attention_with_kvcache).
+    check((cache_seqlens >= 0).all(), ValueError, f"{_KV_OP}: cache_seqlens must be >= 0")
+    overflow = f"appending {L_new} tokens overflows the cache of {capacity}" if L_new else (
+        f"cache_seqlens must be at most the cache's capacity {capacity}")
+    check((cache_seqlens <= capacity - L_new).all(), ValueError, f"{_KV_OP}: {overflow}")
+    cache_seqlens = narrow_int32(cache_seqlens, 0, capacity - L_new)
+    if block_table is not None:
+        pages = k_cache.shape[0]
+        check(((block_table >= 0) & (block_table < pages)).all(), IndexError,
+              f"{_KV_OP}: block_table holds a page outside [0, {pages})")
+        block_table = narrow_int32(block_table, -1, INT32_MAX)
+    kv_lens = cache_seqlens
+    if k_new is not None:
         positions = cache_seqlens.long().unsqueeze(1) + torch.arange(L_new, device=q.device)
-        if positions.device.type == "cpu" and positions.numel() and int(positions.max()) >= capacity:
-            raise ValueError(f"fastar.attention_with_kvcache: appending {L_new} tokens overflows the cache of {capacity}")
         _kvcache_append(k_cache, k_new, positions, block_table)
         _kvcache_append(v_cache, v_new, positions, block_table)
         kv_lens = cache_seqlens + L_new
@@ -162,11 +212,14 @@ def attention_with_kvcache(
     Args:
         q: ``[B, Lq, Hq, D]`` the new tokens' queries.
         k_cache, v_cache: ``[B, S_max, Hkv, D]`` contiguous caches, or with ``block_table`` paged caches
-            ``[num_pages, page_size, Hkv, D]`` (any page size).
-        cache_seqlens: int ``[B]`` (or an int): tokens already in each sequence's cache.
+            ``[num_pages, page_size, Hkv, D]`` (any page size). With ``k_new`` no two elements of a cache
+            may share memory (an expanded view is refused).
+        cache_seqlens: integer ``[B]`` (any integer dtype; or an int): tokens already in each sequence's
+            cache, in ``[0, capacity - Lq_new]``.
         k_new, v_new: optional ``[B, Lq_new, Hkv, D]``, written into the cache in place at
             ``cache_seqlens`` before attending (so the new tokens see themselves).
-        block_table: int ``[B, max_pages]``: page ``block_table[b, s // page_size]`` holds position ``s``.
+        block_table: integer ``[B, max_pages]``: page ``block_table[b, s // page_size]`` holds position ``s``;
+            entries in ``[0, num_pages)``.
         mask: applied to the queries (the last ``Lq`` positions of each sequence): e.g. ``Causal()`` for a
             chain of drafts, ``Tree(parents)`` for tree verification, ``BlockCausal`` for block diffusion.
             None = every cached key visible.
@@ -175,6 +228,12 @@ def attention_with_kvcache(
     Returns:
         ``[B, Lq, Hq, D]`` (and the LSE ``[B, Hq, Lq]``). Sequence ``b`` attends to its first
         ``cache_seqlens[b] (+ Lq_new)`` keys.
+
+    CPU tensors ``cache_seqlens`` and ``block_table`` are range-checked (ValueError / IndexError) before
+    anything is written. On a CUDA device they are not read on the host (no sync): a length outside its range
+    is clamped into it (so an append stays inside that sequence's slots) and a page outside
+    ``[0, num_pages)`` reads as no keys (an append into it fails as a device-side index error); values never
+    wrap around when narrowed to int32.
     """
     return _attention_with_kvcache(
         torch.ops.fastar.attention, q, k_cache, v_cache, cache_seqlens, k_new, v_new, block_table, mask, scale, return_lse
@@ -206,8 +265,14 @@ def _fallback_reason(query, key, value, attn_mask, dropout_p, is_causal, enable_
         return f"dtype {query.dtype} (fastar takes float32, float16, bfloat16)"
     if query.device.type != "cpu" and not (query.device.type == "cuda" and _has_cuda_kernels()):
         return f"device {query.device}"
+    if any(t.device != query.device for t in tensors):
+        return "inputs on different devices"
     if attn_mask is not None and is_causal:
         return "attn_mask together with is_causal"
+    if attn_mask is not None and attn_mask.dtype not in (torch.bool, torch.float32, query.dtype):
+        return f"attn_mask of dtype {attn_mask.dtype} (PyTorch takes bool, float32 or the query's dtype)"
+    if query.shape[-1] == 0:
+        return "head dim 0"
     if key.shape[1] != query.shape[1] and not enable_gqa:
         return "key/value heads differ from query heads without enable_gqa"
     if key.shape[0] != query.shape[0] or key.shape[-1] != query.shape[-1] or value.shape[-1] != query.shape[-1]:
@@ -221,6 +286,40 @@ def _has_cuda_kernels() -> bool:
     return bool(build_info()["cuda"])
 
 
+# Float masks classified by _bool_if_zero_or_neg_inf: key -> (weak reference to the mask's base tensor, the
+# bool mask or None). The weak reference tells a live mask from a new tensor at a freed mask's address.
+_mask_kinds: "OrderedDict[tuple, tuple]" = OrderedDict()
+_MASK_KINDS_SIZE = 8
+
+
+def _bool_if_zero_or_neg_inf(mask: torch.Tensor) -> torch.Tensor:
+    """A float mask whose values are all 0 or -inf as the bool mask it means (``mask == 0``, True = attend),
+    which the kernels read bit-packed instead of as an additive bias; any other mask as it is.
+
+    The answer is cached per mask tensor (its address, version counter, shape, strides, dtype and device,
+    while it lives), so a mask reused across calls (VAR's ``attn_bias``) is read once: one host sync per
+    distinct CUDA mask. Not under torch.compile, and not for inference tensors on a device (they keep no
+    version counter): those run as a bias.
+    """
+    if torch.compiler.is_compiling() or (mask.is_inference() and mask.device.type != "cpu"):
+        return mask
+    base = mask if mask._base is None else mask._base
+    key = None
+    if not mask.is_inference():
+        key = (mask.data_ptr(), mask._version, tuple(mask.shape), mask.stride(), mask.dtype, mask.device)
+        hit = _mask_kinds.get(key)
+        if hit is not None and hit[0]() is base:
+            _mask_kinds.move_to_end(key)
+            return mask if hit[1] is None else hit[1]
+    visible = mask == 0
+    as_bool = visible if bool((visible | (mask == float("-inf"))).all()) else None
+    if key is not None:
+        _mask_kinds[key] = (weakref.ref(base), as_bool)
+        if len(_mask_kinds) > _MASK_KINDS_SIZE:
+            _mask_kinds.popitem(last=False)
+    return mask if as_bool is None else as_bool
+
+
 def _sdpa_mask_args(query, key, attn_mask, is_causal) -> MaskArgs:
     B, H, Lq, _ = query.shape
     Lk = key.shape[2]
@@ -228,6 +327,8 @@ def _sdpa_mask_args(query, key, attn_mask, is_causal) -> MaskArgs:
         args = MaskArgs.none()
         return args._replace(causal=True, bottom_right=False) if is_causal else args
     mask = attn_mask
+    if mask.dtype != torch.bool:
+        mask = _bool_if_zero_or_neg_inf(mask)
     while mask.dim() < 4:
         mask = mask.unsqueeze(0)
     if mask.dtype == torch.bool and mask.shape[1] == 1:

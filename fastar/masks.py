@@ -34,12 +34,15 @@ from typing import List, NamedTuple, Optional, Sequence, Tuple, Union
 
 import torch
 
+from ._validate import check
+
 Device = Union[torch.device, str, None]
 
 BLOCK_NONE, BLOCK_CAUSAL, BLOCK_SAME, BLOCK_PREV = 0, 1, 2, 3
 BLOCK_NAMES = ("none", "causal", "same", "prev")  # the attention op's block_relation, indexed by BLOCK_*
 _RELATIONS = {"causal": BLOCK_CAUSAL, "same": BLOCK_SAME, "prev": BLOCK_PREV}
 _INT32 = torch.iinfo(torch.int32)
+_INT64_MAX = torch.iinfo(torch.int64).max
 
 
 class MaskArgs(NamedTuple):
@@ -217,16 +220,19 @@ class Window(Mask):
     visible iff ``j <= i'`` and (``i' - left <= j`` or ``j < sinks``).
 
     ``left`` keys before the query's own position (the window holds ``left + 1`` keys); the ``sinks`` first
-    keys stay visible to every later query. Sinks obey causality too.
+    keys stay visible to every later query. Sinks obey causality too. Values past the int64 range cover every
+    key already and are stored as its maximum.
     """
 
     def __init__(self, left: int, sinks: int = 0):
-        self.left, self.sinks = _as_int(left, "left"), _as_int(sinks, "sinks")
-        if self.left < 0 or self.sinks < 0:
-            raise ValueError(f"Window needs left >= 0 and sinks >= 0, got left={self.left}, sinks={self.sinks}")
+        left, sinks = _as_int(left, "left"), _as_int(sinks, "sinks")
+        if left < 0 or sinks < 0:
+            raise ValueError(f"Window needs left >= 0 and sinks >= 0, got left={left}, sinks={sinks}")
+        # Past int64 (the kernels' type) a window or sink count covers every key already: same meaning.
+        self.left, self.sinks = min(left, _INT64_MAX), min(sinks, _INT64_MAX)
 
     def _visible(self, geo: _Geometry) -> torch.Tensor:
-        return (geo.j <= geo.qpos) & ((geo.j >= geo.qpos - self.left) | (geo.j < self.sinks))
+        return (geo.j <= geo.qpos) & ((geo.qpos - geo.j <= self.left) | (geo.j < self.sinks))
 
     def lower(
         self, batch: int, Lq: int, Lk: int, device: Device, kv_lens: Optional[torch.Tensor] = None
@@ -273,8 +279,7 @@ class BlockCausal(Mask):
         self.block_lengths: Optional[torch.Tensor] = None
         if block_ids is not None:
             ids = _int_tensor(block_ids, "block_ids", (1, 2))
-            if ids.numel() and (int(ids.min()) < _INT32.min or int(ids.max()) > _INT32.max):
-                raise ValueError("block_ids must fit in int32")
+            check(((ids >= _INT32.min) & (ids <= _INT32.max)).all(), ValueError, "block_ids must fit in int32", sync=True)
             self.block_ids = ids.to(torch.int32).reshape(-1, ids.shape[-1])
         elif block_size is not None:
             self.block_size = _as_int(block_size, "block_size")
@@ -282,8 +287,10 @@ class BlockCausal(Mask):
                 raise ValueError(f"block_size must be positive, got {self.block_size}")
         else:
             lengths = _int_tensor(block_lengths, "block_lengths", (1, 2))
-            if lengths.shape[-1] == 0 or bool((lengths < 0).any()):
+            if lengths.shape[-1] == 0:
                 raise ValueError("block_lengths must be a non-empty list of non-negative lengths")
+            check((lengths >= 0).all(), ValueError, "block_lengths must be a non-empty list of non-negative lengths",
+                  sync=True)
             self.block_lengths = lengths.to(torch.int64).reshape(-1, lengths.shape[-1])
 
     def _mask_batch(self) -> int:
@@ -298,8 +305,8 @@ class BlockCausal(Mask):
                 return t.device
         return None
 
-    def _key_ids(self, Lk: int, lk: torch.Tensor, device: Device) -> torch.Tensor:
-        """int32 ``[B or 1, Lk]``: the block of each key position; ``lk`` int64 ``[G]`` keys per sequence."""
+    def _key_ids(self, Lk: int, kv_lens: Optional[torch.Tensor], device: Device) -> torch.Tensor:
+        """int32 ``[B or 1, Lk]``: the block of each key position."""
         positions = torch.arange(Lk, device=device)
         if self.block_ids is not None:
             if self.block_ids.shape[-1] != Lk:
@@ -307,31 +314,41 @@ class BlockCausal(Mask):
             return self.block_ids.to(device)
         if self.block_size is not None:
             return (positions // self.block_size).to(torch.int32).unsqueeze(0)
-        ends = self.block_lengths.to(device).cumsum(-1)
-        if bool((ends[:, -1] < lk.to(device)).any()):
-            raise ValueError(f"block_lengths cover {ends[:, -1].tolist()} tokens, fewer than the keys {lk.tolist()}")
+        ends = self.block_lengths.cumsum(-1)
+        cover = "block_lengths cover fewer tokens than a sequence's keys"
+        if kv_lens is None:
+            check((ends[:, -1] >= Lk).all(), ValueError, f"{cover} (Lk={Lk})")
+        elif ends.device == kv_lens.device:
+            check((ends[:, -1] >= kv_lens).all(), ValueError, cover)
         # Positions past the last block (beyond the sequence's keys, never read) get id nblocks.
+        ends = ends.to(device)
         ids = torch.searchsorted(ends, positions.expand(ends.shape[0], Lk).contiguous(), right=True)
         return ids.to(torch.int32)
 
     def _ids(self, batch: int, Lq: int, Lk: int, device: Device, kv_lens: Optional[torch.Tensor]):
         """(query ids int32 ``[B or 1, Lq]``, key ids int32 ``[B or 1, Lk]``): the queries are the last
-        ``Lq`` keys of each sequence."""
+        ``Lq`` keys of each sequence.
+
+        Lengths ``kv_lens`` on the CPU are checked (each sequence holds at least ``Lq`` keys); on a device
+        they are not read (no host sync), and a shorter sequence's queries take the ids of its first keys."""
         _check_batch(self._mask_batch(), batch, "BlockCausal")
-        lk = torch.full((1,), Lk, dtype=torch.int64, device=device) if kv_lens is None else kv_lens.to(device)
-        if bool((lk < Lq).any()):
-            raise ValueError(f"BlockCausal: the queries are the last Lq={Lq} keys, but a sequence has fewer keys")
-        k_ids = self._key_ids(Lk, lk, device)
+        fewer = f"BlockCausal: the queries are the last Lq={Lq} keys, but a sequence has fewer keys"
+        if Lk < Lq:
+            raise ValueError(fewer)
+        if kv_lens is not None:
+            check((kv_lens >= Lq).all(), ValueError, fewer)
+        k_ids = self._key_ids(Lk, kv_lens, device)
         if kv_lens is None:
             q_ids = k_ids[:, Lk - Lq :]
         else:
-            qpos = lk.to(torch.int64).view(-1, 1) - Lq + torch.arange(Lq, device=device)
-            q_ids = torch.gather(k_ids.expand(batch, Lk), 1, qpos)
+            qpos = kv_lens.to(device=device, dtype=torch.int64).view(-1, 1) - Lq + torch.arange(Lq, device=device)
+            q_ids = torch.gather(k_ids.expand(batch, Lk), 1, qpos.clamp(0, Lk - 1))
         return q_ids.contiguous(), k_ids.contiguous()
 
     def _visible(self, geo: _Geometry) -> torch.Tensor:
         q_ids, k_ids = self._ids(geo.batch, geo.Lq, geo.Lk, geo.j.device, geo.kv_lens)
-        qb, kb = q_ids.unsqueeze(2), k_ids.unsqueeze(1)
+        # int64, so that qb - 1 cannot wrap around for int32 ids.
+        qb, kb = q_ids.to(torch.int64).unsqueeze(2), k_ids.to(torch.int64).unsqueeze(1)
         if self.relation == "causal":
             return kb <= qb
         if self.relation == "same":
@@ -373,10 +390,8 @@ class Tree(Mask):
         if T == 0:
             raise ValueError("Tree needs at least one node")
         node = torch.arange(T, device=parents.device)
-        bad = (parents < -1) | (parents >= node)
-        if bool(bad.any()):
-            t = int(torch.nonzero(bad)[0, -1])
-            raise ValueError(f"Tree: parents[..., {t}] must lie in [-1, {t}) (a parent comes before its child)")
+        check(((parents >= -1) & (parents < node)).all(), ValueError,
+              "Tree: parents[..., t] must lie in [-1, t) for every node t (a parent comes before its child)", sync=True)
         self.parents = parents
         self.choices: Optional[Tuple[Tuple[int, ...], ...]] = None
         flat = parents.reshape(-1, T)

@@ -13,6 +13,7 @@ from typing import Dict, List, Optional, Sequence, Tuple, Union
 import torch
 import torch.nn.functional as F
 
+from ._validate import head_dim, no_grad
 from .masks import _RELATIONS
 
 Device = Union[torch.device, str, None]
@@ -62,7 +63,8 @@ class ScaleLayout:
             FlowAR), ``"same"`` (itself only: M-VAR, Switti) or ``"prev"`` (itself and the one before: HMAR,
             Markov VAR).
         local_window: ``r`` (int >= 0) restricts keys of other scales to a neighbourhood of the query
-            (SparVAR, Markov-VAR); None = no window.
+            (SparVAR, Markov-VAR); None = no window. A window wider than the largest scale side restricts
+            nothing and is stored as that side.
         full_scales: with a window, keys of the first ``full_scales`` scales stay fully visible (a global
             context of the coarse scales).
 
@@ -95,7 +97,12 @@ class ScaleLayout:
             raise ValueError(f"unknown relation {relation!r}: expected one of {sorted(_RELATIONS)}")
         self.hw: List[Tuple[int, int]] = [_scale_hw(scale, s) for s, scale in enumerate(scales)]
         self.relation = relation
-        self.local_window: Optional[int] = None if local_window is None else _int(local_window, "local_window", 0)
+        self.local_window: Optional[int] = None
+        if local_window is not None:
+            # A key's mapped cell and the query lie on one grid, less than its largest side apart: a larger
+            # window restricts nothing, and is kept as that side (so the kernels' 32-bit offsets cannot overflow).
+            side = max(max(h, w) for h, w in self.hw)
+            self.local_window = min(_int(local_window, "local_window", 0), side)
         self.full_scales = _int(full_scales, "full_scales", 0, len(self.hw))
         if self.full_scales and self.local_window is None:
             raise ValueError("full_scales only applies with a local_window")
@@ -269,7 +276,9 @@ def _check_inputs(q, k, v, layout, q_scale, qk_norm) -> None:
                         f"{q.dtype}, {k.dtype}, {v.dtype}")
     if k.device != q.device or v.device != q.device:
         raise ValueError(f"{op}: q, k, v must be on one device, got {q.device}, {k.device}, {v.device}")
+    no_grad(op, q=q, k=k, v=v, q_scale=q_scale)
     B, Hq, Lq, D = q.shape
+    head_dim(op, D)
     L = layout.num_tokens
     if k.shape != v.shape or k.shape[0] != B or k.shape[3] != D or Hq % k.shape[1] != 0:
         raise ValueError(f"{op}: k and v must both have shape [B={B}, Hkv, L, D={D}] with Hq={Hq} a multiple of "

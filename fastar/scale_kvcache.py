@@ -31,6 +31,7 @@ from typing import List, Optional
 import torch
 import torch.nn.functional as F
 
+from ._validate import no_grad
 from .scale import _int
 
 _SUPPORTED = (torch.float32, torch.float16, torch.bfloat16)
@@ -156,6 +157,7 @@ class ScaleKVCache:
             raise RuntimeError(f"fastar.ScaleKVCache: all {len(self._sizes)} scales of the layout are appended")
         self._check("k", k, self._scales, heads_multiple=False)
         self._check("v", v, self._scales, heads_multiple=False)
+        no_grad("fastar.ScaleKVCache.append", k=k, v=v)
         end = self._length + k.shape[2]
         self._k[:, :, self._length : end].copy_(k)
         self._v[:, :, self._length : end].copy_(v)
@@ -182,6 +184,7 @@ class ScaleKVCache:
         """
         self._check_current("attend")
         self._check("q", q, self._scales - 1, heads_multiple=True)
+        no_grad("fastar.ScaleKVCache.attend", q=q, q_scale=q_scale)
         q_scale = _q_scale(q, q_scale, qk_norm)
         if scale is None:
             scale = 1.0 if qk_norm else q.shape[-1] ** -0.5

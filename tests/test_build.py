@@ -4,6 +4,7 @@ from __future__ import annotations
 import os
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 import torch
@@ -200,3 +201,20 @@ def test_scale_attention_compiles_without_graph_breaks(dynamic):
         q_scale = torch.rand(4, generator=g) + 1
         for got, want in zip(compiled(q, k, v, q_scale, layout), fn(q, k, v, q_scale, layout)):
             torch.testing.assert_close(got, want, rtol=1e-6, atol=1e-6)
+
+
+def test_build_uses_the_installed_torch():
+    """`pip install .` (build isolation) must not build against another torch from the build requirements; the
+    build stops before CMake with the fix when torch cannot be imported."""
+    tomllib = pytest.importorskip("tomllib")  # Python 3.11+
+    root = Path(__file__).resolve().parents[1]
+    build_system = tomllib.loads((root / "pyproject.toml").read_text())["build-system"]
+    assert not any(req.split("=")[0].split(">")[0].split("<")[0].strip() == "torch" for req in build_system["requires"])
+    code = (
+        "import runpy, sys; sys.modules['torch'] = None; "  # `import torch` raises ImportError
+        "sys.argv = ['setup.py', 'build_ext']; "
+        "runpy.run_path('setup.py', run_name='__main__')"
+    )
+    proc = subprocess.run([sys.executable, "-c", code], cwd=root, capture_output=True, text=True, timeout=120)
+    assert proc.returncode != 0
+    assert "torch cannot be imported" in proc.stderr and "pip install --no-build-isolation ." in proc.stderr

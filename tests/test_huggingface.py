@@ -110,3 +110,38 @@ def test_greedy_generate_matches_sdpa(models, fastar_calls):
     assert torch.equal(got, want), f"fastar generated\n{got}\nSDPA generated\n{want}"
     # A prefill and NEW_TOKENS - 1 decode steps (one query against the KV cache), every layer through fastar.
     assert len(fastar_calls) == layers * NEW_TOKENS
+
+
+def gemma2_config(softcapping):
+    return transformers.Gemma2Config(
+        vocab_size=VOCAB, hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
+        num_key_value_heads=2, head_dim=16, max_position_embeddings=64, sliding_window=8, initializer_range=0.2,
+        pad_token_id=0, attn_logit_softcapping=softcapping,
+    )
+
+
+@torch.no_grad()
+def test_gemma2_softcap_is_refused_with_a_fastar_message():
+    """Gemma 2 soft-caps its attention logits, which fastar's kernels do not: the first forward says so."""
+    model = transformers.AutoModelForCausalLM.from_config(gemma2_config(50.0), attn_implementation="fastar").eval()
+    with pytest.raises(ValueError, match="attn_implementation='fastar' does not support .*soft-capping") as error:
+        model(input_ids=inputs()[0])
+    assert "sdpa" not in str(error.value)
+
+
+@torch.no_grad()
+def test_gemma2_without_softcap_matches_eager(fastar_calls):
+    """The refusal is of soft-capping only: Gemma 2 without it (sliding-window layers included) runs fastar's
+    kernels and gives the logits of transformers' eager attention (Gemma 2 has no SDPA path)."""
+    cfg = gemma2_config(None)
+    torch.manual_seed(0)
+    reference = transformers.AutoModelForCausalLM.from_config(copy.deepcopy(cfg), attn_implementation="eager").eval()
+    model = transformers.AutoModelForCausalLM.from_config(copy.deepcopy(cfg), attn_implementation="fastar").eval()
+    model.load_state_dict(reference.state_dict())
+    input_ids, attention_mask = inputs()
+    got = model(input_ids=input_ids, attention_mask=attention_mask).logits
+    want = reference(input_ids=input_ids, attention_mask=attention_mask).logits
+    assert len(fastar_calls) == cfg.num_hidden_layers
+    # Padding positions see no key: eager gives them a uniform average, SDPA's convention (fastar's) 0.
+    real = attention_mask.bool()
+    assert_logits_close(got[real], want[real])

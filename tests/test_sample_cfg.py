@@ -345,10 +345,10 @@ BAD_ARGUMENTS = [
     (dict(scale_index=10), ValueError, r"scale_index must be in \[0, num_scales\)"),
     (dict(scale_index=1.0), TypeError, "scale_index must be an int"),
     (dict(schedule="constant"), ValueError, "apply to schedule='var' only"),
-    (dict(seed=1.5), TypeError, "seed must be an int or an int64 tensor"),
-    (dict(seed=torch.tensor(1.0)), TypeError, "seed must be an int64 tensor"),
+    (dict(seed=1.5), TypeError, "seed must be an integer"),
+    (dict(seed=torch.tensor(1.0)), TypeError, "seed must hold an integer"),
     (dict(seed=torch.tensor([1, 2])), ValueError, "seed must hold one value"),
-    (dict(offset="0"), TypeError, "offset must be an int or an int64 tensor"),
+    (dict(offset="0"), TypeError, "offset must be an integer"),
 ]
 
 

@@ -808,12 +808,10 @@ def test_bad_seed(backend):
         call(seed=True)
     with pytest.raises(TypeError, match="offset must be an int"):
         call(seed=1, offset=2.5)
-    with pytest.raises(TypeError, match="seed must be an int64 tensor"):
-        call(seed=torch.tensor(1, dtype=torch.int32))
-    with pytest.raises(TypeError, match="seed must be an int64 tensor"):
+    with pytest.raises(TypeError, match="seed must hold an integer"):
         call(seed=torch.tensor(1.0))
-    with pytest.raises(TypeError, match="offset must be an int64 tensor"):
-        call(seed=1, offset=torch.tensor(1, dtype=torch.uint8))
+    with pytest.raises(TypeError, match="offset must hold an integer"):
+        call(seed=1, offset=torch.tensor(True))
     with pytest.raises(ValueError, match="seed must hold one value"):
         call(seed=torch.tensor([1, 2]))
 

@@ -37,7 +37,13 @@ def fastar_attention_forward(
 ):
     """transformers attention function: query ``[B, Hq, L, D]``, key/value ``[B, Hkv, S, D]``; returns
     ``([B, L, Hq, D], None)``."""
-    if kwargs.get("position_bias") is not None or kwargs.get("cache") is not None or kwargs.get("softcap") is not None:
+    if kwargs.get("softcap") is not None:
+        raise ValueError(
+            f"attn_implementation='fastar' does not support attention logit soft-capping (softcap="
+            f"{kwargs['softcap']}, e.g. Gemma 2's config.attn_logit_softcapping): fastar's kernels compute plain "
+            "softmax attention. Load this model with attn_implementation='eager' (or 'flex_attention')."
+        )
+    if kwargs.get("position_bias") is not None or kwargs.get("cache") is not None:
         # Features of transformers' SDPA path that fastar does not implement itself.
         return sdpa_attention_forward(
             module, query, key, value, attention_mask, dropout=dropout, scaling=scaling, is_causal=is_causal, **kwargs

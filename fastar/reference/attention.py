@@ -45,10 +45,12 @@ def mask_from_args(
     if args.causal:
         visible &= j <= d
     if args.window:
-        visible &= ((j >= d - args.window_left) & (j <= d)) | (j < args.window_sinks)
+        # Distances d - j: no overflow for any window_left up to the int64 maximum.
+        visible &= ((d - j <= args.window_left) & (j <= d)) | (j < args.window_sinks)
     if args.block_relation != BLOCK_NONE:
-        qb = args.q_block_ids.expand(batch, Lq).unsqueeze(2)
-        kb = args.k_block_ids.expand(batch, Lk).unsqueeze(1)
+        # int64, so that qb - 1 cannot wrap around for int32 ids.
+        qb = args.q_block_ids.to(torch.int64).expand(batch, Lq).unsqueeze(2)
+        kb = args.k_block_ids.to(torch.int64).expand(batch, Lk).unsqueeze(1)
         if args.block_relation == BLOCK_CAUSAL:
             visible &= kb <= qb
         elif args.block_relation == BLOCK_SAME:
