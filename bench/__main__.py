@@ -30,7 +30,8 @@ ROUNDS = {"full": (40, 12.0), "quick": (4, 1.5)}
 def main(argv=None) -> None:
     parser = argparse.ArgumentParser(prog="python -m bench", description=__doc__)
     parser.add_argument("--quick", action="store_true", help="a few rounds per case: a smoke test")
-    parser.add_argument("--only", metavar="NAME", help="only the rows whose 'op[case id]' contains NAME")
+    parser.add_argument("--only", metavar="NAME",
+                        help="only the rows whose 'op[case id]' contains NAME (several: comma-separated)")
     parser.add_argument("--threads", type=int, default=os.cpu_count(), help="torch threads (default: all cores)")
     parser.add_argument("--device", choices=["cpu", "cuda"], default="cpu")
     parser.add_argument("--isa", choices=fastar.build_info()["cpu_isas_built"],
@@ -42,7 +43,9 @@ def main(argv=None) -> None:
         fastar._C._set_cpu_isa(args.isa)
     if args.device == "cuda" and not (torch.cuda.is_available() and fastar.build_info()["cuda"]):
         parser.error("--device cuda needs a CUDA GPU and a CUDA build of fastar")
-    selected = [(op, case) for op in OPS for case in op.cases if not args.only or args.only in f"{op.name}[{case.id}]"]
+    wanted = args.only.split(",") if args.only else []
+    selected = [(op, case) for op in OPS for case in op.cases
+                if not wanted or any(w in f"{op.name}[{case.id}]" for w in wanted)]
     if not selected:
         parser.error(f"--only {args.only}: no case matches")
 
