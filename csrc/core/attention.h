@@ -106,7 +106,7 @@ FASTAR_HD bool block_visible(BlockRelation r, int32_t qb, int32_t kb) {
     case BlockRelation::kSame:
       return kb == qb;
     case BlockRelation::kPrev:
-      return kb <= qb && kb >= qb - 1;
+      return kb <= qb && int64_t{kb} >= int64_t{qb} - 1;
     default:
       return true;
   }
@@ -145,7 +145,7 @@ FASTAR_HD bool scale_window_visible(const AttentionMask& m, int64_t tq, int64_t 
 FASTAR_HD bool mask_visible(const AttentionMask& m, int64_t b, int64_t i, int64_t j, MaskGeometry g) {
   const int64_t d = i + g.diag;
   if (m.causal && j > d) return false;
-  if (m.window && !(j >= d - m.window_left && j <= d) && j >= m.window_sinks) return false;
+  if (m.window && !(d - j <= m.window_left && j <= d) && j >= m.window_sinks) return false;
   if (m.block != BlockRelation::kNone &&
       !block_visible(m.block, m.q_block_ids[b * m.q_block_sb + i], m.k_block_ids[b * m.k_block_sb + j]))
     return false;
@@ -176,8 +176,9 @@ FASTAR_HD TileClass classify_tile(const AttentionMask& m, int64_t b, int64_t i0,
   }
   if (m.window) {
     const bool in_sinks = j1 <= m.window_sinks;
-    if (!in_sinks && j0 >= m.window_sinks && (j1 - 1 < d_lo - m.window_left || j0 > d_hi)) return TileClass::kHidden;
-    full &= in_sinks || (j0 >= d_hi - m.window_left && j1 - 1 <= d_lo);
+    // Distances first: d - window_left overflows for a window_left near 2^63.
+    if (!in_sinks && j0 >= m.window_sinks && (d_lo - (j1 - 1) > m.window_left || j0 > d_hi)) return TileClass::kHidden;
+    full &= in_sinks || (d_hi - j0 <= m.window_left && j1 - 1 <= d_lo);
   }
   if (m.block != BlockRelation::kNone) {
     int32_t qmin = m.q_block_ids[b * m.q_block_sb + i0], qmax = qmin;
@@ -203,8 +204,8 @@ FASTAR_HD TileClass classify_tile(const AttentionMask& m, int64_t b, int64_t i0,
         full &= kmin == kmax && qmin == qmax && kmin == qmin;
         break;
       case BlockRelation::kPrev:
-        if (kmax < qmin - 1 || kmin > qmax) return TileClass::kHidden;
-        full &= kmin >= qmax - 1 && kmax <= qmin;
+        if (kmax < int64_t{qmin} - 1 || kmin > qmax) return TileClass::kHidden;  // 64 bits: ids near -2^31
+        full &= int64_t{kmin} >= int64_t{qmax} - 1 && kmax <= qmin;
         break;
       default:
         break;

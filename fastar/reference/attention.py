@@ -45,10 +45,10 @@ def mask_from_args(
     if args.causal:
         visible &= j <= d
     if args.window:
-        visible &= ((j >= d - args.window_left) & (j <= d)) | (j < args.window_sinks)
+        visible &= ((d - j <= args.window_left) & (j <= d)) | (j < args.window_sinks)
     if args.block_relation != BLOCK_NONE:
-        qb = args.q_block_ids.expand(batch, Lq).unsqueeze(2)
-        kb = args.k_block_ids.expand(batch, Lk).unsqueeze(1)
+        qb = args.q_block_ids.expand(batch, Lq).unsqueeze(2).to(torch.int64)  # qb - 1 must not wrap
+        kb = args.k_block_ids.expand(batch, Lk).unsqueeze(1).to(torch.int64)
         if args.block_relation == BLOCK_CAUSAL:
             visible &= kb <= qb
         elif args.block_relation == BLOCK_SAME:
