@@ -14,6 +14,7 @@
 #include <cstdint>
 
 #include "core/macros.h"
+#include "core/softmax.h"
 
 namespace fastar {
 
@@ -74,6 +75,11 @@ struct AttentionParams {
 };
 
 constexpr float kQkNormEps = 1e-12f;  // F.normalize's eps: x / max(|x|, eps)
+
+// qk_norm's factor for a row with this sum of squares: 1 / max(|x|, eps); NaN for a row holding NaN.
+FASTAR_HD float qk_norm_factor(float sum_squares) {
+  return 1.0f / softmax_max(sqrtf(sum_squares), kQkNormEps);
+}
 
 FASTAR_HD int64_t kv_len(const AttentionParams& p, int64_t b) { return p.kv_lens ? p.kv_lens[b] : p.Lk; }
 
