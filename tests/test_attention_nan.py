@@ -1,6 +1,6 @@
 """NaN and Inf through the attention ops, on every backend: NaN in, NaN out for exactly the rows that see it.
 
-The rule (README, attention conventions): a NaN logit of a visible key (a NaN in the q row, in key
+The rule (docs/attention.md, conventions): a NaN logit of a visible key (a NaN in the q row, in key
 ``j``'s k row, in ``scale`` or in a float mask element, or a +-inf that makes the logit NaN or +inf) makes the
 row's output and LSE NaN; a NaN in v row ``j`` makes NaN the outputs of the rows that see key ``j`` and of no
 row whose mask hides it, even when both share a key tile; a row that sees no key gives output 0 and LSE
@@ -256,3 +256,21 @@ def test_sdpa_nan_scale(backend):
     with sdpa_kernel(SDPBackend.MATH):
         want = F.scaled_dot_product_attention(q, k, v, is_causal=True, scale=NAN)
     assert want.isnan().all() and out.isnan().all()
+
+
+def test_sdpa_minus_inf_bias_is_not_a_hidden_key(backend):
+    """A float attn_mask's -inf is added to the logit: a NaN in that key's v row reaches the row (weight 0
+    times NaN), as in PyTorch's SDPA; a bool mask's False hides the key (bit-packed: the row stays finite)."""
+    gen = torch.Generator().manual_seed(4)
+    B, H, Lq, Lk, D = 1, 2, 6, 40, 64
+    q, k, v = make((B, H, Lq, D), torch.float32, gen), make((B, H, Lk, D), torch.float32, gen), \
+        make((B, H, Lk, D), torch.float32, gen)
+    v[0, 1, 30, 3] = NAN
+    keep = torch.ones(Lq, Lk, dtype=torch.bool)
+    keep[:3, 30] = False
+    bias = torch.zeros(Lq, Lk).masked_fill(~keep, -INF)
+    out = backend.scaled_dot_product_attention(q, k, v, attn_mask=bias)
+    want = F.scaled_dot_product_attention(q, k, v, attn_mask=bias)
+    assert want[0, 1, :, 3].isnan().all() and torch.equal(out.isnan(), want.isnan())
+    out = backend.scaled_dot_product_attention(q, k, v, attn_mask=keep)
+    assert torch.equal(out[0, 1, :, 3].isnan(), keep[:, 30]) and out.isnan().sum() == 3
