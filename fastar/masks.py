@@ -353,7 +353,7 @@ class BlockCausal(Mask):
             return kb <= qb
         if self.relation == "same":
             return kb == qb
-        return (kb <= qb) & (kb >= qb - 1)
+        return (kb <= qb) & (kb.long() >= qb.long() - 1)  # int64: qb - 1 must not wrap at -2**31
 
     def lower(
         self, batch: int, Lq: int, Lk: int, device: Device, kv_lens: Optional[torch.Tensor] = None

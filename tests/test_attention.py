@@ -1128,3 +1128,21 @@ def test_out_of_wrong_shape_is_rejected():
         out = torch.zeros(shape)
         with pytest.raises((ValueError, RuntimeError)):
             fastar.attention(q, k, v, out=out)
+
+
+@pytest.mark.parametrize("Lq", [1, 5, 50])
+def test_mask_terms_at_the_int_limits(backend, Lq):
+    """A window wider than int64 arithmetic around it (left = 2^63 - 1: every earlier key; with Lq > Lk the
+    first queries' diagonals are negative) and block ids at the bottom of int32 (relation "prev": id - 1
+    must not wrap) follow their definitions."""
+    gen = torch.Generator().manual_seed(Lq)
+    Lk = 40
+    q, k, v = make((1, 2, Lq, 32), torch.float32, gen), make((1, 2, Lk, 32), torch.float32, gen), \
+        make((1, 2, Lk, 32), torch.float32, gen)
+    masks = [Window(2**63 - 1), Window(2**63 - 1, sinks=3)]
+    if Lq <= Lk:
+        masks += [BlockCausal(torch.full((Lk,), -2**31, dtype=torch.int32), relation="prev"),
+                  BlockCausal(torch.tensor([-2**31] * 20 + [-2**31 + 1] * 20, dtype=torch.int32), relation="prev")]
+    for mask in masks:
+        out, lse = backend.attention(q, k, v, mask=mask, return_lse=True)
+        check_attention(out, lse, q, k, v, dense4(mask, Lq, Lk, 1), what=repr(mask)[:40])

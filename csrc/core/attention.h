@@ -14,6 +14,7 @@
 #include <cstdint>
 
 #include "core/macros.h"
+#include "core/softmax.h"
 
 namespace fastar {
 
@@ -75,6 +76,11 @@ struct AttentionParams {
 
 constexpr float kQkNormEps = 1e-12f;  // F.normalize's eps: x / max(|x|, eps)
 
+// qk_norm's factor for a row with this sum of squares: 1 / max(|x|, eps); NaN for a row holding NaN.
+FASTAR_HD float qk_norm_factor(float sum_squares) {
+  return 1.0f / softmax_max(sqrtf(sum_squares), kQkNormEps);
+}
+
 FASTAR_HD int64_t kv_len(const AttentionParams& p, int64_t b) { return p.kv_lens ? p.kv_lens[b] : p.Lk; }
 
 // Per-sequence positions of the mask: query i's causal diagonal is key i + diag; the bit-packed part
@@ -106,7 +112,7 @@ FASTAR_HD bool block_visible(BlockRelation r, int32_t qb, int32_t kb) {
     case BlockRelation::kSame:
       return kb == qb;
     case BlockRelation::kPrev:
-      return kb <= qb && int64_t{kb} >= int64_t{qb} - 1;  // 64-bit: qb may be INT32_MIN
+      return kb <= qb && int64_t{kb} >= int64_t{qb} - 1;
     default:
       return true;
   }
@@ -145,7 +151,6 @@ FASTAR_HD bool scale_window_visible(const AttentionMask& m, int64_t tq, int64_t 
 FASTAR_HD bool mask_visible(const AttentionMask& m, int64_t b, int64_t i, int64_t j, MaskGeometry g) {
   const int64_t d = i + g.diag;
   if (m.causal && j > d) return false;
-  // Distances d - j, not d - window_left: any window_left up to INT64_MAX without overflow.
   if (m.window && !(d - j <= m.window_left && j <= d) && j >= m.window_sinks) return false;
   if (m.block != BlockRelation::kNone &&
       !block_visible(m.block, m.q_block_ids[b * m.q_block_sb + i], m.k_block_ids[b * m.k_block_sb + j]))
@@ -177,6 +182,7 @@ FASTAR_HD TileClass classify_tile(const AttentionMask& m, int64_t b, int64_t i0,
   }
   if (m.window) {
     const bool in_sinks = j1 <= m.window_sinks;
+    // Distances first: d - window_left overflows for a window_left near 2^63.
     if (!in_sinks && j0 >= m.window_sinks && (d_lo - (j1 - 1) > m.window_left || j0 > d_hi)) return TileClass::kHidden;
     full &= in_sinks || (d_hi - j0 <= m.window_left && j1 - 1 <= d_lo);
   }
@@ -204,8 +210,8 @@ FASTAR_HD TileClass classify_tile(const AttentionMask& m, int64_t b, int64_t i0,
         full &= kmin == kmax && qmin == qmax && kmin == qmin;
         break;
       case BlockRelation::kPrev:
-        if (kmax < int64_t{qmin} - 1 || kmin > qmax) return TileClass::kHidden;
-        full &= kmin >= int64_t{qmax} - 1 && kmax <= qmin;
+        if (kmax < int64_t{qmin} - 1 || kmin > qmax) return TileClass::kHidden;  // 64 bits: ids near -2^31
+        full &= int64_t{kmin} >= int64_t{qmax} - 1 && kmax <= qmin;
         break;
       default:
         break;

@@ -17,10 +17,13 @@
 // probabilities broadcast from shared memory.
 // With several kv splits (flash-decoding: few items, long caches), each block writes its unnormalised
 // partial output and (max, sum) to a float32 workspace and attention_merge_kernel combines them by LSE.
+// Every row's softmax is a core/softmax.h state (its NaN rule included); P.V skips the keys a partial tile's
+// mask hides from a row, so a NaN in their V rows stays out of it.
 #pragma once
 #include <cmath>
 
 #include "core/attention.h"
+#include "core/softmax.h"
 #include "cuda/common.cuh"
 
 namespace fastar::cuda {
@@ -29,7 +32,10 @@ constexpr int kAttnThreads = 128;
 constexpr int kAttnWarps = kAttnThreads / 32;
 constexpr int kClsChunk = kAttnThreads;  // tiles classified per pass, one per thread
 constexpr float kLog2e = 1.4426950408889634f;
-constexpr float kLn2 = 0.6931471805599453f;
+// Probability slot of a key the mask hides from the row (in a partial tile): P.V skips it.
+constexpr float kHiddenP = -1.0f;
+
+using RowState = SoftmaxState<float, Log2Units>;  // logits in log2 units
 
 // What the launcher decided, shared by the attention and merge kernels.
 struct AttentionWork {
@@ -89,12 +95,18 @@ __device__ __forceinline__ float warp_sum(float v) {
   return v;
 }
 
-// 1 / max(|x|, eps) of a row of D elements (qk_norm), with lane reading x[lane::32]; warp-uniform call.
+// The max over the warp, NaN if any lane holds NaN.
+__device__ __forceinline__ float warp_softmax_max(float v) {
+  for (int d = 16; d > 0; d >>= 1) v = softmax_max(v, __shfl_xor_sync(kFullMask, v, d));
+  return v;
+}
+
+// qk_norm's factor of a row of D elements, with lane reading x[lane::32]; warp-uniform call.
 template <typename T>
 __device__ __forceinline__ float inv_norm(const T* x, int D, int lane) {
   float ss = 0.0f;
   for (int d = lane; d < D; d += 32) ss += to_float(x[d]) * to_float(x[d]);
-  return 1.0f / fmaxf(sqrtf(warp_sum(ss)), kQkNormEps);
+  return qk_norm_factor(warp_sum(ss));
 }
 
 // The key's page must exist: the CPU glue rejects bad block tables, the CUDA one cannot without a sync.
@@ -165,7 +177,8 @@ struct GlobalValues {
 };
 
 // acc[r] += sum over keys c < nk of p[r][c] * V[c] for the first N rows; p rows of stride 32 in shared memory.
-template <int N, int kRows, int kDC, typename Values>
+// kMasked (partial tiles): keys whose p is kHiddenP are skipped, so 0 * NaN of a hidden V row cannot leak.
+template <int N, bool kMasked, int kRows, int kDC, typename Values>
 __device__ __forceinline__ void pv_rows(const Values& vals, int c0, int nk, const float* __restrict__ p, int lane,
                                         float (&acc)[kRows][kDC]) {
 #pragma unroll 2
@@ -176,18 +189,31 @@ __device__ __forceinline__ void pv_rows(const Values& vals, int c0, int nk, cons
     for (int r = 0; r < N; ++r) {
       const float pr = p[r * 32 + c];
 #pragma unroll
-      for (int i = 0; i < kDC; ++i) acc[r][i] = fmaf(pr, x[i], acc[r][i]);
+      for (int i = 0; i < kDC; ++i) acc[r][i] = kMasked && pr < 0.0f ? acc[r][i] : fmaf(pr, x[i], acc[r][i]);
     }
   }
 }
 
-template <int kRows, int kDC, typename Values, int N = kRows>
+template <int kRows, bool kMasked, int kDC, typename Values, int N = kRows>
 __device__ __forceinline__ void pv_upto(int n, const Values& vals, int c0, int nk, const float* p, int lane,
                                         float (&acc)[kRows][kDC]) {
   if constexpr (N > 1) {
-    if (n <= N / 2) return pv_upto<kRows, kDC, Values, N / 2>(n, vals, c0, nk, p, lane, acc);
+    if (n <= N / 2) return pv_upto<kRows, kMasked, kDC, Values, N / 2>(n, vals, c0, nk, p, lane, acc);
   }
-  pv_rows<N>(vals, c0, nk, p, lane, acc);
+  pv_rows<N, kMasked>(vals, c0, nk, p, lane, acc);
+}
+
+// P.V of a tile for the warp's first n rows: masked for a partial tile (warp-uniform choice).
+template <int kRows, bool kStaged, int kDC, typename Values>
+__device__ __forceinline__ void pv_tile(bool masked, int n, const Values& vals, int c0, int nk, const float* p,
+                                        int lane, float (&acc)[kRows][kDC]) {
+  if constexpr (kStaged) {
+    if (masked) return pv_rows<kRows, true>(vals, c0, nk, p, lane, acc);
+    pv_rows<kRows, false>(vals, c0, nk, p, lane, acc);
+  } else {
+    if (masked) return pv_upto<kRows, true>(n, vals, c0, nk, p, lane, acc);
+    pv_upto<kRows, false>(n, vals, c0, nk, p, lane, acc);
+  }
 }
 
 // Where row r of an item goes: normalised into out/lse, or (split) unnormalised into the workspace.
@@ -195,27 +221,47 @@ struct RowDest {
   int64_t b, h, i;
 };
 
+// Column d of a row's accumulated output o: o * inv_l (RowState::inv_l) into out, or o as it is (split).
 template <typename T>
 __device__ __forceinline__ void store_value(const AttentionParams& p, const AttentionWork& w, int64_t split,
-                                            const RowDest& rd, int64_t d, float o, float l) {
+                                            const RowDest& rd, int64_t d, float o, float inv_l) {
   if (w.part_o) {
     const int64_t row = ((split * p.B + rd.b) * p.Hq + rd.h) * p.Lq + rd.i;
     w.part_o[row * p.D + d] = o;
   } else {
     T* dst = static_cast<T*>(p.out) + rd.b * p.o_sb + rd.h * p.o_sh + rd.i * p.o_sl;
-    dst[d] = from_float<T>(l > 0.0f ? o / l : 0.0f);
+    dst[d] = from_float<T>(o * inv_l);
   }
 }
 
+// A row's state: its LSE into lse, or the state itself (split).
 __device__ __forceinline__ void store_stats(const AttentionParams& p, const AttentionWork& w, int64_t split,
-                                            const RowDest& rd, float m, float l) {
+                                            const RowDest& rd, const RowState& st) {
   const int64_t row = (rd.b * p.Hq + rd.h) * p.Lq + rd.i;
   if (w.part_o) {
-    w.part_ml[(split * p.B * p.Hq * p.Lq + row) * 2] = m;
-    w.part_ml[(split * p.B * p.Hq * p.Lq + row) * 2 + 1] = l;
+    w.part_ml[(split * p.B * p.Hq * p.Lq + row) * 2] = st.m;
+    w.part_ml[(split * p.B * p.Hq * p.Lq + row) * 2 + 1] = st.l;
   } else if (p.lse) {
-    p.lse[row] = l > 0.0f ? (m + log2f(l)) * kLn2 : -INFINITY;  // a row that saw no key: -inf
+    p.lse[row] = st.lse();
   }
+}
+
+// Merges n partial states of one row, state(s) with output columns value(s, d), and stores the result; one
+// warp per row, lanes over D (each lane folds the states for its own columns).
+template <typename T, typename StateAt, typename ValueAt>
+__device__ __forceinline__ void merge_and_store(const AttentionParams& p, const AttentionWork& w, int64_t split,
+                                                const RowDest& rd, int64_t n, int lane, StateAt state, ValueAt value) {
+  RowState st = RowState::init();
+  for (int64_t d = lane; d < p.D; d += 32) {
+    st = RowState::init();
+    float o = 0.0f;
+    for (int64_t s = 0; s < n; ++s) {
+      const RowState::MergeWeights wgt = st.merge(state(s));
+      o = fmaf(value(s, d), wgt.other, o * wgt.self);
+    }
+    store_value<T>(p, w, split, rd, d, o, st.inv_l());
+  }
+  if (lane == 0) store_stats(p, w, split, rd, st);  // lane 0 folded column 0
 }
 
 template <typename T, int kDC, int kRowsPerWarp, int kKeySlices>
@@ -277,14 +323,15 @@ __global__ void __launch_bounds__(kAttnThreads) attention_kernel(AttentionParams
 
   const int row0 = group * kRowsPerWarp;
   const int nrows = static_cast<int>(max64(0, min64(kRowsPerWarp, R - row0)));  // warp-uniform
-  float m[kRowsPerWarp], l[kRowsPerWarp], acc[kRowsPerWarp][kDC];
+  RowState st[kRowsPerWarp];  // l: this lane's share of the row sum, summed over the warp at the end
+  float acc[kRowsPerWarp][kDC];
 #pragma unroll
   for (int r = 0; r < kRowsPerWarp; ++r) {
-    m[r] = -INFINITY;
-    l[r] = 0.0f;  // this lane's share of the row sum, summed over the warp at the end
+    st[r] = RowState::init();
 #pragma unroll
     for (int i = 0; i < kDC; ++i) acc[r][i] = 0.0f;
   }
+  static_assert(kRowsPerWarp <= 32, "hidden keys are one bit per row");
 
   const T* kbase = static_cast<const T*>(p.k);
   const T* vbase = static_cast<const T*>(p.v);
@@ -340,60 +387,60 @@ __global__ void __launch_bounds__(kAttnThreads) attention_kernel(AttentionParams
       } else {
         qk_rows<kRowsPerWarp>(s_q + row0 * D, s_k + c * lay.ks, D, s);
       }
-      // Mask terms of a partial tile, as an additive 0 / -inf / bias per row, staged in this lane's own
-      // probability slots: a rolled loop keeps one copy of the mask code instead of kRowsPerWarp.
-      const bool partial = key_ok && cls == TileClass::kPartial;
-      if (partial) {
+      // Mask terms of a partial tile: a bit per hidden row, and the bias (or 0) of each visible one staged
+      // in this lane's own probability slots: a rolled loop keeps one copy of the mask code, not kRowsPerWarp.
+      const bool masked = cls == TileClass::kPartial;  // block-uniform
+      uint32_t hidden = 0;
+      if (masked && key_ok) {
 #pragma unroll 1
         for (int r = 0; r < nrows; ++r) {
           const RowDest rd = dest(row0 + r);
           float add = 0.0f;
           if (!mask_visible(p.mask, b, rd.i, j, geom)) {
-            add = -INFINITY;
+            hidden |= 1u << r;
           } else if (bias) {
             add = to_float(bias[rd.b * p.mask.bias_sb + rd.h * p.mask.bias_sh + rd.i * p.mask.bias_sq + j]) * kLog2e;
           }
           my_p[r * 32 + lane] = add;
         }
       }
+      // Hidden logits are replaced, not added -inf to: a NaN logit of a hidden key stays out of the row.
 #pragma unroll
       for (int r = 0; r < kRowsPerWarp; ++r) {
-        if (r >= nrows || !key_ok) {
+        if (r >= nrows || !key_ok || (hidden >> r & 1)) {
           s[r] = -INFINITY;
-        } else if (partial) {
+        } else if (masked) {
           s[r] += my_p[r * 32 + lane];
         }
       }
-      // Online softmax: what was accumulated so far is rescaled by 2^(m_old - m_new).
 #pragma unroll
       for (int r = 0; r < kRowsPerWarp; ++r) {
         float pr = 0.0f;  // rows past nrows: 0, so P.V over all kRowsPerWarp rows stays finite
-        const float mx = r < nrows ? warp_max(s[r]) : -INFINITY;
-        if (mx != -INFINITY) {  // warp-uniform: the row sees some key of this slice
-          const float m_new = fmaxf(m[r], mx);
-          const float corr = exp2f(m[r] - m_new);  // 0 on the row's first visible tile
-          pr = exp2f(s[r] - m_new);
-          l[r] = l[r] * corr + pr;
-          m[r] = m_new;
+        const float mx = r < nrows ? warp_softmax_max(s[r]) : -INFINITY;
+        if (mx != -INFINITY) {  // warp-uniform: the row sees some key of this slice (or a NaN logit)
+          const float corr = st[r].update(mx);
+          pr = st[r].prob(s[r]);
+          st[r].add(pr);
 #pragma unroll
           for (int i = 0; i < kDC; ++i) acc[r][i] *= corr;
         }
-        my_p[r * 32 + lane] = pr;
+        my_p[r * 32 + lane] = hidden >> r & 1 ? kHiddenP : pr;
       }
       __syncwarp();
       // o += p V: lanes over D, each V row read once for all the warp's rows.
       const int nkw = static_cast<int>(max64(0, min64(32, nk - slice * 32)));
       if constexpr (kStageV) {
-        pv_rows<kRowsPerWarp>(SmemValues{s_v, D}, slice * 32, nkw, my_p, lane, acc);
+        pv_tile<kRowsPerWarp, true>(masked, nrows, SmemValues{s_v, D}, slice * 32, nkw, my_p, lane, acc);
       } else {
-        pv_upto<kRowsPerWarp, kDC>(nrows, GlobalValues<T>{vbase, s_voff, D}, slice * 32, nkw, my_p, lane, acc);
+        pv_tile<kRowsPerWarp, false>(masked, nrows, GlobalValues<T>{vbase, s_voff, D}, slice * 32, nkw, my_p, lane,
+                                     acc);
       }
     }
   }
 
 #pragma unroll
   for (int r = 0; r < kRowsPerWarp; ++r) {
-    if (r < nrows) l[r] = warp_sum(l[r]);
+    if (r < nrows) st[r].l = warp_sum(st[r].l);
   }
 
   if constexpr (kKeySlices == 1) {
@@ -401,12 +448,13 @@ __global__ void __launch_bounds__(kAttnThreads) attention_kernel(AttentionParams
     for (int r = 0; r < kRowsPerWarp; ++r) {
       if (r >= nrows) break;
       const RowDest rd = dest(row0 + r);
+      const float inv_l = st[r].inv_l();
 #pragma unroll
       for (int i = 0; i < kDC; ++i) {
         const int d = lane + 32 * i;
-        if (d < D) store_value<T>(p, w, split, rd, d, acc[r][i], l[r]);
+        if (d < D) store_value<T>(p, w, split, rd, d, acc[r][i], inv_l);
       }
-      if (lane == 0) store_stats(p, w, split, rd, m[r], l[r]);
+      if (lane == 0) store_stats(p, w, split, rd, st[r]);
     }
   } else {
     // Merge the key slices' states of each row: [warp][row][m, l, acc[D]] in the K area.
@@ -417,8 +465,8 @@ __global__ void __launch_bounds__(kAttnThreads) attention_kernel(AttentionParams
       if (r >= nrows) break;
       float* dst = s_m + (warp * kRowsPerWarp + r) * (D + 2);
       if (lane == 0) {
-        dst[0] = m[r];
-        dst[1] = l[r];
+        dst[0] = st[r].m;
+        dst[1] = st[r].l;
       }
 #pragma unroll
       for (int i = 0; i < kDC; ++i) {
@@ -428,28 +476,12 @@ __global__ void __launch_bounds__(kAttnThreads) attention_kernel(AttentionParams
     }
     __syncthreads();
     for (int r = warp; r < R; r += kAttnWarps) {
-      const int g = r / kRowsPerWarp, rr = r % kRowsPerWarp;
-      const float* src[kKeySlices];
-      float mx = -INFINITY;
-#pragma unroll
-      for (int sl = 0; sl < kKeySlices; ++sl) {
-        src[sl] = s_m + ((g * kKeySlices + sl) * kRowsPerWarp + rr) * (D + 2);
-        mx = fmaxf(mx, src[sl][0]);
-      }
-      float wgt[kKeySlices], lsum = 0.0f;
-#pragma unroll
-      for (int sl = 0; sl < kKeySlices; ++sl) {
-        wgt[sl] = mx == -INFINITY ? 0.0f : exp2f(src[sl][0] - mx);  // a slice that saw nothing: m = -inf, 0
-        lsum += src[sl][1] * wgt[sl];
-      }
-      const RowDest rd = dest(r);
-      for (int d = lane; d < D; d += 32) {
-        float o = 0.0f;
-#pragma unroll
-        for (int sl = 0; sl < kKeySlices; ++sl) o = fmaf(wgt[sl], src[sl][2 + d], o);
-        store_value<T>(p, w, split, rd, d, o, lsum);
-      }
-      if (lane == 0) store_stats(p, w, split, rd, mx, lsum);
+      const float* src = s_m + ((r / kRowsPerWarp) * kKeySlices * kRowsPerWarp + r % kRowsPerWarp) * (D + 2);
+      const int64_t slice_stride = int64_t{kRowsPerWarp} * (D + 2);  // the row in the next slice's warp
+      merge_and_store<T>(
+          p, w, split, dest(r), kKeySlices, lane,
+          [&](int64_t sl) { return RowState{src[sl * slice_stride], src[sl * slice_stride + 1]}; },
+          [&](int64_t sl, int64_t d) { return src[sl * slice_stride + 2 + d]; });
     }
   }
 }
@@ -463,25 +495,11 @@ __global__ void __launch_bounds__(kAttnThreads) attention_merge_kernel(Attention
   if (row >= rows) return;  // no barriers below
   const int64_t i = row % p.Lq, h = row / p.Lq % p.Hq, b = row / (p.Lq * p.Hq);
   const float* ml = w.part_ml + row * 2;
-  float mx = -INFINITY;
-  for (int64_t s = 0; s < w.splits; ++s) mx = fmaxf(mx, ml[s * rows * 2]);
-  float lsum = 0.0f;
-  if (mx != -INFINITY) {
-    for (int64_t s = 0; s < w.splits; ++s) lsum += ml[s * rows * 2 + 1] * exp2f(ml[s * rows * 2] - mx);
-  }
-  const RowDest rd{b, h, i};
   const AttentionWork out_only{w.G, w.ng, w.nq, w.n_head_chunks, w.n_q_tiles, 1, nullptr, nullptr};
-  for (int64_t d = lane; d < p.D; d += 32) {
-    float o = 0.0f;
-    if (lsum > 0.0f) {
-      for (int64_t s = 0; s < w.splits; ++s) {
-        const float ms = ml[s * rows * 2];
-        if (ms != -INFINITY) o = fmaf(exp2f(ms - mx), w.part_o[(s * rows + row) * p.D + d], o);
-      }
-    }
-    store_value<T>(p, out_only, 0, rd, d, o, lsum);
-  }
-  if (lane == 0) store_stats(p, out_only, 0, rd, mx, lsum);
+  merge_and_store<T>(
+      p, out_only, 0, RowDest{b, h, i}, w.splits, lane,
+      [&](int64_t s) { return RowState{ml[s * rows * 2], ml[s * rows * 2 + 1]}; },
+      [&](int64_t s, int64_t d) { return w.part_o[(s * rows + row) * p.D + d]; });
 }
 
 }  // namespace fastar::cuda

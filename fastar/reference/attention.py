@@ -45,12 +45,10 @@ def mask_from_args(
     if args.causal:
         visible &= j <= d
     if args.window:
-        # Distances d - j: no overflow for any window_left up to the int64 maximum.
         visible &= ((d - j <= args.window_left) & (j <= d)) | (j < args.window_sinks)
     if args.block_relation != BLOCK_NONE:
-        # int64, so that qb - 1 cannot wrap around for int32 ids.
-        qb = args.q_block_ids.to(torch.int64).expand(batch, Lq).unsqueeze(2)
-        kb = args.k_block_ids.to(torch.int64).expand(batch, Lk).unsqueeze(1)
+        qb = args.q_block_ids.expand(batch, Lq).unsqueeze(2).to(torch.int64)  # qb - 1 must not wrap
+        kb = args.k_block_ids.expand(batch, Lk).unsqueeze(1).to(torch.int64)
         if args.block_relation == BLOCK_CAUSAL:
             visible &= kb <= qb
         elif args.block_relation == BLOCK_SAME:
@@ -91,6 +89,11 @@ def attention_reference(
     Returns out ``[B, Hq, Lq, Dv]`` in q's dtype and lse float32 ``[B, Hq, Lq]``, the natural-log
     logsumexp of the scaled (and biased) logits over the visible keys. A query that sees no key (or only
     keys with bias -inf) gets output 0 and LSE -inf.
+
+    NaN in, NaN out for exactly the rows that see it: a NaN or +inf logit of a visible key (from q, k,
+    ``scale`` or ``bias``) makes the row's output and LSE NaN; a NaN in v row ``j`` makes NaN the outputs
+    of the rows that see key ``j`` (0 * NaN), never of a row whose mask hides ``j``. A bias of -inf does
+    not hide a key (as in SDPA, whose float masks are added).
     """
     if q.dim() != 4 or k.dim() != 4 or v.dim() != 4:
         raise ValueError("q, k, v must be 4-D [B, H, L, D]")
@@ -111,5 +114,25 @@ def attention_reference(
     # exp(-inf - (-inf)) is NaN: a row with no visible key takes weights exp(-inf - 0) = 0 instead.
     safe_lse = torch.where(lse == -math.inf, torch.zeros_like(lse), lse)
     weights = torch.exp(logits - safe_lse.unsqueeze(-1))
-    out = torch.matmul(weights, v64)
+    lse = lse.masked_fill(lse == math.inf, math.nan)  # a +inf logit: exp(inf - inf) weights, a NaN row
+    finite = torch.isfinite(v64)
+    out = torch.matmul(weights, v64.masked_fill(~finite, 0.0))
+    if not bool(finite.all()):
+        out = out + _nonfinite_values(weights, v64, mask)
     return out.to(q.dtype), lse.to(torch.float32)
+
+
+def _nonfinite_values(weights: torch.Tensor, v64: torch.Tensor, mask: Optional[torch.Tensor]) -> torch.Tensor:
+    """What the NaN and +-inf elements of v add to ``weights @ v``, counting only the keys the mask lets a row
+    see: NaN where a visible key's element is NaN, or +-inf times a zero weight, or +inf and -inf meet; else
+    the sign's infinity (positive weights), else 0."""
+    visible = torch.ones_like(weights, dtype=torch.bool) if mask is None else mask.expand_as(weights)
+    pos_w = (visible & (weights > 0)).to(torch.float64)
+    zero_w = (visible & (weights == 0)).to(torch.float64)
+    pos_inf, neg_inf = (v64 == math.inf).to(torch.float64), (v64 == -math.inf).to(torch.float64)
+    nan_hits = torch.matmul(visible.to(torch.float64), v64.isnan().to(torch.float64))
+    nan_hits = nan_hits + torch.matmul(zero_w, pos_inf + neg_inf)
+    pos_hits, neg_hits = torch.matmul(pos_w, pos_inf), torch.matmul(pos_w, neg_inf)
+    extra = torch.zeros_like(nan_hits)
+    extra = extra.masked_fill(pos_hits > 0, math.inf).masked_fill(neg_hits > 0, -math.inf)
+    return extra.masked_fill((nan_hits > 0) | ((pos_hits > 0) & (neg_hits > 0)), math.nan)
