@@ -260,7 +260,8 @@ def test_sdpa_nan_scale(backend):
 
 def test_sdpa_minus_inf_bias_is_not_a_hidden_key(backend):
     """A float attn_mask's -inf is added to the logit: a NaN in that key's v row reaches the row (weight 0
-    times NaN), as in PyTorch's SDPA; a bool mask's False hides the key (bit-packed: the row stays finite)."""
+    times NaN), as in PyTorch's SDPA. A float mask of only 0 and -inf runs as the bool mask it means (VAR's
+    attn_bias; docs/attention.md), and a bool mask's False hides the key: the row stays finite."""
     gen = torch.Generator().manual_seed(4)
     B, H, Lq, Lk, D = 1, 2, 6, 40, 64
     q, k, v = make((B, H, Lq, D), torch.float32, gen), make((B, H, Lk, D), torch.float32, gen), \
@@ -268,9 +269,11 @@ def test_sdpa_minus_inf_bias_is_not_a_hidden_key(backend):
     v[0, 1, 30, 3] = NAN
     keep = torch.ones(Lq, Lk, dtype=torch.bool)
     keep[:3, 30] = False
-    bias = torch.zeros(Lq, Lk).masked_fill(~keep, -INF)
+    bias = torch.full((Lq, Lk), 0.25).masked_fill(~keep, -INF)
     out = backend.scaled_dot_product_attention(q, k, v, attn_mask=bias)
     want = F.scaled_dot_product_attention(q, k, v, attn_mask=bias)
     assert want[0, 1, :, 3].isnan().all() and torch.equal(out.isnan(), want.isnan())
+    out = backend.scaled_dot_product_attention(q, k, v, attn_mask=torch.zeros(Lq, Lk).masked_fill(~keep, -INF))
+    assert torch.equal(out[0, 1, :, 3].isnan(), keep[:, 30]) and out.isnan().sum() == 3
     out = backend.scaled_dot_product_attention(q, k, v, attn_mask=keep)
     assert torch.equal(out[0, 1, :, 3].isnan(), keep[:, 30]) and out.isnan().sum() == 3
