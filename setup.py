@@ -7,6 +7,8 @@ Environment:
   FASTAR_CUDA_ARCHS     e.g. "8.0;9.0". Default: the archs of the visible GPUs, else "8.0;9.0".
   FASTAR_BUILD_SIMT     1: also build fastar._C_simt, the test-only SIMT emulation of the CUDA kernels
                         (needs only the CUDA headers, no GPU).
+  FASTAR_SANITIZE       1: build with AddressSanitizer + UndefinedBehaviorSanitizer (CPU kernels only, with
+                        FASTAR_TARGET_DEVICE=cpu; in its own CMake build folder). .ci/sanitize runs the tests so.
   CUDA_HOME             the CUDA toolkit root, if it cannot be found from nvcc.
 """
 import os
@@ -122,7 +124,9 @@ class cmake_build_ext(build_ext):
         cuda_home = find_cuda_home()
         out_dir = Path(self.get_ext_fullpath(self.extensions[0].name)).parent.resolve()
         out_dir.mkdir(parents=True, exist_ok=True)
-        build_dir = ROOT / "build" / f"cmake-py{sys.version_info.major}{sys.version_info.minor}"
+        sanitize = os.environ.get("FASTAR_SANITIZE", "0") == "1"
+        suffix = "-sanitize" if sanitize else ""  # its own folder: switching does not rebuild the normal build
+        build_dir = ROOT / "build" / f"cmake-py{sys.version_info.major}{sys.version_info.minor}{suffix}"
         build_dir.mkdir(parents=True, exist_ok=True)
         device = os.environ.get("FASTAR_TARGET_DEVICE", "auto")
         inc = cuda_include_dirs(cuda_home)
@@ -138,6 +142,7 @@ class cmake_build_ext(build_ext):
             f"-DFASTAR_CUDA_INCLUDE_DIRS={';'.join(inc)}",
             f"-DFASTAR_BUILD_SIMT={'ON' if build_simt else 'OFF'}",
             f"-DFASTAR_OUTPUT_DIR={out_dir}",
+            f"-DFASTAR_SANITIZE={'ON' if sanitize else 'OFF'}",
             "-DCMAKE_BUILD_TYPE=Release",
             "-GNinja",
         ]
