@@ -23,6 +23,7 @@ FASTAR_HD float softmax_exp2(float x) { return exp2f(x); }
 FASTAR_HD float softmax_log(float x) { return logf(x); }
 FASTAR_HD float softmax_log2(float x) { return log2f(x); }
 FASTAR_HD bool softmax_is_neg_inf(float x) { return x == -INFINITY; }
+FASTAR_HD bool softmax_is_zero(float x) { return x == 0.0f; }
 FASTAR_HD float softmax_where(bool c, float a, float b) { return c ? a : b; }
 
 // The base of the logits a state is fed: e, or 2 (log2(e) folded into the softmax scale: exp is one exp2).
@@ -95,8 +96,9 @@ struct SoftmaxState {
     return w;
   }
 
-  // 1 / l, the factor of the accumulated output: 0 for a row that saw no key (l = 0 exactly when m = -inf).
-  FASTAR_HD V inv_l() const { return softmax_where(softmax_is_neg_inf(m), V(0.0f), V(1.0f) / l); }
+  // 1 / l, the factor of the accumulated output: 0 for a row that saw no key (l = 0), NaN for a NaN l (also
+  // when a tile max that dropped a NaN logit left m at -inf: the NaN is in l).
+  FASTAR_HD V inv_l() const { return softmax_where(softmax_is_zero(l), V(0.0f), V(1.0f) / l); }
 
   // The natural-log LSE: -inf for a row that saw no key, NaN for a NaN row.
   FASTAR_HD V lse() const { return (m + Units::log(l)) * V(Units::kToNatural); }

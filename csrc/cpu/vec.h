@@ -10,7 +10,7 @@
 //   Vec16   16     avx512: F, BW, VL, DQ
 // `Vec` is the ISA's widest, `kGemm*` its register blocking. Every type has the same operations: zero,
 // broadcast, load (float, c10::Half, c10::BFloat16 sources), store, + - *, fmadd, max, min, hsum, hmax, exp,
-// hide (-inf where a visibility byte is 0), zero_if_neg_inf, any_nan and first_equal (the first lane equal to
+// hide (-inf where a visibility byte is 0), any_nan and first_equal (the first lane equal to
 // a value, or -1).
 #pragma once
 #include <c10/util/BFloat16.h>
@@ -117,7 +117,6 @@ inline int first_equal(Vec4 x, float value) {
     if (x.v[i] == value) return i;
   return -1;
 }
-inline Vec4 zero_if_neg_inf(Vec4 x) { return {x.v == Vec4::broadcast(kNegInf).v ? Vec4::zero().v : x.v}; }
 // x with -inf in lane i where vis[i] == 0, for i < n, and in every lane i >= n.
 inline Vec4 hide(Vec4 x, const uint8_t* vis, int n) {
   const Vec4::I seen{n > 0 && vis[0], n > 1 && vis[1], n > 2 && vis[2], n > 3 && vis[3]};
@@ -169,9 +168,6 @@ inline bool any_nan(Vec8 x) { return _mm256_movemask_ps(_mm256_cmp_ps(x.v, x.v, 
 inline int first_equal(Vec8 x, float value) {
   const int hits = _mm256_movemask_ps(_mm256_cmp_ps(x.v, _mm256_set1_ps(value), _CMP_EQ_OQ));
   return hits ? __builtin_ctz(hits) : -1;
-}
-inline Vec8 zero_if_neg_inf(Vec8 x) {
-  return {_mm256_blendv_ps(x.v, _mm256_setzero_ps(), _mm256_cmp_ps(x.v, _mm256_set1_ps(kNegInf), _CMP_EQ_OQ))};
 }
 inline Vec8 hide(Vec8 x, const uint8_t* vis, int n) {
   uint64_t bytes = 0;
@@ -245,9 +241,6 @@ inline bool any_nan(Vec16 x) { return _mm512_cmp_ps_mask(x.v, x.v, _CMP_UNORD_Q)
 inline int first_equal(Vec16 x, float value) {
   const unsigned hits = _mm512_cmp_ps_mask(x.v, _mm512_set1_ps(value), _CMP_EQ_OQ);
   return hits ? __builtin_ctz(hits) : -1;
-}
-inline Vec16 zero_if_neg_inf(Vec16 x) {
-  return {_mm512_mask_mov_ps(x.v, _mm512_cmp_ps_mask(x.v, _mm512_set1_ps(kNegInf), _CMP_EQ_OQ), _mm512_setzero_ps())};
 }
 inline Vec16 hide(Vec16 x, const uint8_t* vis, int n) {
   const __mmask16 lanes = n >= 16 ? __mmask16(0xffff) : n <= 0 ? __mmask16(0) : __mmask16((1u << n) - 1);

@@ -24,6 +24,7 @@
 #include <type_traits>
 #include <vector>
 
+#include "core/softmax.h"
 #include "cpu/kernels/microkernels.h"
 
 FASTAR_ISA_BEGIN
@@ -47,10 +48,9 @@ constexpr int64_t kMaxPlanBytes = 16 << 20;  // build_plans' bound on Lq x Lk
 constexpr int64_t kHeadCacheBytes = 8 << 20;  // a thread's float K and V of one head (HeadCache)
 constexpr int64_t kL2Resident = 512 << 10;   // bytes: half of a 1 MB L2 (Zen 4, recent Intel)
 
-// Partial result of one work item for one row, before normalisation (used to merge kv splits).
-struct Partial {
-  float m, l;
-};
+// One query row's online softmax (core/softmax.h): its running max and sum.
+using RowState = SoftmaxState<float>;
+static_assert(sizeof(RowState) == 2 * sizeof(float), "row states are carved from float scratch");
 
 inline int64_t round_up(int64_t x, int64_t m) { return (x + m - 1) / m * m; }
 inline int64_t round_up16(int64_t x) { return round_up(x, 16); }
@@ -93,7 +93,7 @@ class AttentionCpu {
     const int64_t rows_cap = G_ * q_tile_, D = p_.D;
     if (splits_ > 1) {
       partial_o_.assign(static_cast<size_t>(items * splits_ * rows_cap * D), 0.0f);
-      partial_ml_.assign(static_cast<size_t>(items * splits_ * rows_cap), Partial{kNegInf, 0.0f});
+      partial_state_.assign(static_cast<size_t>(items * splits_ * rows_cap), RowState::init());
     }
     // Each thread takes the next chunk of items when it is done with one: items differ in cost (masks hide
     // different parts of each), and a core that is slowed (by another VM or process) just takes fewer,
@@ -154,9 +154,9 @@ class AttentionCpu {
     float* q;     // stream: [R, D] queries * scale; GEMM: [D, ld] the same, transposed (pad rows to 8 zero)
     float* o;     // [R, D] unnormalised output
     float* s;     // stream: [R, kBatch] logits; GEMM: [kBatch, ld] transposed; then probabilities
-    float* m;     // [rp] running max of the logits
-    float* l;     // [rp] running sum of exp(logit - m)
-    float* corr;  // [rp] rescaling of o for the current tile
+    RowState* state;  // [rp] each row's online softmax
+    float* corr;      // [rp] rescaling of o for the current step
+    float* shift;     // [rp] what the step's logits are shifted by before exp (GEMM path)
     float* kf;    // [kBatch, padded_ld(D)] the step's key rows converted to float (GEMM path)
     float* vf;    // [kBatch, padded_ld(D)] the step's value rows converted to float (GEMM path)
     HeadCache* head;  // the thread's, when 16-bit K/V rows are converted once per head
@@ -178,9 +178,11 @@ class AttentionCpu {
     take(buf.q, ld * D);
     take(buf.o, rp * D);
     take(buf.s, ld * kBatch);
-    take(buf.m, rp);
-    take(buf.l, rp);
+    float* state;
+    take(state, 2 * rp);
+    buf.state = reinterpret_cast<RowState*>(state);
     take(buf.corr, rp);
+    take(buf.shift, rp);
     take(buf.kf, kBatch * kd);
     take(buf.vf, kBatch * kd);
     return at;
@@ -283,8 +285,7 @@ class AttentionCpu {
     auto attempt = [&](bool careful) {
       buf.careful = careful;
       std::fill(buf.o, buf.o + R * D, 0.0f);
-      std::fill(buf.m, buf.m + rp, kNegInf);
-      std::fill(buf.l, buf.l + rp, 0.0f);
+      std::fill(buf.state, buf.state + rp, RowState::init());
       if (plans_.empty()) {
         const int64_t tiles = (visible_key_end(it, lk) + kKeyTile - 1) / kKeyTile;
         const int64_t per_split = (tiles + splits_ - 1) / splits_;
@@ -616,12 +617,9 @@ class AttentionCpu {
     // Online softmax: what was accumulated so far is rescaled by exp(m_old - m_new).
     for (int64_t r = 0; r < R; ++r) {
       float* srow = buf.s + r * kBatch;
-      const float m_old = buf.m[r], m_new = std::max(m_old, max_of(srow, nk, kNegInf));
-      // A row that has seen nothing yet shifts by 0, so its hidden logits' exp(-inf) is 0 (a NaN logit NaN).
-      const float shift = m_new == kNegInf ? 0.0f : m_new;
-      const float corr = m_old == kNegInf ? 0.0f : std::exp(m_old - m_new);
-      buf.l[r] = buf.l[r] * corr + exp_shift_sum(srow, nk, shift);
-      buf.m[r] = m_new;
+      RowState& st = buf.state[r];
+      const float corr = st.update(max_of(srow, nk, kNegInf));
+      st.add(exp_shift_sum(srow, nk, st.shift()));
       if (corr != 1.0f) {
         for (int64_t d = 0; d < D; ++d) buf.o[r * D + d] *= corr;
       }
@@ -727,19 +725,22 @@ class AttentionCpu {
       } else {
         for (int64_t c = 0; c < nk; ++c) mx = max(mx, Vec::load(buf.s + c * ld + r));
       }
-      const Vec m_old = Vec::load(buf.m + r), m_new = max(m_old, mx);
-      // Rows that have seen nothing yet shift by 0, so their exp(-inf) stays 0 instead of NaN.
-      const Vec shift = zero_if_neg_inf(m_new);
+      // The rows' states take the column's max (one row per lane); the exp pass is vectorised.
+      float lanes[kW];
+      mx.store(lanes);
+      for (int i = 0; i < kW; ++i) {
+        buf.corr[r + i] = buf.state[r + i].update(lanes[i]);
+        buf.shift[r + i] = buf.state[r + i].shift();
+      }
+      const Vec shift = Vec::load(buf.shift + r);
       Vec sum = Vec::zero();
       for (int64_t c = 0; c < nk; ++c) {
         const Vec e = exp(Vec::load(buf.s + c * ld + r) - shift);
         e.store(buf.s + c * ld + r);
         sum = sum + e;
       }
-      const Vec corr = exp(m_old - shift);  // 0 on a row's first visible tile
-      corr.store(buf.corr + r);
-      fmadd(Vec::load(buf.l + r), corr, sum).store(buf.l + r);
-      m_new.store(buf.m + r);
+      sum.store(lanes);
+      for (int i = 0; i < kW; ++i) buf.state[r + i].add(lanes[i]);
     }
     float_rows(it, keys, true, buf, vrows);
     if (buf.careful && keys.vis) {
@@ -763,12 +764,12 @@ class AttentionCpu {
     if (splits_ > 1) {
       const int64_t base = (item * splits_ + split) * rows_cap;
       for (int64_t r = 0; r < R; ++r) {
-        partial_ml_[static_cast<size_t>(base + r)] = Partial{buf.m[r], buf.l[r]};
+        partial_state_[static_cast<size_t>(base + r)] = buf.state[r];
         std::copy(buf.o + r * D, buf.o + (r + 1) * D, partial_o_.begin() + (base + r) * D);
       }
       return;
     }
-    for (int64_t r = 0; r < R; ++r) write_row(it, r, buf.o + r * D, buf.m[r], buf.l[r]);
+    for (int64_t r = 0; r < R; ++r) write_row(it, r, buf.o + r * D, buf.state[r]);
   }
 
   void merge_splits(int64_t item) {
@@ -776,33 +777,25 @@ class AttentionCpu {
     const int64_t D = p_.D, R = G_ * it.nq, rows_cap = G_ * q_tile_;
     std::vector<float> acc(static_cast<size_t>(D));
     for (int64_t r = 0; r < R; ++r) {
-      float m = kNegInf;  // the largest split max, or NaN if one is
-      for (int64_t sp = 0; sp < splits_; ++sp) {
-        const float ms = partial_ml_[static_cast<size_t>((item * splits_ + sp) * rows_cap + r)].m;
-        m = ms > m || ms != ms ? ms : m;
-      }
+      RowState st = RowState::init();
       std::fill(acc.begin(), acc.end(), 0.0f);
-      float l = 0.0f;
       for (int64_t sp = 0; sp < splits_; ++sp) {
         const int64_t idx = (item * splits_ + sp) * rows_cap + r;
-        const Partial& pm = partial_ml_[static_cast<size_t>(idx)];
-        if (pm.l == 0.0f) continue;  // saw nothing (a NaN sum is merged: NaN stays NaN)
-        const float w = std::exp(pm.m - m);
-        l += pm.l * w;
+        const RowState::MergeWeights w = st.merge(partial_state_[static_cast<size_t>(idx)]);
         const float* po = partial_o_.data() + idx * D;
-        for (int64_t d = 0; d < D; ++d) acc[d] += w * po[d];
+        for (int64_t d = 0; d < D; ++d) acc[d] = acc[d] * w.self + po[d] * w.other;
       }
-      write_row(it, r, acc.data(), m, l);
+      write_row(it, r, acc.data(), st);
     }
   }
 
   // Normalise and store one row; a row that saw no key gets 0 and LSE -inf.
-  void write_row(const Item& it, int64_t r, const float* o, float m, float l) {
+  void write_row(const Item& it, int64_t r, const float* o, const RowState& st) {
     const int64_t h = row_head(it, r), i = row_pos(it, r);
     T* dst = static_cast<T*>(p_.out) + it.b * p_.o_sb + h * p_.o_sh + i * p_.o_sl;
-    const float inv = l == 0.0f ? 0.0f : 1.0f / l;  // NaN l (a NaN the row sees) gives NaN
+    const float inv = st.inv_l();
     for (int64_t d = 0; d < p_.D; ++d) dst[d] = static_cast<T>(o[d] * inv);
-    if (p_.lse) p_.lse[(it.b * p_.Hq + h) * p_.Lq + i] = l == 0.0f ? kNegInf : m + std::log(l);
+    if (p_.lse) p_.lse[(it.b * p_.Hq + h) * p_.Lq + i] = st.lse();
   }
 
   const AttentionParams& p_;
@@ -812,7 +805,7 @@ class AttentionCpu {
   std::vector<int64_t> q_starts_;  // [n_q_tiles_ + 1] first query (in tile order) of each tile, then Lq
   bool sorted_k_blocks_ = false;
   std::vector<float> partial_o_;
-  std::vector<Partial> partial_ml_;
+  std::vector<RowState> partial_state_;  // [items, splits_, rows] each split's row states, to merge
   std::vector<KeyPlan> plans_;  // [n_q_tiles_] when built once for all sequences (build_plans), else empty
 };
 
