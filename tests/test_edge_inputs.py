@@ -14,7 +14,7 @@ import torch.nn.functional as F
 
 import fastar
 from fastar import masked_attention
-from fastar.masks import BlockCausal, Causal, MaskArgs, Tree, Window
+from fastar.masks import BlockCausal, Causal, Tree, Window
 from fastar.reference import sample_cfg_reference, scale_attention_reference
 from fastar.reference.attention import attention_reference, mask_from_args
 from test_attention import assert_output_close, check_attention, make
@@ -51,8 +51,8 @@ def test_meta_tensor_among_real_ones_is_refused(backend):
         masked_attention._attention_with_kvcache(backend.ops.attention, qc, cache, cache.to(META), 3, None, None, None,
                                                  None, None, False)
     with pytest.raises(ValueError, match="cache_seqlens is on meta"):
-        masked_attention._attention_with_kvcache(backend.ops.attention, qc, cache, cache, torch.tensor([3], device=META),
-                                                 None, None, None, None, None, False)
+        masked_attention._attention_with_kvcache(backend.ops.attention, qc, cache, cache,
+                                                 torch.tensor([3], device=META), None, None, None, None, None, False)
 
     ids, dq, p = (backend.to(t) for t in acceptance_inputs())
     with pytest.raises(ValueError, match="on meta"):
@@ -108,8 +108,8 @@ def test_inputs_that_require_grad_are_refused(backend):
 
     # Under no_grad (or with detached tensors) the same inputs run and match the reference.
     with torch.no_grad():
-        out, lse = masked_attention._attention(backend.ops.attention, *(backend.to(t.clone()).requires_grad_() for t in (q, k, v)),
-                                               Causal(), None, True, None)
+        grads = (backend.to(t.clone()).requires_grad_() for t in (q, k, v))
+        out, lse = masked_attention._attention(backend.ops.attention, *grads, Causal(), None, True, None)
     check_attention(out.cpu(), lse.cpu(), q, k, v, Causal().materialize(5, 9).unsqueeze(1))
 
 
