@@ -1,4 +1,5 @@
-# The README's two commands: `make bench` (the benchmark table) and `make test` (the test suite).
+# The README's two commands: `make bench` (the benchmark table) and `make test` (the test suite); `make lint`
+# runs the static checks.
 # Each creates .venv if missing, installs the pinned requirements, builds fastar (plus the test-only SIMT
 # emulation build of the CUDA kernels when the CUDA headers exist), then runs.
 PYTHON ?= python3
@@ -6,7 +7,7 @@ VENV := .venv
 PY := $(VENV)/bin/python
 export FASTAR_BUILD_SIMT ?= 1
 
-.PHONY: build test bench clean
+.PHONY: build test bench lint clean
 
 $(VENV)/.installed: requirements.txt
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -27,6 +28,10 @@ test: build
 
 bench: build
 	$(PY) -m bench
+
+# Static checks: ruff's rules of pyproject.toml over the Python sources.
+lint: $(VENV)/.installed
+	$(PY) -m ruff check fastar tests bench setup.py
 
 clean:
 	rm -rf build fastar/*.so

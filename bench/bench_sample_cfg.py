@@ -36,7 +36,8 @@ class SampleCase:
 
     @property
     def id(self) -> str:
-        return f"{self.model}-B{self.B}-L{self.L or 1}-V{self.V}-k{self.top_k}-p{self.top_p:g}-{common.DTYPE_NAMES[self.dtype]}"
+        dtype = common.DTYPE_NAMES[self.dtype]
+        return f"{self.model}-B{self.B}-L{self.L or 1}-V{self.V}-k{self.top_k}-p{self.top_p:g}-{dtype}"
 
     @property
     def shape(self) -> str:

@@ -4,6 +4,7 @@ realistic inputs, output checks and table."""
 from __future__ import annotations
 
 import dataclasses
+import functools
 import itertools
 import json
 import os
@@ -220,7 +221,7 @@ def measure(op: OpBench, case: Case, x: dict, device: str, copy_Bps: float, read
             break
         for name, fn in impls.items():
             flush()
-            t, out = timed(lambda: fn(x, r), device)
+            t, out = timed(functools.partial(fn, x, r), device)
             op.check(case, x, out)
             if measured:
                 runs[name][0].append(t)

@@ -9,14 +9,6 @@ _C = load_extension()
 
 from . import masks, reference  # noqa: E402
 from ._fake import register_fakes  # noqa: E402
-from .masked_attention import (  # noqa: E402
-    attention,
-    attention_with_kvcache,
-    patch_sdpa,
-    scaled_dot_product_attention,
-)
-from .scale import ScaleLayout, scale_attention  # noqa: E402
-from .scale_kvcache import ScaleKVCache  # noqa: E402
 from .acceptance import (  # noqa: E402
     check_rows,
     debug_checks_enabled,
@@ -24,7 +16,15 @@ from .acceptance import (  # noqa: E402
     set_debug_checks,
     speculative_sample,
 )
+from .masked_attention import (  # noqa: E402
+    attention,
+    attention_with_kvcache,
+    patch_sdpa,
+    scaled_dot_product_attention,
+)
 from .sampling import check_tokens, sample_cfg  # noqa: E402
+from .scale import ScaleLayout, scale_attention  # noqa: E402
+from .scale_kvcache import ScaleKVCache  # noqa: E402
 
 register_fakes("fastar")
 

@@ -28,7 +28,7 @@ from typing import Optional, Tuple
 
 import torch
 
-from ._validate import integral, same_device
+from ._common import philox_args, same_device
 
 _debug_checks = os.environ.get("FASTAR_DEBUG_CHECKS", "0") == "1"
 
@@ -80,31 +80,6 @@ def _validate_values(op, draft_token_ids, rows, num_draft_tokens, probabilities,
         raise ValueError(f"{op}: target_logits holds a NaN")
 
 
-def _scalar_tensor(op: str, value, name: str) -> torch.Tensor:
-    """An int64 scalar tensor from an integral scalar (a Python or numpy integer, taken modulo 2**64) or an
-    integer tensor of one element."""
-    value = integral(op, value, name)
-    if isinstance(value, torch.Tensor):
-        return value
-    value %= 1 << 64
-    if value >= 1 << 63:
-        value -= 1 << 64
-    return torch.tensor(value, dtype=torch.int64)
-
-
-def _philox_args(op: str, seed, offset, device: torch.device) -> Tuple[torch.Tensor, torch.Tensor]:
-    """The (seed, offset) int64 scalar tensors of a Philox-sampling op; seed=None draws a seed. Tensors must be
-    on the CPU or on ``device``, the inputs' device."""
-    if seed is None:
-        # Consume torch's default generator of the device, so torch.manual_seed makes runs repeatable.
-        seed = torch.randint(0, 2**62, (), dtype=torch.int64, device=device)
-    seed_t, offset_t = _scalar_tensor(op, seed, "seed"), _scalar_tensor(op, offset, "offset")
-    for name, t in (("seed", seed_t), ("offset", offset_t)):
-        if t.device.type != "cpu" and t.device != device:
-            raise ValueError(f"{op}: {name} is on {t.device}; it must be on the CPU or on {device}, the inputs' device")
-    return seed_t, offset_t
-
-
 def _check_devices(op: str, rows_name: str, rows, **tensors) -> None:
     """TypeError unless the probability/logit rows are a tensor; ValueError unless every input is on its device."""
     if not isinstance(rows, torch.Tensor):
@@ -115,9 +90,10 @@ def _check_devices(op: str, rows_name: str, rows, **tensors) -> None:
 def _speculative_sample(op, draft_token_ids, draft_probs, target_probs, num_draft_tokens, seed, offset):
     _check_devices("fastar.speculative_sample", "target_probs", target_probs, draft_token_ids=draft_token_ids,
                    draft_probs=draft_probs, num_draft_tokens=num_draft_tokens)
-    seed_t, offset_t = _philox_args("fastar.speculative_sample", seed, offset, target_probs.device)
+    seed_t, offset_t = philox_args("fastar.speculative_sample", seed, offset, target_probs.device)
     if _debug_checks:
-        _validate_values("fastar.speculative_sample", draft_token_ids, target_probs, num_draft_tokens, True, draft_probs)
+        _validate_values("fastar.speculative_sample", draft_token_ids, target_probs, num_draft_tokens, True,
+                         draft_probs)
     tokens, num_accepted = op(draft_token_ids, draft_probs, target_probs, num_draft_tokens, seed_t, offset_t)
     if _debug_checks:
         check_rows(num_accepted, "fastar.speculative_sample")

@@ -14,7 +14,6 @@ Conventions:
 from __future__ import annotations
 
 import contextlib
-import math
 import warnings
 import weakref
 from collections import OrderedDict
@@ -22,9 +21,11 @@ from typing import Optional, Tuple, Union
 
 import torch
 
-from ._validate import (
+from ._common import (
+    FLOAT_DTYPES,
     INT32_MAX,
     check,
+    four_d,
     head_dim,
     index_tensor,
     integral,
@@ -32,10 +33,10 @@ from ._validate import (
     no_grad,
     overlaps_itself,
     same_device,
+    softmax_scale,
 )
 from .masks import BLOCK_NAMES, Dense, Mask, MaskArgs
 
-_SUPPORTED = (torch.float32, torch.float16, torch.bfloat16)
 _KV_OP = "fastar.attention_with_kvcache"
 
 
@@ -54,11 +55,7 @@ def _run(op, q, k, v, args: MaskArgs, scale: float, kv_lens=None, block_table=No
 
 
 def _check_layout(q, k, v, out):
-    for name, t in (("q", q), ("k", k), ("v", v)):
-        if not isinstance(t, torch.Tensor):
-            raise TypeError(f"fastar.attention: {name} must be a tensor, got {type(t).__name__}")
-        if t.dim() != 4:
-            raise ValueError(f"fastar.attention: {name} must be 4-D, got shape {tuple(t.shape)}")
+    four_d("fastar.attention", "[B, H, L, D]", q=q, k=k, v=v)
     head_dim("fastar.attention", q.shape[-1])
     same_device("fastar.attention", q.device, k=k, v=v, out=out)
     no_grad("fastar.attention", q=q, k=k, v=v)
@@ -71,7 +68,7 @@ def _attention(op, q, k, v, mask, scale, return_lse, out):
     if out is not None and not isinstance(out, torch.Tensor):
         raise TypeError(f"fastar.attention: out must be a tensor, got {type(out).__name__}")
     # The op checks out (q's shape, dtype and device, no memory shared with an input) and writes it in place.
-    result, lse = _run(op, q, k, v, args, D**-0.5 if scale is None else float(scale), out=out)
+    result, lse = _run(op, q, k, v, args, softmax_scale(scale, D), out=out)
     return (result, lse) if return_lse else result
 
 
@@ -127,9 +124,7 @@ def _kvcache_append(cache: torch.Tensor, new: torch.Tensor, positions: torch.Ten
 
 
 def _attention_with_kvcache(op, q, k_cache, v_cache, cache_seqlens, k_new, v_new, block_table, mask, scale, return_lse):
-    for name, t in (("q", q), ("k_cache", k_cache), ("v_cache", v_cache)):
-        if not isinstance(t, torch.Tensor) or t.dim() != 4:
-            raise ValueError(f"{_KV_OP}: {name} must be a 4-D tensor")
+    four_d(_KV_OP, "[B, L, H, D]", q=q, k_cache=k_cache, v_cache=v_cache)
     B, Lq, _, D = q.shape
     head_dim(_KV_OP, D)
     if (k_new is None) != (v_new is None):
@@ -152,10 +147,11 @@ def _attention_with_kvcache(op, q, k_cache, v_cache, cache_seqlens, k_new, v_new
     capacity = (block_table.shape[1] * k_cache.shape[1]) if block_table is not None else k_cache.shape[1]
     L_new = 0
     if k_new is not None:
-        if k_new.dim() != 4 or k_new.shape[0] != B or k_new.shape != v_new.shape or k_new.shape[2:] != k_cache.shape[2:]:
+        if (k_new.dim() != 4 or k_new.shape[0] != B or k_new.shape != v_new.shape
+                or k_new.shape[2:] != k_cache.shape[2:]):
             raise ValueError(
-                f"{_KV_OP}: k_new and v_new must have shape [B, Lnew, Hkv, D] = "
-                f"[{B}, Lnew, {k_cache.shape[2]}, {k_cache.shape[3]}], got {tuple(k_new.shape)} and {tuple(v_new.shape)}"
+                f"{_KV_OP}: k_new and v_new must have shape [B, Lnew, Hkv, D] = [{B}, Lnew, {k_cache.shape[2]}, "
+                f"{k_cache.shape[3]}], got {tuple(k_new.shape)} and {tuple(v_new.shape)}"
             )
         L_new = k_new.shape[1]
         if L_new > capacity:
@@ -189,8 +185,7 @@ def _attention_with_kvcache(op, q, k_cache, v_cache, cache_seqlens, k_new, v_new
     args = MaskArgs.none() if mask is None else _lower(mask, B, Lq, capacity, q.device, kv_lens)
     bt = None if block_table is None else block_table.to(torch.int32)
     result = q.new_empty(q.shape)
-    _, lse = _run(op, q_view, k_view, v_view, args, D**-0.5 if scale is None else float(scale), kv_lens, bt,
-                  out=result.transpose(1, 2))
+    _, lse = _run(op, q_view, k_view, v_view, args, softmax_scale(scale, D), kv_lens, bt, out=result.transpose(1, 2))
     return (result, lse) if return_lse else result
 
 
@@ -236,7 +231,8 @@ def attention_with_kvcache(
     wrap around when narrowed to int32.
     """
     return _attention_with_kvcache(
-        torch.ops.fastar.attention, q, k_cache, v_cache, cache_seqlens, k_new, v_new, block_table, mask, scale, return_lse
+        torch.ops.fastar.attention, q, k_cache, v_cache, cache_seqlens, k_new, v_new, block_table, mask, scale,
+        return_lse,
     )
 
 
@@ -261,7 +257,7 @@ def _fallback_reason(query, key, value, attn_mask, dropout_p, is_causal, enable_
         return "a tensor requires grad (fastar's kernels are inference-only)"
     if any(t.dim() != 4 for t in (query, key, value)):
         return "inputs are not 4-D [B, H, L, D]"
-    if query.dtype not in _SUPPORTED or key.dtype != query.dtype or value.dtype != query.dtype:
+    if query.dtype not in FLOAT_DTYPES or key.dtype != query.dtype or value.dtype != query.dtype:
         return f"dtype {query.dtype} (fastar takes float32, float16, bfloat16)"
     if query.device.type != "cpu" and not (query.device.type == "cuda" and _has_cuda_kernels()):
         return f"device {query.device}"
@@ -365,8 +361,7 @@ def _sdpa(op, query, key, value, attn_mask, dropout_p, is_causal, scale, enable_
             enable_gqa=enable_gqa,
         )
     args = _sdpa_mask_args(query, key, attn_mask, is_causal)
-    scale = 1.0 / math.sqrt(query.shape[-1]) if scale is None else float(scale)
-    out, _ = _run(op, query, key, value, args, scale)
+    out, _ = _run(op, query, key, value, args, softmax_scale(scale, query.shape[-1]))
     return out
 
 

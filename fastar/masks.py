@@ -29,18 +29,14 @@ compositions that have no structured form become bit-packed masks.
 """
 from __future__ import annotations
 
-import operator
-from typing import List, NamedTuple, Optional, Sequence, Tuple, Union
+from typing import List, NamedTuple, Optional, Sequence, Tuple
 
 import torch
 
-from ._validate import check
-
-Device = Union[torch.device, str, None]
+from ._common import RELATIONS, Device, as_int, check, check_relation
 
 BLOCK_NONE, BLOCK_CAUSAL, BLOCK_SAME, BLOCK_PREV = 0, 1, 2, 3
-BLOCK_NAMES = ("none", "causal", "same", "prev")  # the attention op's block_relation, indexed by BLOCK_*
-_RELATIONS = {"causal": BLOCK_CAUSAL, "same": BLOCK_SAME, "prev": BLOCK_PREV}
+BLOCK_NAMES = ("none", *RELATIONS)  # the attention op's block_relation, indexed by BLOCK_*
 _INT32 = torch.iinfo(torch.int32)
 _INT64_MAX = torch.iinfo(torch.int64).max
 
@@ -91,15 +87,6 @@ def unpack_bits(bits: torch.Tensor, n: int) -> torch.Tensor:
     """uint8 ``[..., ceil(n / 8)]`` -> bool ``[..., n]``, the inverse of :func:`pack_bits`."""
     shifts = torch.arange(8, dtype=torch.uint8, device=bits.device)
     return ((bits.unsqueeze(-1) >> shifts) & 1).flatten(-2)[..., :n].bool()
-
-
-def _as_int(value, name: str) -> int:
-    if isinstance(value, bool):
-        raise TypeError(f"{name} must be an int, got a bool")
-    try:
-        return operator.index(value)
-    except TypeError:
-        raise TypeError(f"{name} must be an int, got {type(value).__name__}") from None
 
 
 def _int_tensor(values, name: str, dims: Tuple[int, ...]) -> torch.Tensor:
@@ -177,7 +164,7 @@ class Mask:
         With ``kv_lens`` (int ``[B]``, ``0 <= kv_lens[b] <= Lk``) sequence ``b`` has ``kv_lens[b]`` keys and
         the later key positions are False.
         """
-        Lq, Lk = _as_int(Lq, "Lq"), _as_int(Lk, "Lk")
+        Lq, Lk = as_int(Lq, "Lq"), as_int(Lk, "Lk")
         mask_batch = self._mask_batch()
         if batch is None:
             batch = kv_lens.shape[0] if kv_lens is not None else mask_batch
@@ -225,7 +212,7 @@ class Window(Mask):
     """
 
     def __init__(self, left: int, sinks: int = 0):
-        left, sinks = _as_int(left, "left"), _as_int(sinks, "sinks")
+        left, sinks = as_int(left, "left"), as_int(sinks, "sinks")
         if left < 0 or sinks < 0:
             raise ValueError(f"Window needs left >= 0 and sinks >= 0, got left={left}, sinks={sinks}")
         # Past int64 (the kernels' type) a window or sink count covers every key already: same meaning.
@@ -271,18 +258,17 @@ class BlockCausal(Mask):
     ):
         if sum(x is not None for x in (block_ids, block_size, block_lengths)) != 1:
             raise ValueError("BlockCausal takes exactly one of block_ids, block_size, block_lengths")
-        if relation not in _RELATIONS:
-            raise ValueError(f"unknown relation {relation!r}: expected one of {sorted(_RELATIONS)}")
-        self.relation = relation
+        self.relation = check_relation(relation)
         self.block_ids: Optional[torch.Tensor] = None
         self.block_size: Optional[int] = None
         self.block_lengths: Optional[torch.Tensor] = None
         if block_ids is not None:
             ids = _int_tensor(block_ids, "block_ids", (1, 2))
-            check(((ids >= _INT32.min) & (ids <= _INT32.max)).all(), ValueError, "block_ids must fit in int32", sync=True)
+            check(((ids >= _INT32.min) & (ids <= _INT32.max)).all(), ValueError, "block_ids must fit in int32",
+                  sync=True)
             self.block_ids = ids.to(torch.int32).reshape(-1, ids.shape[-1])
         elif block_size is not None:
-            self.block_size = _as_int(block_size, "block_size")
+            self.block_size = as_int(block_size, "block_size")
             if self.block_size <= 0:
                 raise ValueError(f"block_size must be positive, got {self.block_size}")
         else:
@@ -360,7 +346,7 @@ class BlockCausal(Mask):
     ) -> MaskArgs:
         q_ids, k_ids = self._ids(batch, Lq, Lk, device, kv_lens)
         return MaskArgs.none()._replace(
-            block_relation=_RELATIONS[self.relation], q_block_ids=q_ids, k_block_ids=k_ids
+            block_relation=BLOCK_NAMES.index(self.relation), q_block_ids=q_ids, k_block_ids=k_ids
         )
 
     def __repr__(self) -> str:
@@ -421,7 +407,7 @@ class Tree(Mask):
         visible prefix), ``medusa_position_ids`` and ``retrieve_indices``. :attr:`choices` holds the path of
         every node (``()`` for the root).
         """
-        paths = [tuple(_as_int(c, "a choice index") for c in choice) for choice in choices]
+        paths = [tuple(as_int(c, "a choice index") for c in choice) for choice in choices]
         for path in paths:
             if not path or min(path) < 0:
                 raise ValueError(f"a choice must be a non-empty path of non-negative indices, got {list(path)}")
@@ -523,7 +509,7 @@ class Dense(Mask):
         """A mask already bit-packed: uint8 ``[Lq, ceil(Lk / 8)]`` or ``[B, Lq, ceil(Lk / 8)]``, one row of
         bytes per query, key ``c`` = bit ``c % 8`` of byte ``c // 8`` (FlashInfer's little-endian order, each
         row starting on a byte). Bits past ``Lk`` are ignored."""
-        Lq, Lk = _as_int(Lq, "Lq"), _as_int(Lk, "Lk")
+        Lq, Lk = as_int(Lq, "Lq"), as_int(Lk, "Lk")
         if not isinstance(bits, torch.Tensor) or bits.dtype != torch.uint8:
             raise TypeError("Dense.from_packed takes a uint8 tensor")
         if bits.dim() not in (2, 3) or tuple(bits.shape[-2:]) != (Lq, (Lk + 7) // 8):

@@ -14,7 +14,8 @@ from typing import Optional
 
 import torch
 
-from .acceptance import _philox_args, debug_checks_enabled
+from ._common import as_int, philox_args
+from .acceptance import debug_checks_enabled
 
 _OP = "fastar.sample_cfg"
 
@@ -31,23 +32,24 @@ def check_tokens(tokens: torch.Tensor, op: str = _OP) -> None:
         )
 
 
-def _check_number(name: str, value, kind=(int, float)) -> None:
-    if not isinstance(value, kind) or isinstance(value, bool):
-        expected = "an int" if kind is int else "a number"
-        raise TypeError(f"{_OP}: {name} must be {expected}, got {type(value).__name__}")
+def _check_number(name: str, value) -> None:
+    if not isinstance(value, (int, float)) or isinstance(value, bool):
+        raise TypeError(f"{_OP}: {name} must be a number, got {type(value).__name__}")
 
 
 def _sample_cfg(op, logits, cfg, schedule, scale_index, num_scales, top_k, top_p, temperature, seed, offset):
     _check_number("cfg", cfg)
     _check_number("top_p", top_p)
     _check_number("temperature", temperature)
-    _check_number("top_k", top_k, int)
-    for name, value in (("scale_index", scale_index), ("num_scales", num_scales)):
-        if value is not None:
-            _check_number(name, value, int)
+    # Integral scalars (Python or numpy integers) as Python ints; their ranges are checked by the op.
+    top_k = as_int(top_k, f"{_OP}: top_k")
+    if scale_index is not None:
+        scale_index = as_int(scale_index, f"{_OP}: scale_index")
+    if num_scales is not None:
+        num_scales = as_int(num_scales, f"{_OP}: num_scales")
     if not isinstance(schedule, str):
         raise TypeError(f"{_OP}: schedule must be 'var' or 'constant', got {type(schedule).__name__}")
-    seed_t, offset_t = _philox_args(_OP, seed, offset, logits.device)
+    seed_t, offset_t = philox_args(_OP, seed, offset, logits.device)
     tokens = op(logits, float(cfg), schedule, scale_index, num_scales, top_k, float(top_p), float(temperature), seed_t,
                 offset_t)
     if debug_checks_enabled():

@@ -7,39 +7,31 @@ hidden key tiles skipped and VAR's ``attn_l2_norm`` (qk_norm) fused in.
 """
 from __future__ import annotations
 
-import operator
 from typing import Dict, List, Optional, Sequence, Tuple, Union
 
 import torch
 import torch.nn.functional as F
 
-from ._validate import head_dim, no_grad
-from .masks import _RELATIONS
-
-Device = Union[torch.device, str, None]
+from ._common import (
+    FLOAT_DTYPES,
+    Device,
+    as_int,
+    check_relation,
+    four_d,
+    head_dim,
+    no_grad,
+    q_scale_arg,
+    softmax_scale,
+)
 
 # Classes of tile_map's blocks (TileClass of csrc/core/attention.h); 1 is a partly visible block.
 TILE_HIDDEN, TILE_FULL = 0, 2
 # The tile the op's tile map is built for (the kernels read it at any tile size of their own).
 _OP_TILE = 64
-_SUPPORTED = (torch.float32, torch.float16, torch.bfloat16)
-
-
-def _int(value, what: str, low: int, high: Optional[int] = None) -> int:
-    """``value`` as an int in ``[low, high]`` (TypeError for a non-int or a bool, ValueError out of range)."""
-    if isinstance(value, bool):
-        raise TypeError(f"{what} must be an int, got a bool")
-    try:
-        n = operator.index(value)
-    except TypeError:
-        raise TypeError(f"{what} must be an int, got {type(value).__name__}") from None
-    if n < low or (high is not None and n > high):
-        raise ValueError(f"{what} must lie in [{low}, {'inf' if high is None else high}], got {n}")
-    return n
 
 
 def _positive_int(value, what: str) -> int:
-    return _int(value, what, 1)
+    return as_int(value, what, 1)
 
 
 def _scale_hw(scale, s: int) -> Tuple[int, int]:
@@ -93,8 +85,7 @@ class ScaleLayout:
             raise TypeError(f"scales must be a list of side lengths or (h, w) pairs, got {type(scales).__name__}")
         if len(scales) == 0:
             raise ValueError("scales must not be empty")
-        if relation not in _RELATIONS:
-            raise ValueError(f"unknown relation {relation!r}: expected one of {sorted(_RELATIONS)}")
+        check_relation(relation)
         self.hw: List[Tuple[int, int]] = [_scale_hw(scale, s) for s, scale in enumerate(scales)]
         self.relation = relation
         self.local_window: Optional[int] = None
@@ -102,8 +93,8 @@ class ScaleLayout:
             # A key's mapped cell and the query lie on one grid, less than its largest side apart: a larger
             # window restricts nothing, and is kept as that side (so the kernels' 32-bit offsets cannot overflow).
             side = max(max(h, w) for h, w in self.hw)
-            self.local_window = min(_int(local_window, "local_window", 0), side)
-        self.full_scales = _int(full_scales, "full_scales", 0, len(self.hw))
+            self.local_window = min(as_int(local_window, "local_window", 0), side)
+        self.full_scales = as_int(full_scales, "full_scales", 0, len(self.hw))
         if self.full_scales and self.local_window is None:
             raise ValueError("full_scales only applies with a local_window")
         sizes = [h * w for h, w in self.hw]
@@ -121,7 +112,9 @@ class ScaleLayout:
         return self.ends[-1]
 
     def __repr__(self) -> str:
-        window = "" if self.local_window is None else f", local_window={self.local_window}, full_scales={self.full_scales}"
+        window = ""
+        if self.local_window is not None:
+            window = f", local_window={self.local_window}, full_scales={self.full_scales}"
         return f"ScaleLayout({self.hw}, relation={self.relation!r}{window})"
 
     def _cached(self, key: tuple, make) -> torch.Tensor:
@@ -191,9 +184,11 @@ class ScaleLayout:
 
     def _queries(self, q_offset: int, num_queries: Optional[int]) -> Tuple[int, int]:
         """Validated ``(q_offset, num_queries)``: the queries are tokens ``q_offset .. q_offset + num_queries``."""
-        q_offset = _int(q_offset, "q_offset", 0, self.num_tokens)
+        q_offset = as_int(q_offset, "q_offset", 0, self.num_tokens)
         rest = self.num_tokens - q_offset
-        return q_offset, rest if num_queries is None else _int(num_queries, f"num_queries (q_offset={q_offset})", 0, rest)
+        if num_queries is None:
+            return q_offset, rest
+        return q_offset, as_int(num_queries, f"num_queries (q_offset={q_offset})", 0, rest)
 
     def tile_map(
         self,
@@ -261,17 +256,13 @@ class ScaleLayout:
         return relation_ok and window_ok
 
 
-def _check_inputs(q, k, v, layout, q_scale, qk_norm) -> None:
-    """Shape, dtype and device errors of :func:`scale_attention`, raised before the op."""
+def _check_inputs(q, k, v, layout, q_scale) -> None:
+    """Shape, dtype and device errors of :func:`scale_attention` but those of ``q_scale``, raised before the op."""
     op = "fastar.scale_attention"
     if not isinstance(layout, ScaleLayout):
         raise TypeError(f"{op}: layout must be a fastar.ScaleLayout, got {type(layout).__name__}")
-    for name, t in (("q", q), ("k", k), ("v", v)):
-        if not isinstance(t, torch.Tensor):
-            raise TypeError(f"{op}: {name} must be a tensor, got {type(t).__name__}")
-        if t.dim() != 4:
-            raise ValueError(f"{op}: {name} must be 4-D [B, H, L, D], got shape {tuple(t.shape)}")
-    if q.dtype not in _SUPPORTED or k.dtype != q.dtype or v.dtype != q.dtype:
+    four_d(op, "[B, H, L, D]", q=q, k=k, v=v)
+    if q.dtype not in FLOAT_DTYPES or k.dtype != q.dtype or v.dtype != q.dtype:
         raise TypeError(f"{op}: q, k, v must share one dtype of float32, float16, bfloat16; got "
                         f"{q.dtype}, {k.dtype}, {v.dtype}")
     if k.device != q.device or v.device != q.device:
@@ -287,17 +278,6 @@ def _check_inputs(q, k, v, layout, q_scale, qk_norm) -> None:
         raise ValueError(f"{op}: k and v hold {k.shape[2]} tokens but the layout has {L}")
     if Lq > L:
         raise ValueError(f"{op}: q holds {Lq} tokens, more than the layout's {L} (q holds the last Lq tokens)")
-    if q_scale is None:
-        return
-    if not qk_norm:
-        raise ValueError(f"{op}: q_scale applies only with qk_norm=True")
-    if not isinstance(q_scale, torch.Tensor) or not q_scale.dtype.is_floating_point:
-        raise TypeError(f"{op}: q_scale must be a float tensor [Hq], got "
-                        f"{q_scale.dtype if isinstance(q_scale, torch.Tensor) else type(q_scale).__name__}")
-    if q_scale.shape != (Hq,):
-        raise ValueError(f"{op}: q_scale must have shape [Hq={Hq}], got {tuple(q_scale.shape)}")
-    if q_scale.device != q.device:
-        raise ValueError(f"{op}: q_scale is on {q_scale.device}, q on {q.device}")
 
 
 def _op_tables(layout: ScaleLayout, Lq: int, device: torch.device):
@@ -324,13 +304,11 @@ def _compile_tables(layout: ScaleLayout, device: torch.device):
 
 
 def _scale_attention(op, q, k, v, layout, scale, qk_norm, q_scale, return_lse):
-    _check_inputs(q, k, v, layout, q_scale, qk_norm)
+    _check_inputs(q, k, v, layout, q_scale)
+    q_scale = q_scale_arg("fastar.scale_attention", q, q_scale, qk_norm)
     Lq, D = q.shape[2], q.shape[3]
     q_offset = layout.num_tokens - Lq
-    if scale is None:
-        scale = 1.0 if qk_norm else D**-0.5
-    if q_scale is not None:
-        q_scale = q_scale.to(torch.float32)
+    scale = softmax_scale(scale, D, qk_norm)
     out = q.new_empty(q.shape)
     if layout._sees_every_key(q_offset):
         # A cached step (the last scale over the whole cache): attention with no mask and no tables.

@@ -31,10 +31,8 @@ from typing import List, Optional
 import torch
 import torch.nn.functional as F
 
-from ._validate import no_grad
-from .scale import _int
+from ._common import FLOAT_DTYPES, as_int, no_grad, q_scale_arg, softmax_scale
 
-_SUPPORTED = (torch.float32, torch.float16, torch.bfloat16)
 # Keys per batch row converted to float64 at once while scoring: bounds compress's scratch memory.
 _SCORE_CHUNK_ELEMENTS = 1 << 22
 
@@ -76,14 +74,14 @@ class ScaleKVCache:
     def __init__(self, batch: int, heads: int, head_dim: int, layout, dtype: torch.dtype = torch.float32,
                  device=None):
         for name, value in (("batch", batch), ("heads", heads), ("head_dim", head_dim)):
-            _int(value, f"fastar.ScaleKVCache: {name}", 1)
+            as_int(value, f"fastar.ScaleKVCache: {name}", 1)
         if (layout.relation, layout.local_window, layout.full_scales) != ("causal", None, 0):
             raise ValueError(
                 "fastar.ScaleKVCache: cached inference attends to everything cached with no mask, which "
                 "reproduces a ScaleLayout with relation='causal', no local_window and full_scales=0; got "
                 f"relation={layout.relation!r}, local_window={layout.local_window}, full_scales={layout.full_scales}"
             )
-        if dtype not in _SUPPORTED:
+        if dtype not in FLOAT_DTYPES:
             raise ValueError(f"fastar.ScaleKVCache: dtype must be float32, float16 or bfloat16, got {dtype}")
         self.layout = layout
         self._sizes = [h * w for h, w in layout.hw]
@@ -185,12 +183,11 @@ class ScaleKVCache:
         self._check_current("attend")
         self._check("q", q, self._scales - 1, heads_multiple=True)
         no_grad("fastar.ScaleKVCache.attend", q=q, q_scale=q_scale)
-        q_scale = _q_scale(q, q_scale, qk_norm)
-        if scale is None:
-            scale = 1.0 if qk_norm else q.shape[-1] ** -0.5
+        q_scale = q_scale_arg("fastar.ScaleKVCache.attend", q, q_scale, qk_norm)
         # Every cached key is visible: no relation, window or full scales, so no mask tables.
         out = q.new_empty(q.shape)
-        self._ops.scale_attention(q, self.keys, self.values, out, float(scale), qk_norm=bool(qk_norm), q_scale=q_scale)
+        self._ops.scale_attention(q, self.keys, self.values, out, softmax_scale(scale, q.shape[-1], qk_norm),
+                                  qk_norm=bool(qk_norm), q_scale=q_scale)
         return out
 
     def compress(self, q: torch.Tensor, budget: int, *, window: int = 16, pool: int = 5, qk_norm: bool = False,
@@ -229,8 +226,8 @@ class ScaleKVCache:
                 "its tokens are no longer the last ones cached (append the next scale first)"
             )
         self._check("q", q, self._scales - 1, heads_multiple=True)
-        budget = _int(budget, "fastar.ScaleKVCache.compress: budget", 0)
-        if _int(pool, "fastar.ScaleKVCache.compress: pool", 1) % 2 == 0:
+        budget = as_int(budget, "fastar.ScaleKVCache.compress: budget", 0)
+        if as_int(pool, "fastar.ScaleKVCache.compress: pool", 1) % 2 == 0:
             raise ValueError(f"fastar.ScaleKVCache.compress: pool must be odd (same padding), got {pool}")
         h, w = self.layout.hw[self._scales - 1]
         start = self._length - h * w  # the current scale's tokens are the last ones cached
@@ -238,7 +235,7 @@ class ScaleKVCache:
         B, H, L, D = self.keys.shape
         if L <= budget + local.numel():
             return torch.arange(L, device=q.device).repeat(B, H, 1)
-        q_scale = _q_scale(q, q_scale, qk_norm)
+        q_scale = q_scale_arg("fastar.ScaleKVCache.compress", q, q_scale, qk_norm)
         scores = self._scores(q[:, :, local], qk_norm, q_scale)
         observed = local + start
         scores[:, :, observed] = -math.inf
@@ -285,18 +282,3 @@ class ScaleKVCache:
         self._length = n
         self._compressed = True
 
-
-def _q_scale(q: torch.Tensor, q_scale: Optional[torch.Tensor], qk_norm: bool) -> Optional[torch.Tensor]:
-    """The per-head factors as the op takes them (float32 ``[Hq]``, or None), after the checks of
-    :func:`fastar.scale_attention`."""
-    if q_scale is None:
-        return None
-    if not qk_norm:
-        raise ValueError("fastar.ScaleKVCache: q_scale applies only with qk_norm=True")
-    if not isinstance(q_scale, torch.Tensor) or not q_scale.dtype.is_floating_point:
-        raise TypeError(f"fastar.ScaleKVCache: q_scale must be a float tensor [Hq], got "
-                        f"{q_scale.dtype if isinstance(q_scale, torch.Tensor) else type(q_scale).__name__}")
-    if q_scale.shape != (q.shape[1],) or q_scale.device != q.device:
-        raise ValueError(f"fastar.ScaleKVCache: q_scale must have shape [Hq={q.shape[1]}] on {q.device}, got "
-                         f"{tuple(q_scale.shape)} on {q_scale.device}")
-    return q_scale.to(torch.float32)

@@ -10,6 +10,7 @@ the backend's device, and results come back on the CPU.
 """
 from __future__ import annotations
 
+import contextlib
 import os
 
 import pytest
@@ -29,26 +30,28 @@ def _simt_unavailable_reason():
         return f"SIMT build not present (build with FASTAR_BUILD_SIMT=1; needs the CUDA headers): {exc}"
 
 
-@pytest.fixture
-def debug_checks():
-    """Turn on fastar's debug-mode validation for one test."""
+@contextlib.contextmanager
+def _debug_checks_set(enabled: bool):
     previous = acceptance.debug_checks_enabled()
-    acceptance.set_debug_checks(True)
+    acceptance.set_debug_checks(enabled)
     try:
         yield
     finally:
         acceptance.set_debug_checks(previous)
+
+
+@pytest.fixture
+def debug_checks():
+    """Turn on fastar's debug-mode validation for one test."""
+    with _debug_checks_set(True):
+        yield
 
 
 @pytest.fixture(autouse=True)
 def _debug_checks_off():
     """Tests assume the default (no debug validation, whatever FASTAR_DEBUG_CHECKS says) unless they ask."""
-    previous = acceptance.debug_checks_enabled()
-    acceptance.set_debug_checks(False)
-    try:
+    with _debug_checks_set(False):
         yield
-    finally:
-        acceptance.set_debug_checks(previous)
 
 
 def _cuda_unavailable_reason():
@@ -73,7 +76,8 @@ class Backend:
     def to(self, t):
         return None if t is None else t.to(self.device) if isinstance(t, torch.Tensor) else t
 
-    def speculative_sample(self, draft_token_ids, draft_probs, target_probs, *, num_draft_tokens=None, seed=None, offset=0):
+    def speculative_sample(self, draft_token_ids, draft_probs, target_probs, *, num_draft_tokens=None, seed=None,
+                           offset=0):
         tokens, num_accepted = acceptance._speculative_sample(
             self.ops.speculative_sample,
             self.to(draft_token_ids),

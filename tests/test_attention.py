@@ -16,6 +16,7 @@ Tolerances (docs/attention.md):
 """
 from __future__ import annotations
 
+import functools
 import math
 import warnings
 from typing import List, Optional
@@ -1067,7 +1068,7 @@ def test_out_is_written_in_place(backend):
         buffer = torch.full(shape, float("nan"), dtype=torch.float16, device=backend.device)
         out = view(buffer)
         (result, lse), copies = _run_counting_copies(
-            lambda: masked_attention._attention(backend.ops.attention, dq, dk, dv, mask, None, True, out)
+            functools.partial(masked_attention._attention, backend.ops.attention, dq, dk, dv, mask, None, True, out)
         )
         assert result is out and out.data_ptr() == buffer.data_ptr()
         assert copies == 0, f"out {tuple(out.stride())}: {copies} copies"

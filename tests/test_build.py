@@ -50,9 +50,10 @@ def _acceptance_samples(device):
     nd = torch.tensor([4, 0, 2], dtype=torch.int32)
     seed, offset = torch.tensor(5), torch.tensor(1)
     to = lambda *ts: [t.to(device) if t is not None else None for t in ts]  # noqa: E731
-    qa, ka, va = torch.randn(2, 4, 3, 16, generator=g), torch.randn(2, 2, 9, 16, generator=g), torch.randn(2, 2, 9, 16, generator=g)
+    qa, ka, va = (torch.randn(shape, generator=g) for shape in ((2, 4, 3, 16), (2, 2, 9, 16), (2, 2, 9, 16)))
     lens = torch.tensor([9, 4], dtype=torch.int32)
-    ids_q, ids_k = torch.tensor([[0, 1, 1]], dtype=torch.int32), torch.tensor([[0, 0, 0, 0, 0, 0, 0, 1, 1]], dtype=torch.int32)
+    ids_q = torch.tensor([[0, 1, 1]], dtype=torch.int32)
+    ids_k = torch.tensor([[0, 0, 0, 0, 0, 0, 0, 1, 1]], dtype=torch.int32)
     # (args, kwargs): out is written in place, also a transposed view and one with a non-unit last stride.
     out = lambda q: torch.empty(q.shape, dtype=q.dtype, device=device)  # noqa: E731
     transposed = lambda q: out(q.transpose(1, 2)).transpose(1, 2)  # noqa: E731
@@ -68,7 +69,7 @@ def _acceptance_samples(device):
     # with qk_norm in bfloat16, and no mask (a cached step).
     layout = fastar.ScaleLayout((1, 2, 3), local_window=0)
     info, hw = layout.token_info(), layout.scale_hw()
-    qs, ks, vs = torch.randn(2, 4, 14, 16, generator=g), torch.randn(2, 2, 14, 16, generator=g), torch.randn(2, 2, 14, 16, generator=g)
+    qs, ks, vs = (torch.randn(shape, generator=g) for shape in ((2, 4, 14, 16), (2, 2, 14, 16), (2, 2, 14, 16)))
     bf = lambda *ts: [t.bfloat16() for t in ts]  # noqa: E731
     q_same = qs[:, :, 9:].bfloat16()
     scale_attention = [

@@ -1,6 +1,6 @@
 """Edge and bad inputs of the public wrappers, on every backend: mixed devices, autograd, index tensors,
 overlapping caches, integer overflow in masks, the SDPA drop-in's mask dtypes and float 0/-inf masks, head
-dim 0, integral seeds, and torch.compile of masks and cache appends.
+dim 0, integral seeds and sampling arguments, and torch.compile of masks and cache appends.
 
 Results are checked against the float64 reference (``attention_reference`` over a mask written out in the
 test) or PyTorch's own SDPA; errors by type and by the argument they name.
@@ -14,8 +14,8 @@ import torch.nn.functional as F
 
 import fastar
 from fastar import masked_attention
-from fastar.masks import BlockCausal, Causal, MaskArgs, Tree, Window
-from fastar.reference import scale_attention_reference
+from fastar.masks import BlockCausal, Causal, Tree, Window
+from fastar.reference import sample_cfg_reference, scale_attention_reference
 from fastar.reference.attention import attention_reference, mask_from_args
 from test_attention import assert_output_close, check_attention, make
 
@@ -51,8 +51,8 @@ def test_meta_tensor_among_real_ones_is_refused(backend):
         masked_attention._attention_with_kvcache(backend.ops.attention, qc, cache, cache.to(META), 3, None, None, None,
                                                  None, None, False)
     with pytest.raises(ValueError, match="cache_seqlens is on meta"):
-        masked_attention._attention_with_kvcache(backend.ops.attention, qc, cache, cache, torch.tensor([3], device=META),
-                                                 None, None, None, None, None, False)
+        masked_attention._attention_with_kvcache(backend.ops.attention, qc, cache, cache,
+                                                 torch.tensor([3], device=META), None, None, None, None, None, False)
 
     ids, dq, p = (backend.to(t) for t in acceptance_inputs())
     with pytest.raises(ValueError, match="on meta"):
@@ -108,8 +108,8 @@ def test_inputs_that_require_grad_are_refused(backend):
 
     # Under no_grad (or with detached tensors) the same inputs run and match the reference.
     with torch.no_grad():
-        out, lse = masked_attention._attention(backend.ops.attention, *(backend.to(t.clone()).requires_grad_() for t in (q, k, v)),
-                                               Causal(), None, True, None)
+        grads = (backend.to(t.clone()).requires_grad_() for t in (q, k, v))
+        out, lse = masked_attention._attention(backend.ops.attention, *grads, Causal(), None, True, None)
     check_attention(out.cpu(), lse.cpu(), q, k, v, Causal().materialize(5, 9).unsqueeze(1))
 
 
@@ -283,7 +283,7 @@ def test_sdpa_refuses_the_mask_dtypes_torch_refuses(backend, mask_dtype):
 
 
 # ---------------------------------------------------------------------------------------------------------
-# 7. Head dim 0 and integral seeds.
+# 7. Head dim 0, integral seeds and sampling arguments.
 
 
 def test_head_dim_zero(backend):
@@ -326,6 +326,24 @@ def test_integral_seeds_and_offsets(backend):
                 backend.speculative_sample(ids, dq, p, **kwargs)
             with pytest.raises(TypeError, match=name):
                 backend.sample_cfg(logits, cfg=1.5, schedule="constant", **kwargs)
+
+
+def test_sample_cfg_integral_arguments(backend):
+    """top_k, scale_index and num_scales take any integral scalar (numpy integers too), as seed and offset do."""
+    logits = torch.randn(4, 3, 50, generator=torch.Generator().manual_seed(2))
+    kw = dict(cfg=1.5, schedule="var", top_p=0.9, seed=3)
+    want = backend.sample_cfg(logits, scale_index=4, num_scales=10, top_k=7, **kw)
+    argmax = sample_cfg_reference(logits, cfg=1.5, scale_index=4, num_scales=10, top_k=1).argmax(-1)
+    for kind in (np.int64, np.int32, np.uint8):
+        got = backend.sample_cfg(logits, scale_index=kind(4), num_scales=kind(10), top_k=kind(7), **kw)
+        assert torch.equal(got, want), kind
+        got = backend.sample_cfg(logits, scale_index=kind(4), num_scales=kind(10), top_k=kind(1), **kw)
+        assert torch.equal(got, argmax), kind
+    for name in ("top_k", "scale_index", "num_scales"):
+        for value in (True, np.True_, 4.0, np.float64(4.0), "4"):
+            args = {"scale_index": 4, "num_scales": 10, "top_k": 7, name: value}
+            with pytest.raises(TypeError, match=name):
+                backend.sample_cfg(logits, **args, **kw)
 
 
 # ---------------------------------------------------------------------------------------------------------

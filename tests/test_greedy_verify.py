@@ -250,7 +250,8 @@ def test_cpu_and_simt_identical():
     gen = torch.Generator().manual_seed(8)
     for dtype in FLOAT_DTYPES:
         for ties in (False, True):
-            drafts, logits, num_draft = make_case(gen, 32, 4, 513, dtype=dtype, ragged=torch.int32, ties=ties, infs=True)
+            drafts, logits, num_draft = make_case(gen, 32, 4, 513, dtype=dtype, ragged=torch.int32, ties=ties,
+                                                  infs=True)
             cpu = acceptance._greedy_verify(torch.ops.fastar.greedy_verify, drafts, logits, num_draft)
             simt = acceptance._greedy_verify(torch.ops.fastar_simt.greedy_verify, drafts, logits, num_draft)
             assert_same(simt, cpu, str(dtype))

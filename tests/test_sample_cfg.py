@@ -284,7 +284,8 @@ def test_unseeded_calls_use_torchs_generator(backend):
 def test_half_inputs_sample_their_float_values(backend, dtype):
     logits = (torch.randn(4, 6, 50, generator=torch.Generator().manual_seed(9)) * 3).to(dtype)
     config = dict(VAR, top_k=20, top_p=0.9)
-    assert torch.equal(backend.sample_cfg(logits, seed=4, **config), backend.sample_cfg(logits.float(), seed=4, **config))
+    assert torch.equal(backend.sample_cfg(logits, seed=4, **config),
+                       backend.sample_cfg(logits.float(), seed=4, **config))
 
 
 def test_shapes(backend):
@@ -352,7 +353,8 @@ BAD_ARGUMENTS = [
 ]
 
 
-@pytest.mark.parametrize("bad,exc,match", BAD_ARGUMENTS, ids=[f"{list(b)[0]}={b[list(b)[0]]!r}"[:40] for b, _, _ in BAD_ARGUMENTS])
+@pytest.mark.parametrize("bad,exc,match", BAD_ARGUMENTS,
+                         ids=[f"{list(b)[0]}={b[list(b)[0]]!r}"[:40] for b, _, _ in BAD_ARGUMENTS])
 def test_bad_arguments_raise(backend, bad, exc, match):
     kw = dict(logits=torch.randn(4, 3, 8), seed=0, **VAR)
     kw.update(bad)

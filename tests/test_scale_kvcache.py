@@ -257,7 +257,7 @@ def test_bad_inputs_raise_clear_errors():
         cache.attend(q, qk_norm=True, q_scale=torch.ones(2))
     with pytest.raises(ValueError, match=r"budget must lie in \[0, inf\], got -1"):
         cache.compress(q, -1)
-    with pytest.raises(TypeError, match="budget must be an int, got float"):
+    with pytest.raises(TypeError, match="budget must be an integer, got float"):
         cache.compress(q, 4.0)
     with pytest.raises(ValueError, match="pool must be odd"):
         cache.compress(q, 4, pool=4)

@@ -429,7 +429,8 @@ def test_matches_reference_vocab_sizes(backend, vocab, with_q):
     gen = torch.Generator().manual_seed(vocab * 2 + with_q)
     drafts, q, p, _ = make_case(gen, 12, 4, vocab, with_q=with_q)
     for seed in (3, 2**64 - 1):
-        assert_same(backend.speculative_sample(drafts, q, p, seed=seed, offset=9), reference(drafts, q, p, None, seed, 9))
+        assert_same(backend.speculative_sample(drafts, q, p, seed=seed, offset=9),
+                    reference(drafts, q, p, None, seed, 9))
     if vocab == 1:  # one token: p = q = 1, every draft accepted, bonus token 0
         tokens, num_accepted = backend.speculative_sample(drafts, q, p, seed=1)
         assert (num_accepted == 4).all() and (tokens == 0).all()
@@ -879,7 +880,8 @@ def bad_value_cases():
         ("q_gt_1", set_prob("q", 1.0625), ValueError, msg_value),
         ("p_nan_pos0", set_prob("p", float("nan"), pos=0), ValueError, msg_value),
         ("nan_in_sampled_row", nan_in_sampled_row, ValueError, msg_value),
-        ("zero_bonus_row", zero_bonus, ValueError, "batch row 1: a distribution to sample from with zero total probability"),
+        ("zero_bonus_row", zero_bonus, ValueError,
+         "batch row 1: a distribution to sample from with zero total probability"),
         ("zero_target_row", zero_target_row, ValueError, "zero total probability"),
     ]
 

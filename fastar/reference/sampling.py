@@ -26,7 +26,8 @@ def var_top_k_top_p_(logits: torch.Tensor, top_k: int, top_p: float) -> torch.Te
     (``top_k > 0``), then, sorted ascending, on the tokens with ``cumsum(softmax) <= 1 - top_p`` but the last
     (``top_p > 0``; tied logits are split by their sort position). Returns logits."""
     if top_k > 0:
-        kth = logits.topk(min(top_k, logits.shape[-1]), largest=True, sorted=False, dim=-1)[0].amin(dim=-1, keepdim=True)
+        kth = logits.topk(min(top_k, logits.shape[-1]), largest=True, sorted=False, dim=-1)[0]
+        kth = kth.amin(dim=-1, keepdim=True)
         logits.masked_fill_(logits < kth, -math.inf)
     if top_p > 0:
         sorted_logits, sorted_idx = logits.sort(dim=-1, descending=False)
