@@ -32,6 +32,15 @@ at::Tensor scale_attention_cpu(const at::Tensor& q, const at::Tensor& k, const a
 at::Tensor sample_cfg_cpu(const at::Tensor& logits, double cfg, c10::string_view schedule,
                           std::optional<int64_t> scale_index, std::optional<int64_t> num_scales, int64_t top_k,
                           double top_p, double temperature, const at::Tensor& seed, const at::Tensor& offset);
+// Test-only (csrc/schemas.h): the CPU attention kernel's plan.
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> attention_plan_cpu(
+    const at::Tensor& q, const at::Tensor& k, const std::optional<at::Tensor>& kv_lens,
+    const std::optional<at::Tensor>& block_table, bool causal, bool bottom_right, int64_t window_left,
+    int64_t window_sinks, c10::string_view block_relation, const std::optional<at::Tensor>& q_block_ids,
+    const std::optional<at::Tensor>& k_block_ids, const std::optional<at::Tensor>& mask_bits, int64_t mask_bits_cols,
+    const std::optional<at::Tensor>& bias, const std::optional<at::Tensor>& token_info,
+    const std::optional<at::Tensor>& scale_hw, const std::optional<at::Tensor>& tile_map, c10::string_view relation,
+    int64_t local_window, int64_t full_scales, int64_t tile_q, int64_t tile_k);
 
 // The CUDA glue (csrc/cuda/*_glue.cpp): CUDA tensors in fastar._C, CPU tensors in the SIMT build.
 std::tuple<at::Tensor, at::Tensor> speculative_sample_cuda(const at::Tensor& draft_token_ids,

@@ -1,6 +1,9 @@
 #include "schemas.h"
 
-TORCH_LIBRARY(fastar, m) { fastar::define_schemas(m); }
+TORCH_LIBRARY(fastar, m) {
+  fastar::define_schemas(m);
+  fastar::define_cpu_test_schemas(m);
+}
 
 TORCH_LIBRARY_IMPL(fastar, CPU, m) { fastar::register_cpu_kernels(m); }
 

@@ -57,12 +57,34 @@ inline void define_schemas(torch::Library& m) {
       "float temperature, Tensor seed, Tensor offset) -> Tensor tokens");
 }
 
+// Test-only ops of the CPU kernels, in torch.ops.fastar alone (a leading underscore: no CUDA kernel, fake or
+// public API; tests/test_build.py's opcheck leaves them out).
+inline void define_cpu_test_schemas(torch::Library& m) {
+  // The CPU attention kernel's plan (csrc/cpu/attention_plan.h) for q [B, Hq, Lq, D] and k [B or pages, Hkv,
+  // Lk or page_size, D] (only their shapes are read) under the mask arguments of attention, or of
+  // scale_attention (token_info, ...; then the attention ones keep their defaults), at the current number of
+  // threads. Returns positions int64 [Lq] (the query positions in tile order), tile_starts int64 [T + 1]
+  // (tile t holds positions[tile_starts[t]:tile_starts[t + 1]]), and for every step of every work item and kv
+  // split, in order: steps int64 [S, 7] (b, kv head, tile, split, p0, np, n: the step computes n keys for the
+  // tile's query positions [p0, p0 + np)), keys int64 [sum n] (the steps' keys, concatenated) and visible
+  // uint8 [sum n * np] (per step, [n, np]: whether the key is marked visible to the position; all 1 for a
+  // tile computed without a mask).
+  m.def(
+      "_attention_plan(Tensor q, Tensor k, *, Tensor? kv_lens=None, Tensor? block_table=None, bool causal=False, "
+      "bool bottom_right=True, int window_left=-1, int window_sinks=0, str block_relation=\"none\", "
+      "Tensor? q_block_ids=None, Tensor? k_block_ids=None, Tensor? mask_bits=None, int mask_bits_cols=0, "
+      "Tensor? bias=None, Tensor? token_info=None, Tensor? scale_hw=None, Tensor? tile_map=None, "
+      "str relation=\"none\", int local_window=-1, int full_scales=0, int tile_q=64, int tile_k=64) "
+      "-> (Tensor positions, Tensor tile_starts, Tensor steps, Tensor keys, Tensor visible)");
+}
+
 inline void register_cpu_kernels(torch::Library& m) {
   m.impl("speculative_sample", &speculative_sample_cpu);
   m.impl("greedy_verify", &greedy_verify_cpu);
   m.impl("attention", &attention_cpu);
   m.impl("scale_attention", &scale_attention_cpu);
   m.impl("sample_cfg", &sample_cfg_cpu);
+  m.impl("_attention_plan", &attention_plan_cpu);
 }
 
 // The CUDA kernels' glue; registered for CUDA in fastar._C and for CPU tensors in the SIMT build.

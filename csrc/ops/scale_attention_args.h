@@ -17,8 +17,9 @@ struct ScaleAttentionArgs {
   int64_t tile_k = 64;
 };
 
-inline AttentionLaunch prepare_scale_attention(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
-                                               const at::Tensor& out, double scale, const ScaleAttentionArgs& a) {
+// Checks and kernel arguments of everything but `out` (bind_out).
+inline AttentionLaunch prepare_scale_attention_inputs(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
+                                                      double scale, const ScaleAttentionArgs& a) {
   constexpr const char* op = "fastar.scale_attention";
   const BlockRelation relation = parse_block_relation(op, "relation", a.relation);
   const int64_t window = a.local_window, full_scales = a.full_scales;
@@ -102,7 +103,13 @@ inline AttentionLaunch prepare_scale_attention(const at::Tensor& q, const at::Te
   } else {
     TORCH_CHECK_VALUE(!a.q_scale.has_value(), op, ": q_scale is only used with qk_norm");
   }
-  bind_out(l, out, op);
+  return l;
+}
+
+inline AttentionLaunch prepare_scale_attention(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
+                                               const at::Tensor& out, double scale, const ScaleAttentionArgs& a) {
+  AttentionLaunch l = prepare_scale_attention_inputs(q, k, v, scale, a);
+  bind_out(l, out, "fastar.scale_attention");
   return l;
 }
 

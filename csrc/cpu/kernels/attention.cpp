@@ -1,14 +1,11 @@
 // The CPU attention kernel, compiled once per ISA (cpu/vec.h): tiled online softmax (FlashAttention's
 // recurrence) in float32.
 //
-// A work item is (batch, kv head, query tile, kv split). Its rows are every query head of the GQA group
-// times the tile's query positions, so each K/V tile is loaded once for the whole group. Key tiles are
-// classified against the structured mask first (core/attention.h): hidden tiles are skipped, fully
-// visible ones run without per-element mask work, and partial ones keep only the keys some query of the
-// item (or of a 16-position group of it) sees, batched up to a tile's worth. This plan of keys is made
-// once per query tile when the mask is the same for every sequence, else per item. When there are too
-// few work items for the threads (decode with a small batch), the keys are split and the partial results
-// merged by their LSE.
+// The plan (cpu/attention_plan.h, compiled once) says which work items there are and which keys each of
+// their steps computes. This driver runs the items over the threads: it loads an item's queries (every
+// query head of the GQA group times the tile's positions, so each K/V tile is loaded once for the whole
+// group), computes each step's logits, masks them with the plan's visibility bytes and folds them into the
+// online softmax, then writes the rows, or merges the kv splits' partial results by their LSE.
 #include "cpu/kernels/attention.h"
 
 #include <ATen/Parallel.h>
@@ -20,31 +17,21 @@
 #include <cmath>
 #include <cstring>
 #include <limits>
-#include <tuple>
 #include <type_traits>
 #include <vector>
 
 #include "core/softmax.h"
+#include "cpu/attention_plan.h"
 #include "cpu/kernels/microkernels.h"
 
 FASTAR_ISA_BEGIN
 namespace {
 
-constexpr int64_t kKeyTile = 64;
-// Most keys of one step: a full key tile, or a batch of partial tiles' kept keys (plan_keys). Batches of 128
-// halve the steps of a window's long key lists (VAR 2240, W=2: 5-10% faster than 64); each step rescales its
-// rows' output once.
-constexpr int64_t kBatch = 128;
-constexpr int64_t kMaxRows = 256;  // query rows (heads x positions) per work item
 static_assert(2 * kKeyTile <= RowPrefetch::kMaxRows, "a key tile's K and V rows fit the prefetch list");
 
 // Tiles with at least this many query rows use the GEMM path: compute-bound verification and prefill.
 // Fewer rows (decode) stream K and V straight from memory with dot/axpy loops.
 constexpr int64_t kGemmMinRows = 8;
-// Query positions per row group of plan_keys: 8 computed 10% fewer logits for VAR 680, W=2, but its smaller
-// GEMMs ran slower overall.
-constexpr int64_t kGroup = 16;
-constexpr int64_t kMaxPlanBytes = 16 << 20;  // build_plans' bound on Lq x Lk
 constexpr int64_t kHeadCacheBytes = 8 << 20;  // a thread's float K and V of one head (HeadCache)
 constexpr int64_t kL2Resident = 512 << 10;   // bytes: half of a 1 MB L2 (Zen 4, recent Intel)
 
@@ -68,28 +55,12 @@ inline int64_t padded_ld(int64_t n) { return n + 16; }
 template <typename T>
 class AttentionCpu {
  public:
-  explicit AttentionCpu(const AttentionParams& p) : p_(p), G_(p.Hq / p.Hkv) {
-    // Query positions per tile: as many as fit kMaxRows rows with the whole GQA group.
-    q_tile_ = std::max<int64_t>(1, std::min<int64_t>(p.Lq, kMaxRows / G_));
-    if (G_ > kMaxRows) q_tile_ = 1;
-    // A precomputed tile map is exact per tile_q queries: tiles no taller skip everything it hides.
-    if (p.mask.tile_map) q_tile_ = std::min(q_tile_, p.mask.tile_q);
-    // A next-scale window hides most of a wide tile's keys from some of its rows only: shorter query tiles
-    // leave fewer keys after compaction (VAR 680, W=2: 12% fewer logits computed at 32 than at 64).
-    if (p.mask.scale_window >= 0) q_tile_ = std::min<int64_t>(q_tile_, 32);
-    order_by_patches();
-    split_query_tiles();
-    n_q_tiles_ = static_cast<int64_t>(q_starts_.size()) - 1;
-    sorted_k_blocks_ = p.mask.block == BlockRelation::kCausal && p.mask.k_block_sb == 0 &&
-                       std::is_sorted(p.mask.k_block_ids, p.mask.k_block_ids + p.Lk);
-    const int64_t items = p.B * p.Hkv * n_q_tiles_;
-    const int64_t key_tiles = (p.Lk + kKeyTile - 1) / kKeyTile;
-    const int64_t want = 4 * static_cast<int64_t>(at::get_num_threads());
-    splits_ = items >= want ? 1 : std::max<int64_t>(1, std::min<int64_t>(key_tiles / 2, (want + items - 1) / items));
-  }
+  explicit AttentionCpu(const AttentionParams& p)
+      : p_(p), plan_(p), G_(plan_.group()), q_tile_(plan_.q_tile()), n_q_tiles_(plan_.n_q_tiles()),
+        splits_(plan_.splits()) {}
 
   void run() {
-    const int64_t items = p_.B * p_.Hkv * n_q_tiles_;
+    const int64_t items = plan_.items();
     const int64_t rows_cap = G_ * q_tile_, D = p_.D;
     if (splits_ > 1) {
       partial_o_.assign(static_cast<size_t>(items * splits_ * rows_cap * D), 0.0f);
@@ -100,13 +71,6 @@ class AttentionCpu {
     // where fixed halves made the other core wait. A chunk is a run of consecutive items (mostly one head's
     // query tiles, whose K and V stay in the core's L2), a quarter of a thread's share of what is left, so
     // the last chunks are short and the threads finish together (OpenMP's guided schedule).
-    // A mask that is the same for every sequence (a ScaleLayout's, a shared causal or tree mask) is planned
-    // once per query tile instead of once per item: VAR runs 16-32 heads per tile. The plans hold a byte
-    // per visible (query, key) pair of the partial tiles, at most Lq x Lk.
-    const AttentionMask& m = p_.mask;
-    const bool shared = !p_.kv_lens && (m.block == BlockRelation::kNone || (m.q_block_sb == 0 && m.k_block_sb == 0)) &&
-                        (!m.bits || m.bits_sb == 0);
-    if (shared && p_.B * p_.Hkv > 1 && p_.Lq * p_.Lk <= kMaxPlanBytes) build_plans();
     const int64_t total = items * splits_, threads = at::get_num_threads();
     // 16-bit K/V are converted once per head when several query tiles read them and the head fits.
     const bool head_cache = !std::is_same_v<T, float> && n_q_tiles_ > 1 &&
@@ -116,6 +80,7 @@ class AttentionCpu {
       Buffers unused;
       std::vector<float> scratch(static_cast<size_t>(layout_buffers(nullptr, unused)));
       HeadCache head;
+      KeyPlan item_plan;  // an item's steps, where the plan shares none over the batch
       if (head_cache) {
         head.ready.resize(static_cast<size_t>((p_.Lk + kKeyTile - 1) / kKeyTile));
         head.k.resize(static_cast<size_t>(p_.Lk * padded_ld(D)));
@@ -124,7 +89,8 @@ class AttentionCpu {
       for (int64_t w0 = next.load(std::memory_order_relaxed); w0 < total;) {
         const int64_t w1 = w0 + std::max<int64_t>(1, (total - w0) / (4 * threads));
         if (!next.compare_exchange_weak(w0, w1, std::memory_order_relaxed)) continue;  // w0 reloaded
-        for (int64_t w = w0; w < std::min(total, w1); ++w) run_item(w / splits_, w % splits_, scratch.data(), head_cache ? &head : nullptr);
+        for (int64_t w = w0; w < std::min(total, w1); ++w)
+          run_item(w / splits_, w % splits_, scratch.data(), head_cache ? &head : nullptr, item_plan);
         w0 = next.load(std::memory_order_relaxed);
       }
     });
@@ -136,9 +102,7 @@ class AttentionCpu {
   }
 
  private:
-  struct Item {
-    int64_t b, hkv, i0, nq;
-  };
+  using Item = AttentionItem;
 
   // The float K and V rows of one head (b, hkv) [Lk, padded_ld(D)], converted a key tile at a time as the
   // GEMM path asks for them. A thread's consecutive items are mostly query tiles of one head, which now
@@ -188,72 +152,14 @@ class AttentionCpu {
     return at;
   }
 
-
-  // Query tiles of at most q_tile_ positions. With block ids shared by the batch (scales of a ScaleLayout,
-  // blocks of BlockCausal), a run of one id at least half a tile long starts a tile of its own, so a tile
-  // holds one scale (or several small ones) and sees one prefix of the keys, not a staircase of partial
-  // tiles.
-  void split_query_tiles() {
-    const AttentionMask& m = p_.mask;
-    q_starts_.assign(1, 0);
-    const bool by_block = m.block != BlockRelation::kNone && m.q_block_sb == 0;
-    for (int64_t i = 0; i < p_.Lq;) {
-      int64_t run = 1;
-      if (by_block)
-        while (i + run < p_.Lq && m.q_block_ids[i + run] == m.q_block_ids[i]) ++run;
-      if (run >= (q_tile_ + 1) / 2 && i > q_starts_.back()) q_starts_.push_back(i);
-      for (int64_t j = i; j < i + run; ++j)
-        if (j - q_starts_.back() == q_tile_) q_starts_.push_back(j);
-      i += run;
-    }
-    q_starts_.push_back(p_.Lq);
-  }
-
-  // Under a next-scale window, each scale's queries are taken in 4x4 patches of its grid (row-major patch
-  // order, then row-major inside the patch): a 32-query tile is then a 4x8 patch and a row group of 16 a
-  // 4x4 one, which see fewer coarse keys than two grid rows and one (VAR 680, W=2: 9% fewer logits). The
-  // order only permutes positions of one scale id, so the ids read by index stay those of the tile.
-  void order_by_patches() {
-    const AttentionMask& m = p_.mask;
-    if (m.scale_window < 0 || m.block == BlockRelation::kNone || m.q_block_sb != 0) return;
-    qpos_.resize(static_cast<size_t>(p_.Lq));
-    for (int64_t i = 0; i < p_.Lq; ++i) qpos_[static_cast<size_t>(i)] = static_cast<int32_t>(i);
-    const int32_t* ty = m.tok_y + m.q_token_offset;
-    const int32_t* tx = m.tok_x + m.q_token_offset;
-    auto key = [&](int32_t i) {
-      return std::make_tuple(ty[i] / 4, tx[i] / 4, ty[i] % 4, tx[i] % 4);
-    };
-    for (int64_t i = 0, run; i < p_.Lq; i += run) {
-      for (run = 1; i + run < p_.Lq && m.q_block_ids[i + run] == m.q_block_ids[i];) ++run;
-      std::stable_sort(qpos_.begin() + i, qpos_.begin() + i + run,
-                       [&](int32_t a, int32_t b) { return key(a) < key(b); });
-    }
-  }
-
-  // Query position of the item's p-th query (in patch order under a next-scale window).
-  int64_t pos_at(const Item& it, int64_t p) const { return qpos_.empty() ? it.i0 + p : qpos_[it.i0 + p]; }
-
-  Item item_at(int64_t item) const {
-    const int64_t qt = item % n_q_tiles_, bh = item / n_q_tiles_;
-    const int64_t i0 = q_starts_[qt];
-    return Item{bh / p_.Hkv, bh % p_.Hkv, i0, q_starts_[qt + 1] - i0};
-  }
-
-  // Keys past the returned end are hidden from every query of the tile: with the causal block relation
-  // over sorted key ids, those whose id exceeds the tile's largest query id.
-  int64_t visible_key_end(const Item& it, int64_t lk) const {
-    if (!sorted_k_blocks_) return lk;
-    const AttentionMask& m = p_.mask;
-    const int32_t* qids = m.q_block_ids + it.b * m.q_block_sb;
-    const int32_t qmax = *std::max_element(qids + it.i0, qids + it.i0 + it.nq);
-    return std::upper_bound(m.k_block_ids, m.k_block_ids + lk, qmax) - m.k_block_ids;
-  }
+  int64_t pos_at(const Item& it, int64_t p) const { return plan_.pos_at(it, p); }
+  Item item_at(int64_t item) const { return plan_.item_at(item); }
 
   // Row r of an item is query head hkv * G + r / nq at position pos_at(it, r % nq).
   int64_t row_head(const Item& it, int64_t r) const { return it.hkv * G_ + r / it.nq; }
   int64_t row_pos(const Item& it, int64_t r) const { return pos_at(it, r % it.nq); }
 
-  void run_item(int64_t item, int64_t split, float* scratch, HeadCache* head) {
+  void run_item(int64_t item, int64_t split, float* scratch, HeadCache* head, KeyPlan& item_plan) {
     const Item it = item_at(item);
     const int64_t D = p_.D, R = G_ * it.nq, rp = round_up16(G_ * q_tile_), ld = padded_ld(rp);
     Buffers buf;
@@ -282,111 +188,17 @@ class AttentionCpu {
         tile_stream(it, keys, buf);  // decode: the hardware prefetcher follows its streams (with ours, 20% slower)
       }
     };
+    const AttentionPlan::Steps todo = plan_.steps(item, split, item_plan);
     auto attempt = [&](bool careful) {
       buf.careful = careful;
       std::fill(buf.o, buf.o + R * D, 0.0f);
       std::fill(buf.state, buf.state + rp, RowState::init());
-      if (plans_.empty()) {
-        const int64_t tiles = (visible_key_end(it, lk) + kKeyTile - 1) / kKeyTile;
-        const int64_t per_split = (tiles + splits_ - 1) / splits_;
-        const int64_t t_begin = split * per_split;
-        plan_keys(it, t_begin, std::min(tiles, t_begin + per_split), compute);
-      } else {
-        const KeyPlan& plan = plans_[static_cast<size_t>(item % n_q_tiles_)];
-        const int64_t n = static_cast<int64_t>(plan.steps.size()), per_split = (n + splits_ - 1) / splits_;
-        for (int64_t i = split * per_split; i < std::min(n, (split + 1) * per_split); ++i) {
-          const PlanStep& s = plan.steps[static_cast<size_t>(i)];
-          TileKeys keys = s.keys;
-          if (keys.idx) keys.idx = plan.idx.data() + s.idx_at, keys.vis = plan.vis.data() + s.vis_at;
-          compute(keys, s.pf_begin, s.pf_end);
-        }
-      }
+      for (int64_t i = todo.begin; i < todo.end; ++i)
+        compute(todo.plan->keys(i), todo.plan->pf_begin(i), todo.plan->pf_end(i));
     };
     attempt(false);
     if (!all_finite(buf.o, R * D)) attempt(true);
     finish_item(item, split, it, buf);
-  }
-
-  // Calls emit(keys, pf_begin, pf_end) for every batch of keys of the item's key tiles [t_begin, t_end) that
-  // its queries see, and the key range [pf_begin, pf_end) to fetch meanwhile (the next visited tile). Fully
-  // visible tiles go whole. Partial tiles keep the keys some query sees; with one query head per item, per
-  // group of kGroup positions (a next-scale window's coarse keys are each seen by a few grid cells: VAR
-  // 680, W=2, computes 8% fewer logits). Kept keys are batched per group, up to kBatch at a time (a
-  // window keeps about half of a tile, and half-empty tiles ran at a lower efficiency); the online softmax
-  // takes keys in any order.
-  template <typename Emit>
-  void plan_keys(const Item& it, int64_t t_begin, int64_t t_end, Emit&& emit) const {
-    const int64_t nq = it.nq, lk = visible_key_end(it, kv_len(p_, it.b));
-    const int64_t gw = G_ == 1 && nq >= 2 * kGroup ? kGroup : nq, groups = (nq + gw - 1) / gw;
-    const MaskGeometry geom = mask_geometry(p_, it.b);
-    uint8_t tile_vis[kKeyTile * kMaxRows], vis[kBatch * kMaxRows];  // group g's batch at vis + kBatch * g * gw
-    int32_t tile_idx[kKeyTile], idx[kBatch * (kMaxRows / kGroup)];       // group g's at idx + kBatch * g
-    int64_t batched[kMaxRows / kGroup] = {};
-    // The tile's positions span [q_lo, q_hi) (more than nq of them in patch order): classified over the
-    // span, a key tile is hidden or full only if it is for every query of the tile.
-    int64_t q_lo = it.i0, q_hi = it.i0 + nq;
-    if (!qpos_.empty()) {
-      const auto span = std::minmax_element(qpos_.begin() + it.i0, qpos_.begin() + it.i0 + nq);
-      q_lo = *span.first, q_hi = *span.second + 1;
-    }
-    auto tile_class = [&](int64_t t) {
-      const int64_t j0 = t * kKeyTile;
-      return classify_tile(p_.mask, it.b, q_lo, q_hi, j0, std::min(lk, j0 + kKeyTile), geom);
-    };
-    auto batch = [&](int64_t g) {
-      const int64_t p0 = g * gw;
-      return TileKeys{0, batched[g], idx + kBatch * g, vis + kBatch * p0, p0, std::min(gw, nq - p0)};
-    };
-    int64_t pf_begin = 0, pf_end = 0;
-    TileClass cls = t_begin < t_end ? tile_class(t_begin) : TileClass::kHidden;
-    for (int64_t t = t_begin; t < t_end; ++t) {
-      const int64_t j0 = t * kKeyTile, nk = std::min(lk, j0 + kKeyTile) - j0;
-      const TileClass cur = cls;
-      cls = t + 1 < t_end ? tile_class(t + 1) : TileClass::kHidden;
-      if (cur == TileClass::kHidden) continue;
-      pf_begin = j0 + kKeyTile, pf_end = cls == TileClass::kHidden ? pf_begin : std::min(lk, j0 + 2 * kKeyTile);
-      if (cur == TileClass::kFull) {
-        emit(TileKeys{j0, nk, nullptr, nullptr, 0, nq}, pf_begin, pf_end);
-        continue;
-      }
-      const int64_t n = visible_keys(it, j0, nk, geom, tile_vis, tile_idx);
-      for (int64_t g = 0; g < groups; ++g) {
-        const int64_t p0 = g * gw, np = std::min(gw, nq - p0);
-        for (int64_t c = 0; c < n; ++c) {
-          const uint8_t* v = tile_vis + c * nq + p0;
-          if (groups > 1 && std::none_of(v, v + np, [](uint8_t x) { return x != 0; })) continue;
-          if (batched[g] == kBatch) {
-            emit(batch(g), pf_begin, pf_end);
-            batched[g] = 0;
-          }
-          std::copy(v, v + np, vis + kBatch * p0 + batched[g] * np);
-          idx[kBatch * g + batched[g]++] = static_cast<int32_t>(j0 + tile_idx[c]);
-        }
-      }
-    }
-    for (int64_t g = 0; g < groups; ++g)
-      if (batched[g] > 0) emit(batch(g), pf_end, pf_end);
-  }
-
-  // The key plan of every query tile, built once for all items when the mask is the same for every sequence.
-  void build_plans() {
-    plans_.resize(static_cast<size_t>(n_q_tiles_));
-    at::parallel_for(0, n_q_tiles_, 1, [&](int64_t t0, int64_t t1) {
-      for (int64_t qt = t0; qt < t1; ++qt) {
-        const Item it = item_at(qt);
-        KeyPlan& plan = plans_[static_cast<size_t>(qt)];
-        const int64_t tiles = (visible_key_end(it, p_.Lk) + kKeyTile - 1) / kKeyTile;
-        plan_keys(it, 0, tiles, [&](const TileKeys& keys, int64_t pf_begin, int64_t pf_end) {
-          PlanStep s{keys, static_cast<int64_t>(plan.idx.size()), static_cast<int64_t>(plan.vis.size()), pf_begin,
-                     pf_end};
-          if (keys.idx) {
-            plan.idx.insert(plan.idx.end(), keys.idx, keys.idx + keys.n);
-            plan.vis.insert(plan.vis.end(), keys.vis, keys.vis + keys.n * keys.np);
-          }
-          plan.steps.push_back(s);
-        });
-      }
-    });
   }
 
   // Aims pf at the K and V rows of keys [j_begin, j_end), to be fetched in `steps` steps.
@@ -441,115 +253,6 @@ class AttentionCpu {
           for (d = 0; d < D; ++d) q[(r0 + i) * D + d] = to_f(src[i][d]) * f[i];
       }
     }
-  }
-
-  // The keys a step computes: key at(c) for c < n. Batches of partial tiles list the keys that some query
-  // of their positions sees in idx (key positions, with j0 = 0), and whether each is visible to query
-  // position p0 + pos in vis[c * np + pos]; full tiles have neither.
-  struct TileKeys {
-    int64_t j0, n;
-    const int32_t* idx;
-    const uint8_t* vis;
-    int64_t p0, np;  // the query positions [p0, p0 + np) that compute them (with G > 1: all of the item's)
-    int64_t at(int64_t c) const { return j0 + (idx ? idx[c] : c); }
-  };
-
-  // A batch of plan_keys, its idx and vis stored at idx_at and vis_at of the plan's arrays.
-  struct PlanStep {
-    TileKeys keys;
-    int64_t idx_at, vis_at, pf_begin, pf_end;
-  };
-  struct KeyPlan {
-    std::vector<PlanStep> steps;
-    std::vector<int32_t> idx;
-    std::vector<uint8_t> vis;
-  };
-
-  // The keys of the tile that some query position of the item may see: their offsets from j0 go to idx,
-  // and whether key idx[c] is visible to the item's query pos to vis[c * nq + pos] (once for all heads).
-  // Returns how many. Keys no position sees are dropped, so a window's far keys cost no GEMM work.
-  int64_t visible_keys(const Item& it, int64_t j0, int64_t nk, const MaskGeometry& geom, uint8_t* vis,
-                       int32_t* idx) const {
-    const AttentionMask& m = p_.mask;
-    const int64_t nq = it.nq;
-    if (m.causal || m.window || m.bits) {
-      int64_t n = 0;
-      for (int64_t c = 0; c < nk; ++c) {
-        uint8_t* v = vis + n * nq;
-        bool any = false;
-        for (int64_t pos = 0; pos < nq; ++pos) {
-          v[pos] = mask_visible(m, it.b, pos_at(it, pos), j0 + c, geom);
-          any |= v[pos] != 0;
-        }
-        if (any) idx[n++] = static_cast<int32_t>(c);
-      }
-      return n;
-    }
-    if (m.block == BlockRelation::kNone && m.scale_window < 0) {
-      std::fill(vis, vis + nk * nq, 1);
-      for (int64_t c = 0; c < nk; ++c) idx[c] = static_cast<int32_t>(c);
-      return nk;
-    }
-    // Masks of block (scale) ids alone go by runs of positions of one id: a key's block test and its cell
-    // on the query's grid (next-scale window) are shared by the run. A cell outside the window around the
-    // run's bounding box is seen by none of it; the others get a vector loop over the run.
-    struct Run {
-      int64_t p0, p1;
-      int32_t sq, y0, y1, x0, x1;
-    };
-    Run runs[kMaxRows];
-    int64_t n_runs = 0;
-    const int32_t* qids = m.q_block_ids + it.b * m.q_block_sb + it.i0;
-    const int32_t* kids = m.k_block_ids + it.b * m.k_block_sb + j0;
-    int32_t qy[kMaxRows], qx[kMaxRows];  // the queries' cells
-    const int32_t* ty = m.scale_window >= 0 ? qy : nullptr;
-    const int32_t* tx = m.scale_window >= 0 ? qx : nullptr;
-    if (ty) {
-      for (int64_t pos = 0; pos < nq; ++pos) {
-        qy[pos] = m.tok_y[pos_at(it, pos) + m.q_token_offset];
-        qx[pos] = m.tok_x[pos_at(it, pos) + m.q_token_offset];
-      }
-    }
-    for (int64_t p0 = 0, p1; p0 < nq; p0 = p1) {
-      Run& r = runs[n_runs++];
-      r = Run{p0, p0, qids[p0], 0, 0, 0, 0};
-      for (p1 = p0 + 1; p1 < nq && qids[p1] == r.sq; ++p1) {
-      }
-      r.p1 = p1;
-      if (ty) {
-        r.y0 = *std::min_element(ty + p0, ty + p1), r.y1 = *std::max_element(ty + p0, ty + p1);
-        r.x0 = *std::min_element(tx + p0, tx + p1), r.x1 = *std::max_element(tx + p0, tx + p1);
-      }
-    }
-    const int64_t w = m.scale_window;
-    const uint32_t span = static_cast<uint32_t>(2 * w);
-    int64_t n = 0;
-    for (int64_t c = 0; c < nk; ++c) {
-      uint8_t* v = vis + n * nq;
-      const int32_t sk = kids[c];
-      bool any = false;
-      for (int64_t ri = 0; ri < n_runs; ++ri) {
-        const Run& r = runs[ri];
-        const bool keep = block_visible(m.block, r.sq, sk);
-        if (!keep || w < 0 || scale_window_exempt(m, r.sq, sk)) {
-          std::fill(v + r.p0, v + r.p1, keep);
-          any |= keep;
-          continue;
-        }
-        const GridCell cell = scale_window_cell(m, j0 + c, r.sq, sk);
-        if (cell.y < r.y0 - w || cell.y > r.y1 + w || cell.x < r.x0 - w || cell.x > r.x1 + w) {
-          std::fill(v + r.p0, v + r.p1, 0);
-          continue;
-        }
-        any = true;  // perhaps: a row of zeros left over only computes -inf logits
-        // scale_window_near with the cell's offset folded in: |d| <= w iff d + w, unsigned, <= 2w.
-        const int32_t oy = static_cast<int32_t>(cell.y + w), ox = static_cast<int32_t>(cell.x + w);
-        for (int64_t pos = r.p0; pos < r.p1; ++pos)
-          v[pos] = (static_cast<uint32_t>(oy - ty[pos]) <= span) & (static_cast<uint32_t>(ox - tx[pos]) <= span);
-      }
-      if (any) idx[n++] = static_cast<int32_t>(c);
-    }
-    return n;
   }
 
   // Applies keys.vis to logit (r, c) of the tile at s[r * rs + c * cs], for the rows of the keys' positions:
@@ -799,14 +502,10 @@ class AttentionCpu {
   }
 
   const AttentionParams& p_;
-  const int64_t G_;
-  int64_t q_tile_ = 1, n_q_tiles_ = 1, splits_ = 1;
-  std::vector<int32_t> qpos_;      // [Lq] query positions in tile order (order_by_patches), or empty: in order
-  std::vector<int64_t> q_starts_;  // [n_q_tiles_ + 1] first query (in tile order) of each tile, then Lq
-  bool sorted_k_blocks_ = false;
+  const AttentionPlan plan_;
+  const int64_t G_, q_tile_, n_q_tiles_, splits_;  // the plan's
   std::vector<float> partial_o_;
   std::vector<RowState> partial_state_;  // [items, splits_, rows] each split's row states, to merge
-  std::vector<KeyPlan> plans_;  // [n_q_tiles_] when built once for all sequences (build_plans), else empty
 };
 
 }  // namespace
