@@ -29,9 +29,10 @@ test: build
 bench: build
 	$(PY) -m bench
 
-# Static checks: ruff's rules of pyproject.toml over the Python sources.
+# Static checks: ruff's rules of pyproject.toml over the Python sources, .clang-format over the C++ and CUDA.
 lint: $(VENV)/.installed
 	$(PY) -m ruff check fastar tests bench setup.py
+	$(VENV)/bin/clang-format --dry-run --Werror $$(git ls-files 'csrc/*.h' 'csrc/*.cpp' 'csrc/*.cu' 'csrc/*.cuh')
 
 clean:
 	rm -rf build fastar/*.so

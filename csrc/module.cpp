@@ -60,10 +60,8 @@ PYBIND11_MODULE(_C, m) {
         "What this build contains: torch version built against, CUDA version and archs, the CPU kernels' "
         "ISAs (built, run by this CPU, active), whether the CUDA kernels and the SIMT emulation build are "
         "present.");
-  m.def(
-      "describe_status",
-      &fastar::accept::describe_status,
-      "The meaning of an acceptance row status (the bits of -num_accepted of a marked row).");
+  m.def("describe_status", &fastar::accept::describe_status,
+        "The meaning of an acceptance row status (the bits of -num_accepted of a marked row).");
   m.def(
       "_set_cpu_isa", [](const std::string& name) { fastar::cpu::set_active_isa(name.c_str()); },
       "Runs the CPU kernels with another ISA from now on (generic, avx2, avx512; tests and benchmarks).");
@@ -71,7 +69,8 @@ PYBIND11_MODULE(_C, m) {
       "philox4x32_10",
       [](std::vector<uint32_t> ctr, uint32_t k0, uint32_t k1) {
         if (ctr.size() != 4) throw py::value_error("ctr must hold 4 words");
-        const fastar::Philox4x32 r = fastar::philox4x32_10(fastar::Philox4x32{{ctr[0], ctr[1], ctr[2], ctr[3]}}, k0, k1);
+        const fastar::Philox4x32 r =
+            fastar::philox4x32_10(fastar::Philox4x32{{ctr[0], ctr[1], ctr[2], ctr[3]}}, k0, k1);
         return std::vector<uint32_t>(r.v, r.v + 4);
       },
       "The Philox4x32-10 block function the sampling kernels use (exposed for known-answer tests).");

@@ -18,17 +18,17 @@ std::tuple<at::Tensor, at::Tensor> speculative_sample_cpu(const at::Tensor& draf
 std::tuple<at::Tensor, at::Tensor> greedy_verify_cpu(const at::Tensor& draft_token_ids, const at::Tensor& target_logits,
                                                      const std::optional<at::Tensor>& num_draft_tokens);
 at::Tensor attention_cpu(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, const at::Tensor& out,
-                          double scale, const std::optional<at::Tensor>& kv_lens,
-                          const std::optional<at::Tensor>& block_table, bool causal, bool bottom_right,
-                          int64_t window_left, int64_t window_sinks, c10::string_view block_relation,
-                          const std::optional<at::Tensor>& q_block_ids, const std::optional<at::Tensor>& k_block_ids,
-                          const std::optional<at::Tensor>& mask_bits, int64_t mask_bits_cols,
-                          const std::optional<at::Tensor>& bias);
+                         double scale, const std::optional<at::Tensor>& kv_lens,
+                         const std::optional<at::Tensor>& block_table, bool causal, bool bottom_right,
+                         int64_t window_left, int64_t window_sinks, c10::string_view block_relation,
+                         const std::optional<at::Tensor>& q_block_ids, const std::optional<at::Tensor>& k_block_ids,
+                         const std::optional<at::Tensor>& mask_bits, int64_t mask_bits_cols,
+                         const std::optional<at::Tensor>& bias);
 at::Tensor scale_attention_cpu(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, const at::Tensor& out,
-                                double scale, const std::optional<at::Tensor>& token_info,
-                                const std::optional<at::Tensor>& scale_hw, const std::optional<at::Tensor>& tile_map,
-                                c10::string_view relation, int64_t local_window, int64_t full_scales, bool qk_norm,
-                                const std::optional<at::Tensor>& q_scale, int64_t tile_q, int64_t tile_k);
+                               double scale, const std::optional<at::Tensor>& token_info,
+                               const std::optional<at::Tensor>& scale_hw, const std::optional<at::Tensor>& tile_map,
+                               c10::string_view relation, int64_t local_window, int64_t full_scales, bool qk_norm,
+                               const std::optional<at::Tensor>& q_scale, int64_t tile_q, int64_t tile_k);
 at::Tensor sample_cfg_cpu(const at::Tensor& logits, double cfg, c10::string_view schedule,
                           std::optional<int64_t> scale_index, std::optional<int64_t> num_scales, int64_t top_k,
                           double top_p, double temperature, const at::Tensor& seed, const at::Tensor& offset);

@@ -22,33 +22,33 @@ inline void define_schemas(torch::Library& m) {
       "attention(Tensor q, Tensor k, Tensor v, Tensor(a!) out, float scale, *, "
       // q [B, Hq, Lq, D], k and v [B, Hkv, Lk, D]; out [B, Hq, Lq, D] of q's dtype, unit stride along D,
       // sharing no memory with an input; scale multiplies the logits.
-      "Tensor? kv_lens=None, "  // int32 [B]: keys of each sequence (default Lk)
+      "Tensor? kv_lens=None, "      // int32 [B]: keys of each sequence (default Lk)
       "Tensor? block_table=None, "  // int32 [B, max_pages]: paged k and v [num_pages, Hkv, page_size, D]
-      "bool causal=False, "  // key j visible iff j <= i + diag
-      "bool bottom_right=True, "  // diag = Lk_b - Lq (the queries are the last keys), else 0 (SDPA's is_causal)
+      "bool causal=False, "         // key j visible iff j <= i + diag
+      "bool bottom_right=True, "    // diag = Lk_b - Lq (the queries are the last keys), else 0 (SDPA's is_causal)
       "int window_left=-1, "  // >= 0: key j visible iff i + diag - window_left <= j <= i + diag or j < window_sinks
       "int window_sinks=0, "  // the first keys, visible to every query of the window
       "str block_relation=\"none\", "  // causal kb <= qb, same kb == qb, prev qb - 1 <= kb <= qb, or none
-      "Tensor? q_block_ids=None, "  // int32 [B or 1, Lq]: qb of each query, for block_relation
-      "Tensor? k_block_ids=None, "  // int32 [B or 1, Lk]: kb of each key, for block_relation
-      "Tensor? mask_bits=None, "  // uint8 [B or 1, Lq, ceil(mask_bits_cols / 8)]: little-endian bit-packed rows
-      "int mask_bits_cols=0, "  // mask_bits covers the last mask_bits_cols keys of each sequence
-      "Tensor? bias=None"  // q's dtype [B or 1, Hq or 1, Lq, Lk]: added to the logits
+      "Tensor? q_block_ids=None, "     // int32 [B or 1, Lq]: qb of each query, for block_relation
+      "Tensor? k_block_ids=None, "     // int32 [B or 1, Lk]: kb of each key, for block_relation
+      "Tensor? mask_bits=None, "       // uint8 [B or 1, Lq, ceil(mask_bits_cols / 8)]: little-endian bit-packed rows
+      "int mask_bits_cols=0, "         // mask_bits covers the last mask_bits_cols keys of each sequence
+      "Tensor? bias=None"              // q's dtype [B or 1, Hq or 1, Lq, Lk]: added to the logits
       ") -> Tensor lse");
   // Next-scale (VAR) attention: the attention kernels with scale ids, a local window, a tile map and qk_norm,
   // written into `out` as fastar.attention. Query i is token Lk - Lq + i.
   m.def(
       "scale_attention(Tensor q, Tensor k, Tensor v, Tensor(a!) out, float scale, *, "
       "Tensor? token_info=None, "  // int32 [3, Lk]: (scale id, y, x) of each token
-      "Tensor? scale_hw=None, "  // int32 [num_scales, 2]: (h, w) of each scale, for local_window
-      "Tensor? tile_map=None, "  // uint8 [ceil(Lq / tile_q), ceil(Lk / tile_k)]: TileClass of each tile
-      "str relation=\"none\", "  // scale ids as block ids: causal, same, prev, or none (every key visible)
-      "int local_window=-1, "  // >= 0: a key of an earlier scale is visible iff within this many cells
-      "int full_scales=0, "  // the first scales, exempt from local_window
-      "bool qk_norm=False, "  // L2-normalise q and k in the kernel, then multiply q by q_scale
-      "Tensor? q_scale=None, "  // float32 [Hq] (default 1), only with qk_norm
-      "int tile_q=64, "  // the query tile of tile_map
-      "int tile_k=64"  // the key tile of tile_map
+      "Tensor? scale_hw=None, "    // int32 [num_scales, 2]: (h, w) of each scale, for local_window
+      "Tensor? tile_map=None, "    // uint8 [ceil(Lq / tile_q), ceil(Lk / tile_k)]: TileClass of each tile
+      "str relation=\"none\", "    // scale ids as block ids: causal, same, prev, or none (every key visible)
+      "int local_window=-1, "      // >= 0: a key of an earlier scale is visible iff within this many cells
+      "int full_scales=0, "        // the first scales, exempt from local_window
+      "bool qk_norm=False, "       // L2-normalise q and k in the kernel, then multiply q by q_scale
+      "Tensor? q_scale=None, "     // float32 [Hq] (default 1), only with qk_norm
+      "int tile_q=64, "            // the query tile of tile_map
+      "int tile_k=64"              // the key tile of tile_map
       ") -> Tensor lse");
   // Classifier-free guidance of a doubled batch ([2B, V] or [2B, L, V], conditional rows first), top-k/top-p
   // filtering and sampling: int64 tokens [B] or [B, L] (csrc/ops/sample_cfg_args.h, csrc/core/sampling.h).

@@ -76,15 +76,14 @@ FASTAR_HD uint64_t residual_weight(float p, float q) { return fixed_weight(p - q
 FASTAR_HD bool accept_draft(double u, float p, float q) { return u * static_cast<double>(q) < static_cast<double>(p); }
 
 struct Draw {
-  double accept_u;      // uniform in [0, 1), 53 bits
+  double accept_u;       // uniform in [0, 1), 53 bits
   uint64_t sample_bits;  // 64 random bits that pick a token by fixed-point inverse CDF
 };
 
 FASTAR_HD Draw draw(const PhiloxSeed& s, uint32_t row, uint32_t position) {
   const Philox4x32 r = philox_at(s.get_seed(), s.get_offset(), row, position);
   const uint64_t a = ((static_cast<uint64_t>(r.v[0]) << 32) | r.v[1]) >> 11;
-  return Draw{static_cast<double>(a) * (1.0 / 9007199254740992.0),
-              (static_cast<uint64_t>(r.v[2]) << 32) | r.v[3]};
+  return Draw{static_cast<double>(a) * (1.0 / 9007199254740992.0), (static_cast<uint64_t>(r.v[2]) << 32) | r.v[3]};
 }
 
 FASTAR_HD uint64_t mulhi64(uint64_t a, uint64_t b) {

@@ -77,9 +77,7 @@ struct AttentionParams {
 constexpr float kQkNormEps = 1e-12f;  // F.normalize's eps: x / max(|x|, eps)
 
 // qk_norm's factor for a row with this sum of squares: 1 / max(|x|, eps); NaN for a row holding NaN.
-FASTAR_HD float qk_norm_factor(float sum_squares) {
-  return 1.0f / softmax_max(sqrtf(sum_squares), kQkNormEps);
-}
+FASTAR_HD float qk_norm_factor(float sum_squares) { return 1.0f / softmax_max(sqrtf(sum_squares), kQkNormEps); }
 
 FASTAR_HD int64_t kv_len(const AttentionParams& p, int64_t b) { return p.kv_lens ? p.kv_lens[b] : p.Lk; }
 
@@ -159,9 +157,8 @@ FASTAR_HD bool mask_visible(const AttentionMask& m, int64_t b, int64_t i, int64_
     const int64_t c = j - g.bits_start;
     if (!((m.bits[b * m.bits_sb + i * m.bits_row + (c >> 3)] >> (c & 7)) & 1)) return false;
   }
-  if (m.scale_window >= 0 &&
-      !scale_window_visible(m, i + m.q_token_offset, j, m.q_block_ids[b * m.q_block_sb + i],
-                            m.k_block_ids[b * m.k_block_sb + j]))
+  if (m.scale_window >= 0 && !scale_window_visible(m, i + m.q_token_offset, j, m.q_block_ids[b * m.q_block_sb + i],
+                                                   m.k_block_ids[b * m.k_block_sb + j]))
     return false;
   return true;
 }

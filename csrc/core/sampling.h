@@ -21,8 +21,8 @@ namespace fastar::sampling {
 // Status of one (row, position); the CPU op raises for it, the CUDA op writes token -1.
 enum Status : int32_t {
   kOk = 0,
-  kBadValue = 4,        // a guided logit is NaN or +inf (NaN input, or inf - inf in the mix)
-  kNoFiniteLogit = 8,   // every guided logit is -inf
+  kBadValue = 4,       // a guided logit is NaN or +inf (NaN input, or inf - inf in the mix)
+  kNoFiniteLogit = 8,  // every guided logit is -inf
 };
 
 FASTAR_HD uint32_t float_bits(float x) {

@@ -19,14 +19,14 @@ void run_attention_cpu(const AttentionLaunch& l) {
 }
 
 at::Tensor attention_cpu(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, const at::Tensor& out,
-                          double scale, const std::optional<at::Tensor>& kv_lens,
-                          const std::optional<at::Tensor>& block_table, bool causal, bool bottom_right,
-                          int64_t window_left, int64_t window_sinks, c10::string_view block_relation,
-                          const std::optional<at::Tensor>& q_block_ids, const std::optional<at::Tensor>& k_block_ids,
-                          const std::optional<at::Tensor>& mask_bits, int64_t mask_bits_cols,
-                          const std::optional<at::Tensor>& bias) {
-  const AttentionArgs args{kv_lens, block_table, causal, bottom_right, window_left, window_sinks,
-                           block_relation, q_block_ids, k_block_ids, mask_bits, mask_bits_cols, bias};
+                         double scale, const std::optional<at::Tensor>& kv_lens,
+                         const std::optional<at::Tensor>& block_table, bool causal, bool bottom_right,
+                         int64_t window_left, int64_t window_sinks, c10::string_view block_relation,
+                         const std::optional<at::Tensor>& q_block_ids, const std::optional<at::Tensor>& k_block_ids,
+                         const std::optional<at::Tensor>& mask_bits, int64_t mask_bits_cols,
+                         const std::optional<at::Tensor>& bias) {
+  const AttentionArgs args{kv_lens,        block_table, causal,      bottom_right, window_left,    window_sinks,
+                           block_relation, q_block_ids, k_block_ids, mask_bits,    mask_bits_cols, bias};
   AttentionLaunch l = prepare_attention(q, k, v, out, scale, args);
   run_attention_cpu(l);
   return finish_attention(l);
@@ -41,10 +41,10 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> attention
     const std::optional<at::Tensor>& scale_hw, const std::optional<at::Tensor>& tile_map, c10::string_view relation,
     int64_t local_window, int64_t full_scales, int64_t tile_q, int64_t tile_k) {
   constexpr const char* op = "fastar._attention_plan";
-  const AttentionArgs args{kv_lens, block_table, causal, bottom_right, window_left, window_sinks,
-                           block_relation, q_block_ids, k_block_ids, mask_bits, mask_bits_cols, bias};
-  const bool scale_mask = token_info || scale_hw || tile_map || relation != "none" || local_window != -1 ||
-                          full_scales != 0;
+  const AttentionArgs args{kv_lens,        block_table, causal,      bottom_right, window_left,    window_sinks,
+                           block_relation, q_block_ids, k_block_ids, mask_bits,    mask_bits_cols, bias};
+  const bool scale_mask =
+      token_info || scale_hw || tile_map || relation != "none" || local_window != -1 || full_scales != 0;
   if (scale_mask) {
     const AttentionArgs none{};
     TORCH_CHECK_VALUE(!kv_lens && !block_table && !causal && bottom_right == none.bottom_right &&
@@ -54,12 +54,11 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> attention
                       op, ": give the mask arguments of attention or those of scale_attention, not both");
   }
   // Only shapes are read: k stands in for v, and the scale is irrelevant.
-  const AttentionLaunch l =
-      scale_mask ? prepare_scale_attention_inputs(
-                       q, k, k, 1.0,
-                       ScaleAttentionArgs{token_info, scale_hw, tile_map, relation, local_window, full_scales, false,
-                                          std::nullopt, tile_q, tile_k})
-                 : prepare_attention_inputs(q, k, k, 1.0, args);
+  const AttentionLaunch l = scale_mask ? prepare_scale_attention_inputs(
+                                             q, k, k, 1.0,
+                                             ScaleAttentionArgs{token_info, scale_hw, tile_map, relation, local_window,
+                                                                full_scales, false, std::nullopt, tile_q, tile_k})
+                                       : prepare_attention_inputs(q, k, k, 1.0, args);
   const AttentionParams& p = l.prm;
   TORCH_CHECK_VALUE(p.B * p.Hq * p.Lq > 0, op, ": q has no rows to plan (shape ", q.sizes(), ")");
   const cpu::AttentionPlan plan(p);

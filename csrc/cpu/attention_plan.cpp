@@ -108,7 +108,7 @@ void AttentionPlan::plan_keys(const AttentionItem& it, int64_t t_begin, int64_t 
   const int64_t gw = G_ == 1 && nq >= 2 * kGroup ? kGroup : nq, groups = (nq + gw - 1) / gw;
   const MaskGeometry geom = mask_geometry(p_, it.b);
   uint8_t tile_vis[kKeyTile * kMaxRows], vis[kBatch * kMaxRows];  // group g's batch at vis + kBatch * g * gw
-  int32_t tile_idx[kKeyTile], idx[kBatch * (kMaxRows / kGroup)];       // group g's at idx + kBatch * g
+  int32_t tile_idx[kKeyTile], idx[kBatch * (kMaxRows / kGroup)];  // group g's at idx + kBatch * g
   int64_t batched[kMaxRows / kGroup] = {};
   // The tile's positions span [q_lo, q_hi) (more than nq of them in patch order): classified over the
   // span, a key tile is hidden or full only if it is for every query of the tile.

@@ -76,7 +76,7 @@ class AttentionPlan {
   // Plans p for the threads of at::get_num_threads(); p must outlive the plan.
   explicit AttentionPlan(const AttentionParams& p);
 
-  int64_t group() const { return G_; }  // query heads per kv head
+  int64_t group() const { return G_; }        // query heads per kv head
   int64_t q_tile() const { return q_tile_; }  // most query positions of a tile
   int64_t n_q_tiles() const { return n_q_tiles_; }
   int64_t splits() const { return splits_; }  // kv splits per item (merged by their LSE)

@@ -36,18 +36,18 @@ void set_active_isa(const char* name);
 
 #if defined(FASTAR_CPU_X86_ISAS)
 // Calls fastar::cpu::<active ISA>::fn(args...).
-#define FASTAR_CPU_DISPATCH(fn, ...)                             \
-  do {                                                           \
-    switch (::fastar::cpu::active_isa()) {                       \
-      case ::fastar::cpu::Isa::kAvx512:                          \
-        ::fastar::cpu::avx512::fn(__VA_ARGS__);                  \
-        break;                                                   \
-      case ::fastar::cpu::Isa::kAvx2:                            \
-        ::fastar::cpu::avx2::fn(__VA_ARGS__);                    \
-        break;                                                   \
-      default:                                                   \
-        ::fastar::cpu::generic::fn(__VA_ARGS__);                 \
-    }                                                            \
+#define FASTAR_CPU_DISPATCH(fn, ...)             \
+  do {                                           \
+    switch (::fastar::cpu::active_isa()) {       \
+      case ::fastar::cpu::Isa::kAvx512:          \
+        ::fastar::cpu::avx512::fn(__VA_ARGS__);  \
+        break;                                   \
+      case ::fastar::cpu::Isa::kAvx2:            \
+        ::fastar::cpu::avx2::fn(__VA_ARGS__);    \
+        break;                                   \
+      default:                                   \
+        ::fastar::cpu::generic::fn(__VA_ARGS__); \
+    }                                            \
   } while (0)
 #else
 #define FASTAR_CPU_DISPATCH(fn, ...) ::fastar::cpu::generic::fn(__VA_ARGS__)

@@ -102,9 +102,7 @@ inline Vec4 round_nearest(Vec4 x) {
   return {(x.v + magic) - magic};
 }
 // 2^n for integral n in [-126, 127].
-inline Vec4 pow2(Vec4 n) {
-  return {(Vec4::F)((__builtin_convertvector(n.v, Vec4::I) + 127) << 23)};
-}
+inline Vec4 pow2(Vec4 n) { return {(Vec4::F)((__builtin_convertvector(n.v, Vec4::I) + 127) << 23)}; }
 inline Vec4 zero_below(Vec4 y, Vec4 x, float t) {  // 0 where x < t, else y (NaN lanes of x keep y)
   return {(Vec4::F)((Vec4::I)y.v & ~(x.v < Vec4::broadcast(t).v))};
 }
@@ -159,7 +157,8 @@ inline float hmax(Vec8 a) {
 }
 inline Vec8 round_nearest(Vec8 x) { return {_mm256_round_ps(x.v, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC)}; }
 inline Vec8 pow2(Vec8 n) {
-  return {_mm256_castsi256_ps(_mm256_slli_epi32(_mm256_add_epi32(_mm256_cvtps_epi32(n.v), _mm256_set1_epi32(127)), 23))};
+  return {
+      _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_add_epi32(_mm256_cvtps_epi32(n.v), _mm256_set1_epi32(127)), 23))};
 }
 inline Vec8 zero_below(Vec8 y, Vec8 x, float t) {
   return {_mm256_andnot_ps(_mm256_cmp_ps(x.v, _mm256_set1_ps(t), _CMP_LT_OQ), y.v)};
@@ -171,11 +170,12 @@ inline int first_equal(Vec8 x, float value) {
 }
 inline Vec8 hide(Vec8 x, const uint8_t* vis, int n) {
   uint64_t bytes = 0;
-  if (n >= 8) std::memcpy(&bytes, vis, 8);
+  if (n >= 8)
+    std::memcpy(&bytes, vis, 8);
   else
     for (int i = 0; i < n; ++i) bytes |= static_cast<uint64_t>(vis[i]) << (8 * i);
-  const __m256i hidden = _mm256_cmpeq_epi32(_mm256_cvtepu8_epi32(_mm_cvtsi64_si128(static_cast<int64_t>(bytes))),
-                                            _mm256_setzero_si256());
+  const __m256i hidden =
+      _mm256_cmpeq_epi32(_mm256_cvtepu8_epi32(_mm_cvtsi64_si128(static_cast<int64_t>(bytes))), _mm256_setzero_si256());
   return {_mm256_blendv_ps(x.v, _mm256_set1_ps(kNegInf), _mm256_castsi256_ps(hidden))};
 }
 // In-place transpose of an 8x8 float block.
@@ -232,7 +232,8 @@ inline Vec16 round_nearest(Vec16 x) {
   return {_mm512_roundscale_ps(x.v, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC)};
 }
 inline Vec16 pow2(Vec16 n) {
-  return {_mm512_castsi512_ps(_mm512_slli_epi32(_mm512_add_epi32(_mm512_cvtps_epi32(n.v), _mm512_set1_epi32(127)), 23))};
+  return {
+      _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_add_epi32(_mm512_cvtps_epi32(n.v), _mm512_set1_epi32(127)), 23))};
 }
 inline Vec16 zero_below(Vec16 y, Vec16 x, float t) {
   return {_mm512_maskz_mov_ps(_mm512_cmp_ps_mask(x.v, _mm512_set1_ps(t), _CMP_NLT_UQ), y.v)};

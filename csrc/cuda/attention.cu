@@ -42,8 +42,8 @@ void with_config(int64_t D, bool decode, F&& f) {
 int multiprocessors() {
 #if defined(__CUDACC__)
   int dev = 0, n = 0;
-  if (cudaGetDevice(&dev) == cudaSuccess && cudaDeviceGetAttribute(&n, cudaDevAttrMultiProcessorCount, dev) == cudaSuccess &&
-      n > 0)
+  if (cudaGetDevice(&dev) == cudaSuccess &&
+      cudaDeviceGetAttribute(&n, cudaDevAttrMultiProcessorCount, dev) == cudaSuccess && n > 0)
     return n;
   return 108;
 #else

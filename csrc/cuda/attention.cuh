@@ -52,8 +52,8 @@ struct AttentionWork {
 // [kClsChunk], then floats: q [rows, D], K [kBk, D | 1] (reused to merge the decode warps' states), V [kBk, D]
 // (tiled only), probabilities [warps, kRowsPerWarp, 32].
 struct AttnSmem {
-  int ks;                     // K row stride
-  int q, k, v, p, floats;     // float offsets and count
+  int ks;                  // K row stride
+  int q, k, v, p, floats;  // float offsets and count
   int64_t bytes;
 };
 

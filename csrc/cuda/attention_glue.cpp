@@ -30,8 +30,8 @@ at::Tensor attention_cuda(const at::Tensor& q, const at::Tensor& k, const at::Te
                           const std::optional<at::Tensor>& mask_bits, int64_t mask_bits_cols,
                           const std::optional<at::Tensor>& bias) {
   DeviceScope scope(q, "fastar.attention");
-  const AttentionArgs args{kv_lens, block_table, causal, bottom_right, window_left, window_sinks,
-                           block_relation, q_block_ids, k_block_ids, mask_bits, mask_bits_cols, bias};
+  const AttentionArgs args{kv_lens,        block_table, causal,      bottom_right, window_left,    window_sinks,
+                           block_relation, q_block_ids, k_block_ids, mask_bits,    mask_bits_cols, bias};
   AttentionLaunch l = prepare_attention(q, k, v, out, scale, args);
   run_attention_cuda(l, "fastar.attention");
   return finish_attention(l);

@@ -37,7 +37,8 @@ __device__ uint32_t block_radix_select(int64_t V, uint32_t floor, uint64_t targe
       uint32_t key;
       const uint64_t w = key_weight(t, &key);
       const bool candidate = shift == 24 || (key >> (shift + 8)) == (prefix >> (shift + 8));
-      if (w && candidate && key >= floor) atomicAdd(&sh.hist[(key >> shift) & 255u], static_cast<unsigned long long>(w));
+      if (w && candidate && key >= floor)
+        atomicAdd(&sh.hist[(key >> shift) & 255u], static_cast<unsigned long long>(w));
     }
     __syncthreads();
     if (tid < 32) {  // lane i holds bins 255 - 8i down to 248 - 8i
@@ -78,7 +79,9 @@ __global__ void __launch_bounds__(kThreads) sample_cfg_kernel(SampleCfgParams pr
   const int64_t row = blockIdx.x, b = row / prm.L, l = row % prm.L, V = prm.V;
   const P* cond = static_cast<const P*>(prm.logits) + b * prm.s_row + l * prm.s_pos;
   const P* uncond = cond + prm.B * prm.s_row;
-  auto logit = [&](int64_t t) { return guided_logit(to_float(cond[t]), to_float(uncond[t]), prm.cond_w, prm.uncond_w); };
+  auto logit = [&](int64_t t) {
+    return guided_logit(to_float(cond[t]), to_float(uncond[t]), prm.cond_w, prm.uncond_w);
+  };
 
   float m = -INFINITY;
   bool nan = false;
@@ -147,8 +150,8 @@ __global__ void __launch_bounds__(kThreads) sample_cfg_kernel(SampleCfgParams pr
   if (tid == 0) {  // the total is > 0: the maximum is always kept, with weight 2^40
     uint64_t total = 0;
     for (int w = 0; w < kWarps; ++w) total += s_warp_sum[w];
-    uint64_t target =
-        accept::sample_target(accept::draw(prm.seed, static_cast<uint32_t>(b), static_cast<uint32_t>(l)).sample_bits, total);
+    uint64_t target = accept::sample_target(
+        accept::draw(prm.seed, static_cast<uint32_t>(b), static_cast<uint32_t>(l)).sample_bits, total);
     int w = 0;
     while (target >= s_warp_sum[w]) target -= s_warp_sum[w++];
     s_pick_warp = w;

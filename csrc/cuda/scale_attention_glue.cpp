@@ -12,8 +12,8 @@ at::Tensor scale_attention_cuda(const at::Tensor& q, const at::Tensor& k, const 
                                 c10::string_view relation, int64_t local_window, int64_t full_scales, bool qk_norm,
                                 const std::optional<at::Tensor>& q_scale, int64_t tile_q, int64_t tile_k) {
   DeviceScope scope(q, "fastar.scale_attention");
-  const ScaleAttentionArgs args{token_info, scale_hw, tile_map, relation, local_window,
-                                full_scales, qk_norm, q_scale, tile_q, tile_k};
+  const ScaleAttentionArgs args{token_info,  scale_hw, tile_map, relation, local_window,
+                                full_scales, qk_norm,  q_scale,  tile_q,   tile_k};
   AttentionLaunch l = prepare_scale_attention(q, k, v, out, scale, args);
   run_attention_cuda(l, "fastar.scale_attention");
   return finish_attention(l);

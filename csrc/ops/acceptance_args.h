@@ -52,7 +52,8 @@ inline AcceptanceShapes check_acceptance_args(const char* op, const at::Tensor& 
   return {B, n, V};
 }
 
-inline AcceptanceShapes check_speculative_sample_args(const at::Tensor& ids, const std::optional<at::Tensor>& draft_probs,
+inline AcceptanceShapes check_speculative_sample_args(const at::Tensor& ids,
+                                                      const std::optional<at::Tensor>& draft_probs,
                                                       const at::Tensor& target_probs,
                                                       const std::optional<at::Tensor>& num_draft,
                                                       const at::Tensor& seed, const at::Tensor& offset) {

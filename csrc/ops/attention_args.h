@@ -83,8 +83,8 @@ inline AttentionLaunch prepare_attention_inputs(const at::Tensor& q, const at::T
   const auto st = q.scalar_type();
   TORCH_CHECK_TYPE(st == at::kFloat || st == at::kHalf || st == at::kBFloat16, op,
                    ": q must be float32, float16 or bfloat16, got ", st);
-  TORCH_CHECK_TYPE(k.scalar_type() == st && v.scalar_type() == st, op, ": q, k and v must have the same dtype, got ", st,
-                   ", ", k.scalar_type(), ", ", v.scalar_type());
+  TORCH_CHECK_TYPE(k.scalar_type() == st && v.scalar_type() == st, op, ": q, k and v must have the same dtype, got ",
+                   st, ", ", k.scalar_type(), ", ", v.scalar_type());
   check_same_device(op, "k", k, q);
   check_same_device(op, "v", v, q);
 
@@ -95,7 +95,8 @@ inline AttentionLaunch prepare_attention_inputs(const at::Tensor& q, const at::T
   const int64_t B = q.size(0), Hq = q.size(1), Lq = q.size(2), D = q.size(3), Hkv = k.size(1);
   TORCH_CHECK_VALUE(k.size(3) == D && v.size(3) == D, op, ": q, k and v must have the same head dim, got ", D, ", ",
                     k.size(3), ", ", v.size(3));
-  TORCH_CHECK_VALUE(v.sizes() == k.sizes(), op, ": k and v must have the same shape, got ", k.sizes(), " and ", v.sizes());
+  TORCH_CHECK_VALUE(v.sizes() == k.sizes(), op, ": k and v must have the same shape, got ", k.sizes(), " and ",
+                    v.sizes());
   TORCH_CHECK_VALUE(Hkv > 0 && Hq % Hkv == 0, op, ": the number of query heads (", Hq,
                     ") must be a multiple of the number of key/value heads (", Hkv, ")");
   int64_t Lk = k.size(2);
@@ -135,8 +136,8 @@ inline AttentionLaunch prepare_attention_inputs(const at::Tensor& q, const at::T
   m.causal = a.causal;
   m.bottom_right = a.bottom_right;
   TORCH_CHECK_VALUE(a.window_left >= -1 && a.window_sinks >= 0, op,
-                    ": window_left must be >= 0 (or -1 = no window) and window_sinks >= 0, got ", a.window_left, " and ",
-                    a.window_sinks);
+                    ": window_left must be >= 0 (or -1 = no window) and window_sinks >= 0, got ", a.window_left,
+                    " and ", a.window_sinks);
   m.window = a.window_left >= 0;
   m.window_left = m.window ? a.window_left : 0;
   m.window_sinks = a.window_sinks;
@@ -180,7 +181,8 @@ inline AttentionLaunch prepare_attention_inputs(const at::Tensor& q, const at::T
     TORCH_CHECK_TYPE(a.bias->scalar_type() == st, op, ": bias must have the dtype of q (", st, "), got ",
                      a.bias->scalar_type());
     TORCH_CHECK_VALUE(a.bias->dim() == 4 && (a.bias->size(0) == B || a.bias->size(0) == 1) &&
-                          (a.bias->size(1) == Hq || a.bias->size(1) == 1) && a.bias->size(2) == Lq && a.bias->size(3) == Lk,
+                          (a.bias->size(1) == Hq || a.bias->size(1) == 1) && a.bias->size(2) == Lq &&
+                          a.bias->size(3) == Lk,
                       op, ": bias must have shape [B or 1, H or 1, Lq, Lk] = [", B, ", ", Hq, ", ", Lq, ", ", Lk,
                       "], got ", a.bias->sizes());
     check_same_device(op, "bias", *a.bias, q);
@@ -231,9 +233,9 @@ inline void bind_out(AttentionLaunch& l, const at::Tensor& out, const char* op) 
   const std::pair<const char*, const at::Tensor*> inputs[] = {{"q", &l.q}, {"k", &l.k}, {"v", &l.v}};
   for (const auto& [name, t] : inputs) temporary |= out_may_overlap(op, out, name, *t);
   const std::pair<const char*, const std::optional<at::Tensor>*> optional_inputs[] = {
-      {"kv_lens", &l.kv_lens},       {"block_table", &l.block_table}, {"q_block_ids", &l.q_block_ids},
+      {"kv_lens", &l.kv_lens},         {"block_table", &l.block_table}, {"q_block_ids", &l.q_block_ids},
       {"k_block_ids", &l.k_block_ids}, {"mask_bits", &l.bits},          {"bias", &l.bias},
-      {"token_info", &l.token_info}, {"scale_hw", &l.scale_hw},       {"tile_map", &l.tile_map},
+      {"token_info", &l.token_info},   {"scale_hw", &l.scale_hw},       {"tile_map", &l.tile_map},
       {"q_scale", &l.q_scale}};
   for (const auto& [name, t] : optional_inputs) temporary |= t->has_value() && out_may_overlap(op, out, name, **t);
   if (temporary) {

@@ -34,14 +34,15 @@ inline void guidance_weights(const char* op, c10::string_view schedule, double c
     TORCH_CHECK_VALUE(scale_index && num_scales, op,
                       ": schedule='var' needs scale_index and num_scales (t = cfg * scale_index / (num_scales - 1))");
     TORCH_CHECK_VALUE(*num_scales >= 2, op, ": num_scales must be >= 2, got ", *num_scales);
-    TORCH_CHECK_VALUE(*scale_index >= 0 && *scale_index < *num_scales, op, ": scale_index must be in [0, num_scales) = [0, ",
-                      *num_scales, "), got ", *scale_index);
+    TORCH_CHECK_VALUE(*scale_index >= 0 && *scale_index < *num_scales, op,
+                      ": scale_index must be in [0, num_scales) = [0, ", *num_scales, "), got ", *scale_index);
     const double t = cfg * static_cast<double>(*scale_index) / static_cast<double>(*num_scales - 1);
     cond_w = (1 + t) / temperature;
     uncond_w = -t / temperature;
   } else if (schedule == "constant") {
-    TORCH_CHECK_VALUE(!scale_index && !num_scales, op,
-                      ": scale_index and num_scales apply to schedule='var' only; the 'constant' schedule uses cfg alone");
+    TORCH_CHECK_VALUE(
+        !scale_index && !num_scales, op,
+        ": scale_index and num_scales apply to schedule='var' only; the 'constant' schedule uses cfg alone");
     cond_w = cfg / temperature;
     uncond_w = (1 - cfg) / temperature;
   } else {
@@ -63,7 +64,8 @@ inline SampleCfgLaunch prepare_sample_cfg(const at::Tensor& logits, double cfg, 
                     logits.sizes());
   TORCH_CHECK_VALUE(logits.size(0) % 2 == 0, op,
                     ": the first dimension of logits must be even (B conditional rows, then B unconditional rows), "
-                    "got shape ", logits.sizes());
+                    "got shape ",
+                    logits.sizes());
   check_seed(op, "seed", seed, logits);
   check_seed(op, "offset", offset, logits);
   TORCH_CHECK_VALUE(top_k >= 0, op, ": top_k must be >= 0 (0: no top-k), got ", top_k);
@@ -80,8 +82,8 @@ inline SampleCfgLaunch prepare_sample_cfg(const at::Tensor& logits, double cfg, 
   prm.V = l.logits.size(2);
   TORCH_CHECK_VALUE(prm.V >= 1, op, ": the vocabulary dimension of logits is empty");
   // Fixed-point sums of up to V weights of at most 2^40 must fit in uint64.
-  TORCH_CHECK_VALUE(prm.V < (int64_t{1} << 23), op, ": vocabularies of 2^23 tokens or more are not supported, got V=",
-                    prm.V);
+  TORCH_CHECK_VALUE(prm.V < (int64_t{1} << 23), op,
+                    ": vocabularies of 2^23 tokens or more are not supported, got V=", prm.V);
   TORCH_CHECK_VALUE(prm.B * prm.L < (int64_t{1} << 31), op, ": B * L must be below 2^31, got ", prm.B * prm.L);
   prm.logits = l.logits.data_ptr();
   prm.s_row = l.logits.stride(0);

@@ -23,8 +23,10 @@ inline AttentionLaunch prepare_scale_attention_inputs(const at::Tensor& q, const
   constexpr const char* op = "fastar.scale_attention";
   const BlockRelation relation = parse_block_relation(op, "relation", a.relation);
   const int64_t window = a.local_window, full_scales = a.full_scales;
-  TORCH_CHECK_VALUE(window >= -1 && full_scales >= 0, op, ": local_window must be >= 0 (or -1 = off) and "
-                    "full_scales >= 0, got ", window, " and ", full_scales);
+  TORCH_CHECK_VALUE(window >= -1 && full_scales >= 0, op,
+                    ": local_window must be >= 0 (or -1 = off) and "
+                    "full_scales >= 0, got ",
+                    window, " and ", full_scales);
   const bool masked = relation != BlockRelation::kNone || window >= 0;
   TORCH_CHECK_VALUE(q.dim() == 4 && k.dim() == 4, op, ": q, k and v must be 4-D [B, H, L, D]");
   const int64_t Lq = q.size(2), Lk = k.size(2);
@@ -36,8 +38,8 @@ inline AttentionLaunch prepare_scale_attention_inputs(const at::Tensor& q, const
   if (masked) {
     TORCH_CHECK_VALUE(a.token_info.has_value(), op, ": a scale relation or local window needs token_info");
     info = checked_index_tensor("token_info", *a.token_info, 2, q);
-    TORCH_CHECK_VALUE(info.size(0) == 3 && info.size(1) == Lk, op, ": token_info must have shape [3, ", Lk,
-                      "], got ", info.sizes());
+    TORCH_CHECK_VALUE(info.size(0) == 3 && info.size(1) == Lk, op, ": token_info must have shape [3, ", Lk, "], got ",
+                      info.sizes());
     mask.block_relation = a.relation;
     mask.k_block_ids = info.narrow(0, 0, 1);
     mask.q_block_ids = info.narrow(0, 0, 1).narrow(1, Lk - Lq, Lq);

@@ -292,8 +292,8 @@ Values block_sums(int blocks, int per_block) {
   std::vector<float> x(size_t(blocks) * per_block);
   for (size_t i = 0; i < x.size(); ++i) x[i] = float(int(i * 37 % 101) - 50);
   std::vector<float> out(blocks, -1.f);
-  fastar::launch_kernel("block_sum_kernel", block_sum_kernel, dim3(blocks), dim3(256), 0, nullptr, x.data(),
-                        per_block, out.data());
+  fastar::launch_kernel("block_sum_kernel", block_sum_kernel, dim3(blocks), dim3(256), 0, nullptr, x.data(), per_block,
+                        out.data());
   Values r;
   for (int b = 0; b < blocks; ++b) {
     double expected = 0;
@@ -309,8 +309,8 @@ Values test_partial_warp() {
   const int blocks = 2, threads = 80, n = blocks * threads;
   std::vector<float> x(n), seg8(n), seg16(n), scan8(n), bcast16(n), total(blocks);
   for (int i = 0; i < n; ++i) x[i] = float(i * 7 % 23 - 11);
-  fastar::launch_kernel("partial_warp_kernel", partial_warp_kernel, dim3(blocks), dim3(threads), 0, nullptr,
-                        x.data(), seg8.data(), seg16.data(), scan8.data(), bcast16.data(), total.data());
+  fastar::launch_kernel("partial_warp_kernel", partial_warp_kernel, dim3(blocks), dim3(threads), 0, nullptr, x.data(),
+                        seg8.data(), seg16.data(), scan8.data(), bcast16.data(), total.data());
   Values r;
   for (int g = 0; g < n; ++g) {
     const int lane = g % threads % 32, warp_base = g - lane;
@@ -417,26 +417,51 @@ Values convert(const char* name, void (*kernel)(const float*, float*, int), cons
 }
 
 Values test_half_rounding() {
-  const std::vector<float> in = {
-      1.0f, 1.0f + 0x1p-11f, 1.0f + 0x3p-11f, 1.0f + 0x1p-11f + 0x1p-20f, 2049.0f, 2051.0f, 65504.0f,
-      65519.99f, 65520.0f, -65520.0f, 1e6f, 0x1p-14f, 0x1p-15f, 0x1p-24f, 0x1p-25f, 0x3p-25f, 0x1p-26f,
-      0x1.8p-24f, 0.1f, 1.0f / 3.0f, -0.0f, -2.5f, 3.14159265f, 1e-5f, 6e-8f, -1e-8f, 1e-30f};
+  const std::vector<float> in = {1.0f,
+                                 1.0f + 0x1p-11f,
+                                 1.0f + 0x3p-11f,
+                                 1.0f + 0x1p-11f + 0x1p-20f,
+                                 2049.0f,
+                                 2051.0f,
+                                 65504.0f,
+                                 65519.99f,
+                                 65520.0f,
+                                 -65520.0f,
+                                 1e6f,
+                                 0x1p-14f,
+                                 0x1p-15f,
+                                 0x1p-24f,
+                                 0x1p-25f,
+                                 0x3p-25f,
+                                 0x1p-26f,
+                                 0x1.8p-24f,
+                                 0.1f,
+                                 1.0f / 3.0f,
+                                 -0.0f,
+                                 -2.5f,
+                                 3.14159265f,
+                                 1e-5f,
+                                 6e-8f,
+                                 -1e-8f,
+                                 1e-30f};
   return convert("to_half_kernel", to_half_kernel, in);
 }
 
 Values test_bf16_rounding() {
-  const std::vector<float> in = {
-      1.0f, 1.0f + 0x1p-8f, 1.0f + 0x3p-8f, 1.0f + 0x1p-8f + 0x1p-20f, 257.0f, 259.0f, 3.3895314e38f,
-      3.38e38f, 3.4028235e38f, -3.4028235e38f, 1.17549435e-38f, 1e-40f, 0x1p-133f, 0x1p-134f, 0x3p-134f,
-      0x1p-135f, 0.1f, 1.0f / 3.0f, -0.0f, -2.5f, 3.14159265f, 1e-5f, 65504.0f, 1e30f};
+  const std::vector<float> in = {1.0f,          1.0f + 0x1p-8f, 1.0f + 0x3p-8f,  1.0f + 0x1p-8f + 0x1p-20f,
+                                 257.0f,        259.0f,         3.3895314e38f,   3.38e38f,
+                                 3.4028235e38f, -3.4028235e38f, 1.17549435e-38f, 1e-40f,
+                                 0x1p-133f,     0x1p-134f,      0x3p-134f,       0x1p-135f,
+                                 0.1f,          1.0f / 3.0f,    -0.0f,           -2.5f,
+                                 3.14159265f,   1e-5f,          65504.0f,        1e30f};
   return convert("to_bf16_kernel", to_bf16_kernel, in);
 }
 
 Values test_half_arith() {
-  const std::vector<float> a = {1.0f, 1.0f, 65504.0f, 1000.5f, 3.0f, 255.875f, 300.0f, 0x1p-14f, 0x1p-14f, -1.5f,
-                                0.1f, 2049.0f};
-  const std::vector<float> b = {0x1p-11f, 0x3p-11f, 16.0f, 0.25f, 1.0f / 3.0f, 255.875f, 300.0f, 0x1p-10f,
-                                0x1.8p-11f, 2.5f, 0.2f, 1.0f};
+  const std::vector<float> a = {1.0f,   1.0f,     65504.0f, 1000.5f, 3.0f, 255.875f,
+                                300.0f, 0x1p-14f, 0x1p-14f, -1.5f,   0.1f, 2049.0f};
+  const std::vector<float> b = {0x1p-11f, 0x3p-11f, 16.0f,      0.25f, 1.0f / 3.0f, 255.875f,
+                                300.0f,   0x1p-10f, 0x1.8p-11f, 2.5f,  0.2f,        1.0f};
   const int n = int(a.size());
   std::vector<float> out(4 * n);
   fastar::launch_kernel("half_arith_kernel", half_arith_kernel, dim3(1), dim3(32), 0, nullptr, a.data(), b.data(),

@@ -23,19 +23,20 @@
 #include <stdexcept>
 #include <string>
 
-#define FASTAR_DYNAMIC_SMEM(type, name)                                   \
-  extern __shared__ __align__(16) unsigned char fastar_dyn_smem_[];       \
+#define FASTAR_DYNAMIC_SMEM(type, name)                             \
+  extern __shared__ __align__(16) unsigned char fastar_dyn_smem_[]; \
   type* name = reinterpret_cast<type*>(fastar_dyn_smem_)
 
 namespace fastar {
 template <typename... KArgs, typename... Args>
-void launch_kernel(const char* name, void (*kernel)(KArgs...), dim3 grid, dim3 block, size_t smem,
-                   cudaStream_t stream, Args&&... args) {
+void launch_kernel(const char* name, void (*kernel)(KArgs...), dim3 grid, dim3 block, size_t smem, cudaStream_t stream,
+                   Args&&... args) {
   if (grid.x == 0 || grid.y == 0 || grid.z == 0) return;
   kernel<<<grid, block, smem, stream>>>(std::forward<Args>(args)...);
   // A bad launch configuration is reported here, as a Python RuntimeError through torch.
   const cudaError_t err = cudaGetLastError();
-  if (err != cudaSuccess) throw std::runtime_error(std::string("fastar: launch of ") + name + " failed: " + cudaGetErrorString(err));
+  if (err != cudaSuccess)
+    throw std::runtime_error(std::string("fastar: launch of ") + name + " failed: " + cudaGetErrorString(err));
 }
 }  // namespace fastar
 
@@ -43,11 +44,11 @@ void launch_kernel(const char* name, void (*kernel)(KArgs...), dim3 grid, dim3 b
 
 // NVIDIA's own headers compile as host code, so dim3, float4, __half, __nv_bfloat16 and their
 // conversions are the real ones; driver_types.h gives cudaStream_t.
-#include <vector_types.h>
-#include <vector_functions.h>
-#include <cuda_fp16.h>
 #include <cuda_bf16.h>
+#include <cuda_fp16.h>
 #include <driver_types.h>
+#include <vector_functions.h>
+#include <vector_types.h>
 
 #include <sys/mman.h>
 #include <ucontext.h>
@@ -110,26 +111,56 @@ inline constexpr int kMaxThreads = 1024;
 inline constexpr size_t kDefaultStackKiB = 128;
 
 enum class Op : uint8_t {
-  SyncWarp, ShflIdx, ShflUp, ShflDown, ShflXor, Ballot, Any, All,
-  AddI, MinI, MaxI, MinU, MaxU, And, Or, Xor,
+  SyncWarp,
+  ShflIdx,
+  ShflUp,
+  ShflDown,
+  ShflXor,
+  Ballot,
+  Any,
+  All,
+  AddI,
+  MinI,
+  MaxI,
+  MinU,
+  MaxU,
+  And,
+  Or,
+  Xor,
 };
 
 inline const char* op_name(Op op) {
   switch (op) {
-    case Op::SyncWarp: return "__syncwarp";
-    case Op::ShflIdx: return "__shfl_sync";
-    case Op::ShflUp: return "__shfl_up_sync";
-    case Op::ShflDown: return "__shfl_down_sync";
-    case Op::ShflXor: return "__shfl_xor_sync";
-    case Op::Ballot: return "__ballot_sync";
-    case Op::Any: return "__any_sync";
-    case Op::All: return "__all_sync";
-    case Op::AddI: return "__reduce_add_sync";
-    case Op::MinI: case Op::MinU: return "__reduce_min_sync";
-    case Op::MaxI: case Op::MaxU: return "__reduce_max_sync";
-    case Op::And: return "__reduce_and_sync";
-    case Op::Or: return "__reduce_or_sync";
-    case Op::Xor: return "__reduce_xor_sync";
+    case Op::SyncWarp:
+      return "__syncwarp";
+    case Op::ShflIdx:
+      return "__shfl_sync";
+    case Op::ShflUp:
+      return "__shfl_up_sync";
+    case Op::ShflDown:
+      return "__shfl_down_sync";
+    case Op::ShflXor:
+      return "__shfl_xor_sync";
+    case Op::Ballot:
+      return "__ballot_sync";
+    case Op::Any:
+      return "__any_sync";
+    case Op::All:
+      return "__all_sync";
+    case Op::AddI:
+      return "__reduce_add_sync";
+    case Op::MinI:
+    case Op::MinU:
+      return "__reduce_min_sync";
+    case Op::MaxI:
+    case Op::MaxU:
+      return "__reduce_max_sync";
+    case Op::And:
+      return "__reduce_and_sync";
+    case Op::Or:
+      return "__reduce_or_sync";
+    case Op::Xor:
+      return "__reduce_xor_sync";
   }
   return "?";
 }
@@ -226,8 +257,8 @@ inline thread_local bool tl_launching = false;
   std::fprintf(stderr,
                "fastar simt: deadlock in kernel '%s', block (%u,%u,%u) of grid (%u,%u,%u), blockDim (%u,%u,%u): "
                "%d of %d threads are blocked and none can proceed\n",
-               s.kernel, blockIdx.x, blockIdx.y, blockIdx.z, gridDim.x, gridDim.y, gridDim.z, blockDim.x,
-               blockDim.y, blockDim.z, s.live, s.n);
+               s.kernel, blockIdx.x, blockIdx.y, blockIdx.z, gridDim.x, gridDim.y, gridDim.z, blockDim.x, blockDim.y,
+               blockDim.z, s.live, s.n);
   if (s.bar.waiting > 0)
     std::fprintf(stderr, "  %d threads wait at __syncthreads (%s:%u:%u)\n", s.bar.waiting, s.bar.site.file_name(),
                  s.bar.site.line(), s.bar.site.column());
@@ -301,8 +332,7 @@ inline uint64_t block_barrier(int pred, const std::source_location& site) {
     b.count = 0;
   } else if (!same_site(b.site, site)) {
     die("divergent __syncthreads: this thread waits at %s:%u:%u while %d threads of the block wait at %s:%u:%u",
-        site.file_name(), site.line(), site.column(), b.waiting, b.site.file_name(), b.site.line(),
-        b.site.column());
+        site.file_name(), site.line(), site.column(), b.waiting, b.site.file_name(), b.site.line(), b.site.column());
   }
   Fiber& f = s.fibers[s.cur];
   f.state = State::AtBarrier;
@@ -324,10 +354,22 @@ inline uint64_t shuffle_result(const Group& g, const Fiber* lanes, int lane) {
   int j = lane;
   bool ok = false;
   switch (g.op) {
-    case Op::ShflUp: j = lane - b; ok = j >= max_lane; break;
-    case Op::ShflDown: j = lane + b; ok = j <= max_lane; break;
-    case Op::ShflXor: j = lane ^ b; ok = j <= max_lane; break;
-    default: j = min_lane | (b & ~seg); ok = j <= max_lane; break;
+    case Op::ShflUp:
+      j = lane - b;
+      ok = j >= max_lane;
+      break;
+    case Op::ShflDown:
+      j = lane + b;
+      ok = j <= max_lane;
+      break;
+    case Op::ShflXor:
+      j = lane ^ b;
+      ok = j <= max_lane;
+      break;
+    default:
+      j = min_lane | (b & ~seg);
+      ok = j <= max_lane;
+      break;
   }
   if (!ok) j = lane;
   // Reading a lane outside the mask is undefined on a GPU; all-ones bits (NaN, -1) make it visible.
@@ -362,21 +404,48 @@ inline void complete_group(Sched& s, int warp, int gi) {
     if (!(g.mask >> l & 1)) continue;
     Fiber& f = lanes[l];
     switch (g.op) {
-      case Op::SyncWarp: f.result = 0; break;
-      case Op::ShflIdx: case Op::ShflUp: case Op::ShflDown: case Op::ShflXor:
+      case Op::SyncWarp:
+        f.result = 0;
+        break;
+      case Op::ShflIdx:
+      case Op::ShflUp:
+      case Op::ShflDown:
+      case Op::ShflXor:
         f.result = shuffle_result(g, lanes, l);
         break;
-      case Op::Ballot: f.result = ballot; break;
-      case Op::Any: f.result = ballot != 0; break;
-      case Op::All: f.result = ballot == g.mask; break;
-      case Op::AddI: f.result = sum; break;
-      case Op::MinI: f.result = uint32_t(mini); break;
-      case Op::MaxI: f.result = uint32_t(maxi); break;
-      case Op::MinU: f.result = minu; break;
-      case Op::MaxU: f.result = maxu; break;
-      case Op::And: f.result = band; break;
-      case Op::Or: f.result = bor; break;
-      case Op::Xor: f.result = bxor; break;
+      case Op::Ballot:
+        f.result = ballot;
+        break;
+      case Op::Any:
+        f.result = ballot != 0;
+        break;
+      case Op::All:
+        f.result = ballot == g.mask;
+        break;
+      case Op::AddI:
+        f.result = sum;
+        break;
+      case Op::MinI:
+        f.result = uint32_t(mini);
+        break;
+      case Op::MaxI:
+        f.result = uint32_t(maxi);
+        break;
+      case Op::MinU:
+        f.result = minu;
+        break;
+      case Op::MaxU:
+        f.result = maxu;
+        break;
+      case Op::And:
+        f.result = band;
+        break;
+      case Op::Or:
+        f.result = bor;
+        break;
+      case Op::Xor:
+        f.result = bxor;
+        break;
     }
     const int idx = warp * 32 + l;
     f.state = State::Ready;
@@ -407,8 +476,8 @@ inline uint64_t warp_op(Op op, unsigned mask, uint64_t value, int arg, int width
       die("lane %d of warp %d calls %s(mask=0x%08x, %u-byte value) at %s:%u:%u while lanes 0x%08x of the warp "
           "wait in %s(mask=0x%08x, %u-byte value) at %s:%u:%u; lanes whose masks overlap must call the same "
           "intrinsic with the same mask",
-          lane, warp, op_name(op), eff, size, site.file_name(), site.line(), site.column(), g.arrived,
-          op_name(g.op), g.mask, g.size, g.site.file_name(), g.site.line(), g.site.column());
+          lane, warp, op_name(op), eff, size, site.file_name(), site.line(), site.column(), g.arrived, op_name(g.op),
+          g.mask, g.size, g.site.file_name(), g.site.line(), g.site.column());
     break;
   }
   if (gi == w.ngroups) w.groups[w.ngroups++] = Group{eff, 0, op, size, site};
@@ -781,11 +850,11 @@ FASTAR_SIMT_ATOMIC_FETCH(atomicXor, unsigned int, fetch_xor)
 FASTAR_SIMT_ATOMIC_FETCH(atomicXor, unsigned long long, fetch_xor)
 #undef FASTAR_SIMT_ATOMIC_FETCH
 
-#define FASTAR_SIMT_ATOMIC_MINMAX(T)                                                             \
-  inline T atomicMin(T* address, T val) {                                                        \
+#define FASTAR_SIMT_ATOMIC_MINMAX(T)                                                                  \
+  inline T atomicMin(T* address, T val) {                                                             \
     return fastar::simt::detail::atomic_update(address, [val](T old) { return std::min(old, val); }); \
-  }                                                                                              \
-  inline T atomicMax(T* address, T val) {                                                        \
+  }                                                                                                   \
+  inline T atomicMax(T* address, T val) {                                                             \
     return fastar::simt::detail::atomic_update(address, [val](T old) { return std::max(old, val); }); \
   }
 FASTAR_SIMT_ATOMIC_MINMAX(int)
@@ -794,10 +863,10 @@ FASTAR_SIMT_ATOMIC_MINMAX(long long)
 FASTAR_SIMT_ATOMIC_MINMAX(unsigned long long)
 #undef FASTAR_SIMT_ATOMIC_MINMAX
 
-#define FASTAR_SIMT_ATOMIC_CAS(T)                                    \
-  inline T atomicCAS(T* address, T compare, T val) {                 \
+#define FASTAR_SIMT_ATOMIC_CAS(T)                                       \
+  inline T atomicCAS(T* address, T compare, T val) {                    \
     std::atomic_ref<T>(*address).compare_exchange_strong(compare, val); \
-    return compare;                                                  \
+    return compare;                                                     \
   }
 FASTAR_SIMT_ATOMIC_CAS(int)
 FASTAR_SIMT_ATOMIC_CAS(unsigned int)
@@ -822,16 +891,46 @@ inline __nv_bfloat16 atomicAdd(__nv_bfloat16* address, __nv_bfloat16 val) {
 // ---------------------------------------------------------------------------------------------------------------
 // Loads and stores with cache hints: plain accesses.
 
-template <class T> inline T __ldg(const T* p) { return *p; }
-template <class T> inline T __ldcg(const T* p) { return *p; }
-template <class T> inline T __ldca(const T* p) { return *p; }
-template <class T> inline T __ldcs(const T* p) { return *p; }
-template <class T> inline T __ldlu(const T* p) { return *p; }
-template <class T> inline T __ldcv(const T* p) { return *p; }
-template <class T> inline void __stcg(T* p, T v) { *p = v; }
-template <class T> inline void __stcs(T* p, T v) { *p = v; }
-template <class T> inline void __stwb(T* p, T v) { *p = v; }
-template <class T> inline void __stwt(T* p, T v) { *p = v; }
+template <class T>
+inline T __ldg(const T* p) {
+  return *p;
+}
+template <class T>
+inline T __ldcg(const T* p) {
+  return *p;
+}
+template <class T>
+inline T __ldca(const T* p) {
+  return *p;
+}
+template <class T>
+inline T __ldcs(const T* p) {
+  return *p;
+}
+template <class T>
+inline T __ldlu(const T* p) {
+  return *p;
+}
+template <class T>
+inline T __ldcv(const T* p) {
+  return *p;
+}
+template <class T>
+inline void __stcg(T* p, T v) {
+  *p = v;
+}
+template <class T>
+inline void __stcs(T* p, T v) {
+  *p = v;
+}
+template <class T>
+inline void __stwb(T* p, T v) {
+  *p = v;
+}
+template <class T>
+inline void __stwt(T* p, T v) {
+  *p = v;
+}
 
 // ---------------------------------------------------------------------------------------------------------------
 // Float intrinsics. The fast-math ones are computed exactly here; the GPU's are a few ulp off.
@@ -988,23 +1087,23 @@ inline unsigned long long ullmax(unsigned long long a, unsigned long long b) { r
 // rounded once (the GPU's approximations can differ by an ulp). __hfma rounds a double a*b+c once, which is
 // exact for __half; for __nv_bfloat16 only exponent gaps beyond 2^37 could round twice.
 
-#define FASTAR_SIMT_LOW_PRECISION_MATH(T, to_float, from_float, from_double)                              \
-  inline T hexp(T x) { return from_float(std::exp(to_float(x))); }                                        \
-  inline T hexp2(T x) { return from_float(std::exp2(to_float(x))); }                                      \
-  inline T hlog(T x) { return from_float(std::log(to_float(x))); }                                        \
-  inline T hlog2(T x) { return from_float(std::log2(to_float(x))); }                                      \
-  inline T hsqrt(T x) { return from_float(std::sqrt(to_float(x))); }                                      \
-  inline T hrsqrt(T x) { return from_float(1.0f / std::sqrt(to_float(x))); }                              \
-  inline T hrcp(T x) { return from_float(1.0f / to_float(x)); }                                           \
-  inline T hsin(T x) { return from_float(std::sin(to_float(x))); }                                        \
-  inline T hcos(T x) { return from_float(std::cos(to_float(x))); }                                        \
-  inline T htanh(T x) { return from_float(std::tanh(to_float(x))); }                                      \
-  inline T hfloor(T x) { return from_float(std::floor(to_float(x))); }                                    \
-  inline T hceil(T x) { return from_float(std::ceil(to_float(x))); }                                      \
-  inline T htrunc(T x) { return from_float(std::trunc(to_float(x))); }                                    \
-  inline T hrint(T x) { return from_float(std::nearbyint(to_float(x))); }                                 \
-  inline T __hfma(T a, T b, T c) {                                                                        \
-    return from_double(double(to_float(a)) * double(to_float(b)) + double(to_float(c)));                  \
+#define FASTAR_SIMT_LOW_PRECISION_MATH(T, to_float, from_float, from_double)             \
+  inline T hexp(T x) { return from_float(std::exp(to_float(x))); }                       \
+  inline T hexp2(T x) { return from_float(std::exp2(to_float(x))); }                     \
+  inline T hlog(T x) { return from_float(std::log(to_float(x))); }                       \
+  inline T hlog2(T x) { return from_float(std::log2(to_float(x))); }                     \
+  inline T hsqrt(T x) { return from_float(std::sqrt(to_float(x))); }                     \
+  inline T hrsqrt(T x) { return from_float(1.0f / std::sqrt(to_float(x))); }             \
+  inline T hrcp(T x) { return from_float(1.0f / to_float(x)); }                          \
+  inline T hsin(T x) { return from_float(std::sin(to_float(x))); }                       \
+  inline T hcos(T x) { return from_float(std::cos(to_float(x))); }                       \
+  inline T htanh(T x) { return from_float(std::tanh(to_float(x))); }                     \
+  inline T hfloor(T x) { return from_float(std::floor(to_float(x))); }                   \
+  inline T hceil(T x) { return from_float(std::ceil(to_float(x))); }                     \
+  inline T htrunc(T x) { return from_float(std::trunc(to_float(x))); }                   \
+  inline T hrint(T x) { return from_float(std::nearbyint(to_float(x))); }                \
+  inline T __hfma(T a, T b, T c) {                                                       \
+    return from_double(double(to_float(a)) * double(to_float(b)) + double(to_float(c))); \
   }
 FASTAR_SIMT_LOW_PRECISION_MATH(__half, __half2float, __float2half_rn, __double2half)
 FASTAR_SIMT_LOW_PRECISION_MATH(__nv_bfloat16, __bfloat162float, __float2bfloat16_rn, __double2bfloat16)

@@ -33,7 +33,7 @@ static_assert(2 * kKeyTile <= RowPrefetch::kMaxRows, "a key tile's K and V rows 
 // Fewer rows (decode) stream K and V straight from memory with dot/axpy loops.
 constexpr int64_t kGemmMinRows = 8;
 constexpr int64_t kHeadCacheBytes = 8 << 20;  // a thread's float K and V of one head (HeadCache)
-constexpr int64_t kL2Resident = 512 << 10;   // bytes: half of a 1 MB L2 (Zen 4, recent Intel)
+constexpr int64_t kL2Resident = 512 << 10;    // bytes: half of a 1 MB L2 (Zen 4, recent Intel)
 
 // One query row's online softmax (core/softmax.h): its running max and sum.
 using RowState = SoftmaxState<float>;
@@ -56,7 +56,11 @@ template <typename T>
 class AttentionCpu {
  public:
   explicit AttentionCpu(const AttentionParams& p)
-      : p_(p), plan_(p), G_(plan_.group()), q_tile_(plan_.q_tile()), n_q_tiles_(plan_.n_q_tiles()),
+      : p_(p),
+        plan_(p),
+        G_(plan_.group()),
+        q_tile_(plan_.q_tile()),
+        n_q_tiles_(plan_.n_q_tiles()),
         splits_(plan_.splits()) {}
 
   void run() {
@@ -115,14 +119,14 @@ class AttentionCpu {
 
   // Per-item buffers, carved from the thread's scratch. Rows are padded to rp (a multiple of 16).
   struct Buffers {
-    float* q;     // stream: [R, D] queries * scale; GEMM: [D, ld] the same, transposed (pad rows to 8 zero)
-    float* o;     // [R, D] unnormalised output
-    float* s;     // stream: [R, kBatch] logits; GEMM: [kBatch, ld] transposed; then probabilities
+    float* q;         // stream: [R, D] queries * scale; GEMM: [D, ld] the same, transposed (pad rows to 8 zero)
+    float* o;         // [R, D] unnormalised output
+    float* s;         // stream: [R, kBatch] logits; GEMM: [kBatch, ld] transposed; then probabilities
     RowState* state;  // [rp] each row's online softmax
     float* corr;      // [rp] rescaling of o for the current step
     float* shift;     // [rp] what the step's logits are shifted by before exp (GEMM path)
-    float* kf;    // [kBatch, padded_ld(D)] the step's key rows converted to float (GEMM path)
-    float* vf;    // [kBatch, padded_ld(D)] the step's value rows converted to float (GEMM path)
+    float* kf;        // [kBatch, padded_ld(D)] the step's key rows converted to float (GEMM path)
+    float* vf;        // [kBatch, padded_ld(D)] the step's value rows converted to float (GEMM path)
     HeadCache* head;  // the thread's, when 16-bit K/V rows are converted once per head
     // Partial steps add p * v only for the visible pairs, so a NaN or infinite value row a mask hides from a
     // row cannot reach it through 0 * v (the fast path's products do): an item is rerun so when its output
@@ -238,13 +242,16 @@ class AttentionCpu {
           for (; d + 8 <= D; d += 8) {
             Vec8 x[8];
             for (int64_t i = 0; i < 8; ++i)
-              x[i] = decltype(all_rows)::value || i < nr ? Vec8::load(src[i] + d) * Vec8::broadcast(f[i]) : Vec8::zero();
+              x[i] =
+                  decltype(all_rows)::value || i < nr ? Vec8::load(src[i] + d) * Vec8::broadcast(f[i]) : Vec8::zero();
             transpose8x8(x);
             for (int64_t j = 0; j < 8; ++j) x[j].store(q + (d + j) * ld + r0);
           }
         };
-        if (nr == 8) transpose(std::true_type{});
-        else transpose(std::false_type{});
+        if (nr == 8)
+          transpose(std::true_type{});
+        else
+          transpose(std::false_type{});
 #endif
         for (; d < D; ++d)
           for (int64_t i = 0; i < 8; ++i) q[d * ld + r0 + i] = i < nr ? to_f(src[i][d]) * f[i] : 0.0f;

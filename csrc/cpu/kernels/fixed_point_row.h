@@ -30,7 +30,8 @@ inline __m256i add_fixed8(__m256i acc, __m256 w) {
 }
 
 inline __m256 prob_ok8(__m256 x) {  // all-ones lanes where 0 <= x <= 1 (false for NaN)
-  return _mm256_and_ps(_mm256_cmp_ps(x, _mm256_setzero_ps(), _CMP_GE_OQ), _mm256_cmp_ps(x, _mm256_set1_ps(1.0f), _CMP_LE_OQ));
+  return _mm256_and_ps(_mm256_cmp_ps(x, _mm256_setzero_ps(), _CMP_GE_OQ),
+                       _mm256_cmp_ps(x, _mm256_set1_ps(1.0f), _CMP_LE_OQ));
 }
 
 inline uint64_t hsum_u64(__m256i v) {

@@ -73,8 +73,9 @@ int32_t verify_one_row(const GreedyVerifyParams& prm, int64_t b, int32_t* out, i
 
 template <typename P>
 void greedy_verify_rows(const GreedyVerifyParams& prm) {
-  for_each_acceptance_row(prm.tokens, prm.num_accepted, prm.B, prm.n,
-                          [&](int64_t b, int32_t* out, int64_t* accepted) { return verify_one_row<P>(prm, b, out, accepted); });
+  for_each_acceptance_row(prm.tokens, prm.num_accepted, prm.B, prm.n, [&](int64_t b, int32_t* out, int64_t* accepted) {
+    return verify_one_row<P>(prm, b, out, accepted);
+  });
 }
 
 }  // namespace

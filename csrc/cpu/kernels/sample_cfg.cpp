@@ -1,5 +1,5 @@
-// The CPU kernel of fastar.sample_cfg, compiled per ISA (cpu/vec.h): (image, position) pairs in parallel. Per pair, no sort (V is 4096 for VAR,
-// 16384 for LlamaGen, k ~ 1000):
+// The CPU kernel of fastar.sample_cfg, compiled per ISA (cpu/vec.h): (image, position) pairs in parallel. Per pair, no
+// sort (V is 4096 for VAR, 16384 for LlamaGen, k ~ 1000):
 //  1. one vectorised pass mixes the conditional and unconditional rows and finds the maximum;
 //  2. one computes every token's fixed-point weight exp(x - max) and, to filter, its logit's order key and bin;
 //  3. with top-k or top-p, one scalar pass counts tokens and sums weights per bin of max - x (1/32 wide, so
@@ -25,13 +25,12 @@
 FASTAR_ISA_BEGIN
 namespace {
 
-
 using namespace sampling;
 
 constexpr float kInf = std::numeric_limits<float>::infinity();
 constexpr int kBins = 2048;
 constexpr float kBinsPerUnit = 32.0f;  // bins cover max - x in [0, 64); the last one also everything below
-constexpr int64_t kPickBlock = 256;  // tokens per block of the inverse-CDF search
+constexpr int64_t kPickBlock = 256;    // tokens per block of the inverse-CDF search
 
 struct Candidate {
   uint32_t key;
@@ -121,7 +120,8 @@ uint64_t weights_and_keys(const float* x, int64_t V, float m, uint64_t* w, uint3
 
 // The tokens of bin `bin` with key >= floor (and weight > 0 when positive_only), into cand. Few tokens match:
 // 8 bins are compared at once and only the matches looked at.
-void collect(const Scratch& s, int64_t V, int32_t bin, uint32_t floor, bool positive_only, std::vector<Candidate>& cand) {
+void collect(const Scratch& s, int64_t V, int32_t bin, uint32_t floor, bool positive_only,
+             std::vector<Candidate>& cand) {
   cand.clear();
   auto consider = [&](int64_t t) {
     if (s.key[t] >= floor && (s.w[t] || !positive_only)) cand.push_back({s.key[t], s.w[t]});

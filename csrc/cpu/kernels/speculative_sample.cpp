@@ -13,7 +13,6 @@
 FASTAR_ISA_BEGIN
 namespace {
 
-
 using namespace accept;
 
 // Returns the row status; on success writes the emitted tokens and returns the accepted count in *accepted.
@@ -52,8 +51,7 @@ int32_t sample_one_row(const SpeculativeSampleParams& prm, int64_t b, int32_t* o
 
   // Sample at j: from the residual norm(max(0, p - q)) after a rejection, else from the bonus row p_k.
   const bool rejected = j < k;
-  FixedRow<P> row{tp + j * prm.tp_sn, rejected && dp ? dp + j * prm.dp_sn : nullptr,
-                       rejected && !dp ? draft(j) : -1};
+  FixedRow<P> row{tp + j * prm.tp_sn, rejected && dp ? dp + j * prm.dp_sn : nullptr, rejected && !dp ? draft(j) : -1};
   bool ok = true;
   uint64_t total = row.sum(0, V, &ok);
   if (!ok) return kBadValue;
@@ -69,8 +67,9 @@ int32_t sample_one_row(const SpeculativeSampleParams& prm, int64_t b, int32_t* o
 
 template <typename P>
 void speculative_sample_rows(const SpeculativeSampleParams& prm) {
-  for_each_acceptance_row(prm.tokens, prm.num_accepted, prm.B, prm.n,
-                          [&](int64_t b, int32_t* out, int64_t* accepted) { return sample_one_row<P>(prm, b, out, accepted); });
+  for_each_acceptance_row(prm.tokens, prm.num_accepted, prm.B, prm.n, [&](int64_t b, int32_t* out, int64_t* accepted) {
+    return sample_one_row<P>(prm, b, out, accepted);
+  });
 }
 
 }  // namespace
