@@ -21,6 +21,8 @@
 #include <cstring>
 #include <limits>
 
+#include "core/dtype.h"
+
 #if !defined(FASTAR_ISA)
 #error "cpu/vec.h is for sources compiled once per ISA (csrc/cpu/kernels/): FASTAR_ISA is not defined"
 #endif
@@ -60,6 +62,19 @@ constexpr float kNegInf = -std::numeric_limits<float>::infinity();
 template <typename T>
 inline float to_f(T x) {
   return static_cast<float>(x);
+}
+
+// Calls f(T{}) with T the element type of kind: float, c10::Half or c10::BFloat16.
+template <typename F>
+inline void with_element_type(FloatKind kind, F&& f) {
+  switch (kind) {
+    case FloatKind::kFloat32:
+      return f(float{});
+    case FloatKind::kFloat16:
+      return f(c10::Half{});
+    case FloatKind::kBFloat16:
+      return f(c10::BFloat16{});
+  }
 }
 
 // ---- Vec4: GCC vector extensions (any target) ------------------------------------------------------------

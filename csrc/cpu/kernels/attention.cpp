@@ -518,14 +518,7 @@ class AttentionCpu {
 }  // namespace
 
 void attention(const AttentionParams& p, FloatKind kind) {
-  switch (kind) {
-    case FloatKind::kFloat32:
-      return AttentionCpu<float>(p).run();
-    case FloatKind::kFloat16:
-      return AttentionCpu<c10::Half>(p).run();
-    case FloatKind::kBFloat16:
-      return AttentionCpu<c10::BFloat16>(p).run();
-  }
+  with_element_type(kind, [&](auto t) { AttentionCpu<decltype(t)>(p).run(); });
 }
 
 FASTAR_ISA_END

@@ -81,14 +81,7 @@ void greedy_verify_rows(const GreedyVerifyParams& prm) {
 }  // namespace
 
 void greedy_verify(const GreedyVerifyParams& prm, FloatKind kind) {
-  switch (kind) {
-    case FloatKind::kFloat32:
-      return greedy_verify_rows<float>(prm);
-    case FloatKind::kFloat16:
-      return greedy_verify_rows<c10::Half>(prm);
-    case FloatKind::kBFloat16:
-      return greedy_verify_rows<c10::BFloat16>(prm);
-  }
+  with_element_type(kind, [&](auto t) { greedy_verify_rows<decltype(t)>(prm); });
 }
 
 FASTAR_ISA_END

@@ -295,14 +295,7 @@ void sample_cfg_rows(const SampleCfgParams& prm, int32_t* status) {
 }  // namespace
 
 void sample_cfg(const SampleCfgParams& prm, FloatKind kind, int32_t* status) {
-  switch (kind) {
-    case FloatKind::kFloat32:
-      return sample_cfg_rows<float>(prm, status);
-    case FloatKind::kFloat16:
-      return sample_cfg_rows<c10::Half>(prm, status);
-    case FloatKind::kBFloat16:
-      return sample_cfg_rows<c10::BFloat16>(prm, status);
-  }
+  with_element_type(kind, [&](auto t) { sample_cfg_rows<decltype(t)>(prm, status); });
 }
 
 FASTAR_ISA_END

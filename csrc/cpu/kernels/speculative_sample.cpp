@@ -75,14 +75,7 @@ void speculative_sample_rows(const SpeculativeSampleParams& prm) {
 }  // namespace
 
 void speculative_sample(const SpeculativeSampleParams& prm, FloatKind kind) {
-  switch (kind) {
-    case FloatKind::kFloat32:
-      return speculative_sample_rows<float>(prm);
-    case FloatKind::kFloat16:
-      return speculative_sample_rows<c10::Half>(prm);
-    case FloatKind::kBFloat16:
-      return speculative_sample_rows<c10::BFloat16>(prm);
-  }
+  with_element_type(kind, [&](auto t) { speculative_sample_rows<decltype(t)>(prm); });
 }
 
 FASTAR_ISA_END
