@@ -68,6 +68,17 @@ def test_meta_tensor_among_real_ones_is_refused(backend):
                                     torch.tensor(1, device=META), 0)
 
 
+def test_meta_tensor_among_real_ones_is_refused_by_the_op_itself(backend):
+    """Called directly (no Python wrapper), a meta input among real ones dispatches to the fake kernel, which
+    must refuse instead of returning uninitialised memory."""
+    q, k, v = (backend.to(t) for t in qkv())
+    with pytest.raises(RuntimeError, match="all inputs must be on one device"):
+        backend.ops.attention(q, k.to(META), v, torch.empty_like(q), 0.25)
+    ids, _, p = (backend.to(t) for t in acceptance_inputs())
+    with pytest.raises(RuntimeError, match="all inputs must be on one device"):
+        backend.ops.greedy_verify(ids, p.to(META))
+
+
 def test_all_meta_inputs_keep_working(backend):
     """Inputs all on meta (shape inference) give meta outputs of the right shapes."""
     q, k, v = (t.to(META) for t in qkv(Lq=5, Lk=9))
