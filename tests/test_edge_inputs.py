@@ -276,6 +276,17 @@ def test_huge_local_window_restricts_nothing(backend, window):
     assert_output_close(out, ref, q, k, v, what=f"local_window={window}")
 
 
+def test_huge_local_window_reaching_the_op_restricts_nothing(backend):
+    """ScaleLayout clamps local_window; the op itself must not overflow on a larger one either."""
+    layout = fastar.ScaleLayout([1, 2, 3, 4], local_window=4)
+    layout.local_window = 2**31  # past the layout's clamp, as a direct caller of the op may pass
+    gen = torch.Generator().manual_seed(1)
+    q, k, v = (make((1, 2, 30, 16), torch.float32, gen) for _ in range(3))
+    out = backend.scale_attention(q, k, v, layout)
+    ref, _ = scale_attention_reference(q.double(), k.double(), v.double(), fastar.ScaleLayout([1, 2, 3, 4]))
+    assert_output_close(out, ref, q, k, v, what="local_window=2**31 at the op")
+
+
 # ---------------------------------------------------------------------------------------------------------
 # 6. The SDPA drop-in takes the mask dtypes PyTorch takes, and refuses the others as PyTorch does.
 

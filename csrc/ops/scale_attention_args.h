@@ -1,6 +1,8 @@
 // Argument checks and kernel arguments of fastar.scale_attention: the attention kernels with the
 // next-scale terms (scale ids as block ids, local window, tile map) and qk_norm. Shared by every backend.
 #pragma once
+#include <algorithm>
+
 #include "ops/attention_args.h"
 
 namespace fastar {
@@ -61,7 +63,8 @@ inline AttentionLaunch prepare_scale_attention_inputs(const at::Tensor& q, const
       l.scale_hw = checked_index_tensor("scale_hw", *a.scale_hw, 2, q);
       TORCH_CHECK_VALUE(l.scale_hw->size(1) == 2 && l.scale_hw->size(0) > 0, op,
                         ": scale_hw must have shape [num_scales, 2], got ", l.scale_hw->sizes());
-      m.scale_window = window;
+      // A window past 2^29 cells restricts nothing on any grid; clamped, the kernels' cell arithmetic stays in 32 bits.
+      m.scale_window = std::min<int64_t>(window, int64_t{1} << 29);
       m.num_scales = l.scale_hw->size(0);
       m.scale_hw = l.scale_hw->data_ptr<int32_t>();
       if (info.is_cpu()) {
