@@ -5,7 +5,8 @@
 // their steps computes. This driver runs the items over the threads: it loads an item's queries (every
 // query head of the GQA group times the tile's positions, so each K/V tile is loaded once for the whole
 // group), computes each step's logits, masks them with the plan's visibility bytes and folds them into the
-// online softmax, then writes the rows, or merges the kv splits' partial results by their LSE.
+// online softmax (core/softmax.h, shared with the CUDA kernels), then writes the rows, or merges the kv
+// splits' partial states.
 #include "cpu/kernels/attention.h"
 
 #include <ATen/Parallel.h>
