@@ -1,10 +1,15 @@
 // The schema of every fastar op and the tables of its kernels, in one place. Included by the two
 // registration files: registration.cpp (torch.ops.fastar) and simt/registration_simt.cpp
-// (torch.ops.fastar_simt, the test-only SIMT build).
+// (torch.ops.fastar_simt, the test-only SIMT build). Each op's function (`<op>_op<Run>`, in ops/<op>_args.h) takes
+// the schema's arguments, checks them and calls a backend's run_<op>_cpu or run_<op>_cuda. Only these two files
+// include torch/library.h (~10 s of compile time per file); the rest include ATen's Tensor headers alone.
 #pragma once
 #include <torch/library.h>
 
-#include "ops.h"
+#include "ops/acceptance_args.h"
+#include "ops/attention_args.h"
+#include "ops/sample_cfg_args.h"
+#include "ops/scale_attention_args.h"
 
 namespace fastar {
 
@@ -79,21 +84,21 @@ inline void define_cpu_test_schemas(torch::Library& m) {
 }
 
 inline void register_cpu_kernels(torch::Library& m) {
-  m.impl("speculative_sample", &speculative_sample_cpu);
-  m.impl("greedy_verify", &greedy_verify_cpu);
-  m.impl("attention", &attention_cpu);
-  m.impl("scale_attention", &scale_attention_cpu);
-  m.impl("sample_cfg", &sample_cfg_cpu);
+  m.impl("speculative_sample", &speculative_sample_op<run_speculative_sample_cpu>);
+  m.impl("greedy_verify", &greedy_verify_op<run_greedy_verify_cpu>);
+  m.impl("attention", &attention_op<run_attention_cpu>);
+  m.impl("scale_attention", &scale_attention_op<run_attention_cpu>);
+  m.impl("sample_cfg", &sample_cfg_op<run_sample_cfg_cpu>);
   m.impl("_attention_plan", &attention_plan_cpu);
 }
 
 // The CUDA kernels' glue; registered for CUDA in fastar._C and for CPU tensors in the SIMT build.
 inline void register_cuda_kernels(torch::Library& m) {
-  m.impl("speculative_sample", &speculative_sample_cuda);
-  m.impl("greedy_verify", &greedy_verify_cuda);
-  m.impl("attention", &attention_cuda);
-  m.impl("scale_attention", &scale_attention_cuda);
-  m.impl("sample_cfg", &sample_cfg_cuda);
+  m.impl("speculative_sample", &speculative_sample_op<run_speculative_sample_cuda>);
+  m.impl("greedy_verify", &greedy_verify_op<run_greedy_verify_cuda>);
+  m.impl("attention", &attention_op<run_attention_cuda>);
+  m.impl("scale_attention", &scale_attention_op<run_attention_cuda>);
+  m.impl("sample_cfg", &sample_cfg_op<run_sample_cfg_cuda>);
 }
 
 }  // namespace fastar

@@ -98,7 +98,7 @@ void fill_row_args(Params& prm, const at::Tensor& ids, const std::optional<at::T
 // Checked inputs with unit stride along V, the allocated outputs, and the kernel arguments over them
 // (the caller fills in the seed: a value on the CPU, possibly a device pointer on CUDA).
 struct SpeculativeSampleLaunch {
-  at::Tensor ids, target_probs, tokens, num_accepted;
+  at::Tensor ids, target_probs, tokens, num_accepted, seed, offset;
   std::optional<at::Tensor> draft_probs, num_draft;
   SpeculativeSampleParams prm;
 };
@@ -111,6 +111,8 @@ inline SpeculativeSampleLaunch prepare_speculative_sample(const at::Tensor& draf
   const AcceptanceShapes s =
       check_speculative_sample_args(draft_token_ids, draft_probs, target_probs, num_draft_tokens, seed, offset);
   SpeculativeSampleLaunch l;
+  l.seed = seed;
+  l.offset = offset;
   l.ids = draft_token_ids.contiguous();
   l.target_probs = unit_last_stride(target_probs);
   if (draft_probs) l.draft_probs = unit_last_stride(*draft_probs);
@@ -150,6 +152,33 @@ inline GreedyVerifyLaunch prepare_greedy_verify(const at::Tensor& draft_token_id
   prm.tl_sb = l.target_logits.stride(0);
   prm.tl_sn = l.target_logits.stride(1);
   return l;
+}
+
+// The ops as their schemas declare them (csrc/schemas.h); Run is a backend's kernel: run_<op>_cpu
+// (cpu/<op>.cpp) or run_<op>_cuda (cuda/<op>_glue.cpp).
+void run_speculative_sample_cpu(SpeculativeSampleLaunch& l);
+void run_speculative_sample_cuda(SpeculativeSampleLaunch& l);
+void run_greedy_verify_cpu(GreedyVerifyLaunch& l);
+void run_greedy_verify_cuda(GreedyVerifyLaunch& l);
+
+template <void (*Run)(SpeculativeSampleLaunch&)>
+std::tuple<at::Tensor, at::Tensor> speculative_sample_op(const at::Tensor& draft_token_ids,
+                                                         const std::optional<at::Tensor>& draft_probs,
+                                                         const at::Tensor& target_probs,
+                                                         const std::optional<at::Tensor>& num_draft_tokens,
+                                                         const at::Tensor& seed, const at::Tensor& offset) {
+  SpeculativeSampleLaunch l =
+      prepare_speculative_sample(draft_token_ids, draft_probs, target_probs, num_draft_tokens, seed, offset);
+  Run(l);
+  return {l.tokens, l.num_accepted};
+}
+
+template <void (*Run)(GreedyVerifyLaunch&)>
+std::tuple<at::Tensor, at::Tensor> greedy_verify_op(const at::Tensor& draft_token_ids, const at::Tensor& target_logits,
+                                                    const std::optional<at::Tensor>& num_draft_tokens) {
+  GreedyVerifyLaunch l = prepare_greedy_verify(draft_token_ids, target_logits, num_draft_tokens);
+  Run(l);
+  return {l.tokens, l.num_accepted};
 }
 
 // CPU kernels report per-row statuses; raise for the first bad row (no device sync involved on the CPU).

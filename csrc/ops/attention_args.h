@@ -264,9 +264,25 @@ inline at::Tensor finish_attention(const AttentionLaunch& l) {
   return l.lse;
 }
 
-// Runs the prepared kernel arguments on each backend (cpu/attention.cpp, cuda/attention_glue.cpp); shared
-// by fastar.attention and fastar.scale_attention. `op` names the caller in error messages.
-void run_attention_cpu(const AttentionLaunch& l);
+// Runs the prepared kernel arguments on a backend (cpu/attention.cpp, cuda/attention_glue.cpp); shared by
+// fastar.attention and fastar.scale_attention. `op` names the caller in error messages.
+void run_attention_cpu(const AttentionLaunch& l, const char* op);
 void run_attention_cuda(const AttentionLaunch& l, const char* op);
+
+// The op as its schema declares it (csrc/schemas.h); Run is run_attention_cpu or run_attention_cuda.
+template <void (*Run)(const AttentionLaunch&, const char*)>
+at::Tensor attention_op(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, const at::Tensor& out,
+                        double scale, const std::optional<at::Tensor>& kv_lens,
+                        const std::optional<at::Tensor>& block_table, bool causal, bool bottom_right,
+                        int64_t window_left, int64_t window_sinks, c10::string_view block_relation,
+                        const std::optional<at::Tensor>& q_block_ids, const std::optional<at::Tensor>& k_block_ids,
+                        const std::optional<at::Tensor>& mask_bits, int64_t mask_bits_cols,
+                        const std::optional<at::Tensor>& bias) {
+  const AttentionArgs args{kv_lens,        block_table, causal,      bottom_right, window_left,    window_sinks,
+                           block_relation, q_block_ids, k_block_ids, mask_bits,    mask_bits_cols, bias};
+  AttentionLaunch l = prepare_attention(q, k, v, out, scale, args);
+  Run(l, "fastar.attention");
+  return finish_attention(l);
+}
 
 }  // namespace fastar

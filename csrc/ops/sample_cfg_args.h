@@ -17,7 +17,7 @@
 namespace fastar {
 
 struct SampleCfgLaunch {
-  at::Tensor logits, tokens;
+  at::Tensor logits, tokens, seed, offset;
   SampleCfgParams prm;
 };
 
@@ -72,6 +72,8 @@ inline SampleCfgLaunch prepare_sample_cfg(const at::Tensor& logits, double cfg, 
   TORCH_CHECK_VALUE(top_p > 0 && top_p <= 1, op, ": top_p must be in (0, 1] (1: no top-p), got ", top_p);
 
   SampleCfgLaunch l;
+  l.seed = seed;
+  l.offset = offset;
   SampleCfgParams& prm = l.prm;
   prm = SampleCfgParams{};
   guidance_weights(op, schedule, cfg, scale_index, num_scales, temperature, prm);
@@ -95,6 +97,21 @@ inline SampleCfgLaunch prepare_sample_cfg(const at::Tensor& logits, double cfg, 
                            : at::empty({prm.B}, logits.options().dtype(at::kLong));
   prm.tokens = l.tokens.data_ptr<int64_t>();
   return l;
+}
+
+// The op as its schema declares it (csrc/schemas.h); Run is a backend's kernel: run_sample_cfg_cpu
+// (cpu/sample_cfg.cpp) or run_sample_cfg_cuda (cuda/sample_cfg_glue.cpp).
+void run_sample_cfg_cpu(SampleCfgLaunch& l);
+void run_sample_cfg_cuda(SampleCfgLaunch& l);
+
+template <void (*Run)(SampleCfgLaunch&)>
+at::Tensor sample_cfg_op(const at::Tensor& logits, double cfg, c10::string_view schedule,
+                         std::optional<int64_t> scale_index, std::optional<int64_t> num_scales, int64_t top_k,
+                         double top_p, double temperature, const at::Tensor& seed, const at::Tensor& offset) {
+  SampleCfgLaunch l =
+      prepare_sample_cfg(logits, cfg, schedule, scale_index, num_scales, top_k, top_p, temperature, seed, offset);
+  Run(l);
+  return l.tokens;
 }
 
 inline const char* describe_sample_status(int32_t status) {

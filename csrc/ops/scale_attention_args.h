@@ -2,6 +2,7 @@
 // next-scale terms (scale ids as block ids, local window, tile map) and qk_norm. Shared by every backend.
 #pragma once
 #include <algorithm>
+#include <tuple>
 
 #include "ops/attention_args.h"
 
@@ -117,5 +118,30 @@ inline AttentionLaunch prepare_scale_attention(const at::Tensor& q, const at::Te
   bind_out(l, out, "fastar.scale_attention");
   return l;
 }
+
+// The op as its schema declares it (csrc/schemas.h): the attention kernels of a backend (Run is
+// run_attention_cpu or run_attention_cuda) with the next-scale terms.
+template <void (*Run)(const AttentionLaunch&, const char*)>
+at::Tensor scale_attention_op(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, const at::Tensor& out,
+                              double scale, const std::optional<at::Tensor>& token_info,
+                              const std::optional<at::Tensor>& scale_hw, const std::optional<at::Tensor>& tile_map,
+                              c10::string_view relation, int64_t local_window, int64_t full_scales, bool qk_norm,
+                              const std::optional<at::Tensor>& q_scale, int64_t tile_q, int64_t tile_k) {
+  const ScaleAttentionArgs args{token_info,  scale_hw, tile_map, relation, local_window,
+                                full_scales, qk_norm,  q_scale,  tile_q,   tile_k};
+  AttentionLaunch l = prepare_scale_attention(q, k, v, out, scale, args);
+  Run(l, "fastar.scale_attention");
+  return finish_attention(l);
+}
+
+// Test-only (csrc/schemas.h): the CPU attention kernel's plan (cpu/attention.cpp).
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> attention_plan_cpu(
+    const at::Tensor& q, const at::Tensor& k, const std::optional<at::Tensor>& kv_lens,
+    const std::optional<at::Tensor>& block_table, bool causal, bool bottom_right, int64_t window_left,
+    int64_t window_sinks, c10::string_view block_relation, const std::optional<at::Tensor>& q_block_ids,
+    const std::optional<at::Tensor>& k_block_ids, const std::optional<at::Tensor>& mask_bits, int64_t mask_bits_cols,
+    const std::optional<at::Tensor>& bias, const std::optional<at::Tensor>& token_info,
+    const std::optional<at::Tensor>& scale_hw, const std::optional<at::Tensor>& tile_map, c10::string_view relation,
+    int64_t local_window, int64_t full_scales, int64_t tile_q, int64_t tile_k);
 
 }  // namespace fastar
