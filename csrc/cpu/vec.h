@@ -22,6 +22,7 @@
 #include <limits>
 
 #include "core/dtype.h"
+#include "core/softmax.h"
 
 #if !defined(FASTAR_ISA)
 #error "cpu/vec.h is for sources compiled once per ISA (csrc/cpu/kernels/): FASTAR_ISA is not defined"
@@ -83,6 +84,9 @@ struct Vec4 {
   typedef int32_t I __attribute__((vector_size(16)));
   static constexpr int kSize = 4;
   F v;
+  Vec4() = default;
+  Vec4(F x) : v(x) {}
+  explicit Vec4(float x) : v(F{x, x, x, x}) {}
   static Vec4 zero() { return {F{0, 0, 0, 0}}; }
   static Vec4 broadcast(float x) { return {F{x, x, x, x}}; }
   static Vec4 broadcast(const float* p) { return broadcast(*p); }
@@ -136,11 +140,20 @@ inline Vec4 hide(Vec4 x, const uint8_t* vis, int n) {
   return {seen != 0 ? x.v : Vec4::broadcast(kNegInf).v};
 }
 
+// The online softmax's primitives (core/softmax.h) on one row per lane: max propagating a NaN of either side,
+// a lane mask of -inf, and a select by such a mask.
+inline Vec4 softmax_max(Vec4 a, Vec4 b) { return {(a.v > b.v) | (a.v != a.v) ? a.v : b.v}; }
+inline Vec4::I softmax_is_neg_inf(Vec4 x) { return x.v == Vec4::broadcast(kNegInf).v; }
+inline Vec4 softmax_where(Vec4::I c, Vec4 a, Vec4 b) { return {c ? a.v : b.v}; }
+
 #if FASTAR_ISA_LEVEL >= 1
 // ---- Vec8: AVX2 ------------------------------------------------------------------------------------------
 struct Vec8 {
   static constexpr int kSize = 8;
   __m256 v;
+  Vec8() = default;
+  Vec8(__m256 x) : v(x) {}
+  explicit Vec8(float x) : v(_mm256_set1_ps(x)) {}
   static Vec8 zero() { return {_mm256_setzero_ps()}; }
   static Vec8 broadcast(float x) { return {_mm256_set1_ps(x)}; }
   static Vec8 broadcast(const float* p) { return {_mm256_broadcast_ss(p)}; }
@@ -183,6 +196,11 @@ inline int first_equal(Vec8 x, float value) {
   const int hits = _mm256_movemask_ps(_mm256_cmp_ps(x.v, _mm256_set1_ps(value), _CMP_EQ_OQ));
   return hits ? __builtin_ctz(hits) : -1;
 }
+inline Vec8 softmax_max(Vec8 a, Vec8 b) {
+  return {_mm256_blendv_ps(_mm256_max_ps(a.v, b.v), _mm256_add_ps(a.v, b.v), _mm256_cmp_ps(a.v, b.v, _CMP_UNORD_Q))};
+}
+inline __m256 softmax_is_neg_inf(Vec8 x) { return _mm256_cmp_ps(x.v, _mm256_set1_ps(kNegInf), _CMP_EQ_OQ); }
+inline Vec8 softmax_where(__m256 c, Vec8 a, Vec8 b) { return {_mm256_blendv_ps(b.v, a.v, c)}; }
 inline Vec8 hide(Vec8 x, const uint8_t* vis, int n) {
   uint64_t bytes = 0;
   if (n >= 8)
@@ -218,6 +236,9 @@ inline void transpose8x8(Vec8 r[8]) {
 struct Vec16 {
   static constexpr int kSize = 16;
   __m512 v;
+  Vec16() = default;
+  Vec16(__m512 x) : v(x) {}
+  explicit Vec16(float x) : v(_mm512_set1_ps(x)) {}
   static Vec16 zero() { return {_mm512_setzero_ps()}; }
   static Vec16 broadcast(float x) { return {_mm512_set1_ps(x)}; }
   static Vec16 broadcast(const float* p) { return {_mm512_set1_ps(*p)}; }
@@ -258,6 +279,12 @@ inline int first_equal(Vec16 x, float value) {
   const unsigned hits = _mm512_cmp_ps_mask(x.v, _mm512_set1_ps(value), _CMP_EQ_OQ);
   return hits ? __builtin_ctz(hits) : -1;
 }
+inline Vec16 softmax_max(Vec16 a, Vec16 b) {
+  return {_mm512_mask_blend_ps(_mm512_cmp_ps_mask(a.v, b.v, _CMP_UNORD_Q), _mm512_max_ps(a.v, b.v),
+                               _mm512_add_ps(a.v, b.v))};
+}
+inline __mmask16 softmax_is_neg_inf(Vec16 x) { return _mm512_cmp_ps_mask(x.v, _mm512_set1_ps(kNegInf), _CMP_EQ_OQ); }
+inline Vec16 softmax_where(__mmask16 c, Vec16 a, Vec16 b) { return {_mm512_mask_blend_ps(c, b.v, a.v)}; }
 inline Vec16 hide(Vec16 x, const uint8_t* vis, int n) {
   const __mmask16 lanes = n >= 16 ? __mmask16(0xffff) : n <= 0 ? __mmask16(0) : __mmask16((1u << n) - 1);
   const __m128i bytes = _mm_maskz_loadu_epi8(lanes, vis);
@@ -284,6 +311,22 @@ inline V exp(V x) {
   y = fmadd(y, r * r, r + V::broadcast(1.0f));
   return zero_below(y * pow2(n), x, -87.3f);
 }
+
+// The online softmax state (core/softmax_state.inc) compiled for this ISA: over float, with the scalar
+// primitives of core/softmax.h, or over a vector type, one row per lane.
+template <typename V>
+inline V softmax_exp(V x) {
+  return exp(x);
+}
+using ::fastar::softmax_exp;
+using ::fastar::softmax_exp2;
+using ::fastar::softmax_is_neg_inf;
+using ::fastar::softmax_is_zero;
+using ::fastar::softmax_log;
+using ::fastar::softmax_log2;
+using ::fastar::softmax_max;
+using ::fastar::softmax_where;
+#include "core/softmax_state.inc"  // NOLINT: included inside the ISA's namespace
 
 // The ISA's widest vector and the register blocking of its GEMM micro-kernels (csrc/cpu/kernels/gemm.h):
 // blocks of kGemmRows rows x kGemmVecs vectors, kGemmRows * kGemmVecs accumulators in registers.

@@ -125,7 +125,6 @@ class AttentionCpu {
     float* s;         // stream: [R, kBatch] logits; GEMM: [kBatch, ld] transposed; then probabilities
     RowState* state;  // [rp] each row's online softmax
     float* corr;      // [rp] rescaling of o for the current step
-    float* shift;     // [rp] what the step's logits are shifted by before exp (GEMM path)
     float* kf;        // [kBatch, padded_ld(D)] the step's key rows converted to float (GEMM path)
     float* vf;        // [kBatch, padded_ld(D)] the step's value rows converted to float (GEMM path)
     HeadCache* head;  // the thread's, when 16-bit K/V rows are converted once per head
@@ -151,7 +150,6 @@ class AttentionCpu {
     take(state, 2 * rp);
     buf.state = reinterpret_cast<RowState*>(state);
     take(buf.corr, rp);
-    take(buf.shift, rp);
     take(buf.kf, kBatch * kd);
     take(buf.vf, kBatch * kd);
     return at;
@@ -436,22 +434,22 @@ class AttentionCpu {
       } else {
         for (int64_t c = 0; c < nk; ++c) mx = max(mx, Vec::load(buf.s + c * ld + r));
       }
-      // The rows' states take the column's max (one row per lane); the exp pass is vectorised.
-      float lanes[kW];
-      mx.store(lanes);
-      for (int i = 0; i < kW; ++i) {
-        buf.corr[r + i] = buf.state[r + i].update(lanes[i]);
-        buf.shift[r + i] = buf.state[r + i].shift();
-      }
-      const Vec shift = Vec::load(buf.shift + r);
+      // The column's rows' states, one row per lane (buf.state keeps them row by row).
+      float m[kW], l[kW];
+      for (int i = 0; i < kW; ++i) m[i] = buf.state[r + i].m, l[i] = buf.state[r + i].l;
+      SoftmaxState<Vec> st{Vec::load(m), Vec::load(l)};
+      st.update(mx).store(buf.corr + r);
+      const Vec shift = st.shift();
       Vec sum = Vec::zero();
       for (int64_t c = 0; c < nk; ++c) {
         const Vec e = exp(Vec::load(buf.s + c * ld + r) - shift);
         e.store(buf.s + c * ld + r);
         sum = sum + e;
       }
-      sum.store(lanes);
-      for (int i = 0; i < kW; ++i) buf.state[r + i].add(lanes[i]);
+      st.add(sum);
+      st.m.store(m);
+      st.l.store(l);
+      for (int i = 0; i < kW; ++i) buf.state[r + i] = RowState{m[i], l[i]};
     }
     float_rows(it, keys, true, buf, vrows);
     if (buf.careful && keys.vis) {
