@@ -34,7 +34,7 @@ AttentionPlan::AttentionPlan(const AttentionParams& p) : p_(p), G_(p.Hq / p.Hkv)
   // A precomputed tile map is exact per tile_q queries: tiles no taller skip everything it hides.
   if (p.mask.tile_map) q_tile_ = std::min(q_tile_, p.mask.tile_q);
   // A next-scale window hides most of a wide tile's keys from some of its rows only: shorter query tiles
-  // leave fewer keys after compaction (VAR 680, W=2: 12% fewer logits computed at 32 than at 64).
+  // leave fewer keys after compaction.
   if (p.mask.scale_window >= 0) q_tile_ = std::min<int64_t>(q_tile_, 32);
   order_by_patches();
   split_query_tiles();
@@ -99,10 +99,9 @@ int64_t AttentionPlan::visible_key_end(const AttentionItem& it, int64_t lk) cons
 }
 
 // Fully visible tiles go whole. Partial tiles keep the keys some query sees; with one query head per item,
-// per group of kGroup positions (a next-scale window's coarse keys are each seen by a few grid cells: VAR
-// 680, W=2, computes 8% fewer logits). Kept keys are batched per group, up to kBatch at a time (a window
-// keeps about half of a tile, and half-empty tiles ran at a lower efficiency); the online softmax takes
-// keys in any order. Each step prefetches the next visited key tile.
+// per group of kGroup positions (a next-scale window's coarse keys are each seen by a few grid cells). Kept
+// keys are batched per group, up to kBatch at a time (a window keeps about half of a tile); the online softmax
+// takes keys in any order. Each step prefetches the next visited key tile.
 void AttentionPlan::plan_keys(const AttentionItem& it, int64_t t_begin, int64_t t_end, KeyPlan& out) const {
   const int64_t nq = it.nq, lk = visible_key_end(it, kv_len(p_, it.b));
   const int64_t gw = G_ == 1 && nq >= 2 * kGroup ? kGroup : nq, groups = (nq + gw - 1) / gw;

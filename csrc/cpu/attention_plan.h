@@ -18,13 +18,11 @@
 namespace fastar::cpu {
 
 constexpr int64_t kKeyTile = 64;
-// Most keys of one step: a full key tile, or a batch of partial tiles' kept keys (plan_keys). Batches of 128
-// halve the steps of a window's long key lists (VAR 2240, W=2: 5-10% faster than 64); each step rescales its
-// rows' output once.
+// Most keys of one step: a full key tile, or a batch of partial tiles' kept keys (plan_keys); each step
+// rescales its rows' output once. Tuning: docs/design/cpu-attention.md.
 constexpr int64_t kBatch = 128;
 constexpr int64_t kMaxRows = 256;  // query rows (heads x positions) per work item
-// Query positions per row group of plan_keys: 8 computed 10% fewer logits for VAR 680, W=2, but its smaller
-// GEMMs ran slower overall.
+// Query positions per row group of plan_keys (docs/design/cpu-attention.md).
 constexpr int64_t kGroup = 16;
 
 // A work item's sequence b, kv head hkv and query tile: the tile-order positions [i0, i0 + nq).

@@ -10,8 +10,8 @@ namespace fastar::cpu {
 
 // Under a next-scale window, each scale's queries are taken in 4x4 patches of its grid (row-major patch
 // order, then row-major inside the patch): a 32-query tile is then a 4x8 patch and a row group of 16 a
-// 4x4 one, which see fewer coarse keys than two grid rows and one (VAR 680, W=2: 9% fewer logits). The
-// order only permutes positions of one scale id, so the ids read by index stay those of the tile.
+// 4x4 one, which see fewer coarse keys than two grid rows and one (docs/design/cpu-attention.md). The order
+// only permutes positions of one scale id, so the ids read by index stay those of the tile.
 void AttentionPlan::order_by_patches() {
   const AttentionMask& m = p_.mask;
   if (m.scale_window < 0 || m.block == BlockRelation::kNone || m.q_block_sb != 0) return;

@@ -110,8 +110,8 @@ class AttentionCpu {
   using Item = AttentionItem;
 
   // The float K and V rows of one head (b, hkv) [Lk, padded_ld(D)], converted a key tile at a time as the
-  // GEMM path asks for them. A thread's consecutive items are mostly query tiles of one head, which now
-  // convert each 16-bit row once instead of once per item and row group (13% of a VAR 680 bf16 pass).
+  // GEMM path asks for them: a thread's consecutive items are mostly query tiles of one head, so each 16-bit
+  // row is converted once, not once per item and row group.
   struct HeadCache {
     int64_t b = -1, hkv = -1;
     std::vector<uint8_t> ready;  // [key tiles]
@@ -176,8 +176,7 @@ class AttentionCpu {
     load_queries(it, gemm, ld, buf.q);
 
     const int64_t lk = kv_len(p_, it.b);
-    // Keys and values that stay in L2 from one query tile of the head to the next (a VAR 680 head's 350
-    // KB) need no prefetch: its instructions made that pass slower.
+    // Keys and values that stay in L2 from one query tile of the head to the next need no software prefetch.
     const bool prefetch = gemm && 2 * lk * D * static_cast<int64_t>(sizeof(T)) > kL2Resident;
     // GEMM blocks of a full tile: the next tile's rows are fetched across them.
     const int64_t steps = gemm_steps(kKeyTile, rp) + gemm_steps(R, D);
@@ -188,7 +187,7 @@ class AttentionCpu {
         tile_gemm(it, keys, buf, pf);
         pf.finish();
       } else {
-        tile_stream(it, keys, buf);  // decode: the hardware prefetcher follows its streams (with ours, 20% slower)
+        tile_stream(it, keys, buf);  // decode: the hardware prefetcher follows its streams
       }
     };
     const AttentionPlan::Steps todo = plan_.steps(item, split, item_plan);
@@ -311,8 +310,8 @@ class AttentionCpu {
   }
 
   // Streaming path of the few-row tiles (decode): K and V rows are read from memory once per tile, key by
-  // key (reading eight keys side by side measured 15% slower from DRAM). The output stays in registers
-  // across the tile's value rows, so no store-to-load chain runs through o.
+  // key (docs/design/cpu-attention.md). The output stays in registers across the tile's value rows, so no
+  // store-to-load chain runs through o.
   void tile_stream(const Item& it, const TileKeys& keys, Buffers& buf) {
     const int64_t D = p_.D, R = G_ * it.nq, nk = keys.n;
     const T* kbase = static_cast<const T*>(p_.k);
