@@ -8,7 +8,7 @@ from ._loader import load_extension
 _C = load_extension()
 
 from . import masks, reference  # noqa: E402
-from ._fake import register_fakes  # noqa: E402
+from ._common import register_fakes  # noqa: E402
 from .acceptance import (  # noqa: E402
     check_rows,
     debug_checks_enabled,

@@ -1,10 +1,12 @@
-"""What fastar's modules share: input checks (devices, autograd, integral scalars, index tensors, overlap,
-relations, q_scale), the dtypes the kernels take, the default softmax scale and the Philox stream arguments.
-Every helper used by more than one module lives here, once."""
+"""What fastar's modules share: the op namespace the public functions call, the registry of fake (meta)
+implementations, input checks (devices, autograd, integral scalars, index tensors, overlap, relations, q_scale),
+the dtypes the kernels take, the default softmax scale and the Philox stream arguments. Every helper used by
+more than one module lives here, once."""
 from __future__ import annotations
 
+import contextlib
 import operator
-from typing import Optional, Tuple, Union
+from typing import Callable, Dict, Optional, Tuple, Union
 
 import torch
 
@@ -16,6 +18,65 @@ FLOAT_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 # Which blocks (masks.BlockCausal) or scales (ScaleLayout) a query's own block or scale sees: "causal" itself and
 # the earlier ones, "same" itself only, "prev" itself and the one before.
 RELATIONS = ("causal", "same", "prev")
+
+# The namespace whose ops the public functions call: a module global (not a ContextVar) so that torch.compile
+# traces its read and guards on it.
+_ops = torch.ops.fastar
+
+
+def ops():
+    """The op namespace the public functions call, read at each call: torch.ops.fastar, unless a test has
+    pointed it elsewhere with :func:`using_ops`."""
+    return _ops
+
+
+@contextlib.contextmanager
+def using_ops(namespace):
+    """Within the block the public functions call the ops of ``namespace`` (the tests pass torch.ops.fastar_simt,
+    the SIMT build, or an object whose attributes stand in for ops)."""
+    global _ops
+    previous, _ops = _ops, namespace
+    try:
+        yield
+    finally:
+        _ops = previous
+
+
+_fakes: Dict[str, Callable] = {}
+
+
+def fake(name: str):
+    """Decorator: the function is the fake (meta) implementation of op ``name`` (output shapes and dtypes for
+    torch.compile, FakeTensor and opcheck); :func:`register_fakes` registers it."""
+
+    def record(fn: Callable) -> Callable:
+        _fakes[name] = fn
+        return fn
+
+    return record
+
+
+def register_fakes(namespace: str) -> None:
+    """Register every recorded fake for the ops of ``torch.ops.<namespace>`` (fastar, or fastar_simt in tests)."""
+    for name, fn in _fakes.items():
+        torch.library.register_fake(f"{namespace}::{name}")(fn)
+
+
+def one_device(op: str, *tensors) -> None:
+    """For a fake: the inputs a kernel reads must share a device (a meta tensor among CPU ones would otherwise
+    dispatch to the fake and return uninitialised CPU memory)."""
+    devices = {t.device for t in tensors if isinstance(t, torch.Tensor)}
+    torch._check(len(devices) <= 1,
+                 lambda: f"fastar.{op}: all inputs must be on one device, got {sorted(map(str, devices))}")
+
+
+def attention_lse(q: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
+    """For the fake of an attention op: its LSE ``[B, H, L]``; the op writes ``out`` in place, so this only
+    checks it."""
+    torch._check(q.dim() == 4, lambda: "q must be 4-D [B, H, L, D]")
+    torch._check(out.shape == q.shape and out.dtype == q.dtype, lambda: "out must have the shape and dtype of q")
+    batch, heads, length, _ = q.shape
+    return q.new_empty((batch, heads, length), dtype=torch.float32)
 
 
 def check(ok: torch.Tensor, error: type, message: str, sync: bool = False) -> None:

@@ -1,7 +1,7 @@
 """The test-only SIMT build: fastar's CUDA kernels, run on the CPU by the emulator, as torch.ops.fastar_simt."""
 from __future__ import annotations
 
-from ._fake import register_fakes
+from ._common import register_fakes
 from ._loader import load_extension
 
 _module = None

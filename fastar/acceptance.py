@@ -28,7 +28,10 @@ from typing import Optional, Tuple
 
 import torch
 
-from ._common import philox_args, same_device
+from . import _common
+from ._common import fake, one_device, philox_args, same_device
+
+__all__ = ["check_rows", "debug_checks_enabled", "greedy_verify", "set_debug_checks", "speculative_sample"]
 
 _debug_checks = os.environ.get("FASTAR_DEBUG_CHECKS", "0") == "1"
 
@@ -87,30 +90,6 @@ def _check_devices(op: str, rows_name: str, rows, **tensors) -> None:
     same_device(op, rows.device, **tensors)
 
 
-def _speculative_sample(op, draft_token_ids, draft_probs, target_probs, num_draft_tokens, seed, offset):
-    _check_devices("fastar.speculative_sample", "target_probs", target_probs, draft_token_ids=draft_token_ids,
-                   draft_probs=draft_probs, num_draft_tokens=num_draft_tokens)
-    seed_t, offset_t = philox_args("fastar.speculative_sample", seed, offset, target_probs.device)
-    if _debug_checks:
-        _validate_values("fastar.speculative_sample", draft_token_ids, target_probs, num_draft_tokens, True,
-                         draft_probs)
-    tokens, num_accepted = op(draft_token_ids, draft_probs, target_probs, num_draft_tokens, seed_t, offset_t)
-    if _debug_checks:
-        check_rows(num_accepted, "fastar.speculative_sample")
-    return tokens, num_accepted
-
-
-def _greedy_verify(op, draft_token_ids, target_logits, num_draft_tokens):
-    _check_devices("fastar.greedy_verify", "target_logits", target_logits, draft_token_ids=draft_token_ids,
-                   num_draft_tokens=num_draft_tokens)
-    if _debug_checks:
-        _validate_values("fastar.greedy_verify", draft_token_ids, target_logits, num_draft_tokens, False)
-    tokens, num_accepted = op(draft_token_ids, target_logits, num_draft_tokens)
-    if _debug_checks:
-        check_rows(num_accepted, "fastar.greedy_verify")
-    return tokens, num_accepted
-
-
 def speculative_sample(
     draft_token_ids: torch.Tensor,
     draft_probs: Optional[torch.Tensor],
@@ -148,9 +127,34 @@ def speculative_sample(
     Probabilities are compared in float64 and sampled by an exact fixed-point (2^-40) inverse CDF, so
     results do not depend on the backend's summation order. See the module docs for error reporting.
     """
-    return _speculative_sample(
-        torch.ops.fastar.speculative_sample, draft_token_ids, draft_probs, target_probs, num_draft_tokens, seed, offset
+    op = "fastar.speculative_sample"
+    _check_devices(op, "target_probs", target_probs, draft_token_ids=draft_token_ids, draft_probs=draft_probs,
+                   num_draft_tokens=num_draft_tokens)
+    seed_t, offset_t = philox_args(op, seed, offset, target_probs.device)
+    if _debug_checks:
+        _validate_values(op, draft_token_ids, target_probs, num_draft_tokens, True, draft_probs)
+    tokens, num_accepted = _common.ops().speculative_sample(
+        draft_token_ids, draft_probs, target_probs, num_draft_tokens, seed_t, offset_t
     )
+    if _debug_checks:
+        check_rows(num_accepted, op)
+    return tokens, num_accepted
+
+
+def _acceptance_outputs(draft_token_ids: torch.Tensor, rows: torch.Tensor):
+    """The fake outputs of an acceptance op: ``(tokens, num_accepted)`` of its ``[B, n]`` drafts."""
+    torch._check(draft_token_ids.dim() == 2, lambda: "draft_token_ids must be 2-D [B, n]")
+    torch._check(rows.dim() == 3, lambda: "the probability/logit rows must be 3-D [B, n+1, V]")
+    batch, n = draft_token_ids.shape
+    tokens = rows.new_empty((batch, n + 1), dtype=torch.int32)
+    num_accepted = rows.new_empty((batch,), dtype=torch.int32)
+    return tokens, num_accepted
+
+
+@fake("speculative_sample")
+def _speculative_sample_fake(draft_token_ids, draft_probs, target_probs, num_draft_tokens, seed, offset):
+    one_device("speculative_sample", draft_token_ids, draft_probs, target_probs, num_draft_tokens)
+    return _acceptance_outputs(draft_token_ids, target_probs)
 
 
 def greedy_verify(
@@ -173,4 +177,18 @@ def greedy_verify(
     Returns:
         ``(tokens, num_accepted)``: int32 ``[B, n+1]`` with -1 padding, and int32 ``[B]``.
     """
-    return _greedy_verify(torch.ops.fastar.greedy_verify, draft_token_ids, target_logits, num_draft_tokens)
+    op = "fastar.greedy_verify"
+    _check_devices(op, "target_logits", target_logits, draft_token_ids=draft_token_ids,
+                   num_draft_tokens=num_draft_tokens)
+    if _debug_checks:
+        _validate_values(op, draft_token_ids, target_logits, num_draft_tokens, False)
+    tokens, num_accepted = _common.ops().greedy_verify(draft_token_ids, target_logits, num_draft_tokens)
+    if _debug_checks:
+        check_rows(num_accepted, op)
+    return tokens, num_accepted
+
+
+@fake("greedy_verify")
+def _greedy_verify_fake(draft_token_ids, target_logits, num_draft_tokens=None):
+    one_device("greedy_verify", draft_token_ids, target_logits, num_draft_tokens)
+    return _acceptance_outputs(draft_token_ids, target_logits)

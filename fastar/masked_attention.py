@@ -21,30 +21,36 @@ from typing import Optional, Tuple, Union
 
 import torch
 
+from . import _common
 from ._common import (
     FLOAT_DTYPES,
     INT32_MAX,
+    attention_lse,
     check,
+    fake,
     four_d,
     head_dim,
     index_tensor,
     integral,
     narrow_int32,
     no_grad,
+    one_device,
     overlaps_itself,
     same_device,
     softmax_scale,
 )
 from .masks import BLOCK_NAMES, Dense, Mask, MaskArgs
 
+__all__ = ["attention", "attention_with_kvcache", "patch_sdpa", "scaled_dot_product_attention"]
+
 _KV_OP = "fastar.attention_with_kvcache"
 
 
-def _run(op, q, k, v, args: MaskArgs, scale: float, kv_lens=None, block_table=None, out=None):
+def _run(q, k, v, args: MaskArgs, scale: float, kv_lens=None, block_table=None, out=None):
     """The attention op on [B, H, L, D] views, written into ``out`` (a new tensor when None): (out, lse)."""
     if out is None:
         out = q.new_empty(q.shape)
-    lse = op(
+    lse = _common.ops().attention(
         q, k, v, out, scale, kv_lens=kv_lens, block_table=block_table, causal=args.causal,
         bottom_right=args.bottom_right, window_left=args.window_left if args.window else -1,
         window_sinks=args.window_sinks, block_relation=BLOCK_NAMES[args.block_relation],
@@ -59,17 +65,6 @@ def _check_layout(q, k, v, out):
     head_dim("fastar.attention", q.shape[-1])
     same_device("fastar.attention", q.device, k=k, v=v, out=out)
     no_grad("fastar.attention", q=q, k=k, v=v)
-
-
-def _attention(op, q, k, v, mask, scale, return_lse, out):
-    _check_layout(q, k, v, out if isinstance(out, torch.Tensor) else None)
-    B, _, Lq, D = q.shape
-    args = MaskArgs.none() if mask is None else _lower(mask, B, Lq, k.shape[2], q.device)
-    if out is not None and not isinstance(out, torch.Tensor):
-        raise TypeError(f"fastar.attention: out must be a tensor, got {type(out).__name__}")
-    # The op checks out (q's shape, dtype and device, no memory shared with an input) and writes it in place.
-    result, lse = _run(op, q, k, v, args, softmax_scale(scale, D), out=out)
-    return (result, lse) if return_lse else result
 
 
 def _lower(mask, B, Lq, Lk, device, kv_lens=None) -> MaskArgs:
@@ -108,7 +103,20 @@ def attention(
     Returns:
         ``out`` ``[B, Hq, Lq, D]`` in q's dtype, or ``(out, lse)``.
     """
-    return _attention(torch.ops.fastar.attention, q, k, v, mask, scale, return_lse, out)
+    _check_layout(q, k, v, out if isinstance(out, torch.Tensor) else None)
+    B, _, Lq, D = q.shape
+    args = MaskArgs.none() if mask is None else _lower(mask, B, Lq, k.shape[2], q.device)
+    if out is not None and not isinstance(out, torch.Tensor):
+        raise TypeError(f"fastar.attention: out must be a tensor, got {type(out).__name__}")
+    # The op checks out (q's shape, dtype and device, no memory shared with an input) and writes it in place.
+    result, lse = _run(q, k, v, args, softmax_scale(scale, D), out=out)
+    return (result, lse) if return_lse else result
+
+
+@fake("attention")
+def _attention_fake(q, k, v, out, scale, **mask):
+    one_device("attention", q, k, v, out, *mask.values())
+    return attention_lse(q, out)
 
 
 def _kvcache_append(cache: torch.Tensor, new: torch.Tensor, positions: torch.Tensor, block_table):
@@ -123,7 +131,47 @@ def _kvcache_append(cache: torch.Tensor, new: torch.Tensor, positions: torch.Ten
         cache[pages, positions % page_size] = new.to(cache.dtype)
 
 
-def _attention_with_kvcache(op, q, k_cache, v_cache, cache_seqlens, k_new, v_new, block_table, mask, scale, return_lse):
+def attention_with_kvcache(
+    q: torch.Tensor,
+    k_cache: torch.Tensor,
+    v_cache: torch.Tensor,
+    *,
+    cache_seqlens: Union[torch.Tensor, int],
+    k_new: Optional[torch.Tensor] = None,
+    v_new: Optional[torch.Tensor] = None,
+    block_table: Optional[torch.Tensor] = None,
+    mask: Optional[Mask] = None,
+    scale: Optional[float] = None,
+    return_lse: bool = False,
+):
+    """Decode / verify against a KV cache, FlashAttention style (``flash_attn_with_kvcache``).
+
+    Args:
+        q: ``[B, Lq, Hq, D]`` the new tokens' queries.
+        k_cache, v_cache: ``[B, S_max, Hkv, D]`` contiguous caches, or with ``block_table`` paged caches
+            ``[num_pages, page_size, Hkv, D]`` (any page size). With ``k_new`` no two elements of a cache
+            may share memory (an expanded view is refused).
+        cache_seqlens: integer ``[B]`` (any integer dtype; or an int): tokens already in each sequence's
+            cache, in ``[0, capacity - Lq_new]``.
+        k_new, v_new: optional ``[B, Lq_new, Hkv, D]``, written into the cache in place at
+            ``cache_seqlens`` before attending (so the new tokens see themselves).
+        block_table: integer ``[B, max_pages]``: page ``block_table[b, s // page_size]`` holds position ``s``;
+            entries in ``[0, num_pages)``.
+        mask: applied to the queries (the last ``Lq`` positions of each sequence): e.g. ``Causal()`` for a
+            chain of drafts, ``Tree(parents)`` for tree verification, ``BlockCausal`` for block diffusion.
+            None = every cached key visible.
+        scale, return_lse: as in :func:`attention`.
+
+    Returns:
+        ``[B, Lq, Hq, D]`` (and the LSE ``[B, Hq, Lq]``). Sequence ``b`` attends to its first
+        ``cache_seqlens[b] (+ Lq_new)`` keys.
+
+    CPU tensors ``cache_seqlens`` and ``block_table`` are range-checked (ValueError / IndexError) before
+    anything is written. On a CUDA device they are not read on the host (no sync): a length outside its range
+    is clamped into it (so an append stays inside that sequence's slots) and a page outside
+    ``[0, num_pages)`` reads as no keys (an append into it fails as a device-side index error); values never
+    wrap around when narrowed to int32.
+    """
     four_d(_KV_OP, "[B, L, H, D]", q=q, k_cache=k_cache, v_cache=v_cache)
     B, Lq, _, D = q.shape
     head_dim(_KV_OP, D)
@@ -185,55 +233,8 @@ def _attention_with_kvcache(op, q, k_cache, v_cache, cache_seqlens, k_new, v_new
     args = MaskArgs.none() if mask is None else _lower(mask, B, Lq, capacity, q.device, kv_lens)
     bt = None if block_table is None else block_table.to(torch.int32)
     result = q.new_empty(q.shape)
-    _, lse = _run(op, q_view, k_view, v_view, args, softmax_scale(scale, D), kv_lens, bt, out=result.transpose(1, 2))
+    _, lse = _run(q_view, k_view, v_view, args, softmax_scale(scale, D), kv_lens, bt, out=result.transpose(1, 2))
     return (result, lse) if return_lse else result
-
-
-def attention_with_kvcache(
-    q: torch.Tensor,
-    k_cache: torch.Tensor,
-    v_cache: torch.Tensor,
-    *,
-    cache_seqlens: Union[torch.Tensor, int],
-    k_new: Optional[torch.Tensor] = None,
-    v_new: Optional[torch.Tensor] = None,
-    block_table: Optional[torch.Tensor] = None,
-    mask: Optional[Mask] = None,
-    scale: Optional[float] = None,
-    return_lse: bool = False,
-):
-    """Decode / verify against a KV cache, FlashAttention style (``flash_attn_with_kvcache``).
-
-    Args:
-        q: ``[B, Lq, Hq, D]`` the new tokens' queries.
-        k_cache, v_cache: ``[B, S_max, Hkv, D]`` contiguous caches, or with ``block_table`` paged caches
-            ``[num_pages, page_size, Hkv, D]`` (any page size). With ``k_new`` no two elements of a cache
-            may share memory (an expanded view is refused).
-        cache_seqlens: integer ``[B]`` (any integer dtype; or an int): tokens already in each sequence's
-            cache, in ``[0, capacity - Lq_new]``.
-        k_new, v_new: optional ``[B, Lq_new, Hkv, D]``, written into the cache in place at
-            ``cache_seqlens`` before attending (so the new tokens see themselves).
-        block_table: integer ``[B, max_pages]``: page ``block_table[b, s // page_size]`` holds position ``s``;
-            entries in ``[0, num_pages)``.
-        mask: applied to the queries (the last ``Lq`` positions of each sequence): e.g. ``Causal()`` for a
-            chain of drafts, ``Tree(parents)`` for tree verification, ``BlockCausal`` for block diffusion.
-            None = every cached key visible.
-        scale, return_lse: as in :func:`attention`.
-
-    Returns:
-        ``[B, Lq, Hq, D]`` (and the LSE ``[B, Hq, Lq]``). Sequence ``b`` attends to its first
-        ``cache_seqlens[b] (+ Lq_new)`` keys.
-
-    CPU tensors ``cache_seqlens`` and ``block_table`` are range-checked (ValueError / IndexError) before
-    anything is written. On a CUDA device they are not read on the host (no sync): a length outside its range
-    is clamped into it (so an append stays inside that sequence's slots) and a page outside
-    ``[0, num_pages)`` reads as no keys (an append into it fails as a device-side index error); values never
-    wrap around when narrowed to int32.
-    """
-    return _attention_with_kvcache(
-        torch.ops.fastar.attention, q, k_cache, v_cache, cache_seqlens, k_new, v_new, block_table, mask, scale,
-        return_lse,
-    )
 
 
 _warned = set()
@@ -350,10 +351,6 @@ def scaled_dot_product_attention(
     shape) it calls PyTorch's op instead (correct gradients, never a wrong answer) and says so once
     through ``warnings``.
     """
-    return _sdpa(torch.ops.fastar.attention, query, key, value, attn_mask, dropout_p, is_causal, scale, enable_gqa)
-
-
-def _sdpa(op, query, key, value, attn_mask, dropout_p, is_causal, scale, enable_gqa):
     reason = _fallback_reason(query, key, value, attn_mask, dropout_p, is_causal, enable_gqa)
     if reason is not None:
         return _fallback(
@@ -361,7 +358,7 @@ def _sdpa(op, query, key, value, attn_mask, dropout_p, is_causal, scale, enable_
             enable_gqa=enable_gqa,
         )
     args = _sdpa_mask_args(query, key, attn_mask, is_causal)
-    out, _ = _run(op, query, key, value, args, softmax_scale(scale, query.shape[-1]))
+    out, _ = _run(query, key, value, args, softmax_scale(scale, query.shape[-1]))
     return out
 
 

@@ -14,8 +14,11 @@ from typing import Optional
 
 import torch
 
-from ._common import as_int, philox_args
+from . import _common
+from ._common import as_int, fake, philox_args
 from .acceptance import debug_checks_enabled
+
+__all__ = ["check_tokens", "sample_cfg"]
 
 _OP = "fastar.sample_cfg"
 
@@ -35,26 +38,6 @@ def check_tokens(tokens: torch.Tensor, op: str = _OP) -> None:
 def _check_number(name: str, value) -> None:
     if not isinstance(value, (int, float)) or isinstance(value, bool):
         raise TypeError(f"{_OP}: {name} must be a number, got {type(value).__name__}")
-
-
-def _sample_cfg(op, logits, cfg, schedule, scale_index, num_scales, top_k, top_p, temperature, seed, offset):
-    _check_number("cfg", cfg)
-    _check_number("top_p", top_p)
-    _check_number("temperature", temperature)
-    # Integral scalars (Python or numpy integers) as Python ints; their ranges are checked by the op.
-    top_k = as_int(top_k, f"{_OP}: top_k")
-    if scale_index is not None:
-        scale_index = as_int(scale_index, f"{_OP}: scale_index")
-    if num_scales is not None:
-        num_scales = as_int(num_scales, f"{_OP}: num_scales")
-    if not isinstance(schedule, str):
-        raise TypeError(f"{_OP}: schedule must be 'var' or 'constant', got {type(schedule).__name__}")
-    seed_t, offset_t = philox_args(_OP, seed, offset, logits.device)
-    tokens = op(logits, float(cfg), schedule, scale_index, num_scales, top_k, float(top_p), float(temperature), seed_t,
-                offset_t)
-    if debug_checks_enabled():
-        check_tokens(tokens)
-    return tokens
 
 
 def sample_cfg(
@@ -113,5 +96,28 @@ def sample_cfg(
     and CUDA**: the softmax weights are ``exp(x - max)`` by one polynomial on every backend, turned into 40-bit
     fixed point; the top-k count, the top-p mass and the inverse CDF are exact integer sums.
     """
-    return _sample_cfg(torch.ops.fastar.sample_cfg, logits, cfg, schedule, scale_index, num_scales, top_k, top_p,
-                       temperature, seed, offset)
+    _check_number("cfg", cfg)
+    _check_number("top_p", top_p)
+    _check_number("temperature", temperature)
+    # Integral scalars (Python or numpy integers) as Python ints; their ranges are checked by the op.
+    top_k = as_int(top_k, f"{_OP}: top_k")
+    if scale_index is not None:
+        scale_index = as_int(scale_index, f"{_OP}: scale_index")
+    if num_scales is not None:
+        num_scales = as_int(num_scales, f"{_OP}: num_scales")
+    if not isinstance(schedule, str):
+        raise TypeError(f"{_OP}: schedule must be 'var' or 'constant', got {type(schedule).__name__}")
+    seed_t, offset_t = philox_args(_OP, seed, offset, logits.device)
+    tokens = _common.ops().sample_cfg(
+        logits, float(cfg), schedule, scale_index, num_scales, top_k, float(top_p), float(temperature), seed_t, offset_t
+    )
+    if debug_checks_enabled():
+        check_tokens(tokens)
+    return tokens
+
+
+@fake("sample_cfg")
+def _sample_cfg_fake(logits, cfg, schedule, scale_index, num_scales, top_k, top_p, temperature, seed, offset):
+    torch._check(logits.dim() in (2, 3), lambda: "logits must be [2B, V] or [2B, L, V]")
+    torch._check(logits.shape[0] % 2 == 0, lambda: "the first dimension of logits must be even")
+    return logits.new_empty((logits.shape[0] // 2, *logits.shape[1:-1]), dtype=torch.int64)

@@ -12,17 +12,23 @@ from typing import Dict, List, Optional, Sequence, Tuple, Union
 import torch
 import torch.nn.functional as F
 
+from . import _common
 from ._common import (
     FLOAT_DTYPES,
     Device,
     as_int,
+    attention_lse,
     check_relation,
+    fake,
     four_d,
     head_dim,
     no_grad,
+    one_device,
     q_scale_arg,
     softmax_scale,
 )
+
+__all__ = ["ScaleLayout", "scale_attention"]
 
 # Classes of tile_map's blocks (TileClass of csrc/core/attention.h); 1 is a partly visible block.
 TILE_HIDDEN, TILE_FULL = 0, 2
@@ -303,27 +309,6 @@ def _compile_tables(layout: ScaleLayout, device: torch.device):
     return layout.token_info(device), layout.scale_hw(device), counts, maps
 
 
-def _scale_attention(op, q, k, v, layout, scale, qk_norm, q_scale, return_lse):
-    _check_inputs(q, k, v, layout, q_scale)
-    q_scale = q_scale_arg("fastar.scale_attention", q, q_scale, qk_norm)
-    Lq, D = q.shape[2], q.shape[3]
-    q_offset = layout.num_tokens - Lq
-    scale = softmax_scale(scale, D, qk_norm)
-    out = q.new_empty(q.shape)
-    if layout._sees_every_key(q_offset):
-        # A cached step (the last scale over the whole cache): attention with no mask and no tables.
-        lse = op(q, k, v, out, float(scale), qk_norm=bool(qk_norm), q_scale=q_scale)
-    else:
-        info, hw, tiles = _op_tables(layout, Lq, q.device)
-        lse = op(
-            q, k, v, out, float(scale), token_info=info, scale_hw=hw, tile_map=tiles, relation=layout.relation,
-            local_window=-1 if layout.local_window is None else layout.local_window,
-            full_scales=layout.full_scales, qk_norm=bool(qk_norm), q_scale=q_scale, tile_q=_OP_TILE,
-            tile_k=_OP_TILE,
-        )
-    return (out, lse) if return_lse else out
-
-
 def scale_attention(
     q: torch.Tensor,
     k: torch.Tensor,
@@ -356,4 +341,27 @@ def scale_attention(
     Returns:
         ``out`` ``[B, Hq, Lq, D]`` in q's dtype (softmax and accumulation in float32), or ``(out, lse)``.
     """
-    return _scale_attention(torch.ops.fastar.scale_attention, q, k, v, layout, scale, qk_norm, q_scale, return_lse)
+    _check_inputs(q, k, v, layout, q_scale)
+    q_scale = q_scale_arg("fastar.scale_attention", q, q_scale, qk_norm)
+    Lq, D = q.shape[2], q.shape[3]
+    q_offset = layout.num_tokens - Lq
+    scale = softmax_scale(scale, D, qk_norm)
+    out = q.new_empty(q.shape)
+    if layout._sees_every_key(q_offset):
+        # A cached step (the last scale over the whole cache): attention with no mask and no tables.
+        lse = _common.ops().scale_attention(q, k, v, out, float(scale), qk_norm=bool(qk_norm), q_scale=q_scale)
+    else:
+        info, hw, tiles = _op_tables(layout, Lq, q.device)
+        lse = _common.ops().scale_attention(
+            q, k, v, out, float(scale), token_info=info, scale_hw=hw, tile_map=tiles, relation=layout.relation,
+            local_window=-1 if layout.local_window is None else layout.local_window,
+            full_scales=layout.full_scales, qk_norm=bool(qk_norm), q_scale=q_scale, tile_q=_OP_TILE,
+            tile_k=_OP_TILE,
+        )
+    return (out, lse) if return_lse else out
+
+
+@fake("scale_attention")
+def _scale_attention_fake(q, k, v, out, scale, **layout):
+    one_device("scale_attention", q, k, v, out, *layout.values())
+    return attention_lse(q, out)

@@ -31,7 +31,10 @@ from typing import List, Optional
 import torch
 import torch.nn.functional as F
 
+from . import _common
 from ._common import FLOAT_DTYPES, as_int, no_grad, q_scale_arg, softmax_scale
+
+__all__ = ["ScaleKVCache"]
 
 # Keys per batch row converted to float64 at once while scoring: bounds compress's scratch memory.
 _SCORE_CHUNK_ELEMENTS = 1 << 22
@@ -92,8 +95,6 @@ class ScaleKVCache:
         self._scales = 0
         # compress moved keys since the last append: the current scale's tokens are no longer the last h*w.
         self._compressed = False
-        # The op namespace attend runs: the tests point it at the SIMT build (torch.ops.fastar_simt).
-        self._ops = torch.ops.fastar
 
     @property
     def length(self) -> int:
@@ -186,8 +187,8 @@ class ScaleKVCache:
         q_scale = q_scale_arg("fastar.ScaleKVCache.attend", q, q_scale, qk_norm)
         # Every cached key is visible: no relation, window or full scales, so no mask tables.
         out = q.new_empty(q.shape)
-        self._ops.scale_attention(q, self.keys, self.values, out, softmax_scale(scale, q.shape[-1], qk_norm),
-                                  qk_norm=bool(qk_norm), q_scale=q_scale)
+        _common.ops().scale_attention(q, self.keys, self.values, out, softmax_scale(scale, q.shape[-1], qk_norm),
+                                      qk_norm=bool(qk_norm), q_scale=q_scale)
         return out
 
     def compress(self, q: torch.Tensor, budget: int, *, window: int = 16, pool: int = 5, qk_norm: bool = False,

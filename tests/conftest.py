@@ -11,13 +11,14 @@ the backend's device, and results come back on the CPU.
 from __future__ import annotations
 
 import contextlib
+import functools
 import os
 
 import pytest
 import torch
 
 import fastar
-from fastar import _simt, acceptance, masked_attention, sampling
+from fastar import _common, _simt, acceptance
 
 REQUIRE_CUDA_BUILD = os.environ.get("FASTAR_REQUIRE_CUDA_BUILD") == "1"
 
@@ -63,6 +64,10 @@ def _cuda_unavailable_reason():
 
 
 class Backend:
+    """Calls fastar's public functions on one backend: ``backend.<name>(...)`` is ``fastar.<name>(...)`` with its
+    tensor arguments moved to the backend's device, run on the backend's ops, and its tensor results brought back
+    to the CPU. Methods of their own only where a backend behaves otherwise."""
+
     def __init__(self, name: str):
         self.name = name
         self.device = torch.device("cuda" if name == "cuda" else "cpu")
@@ -74,80 +79,71 @@ class Backend:
         return f"Backend({self.name})"
 
     def to(self, t):
-        return None if t is None else t.to(self.device) if isinstance(t, torch.Tensor) else t
+        """``t`` on the backend's device: a tensor, or the tensors inside a tuple or list; anything else as it is."""
+        if isinstance(t, torch.Tensor):
+            return t.to(self.device)
+        if type(t) in (tuple, list):
+            return type(t)(self.to(x) for x in t)
+        return t
 
-    def speculative_sample(self, draft_token_ids, draft_probs, target_probs, *, num_draft_tokens=None, seed=None,
-                           offset=0):
-        tokens, num_accepted = acceptance._speculative_sample(
-            self.ops.speculative_sample,
-            self.to(draft_token_ids),
-            self.to(draft_probs),
-            self.to(target_probs),
-            self.to(num_draft_tokens),
-            self.to(seed),
-            self.to(offset),
-        )
-        return tokens.cpu(), num_accepted.cpu()
+    def using_ops(self):
+        """Within the block fastar's public functions run the backend's ops (on tensors the caller placed)."""
+        return _common.using_ops(self.ops)
 
-    def greedy_verify(self, draft_token_ids, target_logits, *, num_draft_tokens=None):
-        tokens, num_accepted = acceptance._greedy_verify(
-            self.ops.greedy_verify, self.to(draft_token_ids), self.to(target_logits), self.to(num_draft_tokens)
-        )
-        return tokens.cpu(), num_accepted.cpu()
+    def __getattr__(self, name):
+        if name.startswith("_") or name not in fastar.__all__:
+            raise AttributeError(f"{type(self).__name__} has no attribute {name!r} (not a public fastar function)")
+        return functools.partial(self._call, name)
 
-    def attention(self, q, k, v, *, mask=None, scale=None, return_lse=False):
-        result = masked_attention._attention(
-            self.ops.attention, self.to(q), self.to(k), self.to(v), mask, scale, return_lse, None
-        )
-        return tuple(t.cpu() for t in result) if return_lse else result.cpu()
+    def _call(self, name, *args, **kwargs):
+        with self.using_ops():
+            result = getattr(fastar, name)(*self.to(args), **{key: self.to(value) for key, value in kwargs.items()})
+        return _cpu(result)
 
-    def attention_with_kvcache(self, q, k_cache, v_cache, *, cache_seqlens, k_new=None, v_new=None, block_table=None,
-                               mask=None, scale=None, return_lse=False):
+    def attention_with_kvcache(self, q, k_cache, v_cache, **kwargs):
         """Runs on copies of the caches moved to the device; returns (result, k_cache, v_cache) on the CPU."""
         k_dev, v_dev = self.to(k_cache).clone(), self.to(v_cache).clone()
-        result = masked_attention._attention_with_kvcache(
-            self.ops.attention, self.to(q), k_dev, v_dev, self.to(cache_seqlens), self.to(k_new), self.to(v_new),
-            self.to(block_table), mask, scale, return_lse,
-        )
-        result = tuple(t.cpu() for t in result) if return_lse else result.cpu()
-        return result, k_dev.cpu(), v_dev.cpu()
-
-    def scaled_dot_product_attention(self, query, key, value, attn_mask=None, dropout_p=0.0, is_causal=False,
-                                     scale=None, enable_gqa=False):
-        return masked_attention._sdpa(
-            self.ops.attention, self.to(query), self.to(key), self.to(value), self.to(attn_mask), dropout_p, is_causal,
-            scale, enable_gqa,
-        ).cpu()
+        return self._call("attention_with_kvcache", q, k_dev, v_dev, **kwargs), k_dev.cpu(), v_dev.cpu()
 
     def scale_kvcache(self, batch, heads, head_dim, layout, dtype):
-        """A fastar.ScaleKVCache on the backend's device whose attend runs the backend's kernel; give it
-        tensors through ``to`` and bring its results back with ``.cpu()``. Its buffers start as NaN, so a
-        read of a slot never written shows in the results."""
+        """A fastar.ScaleKVCache on the backend's device whose methods run the backend's ops; give it tensors
+        through ``to`` and bring its results back with ``.cpu()``. Its buffers start as NaN, so a read of a slot
+        never written shows in the results."""
         cache = fastar.ScaleKVCache(batch, heads, head_dim, layout, dtype, self.device)
-        cache._ops = self.ops
         cache._k.fill_(float("nan"))
         cache._v.fill_(float("nan"))
-        return cache
-
-    def scale_attention(self, q, k, v, layout, *, scale=None, qk_norm=False, q_scale=None, return_lse=False):
-        result = fastar.scale._scale_attention(
-            self.ops.scale_attention, self.to(q), self.to(k), self.to(v), layout, scale, qk_norm, self.to(q_scale),
-            return_lse,
-        )
-        return tuple(t.cpu() for t in result) if return_lse else result.cpu()
-
-    def sample_cfg(self, logits, *, cfg, schedule="var", scale_index=None, num_scales=None, top_k=0, top_p=1.0,
-                   temperature=1.0, seed=None, offset=0):
-        return sampling._sample_cfg(
-            self.ops.sample_cfg, self.to(logits), cfg, schedule, scale_index, num_scales, top_k, top_p, temperature,
-            self.to(seed), self.to(offset),
-        ).cpu()
+        return _OnBackend(cache, self)
 
     def checked(self, fn, *args, **kwargs):
         """Call an acceptance op and raise for invalid rows on every backend (CPU raises by itself)."""
         tokens, num_accepted = fn(*args, **kwargs)
         acceptance.check_rows(num_accepted, "fastar")
         return tokens, num_accepted
+
+
+def _cpu(result):
+    """A result with its tensors (alone or in a tuple) brought back to the CPU."""
+    if isinstance(result, tuple):
+        return tuple(_cpu(x) for x in result)
+    return result.cpu() if isinstance(result, torch.Tensor) else result
+
+
+class _OnBackend:
+    """An object whose method calls run the backend's ops; its other attributes read through."""
+
+    def __init__(self, obj, backend: Backend):
+        self._obj, self._backend = obj, backend
+
+    def __getattr__(self, name):
+        value = getattr(self._obj, name)
+        if not callable(value):
+            return value
+
+        def call(*args, **kwargs):
+            with self._backend.using_ops():
+                return value(*args, **kwargs)
+
+        return call
 
 
 @pytest.fixture(params=["cpu", "simt", "cuda"])

@@ -1015,20 +1015,20 @@ def test_return_lse_and_out(backend):
     q, k, v = make((2, 4, 6, 64), torch.float16, gen), make((2, 2, 20, 64), torch.float16, gen), \
         make((2, 2, 20, 64), torch.float16, gen)
     q, k, v = backend.to(q), backend.to(k), backend.to(v)
-    op = backend.ops.attention
-    plain = masked_attention._attention(op, q, k, v, Causal(), None, False, None)
-    assert isinstance(plain, torch.Tensor)
-    pair = masked_attention._attention(op, q, k, v, Causal(), None, True, None)
-    assert isinstance(pair, tuple) and len(pair) == 2
-    out, lse = pair
-    assert torch.equal(out, plain)
-    assert lse.dtype == torch.float32 and lse.shape == (2, 4, 6)
-    # out=: written in place (also a non-contiguous view) and returned as is.
-    buffer = torch.full((2, 6, 4, 64), float("nan"), dtype=torch.float16, device=q.device)
-    target = buffer.transpose(1, 2)
-    result = masked_attention._attention(op, q, k, v, Causal(), None, False, target)
-    assert result is target and torch.equal(target, plain)
-    result, lse2 = masked_attention._attention(op, q, k, v, Causal(), None, True, buffer.transpose(1, 2).zero_())
+    with backend.using_ops():
+        plain = fastar.attention(q, k, v, mask=Causal())
+        assert isinstance(plain, torch.Tensor)
+        pair = fastar.attention(q, k, v, mask=Causal(), return_lse=True)
+        assert isinstance(pair, tuple) and len(pair) == 2
+        out, lse = pair
+        assert torch.equal(out, plain)
+        assert lse.dtype == torch.float32 and lse.shape == (2, 4, 6)
+        # out=: written in place (also a non-contiguous view) and returned as is.
+        buffer = torch.full((2, 6, 4, 64), float("nan"), dtype=torch.float16, device=q.device)
+        target = buffer.transpose(1, 2)
+        result = fastar.attention(q, k, v, mask=Causal(), out=target)
+        assert result is target and torch.equal(target, plain)
+        result, lse2 = fastar.attention(q, k, v, mask=Causal(), return_lse=True, out=buffer.transpose(1, 2).zero_())
     assert result.data_ptr() == buffer.data_ptr() and torch.equal(result, plain) and torch.equal(lse2, lse)
     check_attention(plain.cpu(), lse.cpu(), q.cpu(), k.cpu(), v.cpu(),
                     torch.ones(6, 20, dtype=torch.bool).tril(14))
@@ -1041,11 +1041,11 @@ def test_out_poisoned_planned_and_grouped(backend):
     gen = torch.Generator().manual_seed(11)
     q, k, v = (make(shape, torch.float32, gen) for shape in ((2, 3, 70, 64), (2, 3, 90, 64), (2, 3, 90, 64)))
     q, k, v = backend.to(q), backend.to(k), backend.to(v)
-    op = backend.ops.attention
     for mask, dense in ((Causal(), torch.ones(70, 90, dtype=torch.bool).tril(20)),
                         (Window(37, sinks=3), Window(37, sinks=3).materialize(70, 90))):
         out = torch.full((2, 3, 70, 64), float("nan"), device=q.device)
-        result, lse = masked_attention._attention(op, q, k, v, mask, None, True, out)
+        with backend.using_ops():
+            result, lse = fastar.attention(q, k, v, mask=mask, return_lse=True, out=out)
         assert result is out and not out.isnan().any()
         check_attention(out.cpu(), lse.cpu(), q.cpu(), k.cpu(), v.cpu(), dense.cpu(), what=type(mask).__name__)
 
@@ -1067,9 +1067,10 @@ def test_out_is_written_in_place(backend):
     for shape, view in (((2, 4, 9, 64), lambda t: t), ((2, 9, 4, 64), lambda t: t.transpose(1, 2))):
         buffer = torch.full(shape, float("nan"), dtype=torch.float16, device=backend.device)
         out = view(buffer)
-        (result, lse), copies = _run_counting_copies(
-            functools.partial(masked_attention._attention, backend.ops.attention, dq, dk, dv, mask, None, True, out)
-        )
+        with backend.using_ops():
+            (result, lse), copies = _run_counting_copies(
+                functools.partial(fastar.attention, dq, dk, dv, mask=mask, return_lse=True, out=out)
+            )
         assert result is out and out.data_ptr() == buffer.data_ptr()
         assert copies == 0, f"out {tuple(out.stride())}: {copies} copies"
         check_attention(out.cpu(), lse.cpu(), q, k, v, mask.materialize(9, 30), what=f"out {tuple(out.stride())}")
@@ -1082,11 +1083,11 @@ def test_out_with_a_non_unit_last_stride(backend):
     q, k, v = (make(shape, torch.float32, gen) for shape in ((2, 4, 9, 32), (2, 2, 30, 32), (2, 2, 30, 32)))
     buffer = torch.full((2, 4, 9, 32, 2), float("nan"), device=backend.device)
     out = buffer[..., 1]
-    (result, lse), copies = _run_counting_copies(
-        lambda: masked_attention._attention(
-            backend.ops.attention, backend.to(q), backend.to(k), backend.to(v), Causal(), None, True, out
+    dq, dk, dv = backend.to(q), backend.to(k), backend.to(v)
+    with backend.using_ops():
+        (result, lse), copies = _run_counting_copies(
+            functools.partial(fastar.attention, dq, dk, dv, mask=Causal(), return_lse=True, out=out)
         )
-    )
     assert result is out and copies == 1
     assert buffer[..., 0].isnan().all()
     check_attention(out.cpu(), lse.cpu(), q, k, v, Causal().materialize(9, 30))
@@ -1102,22 +1103,22 @@ def test_out_sharing_memory_with_an_input(backend):
     flat = backend.to(torch.randn(2 * n + 32, generator=gen))
     q, k = flat[:n].view(shape), flat[n : 2 * n].view(shape)
     v = backend.to(torch.randn(shape, generator=gen))
-    op = backend.ops.attention
     # The same views, then dense views whose bytes meet those of q (and k), and of k.
     for name, out in (("q", q), ("k", k), ("v", v), ("q", flat[32 : n + 32].view(shape)),
                       ("k", flat[n + 8 : 2 * n + 8].view(shape))):
         with pytest.raises(ValueError, match=f"out shares memory with {name}"):
-            masked_attention._attention(op, q, k, v, None, None, False, out)
+            backend.attention(q, k, v, out=out)
     with pytest.raises(ValueError, match="out has elements that share memory"):
-        masked_attention._attention(op, q, k, v, None, None, False, torch.empty_like(q[:1]).expand(shape))
+        backend.attention(q, k, v, out=torch.empty_like(q[:1]).expand(shape))
     with pytest.raises(TypeError, match="dtype"):
-        masked_attention._attention(op, q, k, v, None, None, False, torch.empty_like(q, dtype=torch.float16))
+        backend.attention(q, k, v, out=torch.empty_like(q, dtype=torch.float16))
 
     # q and out: interleaved halves of one buffer's rows; out overwrites q's columns only after the kernel.
     wide = backend.to(torch.randn(2, 2, 8, 64, generator=gen))
     q_half, out = wide[..., :32], wide[..., 32:]
     q_before = q_half.cpu().clone()
-    result, lse = masked_attention._attention(op, q_half, k, v, Causal(), None, True, out)
+    with backend.using_ops():
+        result, lse = fastar.attention(q_half, k, v, mask=Causal(), return_lse=True, out=out)
     assert result is out and torch.equal(q_half.cpu(), q_before)
     check_attention(out.cpu(), lse.cpu(), q_before, k.cpu(), v.cpu(), Causal().materialize(8, 8))
 

@@ -41,31 +41,27 @@ def acceptance_inputs(B=2, n=3, V=10, seed=0):
 
 def test_meta_tensor_among_real_ones_is_refused(backend):
     q, k, v = (backend.to(t) for t in qkv())
-    with pytest.raises(ValueError, match="k is on meta"):
-        masked_attention._attention(backend.ops.attention, q, k.to(META), v, None, None, False, None)
-    with pytest.raises(ValueError, match="v is on meta"):
-        masked_attention._attention(backend.ops.attention, q, k, v.to(META), Causal(), None, False, None)
-    cache = backend.to(torch.randn(1, 8, 2, 16))
-    qc = backend.to(torch.randn(1, 2, 2, 16))
-    with pytest.raises(ValueError, match="v_cache is on meta"):
-        masked_attention._attention_with_kvcache(backend.ops.attention, qc, cache, cache.to(META), 3, None, None, None,
-                                                 None, None, False)
-    with pytest.raises(ValueError, match="cache_seqlens is on meta"):
-        masked_attention._attention_with_kvcache(backend.ops.attention, qc, cache, cache,
-                                                 torch.tensor([3], device=META), None, None, None, None, None, False)
+    with backend.using_ops():
+        with pytest.raises(ValueError, match="k is on meta"):
+            fastar.attention(q, k.to(META), v)
+        with pytest.raises(ValueError, match="v is on meta"):
+            fastar.attention(q, k, v.to(META), mask=Causal())
+        cache = backend.to(torch.randn(1, 8, 2, 16))
+        qc = backend.to(torch.randn(1, 2, 2, 16))
+        with pytest.raises(ValueError, match="v_cache is on meta"):
+            fastar.attention_with_kvcache(qc, cache, cache.to(META), cache_seqlens=3)
+        with pytest.raises(ValueError, match="cache_seqlens is on meta"):
+            fastar.attention_with_kvcache(qc, cache, cache, cache_seqlens=torch.tensor([3], device=META))
 
-    ids, dq, p = (backend.to(t) for t in acceptance_inputs())
-    with pytest.raises(ValueError, match="on meta"):
-        fastar.acceptance._speculative_sample(backend.ops.speculative_sample, ids, dq, p.to(META), None,
-                                              torch.tensor(1), torch.tensor(0))
-    with pytest.raises(ValueError, match="draft_probs is on meta"):
-        fastar.acceptance._speculative_sample(backend.ops.speculative_sample, ids, dq.to(META), p, None,
-                                              torch.tensor(1), torch.tensor(0))
-    with pytest.raises(ValueError, match="draft_token_ids is on meta"):
-        fastar.acceptance._greedy_verify(backend.ops.greedy_verify, ids.to(META), p, None)
-    with pytest.raises(ValueError, match="seed is on meta"):
-        fastar.sampling._sample_cfg(backend.ops.sample_cfg, p[:, 0], 1.0, "constant", None, None, 0, 1.0, 1.0,
-                                    torch.tensor(1, device=META), 0)
+        ids, dq, p = (backend.to(t) for t in acceptance_inputs())
+        with pytest.raises(ValueError, match="on meta"):
+            fastar.speculative_sample(ids, dq, p.to(META), seed=torch.tensor(1), offset=torch.tensor(0))
+        with pytest.raises(ValueError, match="draft_probs is on meta"):
+            fastar.speculative_sample(ids, dq.to(META), p, seed=torch.tensor(1), offset=torch.tensor(0))
+        with pytest.raises(ValueError, match="draft_token_ids is on meta"):
+            fastar.greedy_verify(ids.to(META), p)
+        with pytest.raises(ValueError, match="seed is on meta"):
+            fastar.sample_cfg(p[:, 0], cfg=1.0, schedule="constant", seed=torch.tensor(1, device=META))
 
 
 def test_meta_tensor_among_real_ones_is_refused_by_the_op_itself(backend):
@@ -82,11 +78,11 @@ def test_meta_tensor_among_real_ones_is_refused_by_the_op_itself(backend):
 def test_all_meta_inputs_keep_working(backend):
     """Inputs all on meta (shape inference) give meta outputs of the right shapes."""
     q, k, v = (t.to(META) for t in qkv(Lq=5, Lk=9))
-    out, lse = masked_attention._attention(backend.ops.attention, q, k, v, Causal(), None, True, None)
-    assert out.device == META and out.shape == q.shape and lse.shape == q.shape[:3]
     ids, dq, p = (t.to(META) for t in acceptance_inputs())
-    tokens, accepted = fastar.acceptance._speculative_sample(backend.ops.speculative_sample, ids, dq, p, None,
-                                                             torch.tensor(1), torch.tensor(0))
+    with backend.using_ops():
+        out, lse = fastar.attention(q, k, v, mask=Causal(), return_lse=True)
+        tokens, accepted = fastar.speculative_sample(ids, dq, p, seed=torch.tensor(1), offset=torch.tensor(0))
+    assert out.device == META and out.shape == q.shape and lse.shape == q.shape[:3]
     assert tokens.device == META and tokens.shape == (2, 4) and accepted.shape == (2,)
 
 
@@ -101,15 +97,14 @@ def test_inputs_that_require_grad_are_refused(backend):
     for name, grad in (("q", (True, False, False)), ("k", (False, True, False)), ("v", (False, False, True))):
         args = [backend.to(t.clone()).requires_grad_(g) for t, g in zip((q, k, v), grad)]
         with pytest.raises(ValueError, match=f"{name} requires grad"):
-            masked_attention._attention(backend.ops.attention, *args, Causal(), None, False, None)
+            backend.attention(*args, mask=Causal())
         scale_args = [backend.to(t.clone()).requires_grad_(g) for t, g in zip((qs, ks, vs), grad)]
         with pytest.raises(ValueError, match=f"{name} requires grad"):
-            fastar.scale._scale_attention(backend.ops.scale_attention, *scale_args, layout, None, False, None, False)
+            backend.scale_attention(*scale_args, layout)
     qc = backend.to(torch.randn(1, 2, 2, 16)).requires_grad_()
     cache = backend.to(torch.randn(1, 8, 2, 16))
     with pytest.raises(ValueError, match="q requires grad"):
-        masked_attention._attention_with_kvcache(backend.ops.attention, qc, cache, cache, 3, None, None, None, None,
-                                                 None, False)
+        backend.attention_with_kvcache(qc, cache, cache, cache_seqlens=3)
     kv_cache = backend.scale_kvcache(1, 2, 16, layout, torch.float32)
     kv_cache.append(backend.to(ks[:, :, :1]), backend.to(vs[:, :, :1]))
     with pytest.raises(ValueError, match="q requires grad"):
@@ -120,8 +115,8 @@ def test_inputs_that_require_grad_are_refused(backend):
     # Under no_grad (or with detached tensors) the same inputs run and match the reference.
     with torch.no_grad():
         grads = (backend.to(t.clone()).requires_grad_() for t in (q, k, v))
-        out, lse = masked_attention._attention(backend.ops.attention, *grads, Causal(), None, True, None)
-    check_attention(out.cpu(), lse.cpu(), q, k, v, Causal().materialize(5, 9).unsqueeze(1))
+        out, lse = backend.attention(*grads, mask=Causal(), return_lse=True)
+    check_attention(out, lse, q, k, v, Causal().materialize(5, 9).unsqueeze(1))
 
 
 def test_public_ops_with_grad_inputs_compile_when_no_grad():
@@ -197,9 +192,8 @@ def test_negative_cache_seqlens_writes_nothing(backend):
     lens = torch.tensor([-1, 2])
     if backend.device.type == "cpu":
         k_dev, v_dev = k_cache.clone(), v_cache.clone()
-        with pytest.raises(ValueError, match="cache_seqlens"):
-            masked_attention._attention_with_kvcache(backend.ops.attention, q, k_dev, v_dev, lens, k_new, v_new, None,
-                                                     None, None, False)
+        with pytest.raises(ValueError, match="cache_seqlens"), backend.using_ops():
+            fastar.attention_with_kvcache(q, k_dev, v_dev, cache_seqlens=lens, k_new=k_new, v_new=v_new)
         assert torch.equal(k_dev, k_cache) and torch.equal(v_dev, v_cache), "nothing is written before the error"
     else:
         # No host read on a device: the length is clamped to 0, so the append never wraps to the last slots.
@@ -219,9 +213,9 @@ def test_expanded_cache_refuses_append_but_reads(backend):
     for k_exp, v_exp in ((k_shared, v_cache), (k_cache, v_shared), (k_cache[:, :1].expand(-1, 8, -1, -1), v_cache)):
         k_dev, v_dev = backend.to(k_exp), backend.to(v_exp)
         before = k_dev.clone(), v_dev.clone()
-        with pytest.raises(ValueError, match="share memory"):
-            masked_attention._attention_with_kvcache(backend.ops.attention, backend.to(q), k_dev, v_dev, 3,
-                                                     backend.to(k_new), backend.to(v_new), None, None, None, False)
+        with pytest.raises(ValueError, match="share memory"), backend.using_ops():
+            fastar.attention_with_kvcache(backend.to(q), k_dev, v_dev, cache_seqlens=3, k_new=backend.to(k_new),
+                                          v_new=backend.to(v_new))
         assert torch.equal(k_dev, before[0]) and torch.equal(v_dev, before[1])
     # Reading an expanded cache (no append) is fine.
     (out, lse), _, _ = backend.attention_with_kvcache(q, k_shared, v_shared, cache_seqlens=5, return_lse=True)
@@ -434,8 +428,8 @@ def test_sdpa_zero_neg_inf_float_masks(backend, monkeypatch, shape, dtype):
     mask = torch.zeros(dims, dtype=dtype).masked_fill(hidden, float("-inf"))
     lowered = []
     run = masked_attention._run
-    monkeypatch.setattr(masked_attention, "_run", lambda op, q, k, v, args, *a, **kw: lowered.append(args) or
-                        run(op, q, k, v, args, *a, **kw))
+    monkeypatch.setattr(masked_attention, "_run", lambda q, k, v, args, *a, **kw: lowered.append(args) or
+                        run(q, k, v, args, *a, **kw))
     monkeypatch.setattr(masked_attention, "_mask_kinds", type(masked_attention._mask_kinds)())
     for _ in range(2):  # the second call finds the mask's kind in the cache
         out = backend.scaled_dot_product_attention(q, k, v, attn_mask=mask)

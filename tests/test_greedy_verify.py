@@ -13,7 +13,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 import fastar
-from fastar import _simt, acceptance
+from fastar import _common, _simt
 from fastar.reference import greedy_verify_reference
 from helpers import HYPOTHESIS, assert_same
 
@@ -252,8 +252,9 @@ def test_cpu_and_simt_identical():
         for ties in (False, True):
             drafts, logits, num_draft = make_case(gen, 32, 4, 513, dtype=dtype, ragged=torch.int32, ties=ties,
                                                   infs=True)
-            cpu = acceptance._greedy_verify(torch.ops.fastar.greedy_verify, drafts, logits, num_draft)
-            simt = acceptance._greedy_verify(torch.ops.fastar_simt.greedy_verify, drafts, logits, num_draft)
+            cpu = fastar.greedy_verify(drafts, logits, num_draft_tokens=num_draft)
+            with _common.using_ops(torch.ops.fastar_simt):
+                simt = fastar.greedy_verify(drafts, logits, num_draft_tokens=num_draft)
             assert_same(simt, cpu, str(dtype))
 
 

@@ -10,13 +10,14 @@ from __future__ import annotations
 
 import copy
 import math
+from types import SimpleNamespace
 
 import pytest
 import torch
 import torch.nn.functional as F
 
 import fastar
-from fastar import ScaleLayout
+from fastar import ScaleLayout, _common
 from fastar.reference import scale_attention_reference
 from test_attention import assert_output_close, assert_same, make
 
@@ -214,10 +215,11 @@ def test_cached_inference_equals_full_pass(backend):
 
     for s, (start, end) in enumerate(zip(full_layout.starts, full_layout.ends)):
         step_layout = ScaleLayout(VAR_256[: s + 1])
-        step, step_lse = fastar.scale._scale_attention(
-            spy, backend.to(q[:, :, start:end]), backend.to(k[:, :, :end]), backend.to(v[:, :, :end]), step_layout,
-            None, False, None, True,
-        )
+        with _common.using_ops(SimpleNamespace(scale_attention=spy)):
+            step, step_lse = fastar.scale_attention(
+                backend.to(q[:, :, start:end]), backend.to(k[:, :, :end]), backend.to(v[:, :, :end]), step_layout,
+                return_lse=True,
+            )
         assert_same(step.cpu(), full[:, :, start:end], f"scale {s}")
         torch.testing.assert_close(step_lse.cpu(), full_lse[:, :, start:end], rtol=1e-5, atol=1e-5)
     assert calls and all(set(kwargs) <= {"qk_norm", "q_scale"} for kwargs in calls), calls

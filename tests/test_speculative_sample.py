@@ -26,7 +26,7 @@ from hypothesis import strategies as st
 from scipy import stats
 
 import fastar
-from fastar import _simt, acceptance
+from fastar import _common, _simt
 from fastar.reference import (
     philox4x32_10,
     speculative_output_distribution,
@@ -558,9 +558,10 @@ def test_cpu_and_simt_identical():
         for with_q in (True, False):
             drafts, q, p, num_draft = make_case(gen, 32, 4, 300, dtype=dtype, with_q=with_q, ragged=torch.int64)
             for seed, offset in [(1, 0), (2**63 + 1, 12)]:
-                args = (drafts, q, p, num_draft, seed, offset)
-                cpu = acceptance._speculative_sample(torch.ops.fastar.speculative_sample, *args)
-                simt = acceptance._speculative_sample(simt_ops.speculative_sample, *args)
+                kwargs = dict(num_draft_tokens=num_draft, seed=seed, offset=offset)
+                cpu = fastar.speculative_sample(drafts, q, p, **kwargs)
+                with _common.using_ops(simt_ops):
+                    simt = fastar.speculative_sample(drafts, q, p, **kwargs)
                 assert_same(simt, cpu, f"{dtype} with_q={with_q}")
 
 
