@@ -1,30 +1,21 @@
 """fastar: fused C++/CUDA kernels for decoding in autoregressive and diffusion generation.
 
 Every op is registered as ``torch.ops.fastar.<name>`` with CPU and (when built) CUDA kernels, a fake
-implementation for ``torch.compile``, and a plain-PyTorch reference in :mod:`fastar.reference`.
+implementation for ``torch.compile``, and a plain-PyTorch reference in :mod:`fastar.reference`. The public
+names are the ``__all__`` of each family module, :mod:`fastar.masks`, :mod:`fastar.reference` and
+:func:`build_info`.
 """
 from ._loader import load_extension
 
 _C = load_extension()
 
-from . import masks, reference  # noqa: E402
+from . import acceptance, masked_attention, masks, reference, sampling, scale, scale_kvcache  # noqa: E402
 from ._common import register_fakes  # noqa: E402
-from .acceptance import (  # noqa: E402
-    check_rows,
-    debug_checks_enabled,
-    greedy_verify,
-    set_debug_checks,
-    speculative_sample,
-)
-from .masked_attention import (  # noqa: E402
-    attention,
-    attention_with_kvcache,
-    patch_sdpa,
-    scaled_dot_product_attention,
-)
-from .sampling import check_tokens, sample_cfg  # noqa: E402
-from .scale import ScaleLayout, scale_attention  # noqa: E402
-from .scale_kvcache import ScaleKVCache  # noqa: E402
+from .acceptance import *  # noqa: E402, F403
+from .masked_attention import *  # noqa: E402, F403
+from .sampling import *  # noqa: E402, F403
+from .scale import *  # noqa: E402, F403
+from .scale_kvcache import *  # noqa: E402, F403
 
 register_fakes("fastar")
 
@@ -34,22 +25,10 @@ def build_info() -> dict:
     return _C.build_info()
 
 
-__all__ = [
-    "ScaleKVCache",
-    "ScaleLayout",
-    "attention",
-    "attention_with_kvcache",
-    "build_info",
-    "check_rows",
-    "check_tokens",
-    "debug_checks_enabled",
-    "greedy_verify",
-    "masks",
-    "patch_sdpa",
-    "reference",
-    "sample_cfg",
-    "scale_attention",
-    "scaled_dot_product_attention",
-    "set_debug_checks",
-    "speculative_sample",
-]
+# The forms of __all__ that type checkers follow.
+__all__ = ["build_info", "masks", "reference"]
+__all__ += acceptance.__all__
+__all__ += masked_attention.__all__
+__all__ += sampling.__all__
+__all__ += scale.__all__
+__all__ += scale_kvcache.__all__

@@ -12,6 +12,10 @@ from typing import Dict, List, Optional, Sequence, Tuple
 
 import torch
 
+__all__ = [
+    "greedy_verify_reference", "philox4x32_10", "speculative_output_distribution", "speculative_sample_reference"
+]
+
 _MASK32 = 0xFFFFFFFF
 _FIXED_SCALE = 2**40
 

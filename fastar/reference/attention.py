@@ -15,6 +15,8 @@ import torch
 
 from ..masks import BLOCK_CAUSAL, BLOCK_NONE, BLOCK_PREV, BLOCK_SAME, MaskArgs
 
+__all__ = ["attention_reference", "mask_from_args"]
+
 
 def mask_from_args(
     args: MaskArgs, batch: int, Lq: int, Lk: int, kv_lens: Optional[torch.Tensor] = None

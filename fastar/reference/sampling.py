@@ -7,6 +7,8 @@ from typing import Optional
 
 import torch
 
+__all__ = ["cfg_mix", "sample_cfg_reference", "var_top_k_top_p_"]
+
 
 def cfg_mix(logits: torch.Tensor, cfg: float, schedule: str = "var", scale_index: Optional[int] = None,
             num_scales: Optional[int] = None) -> torch.Tensor:

@@ -8,6 +8,8 @@ import torch
 from ..scale import ScaleLayout
 from .attention import attention_reference
 
+__all__ = ["scale_attention_reference"]
+
 
 def _l2_normalize(x: torch.Tensor, eps: float = 1e-12) -> torch.Tensor:
     """``x / max(|x|, eps)`` along the last dimension (``torch.nn.functional.normalize``), written out."""

@@ -8,6 +8,8 @@ from typing import Optional, Tuple
 
 import torch
 
+__all__ = ["scalekv_keep_reference"]
+
 
 def scalekv_keep_reference(
     q: torch.Tensor,
