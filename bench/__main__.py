@@ -3,26 +3,35 @@ write results*.json and speedup*.png under bench/results/."""
 from __future__ import annotations
 
 import argparse
+import importlib
 import os
 import re
 import time
+from pathlib import Path
 
 import torch
 
 import fastar
-from bench import (
-    bench_attention,
-    bench_greedy_verify,
-    bench_sample_cfg,
-    bench_scale_attention,
-    bench_speculative_sample,
-    common,
-)
+from bench import common
 
-OPS = [
-    bench_speculative_sample.BENCH, bench_greedy_verify.BENCH, *bench_attention.BENCHES, *bench_scale_attention.BENCHES,
-    bench_sample_cfg.BENCH,
+# The bench modules in the table's order; one not named here runs after them, in name order.
+ORDER = [
+    "bench_speculative_sample", "bench_greedy_verify", "bench_attention", "bench_scale_attention", "bench_sample_cfg",
 ]
+
+
+def bench_ops() -> list:
+    """The OpBench entries of every bench/bench_*.py (its BENCH, or its list BENCHES) in ORDER, the ops of one
+    table kept together (its rows share one header)."""
+    names = sorted((path.stem for path in Path(__file__).parent.glob("bench_*.py")),
+                   key=lambda name: (ORDER.index(name) if name in ORDER else len(ORDER), name))
+    ops = []
+    for name in names:
+        module = importlib.import_module(f"bench.{name}")
+        ops += module.BENCHES if hasattr(module, "BENCHES") else [module.BENCH]
+    return sorted(ops, key=lambda op: next(i for i, other in enumerate(ops) if other.table is op.table))
+
+
 # (max rounds, seconds per case after which rounds stop once 3 are done)
 ROUNDS = {"full": (40, 12.0), "quick": (4, 1.5)}
 
@@ -44,7 +53,7 @@ def main(argv=None) -> None:
     if args.device == "cuda" and not (torch.cuda.is_available() and fastar.build_info()["cuda"]):
         parser.error("--device cuda needs a CUDA GPU and a CUDA build of fastar")
     wanted = args.only.split(",") if args.only else []
-    selected = [(op, case) for op in OPS for case in op.cases
+    selected = [(op, case) for op in bench_ops() for case in op.cases
                 if not wanted or any(w in f"{op.name}[{case.id}]" for w in wanted)]
     if not selected:
         parser.error(f"--only {args.only}: no case matches")
