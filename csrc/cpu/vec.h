@@ -338,7 +338,7 @@ using Vec = Vec8;
 constexpr int kGemmRows = 6, kGemmVecs = 2;  // 12 of 16: both FMA pipes busy through the FMA latency
 #else
 using Vec = Vec4;
-constexpr int kGemmRows = 2, kGemmVecs = 4;  // 8 accumulators, 1 broadcast per 32 flops (SSE2 has none from memory)
+constexpr int kGemmRows = 1, kGemmVecs = 8;  // 8 accumulators, 1 broadcast (a load and a shuffle) per 64 flops
 #endif
 constexpr int kW = Vec::kSize;
 

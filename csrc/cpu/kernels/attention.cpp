@@ -431,7 +431,7 @@ class AttentionCpu {
           mx = max(mx, x);
         }
       } else {
-        for (int64_t c = 0; c < nk; ++c) mx = max(mx, Vec::load(buf.s + c * ld + r));
+        mx = column_max(buf.s + r, ld, nk, mx);
       }
       // The column's rows' states, one row per lane (buf.state keeps them row by row).
       float m[kW], l[kW];

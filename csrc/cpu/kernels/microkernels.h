@@ -22,6 +22,17 @@ inline float max_of(const float* x, int64_t n, float init) {
   return m;
 }
 
+// The lane-wise max of the vectors x[c * ld] for c < n, and init: four independent chains, so the loop runs at
+// the max's throughput rather than its latency.
+inline Vec column_max(const float* x, int64_t ld, int64_t n, Vec init) {
+  Vec m[4] = {init, init, init, init};
+  int64_t c = 0;
+  for (; c + 4 <= n; c += 4)
+    for (int j = 0; j < 4; ++j) m[j] = max(m[j], Vec::load(x + (c + j) * ld));
+  for (; c < n; ++c) m[0] = max(m[0], Vec::load(x + c * ld));
+  return max(max(m[0], m[1]), max(m[2], m[3]));
+}
+
 // x[i] = exp(x[i] - shift) for i < n; returns the sum.
 inline float exp_shift_sum(float* x, int64_t n, float shift) {
   int64_t i = 0;
@@ -169,7 +180,7 @@ inline void gemm_block(const GemmOperands& op, int64_t m0, int64_t n0, int64_t K
 #pragma GCC unroll 32
   for (int r = 0; r < MR; ++r) {
     ar[r] = kind == Gemm::kLogits ? op.a_rows[m0 + r] : op.a + m0 + r;
-#pragma GCC unroll 4
+#pragma GCC unroll 16
     for (int v = 0; v < NV; ++v)
       acc[r][v] = c_scale ? V::load(c + r * ldc + W * v) * V::broadcast(c_scale + r) : V::zero();
   }
@@ -179,18 +190,18 @@ inline void gemm_block(const GemmOperands& op, int64_t m0, int64_t n0, int64_t K
   for (int64_t k = 0; k < K; ++k, strided += step) {
     const float* bk = kind == Gemm::kLogits ? strided : op.b_rows[k] + n0;
     V bv[NV];
-#pragma GCC unroll 4
+#pragma GCC unroll 16
     for (int v = 0; v < NV; ++v) bv[v] = V::load(bk + W * v);
 #pragma GCC unroll 32
     for (int r = 0; r < MR; ++r) {
       const V av = V::broadcast(kind == Gemm::kLogits ? ar[r] + k : strided + r);
-#pragma GCC unroll 4
+#pragma GCC unroll 16
       for (int v = 0; v < NV; ++v) acc[r][v] = fmadd(av, bv[v], acc[r][v]);
     }
   }
 #pragma GCC unroll 32
   for (int r = 0; r < MR; ++r)
-#pragma GCC unroll 4
+#pragma GCC unroll 16
     for (int v = 0; v < NV; ++v) acc[r][v].store(c + r * ldc + W * v);
 }
 
