@@ -8,10 +8,13 @@
 //   Vec4    4      generic (GCC vectors)    SSE2 on x86-64, NEON on Arm
 //   Vec8    8      avx2: AVX2 + FMA + F16C  avx512's half-width vector
 //   Vec16   16     avx512: F, BW, VL, DQ
-// `Vec` is the ISA's widest, `kGemm*` its register blocking. Every type has the same operations: zero,
-// broadcast, load (float, c10::Half, c10::BFloat16 sources), store, + - *, fmadd, max, min, hsum, hmax, exp,
-// hide (-inf where a visibility byte is 0), any_nan and first_equal (the first lane equal to
-// a value, or -1).
+// `Vec` is the ISA's widest (`VecU64`, `VecU64Sum`, `VecI32` its integer lanes), `kGemm*` its register
+// blocking. Every type has the same operations: zero, broadcast, load (float, c10::Half, c10::BFloat16
+// sources), store, + - *, fmadd, max, min, hsum, hmax, exp, hide (-inf where a visibility byte is 0), any_nan
+// and first_equal (the first lane equal to a value, or -1). Beside each, the integer lanes of the fixed-point
+// sampling kernels (core/acceptance.h, core/sampling.h): U64x<n> (uint64 weights: fixed_weights,
+// keep_at_least), U64Sum<n> (a sum of such: +, hsum), I32x<n> (int32 bins or uint32 order keys: truncate,
+// order_keys, equal_lanes) and Vec<n>::Mask (not_prob, any_lane).
 #pragma once
 #include <c10/util/BFloat16.h>
 #include <c10/util/Half.h>
@@ -21,6 +24,7 @@
 #include <cstring>
 #include <limits>
 
+#include "core/acceptance.h"
 #include "core/dtype.h"
 #include "core/softmax.h"
 
@@ -82,6 +86,7 @@ inline void with_element_type(FloatKind kind, F&& f) {
 struct Vec4 {
   typedef float F __attribute__((vector_size(16)));
   typedef int32_t I __attribute__((vector_size(16)));
+  using Mask = I;  // -1 in a true lane, else 0
   static constexpr int kSize = 4;
   F v;
   Vec4() = default;
@@ -146,9 +151,77 @@ inline Vec4 softmax_max(Vec4 a, Vec4 b) { return {(a.v > b.v) | (a.v != a.v) ? a
 inline Vec4::I softmax_is_neg_inf(Vec4 x) { return x.v == Vec4::broadcast(kNegInf).v; }
 inline Vec4 softmax_where(Vec4::I c, Vec4 a, Vec4 b) { return {c ? a.v : b.v}; }
 
+// ---- Vec4's integer lanes --------------------------------------------------------------------------------
+struct U64x4 {
+  typedef uint64_t U __attribute__((vector_size(16)));
+  U lo, hi;  // lanes 0-1, 2-3
+  static U64x4 load(const uint64_t* p) {
+    U64x4 r;
+    std::memcpy(&r.lo, p, sizeof(r.lo));
+    std::memcpy(&r.hi, p + 2, sizeof(r.hi));
+    return r;
+  }
+  void store(uint64_t* p) const {
+    std::memcpy(p, &lo, sizeof(lo));
+    std::memcpy(p + 2, &hi, sizeof(hi));
+  }
+};
+struct I32x4 {
+  Vec4::I v;
+  template <typename T>  // int32_t or uint32_t
+  static I32x4 load(const T* p) {
+    I32x4 r;
+    std::memcpy(&r.v, p, sizeof(r.v));
+    return r;
+  }
+  template <typename T>
+  void store(T* p) const {
+    std::memcpy(p, &v, sizeof(v));
+  }
+};
+struct U64Sum4 {  // a sum of U64x4, folded to 2 lanes
+  U64x4::U v;
+  static U64Sum4 zero() { return {U64x4::U{0, 0}}; }
+};
+inline U64Sum4 operator+(U64Sum4 s, U64x4 w) { return {s.v + (w.lo + w.hi)}; }
+inline uint64_t hsum(U64Sum4 s) { return s.v[0] + s.v[1]; }
+// accept::fixed_weight of every lane: max(x, 0) (NaN -> 0) times 2^40, rounded to nearest even via 2^52.
+inline U64x4 fixed_weights(Vec4 x) {
+  typedef float F2 __attribute__((vector_size(8)));
+  typedef double D __attribute__((vector_size(16)));
+  const Vec4::F w = x.v > Vec4::zero().v ? x.v : Vec4::zero().v;
+  auto fixed = [](F2 h) {
+    return (U64x4::U)(__builtin_convertvector(h, D) * accept::kFixedScale + accept::kRoundMagic) -
+           accept::kRoundMagicBits;
+  };
+  return {fixed(__builtin_shufflevector(w, w, 0, 1)), fixed(__builtin_shufflevector(w, w, 2, 3))};
+}
+inline U64x4 keep_at_least(U64x4 w, I32x4 key, uint32_t tau) {  // w where key >= tau (unsigned), else 0
+  typedef uint32_t U32 __attribute__((vector_size(16)));
+  typedef int32_t I2 __attribute__((vector_size(8)));
+  typedef int64_t I64 __attribute__((vector_size(16)));
+  const Vec4::I keep = (U32)key.v >= tau;
+  const I2 lo = __builtin_shufflevector(keep, keep, 0, 1), hi = __builtin_shufflevector(keep, keep, 2, 3);
+  return {w.lo & (U64x4::U) __builtin_convertvector(lo, I64), w.hi & (U64x4::U) __builtin_convertvector(hi, I64)};
+}
+inline I32x4 truncate(Vec4 x) { return {__builtin_convertvector(x.v, Vec4::I)}; }  // toward 0; in int32 range
+// sampling::order_key of every lane: -0 + 0 is +0; negative floats flip every bit, the others the sign bit.
+inline I32x4 order_keys(Vec4 x) {
+  const Vec4::I u = (Vec4::I)(x.v + Vec4::zero().v);
+  return {u ^ ((u >> 31) | INT32_MIN)};
+}
+inline unsigned equal_lanes(I32x4 a, int32_t b) {  // bit i set where lane i equals b
+  const Vec4::I e = a.v == b;
+  return (e[0] & 1) | (e[1] & 2) | (e[2] & 4) | (e[3] & 8);
+}
+// Lanes where x is not a probability (accept::prob_ok false: NaN, < 0 or > 1).
+inline Vec4::Mask not_prob(Vec4 x) { return ~((x.v >= Vec4::zero().v) & (x.v <= Vec4::broadcast(1.0f).v)); }
+inline bool any_lane(Vec4::Mask m) { return ((m[0] | m[1]) | (m[2] | m[3])) != 0; }
+
 #if FASTAR_ISA_LEVEL >= 1
 // ---- Vec8: AVX2 ------------------------------------------------------------------------------------------
 struct Vec8 {
+  using Mask = __m256i;  // all ones in a true lane, else 0
   static constexpr int kSize = 8;
   __m256 v;
   Vec8() = default;
@@ -211,6 +284,66 @@ inline Vec8 hide(Vec8 x, const uint8_t* vis, int n) {
       _mm256_cmpeq_epi32(_mm256_cvtepu8_epi32(_mm_cvtsi64_si128(static_cast<int64_t>(bytes))), _mm256_setzero_si256());
   return {_mm256_blendv_ps(x.v, _mm256_set1_ps(kNegInf), _mm256_castsi256_ps(hidden))};
 }
+
+// ---- Vec8's integer lanes --------------------------------------------------------------------------------
+struct U64x8 {
+  __m256i lo, hi;  // lanes 0-3, 4-7
+  static U64x8 load(const uint64_t* p) {
+    return {_mm256_loadu_si256(reinterpret_cast<const __m256i*>(p)),
+            _mm256_loadu_si256(reinterpret_cast<const __m256i*>(p + 4))};
+  }
+  void store(uint64_t* p) const {
+    _mm256_storeu_si256(reinterpret_cast<__m256i*>(p), lo);
+    _mm256_storeu_si256(reinterpret_cast<__m256i*>(p + 4), hi);
+  }
+};
+struct I32x8 {
+  __m256i v;
+  template <typename T>  // int32_t or uint32_t
+  static I32x8 load(const T* p) {
+    return {_mm256_loadu_si256(reinterpret_cast<const __m256i*>(p))};
+  }
+  template <typename T>
+  void store(T* p) const {
+    _mm256_storeu_si256(reinterpret_cast<__m256i*>(p), v);
+  }
+};
+struct U64Sum8 {  // a sum of U64x8, folded to 4 lanes
+  __m256i v;
+  static U64Sum8 zero() { return {_mm256_setzero_si256()}; }
+};
+inline U64Sum8 operator+(U64Sum8 s, U64x8 w) { return {_mm256_add_epi64(s.v, _mm256_add_epi64(w.lo, w.hi))}; }
+inline uint64_t hsum(U64Sum8 s) {
+  const __m128i h = _mm_add_epi64(_mm256_castsi256_si128(s.v), _mm256_extracti128_si256(s.v, 1));
+  return static_cast<uint64_t>(_mm_cvtsi128_si64(h)) + static_cast<uint64_t>(_mm_extract_epi64(h, 1));
+}
+inline U64x8 fixed_weights(Vec8 x) {
+  const __m256 w = _mm256_max_ps(x.v, _mm256_setzero_ps());  // NaN -> 0
+  const __m256d scale = _mm256_set1_pd(accept::kFixedScale), magic = _mm256_set1_pd(accept::kRoundMagic);
+  const __m256i magic_bits = _mm256_set1_epi64x(static_cast<int64_t>(accept::kRoundMagicBits));
+  const __m256d lo = _mm256_add_pd(_mm256_mul_pd(_mm256_cvtps_pd(_mm256_castps256_ps128(w)), scale), magic);
+  const __m256d hi = _mm256_add_pd(_mm256_mul_pd(_mm256_cvtps_pd(_mm256_extractf128_ps(w, 1)), scale), magic);
+  return {_mm256_sub_epi64(_mm256_castpd_si256(lo), magic_bits), _mm256_sub_epi64(_mm256_castpd_si256(hi), magic_bits)};
+}
+inline U64x8 keep_at_least(U64x8 w, I32x8 key, uint32_t tau) {
+  const __m256i keep = _mm256_cmpeq_epi32(_mm256_max_epu32(key.v, _mm256_set1_epi32(static_cast<int32_t>(tau))), key.v);
+  return {_mm256_and_si256(_mm256_cvtepi32_epi64(_mm256_castsi256_si128(keep)), w.lo),
+          _mm256_and_si256(_mm256_cvtepi32_epi64(_mm256_extracti128_si256(keep, 1)), w.hi)};
+}
+inline I32x8 truncate(Vec8 x) { return {_mm256_cvttps_epi32(x.v)}; }
+inline I32x8 order_keys(Vec8 x) {
+  const __m256i u = _mm256_castps_si256(_mm256_add_ps(x.v, _mm256_setzero_ps()));
+  return {_mm256_xor_si256(u, _mm256_or_si256(_mm256_srai_epi32(u, 31), _mm256_set1_epi32(INT32_MIN)))};
+}
+inline unsigned equal_lanes(I32x8 a, int32_t b) {
+  return _mm256_movemask_ps(_mm256_castsi256_ps(_mm256_cmpeq_epi32(a.v, _mm256_set1_epi32(b))));
+}
+inline Vec8::Mask not_prob(Vec8 x) {
+  return _mm256_castps_si256(_mm256_or_ps(_mm256_cmp_ps(x.v, _mm256_setzero_ps(), _CMP_NGE_UQ),
+                                          _mm256_cmp_ps(x.v, _mm256_set1_ps(1.0f), _CMP_NLE_UQ)));
+}
+inline bool any_lane(Vec8::Mask m) { return !_mm256_testz_si256(m, m); }
+
 // In-place transpose of an 8x8 float block.
 inline void transpose8x8(Vec8 r[8]) {
   __m256 t[8], u[8];
@@ -234,6 +367,7 @@ inline void transpose8x8(Vec8 r[8]) {
 #if FASTAR_ISA_LEVEL >= 2
 // ---- Vec16: AVX-512 --------------------------------------------------------------------------------------
 struct Vec16 {
+  using Mask = __mmask16;  // bit i: lane i
   static constexpr int kSize = 16;
   __m512 v;
   Vec16() = default;
@@ -291,6 +425,59 @@ inline Vec16 hide(Vec16 x, const uint8_t* vis, int n) {
   const __mmask16 seen = _mm512_test_epi32_mask(_mm512_cvtepu8_epi32(bytes), _mm512_set1_epi32(0xff));
   return {_mm512_mask_mov_ps(_mm512_set1_ps(kNegInf), seen, x.v)};
 }
+
+// ---- Vec16's integer lanes -------------------------------------------------------------------------------
+struct U64x16 {
+  __m512i lo, hi;  // lanes 0-7, 8-15
+  static U64x16 load(const uint64_t* p) { return {_mm512_loadu_si512(p), _mm512_loadu_si512(p + 8)}; }
+  void store(uint64_t* p) const {
+    _mm512_storeu_si512(p, lo);
+    _mm512_storeu_si512(p + 8, hi);
+  }
+};
+struct I32x16 {
+  __m512i v;
+  template <typename T>  // int32_t or uint32_t
+  static I32x16 load(const T* p) {
+    return {_mm512_loadu_si512(p)};
+  }
+  template <typename T>
+  void store(T* p) const {
+    _mm512_storeu_si512(p, v);
+  }
+};
+struct U64Sum16 {  // a sum of U64x16, folded to 8 lanes
+  __m512i v;
+  static U64Sum16 zero() { return {_mm512_setzero_si512()}; }
+};
+inline U64Sum16 operator+(U64Sum16 s, U64x16 w) { return {_mm512_add_epi64(s.v, _mm512_add_epi64(w.lo, w.hi))}; }
+inline uint64_t hsum(U64Sum16 s) {
+  return hsum(U64Sum8{_mm256_add_epi64(_mm512_extracti32x8_epi32(s.v, 0), _mm512_extracti32x8_epi32(s.v, 1))});
+}
+inline U64x16 fixed_weights(Vec16 x) {
+  const __m512 w = _mm512_max_ps(x.v, _mm512_setzero_ps());  // NaN -> 0
+  const __m512d scale = _mm512_set1_pd(accept::kFixedScale), magic = _mm512_set1_pd(accept::kRoundMagic);
+  const __m512i magic_bits = _mm512_set1_epi64(static_cast<int64_t>(accept::kRoundMagicBits));
+  const __m512d lo = _mm512_add_pd(_mm512_mul_pd(_mm512_cvtps_pd(_mm512_castps512_ps256(w)), scale), magic);
+  const __m512d hi = _mm512_add_pd(_mm512_mul_pd(_mm512_cvtps_pd(_mm512_extractf32x8_ps(w, 1)), scale), magic);
+  return {_mm512_sub_epi64(_mm512_castpd_si512(lo), magic_bits), _mm512_sub_epi64(_mm512_castpd_si512(hi), magic_bits)};
+}
+inline U64x16 keep_at_least(U64x16 w, I32x16 key, uint32_t tau) {
+  const __mmask16 keep = _mm512_cmpge_epu32_mask(key.v, _mm512_set1_epi32(static_cast<int32_t>(tau)));
+  return {_mm512_maskz_mov_epi64(static_cast<__mmask8>(keep), w.lo),
+          _mm512_maskz_mov_epi64(static_cast<__mmask8>(keep >> 8), w.hi)};
+}
+inline I32x16 truncate(Vec16 x) { return {_mm512_cvttps_epi32(x.v)}; }
+inline I32x16 order_keys(Vec16 x) {
+  const __m512i u = _mm512_castps_si512(_mm512_add_ps(x.v, _mm512_setzero_ps()));
+  return {_mm512_xor_si512(u, _mm512_or_si512(_mm512_srai_epi32(u, 31), _mm512_set1_epi32(INT32_MIN)))};
+}
+inline unsigned equal_lanes(I32x16 a, int32_t b) { return _mm512_cmpeq_epi32_mask(a.v, _mm512_set1_epi32(b)); }
+inline Vec16::Mask not_prob(Vec16 x) {
+  return _mm512_cmp_ps_mask(x.v, _mm512_setzero_ps(), _CMP_NGE_UQ) |
+         _mm512_cmp_ps_mask(x.v, _mm512_set1_ps(1.0f), _CMP_NLE_UQ);
+}
+inline bool any_lane(Vec16::Mask m) { return m != 0; }
 #endif
 
 // exp of every lane (relative error ~2e-7): 2^n e^r with n = round(x / ln 2), r = x - n ln 2 in two parts
@@ -328,16 +515,26 @@ using ::fastar::softmax_max;
 using ::fastar::softmax_where;
 #include "core/softmax_state.inc"  // NOLINT: included inside the ISA's namespace
 
-// The ISA's widest vector and the register blocking of its GEMM micro-kernels (csrc/cpu/kernels/gemm.h):
-// blocks of kGemmRows rows x kGemmVecs vectors, kGemmRows * kGemmVecs accumulators in registers.
+// The ISA's widest vector, its integer lanes, and the register blocking of its GEMM micro-kernels
+// (csrc/cpu/kernels/gemm.h): blocks of kGemmRows rows x kGemmVecs vectors, kGemmRows * kGemmVecs accumulators
+// in registers.
 #if FASTAR_ISA_LEVEL == 2
 using Vec = Vec16;
+using VecU64 = U64x16;
+using VecU64Sum = U64Sum16;
+using VecI32 = I32x16;
 constexpr int kGemmRows = 12, kGemmVecs = 2;  // 24 of 32 registers
 #elif FASTAR_ISA_LEVEL == 1
 using Vec = Vec8;
+using VecU64 = U64x8;
+using VecU64Sum = U64Sum8;
+using VecI32 = I32x8;
 constexpr int kGemmRows = 6, kGemmVecs = 2;  // 12 of 16: both FMA pipes busy through the FMA latency
 #else
 using Vec = Vec4;
+using VecU64 = U64x4;
+using VecU64Sum = U64Sum4;
+using VecI32 = I32x4;
 constexpr int kGemmRows = 1, kGemmVecs = 8;  // 8 accumulators, 1 broadcast (a load and a shuffle) per 64 flops
 #endif
 constexpr int kW = Vec::kSize;
