@@ -20,7 +20,7 @@
 #include <vector>
 
 #include "core/sampling.h"
-#include "cpu/kernels/fixed_point_row.h"
+#include "cpu/vec.h"
 
 FASTAR_ISA_BEGIN
 namespace {
@@ -83,30 +83,20 @@ int32_t bin_of(float x, float m) {
 // sum of the weights.
 template <bool kFilter>
 uint64_t weights_and_keys(const float* x, int64_t V, float m, uint64_t* w, uint32_t* key, int32_t* bin) {
-  uint64_t total = 0;
   int64_t t = 0;
-#if FASTAR_ISA_LEVEL >= 1
-  const __m256 mv = _mm256_set1_ps(m), per_unit = _mm256_set1_ps(kBinsPerUnit), last = _mm256_set1_ps(kBins - 1);
-  const __m256i top = _mm256_set1_epi32(static_cast<int32_t>(0x80000000u));
-  __m256i acc = _mm256_setzero_si256();
-  for (; t + 8 <= V; t += 8) {
-    const __m256 g = _mm256_loadu_ps(x + t);
-    __m256i lo, hi;
-    fixed8(exp(Vec8{_mm256_sub_ps(g, mv)}).v, &lo, &hi);
-    _mm256_storeu_si256(reinterpret_cast<__m256i*>(w + t), lo);
-    _mm256_storeu_si256(reinterpret_cast<__m256i*>(w + t + 4), hi);
-    acc = _mm256_add_epi64(_mm256_add_epi64(acc, lo), hi);
+  const Vec mv = Vec::broadcast(m), per_unit = Vec::broadcast(kBinsPerUnit), last = Vec::broadcast(kBins - 1);
+  VecU64Sum acc = VecU64Sum::zero();
+  for (; t + kW <= V; t += kW) {
+    const Vec g = Vec::load(x + t);
+    const VecU64 f = fixed_weights(exp(g - mv));
+    f.store(w + t);
+    acc = acc + f;
     if constexpr (kFilter) {
-      const __m256 d = _mm256_min_ps(_mm256_mul_ps(_mm256_sub_ps(mv, g), per_unit), last);  // inf -> last
-      _mm256_storeu_si256(reinterpret_cast<__m256i*>(bin + t), _mm256_cvttps_epi32(d));
-      // order_key: -0 + 0 is +0; negative floats flip every bit, the others only the sign bit.
-      const __m256i u = _mm256_castps_si256(_mm256_add_ps(g, _mm256_setzero_ps()));
-      const __m256i k = _mm256_xor_si256(u, _mm256_or_si256(_mm256_srai_epi32(u, 31), top));
-      _mm256_storeu_si256(reinterpret_cast<__m256i*>(key + t), k);
+      truncate(min((mv - g) * per_unit, last)).store(bin + t);  // inf -> last
+      order_keys(g).store(key + t);
     }
   }
-  total = hsum_u64(acc);
-#endif
+  uint64_t total = hsum(acc);
   for (; t < V; ++t) {
     w[t] = token_weight(x[t], m);
     if constexpr (kFilter) {
@@ -119,7 +109,7 @@ uint64_t weights_and_keys(const float* x, int64_t V, float m, uint64_t* w, uint3
 }
 
 // The tokens of bin `bin` with key >= floor (and weight > 0 when positive_only), into cand. Few tokens match:
-// 8 bins are compared at once and only the matches looked at.
+// kW bins are compared at once and only the matches looked at.
 void collect(const Scratch& s, int64_t V, int32_t bin, uint32_t floor, bool positive_only,
              std::vector<Candidate>& cand) {
   cand.clear();
@@ -127,15 +117,11 @@ void collect(const Scratch& s, int64_t V, int32_t bin, uint32_t floor, bool posi
     if (s.key[t] >= floor && (s.w[t] || !positive_only)) cand.push_back({s.key[t], s.w[t]});
   };
   int64_t t = 0;
-#if FASTAR_ISA_LEVEL >= 1
-  const __m256i bv = _mm256_set1_epi32(bin);
-  for (; t + 8 <= V; t += 8) {
-    const __m256i b = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(s.bin.data() + t));
-    for (unsigned hits = _mm256_movemask_ps(_mm256_castsi256_ps(_mm256_cmpeq_epi32(b, bv))); hits; hits &= hits - 1) {
+  for (; t + kW <= V; t += kW) {
+    for (unsigned hits = equal_lanes(VecI32::load(s.bin.data() + t), bin); hits; hits &= hits - 1) {
       consider(t + __builtin_ctz(hits));
     }
   }
-#endif
   for (; t < V; ++t) {
     if (s.bin[t] == bin) consider(t);
   }
@@ -222,23 +208,15 @@ int64_t pick_token(const uint32_t* key, const uint64_t* w, int64_t V, uint32_t t
   for (int64_t blk = 0; blk < blocks; ++blk) {
     const int64_t end = std::min(V, (blk + 1) * kPickBlock);
     int64_t t = blk * kPickBlock;
-    uint64_t sum = 0;
-#if FASTAR_ISA_LEVEL >= 1
-    const __m256i tv = _mm256_set1_epi32(static_cast<int32_t>(tau));
-    __m256i acc = _mm256_setzero_si256();
-    for (; t + 8 <= end; t += 8) {
-      __m256i lo = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(w + t));
-      __m256i hi = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(w + t + 4));
+    VecU64Sum acc = VecU64Sum::zero();
+    for (; t + kW <= end; t += kW) {
       if constexpr (kFilter) {
-        const __m256i k = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(key + t));
-        const __m256i keep = _mm256_cmpeq_epi32(_mm256_max_epu32(k, tv), k);  // key >= tau, unsigned
-        lo = _mm256_and_si256(_mm256_cvtepi32_epi64(_mm256_castsi256_si128(keep)), lo);
-        hi = _mm256_and_si256(_mm256_cvtepi32_epi64(_mm256_extracti128_si256(keep, 1)), hi);
+        acc = acc + keep_at_least(VecU64::load(w + t), VecI32::load(key + t), tau);
+      } else {
+        acc = acc + VecU64::load(w + t);
       }
-      acc = _mm256_add_epi64(_mm256_add_epi64(acc, lo), hi);
     }
-    sum = hsum_u64(acc);
-#endif
+    uint64_t sum = hsum(acc);
     for (; t < end; ++t) sum += weight(t);
     sums[blk] = sum;
     total += sum;
