@@ -646,7 +646,8 @@ def test_draft_with_zero_draft_probability_is_accepted(backend):
     assert_same((tokens, num_accepted), reference(drafts, q, p, None, 16))
 
 
-@pytest.mark.parametrize("vocab", [5, 20])  # scalar tail only / vectorised blocks of 8 + tail on the CPU
+# On the CPU: scalar tail only / vector blocks + tail / vector blocks only (32: a multiple of every width)
+@pytest.mark.parametrize("vocab", [5, 20, 32])
 def test_fixed_point_rounding(backend, vocab):
     # Weights are round(w * 2^40) half to even: 2^-41 -> 0, 3 * 2^-41 -> 2, 2^-40 -> 1, 5 * 2^-42 -> 1
     # (1.25), and anything below 2^-41 counts as zero. A bonus row made of such weights has total 4:
@@ -934,7 +935,7 @@ INVALID_VALUES = [
 @pytest.mark.parametrize("with_q", [True, False])
 @pytest.mark.parametrize("dtype,value", INVALID_VALUES, ids=lambda v: str(v))
 def test_invalid_value_anywhere_in_the_sampled_row(backend, with_q, dtype, value):
-    # every element of the row a token is sampled from is validated (V = 21: 8-wide blocks and a tail)
+    # every element of the row a token is sampled from is validated (V = 21: vector blocks and a tail on the CPU)
     batch, vocab = 2, 21
     gen = torch.Generator().manual_seed(18)
     p = random_probs(gen, (batch, 2, vocab)).to(dtype)
