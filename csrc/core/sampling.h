@@ -49,7 +49,7 @@ FASTAR_HD float guided_logit(float cond, float uncond, float cond_w, float uncon
   return fmaf(cond_w, cond, uncond_w * uncond);
 }
 
-// exp(x) for x <= 0 (relative error ~2e-7), the same operations as cpu::exp8 in cpu/vec.h so the vectorised CPU
+// exp(x) for x <= 0 (relative error ~2e-7), the same operations as exp in cpu/vec.h so the vectorised CPU
 // path gives identical bits: 2^n e^r, n = rint(x / ln2), r by a two-constant Cody-Waite reduction, e^r by a
 // degree-6 polynomial. Below -87.3 (and -inf) it is exactly 0.
 FASTAR_HD float exp_nonpositive(float x) {
