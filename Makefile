@@ -7,7 +7,7 @@ VENV := .venv
 PY := $(VENV)/bin/python
 export FASTAR_BUILD_SIMT ?= 1
 
-.PHONY: build test bench lint clean
+.PHONY: build test bench lint gpu-check clean
 
 $(VENV)/.installed: requirements.txt
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -33,6 +33,11 @@ bench: build
 lint: $(VENV)/.installed
 	$(PY) -m ruff check fastar tests bench setup.py
 	$(VENV)/bin/clang-format --dry-run --Werror $$(git ls-files 'csrc/*.h' 'csrc/*.cpp' 'csrc/*.cu' 'csrc/*.cuh')
+
+# The prepared GPU check (bench/gpu_check.py): build, cuda tests, compute-sanitizer, GPU bench into
+# bench/results/gpu.json. Without a GPU: a dry run of its CPU parts (CI runs it so).
+gpu-check: $(VENV)/.installed
+	$(PY) -m bench.gpu_check
 
 clean:
 	rm -rf build fastar/*.so

@@ -1,0 +1,373 @@
+"""`make gpu-check`: the one prepared check for a machine with an NVIDIA GPU, run unattended.
+
+Steps, each under its own time limit, each recorded even when it fails (a failing step does not stop the next):
+  1. build   fastar for the local GPU's arch (`make build`; setup.py picks the arch of the GPUs present);
+  2. tests   the cuda backend of the test suite (FASTAR_REQUIRE_CUDA_BUILD=1);
+  3. sanitizer  compute-sanitizer's memcheck, racecheck, synccheck and initcheck over a small case of every op;
+  4. bench   every attention row on the GPU against torch's scaled_dot_product_attention (its flash, cuDNN,
+             efficient and math backends, with the mask a user would build) and, when importable, FlashInfer and
+             flash-attn; each row's share of the HBM bandwidth (memory-bound rows) or of the tensor-core peak.
+Writes bench/results/gpu.json and prints the table. Without a GPU it says so and runs every step's CPU part
+instead (the cases, their masks and baselines at small sizes, the roofline arithmetic, the small case of every
+op, the sanitizer commands), writing nothing: CI runs it so, to keep this script working. It exits 0 unless that
+dry run fails.
+"""
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import functools
+import json
+import os
+import shutil
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Callable, Optional
+
+import torch
+import torch.nn.functional as F
+
+ROOT = Path(__file__).resolve().parents[1]
+RESULTS = ROOT / "bench" / "results" / "gpu.json"
+SANITIZER_TOOLS = ("memcheck", "racecheck", "synccheck", "initcheck")
+# Seconds per step (the sanitizer's per tool): 460 s in all, under the 8 minutes the check is sized for.
+LIMITS = {"build": 150, "tests": 100, "sanitizer": 25, "bench": 110}
+
+# Largest |fastar - SDPA math| accepted on a row: outputs are weighted means of N(0, 1) values in bfloat16.
+AGREE_ABS = 0.05
+# Dense bf16 tensor-core FLOP/s with fp32 accumulation, and HBM bytes/s, from the vendors' data sheets, by a
+# substring of torch.cuda.get_device_name(); a GPU not listed gets its bandwidth measured and no compute peak.
+PEAKS = [
+    ("H200", 989e12, 4.8e12),
+    ("H100 PCIe", 756e12, 2.0e12),
+    ("H100", 989e12, 3.35e12),
+    ("A100", 312e12, 2.0e12),
+    ("L40S", 362e12, 0.864e12),
+    ("RTX 4090", 165e12, 1.008e12),
+]
+
+
+@dataclasses.dataclass(frozen=True)
+class GpuCase:
+    """B sequences of Lq queries, the last of Lk key positions, Hq query heads over Hkv kv heads, bf16."""
+
+    name: str
+    kind: str  # decode | tree | block_diff | var | causal
+    B: int
+    Hq: int
+    Hkv: int
+    Lq: int
+    Lk: int
+    D: int
+    memory_bound: bool = False
+
+    def small(self) -> "GpuCase":
+        """The same case at a size the CPU dry run takes in a moment."""
+        if self.kind == "var":
+            return dataclasses.replace(self, B=1, Hq=2, Hkv=2)
+        lq = self.Lq if self.kind == "tree" else min(self.Lq, 16)
+        lk = lq if self.kind == "causal" else lq + 64  # a prefill's queries are all its keys
+        return dataclasses.replace(self, B=1, Hq=self.Hq // self.Hkv, Hkv=1, Lq=lq, Lk=lk)
+
+
+VAR_680 = (1, 2, 3, 4, 5, 6, 8, 10, 13, 16)
+VAR_2240 = (1, 2, 3, 4, 6, 9, 13, 18, 24, 32)
+CASES = [
+    GpuCase("decode", "decode", 8, 16, 16, 1, 2048, 64, memory_bound=True),
+    GpuCase("decode GQA 32k", "decode", 8, 32, 8, 1, 32768, 128, memory_bound=True),
+    GpuCase("tree verify", "tree", 4, 32, 8, 64, 4096 + 64, 128),
+    GpuCase("block diffusion", "block_diff", 8, 16, 16, 32, 2048 + 32, 128),
+    GpuCase("VAR 680", "var", 2, 16, 16, 680, 680, 64),
+    GpuCase("VAR 2240", "var", 2, 16, 16, 2240, 2240, 64),
+    GpuCase("prefill 4k causal", "causal", 1, 32, 8, 4096, 4096, 128),
+]
+
+
+def scale_layout(case: GpuCase):
+    import fastar
+
+    return fastar.ScaleLayout(VAR_680 if case.Lk == 680 else VAR_2240)
+
+
+def make_inputs(case: GpuCase, device: str) -> dict:
+    """q, k, v [B, H, L, D] in bf16, fastar's mask or layout, and the dense bool mask [Lq, Lk] (True = attend)
+    a user would give SDPA (None: every key, or SDPA's own is_causal)."""
+    from bench.bench_attention import MC_SIM_7B_63
+    from fastar.masks import BlockCausal, Tree
+
+    gen = torch.Generator(device).manual_seed(0)
+
+    def randn(heads, length):
+        return torch.randn(case.B, heads, length, case.D, generator=gen, device=device, dtype=torch.bfloat16)
+
+    x = {"case": case, "q": randn(case.Hq, case.Lq), "k": randn(case.Hkv, case.Lk), "v": randn(case.Hkv, case.Lk)}
+    x["mask"], x["dense"], x["layout"] = None, None, None
+    if case.kind == "tree":
+        x["mask"] = Tree.from_choices(MC_SIM_7B_63)
+    elif case.kind == "block_diff":
+        x["mask"] = BlockCausal(block_size=case.Lq)
+    elif case.kind == "var":
+        x["layout"] = scale_layout(case)
+        x["dense"] = x["layout"].materialize(device)
+    if x["mask"] is not None:
+        x["dense"] = x["mask"].materialize(case.Lq, case.Lk, device=device)[0]
+    return x
+
+
+def visible_pairs(x: dict) -> int:
+    case = x["case"]
+    if x["dense"] is not None:
+        return int(x["dense"].sum())
+    if case.kind == "causal":
+        return case.Lq * (case.Lq + 1) // 2
+    return case.Lq * case.Lk
+
+
+def roofline_s(x: dict, peak_flops: Optional[float], hbm_Bps: float) -> tuple[str, Optional[float]]:
+    """What bounds the row and the least time it can take: K/V bytes over HBM bandwidth for memory-bound rows,
+    4 D FLOPs per visible (query, key) pair and head over the tensor-core peak for the others."""
+    case = x["case"]
+    if case.memory_bound:
+        nbytes = sum(t.numel() * t.element_size() for t in (x["q"], x["k"], x["v"], x["q"]))
+        return "HBM", nbytes / hbm_Bps
+    flops = 4 * case.D * visible_pairs(x) * case.Hq * case.B
+    return "tensor core", flops / peak_flops if peak_flops else None
+
+
+def run_fastar(x: dict, out: torch.Tensor) -> torch.Tensor:
+    import fastar
+
+    if x["layout"] is not None:
+        return fastar.scale_attention(x["q"], x["k"], x["v"], x["layout"])
+    from fastar.masks import Causal
+
+    mask = Causal() if x["case"].kind == "causal" else x["mask"]
+    return fastar.attention(x["q"], x["k"], x["v"], mask=mask, out=out)
+
+
+def sdpa(x: dict, backend) -> Callable[[], torch.Tensor]:
+    """SDPA as users call it, pinned to one backend (torch.nn.attention.SDPBackend)."""
+    from torch.nn.attention import sdpa_kernel
+
+    case = x["case"]
+
+    def call():
+        with sdpa_kernel([backend]):
+            return F.scaled_dot_product_attention(x["q"], x["k"], x["v"], attn_mask=x["dense"],
+                                                  is_causal=case.kind == "causal", enable_gqa=case.Hq != case.Hkv)
+
+    return call
+
+
+def flash_attn_baseline(x: dict) -> Optional[Callable[[], torch.Tensor]]:
+    """flash-attn's flash_attn_func for the rows it expresses (no mask, or causal); None otherwise."""
+    if x["dense"] is not None:
+        return None
+    from flash_attn import flash_attn_func
+
+    q, k, v = (t.transpose(1, 2).contiguous() for t in (x["q"], x["k"], x["v"]))
+    return lambda: flash_attn_func(q, k, v, causal=x["case"].kind == "causal")
+
+
+def flashinfer_baseline(x: dict) -> Optional[Callable[[], torch.Tensor]]:
+    """FlashInfer's single-sequence prefill (custom mask or causal) for B = 1 rows; None otherwise."""
+    if x["case"].B != 1:
+        return None
+    import flashinfer
+
+    q, k, v = (t[0].transpose(0, 1).contiguous() for t in (x["q"], x["k"], x["v"]))
+    mask = x["dense"]
+    return lambda: flashinfer.single_prefill_with_kv_cache(q, k, v, custom_mask=mask,
+                                                           causal=x["case"].kind == "causal")
+
+
+def median_time(fn: Callable[[], object], device: str, budget_s: float = 0.5, max_runs: int = 30) -> float:
+    """Median seconds per call (CUDA events on a GPU), after a warm-up call."""
+    fn()
+    times, spent = [], 0.0
+    while len(times) < 3 or (spent < budget_s and len(times) < max_runs):
+        if device == "cuda":
+            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            start.record()
+            fn()
+            end.record()
+            end.synchronize()
+            times.append(start.elapsed_time(end) / 1e3)
+        else:
+            t0 = time.perf_counter()
+            fn()
+            times.append(time.perf_counter() - t0)
+        spent += times[-1]
+    return statistics.median(times)
+
+
+def device_peaks(device: str) -> tuple[str, Optional[float], float]:
+    if device != "cuda":
+        from bench.common import device_name, read_bandwidth
+
+        return device_name("cpu"), None, read_bandwidth("cpu", 64 << 20, 3)
+    name = torch.cuda.get_device_name()
+    for key, flops, bw in PEAKS:
+        if key in name:
+            return name, flops, bw
+    from bench.common import read_bandwidth
+
+    return name, None, read_bandwidth("cuda")
+
+
+def bench_rows(device: str, small: bool) -> list[dict]:
+    """Every case: fastar (output poisoned with NaN first, then checked), the baselines, the roofline share."""
+    from torch.nn.attention import SDPBackend
+
+    name, peak, hbm = device_peaks(device)
+    backends = {"sdpa flash": SDPBackend.FLASH_ATTENTION, "sdpa cudnn": SDPBackend.CUDNN_ATTENTION,
+                "sdpa efficient": SDPBackend.EFFICIENT_ATTENTION, "sdpa math": SDPBackend.MATH}
+    if device != "cuda":
+        backends = {"sdpa math": SDPBackend.MATH}
+    rows = []
+    for case in CASES:
+        case = case.small() if small else case
+        row = {"case": case.name, "shape": dataclasses.asdict(case), "device": name}
+        try:
+            x = make_inputs(case, device)
+            out = torch.full_like(x["q"], float("nan"))
+            result = run_fastar(x, out)
+            if not torch.isfinite(result).all():
+                raise RuntimeError("fastar left NaN in its output")
+            reference = sdpa(x, SDPBackend.MATH)()
+            err = (result.float() - reference.float()).abs().max().item()
+            row["max_abs_diff_vs_math"] = err
+            if not err <= AGREE_ABS:
+                raise RuntimeError(f"fastar and SDPA's math backend differ by {err:.3g} (> {AGREE_ABS})")
+            row["fastar_s"] = median_time(functools.partial(run_fastar, x, out), device)
+            bound, least_s = roofline_s(x, peak, hbm)
+            row["bound"] = bound
+            row["roofline_share"] = least_s / row["fastar_s"] if least_s else None
+            for label, backend in backends.items():
+                try:
+                    row[label + "_s"] = median_time(sdpa(x, backend), device)
+                except RuntimeError as exc:  # a backend that does not take this mask or shape
+                    row[label + "_s"] = f"n/a: {str(exc).splitlines()[0][:80]}"
+            for label, make in (("flash-attn", flash_attn_baseline), ("flashinfer", flashinfer_baseline)):
+                try:
+                    fn = make(x) if device == "cuda" else None
+                    row[label + "_s"] = median_time(fn, device) if fn else "n/a"
+                except Exception as exc:  # not installed, or no kernel for this shape
+                    row[label + "_s"] = f"n/a: {type(exc).__name__}"
+        except Exception as exc:  # the row fails, the table goes on
+            row["error"] = f"{type(exc).__name__}: {exc}"
+        rows.append(row)
+        print_row(row)
+    return rows
+
+
+def print_row(row: dict) -> None:
+    def fmt(v):
+        return f"{v * 1e3:9.3f} ms" if isinstance(v, float) else f"{str(v)[:12]:>12}"
+
+    if "error" in row:
+        print(f"{row['case']:<20} ERROR {row['error']}", flush=True)
+        return
+    share = row.get("roofline_share")
+    others = "  ".join(f"{k[:-2]} {fmt(v)}" for k, v in row.items() if k.endswith("_s") and k != "fastar_s")
+    print(f"{row['case']:<20} fastar {fmt(row['fastar_s'])}  {row['bound']} "
+          f"{'-' if share is None else f'{share:.0%}'}  {others}", flush=True)
+
+
+def small_cases(device: str) -> None:
+    """One small call of every public op on `device`: what compute-sanitizer runs."""
+    import fastar
+    from fastar.masks import Causal, Tree
+
+    gen = torch.Generator().manual_seed(0)
+    probs = torch.softmax(torch.randn(2, 4, 50, generator=gen), -1).to(device)
+    ids = torch.randint(0, 50, (2, 3), generator=gen).to(device)
+    fastar.speculative_sample(ids, probs[:, :3], probs, seed=1)
+    fastar.greedy_verify(ids, probs)
+    fastar.sample_cfg(torch.randn(4, 3, 50, generator=gen).to(device), cfg=1.5, scale_index=2, num_scales=4,
+                      top_k=5, top_p=0.9, seed=3)
+    for dtype in (torch.float32, torch.bfloat16):
+        q = torch.randn(1, 4, 16, 64, generator=gen).to(device, dtype)
+        k, v = (torch.randn(1, 2, 80, 64, generator=gen).to(device, dtype) for _ in range(2))
+        fastar.attention(q, k, v, mask=Causal())
+        fastar.attention(q[:, :, :1], k, v)
+        fastar.attention(q[:, :, :7], k, v, mask=Tree(torch.tensor([-1, 0, 0, 1, 1, 2, 3])))
+        cache_k = torch.zeros(2, 96, 2, 64, device=device, dtype=dtype)  # [B, capacity, Hkv, D]
+        cache_v = torch.zeros_like(cache_k)
+        new = torch.randn(2, 4, 2, 64, generator=gen).to(device, dtype)
+        fastar.attention_with_kvcache(q.transpose(1, 2)[:, :4].expand(2, -1, -1, -1), cache_k, cache_v,
+                                      cache_seqlens=torch.tensor([10, 30], device=device), k_new=new, v_new=new)
+        layout = fastar.ScaleLayout((1, 2, 3), local_window=1)
+        qs = torch.randn(1, 2, 14, 64, generator=gen).to(device, dtype)
+        fastar.scale_attention(qs, qs, qs, layout)
+    if device == "cuda":
+        torch.cuda.synchronize()
+
+
+def run_step(name: str, cmd: list[str], limit: int, env: Optional[dict] = None) -> dict:
+    start = time.time()
+    try:
+        proc = subprocess.run(cmd, cwd=ROOT, env={**os.environ, **(env or {})}, capture_output=True, text=True,
+                              timeout=limit)
+        ok = proc.returncode == 0
+        tail = (proc.stdout + proc.stderr)[-2000:]
+    except subprocess.TimeoutExpired:
+        ok, tail = False, f"timed out after {limit} s"
+    except OSError as exc:
+        ok, tail = False, str(exc)
+    result = {"step": name, "ok": ok, "seconds": round(time.time() - start, 1), "command": " ".join(cmd),
+              "output_tail": tail}
+    print(f"== {name}: {'ok' if ok else 'FAILED'} in {result['seconds']} s ({result['command']})", flush=True)
+    if not ok:
+        print(tail, flush=True)
+    return result
+
+
+def sanitizer_commands() -> list[tuple[str, list[str]]]:
+    tool = shutil.which("compute-sanitizer") or "/usr/local/cuda/bin/compute-sanitizer"
+    return [(f"sanitizer {t}", [tool, "--tool", t, "--error-exitcode", "1", sys.executable, "-m", "bench.gpu_check",
+                                "--small-cases"]) for t in SANITIZER_TOOLS]
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m bench.gpu_check", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--small-cases", action="store_true", help="one small call of every op on the GPU")
+    args = parser.parse_args(argv)
+    has_gpu = torch.cuda.is_available()
+    if args.small_cases:
+        small_cases("cuda" if has_gpu else "cpu")
+        return 0
+    if not has_gpu:
+        print("gpu-check: no CUDA GPU on this machine (torch.cuda.is_available() is False): nothing to run on a GPU.")
+        print("dry run: the bench cases at small sizes on the CPU, the small case of every op, the commands")
+        small_cases("cpu")
+        rows = bench_rows("cpu", small=True)
+        failed = [r for r in rows if "error" in r]
+        for _, cmd in sanitizer_commands():
+            print(f"would run: {' '.join(cmd)}")
+        print(f"dry run: {len(rows) - len(failed)} of {len(rows)} cases ran; nothing written")
+        return 1 if failed else 0
+
+    steps = [run_step("build", ["make", "build"], LIMITS["build"], {"FASTAR_BUILD_SIMT": "0"}),
+             run_step("tests", [sys.executable, "-m", "pytest", "tests", "-q", "-x", "-k", "cuda"], LIMITS["tests"],
+                      {"FASTAR_REQUIRE_CUDA_BUILD": "1"})]
+    steps += [run_step(name, cmd, LIMITS["sanitizer"]) for name, cmd in sanitizer_commands()]
+    bench = run_step("bench", [sys.executable, "-c", "import bench.gpu_check as g, json, sys; "
+                               "json.dump(g.bench_rows('cuda', small=False), open(sys.argv[1], 'w'), default=str)",
+                               str(RESULTS) + ".rows"], LIMITS["bench"])
+    rows_path = Path(str(RESULTS) + ".rows")
+    rows = json.loads(rows_path.read_text()) if rows_path.exists() else []
+    rows_path.unlink(missing_ok=True)
+    print(bench["output_tail"])
+    RESULTS.write_text(json.dumps({"date": time.strftime("%Y-%m-%d %H:%M:%S"), "device": torch.cuda.get_device_name(),
+                                   "steps": steps + [bench], "rows": rows}, indent=1, default=str))
+    print(f"wrote {RESULTS}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
