@@ -30,8 +30,19 @@ EXACT_PAIRS = [
     "block_vote",
     "kernel_exception",
     "launch_errors",
+    "cp_async",
 ]
-ABORTS = ["divergent_barrier", "skipped_shuffle", "bad_mask", "warp_mismatch", "trap"]
+ABORTS = [
+    "divergent_barrier",
+    "skipped_shuffle",
+    "bad_mask",
+    "warp_mismatch",
+    "trap",
+    "mma_partial_warp",
+    "mma_divergent",
+    "ldmatrix_misaligned",
+    "cp_async_misaligned",
+]
 
 
 def pairs(values):

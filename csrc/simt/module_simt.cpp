@@ -8,4 +8,8 @@ PYBIND11_MODULE(_C_simt, m) {
   m.doc() = "fastar's CUDA kernels run on the CPU by the SIMT emulator (tests only)";
   m.def("selftest", &fastar::simt::run_selftest, "Run one emulator self-test kernel and return its numbers.");
   m.def("selftest_names", &fastar::simt::selftest_names);
+  m.def("mma_fragments", &fastar::simt::mma_fragments, "One mma.m16n8k16 per problem from per-lane fragments.");
+  m.def("ldmatrix", &fastar::simt::ldmatrix_probe, "ldmatrix over a shared-memory image; returns the registers.");
+  m.def("mma_tile", &fastar::simt::mma_tile, "A 16x8x16 product through cp.async, ldmatrix and mma.");
+  m.attr("cuda_include_dirs") = FASTAR_CUDA_INCLUDE_DIRS_STR;  // ':'-separated, as the build found them
 }

@@ -2,16 +2,21 @@
 #include "selftest.h"
 
 #include "simt.h"
+#include "tensor_core_selftest.cuh"
 
 #include <algorithm>
 #include <cstdint>
+#include <cstring>
 #include <stdexcept>
 #include <string>
+#include <type_traits>
 #include <vector>
 
 namespace {
 
 constexpr unsigned kFullMask = 0xffffffffu;
+using namespace fastar::cuda;            // the tensor-core wrappers, as a kernel calls them
+using namespace fastar::cuda::selftest;  // the kernels shared with the nvcc build check
 
 // ---------------------------------------------------------------------------------------------------------------
 // Kernels
@@ -277,6 +282,40 @@ __global__ void throwing_kernel(int bad_block) {
 }
 
 __global__ void count_kernel(int* counter) { atomicAdd(counter, 1); }
+
+__global__ void mma_partial_warp_kernel(float* out) {
+  const uint32_t a[4] = {0, 0, 0, 0}, b[2] = {0, 0};
+  float d[4], c[4] = {0, 0, 0, 0};
+  mma_m16n8k16_bf16(d, a, b, c);  // planted bug: the block's second warp has 16 threads
+  out[threadIdx.x] = d[0];
+}
+
+__global__ void mma_divergent_kernel(float* out) {
+  const uint32_t a[4] = {0, 0, 0, 0}, b[2] = {0, 0};
+  float d[4], c[4] = {0, 0, 0, 0};
+  if (threadIdx.x < 16)
+    mma_m16n8k16_bf16(d, a, b, c);
+  else
+    mma_m16n8k16_bf16(d, a, b, c);  // planted bug: half the warp executes another mma instruction
+  out[threadIdx.x] = d[0];
+}
+
+__global__ void ldmatrix_misaligned_kernel(uint32_t* out) {
+  __shared__ __align__(16) uint16_t tile[8 * 8 + 8];
+  tile[threadIdx.x] = uint16_t(threadIdx.x);
+  __syncthreads();
+  uint32_t r[1];
+  ldmatrix_x1(r, tile + 8 * (threadIdx.x % 8) + (threadIdx.x == 3 ? 4 : 0));  // planted bug: lane 3 is 8 bytes off
+  out[threadIdx.x] = r[0];
+}
+
+__global__ void cp_async_misaligned_kernel(const uint32_t* src, uint32_t* out) {
+  __shared__ __align__(16) uint32_t s[32 * 4 + 2];
+  cp_async_16(s + 4 * threadIdx.x + 2, src + 4 * threadIdx.x);  // planted bug: dst is 8 bytes off
+  cp_async_commit();
+  cp_async_wait<0>();
+  out[threadIdx.x] = s[4 * threadIdx.x + 2];
+}
 
 // ---------------------------------------------------------------------------------------------------------------
 // Host side
@@ -631,6 +670,50 @@ Values test_launch_errors() {
   return r;
 }
 
+Values test_cp_async() {
+  std::vector<uint32_t> src(256), out(4 * 256);
+  for (int i = 0; i < 256; ++i) src[i] = 0xB0000000u + 0x10101u * uint32_t(i);
+  fastar::launch_kernel("cp_async_kernel", cp_async_kernel, dim3(1), dim3(32), 0, nullptr, src.data(), out.data());
+  Values r;
+  for (int w = 0; w < 256; ++w) {
+    const int i = w % 8;
+    const uint32_t old = 0xA0000000u + uint32_t(w);
+    const uint32_t five_bytes = i == 4 ? src[w] : i == 5 ? src[w] & 0xffu : 0u;  // little-endian bytes 0..4
+    const uint32_t group1 = i < 4 ? src[w] : i < 7 ? five_bytes : old;
+    add_pair(r, out[w], old);                                // nothing lands before a wait
+    add_pair(r, out[256 + w], i < 4 ? src[w] : old);         // wait<1>: group 0 only
+    add_pair(r, out[2 * 256 + w], group1);                   // wait<0>: group 1, zero-filled
+    add_pair(r, out[3 * 256 + w], i < 7 ? group1 : src[w]);  // the late copy, once committed
+  }
+  return r;
+}
+
+Values test_mma_partial_warp() {
+  std::vector<float> out(48);
+  fastar::launch_kernel("mma_partial_warp_kernel", mma_partial_warp_kernel, dim3(1), dim3(48), 0, nullptr, out.data());
+  return {};
+}
+
+Values test_mma_divergent() {
+  std::vector<float> out(32);
+  fastar::launch_kernel("mma_divergent_kernel", mma_divergent_kernel, dim3(1), dim3(32), 0, nullptr, out.data());
+  return {};
+}
+
+Values test_ldmatrix_misaligned() {
+  std::vector<uint32_t> out(32);
+  fastar::launch_kernel("ldmatrix_misaligned_kernel", ldmatrix_misaligned_kernel, dim3(1), dim3(32), 0, nullptr,
+                        out.data());
+  return {};
+}
+
+Values test_cp_async_misaligned() {
+  std::vector<uint32_t> src(128, 1), out(32);
+  fastar::launch_kernel("cp_async_misaligned_kernel", cp_async_misaligned_kernel, dim3(1), dim3(32), 0, nullptr,
+                        src.data(), out.data());
+  return {};
+}
+
 struct Test {
   const char* name;
   Values (*run)();
@@ -656,7 +739,46 @@ constexpr Test kTests[] = {
     {"block_vote", test_block_vote},
     {"kernel_exception", test_kernel_exception},
     {"launch_errors", test_launch_errors},
+    {"cp_async", test_cp_async},
+    {"mma_partial_warp", test_mma_partial_warp},
+    {"mma_divergent", test_mma_divergent},
+    {"ldmatrix_misaligned", test_ldmatrix_misaligned},
+    {"cp_async_misaligned", test_cp_async_misaligned},
 };
+
+template <typename T>
+uint16_t half_bits(double x) {
+  T h;
+  if constexpr (std::is_same_v<T, __nv_bfloat16>)
+    h = __float2bfloat16_rn(float(x));
+  else
+    h = __float2half_rn(float(x));
+  uint16_t bits;
+  std::memcpy(&bits, static_cast<const void*>(&h), 2);
+  return bits;
+}
+
+uint16_t to_half_bits(bool bf16, double x) { return bf16 ? half_bits<__nv_bfloat16>(x) : half_bits<__half>(x); }
+
+void require_size(const std::vector<double>& v, size_t n, const char* what) {
+  if (v.size() != n)
+    throw std::invalid_argument(std::string("fastar simt: ") + what + " has " + std::to_string(v.size()) +
+                                " values, expected " + std::to_string(n));
+}
+
+template <typename T>
+std::vector<double> run_mma_tile(const std::vector<double>& a, const std::vector<double>& b, bool b_row_major,
+                                 const std::vector<double>& c, bool skip_wait) {
+  const bool bf16 = std::is_same_v<T, __nv_bfloat16>;
+  alignas(16) uint16_t ha[16 * 16], hb[16 * 8];
+  for (int i = 0; i < 16 * 16; ++i) ha[i] = to_half_bits(bf16, a[i]);
+  for (int i = 0; i < 16 * 8; ++i) hb[i] = to_half_bits(bf16, b[i]);
+  std::vector<float> fc(c.begin(), c.end()), d(16 * 8);
+  fastar::launch_kernel("mma_tile_kernel", mma_tile_kernel<T>, dim3(1), dim3(32), (16 * 16 + 16 * 8) * sizeof(T),
+                        nullptr, reinterpret_cast<const T*>(ha), reinterpret_cast<const T*>(hb), b_row_major, fc.data(),
+                        d.data(), skip_wait);
+  return std::vector<double>(d.begin(), d.end());
+}
 
 }  // namespace
 
@@ -672,6 +794,47 @@ std::vector<double> run_selftest(const std::string& name) {
   for (const Test& t : kTests)
     if (name == t.name) return t.run();
   throw std::invalid_argument("fastar simt: unknown self-test '" + name + "'");
+}
+
+std::vector<double> mma_fragments(bool bf16, const std::vector<double>& a, const std::vector<double>& b,
+                                  const std::vector<double>& c) {
+  const size_t n = c.size() / 128;
+  require_size(a, n * 256, "a");
+  require_size(b, n * 128, "b");
+  require_size(c, n * 128, "c");
+  if (n == 0) throw std::invalid_argument("fastar simt: mma_fragments needs at least one problem");
+  std::vector<uint32_t> pa(n * 128), pb(n * 64);
+  for (size_t i = 0; i < pa.size(); ++i)
+    pa[i] = uint32_t(to_half_bits(bf16, a[2 * i + 1])) << 16 | to_half_bits(bf16, a[2 * i]);
+  for (size_t i = 0; i < pb.size(); ++i)
+    pb[i] = uint32_t(to_half_bits(bf16, b[2 * i + 1])) << 16 | to_half_bits(bf16, b[2 * i]);
+  std::vector<float> fc(c.begin(), c.end()), d(n * 128);
+  fastar::launch_kernel("mma_fragments_kernel", mma_fragments_kernel, dim3(unsigned(n)), dim3(32), 0, nullptr, bf16,
+                        pa.data(), pb.data(), fc.data(), d.data());
+  return std::vector<double>(d.begin(), d.end());
+}
+
+std::vector<uint32_t> ldmatrix_probe(int count, bool trans, const std::vector<int>& image,
+                                     const std::vector<int>& row_offsets) {
+  if (count != 1 && count != 2 && count != 4) throw std::invalid_argument("fastar simt: count must be 1, 2 or 4");
+  if (row_offsets.size() != 32) throw std::invalid_argument("fastar simt: row_offsets needs 32 values");
+  const int halves = int(image.size());
+  for (int off : row_offsets)
+    if (off < 0 || off + 8 > halves) throw std::invalid_argument("fastar simt: a row offset is outside the image");
+  std::vector<uint16_t> img(image.begin(), image.end());
+  std::vector<uint32_t> out(32 * size_t(count));
+  fastar::launch_kernel("ldmatrix_kernel", ldmatrix_kernel, dim3(1), dim3(32), size_t(halves) * 2, nullptr, count,
+                        trans, img.data(), halves, row_offsets.data(), out.data());
+  return out;
+}
+
+std::vector<double> mma_tile(bool bf16, bool b_row_major, const std::vector<double>& a, const std::vector<double>& b,
+                             const std::vector<double>& c, bool skip_wait) {
+  require_size(a, 16 * 16, "a");
+  require_size(b, 16 * 8, "b");
+  require_size(c, 16 * 8, "c");
+  return bf16 ? run_mma_tile<__nv_bfloat16>(a, b, b_row_major, c, skip_wait)
+              : run_mma_tile<__half>(a, b, b_row_major, c, skip_wait);
 }
 
 }  // namespace fastar::simt

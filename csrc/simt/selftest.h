@@ -14,6 +14,9 @@
 //                        from a reduction launched afterwards (the emulator recovered)
 //     "launch_errors"    (1 if rejected, 1) for: 1025 threads, zero grid dim via simt::launch, too much dynamic smem,
 //                        block.z = 65; then (threads run by launch_kernel with grid.x = 0, 0)
+//     "cp_async"         cp.async 16/8/4 bytes in two committed groups and one uncommitted copy: what a thread
+//                        reads before any wait (old data), after wait<1> (group 0), after wait<0> (group 1,
+//                        zero-filled past src-size), after committing the late copy and waiting
 //   pairs (value read, correct value); the values read must NOT all be correct (a planted bug):
 //     "missing_syncthreads"  threads read a neighbour's shared-memory slot without the __syncthreads
 //   pairs (input float, result converted back to float): compare with torch's .half() / .bfloat16():
@@ -27,9 +30,14 @@
 //     "bad_mask"           a lane calls __shfl_sync with a mask that does not include itself
 //     "warp_mismatch"      lanes of one warp wait in different intrinsics with overlapping masks
 //     "trap"               a thread calls __trap()
+//     "mma_partial_warp"   mma in a warp of 16 threads
+//     "mma_divergent"      the two half-warps execute different mma instructions (call sites)
+//     "ldmatrix_misaligned" a lane's ldmatrix row address is not 16-byte aligned
+//     "cp_async_misaligned" a 16-byte cp.async to an 8-byte aligned shared address
 // An unknown name throws std::invalid_argument.
 #pragma once
 
+#include <cstdint>
 #include <string>
 #include <vector>
 
@@ -37,5 +45,20 @@ namespace fastar::simt {
 
 std::vector<std::string> selftest_names();
 std::vector<double> run_selftest(const std::string& name);
+
+// Test kernels of the tensor-core wrappers (csrc/cuda/tensor_core.cuh). Half inputs are rounded to bf16 (bf16)
+// or f16 once; std::invalid_argument for wrong sizes.
+// n mma problems, one warp each: a[n][32][8], b[n][32][4] (fragment elements per lane), c[n][32][4]; returns
+// d[n][32][4].
+std::vector<double> mma_fragments(bool bf16, const std::vector<double>& a, const std::vector<double>& b,
+                                  const std::vector<double>& c);
+// ldmatrix .x{count}[.trans] over a shared-memory image of 16-bit words; lane l's row starts at word
+// row_offsets[l]. Returns the registers, r[32][count].
+std::vector<uint32_t> ldmatrix_probe(int count, bool trans, const std::vector<int>& image,
+                                     const std::vector<int>& row_offsets);
+// D (16x8, row-major) = A (16x16 row-major) * B + C through cp.async, ldmatrix and mma; b is B row-major (16x8)
+// when b_row_major, else its transpose (8x16). skip_wait omits the cp.async wait (a planted bug).
+std::vector<double> mma_tile(bool bf16, bool b_row_major, const std::vector<double>& a, const std::vector<double>& b,
+                             const std::vector<double>& c, bool skip_wait);
 
 }  // namespace fastar::simt

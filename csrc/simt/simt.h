@@ -9,7 +9,10 @@
 //     fiber with its own stack, run until it blocks (barrier, warp intrinsic) or returns. The schedule is
 //     deterministic, so a missing __syncthreads gives a reproducible wrong answer.
 //   * __syncthreads is a gate over the block's live threads; warp intrinsics are gates over the lanes
-//     named in their mask, so divergent warp code behaves as on a GPU.
+//     named in their mask, so divergent warp code behaves as on a GPU. The warp-collective matrix
+//     instructions (mma.sync m16n8k16, ldmatrix) are gates over all 32 lanes at one call site.
+//   * cp.async copies wait in a per-thread queue and land in shared memory only at the cp.async.wait_group
+//     that covers their group, so a missing wait reads stale data.
 //   * divergent barriers, deadlocks, bad warp masks and __trap() print a diagnosis naming the kernel to
 //     stderr and abort; an exception thrown by a kernel comes out of the launch as std::runtime_error.
 //   * launches are serialised by a process-wide mutex (static __shared__ arrays are shared state).
@@ -71,6 +74,7 @@ void launch_kernel(const char* name, void (*kernel)(KArgs...), dim3 grid, dim3 b
 #include <stdexcept>
 #include <string>
 #include <type_traits>
+#include <vector>
 
 // The CUDA headers give these keywords their host meaning; replace it with the emulator's.
 #undef __global__
@@ -127,7 +131,18 @@ enum class Op : uint8_t {
   And,
   Or,
   Xor,
+  // Warp-collective matrix instructions (.aligned: all 32 lanes, one call site); the value is a pointer.
+  MmaBf16,
+  MmaF16,
+  Ldmatrix1,
+  Ldmatrix2,
+  Ldmatrix4,
+  Ldmatrix1T,
+  Ldmatrix2T,
+  Ldmatrix4T,
 };
+
+inline bool is_matrix_op(Op op) { return op >= Op::MmaBf16; }
 
 inline const char* op_name(Op op) {
   switch (op) {
@@ -161,21 +176,47 @@ inline const char* op_name(Op op) {
       return "__reduce_or_sync";
     case Op::Xor:
       return "__reduce_xor_sync";
+    case Op::MmaBf16:
+      return "mma.sync.aligned.m16n8k16.row.col.f32.bf16.bf16.f32";
+    case Op::MmaF16:
+      return "mma.sync.aligned.m16n8k16.row.col.f32.f16.f16.f32";
+    case Op::Ldmatrix1:
+      return "ldmatrix.sync.aligned.m8n8.x1.shared.b16";
+    case Op::Ldmatrix2:
+      return "ldmatrix.sync.aligned.m8n8.x2.shared.b16";
+    case Op::Ldmatrix4:
+      return "ldmatrix.sync.aligned.m8n8.x4.shared.b16";
+    case Op::Ldmatrix1T:
+      return "ldmatrix.sync.aligned.m8n8.x1.trans.shared.b16";
+    case Op::Ldmatrix2T:
+      return "ldmatrix.sync.aligned.m8n8.x2.trans.shared.b16";
+    case Op::Ldmatrix4T:
+      return "ldmatrix.sync.aligned.m8n8.x4.trans.shared.b16";
   }
   return "?";
 }
 
 enum class State : uint8_t { Ready, AtBarrier, InWarpOp, Done };
 
+// A cp.async in flight: the source bytes (read at issue, zero-filled past src-size) and the group it belongs to.
+struct AsyncCopy {
+  void* dst;
+  unsigned char bytes[16];
+  int size;
+  int group;
+};
+
 struct Fiber {
   ucontext_t ctx;
   void* stack = nullptr;
   uint3 tid{};
   State state = State::Done;
-  uint64_t value = 0;   // operand deposited in a warp intrinsic
-  int arg = 0;          // shuffle source lane / delta / lane mask
-  int width = 32;       // shuffle width
-  uint64_t result = 0;  // what the pending barrier / warp intrinsic returns to this thread
+  uint64_t value = 0;                   // operand deposited in a warp intrinsic
+  int arg = 0;                          // shuffle source lane / delta / lane mask
+  int width = 32;                       // shuffle width
+  uint64_t result = 0;                  // what the pending barrier / warp intrinsic returns to this thread
+  std::vector<AsyncCopy> async_copies;  // issue order; emptied at the start of every block
+  int async_groups = 0;                 // committed cp.async groups; uncommitted copies belong to group async_groups
 };
 
 // One warp intrinsic in progress: the lanes of `mask` deposit, the last one computes every lane's result.
@@ -377,11 +418,109 @@ inline uint64_t shuffle_result(const Group& g, const Fiber* lanes, int lane) {
   return lanes[j].value;
 }
 
+// Fragment layouts of mma.m16n8k16 (PTX ISA), lane -> (row, col) of element i of its fragment, with
+// g = lane >> 2, t = lane & 3. Element i of a .b32-packed fragment is the low (even i) or high half of register i / 2.
+struct RowCol {
+  int row, col;
+};
+// A, 16x16 (m, k), 8 halves: rows g (a0, a1, a4, a5) and g + 8; cols 2t + (i & 1), + 8 for a4..a7.
+inline RowCol mma_a_elem(int lane, int i) {
+  return {(lane >> 2) + 8 * (i >> 1 & 1), 2 * (lane & 3) + (i & 1) + 8 * (i >> 2)};
+}
+// B, 16x8 (k, n), 4 halves: k = 2t + (i & 1), + 8 for b2, b3; n = g.
+inline RowCol mma_b_elem(int lane, int i) { return {2 * (lane & 3) + (i & 1) + 8 * (i >> 1), lane >> 2}; }
+// C and D, 16x8 (m, n), 4 floats: rows g (c0, c1) and g + 8; cols 2t + (i & 1).
+inline RowCol mma_c_elem(int lane, int i) { return {(lane >> 2) + 8 * (i >> 1), 2 * (lane & 3) + (i & 1)}; }
+
+// What each lane deposits in an mma / ldmatrix gate (a pointer to it: a blocked fiber's stack stays valid).
+struct MmaOperands {
+  float* d;
+  const uint32_t* a;
+  const uint32_t* b;
+  const float* c;
+};
+struct LdmatrixOperands {
+  const void* row;  // the row this lane addresses (lanes 8j..8j+7 give matrix j's rows 0..7)
+  uint32_t* r;
+};
+
+inline float b16_to_float(Op op, uint32_t bits) {
+  if (op == Op::MmaBf16) return std::bit_cast<float>(bits << 16);
+  __half_raw raw;
+  raw.x = uint16_t(bits);
+  return __half2float(__half(raw));
+}
+
+// D = A * B + C for the warp: products of two 16-bit floats are exact in float (barring overflow and
+// underflow); each D element adds them to C in k order, rounding to float after each addition (the hardware's
+// order and rounding may differ within fp32 accumulation error). C is gathered from every lane before any D
+// is written (d may alias c).
+inline void run_mma(Op op, Fiber* lanes) {
+  float a[16][16], b[16][8], acc[16][8];
+  for (int l = 0; l < 32; ++l) {
+    const auto* o = reinterpret_cast<const MmaOperands*>(lanes[l].value);
+    for (int i = 0; i < 8; ++i) {
+      const RowCol e = mma_a_elem(l, i);
+      a[e.row][e.col] = b16_to_float(op, o->a[i / 2] >> 16 * (i & 1) & 0xffff);
+    }
+    for (int i = 0; i < 4; ++i) {
+      const RowCol e = mma_b_elem(l, i);
+      b[e.row][e.col] = b16_to_float(op, o->b[i / 2] >> 16 * (i & 1) & 0xffff);
+      const RowCol ec = mma_c_elem(l, i);
+      acc[ec.row][ec.col] = o->c[i];
+    }
+  }
+  for (int m = 0; m < 16; ++m)
+    for (int n = 0; n < 8; ++n)
+      for (int k = 0; k < 16; ++k) acc[m][n] += a[m][k] * b[k][n];
+  for (int l = 0; l < 32; ++l) {
+    const auto* o = reinterpret_cast<const MmaOperands*>(lanes[l].value);
+    for (int i = 0; i < 4; ++i) {
+      const RowCol e = mma_c_elem(l, i);
+      o->d[i] = acc[e.row][e.col];
+    }
+  }
+}
+
+// ldmatrix .m8n8.b16: matrix j's row r (8 halves, 16 bytes) is at lane 8j + r's address; lane l receives in
+// register j the halves at row l >> 2, cols 2(l & 3) and 2(l & 3) + 1 of matrix j (.trans: of its transpose).
+inline void run_ldmatrix(Op op, Fiber* lanes) {
+  const int count = op == Op::Ldmatrix1 || op == Op::Ldmatrix1T   ? 1
+                    : op == Op::Ldmatrix2 || op == Op::Ldmatrix2T ? 2
+                                                                  : 4;
+  const bool trans = op >= Op::Ldmatrix1T;
+  uint16_t m[4][8][8];
+  for (int j = 0; j < count; ++j)
+    for (int r = 0; r < 8; ++r)
+      std::memcpy(m[j][r], reinterpret_cast<const LdmatrixOperands*>(lanes[8 * j + r].value)->row, 16);
+  for (int l = 0; l < 32; ++l) {
+    uint32_t* out = reinterpret_cast<const LdmatrixOperands*>(lanes[l].value)->r;
+    const int g = l >> 2, c = 2 * (l & 3);
+    for (int j = 0; j < count; ++j) {
+      const uint16_t lo = trans ? m[j][c][g] : m[j][g][c];
+      const uint16_t hi = trans ? m[j][c + 1][g] : m[j][g][c + 1];
+      out[j] = uint32_t(hi) << 16 | lo;
+    }
+  }
+}
+
 inline void complete_group(Sched& s, int warp, int gi) {
   Warp& w = s.warps[warp];
   const Group g = w.groups[gi];
   w.groups[gi] = w.groups[--w.ngroups];
   Fiber* lanes = s.fibers + warp * 32;
+  if (is_matrix_op(g.op)) {
+    if (g.op == Op::MmaBf16 || g.op == Op::MmaF16)
+      run_mma(g.op, lanes);
+    else
+      run_ldmatrix(g.op, lanes);
+    for (int l = 0; l < 32; ++l) {
+      const int idx = warp * 32 + l;
+      lanes[l].state = State::Ready;
+      if (idx != s.cur) s.push(idx);
+    }
+    return;
+  }
 
   unsigned ballot = 0;
   uint32_t sum = 0, band = ~0u, bor = 0, bxor = 0;
@@ -446,6 +585,8 @@ inline void complete_group(Sched& s, int warp, int gi) {
       case Op::Xor:
         f.result = bxor;
         break;
+      default:  // matrix ops returned above
+        break;
     }
     const int idx = warp * 32 + l;
     f.state = State::Ready;
@@ -472,6 +613,11 @@ inline uint64_t warp_op(Op op, unsigned mask, uint64_t value, int arg, int width
   for (; gi < w.ngroups; ++gi) {
     const Group& g = w.groups[gi];
     if (!(g.mask & eff)) continue;
+    if (is_matrix_op(op) && g.op == op && !same_site(g.site, site))
+      die("lane %d of warp %d calls %s at %s:%u:%u while lanes 0x%08x of the warp wait in it at %s:%u:%u; an "
+          ".aligned instruction must be executed by all 32 lanes at the same call site (warp-uniform control flow)",
+          lane, warp, op_name(op), site.file_name(), site.line(), site.column(), g.arrived, g.site.file_name(),
+          g.site.line(), g.site.column());
     if (g.mask != eff || g.op != op || g.size != size)
       die("lane %d of warp %d calls %s(mask=0x%08x, %u-byte value) at %s:%u:%u while lanes 0x%08x of the warp "
           "wait in %s(mask=0x%08x, %u-byte value) at %s:%u:%u; lanes whose masks overlap must call the same "
@@ -572,6 +718,8 @@ inline void run_block(Sched& s) {
   for (int i = 0; i < s.n; ++i) {
     Fiber& f = s.fibers[i];
     f.state = State::Ready;
+    f.async_copies.clear();
+    f.async_groups = 0;
     f.ctx.uc_stack.ss_sp = f.stack;
     f.ctx.uc_stack.ss_size = s.stack_bytes;
     f.ctx.uc_link = nullptr;
@@ -811,6 +959,91 @@ inline unsigned __reduce_xor_sync(unsigned mask, unsigned value,
   using namespace fastar::simt::detail;
   return unsigned(warp_op(Op::Xor, mask, value, 0, 32, 4, site));
 }
+
+// ---------------------------------------------------------------------------------------------------------------
+// sm_80 warp-level matrix instructions and cp.async. Kernels reach them through the wrappers of
+// csrc/cuda/tensor_core.cuh, which are inline PTX under nvcc; the call site names the kernel's line.
+
+namespace fastar::simt {
+
+namespace detail {
+inline void matrix_op(Op op, const void* operands, const std::source_location& site) {
+  check_running(op_name(op));
+  const Sched& s = g_sched;
+  const int warp = s.cur / 32;
+  if (s.warps[warp].exist != ~0u)
+    die("%s at %s:%u:%u needs all 32 lanes of the warp, but warp %d of this block has only %d threads", op_name(op),
+        site.file_name(), site.line(), site.column(), warp, std::popcount(s.warps[warp].exist));
+  warp_op(op, ~0u, reinterpret_cast<uintptr_t>(operands), 0, 32, 0, site);
+}
+
+inline Fiber& current_fiber() { return g_sched.fibers[g_sched.cur]; }
+}  // namespace detail
+
+// mma.sync.aligned.m16n8k16.row.col.f32.{bf16,f16}: d = a * b + c over the warp, PTX fragment layouts.
+inline void mma_m16n8k16(bool bf16, float d[4], const uint32_t a[4], const uint32_t b[2], const float c[4],
+                         const std::source_location& site) {
+  using namespace detail;
+  const MmaOperands o{d, a, b, c};
+  matrix_op(bf16 ? Op::MmaBf16 : Op::MmaF16, &o, site);
+}
+
+// ldmatrix.sync.aligned.m8n8.x{count}[.trans].shared.b16 into r[0..count). The rows lanes 0..8*count-1 address
+// must be 16-byte aligned; the other lanes' addresses are ignored.
+inline void ldmatrix(int count, bool trans, uint32_t* r, const void* row, const std::source_location& site) {
+  using namespace detail;
+  static constexpr Op kOps[2][3] = {{Op::Ldmatrix1, Op::Ldmatrix2, Op::Ldmatrix4},
+                                    {Op::Ldmatrix1T, Op::Ldmatrix2T, Op::Ldmatrix4T}};
+  const Op op = kOps[trans][count == 1 ? 0 : count == 2 ? 1 : 2];
+  check_running(op_name(op));
+  const int lane = g_sched.cur % 32;
+  if (lane < 8 * count && reinterpret_cast<uintptr_t>(row) % 16 != 0)
+    die("%s at %s:%u:%u: lane %d's row address %p is not 16-byte aligned", op_name(op), site.file_name(), site.line(),
+        site.column(), lane, row);
+  const LdmatrixOperands o{row, r};
+  matrix_op(op, &o, site);
+}
+
+// cp.async of `size` (4, 8, 16) bytes: reads src_bytes (<= size) bytes of src now, zero-fills the rest, and
+// writes dst only at the cp_async_wait that covers its group. dst and src must be aligned to `size`.
+inline void cp_async(void* dst, const void* src, int size, int src_bytes, const std::source_location& site) {
+  using namespace detail;
+  check_running("cp.async");
+  if (reinterpret_cast<uintptr_t>(dst) % size != 0 || reinterpret_cast<uintptr_t>(src) % size != 0)
+    die("cp.async of %d bytes at %s:%u:%u: dst %p and src %p must both be %d-byte aligned", size, site.file_name(),
+        site.line(), site.column(), dst, src, size);
+  if (src_bytes < 0 || src_bytes > size)
+    die("cp.async of %d bytes at %s:%u:%u: src-size %d is outside [0, %d]", size, site.file_name(), site.line(),
+        site.column(), src_bytes, size);
+  Fiber& f = current_fiber();
+  AsyncCopy c{dst, {}, size, f.async_groups};
+  std::memcpy(c.bytes, src, size_t(src_bytes));
+  f.async_copies.push_back(c);
+}
+
+// cp.async.commit_group: the copies issued since the last commit form the next group.
+inline void cp_async_commit() {
+  detail::check_running("cp.async.commit_group");
+  ++detail::current_fiber().async_groups;
+}
+
+// cp.async.wait_group n: lands, in issue order, every copy of all committed groups but the n most recent.
+inline void cp_async_wait(int n) {
+  using namespace detail;
+  check_running("cp.async.wait_group");
+  Fiber& f = current_fiber();
+  const int covered = f.async_groups - n;
+  size_t kept = 0;
+  for (const AsyncCopy& c : f.async_copies) {
+    if (c.group < covered)
+      std::memcpy(c.dst, c.bytes, size_t(c.size));
+    else
+      f.async_copies[kept++] = c;
+  }
+  f.async_copies.resize(kept);
+}
+
+}  // namespace fastar::simt
 
 // ---------------------------------------------------------------------------------------------------------------
 // Atomics (CUDA signatures; they return the old value).
