@@ -1,7 +1,9 @@
 """Helpers shared by the tests."""
 from __future__ import annotations
 
+import shutil
 from collections import Counter
+from pathlib import Path
 from typing import Dict
 
 import torch
@@ -63,3 +65,17 @@ def chisquare_pvalue(observed: Counter, expected: Dict, total: int) -> float:
     assert len(f_exp) >= 2, "test is degenerate: fewer than two bins"
     scale = sum(f_obs) / sum(f_exp)  # == 1 up to rounding; scipy insists on equal sums
     return float(stats.chisquare(f_obs, [e * scale for e in f_exp]).pvalue)
+
+
+def cuobjdump() -> str | None:
+    """nvcc's cuobjdump, or the copy the triton wheel ships."""
+    found = shutil.which("cuobjdump")
+    if found:
+        return found
+    try:
+        import triton
+
+        path = Path(triton.__file__).parent / "backends" / "nvidia" / "bin" / "cuobjdump"
+        return str(path) if path.is_file() else None
+    except ImportError:
+        return None

@@ -6,29 +6,15 @@ import functools
 import re
 import shutil
 import subprocess
-from pathlib import Path
 
 import pytest
 
 import fastar
+from helpers import cuobjdump
 
 ARCHS = ("sm_80", "sm_90")
 # Static shared memory a block may declare without the launcher opting in (the rest is dynamic).
 STATIC_SMEM_LIMIT = 48 * 1024
-
-
-def cuobjdump() -> str | None:
-    """nvcc's cuobjdump, or the copy the triton wheel ships."""
-    found = shutil.which("cuobjdump")
-    if found:
-        return found
-    try:
-        import triton
-
-        path = Path(triton.__file__).parent / "backends" / "nvidia" / "bin" / "cuobjdump"
-        return str(path) if path.is_file() else None
-    except ImportError:
-        return None
 
 
 def demangle(names: list[str]) -> list[str]:

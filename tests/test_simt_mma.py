@@ -20,6 +20,7 @@ import pytest
 import torch
 
 from fastar import _simt
+from helpers import cuobjdump
 
 try:
     simt = _simt.load()
@@ -237,22 +238,10 @@ def test_test_kernel_arguments_are_checked(call):
         call()
 
 
-def _cuobjdump():
-    found = shutil.which("cuobjdump")
-    if found:
-        return found
-    try:
-        import triton
-    except ImportError:
-        return None
-    path = Path(triton.__file__).parent / "backends" / "nvidia" / "bin" / "cuobjdump"
-    return str(path) if path.is_file() else None
-
-
 @pytest.mark.parametrize("arch", ["sm_80", "sm_90"])
 def test_nvcc_compiles_the_wrappers_to_tensor_core_instructions(tmp_path, arch):
-    nvcc, cuobjdump = shutil.which("nvcc"), _cuobjdump()
-    if nvcc is None or cuobjdump is None:
+    nvcc, tool = shutil.which("nvcc"), cuobjdump()
+    if nvcc is None or tool is None:
         pytest.skip("nvcc or cuobjdump not found")
     source = tmp_path / "k.cu"
     source.write_text(
@@ -267,7 +256,7 @@ def test_nvcc_compiles_the_wrappers_to_tensor_core_instructions(tmp_path, arch):
     cmd = [nvcc, "-std=c++20", f"-I{ROOT / 'csrc'}", "-cubin", f"-arch={arch}", "-o", str(cubin), str(source)]
     proc = subprocess.run(cmd, capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stderr[-3000:]
-    sass = subprocess.run([cuobjdump, "-sass", str(cubin)], capture_output=True, text=True, check=True).stdout
+    sass = subprocess.run([tool, "-sass", str(cubin)], capture_output=True, text=True, check=True).stdout
     found = set(re.findall(r"\b(HMMA\.16816\.F32(?:\.BF16)?|LDSM\.16\.MT?88(?:\.[24])?|LDGSTS\.E[.A-Z0-9]*)", sass))
     expected = {"HMMA.16816.F32", "HMMA.16816.F32.BF16", "LDSM.16.M88.4", "LDSM.16.M88.2", "LDSM.16.MT88.2"}
     assert expected <= found, sorted(found)
