@@ -46,42 +46,21 @@ __device__ __forceinline__ uint32_t smem_address(const void* p) {
   return static_cast<uint32_t>(__cvta_generic_to_shared(p));
 }
 
-__device__ __forceinline__ void ldmatrix_x1(uint32_t* r, const void* row) {
-  asm volatile("ldmatrix.sync.aligned.m8n8.x1.shared.b16 {%0}, [%1];\n"
-               : "=r"(r[0])
-               : "r"(smem_address(row))
-               : "memory");
-}
-__device__ __forceinline__ void ldmatrix_x2(uint32_t* r, const void* row) {
-  asm volatile("ldmatrix.sync.aligned.m8n8.x2.shared.b16 {%0, %1}, [%2];\n"
-               : "=r"(r[0]), "=r"(r[1])
-               : "r"(smem_address(row))
-               : "memory");
-}
-__device__ __forceinline__ void ldmatrix_x4(uint32_t* r, const void* row) {
-  asm volatile("ldmatrix.sync.aligned.m8n8.x4.shared.b16 {%0, %1, %2, %3}, [%4];\n"
-               : "=r"(r[0]), "=r"(r[1]), "=r"(r[2]), "=r"(r[3])
-               : "r"(smem_address(row))
-               : "memory");
-}
-__device__ __forceinline__ void ldmatrix_x1_trans(uint32_t* r, const void* row) {
-  asm volatile("ldmatrix.sync.aligned.m8n8.x1.trans.shared.b16 {%0}, [%1];\n"
-               : "=r"(r[0])
-               : "r"(smem_address(row))
-               : "memory");
-}
-__device__ __forceinline__ void ldmatrix_x2_trans(uint32_t* r, const void* row) {
-  asm volatile("ldmatrix.sync.aligned.m8n8.x2.trans.shared.b16 {%0, %1}, [%2];\n"
-               : "=r"(r[0]), "=r"(r[1])
-               : "r"(smem_address(row))
-               : "memory");
-}
-__device__ __forceinline__ void ldmatrix_x4_trans(uint32_t* r, const void* row) {
-  asm volatile("ldmatrix.sync.aligned.m8n8.x4.trans.shared.b16 {%0, %1, %2, %3}, [%4];\n"
-               : "=r"(r[0]), "=r"(r[1]), "=r"(r[2]), "=r"(r[3])
-               : "r"(smem_address(row))
-               : "memory");
-}
+// operands: the destination registers, then the row address (nvcc takes no named asm operands).
+#define FASTAR_LDMATRIX(name, shape, operands, ...)                                \
+  __device__ __forceinline__ void name(uint32_t* r, const void* row) {             \
+    asm volatile("ldmatrix.sync.aligned.m8n8." shape ".shared.b16 " operands ";\n" \
+                 : __VA_ARGS__                                                     \
+                 : "r"(smem_address(row))                                          \
+                 : "memory");                                                      \
+  }
+FASTAR_LDMATRIX(ldmatrix_x1, "x1", "{%0}, [%1]", "=r"(r[0]))
+FASTAR_LDMATRIX(ldmatrix_x2, "x2", "{%0, %1}, [%2]", "=r"(r[0]), "=r"(r[1]))
+FASTAR_LDMATRIX(ldmatrix_x4, "x4", "{%0, %1, %2, %3}, [%4]", "=r"(r[0]), "=r"(r[1]), "=r"(r[2]), "=r"(r[3]))
+FASTAR_LDMATRIX(ldmatrix_x1_trans, "x1.trans", "{%0}, [%1]", "=r"(r[0]))
+FASTAR_LDMATRIX(ldmatrix_x2_trans, "x2.trans", "{%0, %1}, [%2]", "=r"(r[0]), "=r"(r[1]))
+FASTAR_LDMATRIX(ldmatrix_x4_trans, "x4.trans", "{%0, %1, %2, %3}, [%4]", "=r"(r[0]), "=r"(r[1]), "=r"(r[2]), "=r"(r[3]))
+#undef FASTAR_LDMATRIX
 
 __device__ __forceinline__ void cp_async_16(void* dst_smem, const void* src_global, int src_bytes = 16) {
   asm volatile("cp.async.cg.shared.global [%0], [%1], 16, %2;\n" ::"r"(smem_address(dst_smem)), "l"(src_global),
