@@ -16,6 +16,14 @@
 //   * divergent barriers, deadlocks, bad warp masks and __trap() print a diagnosis naming the kernel to
 //     stderr and abort; an exception thrown by a kernel comes out of the launch as std::runtime_error.
 //   * launches are serialised by a process-wide mutex (static __shared__ arrays are shared state).
+//   * set_schedule / FASTAR_SIMT_SCHEDULE=forward|reverse|shuffle:<seed> change which ready fiber runs at every
+//     scheduling decision; a race-free kernel gives bit-identical results under each (forward is the default).
+//   * set_race_check / FASTAR_SIMT_RACECHECK=1: a launch in which two threads write the same 4-byte word of
+//     shared memory (the dynamic region, or any __shared__ variable: they live in one linker section) between
+//     two __syncthreads throws, naming the kernel, the word and the threads. Writes are found by diffing shared
+//     memory against a snapshot at every fiber switch (slow); reads are invisible, so read-after-write races
+//     show only as results that differ between schedules. Atomics are exempt; a write the diff cannot see
+//     (same value) is missed. Both are off by default and cost the default mode one branch per switch.
 #pragma once
 
 #include <cstddef>
@@ -59,6 +67,7 @@ void launch_kernel(const char* name, void (*kernel)(KArgs...), dim3 grid, dim3 b
 
 #include <atomic>
 #include <bit>
+#include <cerrno>
 #include <cmath>
 #include <cstdarg>
 #include <cstdint>
@@ -91,7 +100,9 @@ void launch_kernel(const char* name, void (*kernel)(KArgs...), dim3 grid, dim3 b
 #define __launch_bounds__(...)
 // Blocks run one after another and launches are serialised, so a function-local static is a valid
 // home for a block's shared memory. It is NOT reset between blocks (it keeps the previous block's data).
-#define __shared__ static
+// The section gathers every __shared__ variable of the library between __start_/__stop_fastar_simt_shared,
+// where the race check finds them.
+#define __shared__ static __attribute__((section("fastar_simt_shared")))
 // The built-in variables are defined below; keep CUDA's extern declarations of them out.
 #define __DEVICE_LAUNCH_PARAMETERS_H__
 
@@ -198,6 +209,35 @@ inline const char* op_name(Op op) {
 
 enum class State : uint8_t { Ready, AtBarrier, InWarpOp, Done };
 
+// The order in which a block's ready fibers run: forward takes the longest-waiting one, reverse the most
+// recently released one, shuffle a pseudo-random one (seeded per launch).
+enum class Schedule : uint8_t { Forward, Reverse, Shuffle };
+
+// Emulator settings, read from FASTAR_SIMT_SCHEDULE / FASTAR_SIMT_RACECHECK at the first launch unless set
+// before by set_schedule / set_race_check.
+struct Config {
+  bool loaded = false;
+  Schedule schedule = Schedule::Forward;
+  uint64_t seed = 0;
+  bool race_check = false;
+};
+inline Config g_config;
+
+// Linker-made bounds of the __shared__ section (null when the library has no __shared__ variable).
+extern "C" __attribute__((weak, visibility("hidden"))) unsigned char __start_fastar_simt_shared[];
+extern "C" __attribute__((weak, visibility("hidden"))) unsigned char __stop_fastar_simt_shared[];
+
+// A shared-memory region watched by the race check: a snapshot of its bytes and, per 4-byte word, the thread
+// that last changed it and the barrier interval it did so in.
+struct WatchedRegion {
+  const char* what = "";
+  unsigned char* base = nullptr;
+  size_t bytes = 0;
+  std::vector<unsigned char> snap;
+  std::vector<uint32_t> epoch;
+  std::vector<int> writer;
+};
+
 // A cp.async in flight: the source bytes (read at issue, zero-filled past src-size) and the group it belongs to.
 struct AsyncCopy {
   void* dst;
@@ -258,13 +298,34 @@ struct Sched {
   std::exception_ptr error;
   uint3 error_tid{};
   unsigned char* dyn_smem = nullptr;
+  Schedule order = Schedule::Forward;
+  uint64_t rng = 0;
+  // Race check (off: race == false and nothing below is touched).
+  bool race = false;
+  WatchedRegion regions[2];  // the dynamic shared memory, the __shared__ section
+  uint32_t epoch = 0;        // barrier interval: bumped at every block start and __syncthreads release
+  std::source_location interval_site;
+  bool interval_at_start = true;
+  std::string race_report;  // the first race of the block, thrown by launch()
 
   void push(int i) {
     ready[(head + queued) % kMaxThreads] = i;
     ++queued;
   }
+  uint64_t next_random() {  // splitmix64
+    uint64_t z = (rng += 0x9e3779b97f4a7c15ull);
+    z = (z ^ (z >> 30)) * 0xbf58476d1ce4e5b9ull;
+    z = (z ^ (z >> 27)) * 0x94d049bb133111ebull;
+    return z ^ (z >> 31);
+  }
   int pop() {
     if (queued == 0) return -1;
+    if (order == Schedule::Reverse) {
+      --queued;
+      return ready[(head + queued) % kMaxThreads];
+    }
+    if (order == Schedule::Shuffle)
+      std::swap(ready[head], ready[(head + int(next_random() % unsigned(queued))) % kMaxThreads]);
     const int i = ready[head];
     head = (head + 1) % kMaxThreads;
     --queued;
@@ -328,8 +389,58 @@ inline void check_running(const char* what) {
   if (!g_sched.running) die("%s called outside a kernel launch", what);
 }
 
+// Race check: attributes every word of the watched regions that changed since the snapshot to the running
+// fiber; a word changed by two threads in one barrier interval is a race (the first one is kept).
+inline void note_write(Sched& s, WatchedRegion& r, size_t word) {
+  if (r.epoch[word] == s.epoch && r.writer[word] != s.cur && s.race_report.empty()) {
+    const uint3 a = s.fibers[r.writer[word]].tid, b = s.fibers[s.cur].tid;
+    char buf[512];
+    if (s.interval_at_start)
+      std::snprintf(buf, sizeof buf, "since the start of the block");
+    else
+      std::snprintf(buf, sizeof buf, "since the __syncthreads at %s:%u:%u", s.interval_site.file_name(),
+                    s.interval_site.line(), s.interval_site.column());
+    char msg[1024];
+    std::snprintf(msg, sizeof msg,
+                  "fastar simt: shared-memory race in kernel '%s', block (%u,%u,%u): threads (%u,%u,%u) and "
+                  "(%u,%u,%u) both wrote word %zu (byte offset %zu, address %p) of %s %s, with no __syncthreads "
+                  "between the writes",
+                  s.kernel, blockIdx.x, blockIdx.y, blockIdx.z, a.x, a.y, a.z, b.x, b.y, b.z, word, 4 * word,
+                  static_cast<void*>(r.base + 4 * word), r.what, buf);
+    s.race_report = msg;
+  }
+  r.epoch[word] = s.epoch;
+  r.writer[word] = s.cur;
+}
+
+inline void race_account(Sched& s) {
+  constexpr size_t kChunk = 64;
+  for (WatchedRegion& r : s.regions) {
+    if (r.bytes == 0 || std::memcmp(r.base, r.snap.data(), r.bytes) == 0) continue;
+    for (size_t c = 0; c < r.bytes; c += kChunk) {
+      const size_t n = std::min(kChunk, r.bytes - c);
+      if (std::memcmp(r.base + c, r.snap.data() + c, n) == 0) continue;
+      for (size_t b = c; b < c + n; b += 4) {
+        const size_t w = std::min<size_t>(4, r.bytes - b);
+        if (std::memcmp(r.base + b, r.snap.data() + b, w) != 0) note_write(s, r, b / 4);
+      }
+      std::memcpy(r.snap.data() + c, r.base + c, n);
+    }
+  }
+}
+
+// Race check: an atomic on shared memory is not a race; its bytes join the snapshot unattributed.
+inline void note_atomic(const void* p, size_t size) {
+  Sched& s = g_sched;
+  if (!s.race || !s.running) return;
+  const unsigned char* a = static_cast<const unsigned char*>(p);
+  for (WatchedRegion& r : s.regions)
+    if (a >= r.base && a + size <= r.base + r.bytes) std::memcpy(r.snap.data() + (a - r.base), a, size);
+}
+
 // Makes fiber `next` current. With `save`, the running context is stored there to be resumed later.
 inline void switch_to(Sched& s, int next, ucontext_t* save) {
+  if (s.race && save != &s.main_ctx) race_account(s);
   s.cur = next;
   threadIdx = s.fibers[next].tid;
   if (save)
@@ -339,21 +450,33 @@ inline void switch_to(Sched& s, int next, ucontext_t* save) {
 }
 
 // The current fiber has recorded why it waits; run the next ready one. Returns once someone releases us.
+// Under a schedule other than forward the releasing fiber is queued with the rest and may pop itself.
 inline void block_current(Sched& s) {
   const int me = s.cur;
   const int next = s.pop();
   if (next < 0) deadlock();
-  switch_to(s, next, &s.fibers[me].ctx);
+  if (next != me) switch_to(s, next, &s.fibers[me].ctx);
+}
+
+// Releasing threads from a gate; the running one joins the queue unless the schedule is forward.
+inline void make_ready(Sched& s, int i) {
+  if (i != s.cur || s.order != Schedule::Forward) s.push(i);
 }
 
 inline void release_barrier(Sched& s) {
+  if (s.race) {  // the releasing thread's writes belong to the interval that ends here
+    race_account(s);
+    ++s.epoch;
+    s.interval_site = s.bar.site;
+    s.interval_at_start = false;
+  }
   const uint64_t res = uint64_t(uint32_t(s.bar.count)) << 32 | uint32_t(s.bar.waiting);
   for (int i = 0; i < s.n; ++i) {
     Fiber& f = s.fibers[i];
     if (f.state != State::AtBarrier) continue;
     f.result = res;
     f.state = State::Ready;
-    if (i != s.cur) s.push(i);
+    make_ready(s, i);
   }
   s.bar.waiting = 0;
 }
@@ -378,10 +501,12 @@ inline uint64_t block_barrier(int pred, const std::source_location& site) {
   Fiber& f = s.fibers[s.cur];
   f.state = State::AtBarrier;
   b.count += pred != 0;
-  if (++b.waiting == s.live)
+  if (++b.waiting == s.live) {
     release_barrier(s);
-  else
+    if (s.order != Schedule::Forward) block_current(s);
+  } else {
     block_current(s);
+  }
   return f.result;
 }
 
@@ -517,7 +642,7 @@ inline void complete_group(Sched& s, int warp, int gi) {
     for (int l = 0; l < 32; ++l) {
       const int idx = warp * 32 + l;
       lanes[l].state = State::Ready;
-      if (idx != s.cur) s.push(idx);
+      make_ready(s, idx);
     }
     return;
   }
@@ -590,7 +715,7 @@ inline void complete_group(Sched& s, int warp, int gi) {
     }
     const int idx = warp * 32 + l;
     f.state = State::Ready;
-    if (idx != s.cur) s.push(idx);
+    make_ready(s, idx);
   }
 }
 
@@ -634,10 +759,12 @@ inline uint64_t warp_op(Op op, unsigned mask, uint64_t value, int arg, int width
   f.state = State::InWarpOp;
   Group& g = w.groups[gi];
   g.arrived |= bit;
-  if (g.arrived == g.mask)
+  if (g.arrived == g.mask) {
     complete_group(s, warp, gi);
-  else
+    if (s.order != Schedule::Forward) block_current(s);
+  } else {
     block_current(s);
+  }
   return f.result;
 }
 
@@ -677,6 +804,7 @@ inline void fiber_main() {
   if (s.bar.waiting > 0 && s.bar.waiting == s.live) release_barrier(s);
   const int next = s.pop();
   if (next >= 0) switch_to(s, next, nullptr);
+  if (s.race) race_account(s);
   if (s.live == 0) setcontext(&s.main_ctx);
   deadlock();
 }
@@ -733,8 +861,53 @@ inline void run_block(Sched& s) {
   s.bar.waiting = 0;
   s.live = s.n;
   s.head = s.queued = 0;
-  for (int i = 1; i < s.n; ++i) s.push(i);
-  switch_to(s, 0, &s.main_ctx);  // returns when every thread has exited or one has thrown
+  if (s.race) {
+    for (WatchedRegion& r : s.regions) std::memcpy(r.snap.data(), r.base, r.bytes);
+    ++s.epoch;
+    s.interval_at_start = true;
+  }
+  for (int i = 0; i < s.n; ++i) s.push(i);
+  switch_to(s, s.pop(), &s.main_ctx);  // returns when every thread has exited or one has thrown
+}
+
+inline Schedule parse_schedule(const std::string& spec, uint64_t* seed) {
+  if (spec == "forward") return Schedule::Forward;
+  if (spec == "reverse") return Schedule::Reverse;
+  if (spec.rfind("shuffle:", 0) == 0 && spec.size() > 8) {
+    char* end = nullptr;
+    errno = 0;
+    const unsigned long long v = std::strtoull(spec.c_str() + 8, &end, 10);
+    if (*end == '\0' && errno == 0 && spec[8] != '-') {
+      *seed = v;
+      return Schedule::Shuffle;
+    }
+  }
+  throw std::invalid_argument("fastar simt: schedule '" + spec +
+                              "' is not 'forward', 'reverse' or 'shuffle:<seed>' (seed a non-negative integer)");
+}
+
+// Fills g_config from the environment once; an invalid value throws (std::invalid_argument) at the launch.
+inline Config& config() {
+  Config& c = g_config;
+  if (c.loaded) return c;
+  if (const char* env = std::getenv("FASTAR_SIMT_SCHEDULE"); env && *env) c.schedule = parse_schedule(env, &c.seed);
+  if (const char* env = std::getenv("FASTAR_SIMT_RACECHECK"); env && *env) {
+    const std::string v = env;
+    if (v != "0" && v != "1")
+      throw std::invalid_argument("fastar simt: FASTAR_SIMT_RACECHECK='" + v + "' is not 0 or 1");
+    c.race_check = v == "1";
+  }
+  c.loaded = true;
+  return c;
+}
+
+inline void watch(WatchedRegion& r, const char* what, unsigned char* base, size_t bytes) {
+  r.what = what;
+  r.base = base;
+  r.bytes = bytes;
+  r.snap.resize(bytes);
+  r.epoch.assign((bytes + 3) / 4, 0);
+  r.writer.assign((bytes + 3) / 4, -1);
 }
 
 inline std::string dim_str(dim3 d) {
@@ -765,6 +938,26 @@ inline void validate(const char* name, dim3 grid, dim3 block, size_t smem) {
 // nullptr when the launch asked for none.
 inline void* dynamic_smem() { return detail::g_sched.dyn_smem; }
 
+// The schedule of later launches: "forward" (the default), "reverse" or "shuffle:<seed>"; std::invalid_argument
+// for anything else. A kernel without a race gives bit-identical results under every schedule.
+inline void set_schedule(const std::string& spec) {
+  detail::Config& c = detail::config();
+  c.schedule = detail::parse_schedule(spec, &c.seed);
+}
+inline std::string schedule() {
+  const detail::Config& c = detail::config();
+  return c.schedule == detail::Schedule::Forward   ? "forward"
+         : c.schedule == detail::Schedule::Reverse ? "reverse"
+                                                   : "shuffle:" + std::to_string(c.seed);
+}
+
+// The race check of later launches: a launch in which two threads change the same 4-byte word of shared
+// memory (dynamic or __shared__) between two __syncthreads throws std::runtime_error naming the kernel, the
+// word and the two threads. With it on, a cp.async fills its destination with 0xFF at issue, so a read before
+// the covering wait shows even where the stale data was right. Reads are invisible to it (compare schedules).
+inline void set_race_check(bool on) { detail::config().race_check = on; }
+inline bool race_check() { return detail::config().race_check; }
+
 // Runs `body` once per CUDA thread of every block. Throws std::runtime_error for an invalid configuration, a
 // launch from inside a kernel, or when `body` throws (the block is abandoned, later launches work normally).
 inline void launch(const char* kernel_name, dim3 grid, dim3 block, size_t dynamic_smem_bytes,
@@ -774,6 +967,7 @@ inline void launch(const char* kernel_name, dim3 grid, dim3 block, size_t dynami
   if (tl_launching)
     throw std::runtime_error(std::string("fastar simt: kernel '") + kernel_name +
                              "' launched from inside a kernel; dynamic parallelism is not emulated");
+  const Config& cfg = config();
   std::lock_guard<std::mutex> lock(g_launch_mutex);
   Sched& s = g_sched;
   const int n = int(block.x * block.y * block.z);
@@ -795,6 +989,7 @@ inline void launch(const char* kernel_name, dim3 grid, dim3 block, size_t dynami
       s.body = nullptr;
       s.dyn_smem = nullptr;
       s.error = nullptr;
+      s.race = false;
       tl_launching = false;
     }
   } running{s};
@@ -804,6 +999,16 @@ inline void launch(const char* kernel_name, dim3 grid, dim3 block, size_t dynami
   s.body = &body;
   s.n = n;
   s.dyn_smem = smem.p;
+  s.order = cfg.schedule;
+  s.rng = cfg.seed;
+  s.race = cfg.race_check;
+  if (s.race) {
+    watch(s.regions[0], "the dynamic shared memory", smem.p, dynamic_smem_bytes);
+    watch(s.regions[1], "the __shared__ variables", __start_fastar_simt_shared,
+          size_t(__stop_fastar_simt_shared - __start_fastar_simt_shared));
+    s.epoch = 0;
+    s.race_report.clear();
+  }
   gridDim = grid;
   blockDim = block;
   for (int i = 0; i < n; ++i)
@@ -815,6 +1020,7 @@ inline void launch(const char* kernel_name, dim3 grid, dim3 block, size_t dynami
         blockIdx = uint3{x, y, z};
         if (smem.p) std::memset(smem.p, 0xFF, dynamic_smem_bytes);
         run_block(s);
+        if (s.race && !s.race_report.empty()) throw std::runtime_error(s.race_report);
         if (!s.error) continue;
         std::string what = "a non-standard exception";
         try {
@@ -1019,6 +1225,7 @@ inline void cp_async(void* dst, const void* src, int size, int src_bytes, const 
   AsyncCopy c{dst, {}, size, f.async_groups};
   std::memcpy(c.bytes, src, size_t(src_bytes));
   f.async_copies.push_back(c);
+  if (g_sched.race) std::memset(dst, 0xFF, size_t(size));  // undefined until the wait (set_race_check)
 }
 
 // cp.async.commit_group: the copies issued since the last commit form the next group.
@@ -1055,12 +1262,17 @@ T atomic_update(T* address, F f) {
   T old = ref.load();
   while (!ref.compare_exchange_weak(old, f(old))) {
   }
+  note_atomic(address, sizeof(T));
   return old;
 }
 }  // namespace fastar::simt::detail
 
-#define FASTAR_SIMT_ATOMIC_FETCH(fn, T, method) \
-  inline T fn(T* address, T val) { return std::atomic_ref<T>(*address).method(val); }
+#define FASTAR_SIMT_ATOMIC_FETCH(fn, T, method)             \
+  inline T fn(T* address, T val) {                          \
+    const T old = std::atomic_ref<T>(*address).method(val); \
+    fastar::simt::detail::note_atomic(address, sizeof(T));  \
+    return old;                                             \
+  }
 FASTAR_SIMT_ATOMIC_FETCH(atomicAdd, int, fetch_add)
 FASTAR_SIMT_ATOMIC_FETCH(atomicAdd, unsigned int, fetch_add)
 FASTAR_SIMT_ATOMIC_FETCH(atomicAdd, unsigned long long, fetch_add)
@@ -1099,6 +1311,7 @@ FASTAR_SIMT_ATOMIC_MINMAX(unsigned long long)
 #define FASTAR_SIMT_ATOMIC_CAS(T)                                       \
   inline T atomicCAS(T* address, T compare, T val) {                    \
     std::atomic_ref<T>(*address).compare_exchange_strong(compare, val); \
+    fastar::simt::detail::note_atomic(address, sizeof(T));              \
     return compare;                                                     \
   }
 FASTAR_SIMT_ATOMIC_CAS(int)
