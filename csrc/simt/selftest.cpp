@@ -116,6 +116,34 @@ __global__ void neighbour_kernel(float* out) {
   out[blockIdx.x * blockDim.x + threadIdx.x] = tile[(threadIdx.x + 1) % blockDim.x];
 }
 
+// Thread 2i adds its value into slot 2i+1 after thread 2i+1 stored there; skip_sync drops the __syncthreads in
+// between (a planted bug: a write-write race, and the result depends on the order threads run in).
+__global__ void pair_sum_kernel(const float* x, float* out, bool skip_sync) {
+  __shared__ float buf[64];
+  const unsigned t = threadIdx.x;
+  buf[t] = x[t];
+  if (!skip_sync) __syncthreads();
+  if (t % 2 == 0) buf[t + 1] += buf[t];
+  __syncthreads();
+  out[t] = buf[t];
+}
+
+// Each thread stores its 4 words, reloads the same words by cp.async and reads its neighbour's after a
+// __syncthreads; skip_wait drops the cp_async_wait before it (a planted bug that the stale, equal words hide).
+__global__ void cp_async_reload_kernel(const uint32_t* src, uint32_t* out, bool skip_wait) {
+  __shared__ __align__(16) uint32_t s[64 * 4];
+  const unsigned t = threadIdx.x;
+  uint32_t* mine = s + 4 * t;
+  for (int i = 0; i < 4; ++i) mine[i] = src[4 * t + i];
+  cp_async_16(mine, src + 4 * t);
+  cp_async_commit();
+  if (!skip_wait) cp_async_wait<0>();
+  __syncthreads();
+  const uint32_t* next = s + 4 * ((t + 1) % blockDim.x);
+  for (int i = 0; i < 4; ++i) out[4 * t + i] = next[i];
+  cp_async_wait<0>();
+}
+
 __global__ void divergent_barrier_kernel(int* out) {
   if (threadIdx.x < 16) {
     __syncthreads();
@@ -412,6 +440,31 @@ Values test_missing_syncthreads() {
     for (int t = 0; t < threads; ++t) add_pair(r, out[b * threads + t], b * 1000 + (t + 1) % threads);
   return r;
 }
+
+Values run_pair_sum(bool skip_sync) {
+  std::vector<float> x(64), out(64);
+  for (int i = 0; i < 64; ++i) x[i] = float(i + 1);
+  fastar::launch_kernel("pair_sum_kernel", pair_sum_kernel, dim3(1), dim3(64), 0, nullptr, x.data(), out.data(),
+                        skip_sync);
+  Values r;
+  for (int i = 0; i < 64; ++i) add_pair(r, out[i], i % 2 ? x[i] + x[i - 1] : x[i]);
+  return r;
+}
+Values test_pair_sum() { return run_pair_sum(false); }
+Values test_pair_sum_missing_sync() { return run_pair_sum(true); }
+
+Values run_cp_async_reload(bool skip_wait) {
+  alignas(16) uint32_t src[256];
+  std::vector<uint32_t> out(256);
+  for (int i = 0; i < 256; ++i) src[i] = 0x1000u + i;
+  fastar::launch_kernel("cp_async_reload_kernel", cp_async_reload_kernel, dim3(1), dim3(64), 0, nullptr, src,
+                        out.data(), skip_wait);
+  Values r;
+  for (int i = 0; i < 256; ++i) add_pair(r, out[i], src[(i + 4) % 256]);
+  return r;
+}
+Values test_cp_async_reload() { return run_cp_async_reload(false); }
+Values test_cp_async_reload_missing_wait() { return run_cp_async_reload(true); }
 
 Values test_divergent_barrier() {
   std::vector<int> out(64);
@@ -725,6 +778,10 @@ constexpr Test kTests[] = {
     {"shuffle_types", test_shuffle_types},
     {"disjoint_masks", test_disjoint_masks},
     {"missing_syncthreads", test_missing_syncthreads},
+    {"pair_sum", test_pair_sum},
+    {"pair_sum_missing_sync", test_pair_sum_missing_sync},
+    {"cp_async_reload", test_cp_async_reload},
+    {"cp_async_reload_missing_wait", test_cp_async_reload_missing_wait},
     {"divergent_barrier", test_divergent_barrier},
     {"skipped_shuffle", test_skipped_shuffle},
     {"bad_mask", test_bad_mask},
