@@ -5,6 +5,13 @@
 PYTHON ?= python3
 VENV := .venv
 PY := $(VENV)/bin/python
+# `make gpu-check PY=python3` uses that interpreter's packages as they are (an offline GPU machine): no venv,
+# no pip.
+ifeq ($(origin PY),command line)
+INSTALLED :=
+else
+INSTALLED := $(VENV)/.installed
+endif
 export FASTAR_BUILD_SIMT ?= 1
 
 .PHONY: build test bench lint gpu-check clean
@@ -36,7 +43,7 @@ lint: $(VENV)/.installed
 
 # The prepared GPU check (bench/gpu_check.py): build, cuda tests, compute-sanitizer, GPU bench into
 # bench/results/gpu.json. Without a GPU: a dry run of its CPU parts (CI runs it so).
-gpu-check: $(VENV)/.installed
+gpu-check: $(INSTALLED)
 	$(PY) -m bench.gpu_check
 
 clean:

@@ -1,7 +1,8 @@
 """`make gpu-check`: the one prepared check for a machine with an NVIDIA GPU, run unattended.
 
 Steps, each under its own time limit, each recorded even when it fails (a failing step does not stop the next):
-  1. build   fastar for the local GPU's arch (`make build`; setup.py picks the arch of the GPUs present);
+  1. build   fastar in place for the local GPU's arch with this interpreter (`setup.py build_ext --inplace`;
+             setup.py picks the arch of the GPUs present), so it needs no network: `make gpu-check PY=python3`;
   2. tests   the cuda backend of the test suite (FASTAR_REQUIRE_CUDA_BUILD=1);
   3. sanitizer  compute-sanitizer's memcheck, racecheck, synccheck and initcheck over a small case of every op;
   4. bench   every attention row on the GPU against torch's scaled_dot_product_attention (its flash, cuDNN,
@@ -313,7 +314,9 @@ def run_step(name: str, cmd: list[str], limit: int, env: Optional[dict] = None) 
         proc = subprocess.run(cmd, cwd=ROOT, env={**os.environ, **(env or {})}, capture_output=True, text=True,
                               timeout=limit)
         ok = proc.returncode == 0
-        tail = (proc.stdout + proc.stderr)[-2000:]
+        log = proc.stdout + proc.stderr
+        (RESULTS.parent / f"gpu-{name.replace(' ', '-')}.log").write_text(log)
+        tail = log[-2000:]
     except subprocess.TimeoutExpired:
         ok, tail = False, f"timed out after {limit} s"
     except OSError as exc:
@@ -352,9 +355,10 @@ def main(argv=None) -> int:
         print(f"dry run: {len(rows) - len(failed)} of {len(rows)} cases ran; nothing written")
         return 1 if failed else 0
 
-    steps = [run_step("build", ["make", "build"], LIMITS["build"], {"FASTAR_BUILD_SIMT": "0"}),
-             run_step("tests", [sys.executable, "-m", "pytest", "tests", "-q", "-x", "-k", "cuda"], LIMITS["tests"],
-                      {"FASTAR_REQUIRE_CUDA_BUILD": "1"})]
+    steps = [run_step("build", [sys.executable, "setup.py", "build_ext", "--inplace"], LIMITS["build"],
+                      {"FASTAR_BUILD_SIMT": "0"}),
+             run_step("tests", [sys.executable, "-m", "pytest", "tests", "-q", "-rfE", "-k", "cuda"],
+                      LIMITS["tests"], {"FASTAR_REQUIRE_CUDA_BUILD": "1"})]
     steps += [run_step(name, cmd, LIMITS["sanitizer"]) for name, cmd in sanitizer_commands()]
     bench = run_step("bench", [sys.executable, "-c", "import bench.gpu_check as g, json, sys; "
                                "json.dump(g.bench_rows('cuda', small=False), open(sys.argv[1], 'w'), default=str)",

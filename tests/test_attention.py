@@ -707,13 +707,27 @@ def test_kvcache_errors(backend):
     gen = torch.Generator().manual_seed(0)
     block_table, total = paged_layout(B, S // 4, gen)
     pages = to_paged(k_cache, block_table, total, gen)
-    with pytest.raises(ValueError, match="overflows"):
-        backend.attention_with_kvcache(q, pages, pages.clone(), cache_seqlens=torch.tensor([0, S - 1]), k_new=k_new,
-                                       v_new=v_new, block_table=block_table)
-    with pytest.raises(ValueError):  # kv_lens > capacity
+
+    def paged_append(seqlens):
+        k_pages, v_pages = pages.clone(), pages.clone()
+        out = backend.attention_with_kvcache(q, k_pages, v_pages, cache_seqlens=torch.tensor(seqlens), k_new=k_new,
+                                             v_new=v_new, block_table=block_table)
+        return out[0], out[1], out[2]
+
+    with pytest.raises(ValueError):  # kv_lens > capacity, as an int
         backend.attention_with_kvcache(q, k_cache, v_cache, cache_seqlens=S + 1)
-    with pytest.raises(ValueError):  # negative length
-        backend.attention_with_kvcache(q, k_cache, v_cache, cache_seqlens=torch.tensor([-1, 2]))
+    if backend.name == "cuda":
+        # Device lengths are not read on the host: they are clamped into [0, capacity - Lnew] (the docstring).
+        for got, want in zip(paged_append([0, S - 1]), paged_append([0, S - Lq])):
+            assert torch.equal(got, want), "a device length past the capacity is clamped"
+        bad = backend.attention_with_kvcache(q, k_cache, v_cache, cache_seqlens=torch.tensor([-1, 2]))
+        assert torch.equal(bad[0], backend.attention_with_kvcache(q, k_cache, v_cache,
+                                                                  cache_seqlens=torch.tensor([0, 2]))[0])
+    else:
+        with pytest.raises(ValueError, match="overflows"):
+            paged_append([0, S - 1])
+        with pytest.raises(ValueError):  # negative length
+            backend.attention_with_kvcache(q, k_cache, v_cache, cache_seqlens=torch.tensor([-1, 2]))
     with pytest.raises(ValueError, match="k_new"):
         backend.attention_with_kvcache(q, k_cache, v_cache, cache_seqlens=0, k_new=k_new)
     with pytest.raises(ValueError, match="k_new"):

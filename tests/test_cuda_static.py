@@ -8,10 +8,12 @@ import shutil
 import subprocess
 
 import pytest
+import torch
 
 import fastar
 from helpers import cuobjdump
 
+# The archs CI's build targets (setup.py's default without a GPU); a GPU machine builds only its own.
 ARCHS = ("sm_80", "sm_90")
 # Static shared memory a block may declare without the launcher opting in (the rest is dynamic).
 STATIC_SMEM_LIMIT = 48 * 1024
@@ -58,9 +60,12 @@ def describe(rows: list[dict]) -> list[str]:
     return [f"{r['arch']} {r['name'][:90]} REG {r['REG']} STACK {r['STACK']} LOCAL {r.get('LOCAL', 0)}" for r in rows]
 
 
-def test_both_archs_are_built():
+def test_configured_archs_are_built():
+    configured = {"sm_" + a.replace(".", "") for a in fastar.build_info()["cuda_archs"].split(",")}
     archs = {r["arch"] for r in resource_usage()}
-    assert set(ARCHS) <= archs, f"kernels compiled for {sorted(archs)}, expected {ARCHS}"
+    assert configured <= archs, f"kernels compiled for {sorted(archs)}, configured for {sorted(configured)}"
+    if not torch.cuda.is_available():
+        assert set(ARCHS) <= archs, f"the default build covers {ARCHS}, got {sorted(archs)}"
 
 
 def test_static_shared_memory_within_limit():

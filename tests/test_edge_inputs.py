@@ -425,7 +425,8 @@ def test_sdpa_zero_neg_inf_float_masks(backend, monkeypatch, shape, dtype):
     dims = {"2d": (Lq, Lk), "b1": (B, 1, Lq, Lk), "bh": (B, H, Lq, Lk)}[shape]
     hidden = torch.rand(dims, generator=gen) < 0.4
     hidden[..., ::4, :] = True  # rows that see no key: 0 in PyTorch's convention
-    mask = torch.zeros(dims, dtype=dtype).masked_fill(hidden, float("-inf"))
+    # On the backend's device once, so every call sees the same tensor (the cache is keyed by it).
+    mask = backend.to(torch.zeros(dims, dtype=dtype).masked_fill(hidden, float("-inf")))
     lowered = []
     run = masked_attention._run
     monkeypatch.setattr(masked_attention, "_run", lambda q, k, v, args, *a, **kw: lowered.append(args) or
@@ -433,7 +434,7 @@ def test_sdpa_zero_neg_inf_float_masks(backend, monkeypatch, shape, dtype):
     monkeypatch.setattr(masked_attention, "_mask_kinds", type(masked_attention._mask_kinds)())
     for _ in range(2):  # the second call finds the mask's kind in the cache
         out = backend.scaled_dot_product_attention(q, k, v, attn_mask=mask)
-        want = F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
+        want = F.scaled_dot_product_attention(q, k, v, attn_mask=mask.cpu())
         ref, _ = attention_reference(q.double(), k.double(), v.double(), mask=~hidden)
         assert torch.all(out[..., ::4, :] == 0) and torch.all(want[..., ::4, :] == 0)
         assert_output_close(out, ref, q, k, v, ~hidden)

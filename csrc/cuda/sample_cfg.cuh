@@ -47,6 +47,7 @@ __device__ uint32_t block_radix_select(int64_t V, uint32_t floor, uint64_t targe
       const uint64_t incl = warp_inclusive_scan(sum, lane);
       const uint64_t need = sh.remaining;
       const int first = __ffs(__ballot_sync(kFullMask, incl >= need)) - 1;
+      __syncwarp();  // every lane has read sh.remaining before `first` rewrites it (a ballot orders no memory)
       if (lane == first) {
         uint64_t above = incl - sum;
         int bin = 255 - 8 * lane;
