@@ -166,22 +166,23 @@ def attention_with_kvcache(
         ``[B, Lq, Hq, D]`` (and the LSE ``[B, Hq, Lq]``). Sequence ``b`` attends to its first
         ``cache_seqlens[b] (+ Lq_new)`` keys.
 
-    CPU tensors ``cache_seqlens`` and ``block_table`` are range-checked (ValueError / IndexError) before
-    anything is written. On a CUDA device they are not read on the host (no sync): a length outside its range
-    is clamped into it (so an append stays inside that sequence's slots) and a page outside
-    ``[0, num_pages)`` reads as no keys (an append into it fails as a device-side index error); values never
-    wrap around when narrowed to int32.
+    An int ``cache_seqlens``, and CPU tensors ``cache_seqlens`` and ``block_table``, are range-checked
+    (ValueError / IndexError) before anything is written. Tensors on a CUDA device are not read on the host
+    (no sync): a length outside its range is clamped into it (so an append stays inside that sequence's slots)
+    and a page outside ``[0, num_pages)`` reads as no keys (an append into it fails as a device-side index
+    error); values never wrap around when narrowed to int32.
     """
     four_d(_KV_OP, "[B, L, H, D]", q=q, k_cache=k_cache, v_cache=v_cache)
     B, Lq, _, D = q.shape
     head_dim(_KV_OP, D)
     if (k_new is None) != (v_new is None):
         raise ValueError(f"{_KV_OP}: give both k_new and v_new, or neither")
+    seqlen_int = None  # an int length is known on the host: checked there on every device
     if not isinstance(cache_seqlens, torch.Tensor):
-        n = integral(_KV_OP, cache_seqlens, "cache_seqlens")
-        if not 0 <= n <= INT32_MAX:
-            raise ValueError(f"{_KV_OP}: cache_seqlens must be a length in [0, capacity], got {n}")
-        cache_seqlens = torch.full((B,), n, device=q.device)
+        seqlen_int = integral(_KV_OP, cache_seqlens, "cache_seqlens")
+        if not 0 <= seqlen_int <= INT32_MAX:
+            raise ValueError(f"{_KV_OP}: cache_seqlens must be a length in [0, capacity], got {seqlen_int}")
+        cache_seqlens = torch.full((B,), seqlen_int, device=q.device)
     cache_seqlens = index_tensor(_KV_OP, cache_seqlens, "cache_seqlens", q.device)
     if block_table is not None:
         block_table = index_tensor(_KV_OP, block_table, "block_table", q.device)
@@ -215,6 +216,8 @@ def attention_with_kvcache(
     check((cache_seqlens >= 0).all(), ValueError, f"{_KV_OP}: cache_seqlens must be >= 0")
     overflow = f"appending {L_new} tokens overflows the cache of {capacity}" if L_new else (
         f"cache_seqlens must be at most the cache's capacity {capacity}")
+    if seqlen_int is not None and seqlen_int > capacity - L_new:
+        raise ValueError(f"{_KV_OP}: {overflow}")
     check((cache_seqlens <= capacity - L_new).all(), ValueError, f"{_KV_OP}: {overflow}")
     cache_seqlens = narrow_int32(cache_seqlens, 0, capacity - L_new)
     if block_table is not None:

@@ -210,8 +210,9 @@ def test_expanded_cache_refuses_append_but_reads(backend):
     q, k_cache, v_cache = kvcache_inputs()
     k_new, v_new = torch.randn(2, 2, 2, 16), torch.randn(2, 2, 2, 16)
     k_shared, v_shared = k_cache[:1].expand(2, -1, -1, -1), v_cache[:1].expand(2, -1, -1, -1)
-    for k_exp, v_exp in ((k_shared, v_cache), (k_cache, v_shared), (k_cache[:, :1].expand(-1, 8, -1, -1), v_cache)):
-        k_dev, v_dev = backend.to(k_exp), backend.to(v_exp)
+    k_on, v_on = backend.to(k_cache), backend.to(v_cache)  # expanded on the device: a copy there is not expanded
+    for k_dev, v_dev in ((k_on[:1].expand(2, -1, -1, -1), v_on), (k_on, v_on[:1].expand(2, -1, -1, -1)),
+                         (k_on[:, :1].expand(-1, 8, -1, -1), v_on)):
         before = k_dev.clone(), v_dev.clone()
         with pytest.raises(ValueError, match="share memory"), backend.using_ops():
             fastar.attention_with_kvcache(backend.to(q), k_dev, v_dev, cache_seqlens=3, k_new=backend.to(k_new),
