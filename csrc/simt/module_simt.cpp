@@ -18,5 +18,7 @@ PYBIND11_MODULE(_C_simt, m) {
   m.def("set_race_check", &fastar::simt::set_race_check,
         "Later launches raise RuntimeError when two threads write one shared-memory word between barriers.");
   m.def("race_check", &fastar::simt::race_check);
+  m.def("launch_counts", &fastar::simt::launch_counts, "Launches per kernel name since reset_launch_counts().");
+  m.def("reset_launch_counts", &fastar::simt::reset_launch_counts);
   m.attr("cuda_include_dirs") = FASTAR_CUDA_INCLUDE_DIRS_STR;  // ':'-separated, as the build found them
 }

@@ -77,6 +77,7 @@ void launch_kernel(const char* name, void (*kernel)(KArgs...), dim3 grid, dim3 b
 #include <exception>
 #include <functional>
 #include <limits>
+#include <map>
 #include <mutex>
 #include <new>
 #include <source_location>
@@ -335,6 +336,7 @@ struct Sched {
 
 inline Sched g_sched;
 inline std::mutex g_launch_mutex;
+inline std::map<std::string, int64_t> g_launches;  // launches per kernel name (launch_counts)
 inline thread_local bool tl_launching = false;
 
 [[noreturn]] __attribute__((format(printf, 1, 2))) inline void die(const char* fmt, ...) {
@@ -958,6 +960,16 @@ inline std::string schedule() {
 inline void set_race_check(bool on) { detail::config().race_check = on; }
 inline bool race_check() { return detail::config().race_check; }
 
+// Launches per kernel name since the last reset, so tests can tell which kernel ran a case.
+inline std::map<std::string, int64_t> launch_counts() {
+  std::lock_guard<std::mutex> lock(detail::g_launch_mutex);
+  return detail::g_launches;
+}
+inline void reset_launch_counts() {
+  std::lock_guard<std::mutex> lock(detail::g_launch_mutex);
+  detail::g_launches.clear();
+}
+
 // Runs `body` once per CUDA thread of every block. Throws std::runtime_error for an invalid configuration, a
 // launch from inside a kernel, or when `body` throws (the block is abandoned, later launches work normally).
 inline void launch(const char* kernel_name, dim3 grid, dim3 block, size_t dynamic_smem_bytes,
@@ -969,6 +981,7 @@ inline void launch(const char* kernel_name, dim3 grid, dim3 block, size_t dynami
                              "' launched from inside a kernel; dynamic parallelism is not emulated");
   const Config& cfg = config();
   std::lock_guard<std::mutex> lock(g_launch_mutex);
+  ++g_launches[kernel_name];
   Sched& s = g_sched;
   const int n = int(block.x * block.y * block.z);
   ensure_fibers(s, n);
