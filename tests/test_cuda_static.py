@@ -89,3 +89,46 @@ def test_attention_kernel_has_no_spills():
     assert rows, "no attention_kernel in the built code"
     spilled = [r for r in rows if r["STACK"] or r.get("LOCAL", 0)]
     assert not spilled, describe(spilled)
+
+
+@functools.lru_cache(maxsize=1)
+def sass_by_kernel() -> dict:
+    """{(arch, demangled name): SASS text} of every kernel in fastar._C."""
+    resource_usage()  # the same skips
+    text = subprocess.run([cuobjdump(), "--dump-sass", fastar._C.__file__], capture_output=True, text=True,
+                          check=True).stdout
+    out, arch = {}, None
+    for part in re.split(r"\n(?=\s*(?:arch = sm_\d+|Function : ))", text):
+        if m := re.match(r"\s*arch = (sm_\d+)", part):
+            arch = m.group(1)
+        elif m := re.match(r"\s*Function : (\S+)", part):
+            out[(arch, m.group(1))] = part
+    names = demangle([name for _, name in out])
+    return {(arch, name): body for ((arch, _), body), name in zip(out.items(), names)}
+
+
+def tensor_core_kernels() -> dict:
+    found = {key: body for key, body in sass_by_kernel().items() if re.search(r"\battention_tc_kernel\b", key[1])}
+    assert found, "no attention_tc_kernel in the built code"
+    return found
+
+
+@pytest.mark.parametrize("instruction", ["HMMA", "LDSM", "LDGSTS"])
+def test_tensor_core_kernel_uses_matrix_instructions(instruction):
+    """Every tensor-core instance (bf16 / fp16 x head dim), on every built arch: mma.sync (HMMA),
+    ldmatrix (LDSM) and cp.async (LDGSTS) are in its machine code."""
+    kernels_ = tensor_core_kernels()
+    missing = [f"{arch} {name[:80]}" for (arch, name), body in kernels_.items() if instruction not in body]
+    assert not missing, missing
+    configured = {"sm_" + a.replace(".", "") for a in fastar.build_info()["cuda_archs"].split(",")}
+    assert configured <= {arch for arch, _ in kernels_}
+
+
+def test_tensor_core_kernel_resources():
+    """Registers within the 255 of one thread; no spills up to D = 128 (D = 256 keeps its 128 accumulators per
+    thread and spills a little). (Its dynamic shared memory, at most 99 KB so sm_86 / sm_89 cards run it, is a
+    static_assert of attention_tc.cuh's TcTile.)"""
+    rows = kernels(r"\battention_tc_kernel\b")
+    assert rows and all(r["REG"] <= 255 for r in rows)
+    spilled = [r for r in rows if ", 256>" not in r["name"] and (r["STACK"] or r.get("LOCAL", 0))]
+    assert not spilled, describe(spilled)

@@ -100,12 +100,16 @@ def test_sample_cfg(backend, top_k, top_p):
     )
 
 
-# (B, Hq, Hkv, Lq, Lk, D): decode (G * Lq <= 8) with and without kv splits, tiled, D past one chunk.
+# (B, Hq, Hkv, Lq, Lk, D): decode (G * Lq <= 8) with and without kv splits, tiled, D past one chunk, and the
+# tensor-core kernel (bf16, G * Lq >= 16): swizzled and padded rows, two stages, kv splits.
 ATTENTION_SHAPES = [
     (1, 4, 1, 2, 300, 64),  # decode, 3 kv splits
     (2, 2, 2, 1, 40, 32),  # decode, one split
-    (1, 4, 2, 9, 70, 64),  # tiled
     (1, 2, 1, 5, 300, 128),  # tiled, kv splits
+    (1, 4, 2, 9, 70, 64),  # tensor cores, 18 rows
+    (1, 4, 1, 16, 300, 128),  # tensor cores, 64 rows, kv splits
+    (2, 2, 2, 20, 150, 80),  # tensor cores, padded rows, three tiles per block
+    (1, 2, 1, 17, 100, 256),  # tensor cores, 32-key tiles
 ]
 
 

@@ -93,12 +93,25 @@ FASTAR_HD MaskGeometry mask_geometry(const AttentionParams& p, int64_t b) {
   return MaskGeometry{p.mask.bottom_right ? lk - p.Lq : 0, lk - p.mask.bits_cols};
 }
 
+// Key position s (>= 0) -> its block_table column and row in the page: a 32-bit division when both fit (a GPU's
+// 64-bit division is a subroutine call).
+struct PagePos {
+  int64_t column, row;
+};
+FASTAR_HD PagePos page_pos(const AttentionParams& p, int64_t s) {
+  if (static_cast<uint64_t>(s) <= 0xffffffffu && static_cast<uint64_t>(p.page_size) <= 0xffffffffu) {
+    const uint32_t s32 = static_cast<uint32_t>(s), ps = static_cast<uint32_t>(p.page_size);
+    return PagePos{s32 / ps, s32 % ps};
+  }
+  return PagePos{s / p.page_size, s % p.page_size};
+}
+
 // Key position -> element offset of its row in k or v (for head h of batch b).
 FASTAR_HD int64_t kv_row_offset(const AttentionParams& p, int64_t sb, int64_t sh, int64_t sl, int64_t b, int64_t h,
                                 int64_t s) {
   if (p.block_table) {
-    const int64_t page = p.block_table[b * p.bt_sb + s / p.page_size];
-    return page * sb + h * sh + (s % p.page_size) * sl;
+    const PagePos pp = page_pos(p, s);
+    return p.block_table[b * p.bt_sb + pp.column] * sb + h * sh + pp.row * sl;
   }
   return b * sb + h * sh + s * sl;
 }

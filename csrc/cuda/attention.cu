@@ -1,8 +1,11 @@
 #include <algorithm>
+#include <cstdint>
 #include <stdexcept>
 #include <string>
+#include <type_traits>
 
 #include "cuda/attention.cuh"
+#include "cuda/attention_tc.cuh"
 #include "cuda/launchers.h"
 
 namespace fastar {
@@ -51,21 +54,55 @@ int multiprocessors() {
 #endif
 }
 
+// Items of at least this many rows take the tensor-core kernel (bf16 / fp16, a tc_head_dim).
+constexpr int64_t kTensorCoreRows = 16;
+
+// Whether the tensor-core kernel takes these arguments: its cp.async copies 16-byte chunks, so every q, k
+// and v row must start 16-byte aligned (fp32 stays on the CUDA-core kernel, exact to fp32 rounding).
+bool use_tensor_cores(const AttentionParams& p, FloatKind kind) {
+  if (kind == FloatKind::kFloat32 || !cuda::tc_head_dim(p.D) || p.Hq / p.Hkv * p.Lq < kTensorCoreRows) return false;
+  auto aligned = [](const void* ptr) { return reinterpret_cast<uintptr_t>(ptr) % 16 == 0; };
+  int64_t strides = p.q_sb | p.q_sh | p.q_sl | p.k_sb | p.k_sh | p.k_sl | p.v_sb | p.v_sh | p.v_sl;
+  return aligned(p.q) && aligned(p.k) && aligned(p.v) && strides % 8 == 0;
+}
+
+template <typename F>
+void with_tc_dim(int64_t D, F&& f) {
+  switch (D) {
+    case 64:
+      return f(std::integral_constant<int, 64>{});
+    case 80:
+      return f(std::integral_constant<int, 80>{});
+    case 96:
+      return f(std::integral_constant<int, 96>{});
+    case 128:
+      return f(std::integral_constant<int, 128>{});
+    default:
+      return f(std::integral_constant<int, 256>{});
+  }
+}
+
 struct Shape {
-  bool decode;
+  bool decode, tc;
   int64_t rows, bk;  // rows per item, keys per tile
   cuda::AttentionWork work;
   int64_t items;
 };
 
-Shape shape_of(const AttentionParams& p) {
+Shape shape_of(const AttentionParams& p, FloatKind kind) {
   Shape s{};
   const int64_t G = p.Hq / p.Hkv;
-  s.decode = G * p.Lq <= kDecodeRows;
-  with_config(p.D, s.decode, [&](auto cfg) {
-    s.rows = decltype(cfg)::kRows;
-    s.bk = decltype(cfg)::kBk;
-  });
+  s.tc = use_tensor_cores(p, kind);
+  s.decode = !s.tc && G * p.Lq <= kDecodeRows;
+  if (s.tc) {
+    s.rows = cuda::kTcRows;
+    with_tc_dim(p.D, [&](auto d) { s.bk = cuda::TcTile<decltype(d)::value>::kBk; });
+  } else {
+    with_config(p.D, s.decode, [&](auto cfg) {
+      s.rows = decltype(cfg)::kRows;
+      s.bk = decltype(cfg)::kBk;
+    });
+  }
   cuda::AttentionWork& w = s.work;
   w.G = G;
   // The whole group with as many positions as fit, or (a group larger than the block) a chunk of heads.
@@ -104,8 +141,8 @@ void allow_dynamic_smem(K* kernel, int64_t bytes) {
 
 }  // namespace
 
-AttentionPlan plan_attention(const AttentionParams& prm) {
-  const Shape s = shape_of(prm);
+AttentionPlan plan_attention(const AttentionParams& prm, FloatKind kind) {
+  const Shape s = shape_of(prm, kind);
   const int64_t splits = s.work.splits;
   return AttentionPlan{splits, splits > 1 ? splits * prm.B * prm.Hq * prm.Lq * (prm.D + 2) : 0};
 }
@@ -113,7 +150,7 @@ AttentionPlan plan_attention(const AttentionParams& prm) {
 void launch_attention(const AttentionParams& prm, FloatKind kind, const AttentionPlan& plan, float* workspace,
                       void* stream) {
   if (prm.D > kAttentionMaxHeadDim) throw std::invalid_argument("fastar.attention: head dim above 256");
-  Shape s = shape_of(prm);
+  Shape s = shape_of(prm, kind);
   cuda::AttentionWork& w = s.work;
   if (plan.splits != w.splits) throw std::logic_error("fastar.attention: launch_attention got another plan");
   const int64_t rows = prm.B * prm.Hq * prm.Lq;
@@ -127,15 +164,28 @@ void launch_attention(const AttentionParams& prm, FloatKind kind, const Attentio
   const cudaStream_t st = static_cast<cudaStream_t>(stream);
   cuda::dispatch_device_float(kind, [&](auto tag) {
     using T = decltype(tag);
-    with_config(prm.D, s.decode, [&](auto cfg) {
-      using C = decltype(cfg);
-      auto* kernel = &cuda::attention_kernel<T, C::kDC, C::kRowsPerWarp, C::kKeySlices>;
-      const int64_t smem = cuda::attn_smem_layout<C::kKeySlices, C::kRowsPerWarp>(static_cast<int>(prm.D)).bytes;
-      allow_dynamic_smem(kernel, smem);
-      launch_kernel(C::kDecode ? "attention_decode" : "attention_tiled", kernel,
-                    dim3(static_cast<unsigned>(s.items), static_cast<unsigned>(w.splits)), dim3(cuda::kAttnThreads),
-                    static_cast<size_t>(smem), st, prm, w);
-    });
+    const dim3 grid(static_cast<unsigned>(s.items), static_cast<unsigned>(w.splits));
+    if constexpr (!std::is_same_v<T, float>) {  // shape_of never picks tensor cores for fp32
+      if (s.tc) {
+        with_tc_dim(prm.D, [&](auto d) {
+          constexpr int kD = decltype(d)::value;
+          auto* kernel = &cuda::attention_tc_kernel<T, kD>;
+          constexpr int64_t kSmem = cuda::TcTile<kD>::kBytes;
+          allow_dynamic_smem(kernel, kSmem);
+          launch_kernel("attention_tc", kernel, grid, dim3(cuda::kTcThreads), static_cast<size_t>(kSmem), st, prm, w);
+        });
+      }
+    }
+    if (!s.tc) {
+      with_config(prm.D, s.decode, [&](auto cfg) {
+        using C = decltype(cfg);
+        auto* kernel = &cuda::attention_kernel<T, C::kDC, C::kRowsPerWarp, C::kKeySlices>;
+        const int64_t smem = cuda::attn_smem_layout<C::kKeySlices, C::kRowsPerWarp>(static_cast<int>(prm.D)).bytes;
+        allow_dynamic_smem(kernel, smem);
+        launch_kernel(C::kDecode ? "attention_decode" : "attention_tiled", kernel, grid, dim3(cuda::kAttnThreads),
+                      static_cast<size_t>(smem), st, prm, w);
+      });
+    }
     if (w.splits > 1) {
       launch_kernel("attention_merge", &cuda::attention_merge_kernel<T>, dim3(static_cast<unsigned>(merge_blocks)),
                     dim3(cuda::kAttnThreads), 0, st, prm, w);

@@ -112,7 +112,7 @@ __device__ __forceinline__ float inv_norm(const T* x, int D, int lane) {
 // The key's page must exist: the CPU glue rejects bad block tables, the CUDA one cannot without a sync.
 __device__ __forceinline__ bool page_ok(const AttentionParams& p, int64_t b, int64_t s) {
   if (!p.block_table) return true;
-  const int64_t page = p.block_table[b * p.bt_sb + s / p.page_size];
+  const int64_t page = p.block_table[b * p.bt_sb + page_pos(p, s).column];
   return page >= 0 && page < p.num_pages;
 }
 

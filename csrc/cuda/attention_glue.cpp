@@ -13,7 +13,7 @@ void run_attention_cuda(const AttentionLaunch& l, const char* op) {
   TORCH_CHECK_VALUE(l.prm.D <= kAttentionMaxHeadDim, op, ": the CUDA kernels take head dims up to ",
                     kAttentionMaxHeadDim, ", got ", l.prm.D);
   if (l.prm.B * l.prm.Hq * l.prm.Lq > 0) {
-    const AttentionPlan plan = plan_attention(l.prm);
+    const AttentionPlan plan = plan_attention(l.prm, float_kind(l.out));
     // Partial results of the kv splits; stream-ordered by the caching allocator, so no sync is needed.
     at::Tensor workspace;
     if (plan.workspace_floats > 0) workspace = at::empty({plan.workspace_floats}, l.out.options().dtype(at::kFloat));

@@ -23,7 +23,7 @@ struct AttentionPlan {
   int64_t splits;
   int64_t workspace_floats;
 };
-AttentionPlan plan_attention(const AttentionParams& prm);
+AttentionPlan plan_attention(const AttentionParams& prm, FloatKind kind);
 void launch_attention(const AttentionParams& prm, FloatKind kind, const AttentionPlan& plan, float* workspace,
                       void* stream);
 

@@ -1,0 +1,393 @@
+// Tensor-core CUDA kernel of fastar's masked attention, for bf16 / fp16 items of 16 query rows or more
+// (verification, trees, block diffusion, VAR's block-causal pass, prefill). FlashAttention-2's structure:
+//  * one block of 4 warps per work item (batch, kv head, query tile of 64 rows = GQA heads x positions, as in
+//    attention.cuh) and kv split; each warp owns 16 query rows;
+//  * Q, then kBk-key K and V tiles, copied global -> shared by 16-byte cp.async (zero-fill for absent keys and
+//    rows), two K/V stages: the next visible tile's copy is in flight while this one is computed;
+//  * shared rows in 16-byte chunks, XOR-swizzled by row (D = 64, 128, 256) or padded by one chunk (80, 96):
+//    the 8 rows an ldmatrix phase reads fall in 8 different bank groups;
+//  * S = Q K^T and O += P V by ldmatrix + mma.sync m16n8k16 with fp32 accumulation; P stays in registers (the
+//    accumulator fragment of S is the A fragment of P V); the online softmax is core/softmax.h's state in fp32,
+//    log2 units, the scale applied to S in fp32;
+//  * key tiles classified against the structured mask first (core/attention.h): hidden tiles are never
+//    copied, full tiles run with no per-element mask work.
+// NaN rule (docs/attention.md): a NaN or inf in a V row must reach only the rows that see that key. In a
+// partial tile such values are zeroed in shared memory before P V and added back, for the rows that see the
+// key, from global memory (a path that runs only when V holds a non-finite value).
+//
+// Roofline (H100 SXM, bf16, dense 989 TFLOP/s, 3.35 TB/s): 4 D FLOPs per visible (query, key) pair; K/V of a
+// 64-key tile (D = 128: 32 KB) feed 64 x 64 x 128 x 4 = 2.1 MFLOP per block, 64 FLOP/byte from L2/HBM per
+// block, so rows of 64+ queries are tensor-core bound and a GQA group of 4 heads x 16 positions (tree verify)
+// still is; the targets per bench row are in docs/design/cuda-attention.md.
+#pragma once
+#include <cuda_bf16.h>
+#include <cuda_fp16.h>
+
+#include <cmath>
+#include <cstring>
+#include <type_traits>
+
+#include "cuda/attention.cuh"
+#include "cuda/tensor_core.cuh"
+
+namespace fastar::cuda {
+
+constexpr int kTcWarps = 4;
+constexpr int kTcThreads = 32 * kTcWarps;
+constexpr int kTcRows = 16 * kTcWarps;  // query rows per block
+constexpr int kTcListChunk = 128;       // key tiles classified per pass
+
+// Whether D has a tensor-core instance (a multiple of 16, as mma's k and ldmatrix's 8-column blocks need).
+FASTAR_HD constexpr bool tc_head_dim(int64_t D) { return D == 64 || D == 80 || D == 96 || D == 128 || D == 256; }
+
+template <int kD>
+struct TcTile {
+  static constexpr int kBk = kD <= 128 ? 64 : 32;  // keys per tile (D = 256: the stages fit 99 KB)
+  static constexpr int kChunks = kD / 8;           // 16-byte chunks per row
+  static constexpr bool kSwizzle = kChunks % 8 == 0;
+  static constexpr int kStride = kSwizzle ? kChunks : kChunks + 1;  // row stride in chunks
+  static constexpr int kQElems = kTcRows * kStride * 8;
+  static constexpr int kKvElems = kBk * kStride * 8;
+  // Element offset of chunk c of row r.
+  __device__ __forceinline__ static int at(int r, int c) { return (r * kStride + (kSwizzle ? c ^ (r & 7) : c)) * 8; }
+  // Shared memory: Q, K[2], V[2] (2-byte elements), key factors [2][kBk] (float; < 0: key absent), the tile
+  // list [kTcListChunk] (int), the bad-V key bits [2] and the list length.
+  static constexpr int64_t kBytes = int64_t{kQElems + 4 * kKvElems} * 2 + 2 * kBk * 4 + kTcListChunk * 4 + 3 * 4;
+  static_assert(kBytes <= 99 * 1024, "an sm_86 / sm_89 block has 99 KB of shared memory");
+};
+
+__device__ __forceinline__ uint32_t pack2(float lo, float hi, __nv_bfloat16) {
+  const __nv_bfloat162 h = __floats2bfloat162_rn(lo, hi);
+  uint32_t r;
+  memcpy(&r, &h, 4);
+  return r;
+}
+__device__ __forceinline__ uint32_t pack2(float lo, float hi, __half) {
+  const __half2 h = __floats2half2_rn(lo, hi);
+  uint32_t r;
+  memcpy(&r, &h, 4);
+  return r;
+}
+
+// Neither NaN nor +-inf (x - x is NaN for both).
+__device__ __forceinline__ bool finite(float x) { return x - x == 0.0f; }
+
+template <typename T>
+__device__ __forceinline__ void mma16816(float d[4], const uint32_t a[4], const uint32_t b[2]) {
+  if constexpr (std::is_same_v<T, __nv_bfloat16>) {
+    mma_m16n8k16_bf16(d, a, b, d);
+  } else {
+    mma_m16n8k16_f16(d, a, b, d);
+  }
+}
+
+template <typename T, int kD>
+__global__ void __launch_bounds__(kTcThreads, 2) attention_tc_kernel(AttentionParams p, AttentionWork w) {
+  using Tile = TcTile<kD>;
+  constexpr int kBk = Tile::kBk, kNB = kBk / 8, kDB = kD / 8;  // 8-wide n-blocks of S and of O
+  FASTAR_DYNAMIC_SMEM(unsigned char, smem);
+  T* s_q = reinterpret_cast<T*>(smem);
+  T* s_k = s_q + Tile::kQElems;                                      // [2][kKvElems]
+  T* s_v = s_k + 2 * Tile::kKvElems;                                 // [2][kKvElems]
+  float* s_kf = reinterpret_cast<float*>(s_v + 2 * Tile::kKvElems);  // [2][kBk]
+  int* s_list = reinterpret_cast<int*>(s_kf + 2 * kBk);              // tile index << 2 | TileClass
+  uint32_t* s_bad = reinterpret_cast<uint32_t*>(s_list + kTcListChunk);
+  int* s_count = reinterpret_cast<int*>(s_bad + 2);
+
+  const int tid = threadIdx.x, lane = tid & 31, warp = tid >> 5, g = lane >> 2, t = lane & 3;
+
+  int64_t item = blockIdx.x;
+  const int64_t qt = item % w.n_q_tiles;
+  item /= w.n_q_tiles;
+  const int64_t hc = item % w.n_head_chunks;
+  item /= w.n_head_chunks;
+  const int64_t hkv = item % p.Hkv, b = item / p.Hkv;
+  const int64_t split = blockIdx.y;
+  const int64_t i0 = qt * w.nq, g0 = hc * w.ng;
+  const int nq = static_cast<int>(min64(w.nq, p.Lq - i0));
+  const int ng = static_cast<int>(min64(w.ng, w.G - g0));
+  const int R = nq * ng;  // row r: head hkv * G + g0 + r / nq at position i0 + r % nq
+  auto dest = [&](int r) { return RowDest{b, hkv * w.G + g0 + r / nq, i0 + r % nq}; };
+
+  // Q rows (zero past R), its own cp.async group.
+  for (int x = tid; x < kTcRows * Tile::kChunks; x += kTcThreads) {
+    const int r = x / Tile::kChunks, c = x % Tile::kChunks;
+    const T* src = static_cast<const T*>(p.q);
+    if (r < R) {
+      const RowDest rd = dest(r);
+      src += rd.b * p.q_sb + rd.h * p.q_sh + rd.i * p.q_sl + c * 8;
+    }
+    cp_async_16(s_q + Tile::at(r, c), src, r < R ? 16 : 0);
+  }
+  cp_async_commit();
+
+  const int64_t lk = max64(0, min64(kv_len(p, b), p.Lk));
+  const MaskGeometry geom = mask_geometry(p, b);
+  const int64_t tiles = (lk + kBk - 1) / kBk;
+  const int64_t per_split = (tiles + w.splits - 1) / w.splits;
+  const int64_t t_begin = min64(tiles, split * per_split), t_end = min64(tiles, t_begin + per_split);
+  const T* kbase = static_cast<const T*>(p.k);
+  const T* vbase = static_cast<const T*>(p.v);
+  const T* bias = static_cast<const T*>(p.mask.bias);
+
+  // Copies key tile `tile` into stage `st`; key factors 1 (present) or -1 (past the end, or a page out of
+  // range: zero-filled, and hidden from every row).
+  auto issue = [&](int64_t tile, int st) {
+    const int64_t j0 = tile * kBk;
+    T* kd = s_k + st * Tile::kKvElems;
+    T* vd = s_v + st * Tile::kKvElems;
+    for (int x = tid; x < kBk * Tile::kChunks; x += kTcThreads) {
+      const int r = x / Tile::kChunks, c = x % Tile::kChunks;
+      const int64_t j = j0 + r;
+      const bool ok = j < lk && page_ok(p, b, j);
+      const T* ks = kbase;
+      const T* vs = vbase;
+      if (ok) {
+        ks += kv_row_offset(p, p.k_sb, p.k_sh, p.k_sl, b, hkv, j) + c * 8;
+        vs += kv_row_offset(p, p.v_sb, p.v_sh, p.v_sl, b, hkv, j) + c * 8;
+      }
+      cp_async_16(kd + Tile::at(r, c), ks, ok ? 16 : 0);
+      cp_async_16(vd + Tile::at(r, c), vs, ok ? 16 : 0);
+      if (c == 0) s_kf[st * kBk + r] = ok ? 1.0f : -1.0f;
+    }
+    cp_async_commit();
+  };
+
+  // This thread's rows: 16 * warp + g (h = 0) and + 8 (h = 1).
+  const int rows[2] = {16 * warp + g, 16 * warp + g + 8};
+  float rowf[2];  // scale * log2(e) (qk_norm: times q_scale[h] / |q row|)
+  RowState st[2] = {RowState::init(), RowState::init()};
+  float o[kDB][4];
+#pragma unroll
+  for (int n = 0; n < kDB; ++n) o[n][0] = o[n][1] = o[n][2] = o[n][3] = 0.0f;
+  bool q_ready = false;
+
+  for (int64_t c0 = t_begin; c0 < t_end; c0 += kTcListChunk) {
+    const int nt = static_cast<int>(min64(kTcListChunk, t_end - c0));
+    __syncthreads();  // the previous chunk's list has been read
+    if (tid < nt) {
+      const int64_t j0 = (c0 + tid) * kBk;
+      s_list[tid] = static_cast<int>(classify_tile(p.mask, b, i0, i0 + nq, j0, min64(lk, j0 + kBk), geom));
+    }
+    __syncthreads();
+    if (tid == 0) {  // compact the visible tiles, in order
+      int n = 0;
+      for (int x = 0; x < nt; ++x) {
+        const int cls = s_list[x];
+        if (cls != static_cast<int>(TileClass::kHidden)) s_list[n++] = x << 2 | cls;
+      }
+      *s_count = n;
+    }
+    __syncthreads();
+    const int count = *s_count;
+    if (count > 0) issue(c0 + (s_list[0] >> 2), 0);
+    for (int n = 0; n < count; ++n) {
+      const int stage = n & 1;
+      const int64_t j0 = (c0 + (s_list[n] >> 2)) * kBk;
+      const bool partial = (s_list[n] & 3) == static_cast<int>(TileClass::kPartial);
+      if (n + 1 < count) {
+        issue(c0 + (s_list[n + 1] >> 2), stage ^ 1);
+        cp_async_wait<1>();
+      } else {
+        cp_async_wait<0>();
+      }
+      if (partial && tid == 0) s_bad[0] = s_bad[1] = 0;
+      __syncthreads();  // this tile (and Q) landed for every thread
+
+      const T* kt = s_k + stage * Tile::kKvElems;
+      T* vt = s_v + stage * Tile::kKvElems;
+      float* kf = s_kf + stage * kBk;
+      if (!q_ready) {  // once: the rows' factors
+        q_ready = true;
+#pragma unroll
+        for (int h = 0; h < 2; ++h) {
+          float f = p.scale * kLog2e;
+          if (p.qk_norm) {
+            float ss = 0.0f;
+            for (int c = t; c < Tile::kChunks; c += 4) {
+              const T* x = s_q + Tile::at(rows[h], c);
+              for (int e = 0; e < 8; ++e) ss += to_float(x[e]) * to_float(x[e]);
+            }
+            ss += __shfl_xor_sync(kFullMask, ss, 1);
+            ss += __shfl_xor_sync(kFullMask, ss, 2);
+            const int64_t head = rows[h] < R ? dest(rows[h]).h : 0;
+            f *= (p.q_scale ? p.q_scale[head] : 1.0f) * qk_norm_factor(ss);
+          }
+          rowf[h] = f;
+        }
+      }
+      if (p.qk_norm || partial) {
+        if (p.qk_norm) {  // the keys' factors 1 / |k row|, kTcThreads / kBk threads per key
+          constexpr int kPer = kTcThreads / kBk;
+          const int r = tid / kPer;
+          float ss = 0.0f;
+          for (int c = tid % kPer; c < Tile::kChunks; c += kPer) {
+            const T* x = kt + Tile::at(r, c);
+            for (int e = 0; e < 8; ++e) ss += to_float(x[e]) * to_float(x[e]);
+          }
+          for (int m = 1; m < kPer; m <<= 1) ss += __shfl_xor_sync(kFullMask, ss, m);
+          if (tid % kPer == 0 && kf[r] > 0.0f) kf[r] = qk_norm_factor(ss);
+        }
+        if (partial) {  // non-finite V values of a partial tile: zeroed here, added back below
+          for (int x = tid; x < kBk * Tile::kChunks; x += kTcThreads) {
+            const int r = x / Tile::kChunks;
+            T* v8 = vt + Tile::at(r, x % Tile::kChunks);
+            bool bad = false;
+            for (int e = 0; e < 8; ++e) {
+              if (!finite(to_float(v8[e]))) {
+                bad = true;
+                v8[e] = from_float<T>(0.0f);
+              }
+            }
+            if (bad) atomicOr(&s_bad[r >> 5], 1u << (r & 31));
+          }
+        }
+        __syncthreads();
+      }
+
+      // S = Q K^T for the warp's 16 rows.
+      float s[kNB][4];
+#pragma unroll
+      for (int nb = 0; nb < kNB; ++nb) s[nb][0] = s[nb][1] = s[nb][2] = s[nb][3] = 0.0f;
+#pragma unroll
+      for (int kc = 0; kc < kD / 16; ++kc) {
+        uint32_t a[4];
+        const int j = lane >> 3;
+        ldmatrix_x4(a, s_q + Tile::at(16 * warp + (lane & 7) + (j & 1) * 8, 2 * kc + (j >> 1)));
+#pragma unroll
+        for (int nb = 0; nb < kNB; nb += 2) {
+          uint32_t bk[4];
+          ldmatrix_x4(bk, kt + Tile::at((nb + (j >> 1)) * 8 + (lane & 7), 2 * kc + (j & 1)));
+          mma16816<T>(s[nb], a, bk);
+          mma16816<T>(s[nb + 1], a, bk + 2);
+        }
+      }
+
+      // Scale, mask, online softmax. hid: bit h * 16 + 2 nb + e for a key hidden from row h.
+      uint32_t hid = 0;
+      float mx[2] = {-INFINITY, -INFINITY};
+#pragma unroll
+      for (int nb = 0; nb < kNB; ++nb) {
+#pragma unroll
+        for (int e = 0; e < 2; ++e) {
+          const int c = nb * 8 + 2 * t + e;
+          const float f = kf[c];
+#pragma unroll
+          for (int h = 0; h < 2; ++h) {
+            float& x = s[nb][2 * h + e];
+            bool hidden = f < 0.0f || rows[h] >= R;
+            if (partial && !hidden) {
+              const RowDest rd = dest(rows[h]);
+              hidden = !mask_visible(p.mask, b, rd.i, j0 + c, geom);
+              if (!hidden && bias)
+                x = x * rowf[h] * f +
+                    to_float(bias[rd.b * p.mask.bias_sb + rd.h * p.mask.bias_sh + rd.i * p.mask.bias_sq + j0 + c]) *
+                        kLog2e;
+              else
+                x = x * rowf[h] * f;
+            } else {
+              x = x * rowf[h] * f;
+            }
+            if (hidden) {  // replaced, not added to: a NaN logit of a hidden key stays out of the row
+              x = -INFINITY;
+              hid |= 1u << (h * 16 + 2 * nb + e);
+            }
+            mx[h] = softmax_max(mx[h], x);
+          }
+        }
+      }
+      float corr[2];
+#pragma unroll
+      for (int h = 0; h < 2; ++h) {
+        mx[h] = softmax_max(mx[h], __shfl_xor_sync(kFullMask, mx[h], 1));
+        mx[h] = softmax_max(mx[h], __shfl_xor_sync(kFullMask, mx[h], 2));
+        corr[h] = mx[h] == -INFINITY ? 1.0f : st[h].update(mx[h]);  // quad-uniform
+      }
+#pragma unroll
+      for (int nb = 0; nb < kNB; ++nb) {
+#pragma unroll
+        for (int q = 0; q < 4; ++q) {
+          const int h = q >> 1;
+          const float pr = mx[h] == -INFINITY ? 0.0f : st[h].prob(s[nb][q]);
+          st[h].add(pr);
+          s[nb][q] = pr;
+        }
+      }
+#pragma unroll
+      for (int n = 0; n < kDB; ++n) {
+        o[n][0] *= corr[0];
+        o[n][1] *= corr[0];
+        o[n][2] *= corr[1];
+        o[n][3] *= corr[1];
+      }
+
+      // O += P V: P from the S fragments, V^T fragments by ldmatrix.trans.
+#pragma unroll
+      for (int kc = 0; kc < kBk / 16; ++kc) {
+        const uint32_t a[4] = {pack2(s[2 * kc][0], s[2 * kc][1], T{}), pack2(s[2 * kc][2], s[2 * kc][3], T{}),
+                               pack2(s[2 * kc + 1][0], s[2 * kc + 1][1], T{}),
+                               pack2(s[2 * kc + 1][2], s[2 * kc + 1][3], T{})};
+        const int j = lane >> 3;
+#pragma unroll
+        for (int n = 0; n < kDB; n += 2) {
+          uint32_t bv[4];
+          ldmatrix_x4_trans(bv, vt + Tile::at(kc * 16 + (j & 1) * 8 + (lane & 7), n + (j >> 1)));
+          mma16816<T>(o[n], a, bv);
+          mma16816<T>(o[n + 1], a, bv + 2);
+        }
+      }
+
+      if (partial && (s_bad[0] | s_bad[1])) {  // block-uniform; rare: V holds NaN or inf
+        for (int c = 0; c < kBk; ++c) {
+          if (!(s_bad[c >> 5] >> (c & 31) & 1)) continue;
+          // Key c's probability for this thread's rows, from the lane holding it (-1: hidden).
+          const int nb = c >> 3, e = c & 1;
+          const int src = (lane & ~3) | ((c & 7) >> 1);
+          float mine[2] = {0.0f, 0.0f};
+#pragma unroll
+          for (int x = 0; x < kNB; ++x) {
+            if (x != nb) continue;
+#pragma unroll
+            for (int h = 0; h < 2; ++h)
+              mine[h] = hid >> (h * 16 + 2 * x + e) & 1 ? -1.0f : e ? s[x][2 * h + 1] : s[x][2 * h];
+          }
+          float pc[2];
+#pragma unroll
+          for (int h = 0; h < 2; ++h) pc[h] = __shfl_sync(kFullMask, mine[h], src);
+          const T* vrow = vbase + kv_row_offset(p, p.v_sb, p.v_sh, p.v_sl, b, hkv, j0 + c);
+#pragma unroll
+          for (int n = 0; n < kDB; ++n) {
+#pragma unroll
+            for (int q = 0; q < 4; ++q) {
+              const float v = to_float(vrow[n * 8 + 2 * t + (q & 1)]);
+              if (!finite(v) && pc[q >> 1] >= 0.0f) o[n][q] += pc[q >> 1] * v;
+            }
+          }
+        }
+      }
+      __syncthreads();  // every warp is done with this stage before the next copy into it
+    }
+  }
+
+  // Rows' sums over the quad, then the output (normalised, or the split's partial state).
+#pragma unroll
+  for (int h = 0; h < 2; ++h) {
+    st[h].l += __shfl_xor_sync(kFullMask, st[h].l, 1);
+    st[h].l += __shfl_xor_sync(kFullMask, st[h].l, 2);
+  }
+  if (!q_ready) cp_async_wait<0>();  // no visible tile: Q was never waited for
+#pragma unroll
+  for (int h = 0; h < 2; ++h) {
+    if (rows[h] >= R) continue;
+    const RowDest rd = dest(rows[h]);
+    const float inv_l = st[h].inv_l();
+#pragma unroll
+    for (int n = 0; n < kDB; ++n) {
+#pragma unroll
+      for (int e = 0; e < 2; ++e) store_value<T>(p, w, split, rd, n * 8 + 2 * t + e, o[n][2 * h + e], inv_l);
+    }
+    if (t == 0) store_stats(p, w, split, rd, st[h]);
+  }
+}
+
+}  // namespace fastar::cuda
