@@ -5,6 +5,7 @@
 #include <type_traits>
 
 #include "cuda/attention.cuh"
+#include "cuda/attention_decode.cuh"
 #include "cuda/attention_tc.cuh"
 #include "cuda/launchers.h"
 
@@ -13,8 +14,6 @@ namespace {
 
 // Items whose rows (GQA group x query positions) fit kDecodeRows take the decode shape (warps split the keys).
 constexpr int64_t kDecodeRows = 8;
-// Every kv split gets at least this many keys, so that its partial result is cheap next to its reads.
-constexpr int64_t kMinKeysPerSplit = 128;
 constexpr int64_t kMaxSplits = 64;
 
 template <int kDC_, bool kDecode_>
@@ -26,6 +25,7 @@ struct Config {
   static constexpr int kRows = cuda::kAttnWarps / kKeySlices * kRowsPerWarp;
   static constexpr int kBk = 32 * kKeySlices;
   static_assert(!kDecode || kRows == kDecodeRows, "the decode shape holds kDecodeRows rows");
+  static_assert(kDecodeRows == cuda::kDecodeRowsMax, "both decode kernels take the same items");
 };
 
 template <bool kDecode, typename F>
@@ -82,9 +82,22 @@ void with_tc_dim(int64_t D, F&& f) {
   }
 }
 
+// Whether the 16-byte-load decode kernel takes a decode-shaped call (attention_decode.cuh).
+bool use_decode_kernel(const AttentionParams& p, FloatKind kind) {
+  if (!cuda::tc_head_dim(p.D)) return false;
+  switch (kind) {
+    case FloatKind::kFloat32:  // fp32 at D = 256: 128 accumulators per thread would spill
+      return p.D <= 128 && cuda::decode_rows_aligned<float>(p);
+    case FloatKind::kFloat16:
+      return cuda::decode_rows_aligned<__half>(p);
+    default:
+      return cuda::decode_rows_aligned<__nv_bfloat16>(p);
+  }
+}
+
 struct Shape {
-  bool decode, tc;
-  int64_t rows, bk;  // rows per item, keys per tile
+  bool decode, tc, vec_decode;
+  int64_t rows;  // rows per item
   cuda::AttentionWork work;
   int64_t items;
 };
@@ -94,14 +107,13 @@ Shape shape_of(const AttentionParams& p, FloatKind kind) {
   const int64_t G = p.Hq / p.Hkv;
   s.tc = use_tensor_cores(p, kind);
   s.decode = !s.tc && G * p.Lq <= kDecodeRows;
-  if (s.tc) {
+  s.vec_decode = s.decode && use_decode_kernel(p, kind);
+  if (s.vec_decode) {
+    s.rows = cuda::kDecodeRowsMax;
+  } else if (s.tc) {
     s.rows = cuda::kTcRows;
-    with_tc_dim(p.D, [&](auto d) { s.bk = cuda::TcTile<decltype(d)::value>::kBk; });
   } else {
-    with_config(p.D, s.decode, [&](auto cfg) {
-      s.rows = decltype(cfg)::kRows;
-      s.bk = decltype(cfg)::kBk;
-    });
+    with_config(p.D, s.decode, [&](auto cfg) { s.rows = decltype(cfg)::kRows; });
   }
   cuda::AttentionWork& w = s.work;
   w.G = G;
@@ -111,12 +123,13 @@ Shape shape_of(const AttentionParams& p, FloatKind kind) {
   w.n_head_chunks = (G + w.ng - 1) / w.ng;
   w.n_q_tiles = (p.Lq + w.nq - 1) / w.nq;
   s.items = p.B * p.Hkv * w.n_head_chunks * w.n_q_tiles;
-  // Flash-decoding: too few items to fill the GPU, so the keys are split too (kv_lens are on the device,
-  // so the split count follows the capacity Lk; a split past a sequence's end writes an empty state).
+  // Flash-decoding: too few items to fill the GPU, so the keys are split too. kv_lens are on the device, so the
+  // launch's split count follows the capacity Lk, and each block uses as many as its sequence's real length
+  // fills (cuda::block_item); the others write empty states.
   const int64_t target = 2 * static_cast<int64_t>(multiprocessors());
   w.splits = 1;
   if (s.items > 0 && s.items < target) {
-    const int64_t by_keys = std::max<int64_t>(1, p.Lk / kMinKeysPerSplit);
+    const int64_t by_keys = std::max<int64_t>(1, p.Lk / cuda::kMinKeysPerSplit);
     w.splits = std::min({(target + s.items - 1) / s.items, by_keys, kMaxSplits});
   }
   return s;
@@ -176,7 +189,18 @@ void launch_attention(const AttentionParams& prm, FloatKind kind, const Attentio
         });
       }
     }
-    if (!s.tc) {
+    if (s.vec_decode) {
+      with_tc_dim(prm.D, [&](auto d) {
+        constexpr int kD = decltype(d)::value;
+        if constexpr (!std::is_same_v<T, float> || kD <= 128) {
+          auto* kernel = &cuda::attention_decode_kernel<T, kD>;
+          constexpr int64_t kSmem = cuda::DecodeShape<T, kD>::kBytes;
+          allow_dynamic_smem(kernel, kSmem);
+          launch_kernel("attention_vec_decode", kernel, grid, dim3(cuda::kDecodeThreads), static_cast<size_t>(kSmem),
+                        st, prm, w);
+        }
+      });
+    } else if (!s.tc) {
       with_config(prm.D, s.decode, [&](auto cfg) {
         using C = decltype(cfg);
         auto* kernel = &cuda::attention_kernel<T, C::kDC, C::kRowsPerWarp, C::kKeySlices>;

@@ -29,6 +29,8 @@
 namespace fastar::cuda {
 
 constexpr int kAttnThreads = 128;
+// Every kv split gets at least this many keys, so that its partial result is cheap next to its reads.
+constexpr int64_t kMinKeysPerSplit = 128;
 constexpr int kAttnWarps = kAttnThreads / 32;
 constexpr int kClsChunk = kAttnThreads;  // tiles classified per pass, one per thread
 constexpr float kLog2e = 1.4426950408889634f;
@@ -221,6 +223,55 @@ struct RowDest {
   int64_t b, h, i;
 };
 
+// A block's work item (blockIdx.x) and kv split (blockIdx.y): its rows, its sequence's keys and its key tiles
+// (tiles of kBk keys; a kv_lens entry outside [0, Lk] is rejected on the CPU only, so lk is clamped).
+struct BlockItem {
+  int64_t b, hkv, split, i0, g0, G;
+  int nq, ng, R;  // row r < R: head hkv * G + g0 + r / nq at position i0 + r % nq
+  int64_t lk, t_begin, t_end;
+  __device__ RowDest dest(int r) const { return RowDest{b, hkv * G + g0 + r / nq, i0 + r % nq}; }
+};
+
+__device__ __forceinline__ BlockItem block_item(const AttentionParams& p, const AttentionWork& w, int64_t bk) {
+  BlockItem it;
+  int64_t item = blockIdx.x;
+  const int64_t qt = item % w.n_q_tiles;
+  item /= w.n_q_tiles;
+  const int64_t hc = item % w.n_head_chunks;
+  item /= w.n_head_chunks;
+  it.hkv = item % p.Hkv;
+  it.b = item / p.Hkv;
+  it.split = blockIdx.y;
+  it.i0 = qt * w.nq;
+  it.g0 = hc * w.ng;
+  it.G = w.G;
+  it.nq = static_cast<int>(min64(w.nq, p.Lq - it.i0));
+  it.ng = static_cast<int>(min64(w.ng, w.G - it.g0));
+  it.R = it.nq * it.ng;
+  it.lk = max64(0, min64(kv_len(p, it.b), p.Lk));
+  // The launch has w.splits splits (from the capacity Lk); the keys this sequence really has use only as many
+  // as give each kMinKeysPerSplit keys, so a short sequence in a long cache is not cut into slivers. Decided
+  // here, on the device, from kv_lens: no host sync, CUDA-graph safe. Splits past them write empty states.
+  const int64_t useful = min64(w.splits, max64(1, it.lk / kMinKeysPerSplit));
+  const int64_t tiles = (it.lk + bk - 1) / bk, per_split = (tiles + useful - 1) / useful;
+  it.t_begin = min64(tiles, it.split * per_split);
+  it.t_end = min64(tiles, it.t_begin + per_split);
+  return it;
+}
+
+// The TileClass of each of the item's key tiles c0 .. c0 + nt - 1 into out[0, nt), one tile per thread
+// (nt <= blockDim.x). Block-wide: barriers before (the previous chunk's classes have been read) and after.
+__device__ __forceinline__ void classify_chunk(const AttentionParams& p, const BlockItem& it, const MaskGeometry& geom,
+                                               int64_t c0, int nt, int64_t bk, int* out) {
+  __syncthreads();
+  const int tid = threadIdx.x;
+  if (tid < nt) {
+    const int64_t j0 = (c0 + tid) * bk;
+    out[tid] = static_cast<int>(classify_tile(p.mask, it.b, it.i0, it.i0 + it.nq, j0, min64(it.lk, j0 + bk), geom));
+  }
+  __syncthreads();
+}
+
 // Column d of a row's accumulated output o: o * inv_l (RowState::inv_l) into out, or o as it is (split).
 template <typename T>
 __device__ __forceinline__ void store_value(const AttentionParams& p, const AttentionWork& w, int64_t split,
@@ -286,18 +337,10 @@ __global__ void __launch_bounds__(kAttnThreads) attention_kernel(AttentionParams
   const int tid = threadIdx.x, lane = tid & 31, warp = tid >> 5;
   const int slice = warp % kKeySlices, group = warp / kKeySlices;
 
-  int64_t item = blockIdx.x;
-  const int64_t qt = item % w.n_q_tiles;
-  item /= w.n_q_tiles;
-  const int64_t hc = item % w.n_head_chunks;
-  item /= w.n_head_chunks;
-  const int64_t hkv = item % p.Hkv, b = item / p.Hkv;
-  const int64_t split = blockIdx.y;
-  const int64_t i0 = qt * w.nq, g0 = hc * w.ng;
-  const int nq = static_cast<int>(min64(w.nq, p.Lq - i0));
-  const int ng = static_cast<int>(min64(w.ng, w.G - g0));
-  const int R = nq * ng;  // row r: head hkv * G + g0 + r / nq at position i0 + r % nq
-  auto dest = [&](int r) { return RowDest{b, hkv * w.G + g0 + r / nq, i0 + r % nq}; };
+  const BlockItem it = block_item(p, w, kBk);
+  const int64_t b = it.b, hkv = it.hkv, split = it.split, lk = it.lk;
+  const int R = it.R;
+  auto dest = [&](int r) { return it.dest(r); };
 
   // q * scale * log2(e) in float; rows past R are zero (their logits are masked anyway).
   const float qscale = p.scale * kLog2e;
@@ -315,11 +358,8 @@ __global__ void __launch_bounds__(kAttnThreads) attention_kernel(AttentionParams
   }
 
   // A kv_lens entry outside [0, Lk] is rejected on the CPU only; clamping keeps every read in bounds.
-  const int64_t lk = max64(0, min64(kv_len(p, b), p.Lk));
   const MaskGeometry geom = mask_geometry(p, b);
-  const int64_t tiles = (lk + kBk - 1) / kBk;
-  const int64_t per_split = (tiles + w.splits - 1) / w.splits;
-  const int64_t t_begin = min64(tiles, split * per_split), t_end = min64(tiles, t_begin + per_split);
+  const int64_t t_begin = it.t_begin, t_end = it.t_end;
 
   const int row0 = group * kRowsPerWarp;
   const int nrows = static_cast<int>(max64(0, min64(kRowsPerWarp, R - row0)));  // warp-uniform
@@ -340,12 +380,7 @@ __global__ void __launch_bounds__(kAttnThreads) attention_kernel(AttentionParams
 
   for (int64_t c0 = t_begin; c0 < t_end; c0 += kClsChunk) {
     const int nt = static_cast<int>(min64(kClsChunk, t_end - c0));
-    __syncthreads();  // the previous chunk's classes have been read
-    if (tid < nt) {
-      const int64_t j0 = (c0 + tid) * kBk;
-      s_cls[tid] = static_cast<int>(classify_tile(p.mask, b, i0, i0 + nq, j0, min64(lk, j0 + kBk), geom));
-    }
-    __syncthreads();
+    classify_chunk(p, it, geom, c0, nt, kBk, s_cls);
     for (int ti = 0; ti < nt; ++ti) {
       const TileClass cls = static_cast<TileClass>(s_cls[ti]);
       if (cls == TileClass::kHidden) continue;  // block-uniform

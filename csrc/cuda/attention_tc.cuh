@@ -96,18 +96,10 @@ __global__ void __launch_bounds__(kTcThreads, 2) attention_tc_kernel(AttentionPa
 
   const int tid = threadIdx.x, lane = tid & 31, warp = tid >> 5, g = lane >> 2, t = lane & 3;
 
-  int64_t item = blockIdx.x;
-  const int64_t qt = item % w.n_q_tiles;
-  item /= w.n_q_tiles;
-  const int64_t hc = item % w.n_head_chunks;
-  item /= w.n_head_chunks;
-  const int64_t hkv = item % p.Hkv, b = item / p.Hkv;
-  const int64_t split = blockIdx.y;
-  const int64_t i0 = qt * w.nq, g0 = hc * w.ng;
-  const int nq = static_cast<int>(min64(w.nq, p.Lq - i0));
-  const int ng = static_cast<int>(min64(w.ng, w.G - g0));
-  const int R = nq * ng;  // row r: head hkv * G + g0 + r / nq at position i0 + r % nq
-  auto dest = [&](int r) { return RowDest{b, hkv * w.G + g0 + r / nq, i0 + r % nq}; };
+  const BlockItem it = block_item(p, w, kBk);
+  const int64_t b = it.b, hkv = it.hkv, split = it.split, lk = it.lk;
+  const int R = it.R;
+  auto dest = [&](int r) { return it.dest(r); };
 
   // Q rows (zero past R), its own cp.async group.
   for (int x = tid; x < kTcRows * Tile::kChunks; x += kTcThreads) {
@@ -121,11 +113,8 @@ __global__ void __launch_bounds__(kTcThreads, 2) attention_tc_kernel(AttentionPa
   }
   cp_async_commit();
 
-  const int64_t lk = max64(0, min64(kv_len(p, b), p.Lk));
   const MaskGeometry geom = mask_geometry(p, b);
-  const int64_t tiles = (lk + kBk - 1) / kBk;
-  const int64_t per_split = (tiles + w.splits - 1) / w.splits;
-  const int64_t t_begin = min64(tiles, split * per_split), t_end = min64(tiles, t_begin + per_split);
+  const int64_t t_begin = it.t_begin, t_end = it.t_end;
   const T* kbase = static_cast<const T*>(p.k);
   const T* vbase = static_cast<const T*>(p.v);
   const T* bias = static_cast<const T*>(p.mask.bias);
@@ -164,12 +153,7 @@ __global__ void __launch_bounds__(kTcThreads, 2) attention_tc_kernel(AttentionPa
 
   for (int64_t c0 = t_begin; c0 < t_end; c0 += kTcListChunk) {
     const int nt = static_cast<int>(min64(kTcListChunk, t_end - c0));
-    __syncthreads();  // the previous chunk's list has been read
-    if (tid < nt) {
-      const int64_t j0 = (c0 + tid) * kBk;
-      s_list[tid] = static_cast<int>(classify_tile(p.mask, b, i0, i0 + nq, j0, min64(lk, j0 + kBk), geom));
-    }
-    __syncthreads();
+    classify_chunk(p, it, geom, c0, nt, kBk, s_list);
     if (tid == 0) {  // compact the visible tiles, in order
       int n = 0;
       for (int x = 0; x < nt; ++x) {
