@@ -21,7 +21,7 @@ except ImportError as exc:  # conftest's REQUIRE check turns this into a failure
     pytest.skip(f"SIMT build not present: {exc}", allow_module_level=True)
 
 from conftest import Backend  # noqa: E402
-from test_attention import make  # noqa: E402
+from test_attention import make, paged_layout, to_paged  # noqa: E402
 
 # (schedule, race check) of the checked runs; the forward schedule without the check is the baseline.
 MODES = [("forward", True), ("reverse", True), ("shuffle:1", True), ("shuffle:20261204", True)]
@@ -121,6 +121,19 @@ def test_attention(backend, shape):
     k = make((B, Hkv, Lk, D), torch.bfloat16, gen)
     v = make((B, Hkv, Lk, D), torch.bfloat16, gen)
     assert_order_independent(lambda: backend.attention(q, k, v, mask=fastar.masks.Causal(), return_lse=True))
+
+
+def test_paged_decode(backend):
+    """The decode kernel's per-step page table in shared memory, on a paged cache of page size 3."""
+    gen = torch.Generator().manual_seed(5)
+    B, Hq, Hkv, D, S = 3, 4, 2, 64, 300
+    block_table, total = paged_layout(B, S // 3, gen)
+    k_pages = to_paged(torch.randn(B, S, Hkv, D, generator=gen).to(torch.bfloat16), block_table, total, gen)
+    v_pages = to_paged(torch.randn(B, S, Hkv, D, generator=gen).to(torch.bfloat16), block_table, total, gen)
+    q = make((B, 1, Hq, D), torch.bfloat16, gen)
+    seqlens = torch.tensor([5, 150, 299], dtype=torch.int32)
+    assert_order_independent(lambda: backend.attention_with_kvcache(q, k_pages, v_pages, cache_seqlens=seqlens,
+                                                                     block_table=block_table)[0])
 
 
 def test_scale_attention(backend):

@@ -3,7 +3,7 @@
 //  * K and V rows go global -> registers in 16-byte loads, never through shared memory: a row of D elements is
 //    read by kLanes lanes (one or more 16-byte vectors each), so a warp covers 32 / kLanes keys at a time and
 //    the block (4 warps) kKeysPerStep. Each thread issues kUnroll keys' K and V loads before it uses any.
-//  * Each key's page is looked up once (for its K and its V row).
+//  * Paged caches: the block table is read once per page of a step, into shared memory.
 //  * The q rows, scaled, sit in registers in the same vector layout; a logit is a kLanes-wide shuffle sum.
 //  * Every lane group (a key slot) runs its own online softmax per row (core/softmax.h's state, log2 units);
 //    at the end the groups' states are merged through shared memory into the output (or the split's state).
@@ -36,6 +36,7 @@ struct DecodeShape {
   static constexpr int kKeysPerStep = kGroups * kDecodeUnroll;
   // Shared memory: every key slot's state per row (m, l, o[kD]) for the final merge.
   static constexpr int64_t kBytes = int64_t{kGroups} * kDecodeRowsMax * (kD + 2) * 4;
+  static_assert(kBytes <= 48 * 1024 && kKeysPerStep * 8 <= kBytes, "no opt-in above 48 KB; the step's pages fit");
 };
 
 // Whether the decode kernel takes these arguments: its 16-byte loads need every K and V row 16-byte aligned.
@@ -115,17 +116,37 @@ __global__ void __launch_bounds__(kDecodeThreads) attention_decode_kernel(Attent
   const bool masked =
       p.mask.causal || p.mask.window || p.mask.block != BlockRelation::kNone || p.mask.bits || p.mask.scale_window >= 0;
 
+  // Paged caches: the pages of a step's keys, read from the block table once per page into shared memory
+  // (the merge area, unused until the end; -1: a page out of range, whose keys read as absent).
+  int64_t* s_pages = reinterpret_cast<int64_t*>(s_state);
   for (int64_t j0 = k_begin; j0 < k_end; j0 += S::kKeysPerStep) {
+    int64_t first_page = 0;
+    if (p.block_table) {  // block-uniform
+      first_page = page_pos(p, j0).column;
+      const int64_t pages = page_pos(p, min64(j0 + S::kKeysPerStep, k_end) - 1).column - first_page + 1;
+      __syncthreads();  // the previous step's pages have been read
+      if (tid < pages) {
+        const int64_t page = p.block_table[it.b * p.bt_sb + first_page + tid];
+        s_pages[tid] = page >= 0 && page < p.num_pages ? page : -1;
+      }
+      __syncthreads();
+    }
     // Issue every load of the step first: kDecodeUnroll keys' K and V vectors (absent keys read as 0).
     uint4 kraw[kDecodeUnroll][kPerLane], vraw[kDecodeUnroll][kPerLane];
     bool ok[kDecodeUnroll];
 #pragma unroll
     for (int u = 0; u < kDecodeUnroll; ++u) {
       const int64_t j = j0 + u * S::kGroups + group;
-      ok[u] = j < k_end && page_ok(p, it.b, j);
+      ok[u] = j < k_end;
       const T* krow = kbase;
       const T* vrow = vbase;
-      if (ok[u]) {
+      if (ok[u] && p.block_table) {
+        const PagePos pp = page_pos(p, j);
+        const int64_t page = s_pages[pp.column - first_page];
+        ok[u] = page >= 0;
+        krow += page * p.k_sb + it.hkv * p.k_sh + pp.row * p.k_sl;
+        vrow += page * p.v_sb + it.hkv * p.v_sh + pp.row * p.v_sl;
+      } else if (ok[u]) {
         krow += kv_row_offset(p, p.k_sb, p.k_sh, p.k_sl, it.b, it.hkv, j);
         vrow += kv_row_offset(p, p.v_sb, p.v_sh, p.v_sl, it.b, it.hkv, j);
       }
@@ -215,6 +236,7 @@ __global__ void __launch_bounds__(kDecodeThreads) attention_decode_kernel(Attent
   }
 
   // Every key slot's states into shared memory, then one warp per row merges them (merge_and_store).
+  __syncthreads();  // the last step's pages have been read
 #pragma unroll
   for (int r = 0; r < kDecodeRowsMax; ++r) {
     if (r >= R) break;
