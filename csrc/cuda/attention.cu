@@ -66,22 +66,6 @@ bool use_tensor_cores(const AttentionParams& p, FloatKind kind) {
   return aligned(p.q) && aligned(p.k) && aligned(p.v) && strides % 8 == 0;
 }
 
-template <typename F>
-void with_tc_dim(int64_t D, F&& f) {
-  switch (D) {
-    case 64:
-      return f(std::integral_constant<int, 64>{});
-    case 80:
-      return f(std::integral_constant<int, 80>{});
-    case 96:
-      return f(std::integral_constant<int, 96>{});
-    case 128:
-      return f(std::integral_constant<int, 128>{});
-    default:
-      return f(std::integral_constant<int, 256>{});
-  }
-}
-
 // Whether the 16-byte-load decode kernel takes a decode-shaped call (attention_decode.cuh).
 bool use_decode_kernel(const AttentionParams& p, FloatKind kind) {
   if (!cuda::tc_head_dim(p.D)) return false;
@@ -135,23 +119,6 @@ Shape shape_of(const AttentionParams& p, FloatKind kind) {
   return s;
 }
 
-template <typename K>
-void allow_dynamic_smem(K* kernel, int64_t bytes) {
-#if defined(__CUDACC__)
-  // Above 48 KiB a kernel must opt in (D = 128 and 256 need up to ~85 KiB).
-  if (bytes > 48 * 1024) {
-    const cudaError_t err =
-        cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, static_cast<int>(bytes));
-    if (err != cudaSuccess)
-      throw std::runtime_error(std::string("fastar: attention needs ") + std::to_string(bytes) +
-                               " bytes of shared memory: " + cudaGetErrorString(err));
-  }
-#else
-  (void)kernel;
-  (void)bytes;
-#endif
-}
-
 }  // namespace
 
 AttentionPlan plan_attention(const AttentionParams& prm, FloatKind kind) {
@@ -178,34 +145,16 @@ void launch_attention(const AttentionParams& prm, FloatKind kind, const Attentio
   cuda::dispatch_device_float(kind, [&](auto tag) {
     using T = decltype(tag);
     const dim3 grid(static_cast<unsigned>(s.items), static_cast<unsigned>(w.splits));
-    if constexpr (!std::is_same_v<T, float>) {  // shape_of never picks tensor cores for fp32
-      if (s.tc) {
-        with_tc_dim(prm.D, [&](auto d) {
-          constexpr int kD = decltype(d)::value;
-          auto* kernel = &cuda::attention_tc_kernel<T, kD>;
-          constexpr int64_t kSmem = cuda::TcTile<kD>::kBytes;
-          allow_dynamic_smem(kernel, kSmem);
-          launch_kernel("attention_tc", kernel, grid, dim3(cuda::kTcThreads), static_cast<size_t>(kSmem), st, prm, w);
-        });
-      }
-    }
-    if (s.vec_decode) {
-      with_tc_dim(prm.D, [&](auto d) {
-        constexpr int kD = decltype(d)::value;
-        if constexpr (!std::is_same_v<T, float> || kD <= 128) {
-          auto* kernel = &cuda::attention_decode_kernel<T, kD>;
-          constexpr int64_t kSmem = cuda::DecodeShape<T, kD>::kBytes;
-          allow_dynamic_smem(kernel, kSmem);
-          launch_kernel("attention_vec_decode", kernel, grid, dim3(cuda::kDecodeThreads), static_cast<size_t>(kSmem),
-                        st, prm, w);
-        }
-      });
-    } else if (!s.tc) {
+    if (s.tc) {
+      cuda::launch_attention_tc(prm, kind, w, grid, st);
+    } else if (s.vec_decode) {
+      cuda::launch_attention_decode(prm, kind, w, grid, st);
+    } else {
       with_config(prm.D, s.decode, [&](auto cfg) {
         using C = decltype(cfg);
         auto* kernel = &cuda::attention_kernel<T, C::kDC, C::kRowsPerWarp, C::kKeySlices>;
         const int64_t smem = cuda::attn_smem_layout<C::kKeySlices, C::kRowsPerWarp>(static_cast<int>(prm.D)).bytes;
-        allow_dynamic_smem(kernel, smem);
+        cuda::allow_dynamic_smem(kernel, smem);
         launch_kernel(C::kDecode ? "attention_decode" : "attention_tiled", kernel, grid, dim3(cuda::kAttnThreads),
                       static_cast<size_t>(smem), st, prm, w);
       });

@@ -21,6 +21,9 @@
 // mask hides from a row, so a NaN in their V rows stays out of it.
 #pragma once
 #include <cmath>
+#include <stdexcept>
+#include <string>
+#include <type_traits>
 
 #include "core/attention.h"
 #include "core/softmax.h"
@@ -535,6 +538,42 @@ __global__ void __launch_bounds__(kAttnThreads) attention_merge_kernel(Attention
       p, out_only, 0, RowDest{b, h, i}, w.splits, lane,
       [&](int64_t s) { return RowState{ml[s * rows * 2], ml[s * rows * 2 + 1]}; },
       [&](int64_t s, int64_t d) { return w.part_o[(s * rows + row) * p.D + d]; });
+}
+
+// The head dims the tensor-core and decode kernels are instantiated for, as a compile-time value (D must be one
+// of tc_head_dim's: 64, 80, 96, 128, 256; anything else is taken as 256).
+template <typename F>
+void with_head_dim(int64_t D, F&& f) {
+  switch (D) {
+    case 64:
+      return f(std::integral_constant<int, 64>{});
+    case 80:
+      return f(std::integral_constant<int, 80>{});
+    case 96:
+      return f(std::integral_constant<int, 96>{});
+    case 128:
+      return f(std::integral_constant<int, 128>{});
+    default:
+      return f(std::integral_constant<int, 256>{});
+  }
+}
+
+// Lets `kernel` take `bytes` of dynamic shared memory: above 48 KB a kernel must opt in (the emulator has no
+// limit to lift). Throws std::runtime_error when the device refuses.
+template <typename K>
+void allow_dynamic_smem(K* kernel, int64_t bytes) {
+#if defined(__CUDACC__)
+  if (bytes > 48 * 1024) {
+    const cudaError_t err =
+        cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, static_cast<int>(bytes));
+    if (err != cudaSuccess)
+      throw std::runtime_error(std::string("fastar: attention needs ") + std::to_string(bytes) +
+                               " bytes of shared memory: " + cudaGetErrorString(err));
+  }
+#else
+  (void)kernel;
+  (void)bytes;
+#endif
 }
 
 }  // namespace fastar::cuda

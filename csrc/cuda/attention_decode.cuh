@@ -266,4 +266,9 @@ __global__ void __launch_bounds__(kDecodeThreads) attention_decode_kernel(Attent
   }
 }
 
+// Launches attention_decode_kernel<T, D> for the planned work (attention_decode.cu). D: a tc_head_dim, at
+// most 128 for fp32.
+void launch_attention_decode(const AttentionParams& p, FloatKind kind, const AttentionWork& w, dim3 grid,
+                             cudaStream_t stream);
+
 }  // namespace fastar::cuda

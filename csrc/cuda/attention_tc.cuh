@@ -374,4 +374,9 @@ __global__ void __launch_bounds__(kTcThreads, 2) attention_tc_kernel(AttentionPa
   }
 }
 
+// Launches attention_tc_kernel<T, D> for the planned work (attention_tc.cu: its instances compile apart from
+// the other kernels, in parallel). kind: bf16 or fp16; D: a tc_head_dim.
+void launch_attention_tc(const AttentionParams& p, FloatKind kind, const AttentionWork& w, dim3 grid,
+                         cudaStream_t stream);
+
 }  // namespace fastar::cuda
