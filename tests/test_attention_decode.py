@@ -43,8 +43,9 @@ def test_head_dims_and_masks(gpu_backend, D, dtype, mask_kind):
     B, Hq, Hkv, Lq, Lk = 2, 8, 4, 3, 300
     q, k, v = make((B, Hq, Lq, D), dtype, gen), make((B, Hkv, Lk, D), dtype, gen), make((B, Hkv, Lk, D), dtype, gen)
     mask = build(mask_kind, B, Lq, gen, Lk)
+    poisoned = torch.full_like(q, float("nan"))  # check_attention fails on any element the kernel did not write
     with KernelsRun(gpu_backend) as run:
-        out, lse = gpu_backend.attention(q, k, v, mask=mask, return_lse=True)
+        out, lse = gpu_backend.attention(q, k, v, mask=mask, return_lse=True, out=poisoned)
     run.assert_ran("attention_vec_decode", expected=dtype != torch.float32 or D <= 128)  # fp32 D=256: CUDA cores
     check_attention(out, lse, q, k, v, None if mask is None else dense4(mask, Lq, Lk, B), what=f"D={D} {mask_kind}")
 

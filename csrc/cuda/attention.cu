@@ -142,14 +142,15 @@ void launch_attention(const AttentionParams& prm, FloatKind kind, const Attentio
   if (s.items > 0x7fffffff || merge_blocks > 0x7fffffff)
     throw std::invalid_argument("fastar.attention: too many (batch, head, query) rows for one launch");
   const cudaStream_t st = static_cast<cudaStream_t>(stream);
+  const dim3 grid(static_cast<unsigned>(s.items), static_cast<unsigned>(w.splits));
+  if (s.tc) {
+    cuda::launch_attention_tc(prm, kind, w, grid, st);
+  } else if (s.vec_decode) {
+    cuda::launch_attention_decode(prm, kind, w, grid, st);
+  }
   cuda::dispatch_device_float(kind, [&](auto tag) {
     using T = decltype(tag);
-    const dim3 grid(static_cast<unsigned>(s.items), static_cast<unsigned>(w.splits));
-    if (s.tc) {
-      cuda::launch_attention_tc(prm, kind, w, grid, st);
-    } else if (s.vec_decode) {
-      cuda::launch_attention_decode(prm, kind, w, grid, st);
-    } else {
+    if (!s.tc && !s.vec_decode) {
       with_config(prm.D, s.decode, [&](auto cfg) {
         using C = decltype(cfg);
         auto* kernel = &cuda::attention_kernel<T, C::kDC, C::kRowsPerWarp, C::kKeySlices>;

@@ -114,11 +114,21 @@ __device__ __forceinline__ float inv_norm(const T* x, int D, int lane) {
   return qk_norm_factor(warp_sum(ss));
 }
 
-// The key's page must exist: the CPU glue rejects bad block tables, the CUDA one cannot without a sync.
-__device__ __forceinline__ bool page_ok(const AttentionParams& p, int64_t b, int64_t s) {
-  if (!p.block_table) return true;
-  const int64_t page = p.block_table[b * p.bt_sb + page_pos(p, s).column];
-  return page >= 0 && page < p.num_pages;
+// Element offsets of key s's K and V rows (head h of sequence b), from one page-table read. False for a key
+// whose page is out of range: the CPU glue rejects bad block tables, the CUDA one cannot without a sync.
+struct KvRows {
+  int64_t k, v;
+};
+__device__ __forceinline__ bool kv_rows(const AttentionParams& p, int64_t b, int64_t h, int64_t s, KvRows* rows) {
+  if (!p.block_table) {
+    *rows = KvRows{b * p.k_sb + h * p.k_sh + s * p.k_sl, b * p.v_sb + h * p.v_sh + s * p.v_sl};
+    return true;
+  }
+  const PagePos pp = page_pos(p, s);
+  const int64_t page = p.block_table[b * p.bt_sb + pp.column];
+  if (page < 0 || page >= p.num_pages) return false;
+  *rows = KvRows{page * p.k_sb + h * p.k_sh + pp.row * p.k_sl, page * p.v_sb + h * p.v_sh + pp.row * p.v_sl};
+  return true;
 }
 
 // s[r] = q[r] . k for the first N rows (q rows of stride D in shared memory, all lanes the same address).
@@ -394,11 +404,12 @@ __global__ void __launch_bounds__(kAttnThreads) attention_kernel(AttentionParams
       // Stage the tile: warps over key rows, lanes over D (coalesced).
       for (int c = warp; c < kBk; c += kAttnWarps) {
         const int64_t j = j0 + c;
-        const bool ok = c < nk && page_ok(p, b, j);
-        const int64_t voff = ok ? kv_row_offset(p, p.v_sb, p.v_sh, p.v_sl, b, hkv, j) : -1;
+        KvRows kv{};
+        const bool ok = c < nk && kv_rows(p, b, hkv, j, &kv);
+        const int64_t voff = ok ? kv.v : -1;
         if (lane == 0) s_voff[c] = voff;
         if (ok) {
-          const T* krow = kbase + kv_row_offset(p, p.k_sb, p.k_sh, p.k_sl, b, hkv, j);
+          const T* krow = kbase + kv.k;
           float* kd = s_k + c * lay.ks;
           if (p.qk_norm) {
             const float f = inv_norm(krow, D, lane);

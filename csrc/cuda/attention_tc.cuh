@@ -128,12 +128,13 @@ __global__ void __launch_bounds__(kTcThreads, 2) attention_tc_kernel(AttentionPa
     for (int x = tid; x < kBk * Tile::kChunks; x += kTcThreads) {
       const int r = x / Tile::kChunks, c = x % Tile::kChunks;
       const int64_t j = j0 + r;
-      const bool ok = j < lk && page_ok(p, b, j);
+      KvRows kv{};
+      const bool ok = j < lk && kv_rows(p, b, hkv, j, &kv);
       const T* ks = kbase;
       const T* vs = vbase;
       if (ok) {
-        ks += kv_row_offset(p, p.k_sb, p.k_sh, p.k_sl, b, hkv, j) + c * 8;
-        vs += kv_row_offset(p, p.v_sb, p.v_sh, p.v_sl, b, hkv, j) + c * 8;
+        ks += kv.k + c * 8;
+        vs += kv.v + c * 8;
       }
       cp_async_16(kd + Tile::at(r, c), ks, ok ? 16 : 0);
       cp_async_16(vd + Tile::at(r, c), vs, ok ? 16 : 0);
