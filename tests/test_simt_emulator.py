@@ -33,9 +33,16 @@ EXACT_PAIRS = [
     "cp_async",
     "pair_sum",
     "cp_async_reload",
+    "table_refill",
+    "warp_exchange",
 ]
 # Planted bugs that only some emulator modes show: tests/test_simt_races.py.
-MODE_DEPENDENT = ["pair_sum_missing_sync", "cp_async_reload_missing_wait"]
+MODE_DEPENDENT = [
+    "pair_sum_missing_sync",
+    "cp_async_reload_missing_wait",
+    "table_refill_missing_sync",
+    "warp_exchange_missing_syncwarp",
+]
 ABORTS = [
     "divergent_barrier",
     "skipped_shuffle",

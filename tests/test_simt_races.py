@@ -1,13 +1,17 @@
 """Race checks of the CUDA kernels on the SIMT emulator (csrc/simt/simt.h).
 
-Every op's kernels run under the reverse and shuffled schedules with the race check on and must give results
-bit-identical to the default forward schedule (a race-free kernel's results do not depend on the order its
-threads run in) and no race report. Planted bugs in the emulator's self-test kernels show that both the
-detector and the schedule comparison catch a missing __syncthreads, and that a missing cp.async wait shows.
+Every op's kernels run under the reverse and shuffled schedules with the race check on (every shared-memory
+access recorded) and must give results bit-identical to the default forward schedule (a race-free kernel's
+results do not depend on the order its threads run in) and no race report. Planted bugs in the emulator's
+self-test kernels show that the check reports each kind of race: write-write, read-after-write and
+write-after-read across a missing __syncthreads, read-after-write across a missing __syncwarp, and a read before
+the cp.async.wait_group that lands a copy.
 """
 from __future__ import annotations
 
 import contextlib
+import pathlib
+import re
 
 import pytest
 import torch
@@ -23,8 +27,9 @@ except ImportError as exc:  # conftest's REQUIRE check turns this into a failure
 from conftest import Backend  # noqa: E402
 from test_attention import make, paged_layout, to_paged  # noqa: E402
 
-# (schedule, race check) of the checked runs; the forward schedule without the check is the baseline.
-MODES = [("forward", True), ("reverse", True), ("shuffle:1", True), ("shuffle:20261204", True)]
+# (schedule, race check) of the checked runs; the forward schedule without the check is the baseline. The check
+# costs tens of microseconds per shared-memory access, so one shuffled run goes without it.
+MODES = [("forward", True), ("reverse", True), ("shuffle:1", False), ("shuffle:20261204", True)]
 
 
 @contextlib.contextmanager
@@ -45,14 +50,31 @@ def as_bytes(result):
     return [(t.dtype, t.shape, t.contiguous().reshape(-1).view(torch.uint8)) for t in tensors]
 
 
-def assert_order_independent(run):
+def assert_order_independent(run, kernels):
+    """run() gives the same bytes in every mode, with no race report, and launches exactly `kernels`."""
+    simt.reset_launch_counts()
     with emulator("forward", False):
         want = as_bytes(run())
+    assert set(simt.launch_counts()) == set(kernels)
     for schedule, race_check in MODES:
         with emulator(schedule, race_check):
             got = as_bytes(run())
         for (dtype, shape, g), (_, _, w) in zip(got, want):
             assert torch.equal(g, w), f"{dtype} {tuple(shape)} result differs under schedule {schedule}"
+
+
+# Every kernel of the CUDA sources, each run under the race check by one of the tests below.
+ALL_KERNELS = {"speculative_sample", "greedy_verify", "sample_cfg", "attention_vec_decode", "attention_decode",
+               "attention_tiled", "attention_tc", "attention_merge"}
+
+
+def test_every_kernel_is_covered():
+    root = pathlib.Path(__file__).resolve().parents[1] / "csrc" / "cuda"
+    names = set()
+    for path in root.glob("*.cu"):
+        for first_argument in re.findall(r"launch_kernel\(([^,]*),", path.read_text()):
+            names |= set(re.findall(r'"(\w+)"', first_argument))
+    assert names == ALL_KERNELS
 
 
 @pytest.fixture(scope="module")
@@ -77,8 +99,9 @@ def test_speculative_sample(backend):
     q = torch.softmax(torch.randn(B, K, V, generator=gen), -1)
     p = torch.softmax(torch.randn(B, K + 1, V, generator=gen), -1)
     num_draft = torch.tensor([4, 2, 0])
-    assert_order_independent(lambda: backend.speculative_sample(drafts, q, p, num_draft_tokens=num_draft, seed=7))
-    assert_order_independent(lambda: backend.speculative_sample(drafts, None, p, seed=7))
+    assert_order_independent(lambda: backend.speculative_sample(drafts, q, p, num_draft_tokens=num_draft, seed=7),
+                             {"speculative_sample"})
+    assert_order_independent(lambda: backend.speculative_sample(drafts, None, p, seed=7), {"speculative_sample"})
 
 
 def test_greedy_verify(backend):
@@ -88,39 +111,43 @@ def test_greedy_verify(backend):
     drafts = logits[:, :K].argmax(-1)
     drafts[1, 2] = (drafts[1, 2] + 1) % V  # one rejection
     logits[2, 1, 5] = float("nan")
-    assert_order_independent(lambda: backend.greedy_verify(drafts, logits))
+    assert_order_independent(lambda: backend.greedy_verify(drafts, logits), {"greedy_verify"})
 
 
-@pytest.mark.parametrize("top_k, top_p", [(0, 1.0), (20, 0.9)])
-def test_sample_cfg(backend, top_k, top_p):
+@pytest.mark.parametrize("top_k, top_p, V", [(0, 1.0, 300), (20, 0.9, 300), (20, 0.9, 2000)])
+def test_sample_cfg(backend, top_k, top_p, V):
+    """Two warps a row up to 1024 tokens, eight beyond."""
     gen = torch.Generator().manual_seed(2)
-    logits = torch.randn(4, 3, 300, generator=gen) * 3
+    logits = torch.randn(4, 3, V, generator=gen) * 3
     assert_order_independent(
-        lambda: backend.sample_cfg(logits, cfg=2.0, scale_index=3, num_scales=10, top_k=top_k, top_p=top_p, seed=9)
+        lambda: backend.sample_cfg(logits, cfg=2.0, scale_index=3, num_scales=10, top_k=top_k, top_p=top_p, seed=9),
+        {"sample_cfg"},
     )
 
 
-# (B, Hq, Hkv, Lq, Lk, D): decode (G * Lq <= 8) with and without kv splits, tiled, D past one chunk, and the
-# tensor-core kernel (bf16, G * Lq >= 16): swizzled and padded rows, two stages, kv splits.
+# (B, Hq, Hkv, Lq, Lk, D, dtype), kernels: decode (G * Lq <= 8) with and without kv splits, tiled, D past one
+# chunk, and the tensor-core kernel (16-bit, G * Lq >= 16): swizzled and padded rows, two stages, kv splits.
+DECODE, SPLIT = {"attention_vec_decode"}, {"attention_merge"}
 ATTENTION_SHAPES = [
-    (1, 4, 1, 2, 300, 64),  # decode, 3 kv splits
-    (2, 2, 2, 1, 40, 32),  # decode, one split
-    (1, 2, 1, 5, 300, 128),  # tiled, kv splits
-    (1, 4, 2, 9, 70, 64),  # tensor cores, 18 rows
-    (1, 4, 1, 16, 300, 128),  # tensor cores, 64 rows, kv splits
-    (2, 2, 2, 20, 150, 80),  # tensor cores, padded rows, three tiles per block
-    (1, 2, 1, 17, 100, 256),  # tensor cores, 32-key tiles
+    ((1, 4, 1, 2, 300, 64, torch.bfloat16), DECODE | SPLIT),  # 3 kv splits
+    ((2, 2, 2, 1, 40, 32, torch.bfloat16), {"attention_decode"}),  # D = 32: the CUDA-core decode kernel
+    ((1, 2, 1, 5, 260, 32, torch.bfloat16), {"attention_tiled"} | SPLIT),
+    ((1, 4, 2, 9, 70, 64, torch.bfloat16), {"attention_tc"}),  # 18 rows
+    ((1, 4, 1, 16, 300, 128, torch.float16), {"attention_tc"} | SPLIT),  # 64 rows
+    ((2, 2, 2, 20, 150, 80, torch.bfloat16), {"attention_tc"}),  # padded rows, three tiles per block
+    ((1, 2, 1, 17, 100, 256, torch.bfloat16), {"attention_tc"}),  # 32-key tiles
 ]
 
 
-@pytest.mark.parametrize("shape", ATTENTION_SHAPES, ids=lambda s: "x".join(map(str, s)))
-def test_attention(backend, shape):
-    B, Hq, Hkv, Lq, Lk, D = shape
+@pytest.mark.parametrize("shape, kernels", ATTENTION_SHAPES,
+                         ids=lambda s: "x".join(map(str, s)).replace("torch.", "") if isinstance(s, tuple) else "")
+def test_attention(backend, shape, kernels):
+    B, Hq, Hkv, Lq, Lk, D, dtype = shape
     gen = torch.Generator().manual_seed(3)
-    q = make((B, Hq, Lq, D), torch.bfloat16, gen)
-    k = make((B, Hkv, Lk, D), torch.bfloat16, gen)
-    v = make((B, Hkv, Lk, D), torch.bfloat16, gen)
-    assert_order_independent(lambda: backend.attention(q, k, v, mask=fastar.masks.Causal(), return_lse=True))
+    q = make((B, Hq, Lq, D), dtype, gen)
+    k = make((B, Hkv, Lk, D), dtype, gen)
+    v = make((B, Hkv, Lk, D), dtype, gen)
+    assert_order_independent(lambda: backend.attention(q, k, v, mask=fastar.masks.Causal(), return_lse=True), kernels)
 
 
 def test_paged_decode(backend):
@@ -133,7 +160,7 @@ def test_paged_decode(backend):
     q = make((B, 1, Hq, D), torch.bfloat16, gen)
     seqlens = torch.tensor([5, 150, 299], dtype=torch.int32)
     assert_order_independent(lambda: backend.attention_with_kvcache(q, k_pages, v_pages, cache_seqlens=seqlens,
-                                                                     block_table=block_table)[0])
+                                                                     block_table=block_table)[0], DECODE | SPLIT)
 
 
 def test_scale_attention(backend):
@@ -141,25 +168,56 @@ def test_scale_attention(backend):
     L = layout.num_tokens
     gen = torch.Generator().manual_seed(4)
     q, k, v = (make((1, 2, L, 64), torch.float16, gen) for _ in range(3))
-    assert_order_independent(lambda: backend.scale_attention(q, k, v, layout, qk_norm=True, return_lse=True))
+    assert_order_independent(lambda: backend.scale_attention(q, k, v, layout, qk_norm=True, return_lse=True),
+                             {"attention_tc"})
 
 
 def pairs(values):
     return list(zip(values[0::2], values[1::2]))
 
 
-@pytest.mark.parametrize("name", ["pair_sum", "cp_async_reload"])
+RACE_FREE = ["pair_sum", "cp_async_reload", "table_refill", "warp_exchange"]
+
+
+@pytest.mark.parametrize("name", RACE_FREE)
 def test_race_free_selftests_pass_in_every_mode(name):
     for schedule, race_check in [("forward", False)] + MODES:
         with emulator(schedule, race_check):
             assert all(got == want for got, want in pairs(simt.selftest(name))), schedule
 
 
-def test_missing_syncthreads_is_reported_by_the_race_check():
-    with emulator("forward", True):
-        with pytest.raises(RuntimeError, match=r"shared-memory race in kernel 'pair_sum_kernel'.*threads \(0,0,0\) and "
-                           r"\(1,0,0\) both wrote word \d+ .* of the __shared__ variables"):
-            simt.selftest("pair_sum_missing_sync")
+RACE = (r"shared-memory race in kernel '{kernel}', block \(0,0,0\): thread \({a},0,0\) {did_a} word \d+ .* of the "
+        r"__shared__ variables and thread \({b},0,0\) {did_b} it ")
+
+
+def race(kernel, a, did_a, b, did_b):
+    return RACE.format(kernel=kernel, a=a, did_a=did_a, b=b, did_b=did_b)
+
+
+# (planted bug, schedule, what the report must say): each kind of race, as the schedule meets it first. Under
+# forward the thread that releases a barrier runs on, then the others in thread order; reverse runs the highest first.
+PLANTED = [
+    ("pair_sum_missing_sync", "forward",
+     race("pair_sum_kernel", 0, "wrote", 1, "wrote") + "since the start of the block, with no __syncthreads"),
+    ("missing_syncthreads", "forward",
+     race("neighbour_kernel", 127, "read", 0, "wrote") + r"since the __syncthreads at .*selftest\.cpp:\d+:\d+, with"),
+    ("missing_syncthreads", "reverse", race("neighbour_kernel", 127, "wrote", 126, "read")),
+    ("table_refill_missing_sync", "forward", race("table_refill_kernel", 3, "wrote", 5, "read")),
+    ("table_refill_missing_sync", "reverse", race("table_refill_kernel", 41, "read", 31, "wrote")),
+    ("warp_exchange_missing_syncwarp", "forward",
+     race("warp_exchange_kernel", 0, "read", 1, "wrote") + r".*\(or __syncwarp over both\)"),
+    ("warp_exchange_missing_syncwarp", "reverse", race("warp_exchange_kernel", 63, "read", 62, "wrote")),
+    ("cp_async_reload_missing_wait", "forward",
+     race("cp_async_reload_kernel", r"\d+", "issued a cp.async into", r"\d+", "read")
+     + "since the __syncthreads .* before the cp.async.wait_group that lands the copy"),
+]
+
+
+@pytest.mark.parametrize("name, schedule, report", PLANTED, ids=lambda v: v if len(str(v)) < 40 else "")
+def test_planted_race_is_reported(name, schedule, report):
+    with emulator(schedule, True):
+        with pytest.raises(RuntimeError, match=report):
+            simt.selftest(name)
 
 
 @pytest.mark.parametrize("schedule", [schedule for schedule, _ in MODES[1:]])
@@ -171,9 +229,10 @@ def test_missing_syncthreads_changes_results_between_schedules(schedule):
     assert results["forward"] != results[schedule]
 
 
-def test_missing_cp_async_wait_shows_under_the_race_check():
-    with emulator("forward", False):  # the stale shared words equal the loaded ones: the bug hides
-        assert all(got == want for got, want in pairs(simt.selftest("cp_async_reload_missing_wait")))
-    with emulator("forward", True):  # cp.async poisons its destination until the wait
-        got = [got for got, want in pairs(simt.selftest("cp_async_reload_missing_wait")) if got != want]
-    assert got and set(got) == {float(0xFFFFFFFF)}
+def test_missing_cp_async_wait_in_an_mma_tile_is_reported():
+    args = (True, True, [1.0] * 256, [1.0] * 128, [0.0] * 128)
+    with emulator("forward", True):
+        assert simt.mma_tile(*args, False) == [16.0] * 128
+        with pytest.raises(RuntimeError, match=r"race in kernel 'mma_tile_kernel'.* read it .* before the "
+                           r"cp\.async\.wait_group that lands the copy"):
+            simt.mma_tile(*args, True)

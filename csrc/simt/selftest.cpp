@@ -144,6 +144,32 @@ __global__ void cp_async_reload_kernel(const uint32_t* src, uint32_t* out, bool 
   cp_async_wait<0>();
 }
 
+// Every step, threads 0..31 stage 32 table entries in shared memory and all threads read one; skip_sync drops the
+// __syncthreads that keeps the next step's refill from overwriting entries other threads have yet to read (a
+// planted bug: a write-after-read race, as in a kernel that restages a page table per step).
+__global__ void table_refill_kernel(const int* table, int steps, int* out, bool skip_sync) {
+  __shared__ int s_table[32];
+  const unsigned t = threadIdx.x;
+  int acc = 0;
+  for (int step = 0; step < steps; ++step) {
+    if (t < 32) s_table[t] = table[step * 32 + t];
+    __syncthreads();
+    acc += s_table[(t * 7 + step) % 32];
+    if (!skip_sync) __syncthreads();
+  }
+  out[t] = acc;
+}
+
+// Each lane stores a word and reads its neighbour lane's after a __syncwarp, which orders shared memory between
+// the lanes of a warp; skip_syncwarp drops it (a planted bug).
+__global__ void warp_exchange_kernel(const int* x, int* out, bool skip_syncwarp) {
+  __shared__ int s[64];
+  const unsigned t = threadIdx.x;
+  s[t] = x[t];
+  if (!skip_syncwarp) __syncwarp();
+  out[t] = s[t ^ 1];
+}
+
 __global__ void divergent_barrier_kernel(int* out) {
   if (threadIdx.x < 16) {
     __syncthreads();
@@ -466,6 +492,35 @@ Values run_cp_async_reload(bool skip_wait) {
 Values test_cp_async_reload() { return run_cp_async_reload(false); }
 Values test_cp_async_reload_missing_wait() { return run_cp_async_reload(true); }
 
+Values run_table_refill(bool skip_sync) {
+  const int steps = 3, threads = 64;
+  std::vector<int> table(steps * 32), out(threads);
+  for (int i = 0; i < steps * 32; ++i) table[i] = 1 + i * i % 97;
+  fastar::launch_kernel("table_refill_kernel", table_refill_kernel, dim3(1), dim3(threads), 0, nullptr, table.data(),
+                        steps, out.data(), skip_sync);
+  Values r;
+  for (int t = 0; t < threads; ++t) {
+    int want = 0;
+    for (int step = 0; step < steps; ++step) want += table[step * 32 + (t * 7 + step) % 32];
+    add_pair(r, out[t], want);
+  }
+  return r;
+}
+Values test_table_refill() { return run_table_refill(false); }
+Values test_table_refill_missing_sync() { return run_table_refill(true); }
+
+Values run_warp_exchange(bool skip_syncwarp) {
+  std::vector<int> x(64), out(64);
+  for (int i = 0; i < 64; ++i) x[i] = 100 + i;
+  fastar::launch_kernel("warp_exchange_kernel", warp_exchange_kernel, dim3(1), dim3(64), 0, nullptr, x.data(),
+                        out.data(), skip_syncwarp);
+  Values r;
+  for (int i = 0; i < 64; ++i) add_pair(r, out[i], x[i ^ 1]);
+  return r;
+}
+Values test_warp_exchange() { return run_warp_exchange(false); }
+Values test_warp_exchange_missing_syncwarp() { return run_warp_exchange(true); }
+
 Values test_divergent_barrier() {
   std::vector<int> out(64);
   fastar::launch_kernel("divergent_barrier_kernel", divergent_barrier_kernel, dim3(1), dim3(64), 0, nullptr,
@@ -782,6 +837,10 @@ constexpr Test kTests[] = {
     {"pair_sum_missing_sync", test_pair_sum_missing_sync},
     {"cp_async_reload", test_cp_async_reload},
     {"cp_async_reload_missing_wait", test_cp_async_reload_missing_wait},
+    {"table_refill", test_table_refill},
+    {"table_refill_missing_sync", test_table_refill_missing_sync},
+    {"warp_exchange", test_warp_exchange},
+    {"warp_exchange_missing_syncwarp", test_warp_exchange_missing_syncwarp},
     {"divergent_barrier", test_divergent_barrier},
     {"skipped_shuffle", test_skipped_shuffle},
     {"bad_mask", test_bad_mask},

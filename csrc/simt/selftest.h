@@ -19,12 +19,16 @@
 //                        zero-filled past src-size), after committing the late copy and waiting
 //     "pair_sum"         1 block x 64 threads: thread 2i adds its value into slot 2i+1 after a __syncthreads
 //     "cp_async_reload"  1 block x 64 threads: a cp.async reload of shared words, waited for, read by a neighbour
+//     "table_refill"     1 block x 64 threads: a 32-entry table restaged in shared memory each of 3 steps
+//     "warp_exchange"    1 block x 64 threads: lanes swap shared words with a neighbour lane after a __syncwarp
 //   pairs (value read, correct value); the values read must NOT all be correct (a planted bug):
 //     "missing_syncthreads"  threads read a neighbour's shared-memory slot without the __syncthreads
 //   pairs as for "pair_sum" / "cp_async_reload", with a planted bug that only some emulator modes show
 //   (set_schedule, set_race_check in simt.h):
-//     "pair_sum_missing_sync"         the __syncthreads is missing: a write-write race, order-dependent sums
-//     "cp_async_reload_missing_wait"  the cp_async_wait is missing; the stale words equal the loaded ones
+//     "pair_sum_missing_sync"           the __syncthreads is missing: a write-write race, order-dependent sums
+//     "cp_async_reload_missing_wait"    the cp_async_wait is missing; the stale words equal the loaded ones
+//     "table_refill_missing_sync"       the __syncthreads before each refill is missing: write-after-read
+//     "warp_exchange_missing_syncwarp"  the __syncwarp is missing: read-after-write between lanes
 //   pairs (input float, result converted back to float): compare with torch's .half() / .bfloat16():
 //     "half_rounding"  __float2half_rn    "bf16_rounding"  __float2bfloat16_rn (ties, subnormals, overflow)
 //   quadruples (a, b, __hadd(a, b), __hmul(a, b)) with a and b exact __half values:

@@ -18,12 +18,16 @@
 //   * launches are serialised by a process-wide mutex (static __shared__ arrays are shared state).
 //   * set_schedule / FASTAR_SIMT_SCHEDULE=forward|reverse|shuffle:<seed> change which ready fiber runs at every
 //     scheduling decision; a race-free kernel gives bit-identical results under each (forward is the default).
-//   * set_race_check / FASTAR_SIMT_RACECHECK=1: a launch in which two threads write the same 4-byte word of
-//     shared memory (the dynamic region, or any __shared__ variable: they live in one linker section) between
-//     two __syncthreads throws, naming the kernel, the word and the threads. Writes are found by diffing shared
-//     memory against a snapshot at every fiber switch (slow); reads are invisible, so read-after-write races
-//     show only as results that differ between schedules. Atomics are exempt; a write the diff cannot see
-//     (same value) is missed. Both are off by default and cost the default mode one branch per switch.
+//   * set_race_check / FASTAR_SIMT_RACECHECK=1 (x86-64 Linux): every shared-memory access is recorded (the
+//     dynamic region and every __shared__ variable, which live in one page-aligned linker section): the pages are
+//     PROT_NONE while the block's threads run, and each access faults, is charged to the running thread and is
+//     single-stepped. A launch in which two threads touch one 4-byte word, one of them writing, with no
+//     __syncthreads between (nor a __syncwarp over both, for lanes of one warp), or in which a thread touches a
+//     word before the cp.async.wait_group that lands a copy into it, throws naming the kernel, the word, the threads
+//     and the barrier that opened the interval. A direct access is charged to the word at its address (the first
+//     word of a wider load; a wider store is seen by the bytes it changed); ldmatrix rows and cp.async copies are
+//     charged exactly. Atomics are exempt. Slow (a few microseconds an access); both modes are off by default and
+//     cost the default mode one branch per emulated instruction that touches shared memory.
 #pragma once
 
 #include <cstddef>
@@ -61,6 +65,7 @@ void launch_kernel(const char* name, void (*kernel)(KArgs...), dim3 grid, dim3 b
 #include <vector_functions.h>
 #include <vector_types.h>
 
+#include <signal.h>
 #include <sys/mman.h>
 #include <ucontext.h>
 #include <unistd.h>
@@ -228,15 +233,36 @@ inline Config g_config;
 extern "C" __attribute__((weak, visibility("hidden"))) unsigned char __start_fastar_simt_shared[];
 extern "C" __attribute__((weak, visibility("hidden"))) unsigned char __stop_fastar_simt_shared[];
 
-// A shared-memory region watched by the race check: a snapshot of its bytes and, per 4-byte word, the thread
-// that last changed it and the barrier interval it did so in.
+// The race check's record of one 4-byte word of watched shared memory in the running block (see note_access).
+struct WordAccess {
+  uint32_t write_epoch = 0;  // barrier interval of the last write (0: no write yet in this block)
+  uint32_t read_epoch = 0;   // barrier interval of the reads below (0: none since the last write)
+  int writer = -1;
+  uint32_t write_stamp = 0;            // the writer's warp's __syncwarp count at the write
+  int reader = -1, other_reader = -1;  // the first two distinct readers of read_epoch
+  int read_warp = -1;                  // the readers' warp; -1 when they span several
+  unsigned read_lanes = 0;             // lanes of read_warp that read it
+  uint32_t read_stamp = 0;             // read_warp's __syncwarp count at the latest read
+  int pending = -1;                    // thread whose cp.async into this word has not landed
+};
+
+// A shared-memory region watched by the race check: whole pages, one WordAccess per 4-byte word.
 struct WatchedRegion {
   const char* what = "";
   unsigned char* base = nullptr;
   size_t bytes = 0;
-  std::vector<unsigned char> snap;
-  std::vector<uint32_t> epoch;
-  std::vector<int> writer;
+  std::vector<WordAccess> words;
+};
+
+// The faulting access being single-stepped: the pages made accessible for it and the bytes it may change.
+struct Step {
+  WatchedRegion* region = nullptr;
+  unsigned char* addr = nullptr;
+  bool write = false;         // the page fault's error code says write
+  unsigned char* pages[4]{};  // pages lifted for this instruction (it may touch several)
+  int npages = 0;
+  unsigned char before[64]{};  // the bytes from addr on (to the end of its page), to see what a store changed
+  size_t window = 0;
 };
 
 // A cp.async in flight: the source bytes (read at issue, zero-filled past src-size) and the group it belongs to.
@@ -258,6 +284,8 @@ struct Fiber {
   uint64_t result = 0;                  // what the pending barrier / warp intrinsic returns to this thread
   std::vector<AsyncCopy> async_copies;  // issue order; emptied at the start of every block
   int async_groups = 0;                 // committed cp.async groups; uncommitted copies belong to group async_groups
+  uint32_t sync_seq = 0;                // race check: its warp's __syncwarp count after the last one it took part in
+  unsigned sync_mask = 0;               // ... and that __syncwarp's mask
 };
 
 // One warp intrinsic in progress: the lanes of `mask` deposit, the last one computes every lane's result.
@@ -275,6 +303,7 @@ struct Warp {
   Group groups[32];  // disjoint masks, so at most 32
   int ngroups = 0;
   unsigned exist = 0;  // lanes present in the block; mask bits of absent lanes (partial warp) are ignored
+  uint32_t syncs = 0;  // completed __syncwarp calls, for the race check
 };
 
 struct Barrier {
@@ -304,10 +333,13 @@ struct Sched {
   // Race check (off: race == false and nothing below is touched).
   bool race = false;
   WatchedRegion regions[2];  // the dynamic shared memory, the __shared__ section
-  uint32_t epoch = 0;        // barrier interval: bumped at every block start and __syncthreads release
+  uint32_t epoch = 0;        // barrier interval: 1 at every block start, bumped at every __syncthreads release
   std::source_location interval_site;
-  bool interval_at_start = true;
-  std::string race_report;  // the first race of the block, thrown by launch()
+  bool guarded = false;  // the regions are PROT_NONE
+  Step step;
+  struct sigaction saved_segv{};
+  struct sigaction saved_trap{};
+  char race_report[1024] = "";  // the first race of the block, thrown by launch(); written in a signal handler
 
   void push(int i) {
     ready[(head + queued) % kMaxThreads] = i;
@@ -391,58 +423,203 @@ inline void check_running(const char* what) {
   if (!g_sched.running) die("%s called outside a kernel launch", what);
 }
 
-// Race check: attributes every word of the watched regions that changed since the snapshot to the running
-// fiber; a word changed by two threads in one barrier interval is a race (the first one is kept).
-inline void note_write(Sched& s, WatchedRegion& r, size_t word) {
-  if (r.epoch[word] == s.epoch && r.writer[word] != s.cur && s.race_report.empty()) {
-    const uint3 a = s.fibers[r.writer[word]].tid, b = s.fibers[s.cur].tid;
-    char buf[512];
-    if (s.interval_at_start)
-      std::snprintf(buf, sizeof buf, "since the start of the block");
-    else
-      std::snprintf(buf, sizeof buf, "since the __syncthreads at %s:%u:%u", s.interval_site.file_name(),
-                    s.interval_site.line(), s.interval_site.column());
-    char msg[1024];
-    std::snprintf(msg, sizeof msg,
-                  "fastar simt: shared-memory race in kernel '%s', block (%u,%u,%u): threads (%u,%u,%u) and "
-                  "(%u,%u,%u) both wrote word %zu (byte offset %zu, address %p) of %s %s, with no __syncthreads "
-                  "between the writes",
-                  s.kernel, blockIdx.x, blockIdx.y, blockIdx.z, a.x, a.y, a.z, b.x, b.y, b.z, word, 4 * word,
-                  static_cast<void*>(r.base + 4 * word), r.what, buf);
-    s.race_report = msg;
-  }
-  r.epoch[word] = s.epoch;
-  r.writer[word] = s.cur;
+// ---- Race check -------------------------------------------------------------------------------------------------
+
+inline const char* tid_str(const Sched& s, int t, char (&buf)[40]) {
+  const uint3 v = s.fibers[t].tid;
+  std::snprintf(buf, sizeof buf, "(%u,%u,%u)", v.x, v.y, v.z);
+  return buf;
 }
 
-inline void race_account(Sched& s) {
-  constexpr size_t kChunk = 64;
-  for (WatchedRegion& r : s.regions) {
-    if (r.bytes == 0 || std::memcmp(r.base, r.snap.data(), r.bytes) == 0) continue;
-    for (size_t c = 0; c < r.bytes; c += kChunk) {
-      const size_t n = std::min(kChunk, r.bytes - c);
-      if (std::memcmp(r.base + c, r.snap.data() + c, n) == 0) continue;
-      for (size_t b = c; b < c + n; b += 4) {
-        const size_t w = std::min<size_t>(4, r.bytes - b);
-        if (std::memcmp(r.base + b, r.snap.data() + b, w) != 0) note_write(s, r, b / 4);
-      }
-      std::memcpy(r.snap.data() + c, r.base + c, n);
-    }
-  }
+// Keeps the block's first race: thread a's earlier access and thread b's current one to `word` of r.
+inline void report_race(Sched& s, const WatchedRegion& r, size_t word, int a, const char* a_did, int b,
+                        const char* b_did, const char* why) {
+  if (s.race_report[0]) return;
+  char ta[40], tb[40], interval[512];
+  if (s.epoch == 1)
+    std::snprintf(interval, sizeof interval, "since the start of the block");
+  else
+    std::snprintf(interval, sizeof interval, "since the __syncthreads at %s:%u:%u", s.interval_site.file_name(),
+                  s.interval_site.line(), s.interval_site.column());
+  std::snprintf(s.race_report, sizeof s.race_report,
+                "fastar simt: shared-memory race in kernel '%s', block (%u,%u,%u): thread %s %s word %zu (byte offset "
+                "%zu, address %p) of %s and thread %s %s it %s, %s",
+                s.kernel, blockIdx.x, blockIdx.y, blockIdx.z, tid_str(s, a, ta), a_did, word, 4 * word,
+                static_cast<void*>(r.base + 4 * word), r.what, tid_str(s, b, tb), b_did, interval, why);
 }
 
-// Race check: an atomic on shared memory is not a race; its bytes join the snapshot unattributed.
-inline void note_atomic(const void* p, size_t size) {
-  Sched& s = g_sched;
-  if (!s.race || !s.running) return;
-  const unsigned char* a = static_cast<const unsigned char*>(p);
+// Whether a __syncwarp over both threads completed after thread a's access at warp count `stamp` (b runs now).
+inline bool warp_ordered(const Sched& s, int a, uint32_t stamp, int b) {
+  const Fiber& f = s.fibers[b];
+  return a / 32 == b / 32 && f.sync_seq > stamp && (f.sync_mask >> (a % 32) & 1);
+}
+
+// Records thread t's read or write of `word` of r. Two accesses of different threads, one a write, conflict
+// unless a __syncthreads (a new epoch) or a __syncwarp over both lies between them; any access to a word with a
+// cp.async in flight conflicts.
+inline void note_access(Sched& s, WatchedRegion& r, size_t word, int t, bool write) {
+  static constexpr char kNoBarrier[] = "with no __syncthreads (or __syncwarp over both) between";
+  WordAccess& w = r.words[word];
+  const char* did = write ? "wrote" : "read";
+  if (w.pending >= 0)
+    report_race(s, r, word, w.pending, "issued a cp.async into", t, did,
+                "before the cp.async.wait_group that lands the copy");
+  const uint32_t stamp = s.warps[t / 32].syncs;
+  if (w.write_epoch == s.epoch && w.writer != t && !warp_ordered(s, w.writer, w.write_stamp, t))
+    report_race(s, r, word, w.writer, "wrote", t, did, kNoBarrier);
+  const int warp = t / 32;
+  const unsigned lane = 1u << (t % 32);
+  if (write) {
+    const int other = w.reader != t ? w.reader : w.other_reader;
+    const bool ordered = w.read_warp == warp && s.fibers[t].sync_seq > w.read_stamp &&
+                         (w.read_lanes & ~lane & ~s.fibers[t].sync_mask) == 0;
+    if (w.read_epoch == s.epoch && other >= 0 && !ordered) report_race(s, r, word, other, "read", t, did, kNoBarrier);
+    w.write_epoch = s.epoch;
+    w.writer = t;
+    w.write_stamp = stamp;
+    w.read_epoch = 0;
+    return;
+  }
+  if (w.read_epoch != s.epoch) {
+    w.read_epoch = s.epoch;
+    w.reader = t;
+    w.other_reader = -1;
+    w.read_warp = warp;
+    w.read_lanes = 0;
+  } else if (t != w.reader && w.other_reader < 0) {
+    w.other_reader = t;
+  }
+  if (w.read_warp != warp) w.read_warp = -1;
+  w.read_lanes |= lane;
+  w.read_stamp = stamp;
+}
+
+inline WatchedRegion* region_of(Sched& s, const void* p) {
+  const auto* a = static_cast<const unsigned char*>(p);
   for (WatchedRegion& r : s.regions)
-    if (a >= r.base && a + size <= r.base + r.bytes) std::memcpy(r.snap.data() + (a - r.base), a, size);
+    if (r.bytes && a >= r.base && a < r.base + r.bytes) return &r;
+  return nullptr;
 }
+
+// Records an access the emulator makes for thread t (ldmatrix rows, cp.async copies): every word it covers.
+inline void note_range(Sched& s, const void* p, size_t bytes, int t, bool write) {
+  WatchedRegion* r = region_of(s, p);
+  if (!r) return;
+  const size_t first = size_t(static_cast<const unsigned char*>(p) - r->base) / 4;
+  const size_t last =
+      std::min(r->words.size(), (size_t(static_cast<const unsigned char*>(p) - r->base) + bytes + 3) / 4);
+  for (size_t w = first; w < last; ++w) note_access(s, *r, w, t, write);
+}
+
+// Sets (thread t) or clears (-1) the in-flight cp.async of every word of [p, p + bytes).
+inline void mark_pending(Sched& s, const void* p, size_t bytes, int t) {
+  WatchedRegion* r = region_of(s, p);
+  if (!r) return;
+  const size_t first = size_t(static_cast<const unsigned char*>(p) - r->base) / 4;
+  for (size_t w = first; w < std::min(r->words.size(), first + (bytes + 3) / 4); ++w) r->words[w].pending = t;
+}
+
+inline size_t page_bytes() {
+  static const size_t page = size_t(sysconf(_SC_PAGESIZE));
+  return page;
+}
+
+// Makes the watched regions inaccessible (on) or readable and writable again (off).
+inline void set_guard(Sched& s, bool on) {
+  for (const WatchedRegion& r : s.regions)
+    if (r.bytes && mprotect(r.base, r.bytes, on ? PROT_NONE : PROT_READ | PROT_WRITE) != 0)
+      die("race check: mprotect of %s failed (errno %d)", r.what, errno);
+  s.guarded = on;
+}
+
+// The emulator's own shared-memory accesses (which it records exactly, if at all) run with the regions open.
+struct Unguarded {
+  bool was = g_sched.guarded;
+  Unguarded() {
+    if (was) set_guard(g_sched, false);
+  }
+  ~Unguarded() {
+    if (was) set_guard(g_sched, true);
+  }
+  Unguarded(const Unguarded&) = delete;
+  Unguarded& operator=(const Unguarded&) = delete;
+};
+
+#if defined(__x86_64__) && defined(__linux__)
+inline constexpr bool kRaceCheckSupported = true;
+inline constexpr greg_t kTrapFlag = 0x100;  // EFLAGS.TF: trap after the next instruction
+inline constexpr greg_t kPageFaultWrite = 0x2;
+
+// SIGSEGV on a guarded page: opens the page and single-steps the access; on_step records it.
+inline void on_fault(int, siginfo_t* info, void* context) {
+  Sched& s = g_sched;
+  auto* a = static_cast<unsigned char*>(info->si_addr);
+  WatchedRegion* r = s.guarded ? region_of(s, a) : nullptr;
+  Step& st = s.step;
+  if (!r || st.npages == 4) {  // not ours: the previous handler meets the fault when the instruction runs again
+    sigaction(SIGSEGV, &s.saved_segv, nullptr);
+    return;
+  }
+  const size_t page = page_bytes();
+  auto* p = reinterpret_cast<unsigned char*>(reinterpret_cast<uintptr_t>(a) & ~uintptr_t(page - 1));
+  mprotect(p, page, PROT_READ | PROT_WRITE);
+  st.pages[st.npages++] = p;
+  auto* uc = static_cast<ucontext_t*>(context);
+  if (!st.region) {  // the instruction's first fault names the access
+    st.region = r;
+    st.addr = a;
+    st.write = uc->uc_mcontext.gregs[REG_ERR] & kPageFaultWrite;
+    st.window = std::min<size_t>({sizeof st.before, size_t(p + page - a), size_t(r->base + r->bytes - a)});
+    std::memcpy(st.before, a, st.window);
+  }
+  uc->uc_mcontext.gregs[REG_EFL] |= kTrapFlag;
+}
+
+// SIGTRAP after the single-stepped instruction: charges its access to the running thread and closes the pages.
+inline void on_step(int, siginfo_t*, void* context) {
+  Sched& s = g_sched;
+  Step& st = s.step;
+  if (!st.region) {
+    sigaction(SIGTRAP, &s.saved_trap, nullptr);
+    return;
+  }
+  auto* uc = static_cast<ucontext_t*>(context);
+  uc->uc_mcontext.gregs[REG_EFL] &= ~kTrapFlag;
+  WatchedRegion& r = *st.region;
+  const size_t first = size_t(st.addr - r.base) / 4;
+  bool wrote = st.write;
+  for (size_t b = 0; b < st.window; ++b)
+    if (st.addr[b] != st.before[b]) {
+      wrote = true;
+      const size_t w = size_t(st.addr + b - r.base) / 4;
+      if (w != first) note_access(s, r, w, s.cur, true);
+    }
+  note_access(s, r, first, s.cur, wrote);
+  for (int i = 0; i < st.npages; ++i) mprotect(st.pages[i], page_bytes(), PROT_NONE);
+  st = Step{};
+}
+
+inline void install_fault_handlers(Sched& s) {
+  struct sigaction sa{};
+  sa.sa_flags = SA_SIGINFO;
+  sigemptyset(&sa.sa_mask);
+  sa.sa_sigaction = on_fault;
+  sigaction(SIGSEGV, &sa, &s.saved_segv);
+  sa.sa_sigaction = on_step;
+  sigaction(SIGTRAP, &sa, &s.saved_trap);
+}
+inline void restore_fault_handlers(Sched& s) {
+  sigaction(SIGSEGV, &s.saved_segv, nullptr);
+  sigaction(SIGTRAP, &s.saved_trap, nullptr);
+}
+#else
+inline constexpr bool kRaceCheckSupported = false;
+inline void install_fault_handlers(Sched&) {}
+inline void restore_fault_handlers(Sched&) {}
+#endif
 
 // Makes fiber `next` current. With `save`, the running context is stored there to be resumed later.
 inline void switch_to(Sched& s, int next, ucontext_t* save) {
-  if (s.race && save != &s.main_ctx) race_account(s);
   s.cur = next;
   threadIdx = s.fibers[next].tid;
   if (save)
@@ -466,11 +643,9 @@ inline void make_ready(Sched& s, int i) {
 }
 
 inline void release_barrier(Sched& s) {
-  if (s.race) {  // the releasing thread's writes belong to the interval that ends here
-    race_account(s);
+  if (s.race) {
     ++s.epoch;
     s.interval_site = s.bar.site;
-    s.interval_at_start = false;
   }
   const uint64_t res = uint64_t(uint32_t(s.bar.count)) << 32 | uint32_t(s.bar.waiting);
   for (int i = 0; i < s.n; ++i) {
@@ -616,10 +791,15 @@ inline void run_ldmatrix(Op op, Fiber* lanes) {
                     : op == Op::Ldmatrix2 || op == Op::Ldmatrix2T ? 2
                                                                   : 4;
   const bool trans = op >= Op::Ldmatrix1T;
+  Sched& s = g_sched;
+  const Unguarded open;
   uint16_t m[4][8][8];
   for (int j = 0; j < count; ++j)
-    for (int r = 0; r < 8; ++r)
-      std::memcpy(m[j][r], reinterpret_cast<const LdmatrixOperands*>(lanes[8 * j + r].value)->row, 16);
+    for (int r = 0; r < 8; ++r) {
+      const void* row = reinterpret_cast<const LdmatrixOperands*>(lanes[8 * j + r].value)->row;
+      std::memcpy(m[j][r], row, 16);
+      if (s.race) note_range(s, row, 16, int(lanes + 8 * j + r - s.fibers), false);
+    }
   for (int l = 0; l < 32; ++l) {
     uint32_t* out = reinterpret_cast<const LdmatrixOperands*>(lanes[l].value)->r;
     const int g = l >> 2, c = 2 * (l & 3);
@@ -649,6 +829,7 @@ inline void complete_group(Sched& s, int warp, int gi) {
     return;
   }
 
+  if (g.op == Op::SyncWarp) ++w.syncs;
   unsigned ballot = 0;
   uint32_t sum = 0, band = ~0u, bor = 0, bxor = 0;
   int32_t mini = std::numeric_limits<int32_t>::max(), maxi = std::numeric_limits<int32_t>::min();
@@ -672,6 +853,8 @@ inline void complete_group(Sched& s, int warp, int gi) {
     switch (g.op) {
       case Op::SyncWarp:
         f.result = 0;
+        f.sync_seq = w.syncs;
+        f.sync_mask = g.mask;
         break;
       case Op::ShflIdx:
       case Op::ShflUp:
@@ -806,7 +989,6 @@ inline void fiber_main() {
   if (s.bar.waiting > 0 && s.bar.waiting == s.live) release_barrier(s);
   const int next = s.pop();
   if (next >= 0) switch_to(s, next, nullptr);
-  if (s.race) race_account(s);
   if (s.live == 0) setcontext(&s.main_ctx);
   deadlock();
 }
@@ -864,12 +1046,14 @@ inline void run_block(Sched& s) {
   s.live = s.n;
   s.head = s.queued = 0;
   if (s.race) {
-    for (WatchedRegion& r : s.regions) std::memcpy(r.snap.data(), r.base, r.bytes);
-    ++s.epoch;
-    s.interval_at_start = true;
+    for (WatchedRegion& r : s.regions) std::fill(r.words.begin(), r.words.end(), WordAccess{});
+    s.epoch = 1;
+    s.race_report[0] = '\0';
+    set_guard(s, true);
   }
   for (int i = 0; i < s.n; ++i) s.push(i);
   switch_to(s, s.pop(), &s.main_ctx);  // returns when every thread has exited or one has thrown
+  if (s.race) set_guard(s, false);
 }
 
 inline Schedule parse_schedule(const std::string& spec, uint64_t* seed) {
@@ -897,6 +1081,8 @@ inline Config& config() {
     const std::string v = env;
     if (v != "0" && v != "1")
       throw std::invalid_argument("fastar simt: FASTAR_SIMT_RACECHECK='" + v + "' is not 0 or 1");
+    if (v == "1" && !kRaceCheckSupported)
+      throw std::runtime_error("fastar simt: FASTAR_SIMT_RACECHECK=1 needs x86-64 Linux");
     c.race_check = v == "1";
   }
   c.loaded = true;
@@ -904,12 +1090,14 @@ inline Config& config() {
 }
 
 inline void watch(WatchedRegion& r, const char* what, unsigned char* base, size_t bytes) {
+  if (reinterpret_cast<uintptr_t>(base) % page_bytes() != 0 || bytes % page_bytes() != 0)
+    throw std::runtime_error(
+        std::string("fastar simt: the race check needs ") + what +
+        " to fill whole pages (the __shared__ section is laid out by csrc/simt/shared_section.ld)");
   r.what = what;
   r.base = base;
   r.bytes = bytes;
-  r.snap.resize(bytes);
-  r.epoch.assign((bytes + 3) / 4, 0);
-  r.writer.assign((bytes + 3) / 4, -1);
+  r.words.assign(bytes / 4, WordAccess{});
 }
 
 inline std::string dim_str(dim3 d) {
@@ -953,11 +1141,16 @@ inline std::string schedule() {
                                                    : "shuffle:" + std::to_string(c.seed);
 }
 
-// The race check of later launches: a launch in which two threads change the same 4-byte word of shared
-// memory (dynamic or __shared__) between two __syncthreads throws std::runtime_error naming the kernel, the
-// word and the two threads. With it on, a cp.async fills its destination with 0xFF at issue, so a read before
-// the covering wait shows even where the stale data was right. Reads are invisible to it (compare schedules).
-inline void set_race_check(bool on) { detail::config().race_check = on; }
+// The race check of later launches (x86-64 Linux; std::runtime_error elsewhere): a launch in which two threads
+// access one 4-byte word of shared memory (dynamic or __shared__), one of them writing, with no __syncthreads
+// between (nor a __syncwarp over both), or in which a word is accessed while a cp.async into it has not landed,
+// throws std::runtime_error naming the kernel, the word, the two threads and the interval. With it on, a
+// cp.async also fills its destination with 0xFF at issue.
+inline void set_race_check(bool on) {
+  if (on && !detail::kRaceCheckSupported)
+    throw std::runtime_error("fastar simt: the race check single-steps shared-memory accesses and needs x86-64 Linux");
+  detail::config().race_check = on;
+}
 inline bool race_check() { return detail::config().race_check; }
 
 // Launches per kernel name since the last reset, so tests can tell which kernel ran a case.
@@ -986,14 +1179,21 @@ inline void launch(const char* kernel_name, dim3 grid, dim3 block, size_t dynami
   const int n = int(block.x * block.y * block.z);
   ensure_fibers(s, n);
 
-  struct SmemBuffer {
+  struct SmemBuffer {  // whole pages, so that the race check can guard them
+    size_t bytes;
     unsigned char* p;
-    explicit SmemBuffer(size_t bytes)
-        : p(bytes ? static_cast<unsigned char*>(::operator new(bytes, std::align_val_t(16))) : nullptr) {}
+    explicit SmemBuffer(size_t n)
+        : bytes((n + page_bytes() - 1) / page_bytes() * page_bytes()),
+          p(n ? static_cast<unsigned char*>(::operator new(bytes, std::align_val_t(page_bytes()))) : nullptr) {}
     ~SmemBuffer() {
-      if (p) ::operator delete(p, std::align_val_t(16));
+      if (p) ::operator delete(p, std::align_val_t(page_bytes()));
     }
   } smem(dynamic_smem_bytes);
+  if (cfg.race_check) {
+    watch(s.regions[0], "the dynamic shared memory", smem.p, smem.bytes);
+    watch(s.regions[1], "the __shared__ variables", __start_fastar_simt_shared,
+          size_t(__stop_fastar_simt_shared - __start_fastar_simt_shared));
+  }
 
   struct Running {  // restores the idle state however the launch ends
     Sched& s;
@@ -1002,6 +1202,11 @@ inline void launch(const char* kernel_name, dim3 grid, dim3 block, size_t dynami
       s.body = nullptr;
       s.dyn_smem = nullptr;
       s.error = nullptr;
+      if (s.race) {
+        if (s.guarded) set_guard(s, false);
+        restore_fault_handlers(s);
+        s.step = Step{};
+      }
       s.race = false;
       tl_launching = false;
     }
@@ -1015,13 +1220,7 @@ inline void launch(const char* kernel_name, dim3 grid, dim3 block, size_t dynami
   s.order = cfg.schedule;
   s.rng = cfg.seed;
   s.race = cfg.race_check;
-  if (s.race) {
-    watch(s.regions[0], "the dynamic shared memory", smem.p, dynamic_smem_bytes);
-    watch(s.regions[1], "the __shared__ variables", __start_fastar_simt_shared,
-          size_t(__stop_fastar_simt_shared - __start_fastar_simt_shared));
-    s.epoch = 0;
-    s.race_report.clear();
-  }
+  if (s.race) install_fault_handlers(s);
   gridDim = grid;
   blockDim = block;
   for (int i = 0; i < n; ++i)
@@ -1033,7 +1232,7 @@ inline void launch(const char* kernel_name, dim3 grid, dim3 block, size_t dynami
         blockIdx = uint3{x, y, z};
         if (smem.p) std::memset(smem.p, 0xFF, dynamic_smem_bytes);
         run_block(s);
-        if (s.race && !s.race_report.empty()) throw std::runtime_error(s.race_report);
+        if (s.race && s.race_report[0]) throw std::runtime_error(s.race_report);
         if (!s.error) continue;
         std::string what = "a non-standard exception";
         try {
@@ -1234,11 +1433,17 @@ inline void cp_async(void* dst, const void* src, int size, int src_bytes, const 
   if (src_bytes < 0 || src_bytes > size)
     die("cp.async of %d bytes at %s:%u:%u: src-size %d is outside [0, %d]", size, site.file_name(), site.line(),
         site.column(), src_bytes, size);
+  Sched& s = g_sched;
   Fiber& f = current_fiber();
   AsyncCopy c{dst, {}, size, f.async_groups};
   std::memcpy(c.bytes, src, size_t(src_bytes));
   f.async_copies.push_back(c);
-  if (g_sched.race) std::memset(dst, 0xFF, size_t(size));  // undefined until the wait (set_race_check)
+  if (s.race) {  // the destination is written, and undefined, until the wait
+    note_range(s, dst, size_t(size), s.cur, true);
+    mark_pending(s, dst, size_t(size), s.cur);
+    const Unguarded open;
+    std::memset(dst, 0xFF, size_t(size));
+  }
 }
 
 // cp.async.commit_group: the copies issued since the last commit form the next group.
@@ -1251,14 +1456,21 @@ inline void cp_async_commit() {
 inline void cp_async_wait(int n) {
   using namespace detail;
   check_running("cp.async.wait_group");
+  Sched& s = g_sched;
   Fiber& f = current_fiber();
   const int covered = f.async_groups - n;
+  const Unguarded open;
   size_t kept = 0;
   for (const AsyncCopy& c : f.async_copies) {
-    if (c.group < covered)
-      std::memcpy(c.dst, c.bytes, size_t(c.size));
-    else
+    if (c.group >= covered) {
       f.async_copies[kept++] = c;
+      continue;
+    }
+    if (s.race) {
+      mark_pending(s, c.dst, size_t(c.size), -1);
+      note_range(s, c.dst, size_t(c.size), s.cur, true);
+    }
+    std::memcpy(c.dst, c.bytes, size_t(c.size));
   }
   f.async_copies.resize(kept);
 }
@@ -1271,20 +1483,19 @@ inline void cp_async_wait(int n) {
 namespace fastar::simt::detail {
 template <class T, class F>
 T atomic_update(T* address, F f) {
+  const Unguarded open;  // atomics are exempt from the race check
   std::atomic_ref<T> ref(*address);
   T old = ref.load();
   while (!ref.compare_exchange_weak(old, f(old))) {
   }
-  note_atomic(address, sizeof(T));
   return old;
 }
 }  // namespace fastar::simt::detail
 
-#define FASTAR_SIMT_ATOMIC_FETCH(fn, T, method)             \
-  inline T fn(T* address, T val) {                          \
-    const T old = std::atomic_ref<T>(*address).method(val); \
-    fastar::simt::detail::note_atomic(address, sizeof(T));  \
-    return old;                                             \
+#define FASTAR_SIMT_ATOMIC_FETCH(fn, T, method)      \
+  inline T fn(T* address, T val) {                   \
+    const fastar::simt::detail::Unguarded open;      \
+    return std::atomic_ref<T>(*address).method(val); \
   }
 FASTAR_SIMT_ATOMIC_FETCH(atomicAdd, int, fetch_add)
 FASTAR_SIMT_ATOMIC_FETCH(atomicAdd, unsigned int, fetch_add)
@@ -1323,8 +1534,8 @@ FASTAR_SIMT_ATOMIC_MINMAX(unsigned long long)
 
 #define FASTAR_SIMT_ATOMIC_CAS(T)                                       \
   inline T atomicCAS(T* address, T compare, T val) {                    \
+    const fastar::simt::detail::Unguarded open;                         \
     std::atomic_ref<T>(*address).compare_exchange_strong(compare, val); \
-    fastar::simt::detail::note_atomic(address, sizeof(T));              \
     return compare;                                                     \
   }
 FASTAR_SIMT_ATOMIC_CAS(int)
