@@ -1,9 +1,10 @@
 """Plain-PyTorch references of fastar's ops: written for clarity (loops, float64), the tests' oracle.
 
 The public names are the ``__all__`` of each reference module."""
-from . import acceptance, attention, sampling, scale, scale_kvcache
+from . import acceptance, attention, quantized_kvcache, sampling, scale, scale_kvcache
 from .acceptance import *  # noqa: F403
 from .attention import *  # noqa: F403
+from .quantized_kvcache import *  # noqa: F403
 from .sampling import *  # noqa: F403
 from .scale import *  # noqa: F403
 from .scale_kvcache import *  # noqa: F403
@@ -12,6 +13,7 @@ from .scale_kvcache import *  # noqa: F403
 __all__ = []
 __all__ += acceptance.__all__
 __all__ += attention.__all__
+__all__ += quantized_kvcache.__all__
 __all__ += sampling.__all__
 __all__ += scale.__all__
 __all__ += scale_kvcache.__all__
