@@ -8,6 +8,7 @@
 
 #include "ops/acceptance_args.h"
 #include "ops/attention_args.h"
+#include "ops/quantize_kv_append_args.h"
 #include "ops/sample_cfg_args.h"
 #include "ops/scale_attention_args.h"
 
@@ -60,6 +61,13 @@ inline void define_schemas(torch::Library& m) {
   m.def(
       "sample_cfg(Tensor logits, float cfg, str schedule, int? scale_index, int? num_scales, int top_k, float top_p, "
       "float temperature, Tensor seed, Tensor offset) -> Tensor tokens");
+  // Quantize-on-append into an int8 / fp8 KV cache (docs/quantized_kvcache.md): token n's K and V rows
+  // [N, Hkv, D] go to slot slot_mapping[n] of the caches [num_slots or (num_pages, page_size), Hkv, D]
+  // (-1: skipped). int8 writes a scale per slot and head; fp8 does too when the scales are [num_slots, Hkv],
+  // and reads them when they hold one value or one per kv head.
+  m.def(
+      "quantize_kv_append(Tensor key, Tensor value, Tensor slot_mapping, Tensor(a!) k_cache, Tensor(b!) v_cache, "
+      "Tensor(c!) k_scale, Tensor(d!) v_scale) -> ()");
 }
 
 // Test-only ops of the CPU kernels, in torch.ops.fastar alone (a leading underscore: no CUDA kernel, fake or
@@ -89,6 +97,7 @@ inline void register_cpu_kernels(torch::Library& m) {
   m.impl("attention", &attention_op<run_attention_cpu>);
   m.impl("scale_attention", &scale_attention_op<run_attention_cpu>);
   m.impl("sample_cfg", &sample_cfg_op<run_sample_cfg_cpu>);
+  m.impl("quantize_kv_append", &quantize_kv_append_op<run_quantize_kv_append_cpu>);
   m.impl("_attention_plan", &attention_plan_cpu);
 }
 
@@ -99,6 +108,7 @@ inline void register_cuda_kernels(torch::Library& m) {
   m.impl("attention", &attention_op<run_attention_cuda>);
   m.impl("scale_attention", &scale_attention_op<run_attention_cuda>);
   m.impl("sample_cfg", &sample_cfg_op<run_sample_cfg_cuda>);
+  m.impl("quantize_kv_append", &quantize_kv_append_op<run_quantize_kv_append_cuda>);
 }
 
 }  // namespace fastar

@@ -9,10 +9,11 @@ from ._loader import load_extension
 
 _C = load_extension()
 
-from . import acceptance, masked_attention, masks, reference, sampling, scale, scale_kvcache  # noqa: E402
+from . import acceptance, masked_attention, masks, quantized_kvcache, reference, sampling, scale, scale_kvcache  # noqa: E402,E501
 from ._common import register_fakes  # noqa: E402
 from .acceptance import *  # noqa: E402, F403
 from .masked_attention import *  # noqa: E402, F403
+from .quantized_kvcache import *  # noqa: E402, F403
 from .sampling import *  # noqa: E402, F403
 from .scale import *  # noqa: E402, F403
 from .scale_kvcache import *  # noqa: E402, F403
@@ -29,6 +30,7 @@ def build_info() -> dict:
 __all__ = ["build_info", "masks", "reference"]
 __all__ += acceptance.__all__
 __all__ += masked_attention.__all__
+__all__ += quantized_kvcache.__all__
 __all__ += sampling.__all__
 __all__ += scale.__all__
 __all__ += scale_kvcache.__all__

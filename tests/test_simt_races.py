@@ -65,7 +65,7 @@ def assert_order_independent(run, kernels):
 
 # Every kernel of the CUDA sources, each run under the race check by one of the tests below.
 ALL_KERNELS = {"speculative_sample", "greedy_verify", "sample_cfg", "attention_vec_decode", "attention_decode",
-               "attention_tiled", "attention_tc", "attention_merge"}
+               "attention_tiled", "attention_tc", "attention_merge", "quantize_kv_append"}
 
 
 def test_every_kernel_is_covered():
@@ -170,6 +170,22 @@ def test_scale_attention(backend):
     q, k, v = (make((1, 2, L, 64), torch.float16, gen) for _ in range(3))
     assert_order_independent(lambda: backend.scale_attention(q, k, v, layout, qk_norm=True, return_lse=True),
                              {"attention_tc"})
+
+
+@pytest.mark.parametrize("fmt", [torch.int8, torch.float8_e5m2])
+def test_quantize_kv_append(backend, fmt):
+    gen = torch.Generator().manual_seed(6)
+    key, value = (torch.randn(5, 3, 64, generator=gen).to(torch.bfloat16) for _ in range(2))
+    slots = torch.tensor([2, -1, 0, 6, 3])
+
+    def run():
+        caches = [torch.zeros(7, 3, 64, dtype=torch.uint8).view(fmt) for _ in range(2)]
+        scales = [torch.zeros(7, 3) for _ in range(2)]
+        with backend.using_ops():
+            fastar.quantize_kv_append(key, value, slots, *caches, *scales)
+        return tuple(t.view(torch.uint8) if t.dtype == fmt else t for t in caches + scales)
+
+    assert_order_independent(run, {"quantize_kv_append"})
 
 
 def pairs(values):

@@ -1,0 +1,104 @@
+// The quantized KV cache formats (docs/quantized_kvcache.md): the per-element math of the CPU and CUDA kernels.
+// Every step is an IEEE float32 operation (one correctly rounded division, rounding half to even), so every
+// backend writes the same codes.
+#pragma once
+#include <cmath>
+#include <cstdint>
+#include <cstring>
+#include <type_traits>
+
+#include "core/macros.h"
+
+namespace fastar {
+
+enum class KvFormat : int { kInt8 = 0, kFp8E4M3 = 1, kFp8E5M2 = 2 };
+
+// fastar.quantize_kv_append: token n's K and V rows go to cache slot slots[n] (-1: skipped).
+struct QuantizeKvParams {
+  const void* key;  // [N, Hkv, D], unit stride along D
+  const void* value;
+  int64_t k_sn, k_sh, v_sn, v_sh;  // token and head strides, in elements
+  const int64_t* slots;            // [N]
+  int64_t N, Hkv, D, num_slots;
+  uint8_t* k_cache;  // [num_slots, Hkv, D] one-byte codes, contiguous
+  uint8_t* v_cache;
+  // per_token_scale: [num_slots, Hkv], computed from each row and written. Else (fp8 only) read: [Hkv] when
+  // scale_per_head, else one value.
+  float* k_scale;
+  float* v_scale;
+  bool per_token_scale;
+  bool scale_per_head;
+  KvFormat format;
+};
+
+// Calls f(std::integral_constant<KvFormat, format>{}) (host code): kernels are instantiated per format.
+template <typename F>
+inline void with_kv_format(KvFormat format, F&& f) {
+  switch (format) {
+    case KvFormat::kInt8:
+      return f(std::integral_constant<KvFormat, KvFormat::kInt8>{});
+    case KvFormat::kFp8E4M3:
+      return f(std::integral_constant<KvFormat, KvFormat::kFp8E4M3>{});
+    case KvFormat::kFp8E5M2:
+      return f(std::integral_constant<KvFormat, KvFormat::kFp8E5M2>{});
+  }
+}
+
+// The largest code magnitude: a row's scale is max|x| / kv_code_max.
+FASTAR_HD float kv_code_max(KvFormat f) {
+  return f == KvFormat::kInt8 ? 127.0f : f == KvFormat::kFp8E4M3 ? 448.0f : 57344.0f;
+}
+
+FASTAR_HD uint32_t float_bits(float x) {
+  uint32_t b;
+  std::memcpy(&b, &x, 4);
+  return b;
+}
+
+// Round half to even of 0 <= x < 2^22, by float addition (exact under the default rounding mode; an FMA
+// contraction of a product of x by a power of two before it changes nothing).
+FASTAR_HD float round_small(float x) { return (x + 12582912.0f) - 12582912.0f; }
+
+// float -> fp8 (e4m3fn: bias 7, 3 mantissa bits, no infinities; e5m2: bias 15, 2 mantissa bits), rounding to
+// nearest even and saturating at the largest finite magnitude; NaN and +-Inf give the NaN code 0x7f (signed).
+// Branch-free, so that the CPU loops over it vectorize.
+template <KvFormat F>
+FASTAR_HD uint8_t float_to_fp8(float x) {
+  constexpr bool kE4M3 = F == KvFormat::kFp8E4M3;
+  constexpr int kMant = kE4M3 ? 3 : 2, kBias = kE4M3 ? 7 : 15;
+  constexpr float kMax = kE4M3 ? 448.0f : 57344.0f;
+  constexpr float kMinNormal = kE4M3 ? 0.015625f : 6.103515625e-05f;  // 2^(1 - bias)
+  constexpr float kSubnormalSteps = kE4M3 ? 512.0f : 65536.0f;        // 1 / 2^(1 - bias - mant)
+  const uint32_t sign = float_bits(x) >> 24 & 0x80;
+  const float a = fabsf(x);
+  const bool finite = a <= 3.4028235e38f;
+  const float c = a < kMax ? a : kMax;  // comparisons, not fminf: they vectorize
+  const uint32_t subnormal = static_cast<uint32_t>(static_cast<int32_t>(round_small(c * kSubnormalSteps)));
+  uint32_t b = float_bits(c);
+  b += (1u << (22 - kMant)) - 1 + (b >> (23 - kMant) & 1);  // round the float32 mantissa to kMant bits
+  const uint32_t normal = (b >> (23 - kMant)) - (static_cast<uint32_t>(127 - kBias) << kMant);
+  const uint32_t code = !finite ? 0x7fu : c < kMinNormal ? subnormal : normal;
+  return static_cast<uint8_t>(sign | code);
+}
+
+// int8: round half to even of q, within [-127, 127] (NaN gives -127; the kernels reject or flag it earlier).
+FASTAR_HD uint8_t int8_code(float q) {
+  const float low = q > -127.0f ? q : -127.0f;
+  const float r = low < 127.0f ? low : 127.0f;
+  const float m = round_small(fabsf(r));  // outside the select: a conditional float add blocks vectorization
+  const float rounded = r < 0.0f ? -m : m;
+  return static_cast<uint8_t>(static_cast<int32_t>(rounded));
+}
+
+// The code of x at scale s (a scale of 0 codes everything as 0).
+template <KvFormat F>
+FASTAR_HD uint8_t kv_code(float x, float s) {
+  const float q = x / (s > 0.0f ? s : 1.0f);
+  if constexpr (F == KvFormat::kInt8) {
+    return int8_code(q);
+  } else {
+    return float_to_fp8<F>(q);
+  }
+}
+
+}  // namespace fastar
