@@ -81,9 +81,20 @@ def test_fp8_in_range_matches_torch_bit_for_bit(fmt):
 def test_kivi_hand_computed():
     codes, scale, zero = quantize_kivi_keys_reference(torch.tensor([[0.0, 5.0], [3.0, 5.0]]), "int2", 2)
     assert codes.tolist() == [[0, 0], [3, 0]] and scale.tolist() == [[1.0, 0.0]] and zero.tolist() == [[0.0, 5.0]]
+    assert scale.dtype == zero.dtype == torch.float16
     codes, scale, zero = quantize_kivi_values_reference(torch.tensor([1.0, 2.0, 3.0, 4.0, -1, 14, 4, 9]), "int4", 4)
     assert codes.tolist() == [0, 5, 10, 15, 0, 15, 5, 10] and zero.tolist() == [1, -1]
-    assert torch.equal(scale, torch.tensor([0.2, 1.0]))  # 3 / 15 and 15 / 15 in float32
+    assert torch.equal(scale, torch.tensor([0.2, 1.0]).half())  # 3 / 15 and 15 / 15, stored as float16
+    # A minimum that float16 rounds up (1.0006 -> 1 + 2^-10): codes come from the stored zero and scale
+    # ((4 - zero) / 3 -> 1 - 2^-11), and the minimum, below the zero, codes as 0.
+    codes, scale, zero = quantize_kivi_values_reference(torch.tensor([1.0006, 1.5, 2.0, 4.0]), "int2", 4)
+    assert zero.item() == 1 + 2**-10 and scale.item() == 1 - 2**-11 and codes.tolist() == [0, 0, 1, 3]
+
+
+def kivi_bound(scale, zero, bits):
+    """Half a step, plus float16's rounding of the stored zero and of the top level (relative 2^-11 each)."""
+    scale, zero = scale.double(), zero.double()
+    return scale * 0.5 + 2**-11 * (zero.abs() + (2**bits - 1) * scale) + 1e-7
 
 
 @pytest.mark.parametrize("fmt", ["int4", "int2"])
@@ -94,13 +105,14 @@ def test_kivi_error_is_at_most_half_a_step(fmt):
     codes, scale, zero = quantize_kivi_keys_reference(k, fmt, 32)
     assert codes.max() == 2 ** {"int4": 4, "int2": 2}[fmt] - 1 and scale.shape == (2, 4, 3, 64)
     per_token = lambda t: t.repeat_interleave(32, dim=-2)  # noqa: E731
+    bits = {"int4": 4, "int2": 2}[fmt]
     err = (dequantize_reference(codes, per_token(scale), per_token(zero)) - k.double()).abs()
-    assert (err <= per_token(scale).double() * (0.5 + 1e-5) + 1e-6).all()
+    assert (err <= kivi_bound(per_token(scale), per_token(zero), bits)).all()
     codes, scale, zero = quantize_kivi_values_reference(k, fmt, 32)
     assert scale.shape == (2, 4, 96, 2)
     per_channel = lambda t: t.repeat_interleave(32, dim=-1)  # noqa: E731
     err = (dequantize_reference(codes, per_channel(scale), per_channel(zero)) - k.double()).abs()
-    assert (err <= per_channel(scale).double() * (0.5 + 1e-5) + 1e-6).all()
+    assert (err <= kivi_bound(per_channel(scale), per_channel(zero), bits)).all()
 
 
 def test_kivi_groups_must_divide():

@@ -58,20 +58,23 @@ def quantize_fp8_reference(x: torch.Tensor, scale: torch.Tensor, fmt: str) -> to
 
 
 def _asymmetric(x: torch.Tensor, dim: int, bits: int) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """KIVI's asymmetric quantizer over ``dim``: ``(codes uint8, scale, zero)``, zero = the minimum."""
+    """KIVI's asymmetric quantizer over ``dim``: ``(codes uint8, scale float16, zero float16)``. The zero is the
+    minimum and the scale ``(max - zero) / (2**bits - 1)``, each rounded to float16 (what the cache stores)
+    before the codes are computed from them in float32."""
     xf = x.float()
-    zero = xf.amin(dim, keepdim=True)
-    scale = (xf.amax(dim, keepdim=True) - zero) / float(2**bits - 1)
+    zero = xf.amin(dim, keepdim=True).half().float()
+    scale = ((xf.amax(dim, keepdim=True) - zero) / float(2**bits - 1)).half().float()
     safe = torch.where(scale > 0, scale, torch.ones_like(scale))
     codes = torch.round((xf - zero) / safe).clamp(0, 2**bits - 1)
-    return codes.to(torch.uint8), scale.squeeze(dim), zero.squeeze(dim)
+    return codes.to(torch.uint8), scale.squeeze(dim).half(), zero.squeeze(dim).half()
 
 
 def quantize_kivi_keys_reference(k: torch.Tensor, fmt: str, group_size: int):
     """KIVI keys, per channel over groups of ``group_size`` tokens: ``k`` ``[..., T, D]`` with ``T`` a multiple
     of the group. Returns ``(codes uint8 [..., T, D] unpacked, scale [..., T / G, D], zero [..., T / G, D])``
-    (float32): ``scale = (max - min) / (2**bits - 1)``, ``zero = min`` over each group's tokens, ``code =
-    round_half_even((x - zero) / scale)``; the dequantized value is ``code * scale + zero``."""
+    (float16): ``zero = min`` and ``scale = (max - zero) / (2**bits - 1)`` over each group's tokens, rounded to
+    float16, and ``code = round_half_even((x - zero) / scale)`` in float32; the dequantized value is ``code *
+    scale + zero``."""
     bits = _KIVI_BITS[fmt]
     *lead, T, D = k.shape
     if T % group_size:
@@ -83,7 +86,7 @@ def quantize_kivi_keys_reference(k: torch.Tensor, fmt: str, group_size: int):
 
 def quantize_kivi_values_reference(v: torch.Tensor, fmt: str, group_size: int):
     """KIVI values, per token over groups of ``group_size`` channels: ``v`` ``[..., D]`` with ``D`` a multiple of
-    the group. Returns ``(codes uint8 [..., D] unpacked, scale [..., D / G], zero [..., D / G])`` (float32),
+    the group. Returns ``(codes uint8 [..., D] unpacked, scale [..., D / G], zero [..., D / G])`` (float16),
     the same quantizer as the keys' along the other axis."""
     bits = _KIVI_BITS[fmt]
     *lead, D = v.shape
