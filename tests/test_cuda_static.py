@@ -134,6 +134,16 @@ def test_tensor_core_kernel_resources():
     assert not spilled, describe(spilled)
 
 
+def test_quantize_kv_append_chunked_instances_load_16_bytes():
+    """The append kernel's instances for 16-byte aligned rows (template argument kV > 1) read K and V with
+    16-byte global loads; the element-wise ones (kV = 1) are the fallback for unaligned rows."""
+    found = {key: body for key, body in sass_by_kernel().items()
+             if re.search(r"\bquantize_kv_append_kernel<.*, (4|8)>", key[1])}
+    assert found, "no chunked quantize_kv_append_kernel in the built code"
+    narrow = [f"{arch} {name[:100]}" for (arch, name), body in found.items() if not re.search(r"LDG\.E\.128", body)]
+    assert not narrow, narrow
+
+
 def test_decode_kernel_loads_16_bytes_and_does_not_spill():
     """Every instance of the decode kernel (dtype x head dim, every built arch) reads K and V with 16-byte
     global loads (LDG.E.128) and keeps its state in registers (no stack)."""

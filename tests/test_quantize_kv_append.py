@@ -108,6 +108,23 @@ def test_fp8_conversion_matches_torch_on_every_code_boundary(backend):
         assert torch.equal(k_cache.view(torch.uint8), rows.to(dtype).view(torch.uint8)), fmt
 
 
+@pytest.mark.parametrize("dtype", FLOAT_DTYPES)
+def test_unaligned_rows(backend, dtype):
+    """Rows that do not start 16-byte aligned (a view one element in), and a head dim of 12: the element-wise
+    path of the CUDA kernel, the same codes."""
+    gen = torch.Generator().manual_seed(4)
+    for N, Hkv, D, offset in [(3, 2, 64, 1), (3, 2, 12, 0)]:
+        wide = random_rows(gen, (N, Hkv, D + 8), dtype)
+        key, value = wide[..., offset:offset + D], wide[..., 8 - offset:8 - offset + D] * 2
+        caches = [poisoned((4, Hkv, D), torch.int8) for _ in range(2)]
+        scales = [torch.full((4, Hkv), float("nan")) for _ in range(2)]
+        slots = torch.tensor([3, 0, 2])
+        k_cache, v_cache, k_scale, v_scale = append(backend, key, value, slots, *caches, *scales)
+        for got, got_scale, rows in ((k_cache, k_scale, key), (v_cache, v_scale, value)):
+            want, want_scale = expected("int8", rows)
+            assert torch.equal(got.view(torch.uint8)[slots], want) and torch.equal(got_scale[slots], want_scale)
+
+
 def test_empty_inputs_write_nothing(backend):
     empty = torch.zeros(0, 2, 8)
     k_cache, v_cache, _, _ = append(backend, empty, empty, torch.zeros(0, dtype=torch.long),

@@ -90,7 +90,7 @@ FASTAR_HD uint8_t int8_code(float q) {
   return static_cast<uint8_t>(static_cast<int32_t>(rounded));
 }
 
-// The code of x at scale s (a scale of 0 codes everything as 0).
+// The code of x at scale s. A scale that is not positive (an all-zero row's 0, a NaN) divides by 1.
 template <KvFormat F>
 FASTAR_HD uint8_t kv_code(float x, float s) {
   const float q = x / (s > 0.0f ? s : 1.0f);

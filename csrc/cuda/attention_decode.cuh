@@ -47,14 +47,6 @@ FASTAR_HD bool decode_rows_aligned(const AttentionParams& p) {
   return ptrs && p.D % kVec == 0 && (p.k_sb | p.k_sh | p.k_sl | p.v_sb | p.v_sh | p.v_sl) % kVec == 0;
 }
 
-// Element e of a 16-byte vector of T, as float.
-template <typename T>
-__device__ __forceinline__ float vector_element(const uint4& v, int e) {
-  T x[16 / sizeof(T)];
-  memcpy(static_cast<void*>(x), &v, 16);
-  return to_float(x[e]);
-}
-
 template <typename T, int kD>
 __global__ void __launch_bounds__(kDecodeThreads) attention_decode_kernel(AttentionParams p, AttentionWork w) {
   using S = DecodeShape<T, kD>;

@@ -16,6 +16,14 @@ __device__ __forceinline__ float to_float(float x) { return x; }
 __device__ __forceinline__ float to_float(__half x) { return __half2float(x); }
 __device__ __forceinline__ float to_float(__nv_bfloat16 x) { return __bfloat162float(x); }
 
+// Element e of a 16-byte vector of T, as float.
+template <typename T>
+__device__ __forceinline__ float vector_element(const uint4& v, int e) {
+  T x[16 / sizeof(T)];
+  memcpy(static_cast<void*>(x), &v, 16);
+  return to_float(x[e]);
+}
+
 __device__ __forceinline__ uint64_t warp_sum(uint64_t v) {
   for (int d = 16; d > 0; d >>= 1) v += __shfl_xor_sync(kFullMask, v, d);
   return v;
