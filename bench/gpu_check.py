@@ -304,6 +304,16 @@ def small_cases(device: str) -> None:
         layout = fastar.ScaleLayout((1, 2, 3), local_window=1)
         qs = torch.randn(1, 2, 14, 64, generator=gen).to(device, dtype)
         fastar.scale_attention(qs, qs, qs, layout)
+        # quantize_kv_append: int8 from aligned rows (16-byte chunks), fp8 at fixed scales from a view one
+        # element in (the element-wise kernel).
+        rows = torch.randn(3, 2, 72, generator=gen).to(device, dtype)
+        slots = torch.tensor([4, -1, 0], device=device)
+        codes = lambda dt: torch.zeros(6, 2, 64, dtype=torch.uint8, device=device).view(dt)  # noqa: E731
+        scales = lambda *shape: torch.ones(*shape, device=device)  # noqa: E731
+        fastar.quantize_kv_append(rows[..., :64], rows[..., 8:], slots, codes(torch.int8), codes(torch.int8),
+                                  scales(6, 2), scales(6, 2))
+        fastar.quantize_kv_append(rows[..., 1:65], rows[..., 1:65], slots, codes(torch.float8_e4m3fn),
+                                  codes(torch.float8_e4m3fn), scales(2), scales(2))
     if device == "cuda":
         torch.cuda.synchronize()
 
