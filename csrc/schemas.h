@@ -39,7 +39,10 @@ inline void define_schemas(torch::Library& m) {
       "Tensor? k_block_ids=None, "     // int32 [B or 1, Lk]: kb of each key, for block_relation
       "Tensor? mask_bits=None, "       // uint8 [B or 1, Lq, ceil(mask_bits_cols / 8)]: little-endian bit-packed rows
       "int mask_bits_cols=0, "         // mask_bits covers the last mask_bits_cols keys of each sequence
-      "Tensor? bias=None"              // q's dtype [B or 1, Hq or 1, Lq, Lk]: added to the logits
+      "Tensor? bias=None, "            // q's dtype [B or 1, Hq or 1, Lq, Lk]: added to the logits
+      // Quantized k and v (int8 / float8 codes, docs/quantized_kvcache.md; CPU only so far): float32 scales that
+      // broadcast to k's rows [B or pages, Hkv, Lk or page_size]; key row = codes * its scale.
+      "Tensor? k_scale=None, Tensor? v_scale=None"
       ") -> Tensor lse");
   // Next-scale (VAR) attention: the attention kernels with scale ids, a local window, a tile map and qk_norm,
   // written into `out` as fastar.attention. Query i is token Lk - Lq + i.

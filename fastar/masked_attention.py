@@ -46,16 +46,18 @@ __all__ = ["attention", "attention_with_kvcache", "patch_sdpa", "scaled_dot_prod
 _KV_OP = "fastar.attention_with_kvcache"
 
 
-def _run(q, k, v, args: MaskArgs, scale: float, kv_lens=None, block_table=None, out=None):
+def _run(q, k, v, args: MaskArgs, scale: float, kv_lens=None, block_table=None, out=None, k_scale=None,
+         v_scale=None):
     """The attention op on [B, H, L, D] views, written into ``out`` (a new tensor when None): (out, lse)."""
     if out is None:
         out = q.new_empty(q.shape)
+    quantized = {} if k_scale is None and v_scale is None else {"k_scale": k_scale, "v_scale": v_scale}
     lse = _common.ops().attention(
         q, k, v, out, scale, kv_lens=kv_lens, block_table=block_table, causal=args.causal,
         bottom_right=args.bottom_right, window_left=args.window_left if args.window else -1,
         window_sinks=args.window_sinks, block_relation=BLOCK_NAMES[args.block_relation],
         q_block_ids=args.q_block_ids, k_block_ids=args.k_block_ids, mask_bits=args.bits,
-        mask_bits_cols=args.bits_cols, bias=args.bias,
+        mask_bits_cols=args.bits_cols, bias=args.bias, **quantized,
     )
     return out, lse
 
@@ -143,6 +145,8 @@ def attention_with_kvcache(
     mask: Optional[Mask] = None,
     scale: Optional[float] = None,
     return_lse: bool = False,
+    k_scale: Optional[torch.Tensor] = None,
+    v_scale: Optional[torch.Tensor] = None,
 ):
     """Decode / verify against a KV cache, FlashAttention style (``flash_attn_with_kvcache``).
 
@@ -161,6 +165,12 @@ def attention_with_kvcache(
             chain of drafts, ``Tree(parents)`` for tree verification, ``BlockCausal`` for block diffusion.
             None = every cached key visible.
         scale, return_lse: as in :func:`attention`.
+        k_scale, v_scale: for a quantized cache (``torch.int8``, ``torch.float8_e4m3fn`` or ``torch.float8_e5m2``
+            codes, as :func:`fastar.quantize_kv_append` writes them): float32 scales, one per slot and kv head
+            (``[B, S_max, Hkv]`` or ``[num_pages, page_size, Hkv]``), one per kv head (``[Hkv]``) or one (``[]``).
+            Key and value rows are ``codes * scale`` (docs/quantized_kvcache.md), dequantized to float32 as
+            the kernels read them. CPU only so far (CUDA raises NotImplementedError); append with
+            :func:`fastar.quantize_kv_append`, not ``k_new``.
 
     Returns:
         ``[B, Lq, Hq, D]`` (and the LSE ``[B, Hq, Lq]``). Sequence ``b`` attends to its first
@@ -177,6 +187,10 @@ def attention_with_kvcache(
     head_dim(_KV_OP, D)
     if (k_new is None) != (v_new is None):
         raise ValueError(f"{_KV_OP}: give both k_new and v_new, or neither")
+    if (k_scale is None) != (v_scale is None):
+        raise ValueError(f"{_KV_OP}: give both k_scale and v_scale (a quantized cache), or neither")
+    if k_scale is not None and k_new is not None:
+        raise ValueError(f"{_KV_OP}: k_new cannot append to a quantized cache; use fastar.quantize_kv_append")
     seqlen_int = None  # an int length is known on the host: checked there on every device
     if not isinstance(cache_seqlens, torch.Tensor):
         seqlen_int = integral(_KV_OP, cache_seqlens, "cache_seqlens")
@@ -236,7 +250,13 @@ def attention_with_kvcache(
     args = MaskArgs.none() if mask is None else _lower(mask, B, Lq, capacity, q.device, kv_lens)
     bt = None if block_table is None else block_table.to(torch.int32)
     result = q.new_empty(q.shape)
-    _, lse = _run(q_view, k_view, v_view, args, softmax_scale(scale, D), kv_lens, bt, out=result.transpose(1, 2))
+    scales = {}
+    if k_scale is not None:  # cache layout [B or pages, S or page_size, Hkv] -> the kernel's rows [.., Hkv, ..]
+        Hkv = k_cache.shape[2]
+        scales = {name: s.transpose(1, 2) if s.dim() == 3 else s.reshape(1, Hkv, 1) if s.dim() == 1 and s.numel() == Hkv
+                  and Hkv > 1 else s for name, s in (("k_scale", k_scale), ("v_scale", v_scale))}
+    _, lse = _run(q_view, k_view, v_view, args, softmax_scale(scale, D), kv_lens, bt, out=result.transpose(1, 2),
+                  **scales)
     return (result, lse) if return_lse else result
 
 

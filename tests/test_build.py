@@ -58,8 +58,15 @@ def _acceptance_samples(device):
     out = lambda q: torch.empty(q.shape, dtype=q.dtype, device=device)  # noqa: E731
     transposed = lambda q: out(q.transpose(1, 2)).transpose(1, 2)  # noqa: E731
     strided = lambda q: torch.empty(*q.shape, 2, dtype=q.dtype, device=device)[..., 0]  # noqa: E731
+    # Quantized k and v: int8 codes with one scale per key row, fp8 with one per kv head.
+    codes8 = torch.randint(-127, 128, (2, 2, 9, 16), generator=g).to(torch.int8)
+    row_scales = torch.rand(2, 2, 9, generator=g) + 0.01
     attention = [
         ([*to(qa, ka, va), out(qa), 0.25], {}),
+        ([*to(qa, codes8, codes8), out(qa), 0.25],
+         dict(kv_lens=to(lens)[0], causal=True, k_scale=to(row_scales)[0], v_scale=to(row_scales * 2)[0])),
+        ([*to(qa, ka.to(torch.float8_e5m2), va.to(torch.float8_e5m2)), out(qa), 0.25],
+         dict(k_scale=to(torch.rand(1, 2, 1, generator=g))[0], v_scale=to(torch.ones(()))[0])),
         ([*to(qa.bfloat16(), ka.bfloat16(), va.bfloat16()), transposed(qa.bfloat16()), 0.25],
          dict(kv_lens=to(lens)[0], causal=True)),
         ([*to(qa, ka, va), strided(qa), 0.25],
@@ -141,6 +148,8 @@ def test_opcheck_every_op(namespace, device):
             continue  # e.g. an op whose CUDA kernel (and so SIMT build) is not written yet
         for sample in samples[name]:
             args, kwargs = sample if isinstance(sample, tuple) else (sample, {})
+            if "k_scale" in kwargs and (namespace != "fastar" or device != "cpu"):
+                continue  # quantized k and v: the CPU kernels only, so far
             # torch's schema check compares tensors with arithmetic that float8 lacks: the other checks only.
             fp8 = any(isinstance(a, torch.Tensor) and a.dtype in FLOAT8 for a in args)
             torch.library.opcheck(op, args, kwargs, test_utils=OPCHECK_WITHOUT_SCHEMA if fp8 else DEFAULT_OPCHECK)

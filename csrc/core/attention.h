@@ -13,6 +13,7 @@
 #pragma once
 #include <cstdint>
 
+#include "core/kv_quant.h"
 #include "core/macros.h"
 #include "core/softmax.h"
 
@@ -72,6 +73,14 @@ struct AttentionParams {
   bool qk_norm;
   const float* q_scale;
   AttentionMask mask;
+  // Quantized K/V (docs/quantized_kvcache.md): k and v hold one-byte codes of kv_format, and key s of head h of
+  // sequence b is codes * k_scale[kv_row_offset(p, ks_sb, ks_sh, ks_sl, b, h, s)] (v likewise; a zero stride
+  // shares a scale). CPU kernels only so far.
+  bool kv_quantized;
+  KvFormat kv_format;
+  const float* k_scale;
+  const float* v_scale;
+  int64_t ks_sb, ks_sh, ks_sl, vs_sb, vs_sh, vs_sl;
 };
 
 constexpr float kQkNormEps = 1e-12f;  // F.normalize's eps: x / max(|x|, eps)

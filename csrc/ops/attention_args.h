@@ -1,5 +1,6 @@
 // Argument checks, output allocation and kernel arguments of fastar.attention, shared by every backend.
 #pragma once
+#include <ATen/ExpandUtils.h>
 #include <ATen/MemoryOverlap.h>
 #include <ATen/core/Tensor.h>
 #include <ATen/ops/empty.h>
@@ -27,13 +28,14 @@ struct AttentionArgs {
   std::optional<at::Tensor> q_block_ids, k_block_ids, mask_bits;
   int64_t mask_bits_cols = 0;
   std::optional<at::Tensor> bias;
+  std::optional<at::Tensor> k_scale, v_scale;  // quantized k and v (int8 / fp8 codes)
 };
 
 // The kernel writes `out`, the caller's tensor, or a temporary copied into `out_target` by finish_attention.
 struct AttentionLaunch {
   at::Tensor q, k, v, out, lse;
   std::optional<at::Tensor> out_target;
-  std::optional<at::Tensor> kv_lens, block_table, q_block_ids, k_block_ids, bits, bias;
+  std::optional<at::Tensor> kv_lens, block_table, q_block_ids, k_block_ids, bits, bias, k_scale, v_scale;
   std::optional<at::Tensor> token_info, scale_hw, tile_map, q_scale;  // fastar.scale_attention
   AttentionParams prm;
 };
@@ -83,8 +85,16 @@ inline AttentionLaunch prepare_attention_inputs(const at::Tensor& q, const at::T
   const auto st = q.scalar_type();
   TORCH_CHECK_TYPE(st == at::kFloat || st == at::kHalf || st == at::kBFloat16, op,
                    ": q must be float32, float16 or bfloat16, got ", st);
-  TORCH_CHECK_TYPE(k.scalar_type() == st && v.scalar_type() == st, op, ": q, k and v must have the same dtype, got ",
-                   st, ", ", k.scalar_type(), ", ", v.scalar_type());
+  const bool quantized = a.k_scale.has_value() || a.v_scale.has_value();
+  if (quantized) {
+    TORCH_CHECK_VALUE(a.k_scale && a.v_scale, op, ": give both k_scale and v_scale for a quantized cache");
+    TORCH_CHECK_TYPE(v.scalar_type() == k.scalar_type(), op, ": k and v must have the same dtype, got ",
+                     k.scalar_type(), " and ", v.scalar_type());
+  } else {
+    TORCH_CHECK_TYPE(k.scalar_type() == st && v.scalar_type() == st, op,
+                     ": q, k and v must have the same dtype (or int8 / fp8 k and v with k_scale and v_scale), got ", st,
+                     ", ", k.scalar_type(), ", ", v.scalar_type());
+  }
   check_same_device(op, "k", k, q);
   check_same_device(op, "v", v, q);
 
@@ -130,6 +140,28 @@ inline AttentionLaunch prepare_attention_inputs(const at::Tensor& q, const at::T
         TORCH_CHECK_VALUE(p.kv_lens[b] >= 0 && p.kv_lens[b] <= Lk, op, ": kv length ", p.kv_lens[b], " of sequence ", b,
                           " is outside [0, ", Lk, "]");
     }
+  }
+
+  if (quantized) {  // one scale per K / V row of k's layout, broadcast (zero strides) where shared
+    p.kv_quantized = true;
+    p.kv_format = kv_format_of(op, k);
+    const auto rows = k.sizes().slice(0, 3);
+    const std::pair<const at::Tensor*, std::optional<at::Tensor>*> scales[] = {{&*a.k_scale, &l.k_scale},
+                                                                               {&*a.v_scale, &l.v_scale}};
+    for (const auto& [given, kept] : scales) {
+      const char* name = given == &*a.k_scale ? "k_scale" : "v_scale";
+      TORCH_CHECK_TYPE(given->scalar_type() == at::kFloat, op, ": ", name, " must be float32, got ",
+                       given->scalar_type());
+      check_same_device(op, name, *given, q);
+      TORCH_CHECK_VALUE(given->dim() <= 3 && at::is_expandable_to(given->sizes(), rows), op, ": ", name,
+                        " must broadcast to k's rows ", rows,
+                        " (one scale per key row, [1, Hkv, 1] per kv head, or one),", " got shape ", given->sizes());
+      *kept = given->expand(rows);
+    }
+    p.k_scale = l.k_scale->data_ptr<float>();
+    p.v_scale = l.v_scale->data_ptr<float>();
+    p.ks_sb = l.k_scale->stride(0), p.ks_sh = l.k_scale->stride(1), p.ks_sl = l.k_scale->stride(2);
+    p.vs_sb = l.v_scale->stride(0), p.vs_sh = l.v_scale->stride(1), p.vs_sl = l.v_scale->stride(2);
   }
 
   AttentionMask& m = p.mask;
@@ -277,9 +309,11 @@ at::Tensor attention_op(const at::Tensor& q, const at::Tensor& k, const at::Tens
                         int64_t window_left, int64_t window_sinks, c10::string_view block_relation,
                         const std::optional<at::Tensor>& q_block_ids, const std::optional<at::Tensor>& k_block_ids,
                         const std::optional<at::Tensor>& mask_bits, int64_t mask_bits_cols,
-                        const std::optional<at::Tensor>& bias) {
-  const AttentionArgs args{kv_lens,        block_table, causal,      bottom_right, window_left,    window_sinks,
-                           block_relation, q_block_ids, k_block_ids, mask_bits,    mask_bits_cols, bias};
+                        const std::optional<at::Tensor>& bias, const std::optional<at::Tensor>& k_scale,
+                        const std::optional<at::Tensor>& v_scale) {
+  const AttentionArgs args{kv_lens,        block_table,    causal,      bottom_right, window_left,
+                           window_sinks,   block_relation, q_block_ids, k_block_ids,  mask_bits,
+                           mask_bits_cols, bias,           k_scale,     v_scale};
   AttentionLaunch l = prepare_attention(q, k, v, out, scale, args);
   Run(l, "fastar.attention");
   return finish_attention(l);

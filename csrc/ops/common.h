@@ -4,6 +4,7 @@
 #include <c10/util/Exception.h>
 
 #include "core/dtype.h"
+#include "core/kv_quant.h"
 
 namespace fastar {
 
@@ -37,6 +38,20 @@ inline FloatKind float_kind(const at::Tensor& t) {
       return FloatKind::kBFloat16;
     default:
       return FloatKind::kFloat32;
+  }
+}
+
+// The format of a quantized K/V cache from its dtype: int8, float8_e4m3fn or float8_e5m2.
+inline KvFormat kv_format_of(const char* op, const at::Tensor& cache) {
+  switch (cache.scalar_type()) {
+    case at::kChar:
+      return KvFormat::kInt8;
+    case at::kFloat8_e4m3fn:
+      return KvFormat::kFp8E4M3;
+    case at::kFloat8_e5m2:
+      return KvFormat::kFp8E5M2;
+    default:
+      TORCH_CHECK_TYPE(false, op, ": the caches must be int8, float8_e4m3fn or float8_e5m2, got ", cache.scalar_type());
   }
 }
 

@@ -15,19 +15,6 @@ struct QuantizeKvLaunch {
   QuantizeKvParams prm;
 };
 
-inline KvFormat kv_format_of(const char* op, const at::Tensor& cache) {
-  switch (cache.scalar_type()) {
-    case at::kChar:
-      return KvFormat::kInt8;
-    case at::kFloat8_e4m3fn:
-      return KvFormat::kFp8E4M3;
-    case at::kFloat8_e5m2:
-      return KvFormat::kFp8E5M2;
-    default:
-      TORCH_CHECK_TYPE(false, op, ": the caches must be int8, float8_e4m3fn or float8_e5m2, got ", cache.scalar_type());
-  }
-}
-
 inline QuantizeKvLaunch prepare_quantize_kv_append(const at::Tensor& key, const at::Tensor& value,
                                                    const at::Tensor& slot_mapping, const at::Tensor& k_cache,
                                                    const at::Tensor& v_cache, const at::Tensor& k_scale,

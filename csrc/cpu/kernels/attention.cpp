@@ -62,7 +62,8 @@ class AttentionCpu {
         G_(plan_.group()),
         q_tile_(plan_.q_tile()),
         n_q_tiles_(plan_.n_q_tiles()),
-        splits_(plan_.splits()) {}
+        splits_(plan_.splits()),
+        kv_bytes_(p.kv_quantized ? 1 : static_cast<int64_t>(sizeof(T))) {}
 
   void run() {
     const int64_t items = plan_.items();
@@ -78,7 +79,7 @@ class AttentionCpu {
     // the last chunks are short and the threads finish together (OpenMP's guided schedule).
     const int64_t total = items * splits_, threads = at::get_num_threads();
     // 16-bit K/V are converted once per head when several query tiles read them and the head fits.
-    const bool head_cache = !std::is_same_v<T, float> && n_q_tiles_ > 1 &&
+    const bool head_cache = (!std::is_same_v<T, float> || p_.kv_quantized) && n_q_tiles_ > 1 &&
                             2 * p_.Lk * padded_ld(D) * static_cast<int64_t>(sizeof(float)) <= kHeadCacheBytes;
     std::atomic<int64_t> next{0};
     at::parallel_for(0, std::min(total, threads), 1, [&](int64_t, int64_t) {
@@ -177,7 +178,7 @@ class AttentionCpu {
 
     const int64_t lk = kv_len(p_, it.b);
     // Keys and values that stay in L2 from one query tile of the head to the next need no software prefetch.
-    const bool prefetch = gemm && 2 * lk * D * static_cast<int64_t>(sizeof(T)) > kL2Resident;
+    const bool prefetch = gemm && 2 * lk * D * kv_bytes_ > kL2Resident;
     // GEMM blocks of a full tile: the next tile's rows are fetched across them.
     const int64_t steps = gemm_steps(kKeyTile, rp) + gemm_steps(R, D);
     RowPrefetch pf;  // GEMM path only
@@ -207,12 +208,12 @@ class AttentionCpu {
   void plan_prefetch(const Item& it, int64_t j_begin, int64_t j_end, int64_t steps, RowPrefetch& pf) const {
     pf.n_rows = pf.row = pf.line = 0;
     for (int64_t j = j_begin; j < j_end; ++j) {
-      pf.rows[pf.n_rows++] = reinterpret_cast<const char*>(
-          static_cast<const T*>(p_.k) + kv_row_offset(p_, p_.k_sb, p_.k_sh, p_.k_sl, it.b, it.hkv, j));
-      pf.rows[pf.n_rows++] = reinterpret_cast<const char*>(
-          static_cast<const T*>(p_.v) + kv_row_offset(p_, p_.v_sb, p_.v_sh, p_.v_sl, it.b, it.hkv, j));
+      pf.rows[pf.n_rows++] =
+          static_cast<const char*>(p_.k) + kv_row_offset(p_, p_.k_sb, p_.k_sh, p_.k_sl, it.b, it.hkv, j) * kv_bytes_;
+      pf.rows[pf.n_rows++] =
+          static_cast<const char*>(p_.v) + kv_row_offset(p_, p_.v_sb, p_.v_sh, p_.v_sl, it.b, it.hkv, j) * kv_bytes_;
     }
-    pf.lines_per_row = (p_.D * static_cast<int64_t>(sizeof(T)) + 63) / 64;
+    pf.lines_per_row = (p_.D * kv_bytes_ + 63) / 64;
     pf.per_step = (pf.n_rows * pf.lines_per_row + steps - 1) / steps;
   }
 
@@ -299,12 +300,16 @@ class AttentionCpu {
     }
   }
 
-  // qk_norm: logit (r, c) at s[r * rs + c * cs], r < R, is divided by |k_c|.
-  void normalise_keys(const Item& it, const TileKeys& keys, float* s, int64_t rs, int64_t cs, int64_t R) const {
+  // qk_norm: logit (r, c) at s[r * rs + c * cs], r < R, is divided by |k_c|. krows: the keys' rows in float, or
+  // null to read them as they lie.
+  void normalise_keys(const Item& it, const TileKeys& keys, const float* const* krows, float* s, int64_t rs, int64_t cs,
+                      int64_t R) const {
     const T* kbase = static_cast<const T*>(p_.k);
     for (int64_t c = 0; c < keys.n; ++c) {
-      const T* krow = kbase + kv_row_offset(p_, p_.k_sb, p_.k_sh, p_.k_sl, it.b, it.hkv, keys.at(c));
-      const float inv = 1.0f / std::max(std::sqrt(sum_squares(krow, p_.D)), kQkNormEps);
+      const float squares =
+          krows ? sum_squares(krows[c], p_.D)
+                : sum_squares(kbase + kv_row_offset(p_, p_.k_sb, p_.k_sh, p_.k_sl, it.b, it.hkv, keys.at(c)), p_.D);
+      const float inv = 1.0f / std::max(std::sqrt(squares), kQkNormEps);
       for (int64_t r = 0; r < R; ++r) s[r * rs + c * cs] *= inv;
     }
   }
@@ -313,14 +318,35 @@ class AttentionCpu {
   // key (docs/design/cpu-attention.md). The output stays in registers across the tile's value rows, so no
   // store-to-load chain runs through o.
   void tile_stream(const Item& it, const TileKeys& keys, Buffers& buf) {
-    const int64_t D = p_.D, R = G_ * it.nq, nk = keys.n;
+    if (p_.kv_quantized) {  // the tile's rows dequantized into float first
+      const float *krows[kBatch], *vrows[kBatch];
+      float_rows(it, keys, false, buf, krows);
+      float_rows(it, keys, true, buf, vrows);
+      return tile_stream_rows(it, keys, buf, [&](int64_t c) { return krows[c]; }, vrows, true);
+    }
     const T* kbase = static_cast<const T*>(p_.k);
     const T* vbase = static_cast<const T*>(p_.v);
+    const T* vrows[kBatch];
+    for (int64_t c = 0; c < keys.n; ++c)
+      vrows[c] = vbase + kv_row_offset(p_, p_.v_sb, p_.v_sh, p_.v_sl, it.b, it.hkv, keys.at(c));
+    tile_stream_rows(
+        it, keys, buf,
+        [&](int64_t c) { return kbase + kv_row_offset(p_, p_.k_sb, p_.k_sh, p_.k_sl, it.b, it.hkv, keys.at(c)); },
+        vrows, false);
+  }
+
+  // tile_stream over key c's row krow(c) and value rows vrows (float, or as they lie); float_keys says which.
+  template <typename KRow, typename V>
+  void tile_stream_rows(const Item& it, const TileKeys& keys, Buffers& buf, KRow&& krow, const V* const* vrows,
+                        bool float_keys) {
+    const int64_t D = p_.D, R = G_ * it.nq, nk = keys.n;
+    const float* krows[kBatch];
     for (int64_t c = 0; c < nk; ++c) {
-      const T* krow = kbase + kv_row_offset(p_, p_.k_sb, p_.k_sh, p_.k_sl, it.b, it.hkv, keys.at(c));
-      for (int64_t r = 0; r < R; ++r) buf.s[r * kBatch + c] = dot_row(buf.q + r * D, krow, D);
+      const auto* row = krow(c);
+      if (float_keys) krows[c] = reinterpret_cast<const float*>(row);
+      for (int64_t r = 0; r < R; ++r) buf.s[r * kBatch + c] = dot_row(buf.q + r * D, row, D);
     }
-    if (p_.qk_norm) normalise_keys(it, keys, buf.s, kBatch, 1, R);
+    if (p_.qk_norm) normalise_keys(it, keys, float_keys ? krows : nullptr, buf.s, kBatch, 1, R);
     if (keys.vis) apply_mask(it, keys, buf.s, kBatch, 1);
     // Online softmax: what was accumulated so far is rescaled by exp(m_old - m_new).
     for (int64_t r = 0; r < R; ++r) {
@@ -332,9 +358,6 @@ class AttentionCpu {
         for (int64_t d = 0; d < D; ++d) buf.o[r * D + d] *= corr;
       }
     }
-    const T* vrows[kBatch];
-    for (int64_t c = 0; c < nk; ++c)
-      vrows[c] = vbase + kv_row_offset(p_, p_.v_sb, p_.v_sh, p_.v_sl, it.b, it.hkv, keys.at(c));
     if (buf.careful && keys.vis) {
       masked_values(keys, 0, R, [&](int64_t r, int64_t c) { return buf.s[r * kBatch + c]; }, vrows, buf, false);
       return;
@@ -374,10 +397,8 @@ class AttentionCpu {
         const int64_t j = keys.at(c), t = j / kKeyTile;
         if (!hc->ready[static_cast<size_t>(t)]) {  // the tile's K and V rows, both wanted by the same keys
           for (int64_t r = t * kKeyTile; r < std::min(kv_len(p_, it.b), (t + 1) * kKeyTile); ++r) {
-            to_float_row(static_cast<const T*>(p_.k) + kv_row_offset(p_, p_.k_sb, p_.k_sh, p_.k_sl, it.b, it.hkv, r),
-                         hc->k.data() + r * ld, p_.D);
-            to_float_row(static_cast<const T*>(p_.v) + kv_row_offset(p_, p_.v_sb, p_.v_sh, p_.v_sl, it.b, it.hkv, r),
-                         hc->v.data() + r * ld, p_.D);
+            row_to_float(it, false, r, hc->k.data() + r * ld);
+            row_to_float(it, true, r, hc->v.data() + r * ld);
           }
           hc->ready[static_cast<size_t>(t)] = 1;
         }
@@ -385,7 +406,7 @@ class AttentionCpu {
       }
       return;
     }
-    const bool in_place = std::is_same_v<T, float> && !(value && sl * 4 % 512 == 0);
+    const bool in_place = std::is_same_v<T, float> && !p_.kv_quantized && !(value && sl * 4 % 512 == 0);
     if (in_place && !p_.block_table) {  // the common case, without a page lookup per row
       const float* head = reinterpret_cast<const float*>(base + it.b * sb + it.hkv * sh);
       for (int64_t c = 0; c < keys.n; ++c) rows[c] = head + keys.at(c) * sl;
@@ -393,14 +414,23 @@ class AttentionCpu {
     }
     float* dst = value ? buf.vf : buf.kf;
     for (int64_t c = 0; c < keys.n; ++c) {
-      const T* row = base + kv_row_offset(p_, sb, sh, sl, it.b, it.hkv, keys.at(c));
       if (in_place) {
-        rows[c] = reinterpret_cast<const float*>(row);
+        rows[c] = reinterpret_cast<const float*>(base + kv_row_offset(p_, sb, sh, sl, it.b, it.hkv, keys.at(c)));
       } else {
-        to_float_row(row, dst + c * ld, p_.D);
+        row_to_float(it, value, keys.at(c), dst + c * ld);
         rows[c] = dst + c * ld;
       }
     }
+  }
+
+  // Key s's K (or V) row of the item's head in float: converted from 16 bits, or dequantized (codes * scale).
+  void row_to_float(const Item& it, bool value, int64_t s, float* dst) const {
+    const int64_t sb = value ? p_.v_sb : p_.k_sb, sh = value ? p_.v_sh : p_.k_sh, sl = value ? p_.v_sl : p_.k_sl;
+    const int64_t at = kv_row_offset(p_, sb, sh, sl, it.b, it.hkv, s);
+    if (!p_.kv_quantized) return to_float_row(static_cast<const T*>(value ? p_.v : p_.k) + at, dst, p_.D);
+    const float scale = value ? p_.v_scale[kv_row_offset(p_, p_.vs_sb, p_.vs_sh, p_.vs_sl, it.b, it.hkv, s)]
+                              : p_.k_scale[kv_row_offset(p_, p_.ks_sb, p_.ks_sh, p_.ks_sl, it.b, it.hkv, s)];
+    dequantize_row(static_cast<const uint8_t*>(value ? p_.v : p_.k) + at, scale, p_.kv_format, dst, p_.D);
   }
 
   // GEMM path of the many-row tiles. The logits are computed transposed, s^T[nk, rp] = K q^T, so K is
@@ -415,7 +445,7 @@ class AttentionCpu {
     float_rows(it, keys, false, buf, krows);
     gemm<Gemm::kLogits>(nk, cols, D, GemmOperands{krows, nullptr, 0, buf.q + r0, ld, nullptr}, buf.s + r0, ld, nullptr,
                         pf);
-    if (p_.qk_norm) normalise_keys(it, keys, buf.s + r0, 1, ld, cols);
+    if (p_.qk_norm) normalise_keys(it, keys, krows, buf.s + r0, 1, ld, cols);
     // With one query head and no bias, the max pass applies the mask too (one pass over s less): a column of
     // kW rows reads its kW visibility bytes per key; rows past the step's np read as hidden.
     const bool mask_in_max = keys.vis && G_ == 1 && !p_.mask.bias;
@@ -509,6 +539,7 @@ class AttentionCpu {
   const AttentionParams& p_;
   const AttentionPlan plan_;
   const int64_t G_, q_tile_, n_q_tiles_, splits_;  // the plan's
+  const int64_t kv_bytes_;                         // bytes per K/V element as stored
   std::vector<float> partial_o_;
   std::vector<RowState> partial_state_;  // [items, splits_, rows] each split's row states, to merge
 };

@@ -5,6 +5,7 @@
 #include <cstdint>
 #include <cstring>
 
+#include "core/kv_quant.h"
 #include "cpu/vec.h"
 
 FASTAR_ISA_BEGIN
@@ -98,6 +99,21 @@ inline void to_float_row(const T* row, float* dst, int64_t D) {
   int64_t d = 0;
   for (; d + kW <= D; d += kW) Vec::load(row + d).store(dst + d);
   for (; d < D; ++d) dst[d] = to_f(row[d]);
+}
+
+// One row of quantized codes (core/kv_quant.h) dequantized to float: code * scale.
+inline void dequantize_row(const uint8_t* codes, float scale, KvFormat format, float* dst, int64_t D) {
+  switch (format) {
+    case KvFormat::kInt8:
+      for (int64_t d = 0; d < D; ++d) dst[d] = static_cast<float>(static_cast<int8_t>(codes[d])) * scale;
+      return;
+    case KvFormat::kFp8E4M3:
+      for (int64_t d = 0; d < D; ++d) dst[d] = fp8_to_float<KvFormat::kFp8E4M3>(codes[d]) * scale;
+      return;
+    case KvFormat::kFp8E5M2:
+      for (int64_t d = 0; d < D; ++d) dst[d] = fp8_to_float<KvFormat::kFp8E5M2>(codes[d]) * scale;
+      return;
+  }
 }
 
 // o[0..W NV) += sum_c w[c] * rows[c][d0..d0 + W NV), with o held in registers across the rows.

@@ -1,0 +1,141 @@
+"""Attention over quantized KV caches (fastar.attention_with_kvcache with k_scale / v_scale).
+
+Oracle: float64 attention (fastar.reference.attention_reference) over the cache's dequantized copy, codes *
+scales. Folding the scales into the kernel is exact arithmetic, so the tolerance is the float32 accumulation's.
+The CPU kernels run both paths: decode (few query rows, streaming) and the GEMM path (many rows, converted key
+tiles and the per-head cache). CUDA (and so the SIMT build) raise NotImplementedError for now."""
+from __future__ import annotations
+
+import pytest
+import torch
+
+import fastar
+from fastar.masks import Causal
+from fastar.reference import KV_FORMATS, attention_reference
+from test_attention import paged_layout
+
+FORMATS = ["int8", "fp8_e4m3", "fp8_e5m2"]
+
+
+def quantized_cache(gen, B, S, Hkv, D, fmt, dtype, block_table=None, num_pages=None, fixed=False):
+    """A cache filled by fastar.quantize_kv_append: (k_codes, v_codes, k_scale, v_scale, k_deq, v_deq) with the
+    dequantized copies [B, Hkv, S, D] in float64."""
+    k = torch.randn(B, S, Hkv, D, generator=gen) * (torch.rand(B, S, Hkv, 1, generator=gen) + 0.2)
+    v = torch.randn(B, S, Hkv, D, generator=gen)
+    k[:, :, :, 3] *= 6  # an outlier channel
+    k, v = k.to(dtype), v.to(dtype)
+    if block_table is None:
+        shape, slots = (B, S, Hkv, D), torch.arange(B * S)
+    else:
+        page = num_pages[1]
+        shape = (num_pages[0], page, Hkv, D)
+        pos = torch.arange(S)
+        slots = (block_table.long()[:, pos // page] * page + pos % page).reshape(-1)
+    codes = [torch.zeros(shape, dtype=torch.uint8).view(KV_FORMATS[fmt]) for _ in range(2)]
+    if fixed:  # fp8 at fixed per-head scales
+        scales = [torch.rand(Hkv, generator=gen) * 0.05 + 0.01 for _ in range(2)]
+    else:
+        scales = [torch.zeros(shape[:-1]) for _ in range(2)]
+    fastar.quantize_kv_append(k.reshape(B * S, Hkv, D), v.reshape(B * S, Hkv, D), slots, *codes, *scales)
+    deq = []
+    for c, s in zip(codes, scales):
+        flat = c.reshape(-1, Hkv, D).float().double() if fmt != "int8" else c.reshape(-1, Hkv, D).double()
+        scale = s.double().expand(flat.shape[0], Hkv) if fixed else s.reshape(-1, Hkv).double()
+        deq.append((flat * scale.unsqueeze(-1))[slots].reshape(B, S, Hkv, D).transpose(1, 2))
+    return (*codes, *scales, *deq)
+
+
+def reference(q, k_deq, v_deq, lens, causal):
+    """float64 attention per sequence over its first lens[b] keys (causal: bottom-right, query i is key
+    n - Lq + i); q [B, Lq, Hq, D] -> [B, Lq, Hq, D]."""
+    out = []
+    Lq = q.shape[1]
+    for b in range(q.shape[0]):
+        n = int(lens[b])
+        qb = q[b:b + 1].transpose(1, 2).double()
+        mask = None
+        if causal:
+            mask = torch.arange(n)[None, :] <= (n - Lq + torch.arange(Lq))[:, None]
+        o, _ = attention_reference(qb, k_deq[b:b + 1, :, :n], v_deq[b:b + 1, :, :n], mask=mask)
+        out.append(o.transpose(1, 2))
+    return torch.cat(out)
+
+
+# (queries' dtype, tolerance): float32 shows the kernel's own error; bfloat16 adds the output's rounding.
+DTYPES = [(torch.float32, 2e-5), (torch.bfloat16, 2e-2)]
+
+
+@pytest.mark.parametrize("fmt", FORMATS)
+@pytest.mark.parametrize("Lq", [1, 4, 40, 130])
+@pytest.mark.parametrize("paged", [False, True])
+@pytest.mark.parametrize("dtype, tol", DTYPES, ids=["f32", "bf16"])
+def test_cpu_matches_float64_over_the_dequantized_cache(fmt, Lq, paged, dtype, tol):
+    """Decode (Lq = 1, 4 with G = 4: streaming) and the GEMM path (40, 130: converted tiles, the per-head cache
+    across query tiles), GQA, ragged lengths, contiguous and paged."""
+    gen = torch.Generator().manual_seed(Lq + 3 * paged)
+    B, Hq, Hkv, D, S = 3, 8, 2, 64, 160
+    bt, total = paged_layout(B, S // 16, gen) if paged else (None, None)
+    k_codes, v_codes, k_scale, v_scale, k_deq, v_deq = quantized_cache(
+        gen, B, S, Hkv, D, fmt, dtype, bt, (total, 16) if paged else None)
+    q = torch.randn(B, Lq, Hq, D, generator=gen).to(dtype)
+    lens = torch.tensor([S, 147, 133])
+    got = fastar.attention_with_kvcache(q, k_codes, v_codes, cache_seqlens=lens, block_table=bt, k_scale=k_scale,
+                                        v_scale=v_scale, mask=Causal() if Lq > 1 else None)
+    want = reference(q, k_deq, v_deq, lens, causal=Lq > 1)
+    torch.testing.assert_close(got.double(), want, atol=tol, rtol=tol)
+
+
+@pytest.mark.parametrize("fmt", ["fp8_e4m3", "fp8_e5m2"])
+@pytest.mark.parametrize("Lq", [1, 40])
+def test_cpu_fixed_fp8_scales_per_kv_head(fmt, Lq):
+    gen = torch.Generator().manual_seed(7)
+    B, Hq, Hkv, D, S = 2, 4, 2, 32, 96
+    k_codes, v_codes, k_scale, v_scale, k_deq, v_deq = quantized_cache(gen, B, S, Hkv, D, fmt, torch.float32,
+                                                                       fixed=True)
+    q = torch.randn(B, Lq, Hq, D, generator=gen)
+    lens = torch.tensor([S, 70])
+    got = fastar.attention_with_kvcache(q, k_codes, v_codes, cache_seqlens=lens, k_scale=k_scale, v_scale=v_scale)
+    torch.testing.assert_close(got.double(), reference(q, k_deq, v_deq, lens, causal=False), atol=2e-5, rtol=2e-5)
+
+
+def test_the_cuda_kernels_raise_for_now():
+    """The SIMT build runs the CUDA glue: quantized K/V are not implemented there yet."""
+    simt = pytest.importorskip("fastar._C_simt", reason="SIMT build not present")  # noqa: F841
+    gen = torch.Generator().manual_seed(1)
+    k_codes, v_codes, k_scale, v_scale, *_ = quantized_cache(gen, 1, 16, 1, 32, "int8", torch.float32)
+    q = torch.randn(1, 1, 1, 32)
+    with fastar._common.using_ops(torch.ops.fastar_simt), pytest.raises(NotImplementedError, match="CPU only"):
+        fastar.attention_with_kvcache(q, k_codes, v_codes, cache_seqlens=16, k_scale=k_scale, v_scale=v_scale)
+
+
+def bad_call(**change):
+    gen = torch.Generator().manual_seed(2)
+    k_codes, v_codes, k_scale, v_scale, *_ = quantized_cache(gen, 1, 16, 2, 32, "int8", torch.float32)
+    kwargs = {**dict(k_cache=k_codes, v_cache=v_codes, cache_seqlens=16, k_scale=k_scale, v_scale=v_scale), **change}
+    return lambda: fastar.attention_with_kvcache(torch.randn(1, 1, 2, 32), **kwargs)
+
+
+@pytest.mark.parametrize("change, error, match", [
+    (dict(v_scale=None), ValueError, "give both k_scale and v_scale"),
+    (dict(k_scale=torch.zeros(1, 16, 2, dtype=torch.float16)), TypeError, "k_scale must be float32"),
+    (dict(v_scale=torch.zeros(1, 15, 2)), ValueError, "v_scale must broadcast to k's rows"),
+    (dict(k_new=torch.zeros(1, 1, 2, 32), v_new=torch.zeros(1, 1, 2, 32)), ValueError, "quantize_kv_append"),
+    (dict(v_cache=torch.zeros(1, 16, 2, 32, dtype=torch.float8_e4m3fn)), TypeError, "k and v must have the same"),
+    (dict(k_scale=None, v_scale=None), TypeError, "int8 / fp8 k and v with k_scale and v_scale"),
+], ids=["one-scale", "scale-dtype", "scale-shape", "k_new", "mixed-codes", "no-scales"])
+def test_cpu_bad_arguments(change, error, match):
+    with pytest.raises(error, match=match):
+        bad_call(**change)()
+
+
+def test_cpu_compiles_without_graph_breaks():
+    gen = torch.Generator().manual_seed(3)
+    k_codes, v_codes, k_scale, v_scale, *_ = quantized_cache(gen, 2, 32, 2, 32, "fp8_e4m3", torch.float32)
+    q = torch.randn(2, 1, 4, 32, generator=gen)
+    lens = torch.tensor([32, 20])
+
+    def step(q):
+        return fastar.attention_with_kvcache(q * 1, k_codes, v_codes, cache_seqlens=lens, k_scale=k_scale,
+                                             v_scale=v_scale)
+
+    torch.testing.assert_close(torch.compile(step, fullgraph=True)(q), step(q), atol=0, rtol=0)
