@@ -98,6 +98,21 @@ def test_cpu_fixed_fp8_scales_per_kv_head(fmt, Lq):
     torch.testing.assert_close(got.double(), reference(q, k_deq, v_deq, lens, causal=False), atol=2e-5, rtol=2e-5)
 
 
+@pytest.mark.parametrize("fmt", ["fp8_e4m3", "fp8_e5m2"])
+def test_cpu_every_fp8_code_dequantizes_as_torch_converts_it(fmt):
+    """A one-key cache returns its value row: V holds all 256 codes (NaN and inf included) at scale 1, so the
+    output is the kernel's dequantization of each, compared with torch's float8 -> float32 conversion."""
+    dtype = KV_FORMATS[fmt]
+    v = torch.arange(256, dtype=torch.uint8).view(dtype).reshape(1, 1, 1, 256)
+    k = torch.zeros_like(v)
+    one = torch.ones(())
+    got = fastar.attention_with_kvcache(torch.ones(1, 1, 1, 256), k, v, cache_seqlens=1, k_scale=one, v_scale=one)
+    want = v.float().reshape(-1)
+    assert torch.equal(got.reshape(-1).isnan(), want.isnan())
+    finite = ~want.isnan()
+    assert torch.equal(got.reshape(-1)[finite], want[finite])  # -0 reads as 0: the output accumulates from 0
+
+
 def test_the_cuda_kernels_raise_for_now():
     """The SIMT build runs the CUDA glue: quantized K/V are not implemented there yet."""
     simt = pytest.importorskip("fastar._C_simt", reason="SIMT build not present")  # noqa: F841

@@ -101,19 +101,24 @@ FASTAR_HD uint8_t kv_code(float x, float s) {
   }
 }
 
-// The value of an fp8 code (the inverse of float_to_fp8: subnormals, signed zeros, e5m2's infinities, NaN).
+// The value of an fp8 code (the inverse of float_to_fp8: subnormals, signed zeros, e5m2's infinities, NaN): the
+// significand (with its implicit bit when the exponent field is not 0) times a power of two, then NaN / inf
+// blended in by a bit mask, not a select, so that the CPU's dequantization loops vectorize.
 template <KvFormat F>
 FASTAR_HD float fp8_to_float(uint8_t code) {
   constexpr bool kE4M3 = F == KvFormat::kFp8E4M3;
   constexpr int kMant = kE4M3 ? 3 : 2, kBias = kE4M3 ? 7 : 15;
-  constexpr float kSubnormalStep = kE4M3 ? 0.001953125f : 1.52587890625e-05f;  // 2^(1 - bias - mant)
   const uint32_t sign = static_cast<uint32_t>(code & 0x80) << 24, em = code & 0x7fu;
   const uint32_t exponent = em >> kMant, mantissa = em & ((1u << kMant) - 1);
-  const uint32_t normal = sign | (exponent + 127 - kBias) << 23 | mantissa << (23 - kMant);
-  const uint32_t subnormal = sign | float_bits(static_cast<float>(mantissa) * kSubnormalStep);
+  const uint32_t significand = (exponent != 0 ? 1u << kMant : 0u) + mantissa;
+  const uint32_t pow_bits = ((exponent != 0 ? exponent : 1u) + 127 - kBias - kMant) << 23;
+  float pow;
+  std::memcpy(&pow, &pow_bits, 4);
+  const uint32_t magnitude = float_bits(static_cast<float>(static_cast<int32_t>(significand)) * pow);
   const bool special = kE4M3 ? em == 0x7f : exponent == 31;  // e4m3: NaN; e5m2: +-inf (mantissa 0) or NaN
-  const uint32_t special_bits = sign | 0x7f800000u | (kE4M3 ? 0x400000u : mantissa << 21);
-  const uint32_t bits = special ? special_bits : exponent == 0 ? subnormal : normal;
+  const uint32_t special_bits = 0x7f800000u | (kE4M3 ? 0x400000u : mantissa << (23 - kMant));
+  const uint32_t mask = 0u - static_cast<uint32_t>(special);
+  const uint32_t bits = sign | (special_bits & mask) | (magnitude & ~mask);
   float value;
   std::memcpy(&value, &bits, 4);
   return value;
