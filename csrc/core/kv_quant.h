@@ -103,8 +103,8 @@ FASTAR_HD uint8_t kv_code(float x, float s) {
 
 // The value of an fp8 code (the inverse of float_to_fp8: subnormals, signed zeros, e5m2's infinities, NaN): the
 // significand (with its implicit bit when the exponent field is not 0) times a power of two, then NaN / inf
-// blended in by a bit mask, not a select. A loop over it vectorizes on its own; inlined into the CPU attention
-// kernel GCC still leaves it scalar (docs/design/quantized-attention.md).
+// blended in by a bit mask, not a select, so that loops over it vectorize (a select let GCC sink the float
+// multiply into a branch).
 template <KvFormat F>
 FASTAR_HD float fp8_to_float(uint8_t code) {
   constexpr bool kE4M3 = F == KvFormat::kFp8E4M3;
