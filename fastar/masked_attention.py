@@ -133,6 +133,19 @@ def _kvcache_append(cache: torch.Tensor, new: torch.Tensor, positions: torch.Ten
         cache[pages, positions % page_size] = new.to(cache.dtype)
 
 
+def _scale_rows(scale: torch.Tensor, Hkv: int) -> torch.Tensor:
+    """A quantized cache's scales in the cache layout ([B or pages, S or page_size, Hkv], [Hkv] or one value) as
+    a view that broadcasts to the kernel's rows [B or pages, Hkv, S or page_size]; other shapes go to the op,
+    which names them in its error."""
+    if not isinstance(scale, torch.Tensor):
+        raise TypeError(f"{_KV_OP}: k_scale and v_scale must be tensors, got {type(scale).__name__}")
+    if scale.dim() == 3:
+        return scale.transpose(1, 2)
+    if scale.dim() == 1 and scale.numel() == Hkv:
+        return scale.reshape(1, Hkv, 1)
+    return scale
+
+
 def attention_with_kvcache(
     q: torch.Tensor,
     k_cache: torch.Tensor,
@@ -203,7 +216,7 @@ def attention_with_kvcache(
         if block_table.dim() != 2:
             raise ValueError(f"{_KV_OP}: block_table must be 2-D [B, max_pages], got shape {tuple(block_table.shape)}")
     same_device(_KV_OP, q.device, k_cache=k_cache, v_cache=v_cache, k_new=k_new, v_new=v_new,
-                cache_seqlens=cache_seqlens, block_table=block_table)
+                cache_seqlens=cache_seqlens, block_table=block_table, k_scale=k_scale, v_scale=v_scale)
     no_grad(_KV_OP, q=q, k_cache=k_cache, v_cache=v_cache, k_new=k_new, v_new=v_new)
     if cache_seqlens.shape != (B,):
         raise ValueError(f"{_KV_OP}: cache_seqlens must have shape [{B}], got {tuple(cache_seqlens.shape)}")
@@ -251,10 +264,8 @@ def attention_with_kvcache(
     bt = None if block_table is None else block_table.to(torch.int32)
     result = q.new_empty(q.shape)
     scales = {}
-    if k_scale is not None:  # cache layout [B or pages, S or page_size, Hkv] -> the kernel's rows [.., Hkv, ..]
-        Hkv = k_cache.shape[2]
-        scales = {name: s.transpose(1, 2) if s.dim() == 3 else s.reshape(1, Hkv, 1) if s.dim() == 1 and s.numel() == Hkv
-                  and Hkv > 1 else s for name, s in (("k_scale", k_scale), ("v_scale", v_scale))}
+    if k_scale is not None:
+        scales = {"k_scale": _scale_rows(k_scale, k_cache.shape[2]), "v_scale": _scale_rows(v_scale, k_cache.shape[2])}
     _, lse = _run(q_view, k_view, v_view, args, softmax_scale(scale, D), kv_lens, bt, out=result.transpose(1, 2),
                   **scales)
     return (result, lse) if return_lse else result

@@ -39,7 +39,7 @@ def quantized_cache(gen, B, S, Hkv, D, fmt, dtype, block_table=None, num_pages=N
     fastar.quantize_kv_append(k.reshape(B * S, Hkv, D), v.reshape(B * S, Hkv, D), slots, *codes, *scales)
     deq = []
     for c, s in zip(codes, scales):
-        flat = c.reshape(-1, Hkv, D).float().double() if fmt != "int8" else c.reshape(-1, Hkv, D).double()
+        flat = c.reshape(-1, Hkv, D).float().double()
         scale = s.double().expand(flat.shape[0], Hkv) if fixed else s.reshape(-1, Hkv).double()
         deq.append((flat * scale.unsqueeze(-1))[slots].reshape(B, S, Hkv, D).transpose(1, 2))
     return (*codes, *scales, *deq)
@@ -111,6 +111,32 @@ def test_cpu_every_fp8_code_dequantizes_as_torch_converts_it(fmt):
     assert torch.equal(got.reshape(-1).isnan(), want.isnan())
     finite = ~want.isnan()
     assert torch.equal(got.reshape(-1)[finite], want[finite])  # -0 reads as 0: the output accumulates from 0
+
+
+def test_cpu_op_writes_a_poisoned_out_and_empty_sequences():
+    """The op itself, on [B, Hkv, S, D] views: out starts as NaN and every element must be written; a sequence
+    of 0 keys gives 0 output and -inf LSE, as for an unquantized cache; an empty batch runs."""
+    gen = torch.Generator().manual_seed(5)
+    B, Hq, Hkv, D, S = 3, 4, 2, 32, 48
+    k_codes, v_codes, k_scale, v_scale, k_deq, v_deq = quantized_cache(gen, B, S, Hkv, D, "int8", torch.float32)
+    q = torch.randn(B, Hq, 2, D, generator=gen)
+    out = torch.full_like(q, float("nan"))
+    lens = torch.tensor([S, 0, 17], dtype=torch.int32)
+    lse = torch.ops.fastar.attention(q, k_codes.transpose(1, 2), v_codes.transpose(1, 2), out, D ** -0.5,
+                                     kv_lens=lens, k_scale=k_scale.transpose(1, 2), v_scale=v_scale.transpose(1, 2))
+    want = reference(q.transpose(1, 2), k_deq, v_deq, lens, causal=False).transpose(1, 2)
+    torch.testing.assert_close(out[[0, 2]].double(), want[[0, 2]], atol=2e-5, rtol=2e-5)
+    assert (out[1] == 0).all() and (lse[1] == float("-inf")).all() and lse[[0, 2]].isfinite().all()
+    empty = torch.ops.fastar.attention(q[:0], k_codes.transpose(1, 2)[:0], v_codes.transpose(1, 2)[:0], out[:0], 1.0,
+                                       k_scale=k_scale.transpose(1, 2)[:0], v_scale=v_scale.transpose(1, 2)[:0])
+    assert empty.shape == (0, Hq, 2)
+
+
+def test_cpu_scales_on_another_device_or_not_tensors():
+    with pytest.raises(ValueError, match="k_scale is on meta"):
+        bad_call(k_scale=torch.zeros(1, 16, 2, device="meta"))()
+    with pytest.raises(TypeError, match="k_scale and v_scale must be tensors"):
+        bad_call(v_scale=1.0)()
 
 
 def test_the_cuda_kernels_raise_for_now():
