@@ -114,6 +114,16 @@ class Backend:
         cache._v.fill_(float("nan"))
         return _OnBackend(cache, self)
 
+    def quantized_kvcache(self, *args, **kwargs):
+        """A fastar.QuantizedKVCache on the backend's device whose methods run the backend's ops (tensors in
+        through ``to``, results out with ``.cpu()``). Its per-token scales start as NaN, so a read of a slot never
+        written shows in the results."""
+        cache = fastar.QuantizedKVCache(*args, device=self.device, **kwargs)
+        for scale in (cache._k_scale, cache._v_scale):
+            if scale.dim() > 1:
+                scale.fill_(float("nan"))
+        return _OnBackend(cache, self)
+
     def checked(self, fn, *args, **kwargs):
         """Call an acceptance op and raise for invalid rows on every backend (CPU raises by itself)."""
         tokens, num_accepted = fn(*args, **kwargs)
