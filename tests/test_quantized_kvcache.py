@@ -255,3 +255,44 @@ def test_call_errors(call, error, match):
     cache = fastar.QuantizedKVCache(**CTOR)
     with pytest.raises(error, match=match):
         call(cache, torch.randn(2, 2, 8, 64).bfloat16())
+
+
+# Quality, CPU kernels (float32 K/V, D = 128). Thresholds about 1.5-2.5x what this seed measures: needle weight
+# error 0.001 / 0.005 / 0.07 and relative output error 0.010 / 0.039 / 0.074 (int8 / e4m3 / e5m2).
+NEEDLE_WEIGHT_ERROR = {"int8": 0.01, "fp8_e4m3": 0.02, "fp8_e5m2": 0.15}
+RELATIVE_ERROR = {"int8": 0.02, "fp8_e4m3": 0.06, "fp8_e5m2": 0.12}
+
+
+@pytest.mark.parametrize("fmt", FORMATS)
+def test_cpu_needle_is_found_at_32k_tokens(fmt):
+    """One planted key among 32768 random ones takes about 0.6 of the attention (its logit is 18.4 above the
+    typical key's); over the quantized cache it still does, within NEEDLE_WEIGHT_ERROR of the exact weight."""
+    gen = torch.Generator().manual_seed(0)
+    S, dim, pos = 32768, 128, 12345
+    k, v = torch.randn(1, 1, S, dim, generator=gen), torch.randn(1, 1, S, dim, generator=gen)
+    u = torch.nn.functional.normalize(torch.randn(dim, generator=gen), dim=0)
+    k[0, 0, pos] = 4.6 * u
+    v[0, 0, pos] = 0
+    v[0, 0, pos, 0] = 20.0  # the needle's weight is out[..., 0] / 20 (the other values average to ~0)
+    q = (4 * dim**0.5 * u).view(1, 1, 1, dim)
+    cache = fastar.QuantizedKVCache(1, 1, dim, capacity=S, format=fmt, dtype=torch.float32)
+    cache.append(k, v)
+    exact, _ = attention_reference(q.double(), k.double(), v.double())
+    weight, exact_weight = cache.attend(q)[0, 0, 0, 0].item() / 20, exact[0, 0, 0, 0].item() / 20
+    assert exact_weight > 0.5
+    assert abs(weight - exact_weight) <= NEEDLE_WEIGHT_ERROR[fmt], (weight, exact_weight)
+
+
+@pytest.mark.parametrize("fmt", FORMATS)
+def test_cpu_error_against_unquantized_attention(fmt):
+    """Decode over 4096 random tokens, 8 query heads: the output's relative error (Frobenius) against float64
+    attention over the unquantized K/V."""
+    gen = torch.Generator().manual_seed(1)
+    dim = 128
+    q = torch.randn(1, 8, 1, dim, generator=gen)
+    k, v = torch.randn(1, 1, 4096, dim, generator=gen), torch.randn(1, 1, 4096, dim, generator=gen)
+    cache = fastar.QuantizedKVCache(1, 1, dim, capacity=4096, format=fmt, dtype=torch.float32)
+    cache.append(k, v)
+    exact, _ = attention_reference(q.double(), k.double(), v.double())
+    error = ((cache.attend(q).double() - exact).norm() / exact.norm()).item()
+    assert error <= RELATIVE_ERROR[fmt], error
