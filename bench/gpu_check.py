@@ -314,6 +314,13 @@ def small_cases(device: str) -> None:
                                   scales(6, 2), scales(6, 2))
         fastar.quantize_kv_append(rows[..., 1:65], rows[..., 1:65], slots, codes(torch.float8_e4m3fn),
                                   codes(torch.float8_e4m3fn), scales(2), scales(2))
+        # quantize_kivi_append: one int4 key group of 4 tokens and two value rows (slot -1 skipped) into 8 slots.
+        packed = lambda: torch.zeros(8, 2, 32, dtype=torch.uint8, device=device)  # noqa: E731
+        halves = lambda *shape: torch.zeros(*shape, dtype=torch.float16, device=device)  # noqa: E731
+        ids = lambda *values: torch.tensor(values, device=device)  # noqa: E731
+        fastar.quantize_kivi_append(rows[:2].repeat(2, 1, 1)[..., :64], rows[:2, :, 8:], ids(1), ids(5, -1),
+                                    packed(), packed(), halves(2, 2, 64), halves(2, 2, 64), halves(8, 2, 16),
+                                    halves(8, 2, 16), group_size=4)
     if device == "cuda":
         torch.cuda.synchronize()
 

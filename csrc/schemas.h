@@ -8,6 +8,7 @@
 
 #include "ops/acceptance_args.h"
 #include "ops/attention_args.h"
+#include "ops/quantize_kivi_append_args.h"
 #include "ops/quantize_kv_append_args.h"
 #include "ops/sample_cfg_args.h"
 #include "ops/scale_attention_args.h"
@@ -71,6 +72,15 @@ inline void define_schemas(torch::Library& m) {
   m.def(
       "quantize_kv_append(Tensor key, Tensor value, Tensor slot_mapping, Tensor(a!) k_cache, Tensor(b!) v_cache, "
       "Tensor(c!) k_scale, Tensor(d!) v_scale) -> ()");
+  // Quantize-on-append into a KIVI int4 / int2 cache (docs/quantized_kvcache.md): each group of group_size key
+  // rows (key [Nk, Hkv, D]) per channel into cache group key_groups[g], each value row per token over groups of
+  // group_size channels into slot value_slots[n] (-1: skipped). Codes uint8 [num_slots, Hkv, D * bits / 8] (the
+  // bits from that shape), float16 scales and zeros [num_slots / group_size, Hkv, D] (keys) and [num_slots, Hkv,
+  // D / group_size] (values).
+  m.def(
+      "quantize_kivi_append(Tensor key, Tensor value, Tensor key_groups, Tensor value_slots, Tensor(a!) k_codes, "
+      "Tensor(b!) v_codes, Tensor(c!) k_scale, Tensor(d!) k_zero, Tensor(e!) v_scale, Tensor(f!) v_zero, "
+      "int group_size) -> ()");
 }
 
 // Test-only ops of the CPU kernels, in torch.ops.fastar alone (a leading underscore: no CUDA kernel, fake or
@@ -101,6 +111,7 @@ inline void register_cpu_kernels(torch::Library& m) {
   m.impl("scale_attention", &scale_attention_op<run_attention_cpu>);
   m.impl("sample_cfg", &sample_cfg_op<run_sample_cfg_cpu>);
   m.impl("quantize_kv_append", &quantize_kv_append_op<run_quantize_kv_append_cpu>);
+  m.impl("quantize_kivi_append", &quantize_kivi_append_op<run_quantize_kivi_append_cpu>);
   m.impl("_attention_plan", &attention_plan_cpu);
 }
 
@@ -112,6 +123,7 @@ inline void register_cuda_kernels(torch::Library& m) {
   m.impl("scale_attention", &scale_attention_op<run_attention_cuda>);
   m.impl("sample_cfg", &sample_cfg_op<run_sample_cfg_cuda>);
   m.impl("quantize_kv_append", &quantize_kv_append_op<run_quantize_kv_append_cuda>);
+  m.impl("quantize_kivi_append", &quantize_kivi_append_op<run_quantize_kivi_append_cuda>);
 }
 
 }  // namespace fastar

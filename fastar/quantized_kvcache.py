@@ -17,7 +17,7 @@ from .masked_attention import attention_with_kvcache
 from .masks import Mask
 from .reference.quantized_kvcache import KV_FORMATS
 
-__all__ = ["QuantizedKVCache", "quantize_kv_append"]
+__all__ = ["QuantizedKVCache", "quantize_kivi_append", "quantize_kv_append"]
 
 
 def quantize_kv_append(
@@ -55,6 +55,53 @@ def quantize_kv_append(
 @fake("quantize_kv_append")
 def _quantize_kv_append_fake(key, value, slot_mapping, k_cache, v_cache, k_scale, v_scale):
     one_device("quantize_kv_append", key, value, slot_mapping, k_cache, v_cache, k_scale, v_scale)
+
+
+def quantize_kivi_append(
+    key: torch.Tensor,
+    value: torch.Tensor,
+    key_groups: torch.Tensor,
+    value_slots: torch.Tensor,
+    k_codes: torch.Tensor,
+    v_codes: torch.Tensor,
+    k_scale: torch.Tensor,
+    k_zero: torch.Tensor,
+    v_scale: torch.Tensor,
+    v_zero: torch.Tensor,
+    group_size: int = 32,
+) -> None:
+    """Quantizes K and V rows into a KIVI int4 / int2 cache, in place (docs/quantized_kvcache.md).
+
+    Args:
+        key: ``[num_key_tokens, kv_heads, head_dim]`` float32, float16 or bfloat16, a whole number of groups of
+            ``group_size`` consecutive tokens, each quantized per channel over its tokens.
+        value: ``[num_value_tokens, kv_heads, head_dim]``, each token quantized over groups of ``group_size``
+            channels.
+        key_groups: int64 ``[num_key_tokens / group_size]``: the cache group of each group of keys (it fills slots
+            ``[key_groups[g] * group_size, + group_size)``), ``-1`` to skip it.
+        value_slots: int64 ``[num_value_tokens]``: the slot of each value row, ``-1`` to skip it.
+        k_codes, v_codes: uint8 ``[num_slots, kv_heads, head_dim * bits / 8]``, contiguous: ``head_dim / 2``
+            bytes per row for int4, ``head_dim / 4`` for int2 (codes packed little-endian).
+        k_scale, k_zero: float16 ``[num_slots / group_size, kv_heads, head_dim]``, written.
+        v_scale, v_zero: float16 ``[num_slots, kv_heads, head_dim / group_size]``, written.
+        group_size: G; it must divide ``head_dim`` and the number of slots, and fill whole bytes of codes (a
+            multiple of 2 for int4, of 4 for int2).
+
+    On the CPU an id out of range raises ``IndexError``, and a NaN, an infinity or a value past float16's range
+    (+-65504) in a row to be written raises ``ValueError``, before anything is written. CUDA checks nothing that
+    would need a host synchronisation: it skips an id out of range and writes a NaN scale where such a value
+    falls (keys: its channel of the group, so the group's keys of that head read NaN; values: its token's channel
+    group), so only attention to those keys sees it.
+    """
+    _common.ops().quantize_kivi_append(key, value, key_groups, value_slots, k_codes, v_codes, k_scale, k_zero,
+                                       v_scale, v_zero, as_int(group_size, "fastar.quantize_kivi_append: group_size"))
+
+
+@fake("quantize_kivi_append")
+def _quantize_kivi_append_fake(key, value, key_groups, value_slots, k_codes, v_codes, k_scale, k_zero, v_scale,
+                               v_zero, group_size):
+    one_device("quantize_kivi_append", key, value, key_groups, value_slots, k_codes, v_codes, k_scale, k_zero,
+               v_scale, v_zero)
 
 
 _BYTE_FORMATS = ("int8", "fp8_e4m3", "fp8_e5m2")

@@ -105,8 +105,19 @@ def _acceptance_samples(device):
         [*to(kv.bfloat16(), kv.bfloat16(), slots), codes((2, 3, 2, 16), torch.float8_e4m3fn),
          codes((2, 3, 2, 16), torch.float8_e4m3fn), *to(torch.ones(2), torch.ones(2))],
     ]
+    # quantize_kivi_append: int4 with one key group and a skipped value token, int2 from bfloat16 with G = 8.
+    kivi = torch.randn(8, 2, 16, generator=g)
+    half = lambda *shape: torch.zeros(shape, dtype=torch.float16, device=device)  # noqa: E731
+    byte = lambda *shape: torch.zeros(shape, dtype=torch.uint8, device=device)  # noqa: E731
+    quantize_kivi_append = [
+        [*to(kivi[:4], kivi[:3], torch.tensor([1]), torch.tensor([0, -1, 7])), byte(8, 2, 8), byte(8, 2, 8),
+         half(2, 2, 16), half(2, 2, 16), half(8, 2, 4), half(8, 2, 4), 4],
+        [*to(kivi.bfloat16(), kivi[:1].bfloat16(), torch.tensor([0]), torch.tensor([3])), byte(8, 2, 4),
+         byte(8, 2, 4), half(1, 2, 16), half(1, 2, 16), half(8, 2, 2), half(8, 2, 2), 8],
+    ]
     return {
         "quantize_kv_append": quantize_kv_append,
+        "quantize_kivi_append": quantize_kivi_append,
         "speculative_sample": [to(ids, q, p, None, seed, offset), to(ids, None, p.half(), nd, seed, offset)],
         "sample_cfg": sample_cfg,
         "greedy_verify": [to(ids, p), to(ids.int(), p.bfloat16(), nd)],

@@ -65,7 +65,8 @@ def assert_order_independent(run, kernels):
 
 # Every kernel of the CUDA sources, each run under the race check by one of the tests below.
 ALL_KERNELS = {"speculative_sample", "greedy_verify", "sample_cfg", "attention_vec_decode", "attention_decode",
-               "attention_tiled", "attention_tc", "attention_merge", "quantize_kv_append"}
+               "attention_tiled", "attention_tc", "attention_merge", "quantize_kv_append", "quantize_kivi_keys",
+               "quantize_kivi_values"}
 
 
 def test_every_kernel_is_covered():
@@ -186,6 +187,22 @@ def test_quantize_kv_append(backend, fmt):
         return tuple(t.view(torch.uint8) if t.dtype == fmt else t for t in caches + scales)
 
     assert_order_independent(run, {"quantize_kv_append"})
+
+
+def test_quantize_kivi_append(backend):
+    gen = torch.Generator().manual_seed(7)
+    key, value = (torch.randn(8, 3, 32, generator=gen).to(torch.bfloat16) for _ in range(2))
+
+    def run():
+        codes = [torch.zeros(16, 3, 16, dtype=torch.uint8) for _ in range(2)]
+        meta = [torch.zeros(4, 3, 32, dtype=torch.float16) for _ in range(2)]
+        meta += [torch.zeros(16, 3, 8, dtype=torch.float16) for _ in range(2)]
+        with backend.using_ops():
+            fastar.quantize_kivi_append(key, value, torch.tensor([2, 0]), torch.arange(8) * 2, *codes, *meta,
+                                        group_size=4)
+        return tuple(codes + meta)
+
+    assert_order_independent(run, {"quantize_kivi_keys", "quantize_kivi_values"})
 
 
 def pairs(values):

@@ -6,6 +6,7 @@
 
 #include "core/acceptance.h"
 #include "core/attention.h"
+#include "core/kivi_quant.h"
 #include "core/kv_quant.h"
 #include "core/sampling.h"
 
@@ -16,6 +17,7 @@ void launch_speculative_sample(const SpeculativeSampleParams& prm, FloatKind kin
 void launch_greedy_verify(const GreedyVerifyParams& prm, FloatKind kind, void* stream);
 void launch_sample_cfg(const SampleCfgParams& prm, FloatKind kind, void* stream);
 void launch_quantize_kv_append(const QuantizeKvParams& prm, FloatKind kind, void* stream);
+void launch_quantize_kivi_append(const KiviAppendParams& prm, FloatKind kind, void* stream);
 
 // fastar.attention (cuda/attention.cu). plan_attention picks the kernel shape and the number of kv splits;
 // with more than one split the glue allocates `workspace_floats` float32 for the partial results and
