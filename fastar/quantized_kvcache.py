@@ -15,7 +15,7 @@ from . import _common
 from ._common import FLOAT_DTYPES, as_int, fake, no_grad, one_device
 from .masked_attention import attention_with_kvcache
 from .masks import Mask
-from .reference.quantized_kvcache import KV_FORMATS
+from .reference.quantized_kvcache import KV_FORMATS, unpack_codes
 
 __all__ = ["QuantizedKVCache", "quantize_kivi_append", "quantize_kv_append"]
 
@@ -105,7 +105,9 @@ def _quantize_kivi_append_fake(key, value, key_groups, value_slots, k_codes, v_c
 
 
 _BYTE_FORMATS = ("int8", "fp8_e4m3", "fp8_e5m2")
+_KIVI_BITS = {"int4": 4, "int2": 2}
 _CLS = "fastar.QuantizedKVCache"
+_HALF_MAX = 65504.0
 
 
 def _host_lengths(value, batch: int, what: str, high: int) -> List[int]:
@@ -125,6 +127,170 @@ def _host_lengths(value, batch: int, what: str, high: int) -> List[int]:
     return [as_int(value, what, 0, high)] * batch
 
 
+class _ByteStore:
+    """int8 / fp8 storage: one-byte codes ``[*rows, Hkv, D]`` and float32 scales, per token and head
+    ``[*rows, Hkv]`` (written by the append) or an fp8 cache's fixed ``[Hkv]``."""
+
+    def __init__(self, cache: "QuantizedKVCache", rows, k_scale, v_scale):
+        shape = (*rows, cache.kv_heads, cache.head_dim)
+        self.cache = cache
+        self.k = torch.zeros(shape, dtype=torch.uint8, device=cache.device).view(KV_FORMATS[cache.format])
+        self.v = torch.zeros(shape, dtype=torch.uint8, device=cache.device).view(KV_FORMATS[cache.format])
+        self.k_scale = self._scales("k_scale", k_scale, rows)
+        self.v_scale = self._scales("v_scale", v_scale, rows)
+
+    def _scales(self, name: str, fixed, rows) -> torch.Tensor:
+        c = self.cache
+        if fixed is None:
+            return torch.zeros(*rows, c.kv_heads, dtype=torch.float32, device=c.device)
+        if c.format == "int8":
+            raise ValueError(f"{_CLS}: {name} fixes an fp8 cache's scales; int8 scales are computed per token")
+        scale = torch.as_tensor(fixed, dtype=torch.float32).to(c.device)
+        if scale.numel() not in (1, c.kv_heads) or scale.dim() > 1:
+            raise ValueError(f"{_CLS}: {name} must be a number or [kv_heads={c.kv_heads}], got {tuple(scale.shape)}")
+        if not bool(torch.isfinite(scale).all() & (scale > 0).all()):
+            raise ValueError(f"{_CLS}: {name} must be positive and finite")
+        return scale.expand(c.kv_heads).contiguous()
+
+    def tensors(self) -> List[torch.Tensor]:
+        return [self.k, self.v, self.k_scale, self.v_scale]
+
+    def append(self, k, v, old: List[int], new: List[int]) -> None:
+        """Quantizes the first ``new[b]`` of the rows ``k[b]``, ``v[b]`` ``[Hkv, L, D]`` into positions from
+        ``old[b]``."""
+        c, L = self.cache, k.shape[2]
+        slots = torch.full((c.batch, L), -1, dtype=torch.int64)
+        for b, n in enumerate(new):
+            slots[b, :n] = c._slots_of(b, torch.arange(old[b], old[b] + n))
+        views = self.tensors()
+        if c.block_table is None:  # [batch, capacity] rows as batch * capacity slots
+            views = [t.flatten(0, 1) if t.dim() >= 3 else t for t in views]
+        rows = (c.batch * L, c.kv_heads, c.head_dim)
+        quantize_kv_append(k.transpose(1, 2).reshape(rows), v.transpose(1, 2).reshape(rows),
+                           slots.reshape(-1).to(c.device), *views)
+
+    def truncate(self, old: List[int], new: List[int]) -> None:
+        """Nothing to move: positions past a sequence's length are not read."""
+
+    def attention_args(self) -> dict:
+        return {"k_scale": self.k_scale, "v_scale": self.v_scale}
+
+    def rows(self, b: int, length: int, work: torch.dtype):
+        """Sequence ``b``'s first ``length`` K and V rows ``[length, Hkv, D]``, dequantized in ``work``."""
+        slots = self.cache._slots_of(b, torch.arange(length)).to(self.cache.device)
+        out = []
+        for codes, scale in ((self.k, self.k_scale), (self.v, self.v_scale)):
+            codes = codes.reshape(-1, *codes.shape[-2:])[slots]
+            scale = scale.reshape(-1, scale.shape[-1])[slots] if scale.dim() > 1 else scale
+            out.append(codes.to(work) * scale.to(work).unsqueeze(-1))
+        return out
+
+
+class _KiviStore:
+    """KIVI int4 / int2 storage (docs/quantized_kvcache.md): packed codes ``[*rows, Hkv, D * bits / 8]``, float16
+    scales and zeros per key group and channel ``[num_slots / G, Hkv, D]`` and per slot and value channel group
+    ``[num_slots, Hkv, D / G]``, and the full-precision window: a ring ``[batch, R + G, Hkv, D]`` in the cache's
+    dtype where position ``p`` sits at ``p % (R + G)``.
+
+    Sequence ``b`` has its first ``split[b][0]`` keys (a multiple of G) and ``split[b][1]`` values quantized; the
+    later ones are in the ring. An append quantizes the values beyond the newest R, and the key groups wholly
+    beyond the newest R values, so the ring always holds every position it must."""
+
+    def __init__(self, cache: "QuantizedKVCache", rows, group_size: int, residual: int):
+        c = self.cache = cache
+        self.bits, self.G, self.R, self.W = _KIVI_BITS[c.format], group_size, residual, residual + group_size
+        num_slots = rows[0] * rows[1]
+        byte = dict(dtype=torch.uint8, device=c.device)
+        half = dict(dtype=torch.float16, device=c.device)
+        self.k = torch.zeros(*rows, c.kv_heads, c.head_dim * self.bits // 8, **byte)
+        self.v = torch.zeros(*rows, c.kv_heads, c.head_dim * self.bits // 8, **byte)
+        self.k_scale = torch.zeros(num_slots // self.G, c.kv_heads, c.head_dim, **half)
+        self.k_zero = torch.zeros_like(self.k_scale)
+        self.v_scale = torch.zeros(num_slots, c.kv_heads, c.head_dim // self.G, **half)
+        self.v_zero = torch.zeros_like(self.v_scale)
+        self.k_window = torch.zeros(c.batch, self.W, c.kv_heads, c.head_dim, dtype=c.dtype, device=c.device)
+        self.v_window = torch.zeros_like(self.k_window)
+        self.split = [[0, 0] for _ in range(c.batch)]
+        self.split_device = torch.zeros(c.batch, 2, dtype=torch.int32, device=c.device)
+
+    def tensors(self) -> List[torch.Tensor]:
+        return [self.k, self.v, self.k_scale, self.k_zero, self.v_scale, self.v_zero, self.k_window, self.v_window]
+
+    def append(self, k, v, old: List[int], new: List[int]) -> None:
+        c, G = self.cache, self.G
+        if c.device.type == "cpu":  # CUDA tokens are not read on the host (no sync): see quantize_kivi_append
+            for name, t in (("k", k), ("v", v)):
+                rows = torch.cat([t[b, :, :n] for b, n in enumerate(new)], dim=1)
+                if not bool((rows.float().abs() <= _HALF_MAX).all()):
+                    raise ValueError(f"{_CLS}.append: {name} holds NaN, Inf or a value past +-{_HALF_MAX:g}; a KIVI "
+                                     "cache stores float16 scales and zeros")
+        keys, key_groups, values, value_slots, split = [], [], [], [], []
+        for b, n in enumerate(new):
+            kq, vq = self.split[b]
+            end = old[b] + n
+            vq_new = max(end - self.R, vq)
+            kq_new = max(kq, vq_new // G * G)
+            first = min(kq, vq)  # rows [first, end): the ring's live ones, then the new ones
+            src_k, src_v = (self._history(w, t[b], b, first, old[b], n) for w, t in
+                            ((self.k_window, k), (self.v_window, v)))
+            keys.append(src_k[kq - first:kq_new - first])
+            values.append(src_v[vq - first:vq_new - first])
+            key_groups.append(c._slots_of(b, torch.arange(kq, kq_new, G)) // G)
+            value_slots.append(c._slots_of(b, torch.arange(vq, vq_new)))
+            split.append([kq_new, vq_new])
+        quantize_kivi_append(torch.cat(keys), torch.cat(values), torch.cat(key_groups).to(c.device),
+                             torch.cat(value_slots).to(c.device), *self._flat(), group_size=G)
+        for b, n in enumerate(new):  # the new tokens' rows into the ring (the newest W of them)
+            pos = torch.arange(max(old[b], old[b] + n - self.W), old[b] + n)
+            ring = (pos % self.W).to(c.device)
+            self.k_window[b, ring] = k[b, :, pos - old[b]].transpose(0, 1)
+            self.v_window[b, ring] = v[b, :, pos - old[b]].transpose(0, 1)
+        self.split = split
+        self.split_device.copy_(torch.tensor(split, dtype=torch.int32))
+
+    def _history(self, window, t, b: int, first: int, old: int, n: int) -> torch.Tensor:
+        """Sequence b's rows ``[first, old + n)`` ``[*, Hkv, D]``: the ring's up to ``old``, then ``t``'s new ones."""
+        ring = (torch.arange(first, old) % self.W).to(self.cache.device)
+        return torch.cat([window[b, ring], t[:, :n].transpose(0, 1)])
+
+    def _flat(self):
+        """Codes as ``[num_slots, Hkv, bytes]``, scales and zeros as they are (the op's layout)."""
+        return [self.k.flatten(0, 1), self.v.flatten(0, 1), self.k_scale, self.k_zero, self.v_scale, self.v_zero]
+
+    def truncate(self, old: List[int], new: List[int]) -> None:
+        """Keys of a quantized group that the new length cuts go back to the ring as their dequantized values
+        (requantized with their group when it fills again); values and later keys are where they were."""
+        c = self.cache
+        for b, n in enumerate(new):
+            kq, vq = self.split[b]
+            if n < kq:
+                kq = n // self.G * self.G
+                k_rows, _ = self.rows(b, n, torch.float32)
+                ring = (torch.arange(kq, n) % self.W).to(c.device)
+                self.k_window[b, ring] = k_rows[kq:n].to(c.dtype)
+            self.split[b] = [kq, min(vq, n)]
+        self.split_device.copy_(torch.tensor(self.split, dtype=torch.int32))
+
+    def attention_args(self) -> dict:
+        raise NotImplementedError(f"{_CLS}.attend: attention over KIVI ({self.cache.format}) caches is not built yet")
+
+    def rows(self, b: int, length: int, work: torch.dtype):
+        c, G = self.cache, self.G
+        kq, vq = (min(x, length) for x in self.split[b])
+        slots = c._slots_of(b, torch.arange(length)).to(c.device)
+        ring = (torch.arange(length) % self.W).to(c.device)
+        k = self.k_window[b, ring].to(work)
+        v = self.v_window[b, ring].to(work)
+        k_codes = unpack_codes(self.k.reshape(-1, *self.k.shape[-2:])[slots[:kq]], self.bits).to(work)
+        k[:kq] = k_codes * self.k_scale[slots[:kq] // G].to(work) + self.k_zero[slots[:kq] // G].to(work)
+        v_codes = unpack_codes(self.v.reshape(-1, *self.v.shape[-2:])[slots[:vq]], self.bits).to(work)
+        groups = (vq, c.kv_heads, c.head_dim // G, G)
+        v_scale = self.v_scale[slots[:vq]].to(work).unsqueeze(-1)
+        v_zero = self.v_zero[slots[:vq]].to(work).unsqueeze(-1)
+        v[:vq] = (v_codes.view(groups) * v_scale + v_zero).view(vq, c.kv_heads, c.head_dim)
+        return k, v
+
+
 class QuantizedKVCache:
     """One layer's K/V cache stored quantized, read by the attention kernels without a dequantized copy.
 
@@ -133,13 +299,13 @@ class QuantizedKVCache:
         capacity: tokens per sequence of a contiguous cache. Or, paged: ``num_pages`` pages of ``page_size``
             tokens shared by the sequences (a page is taken from the pool when a sequence grows into it and
             given back by :meth:`truncate`).
-        format: ``"int8"`` (one scale per token and head), ``"fp8_e4m3"`` or ``"fp8_e5m2"``
-            (docs/quantized_kvcache.md).
-        group_size, residual: the KIVI formats' group and full-precision window; checked, unused by the
-            byte formats.
+        format: ``"int8"`` (one scale per token and head), ``"fp8_e4m3"``, ``"fp8_e5m2"``, or KIVI's ``"int4"``
+            and ``"int2"`` (docs/quantized_kvcache.md).
+        group_size, residual: KIVI's group G and full-precision window R (a multiple of G); G must divide
+            head_dim and the capacity (or page_size), and fill whole bytes of codes.
         k_scale, v_scale: fp8 only: fixed scales (a number, or float ``[kv_heads]``) instead of one computed per
             token and head; values past the format's range saturate.
-        dtype: float32, float16 or bfloat16, of the K/V appended (the queries may be any of them).
+        dtype: float32, float16 or bfloat16, of the K/V appended and of a KIVI window (the queries may be any).
         device: where the cache lives.
 
     Positions are per sequence: :meth:`append` writes after each sequence's ``lengths[b]`` tokens, and
@@ -160,8 +326,6 @@ class QuantizedKVCache:
         residual = as_int(residual, f"{_CLS}: residual", 0)
         if residual % group_size:
             raise ValueError(f"{_CLS}: residual ({residual}) must be a multiple of group_size ({group_size})")
-        if format not in _BYTE_FORMATS:
-            raise NotImplementedError(f"{_CLS}: the KIVI format {format!r} is not built yet; use int8 or fp8")
         if dtype not in FLOAT_DTYPES:
             raise ValueError(f"{_CLS}: dtype must be float32, float16 or bfloat16, got {dtype}")
         self.format, self.dtype = format, dtype
@@ -182,29 +346,21 @@ class QuantizedKVCache:
             self.capacity = as_int(capacity, f"{_CLS}: capacity", 1)
             rows = (self.batch, self.capacity)
             self._block_table = None
-        codes = KV_FORMATS[format]
-        shape = (*rows, self.kv_heads, self.head_dim)
-        self._k = torch.zeros(shape, dtype=torch.uint8, device=self.device).view(codes)
-        self._v = torch.zeros(shape, dtype=torch.uint8, device=self.device).view(codes)
-        self._k_scale = self._scale_storage("k_scale", k_scale, rows)
-        self._v_scale = self._scale_storage("v_scale", v_scale, rows)
+        if format in _KIVI_BITS:
+            if k_scale is not None or v_scale is not None:
+                raise ValueError(f"{_CLS}: k_scale and v_scale fix an fp8 cache's scales; KIVI computes its own")
+            bits = _KIVI_BITS[format]
+            for what, n in (("head_dim", self.head_dim), ("page_size" if paged else "capacity", rows[1])):
+                if n % group_size:
+                    raise ValueError(f"{_CLS}: group_size ({group_size}) must divide {what} ({n})")
+            if group_size * bits % 8:
+                raise ValueError(f"{_CLS}: group_size ({group_size}) must fill whole bytes of {bits}-bit codes: a "
+                                 f"multiple of {8 // bits}")
+            self._store = _KiviStore(self, rows, group_size, residual)
+        else:
+            self._store = _ByteStore(self, rows, k_scale, v_scale)
         self._lengths = [0] * self.batch
         self._seqlens = torch.zeros(self.batch, dtype=torch.int32, device=self.device)
-
-    def _scale_storage(self, name: str, fixed, rows) -> torch.Tensor:
-        """The scales: per token and head (``[*rows, kv_heads]``, written by append), or an fp8 cache's fixed
-        ``[kv_heads]`` scales."""
-        if fixed is None:
-            return torch.zeros(*rows, self.kv_heads, dtype=torch.float32, device=self.device)
-        if self.format == "int8":
-            raise ValueError(f"{_CLS}: {name} fixes an fp8 cache's scales; int8 scales are computed per token")
-        scale = torch.as_tensor(fixed, dtype=torch.float32).to(self.device)
-        if scale.numel() not in (1, self.kv_heads) or scale.dim() > 1:
-            raise ValueError(f"{_CLS}: {name} must be a number or [kv_heads={self.kv_heads}], got "
-                             f"{tuple(scale.shape)}")
-        if not bool(torch.isfinite(scale).all() & (scale > 0).all()):
-            raise ValueError(f"{_CLS}: {name} must be positive and finite")
-        return scale.expand(self.kv_heads).contiguous()
 
     @property
     def lengths(self) -> torch.Tensor:
@@ -217,24 +373,15 @@ class QuantizedKVCache:
         return self._block_table
 
     def memory_bytes(self) -> int:
-        """Bytes of storage held: codes and scales (and a KIVI window), at full capacity."""
-        return sum(t.numel() * t.element_size() for t in (self._k, self._v, self._k_scale, self._v_scale))
+        """Bytes of storage held at full capacity: codes and scales (and KIVI's zeros and window)."""
+        return sum(t.numel() * t.element_size() for t in self._store.tensors())
 
-    def _slots(self, new: List[int], L: int) -> torch.Tensor:
-        """int64 ``[batch * L]``: the slot of each appended row (``-1`` past a sequence's ``new[b]``), taking
-        pages from the pool as sequences grow (the caller commits or rolls back)."""
-        slots = torch.full((self.batch, L), -1, dtype=torch.int64)
-        for b, n in enumerate(new):
-            pos = torch.arange(self._lengths[b], self._lengths[b] + n)
-            if self._block_table is None:
-                slots[b, :n] = b * self.capacity + pos
-                continue
-            pages = self._pages[b]
-            while len(pages) * self.page_size < self._lengths[b] + n:
-                pages.append(self._free.pop())
-            slots[b, :n] = torch.tensor(pages, dtype=torch.int64)[pos // self.page_size] * self.page_size + (
-                pos % self.page_size)
-        return slots.reshape(-1)
+    def _slots_of(self, b: int, pos: torch.Tensor) -> torch.Tensor:
+        """The slots (rows of the flattened storage) of sequence ``b``'s positions ``pos`` (CPU int64)."""
+        if self._block_table is None:
+            return b * self.capacity + pos
+        pages = torch.tensor(self._pages[b], dtype=torch.int64)
+        return pages[pos // self.page_size] * self.page_size + pos % self.page_size
 
     def append(self, k: torch.Tensor, v: torch.Tensor, *, lengths=None) -> None:
         """Quantizes ``k`` and ``v`` ``[batch, kv_heads, L, head_dim]`` (the cache's dtype and device) into the
@@ -262,10 +409,11 @@ class QuantizedKVCache:
         self._check_room(new)
         held = None if self._block_table is None else [len(p) for p in self._pages]
         try:
-            slots = self._slots(new, L).to(self.device)
-            rows = (self.batch * L, self.kv_heads, self.head_dim)
-            quantize_kv_append(k.transpose(1, 2).reshape(rows), v.transpose(1, 2).reshape(rows), slots,
-                               *self._slot_views())
+            if held is not None:
+                for b, n in enumerate(new):
+                    while len(self._pages[b]) * self.page_size < self._lengths[b] + n:
+                        self._pages[b].append(self._free.pop())
+            self._store.append(k, v, self._lengths, new)
         except Exception:
             if held is not None:  # pages taken for this append go back to the pool
                 for b, n in enumerate(held):
@@ -273,14 +421,6 @@ class QuantizedKVCache:
             raise
         self._lengths = [n + m for n, m in zip(self._lengths, new)]
         self._sync_lengths()
-
-    def _slot_views(self):
-        """(k codes, v codes, k scales, v scales) as quantize_kv_append takes them: a contiguous cache's
-        ``[batch, capacity]`` rows as ``batch * capacity`` slots; paged storage and fixed scales as they are."""
-        views = [self._k, self._v, self._k_scale, self._v_scale]
-        if self._block_table is None:
-            views = [t.flatten(0, 1) if t.dim() >= 3 else t for t in views]
-        return views
 
     def _check_room(self, new: List[int]) -> None:
         """ValueError unless every sequence, and the page pool, has room for ``new[b]`` more tokens."""
@@ -322,9 +462,9 @@ class QuantizedKVCache:
         if q.shape[0] != self.batch or q.shape[3] != self.head_dim or q.shape[1] % self.kv_heads:
             raise ValueError(f"{_CLS}.attend: q must be [batch={self.batch}, a multiple of kv_heads={self.kv_heads}, "
                              f"Lq, head_dim={self.head_dim}], got {tuple(q.shape)}")
-        result = attention_with_kvcache(q.transpose(1, 2), self._k, self._v, cache_seqlens=self._seqlens,
+        result = attention_with_kvcache(q.transpose(1, 2), self._store.k, self._store.v, cache_seqlens=self._seqlens,
                                         block_table=self._block_table, mask=mask, scale=scale,
-                                        return_lse=return_lse, k_scale=self._k_scale, v_scale=self._v_scale)
+                                        return_lse=return_lse, **self._store.attention_args())
         if return_lse:
             return result[0].transpose(1, 2), result[1]
         return result.transpose(1, 2)
@@ -332,12 +472,14 @@ class QuantizedKVCache:
     def truncate(self, lengths) -> None:
         """Rolls sequences back to ``lengths`` tokens (an int, or integers ``[batch]``, each at most what the
         sequence holds): e.g. the draft tokens a verification rejected. A paged cache gives the pages it no
-        longer needs back to the pool."""
+        longer needs back to the pool. In a KIVI cache, keys of a quantized group that the cut splits return to
+        the full-precision window as their dequantized values."""
         new = _host_lengths(lengths, self.batch, f"{_CLS}.truncate: lengths", self.capacity)
         for b, n in enumerate(new):
             if n > self._lengths[b]:
                 raise ValueError(f"{_CLS}.truncate: sequence {b} holds {self._lengths[b]} tokens, cannot "
                                  f"truncate to {n}")
+        self._store.truncate(self._lengths, new)
         self._lengths = new
         if self._block_table is not None:
             for b, n in enumerate(new):
@@ -350,23 +492,14 @@ class QuantizedKVCache:
             self._free.append(self._pages[b].pop())
 
     def dequantize(self, dtype: Optional[torch.dtype] = None) -> Tuple[torch.Tensor, torch.Tensor]:
-        """The cached K and V as the kernels read them (codes times scales), ``[batch, kv_heads, max(lengths),
-        head_dim]`` in ``dtype`` (default the cache's; float64 gives them exactly); rows past a sequence's length
-        are 0."""
+        """The cached K and V as the kernels read them, ``[batch, kv_heads, max(lengths), head_dim]`` in ``dtype``
+        (default the cache's; float64 gives them exactly); rows past a sequence's length are 0."""
         dtype = self.dtype if dtype is None else dtype
         work = torch.float64 if dtype == torch.float64 else torch.float32
         n = max(self._lengths)
-        out = []
-        for codes, scale in ((self._k, self._k_scale), (self._v, self._v_scale)):
-            rows = torch.zeros(self.batch, n, self.kv_heads, self.head_dim, dtype=work, device=self.device)
-            for b, length in enumerate(self._lengths):
-                pos = torch.arange(length, device=self.device)
-                if self._block_table is None:
-                    c, s = codes[b, :length], (scale[b, :length] if scale.dim() == 3 else scale)
-                else:
-                    page = self._block_table[b].long()[pos // self.page_size]
-                    c, s = codes[page, pos % self.page_size], scale[page, pos % self.page_size] if scale.dim() == 3 \
-                        else scale
-                rows[b, :length] = c.to(work) * s.to(work).unsqueeze(-1)
-            out.append(rows.transpose(1, 2).to(dtype))
-        return out[0], out[1]
+        out = [torch.zeros(self.batch, n, self.kv_heads, self.head_dim, dtype=work, device=self.device)
+               for _ in range(2)]
+        for b, length in enumerate(self._lengths):
+            k, v = self._store.rows(b, length, work)
+            out[0][b, :length], out[1][b, :length] = k, v
+        return out[0].transpose(1, 2).to(dtype), out[1].transpose(1, 2).to(dtype)

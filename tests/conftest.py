@@ -116,12 +116,13 @@ class Backend:
 
     def quantized_kvcache(self, *args, **kwargs):
         """A fastar.QuantizedKVCache on the backend's device whose methods run the backend's ops (tensors in
-        through ``to``, results out with ``.cpu()``). Its per-token scales start as NaN, so a read of a slot never
-        written shows in the results."""
+        through ``to``, results out with ``.cpu()``). Its per-token scales (and a KIVI window) start as NaN, so a
+        read of a slot never written shows in the results."""
         cache = fastar.QuantizedKVCache(*args, device=self.device, **kwargs)
-        for scale in (cache._k_scale, cache._v_scale):
-            if scale.dim() > 1:
-                scale.fill_(float("nan"))
+        store = cache._store
+        for t in (store.k_scale, store.v_scale, getattr(store, "k_window", None), getattr(store, "v_window", None)):
+            if t is not None and t.dim() > 1:
+                t.fill_(float("nan"))
         return _OnBackend(cache, self)
 
     def checked(self, fn, *args, **kwargs):

@@ -14,7 +14,15 @@ import torch
 
 import fastar
 from fastar.masks import BlockCausal, Causal, Dense, Tree, Window
-from fastar.reference import attention_reference, quantize_fp8_reference, quantize_int8_reference
+from fastar.reference import (
+    attention_reference,
+    dequantize_reference,
+    kivi_split,
+    quantize_fp8_reference,
+    quantize_int8_reference,
+    quantize_kivi_keys_reference,
+    quantize_kivi_values_reference,
+)
 
 FORMATS = ["int8", "fp8_e4m3", "fp8_e5m2"]
 B, HKV, HQ, D = 3, 2, 8, 64
@@ -296,3 +304,106 @@ def test_cpu_error_against_unquantized_attention(fmt):
     exact, _ = attention_reference(q.double(), k.double(), v.double())
     error = ((cache.attend(q).double() - exact).norm() / exact.norm()).item()
     assert error <= RELATIVE_ERROR[fmt], error
+
+
+# KIVI int4 / int2: the window and the groups, against fastar.reference's quantizers and kivi_split.
+KIVI = ["int4", "int2"]
+KG, KR = 8, 16  # small G and R: many hand-overs in a few tokens
+
+
+def kivi_expected(k_hist, v_hist, fmt, n):
+    """float64 K and V ``[HKV, n, D]`` of a KIVI cache holding the history's first n tokens: the first
+    ``kivi_split`` keys and values quantized by the reference, the rest as given."""
+    kq, vq = kivi_split(n, KR, KG)
+    k, v = k_hist[:, :n].double().clone(), v_hist[:, :n].double().clone()
+    if kq:
+        codes, scale, zero = quantize_kivi_keys_reference(k_hist[:, :kq], fmt, KG)
+        k[:, :kq] = dequantize_reference(codes, scale.repeat_interleave(KG, 1), zero.repeat_interleave(KG, 1))
+    if vq:
+        codes, scale, zero = quantize_kivi_values_reference(v_hist[:, :vq], fmt, KG)
+        k_groups = lambda t: t.repeat_interleave(KG, -1)  # noqa: E731
+        v[:, :vq] = dequantize_reference(codes, k_groups(scale), k_groups(zero))
+    return k, v
+
+
+def kivi_cache(backend, fmt, paged, dtype=torch.float32):
+    if paged:
+        return backend.quantized_kvcache(B, HKV, D, num_pages=20, page_size=16, format=fmt, group_size=KG,
+                                         residual=KR, dtype=dtype)
+    return backend.quantized_kvcache(B, HKV, D, capacity=96, format=fmt, group_size=KG, residual=KR, dtype=dtype)
+
+
+@pytest.mark.parametrize("chunks", [[1] * 60, [40, 1, 1, 7, 9, 2], [3, 50, 5]], ids=["steps", "mixed", "prefill"])
+@pytest.mark.parametrize("paged", [False, True], ids=["contiguous", "paged"])
+@pytest.mark.parametrize("fmt", KIVI)
+def test_kivi_window_and_groups_hand_over_at_every_boundary(backend, fmt, paged, chunks):
+    """After every append (one token at a time, ragged chunks, a prefill), the cache holds exactly the reference's
+    quantization of the first kivi_split keys and values, and the rest in full precision."""
+    gen = torch.Generator().manual_seed(len(chunks) + paged)
+    cache = kivi_cache(backend, fmt, paged)
+    total = sum(chunks)
+    k_hist, v_hist = kv(gen, total)
+    lens = [0] * B
+    for i, n in enumerate(chunks):
+        take = [n, max(n - 1, 0), n if i % 2 else 0]  # ragged: sequence 2 skips every other chunk
+        k_new = torch.zeros(B, HKV, n, D)
+        v_new = torch.zeros(B, HKV, n, D)
+        for b in range(B):
+            k_new[b, :, :take[b]] = k_hist[b, :, lens[b]:lens[b] + take[b]]
+            v_new[b, :, :take[b]] = v_hist[b, :, lens[b]:lens[b] + take[b]]
+        cache.append(backend.to(k_new), backend.to(v_new), lengths=take)
+        lens = [a + t for a, t in zip(lens, take)]
+        k_deq, v_deq = (t.cpu() for t in cache.dequantize(torch.float64))
+        for b in range(B):
+            want_k, want_v = kivi_expected(k_hist[b], v_hist[b], fmt, lens[b])
+            assert torch.equal(k_deq[b, :, :lens[b]], want_k), f"chunk {i}, sequence {b}: keys"
+            assert torch.equal(v_deq[b, :, :lens[b]], want_v), f"chunk {i}, sequence {b}: values"
+            assert cache._store.split[b] == list(kivi_split(lens[b], KR, KG))
+
+
+@pytest.mark.parametrize("fmt", KIVI)
+def test_kivi_truncate_returns_cut_keys_to_the_window(backend, fmt):
+    """Truncating into a quantized key group puts its kept keys back in the window (as their dequantized values);
+    the group is quantized again, with the tokens that follow, once it fills."""
+    gen = torch.Generator().manual_seed(11)
+    cache = kivi_cache(backend, fmt, paged=False)
+    k, v = kv(gen, 60)
+    cache.append(backend.to(k), backend.to(v))  # keys [0, 40) quantized, values [0, 44)
+    before_k, before_v = (t.cpu() for t in cache.dequantize(torch.float64))
+    cache.truncate(21)
+    assert cache._store.split == [[16, 21]] * B
+    k_deq, v_deq = (t.cpu() for t in cache.dequantize(torch.float64))
+    torch.testing.assert_close(k_deq, before_k[:, :, :21], rtol=1e-6, atol=1e-6)  # [16, 21) now float32 copies
+    assert torch.equal(k_deq[:, :, :16], before_k[:, :, :16]) and torch.equal(v_deq, before_v[:, :, :21])
+    k2, v2 = kv(gen, 40)
+    cache.append(backend.to(k2), backend.to(v2))  # 61 tokens: keys [0, 40), values [0, 45) quantized
+    assert cache._store.split == [[40, 45]] * B
+    k_deq, _ = (t.cpu() for t in cache.dequantize(torch.float64))
+    for b in range(B):
+        group = torch.cat([k_deq[b, :, 16:21].float(), k2[b, :, :3]], dim=1)  # the refilled group [16, 24)
+        codes, scale, zero = quantize_kivi_keys_reference(group, fmt, KG)
+        want = dequantize_reference(codes, scale.repeat_interleave(KG, 1), zero.repeat_interleave(KG, 1))
+        assert torch.equal(k_deq[b, :, 16:24], want)
+
+
+def test_kivi_refuses_non_storable_values_on_the_cpu():
+    cache = fastar.QuantizedKVCache(B, HKV, D, capacity=64, format="int4", group_size=KG, residual=KR,
+                                    dtype=torch.float32)
+    k, v = kv(torch.Generator().manual_seed(2), 4)
+    v[1, 0, 2, 5] = 1e5  # stays in the window for now, but float16 scales could not hold it later
+    with pytest.raises(ValueError, match=r"v holds NaN, Inf or a value past \+-65504"):
+        cache.append(k, v)
+    assert cache.lengths.tolist() == [0] * B
+
+
+@pytest.mark.parametrize("fmt, G, bound", [("int4", 64, 0.30), ("int2", 64, 0.19)])
+def test_kivi_memory_bytes_against_a_bf16_cache(fmt, G, bound):
+    """Codes, float16 scales and zeros, and the window at 16k tokens (B = 1, 8 kv heads, D = 128). The goals need
+    G = 64: at the default G = 32 the metadata alone is 4/32 bytes per element (int4 0.32x, int2 0.20x)."""
+    bits = {"int4": 4, "int2": 2}[fmt]
+    S, H, dim, R = 16384, 8, 128, 128
+    cache = fastar.QuantizedKVCache(1, H, dim, capacity=S, format=fmt, group_size=G, residual=R)
+    per_token = 2 * H * dim * bits // 8 + 2 * 2 * H * dim // G + 2 * 2 * H * dim // G
+    window = 2 * (R + G) * H * dim * 2
+    assert cache.memory_bytes() == S * per_token + window
+    assert cache.memory_bytes() <= bound * (2 * S * H * dim * 2)
