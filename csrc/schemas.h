@@ -43,7 +43,13 @@ inline void define_schemas(torch::Library& m) {
       "Tensor? bias=None, "            // q's dtype [B or 1, Hq or 1, Lq, Lk]: added to the logits
       // Quantized k and v (int8 / float8 codes, docs/quantized_kvcache.md; CPU only so far): float32 scales that
       // broadcast to k's rows [B or pages, Hkv, Lk or page_size]; key row = codes * its scale.
-      "Tensor? k_scale=None, Tensor? v_scale=None"
+      "Tensor? k_scale=None, Tensor? v_scale=None, "
+      // KIVI int4 / int2 (kivi_group = G > 0; CPU only so far): k and v uint8 packed codes, [B or pages, Hkv, Lk or
+      // page_size, D * bits / 8] views of [.., Hkv, bytes]-contiguous storage; k_scale / v_scale and k_zero /
+      // v_zero float16 as quantize_kivi_append writes them; sequence b's first kivi_split[b] = (keys, values)
+      // are quantized, later rows are read from k_window / v_window [B, W, Hkv, D] (q's dtype) at position % W.
+      "Tensor? k_zero=None, Tensor? v_zero=None, Tensor? k_window=None, Tensor? v_window=None, "
+      "Tensor? kivi_split=None, int kivi_group=0"
       ") -> Tensor lse");
   // Next-scale (VAR) attention: the attention kernels with scale ids, a local window, a tile map and qk_norm,
   // written into `out` as fastar.attention. Query i is token Lk - Lq + i.

@@ -46,12 +46,11 @@ __all__ = ["attention", "attention_with_kvcache", "patch_sdpa", "scaled_dot_prod
 _KV_OP = "fastar.attention_with_kvcache"
 
 
-def _run(q, k, v, args: MaskArgs, scale: float, kv_lens=None, block_table=None, out=None, k_scale=None,
-         v_scale=None):
-    """The attention op on [B, H, L, D] views, written into ``out`` (a new tensor when None): (out, lse)."""
+def _run(q, k, v, args: MaskArgs, scale: float, kv_lens=None, block_table=None, out=None, **quantized):
+    """The attention op on [B, H, L, D] views, written into ``out`` (a new tensor when None): (out, lse).
+    ``quantized``: the op's arguments of a quantized cache (k_scale, v_scale; KIVI's k_zero, ..., kivi_group)."""
     if out is None:
         out = q.new_empty(q.shape)
-    quantized = {} if k_scale is None and v_scale is None else {"k_scale": k_scale, "v_scale": v_scale}
     lse = _common.ops().attention(
         q, k, v, out, scale, kv_lens=kv_lens, block_table=block_table, causal=args.causal,
         bottom_right=args.bottom_right, window_left=args.window_left if args.window else -1,
@@ -258,16 +257,25 @@ def attention_with_kvcache(
         _kvcache_append(k_cache, k_new, positions, block_table)
         _kvcache_append(v_cache, v_new, positions, block_table)
         kv_lens = cache_seqlens + L_new
-    # [B, S, H, D] caches (or [pages, page_size, H, D]) are [B, H, S, D] views for the kernel.
-    k_view, v_view, q_view = k_cache.transpose(1, 2), v_cache.transpose(1, 2), q.transpose(1, 2)
-    args = MaskArgs.none() if mask is None else _lower(mask, B, Lq, capacity, q.device, kv_lens)
-    bt = None if block_table is None else block_table.to(torch.int32)
-    result = q.new_empty(q.shape)
     scales = {}
     if k_scale is not None:
         scales = {"k_scale": _scale_rows(k_scale, k_cache.shape[2]), "v_scale": _scale_rows(v_scale, k_cache.shape[2])}
-    _, lse = _run(q_view, k_view, v_view, args, softmax_scale(scale, D), kv_lens, bt, out=result.transpose(1, 2),
-                  **scales)
+    bt = None if block_table is None else block_table.to(torch.int32)
+    return _attend_cache(q, k_cache, v_cache, kv_lens, bt, capacity, mask, scale, return_lse, **scales)
+
+
+def _attend_cache(q, k_cache, v_cache, kv_lens, block_table, capacity: int, mask, scale, return_lse: bool,
+                  **quantized):
+    """attention_with_kvcache's attention, on checked arguments: q ``[B, Lq, Hq, D]``, caches ``[B or pages, S or
+    page_size, Hkv, *]``, int32 kv_lens and block_table, the mask over ``capacity`` key positions; ``quantized``
+    as :func:`_run` takes it. Returns ``[B, Lq, Hq, D]`` (and the LSE)."""
+    B, Lq, _, D = q.shape
+    # [B, S, H, D] caches (or [pages, page_size, H, D]) are [B, H, S, D] views for the kernel.
+    k_view, v_view, q_view = k_cache.transpose(1, 2), v_cache.transpose(1, 2), q.transpose(1, 2)
+    args = MaskArgs.none() if mask is None else _lower(mask, B, Lq, capacity, q.device, kv_lens)
+    result = q.new_empty(q.shape)
+    _, lse = _run(q_view, k_view, v_view, args, softmax_scale(scale, D), kv_lens, block_table,
+                  out=result.transpose(1, 2), **quantized)
     return (result, lse) if return_lse else result
 
 

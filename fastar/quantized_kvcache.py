@@ -13,7 +13,7 @@ import torch
 
 from . import _common
 from ._common import FLOAT_DTYPES, as_int, fake, no_grad, one_device
-from .masked_attention import attention_with_kvcache
+from .masked_attention import _attend_cache, _scale_rows
 from .masks import Mask
 from .reference.quantized_kvcache import KV_FORMATS, unpack_codes
 
@@ -173,7 +173,8 @@ class _ByteStore:
         """Nothing to move: positions past a sequence's length are not read."""
 
     def attention_args(self) -> dict:
-        return {"k_scale": self.k_scale, "v_scale": self.v_scale}
+        H = self.cache.kv_heads
+        return {"k_scale": _scale_rows(self.k_scale, H), "v_scale": _scale_rows(self.v_scale, H)}
 
     def rows(self, b: int, length: int, work: torch.dtype):
         """Sequence ``b``'s first ``length`` K and V rows ``[length, Hkv, D]``, dequantized in ``work``."""
@@ -272,7 +273,9 @@ class _KiviStore:
         self.split_device.copy_(torch.tensor(self.split, dtype=torch.int32))
 
     def attention_args(self) -> dict:
-        raise NotImplementedError(f"{_CLS}.attend: attention over KIVI ({self.cache.format}) caches is not built yet")
+        return {"k_scale": self.k_scale, "v_scale": self.v_scale, "k_zero": self.k_zero, "v_zero": self.v_zero,
+                "k_window": self.k_window, "v_window": self.v_window, "kivi_split": self.split_device,
+                "kivi_group": self.G}
 
     def rows(self, b: int, length: int, work: torch.dtype):
         c, G = self.cache, self.G
@@ -462,12 +465,17 @@ class QuantizedKVCache:
         if q.shape[0] != self.batch or q.shape[3] != self.head_dim or q.shape[1] % self.kv_heads:
             raise ValueError(f"{_CLS}.attend: q must be [batch={self.batch}, a multiple of kv_heads={self.kv_heads}, "
                              f"Lq, head_dim={self.head_dim}], got {tuple(q.shape)}")
-        result = attention_with_kvcache(q.transpose(1, 2), self._store.k, self._store.v, cache_seqlens=self._seqlens,
-                                        block_table=self._block_table, mask=mask, scale=scale,
-                                        return_lse=return_lse, **self._store.attention_args())
-        if return_lse:
-            return result[0].transpose(1, 2), result[1]
-        return result.transpose(1, 2)
+        if q.dtype not in FLOAT_DTYPES or q.device != self.device:
+            raise ValueError(f"{_CLS}.attend: q must be float32, float16 or bfloat16 on {self.device}, got {q.dtype} "
+                             f"on {q.device}")
+        no_grad(f"{_CLS}.attend", q=q)
+        query = q.transpose(1, 2)
+        if self.format in _KIVI_BITS:  # the window is read in q's dtype
+            query = query.to(self.dtype)
+        result = _attend_cache(query, self._store.k, self._store.v, self._seqlens, self._block_table, self.capacity,
+                               mask, scale, return_lse, **self._store.attention_args())
+        out = (result[0] if return_lse else result).transpose(1, 2).to(q.dtype)
+        return (out, result[1]) if return_lse else out
 
     def truncate(self, lengths) -> None:
         """Rolls sequences back to ``lengths`` tokens (an int, or integers ``[batch]``, each at most what the

@@ -25,6 +25,8 @@ from fastar.reference import (
 )
 
 FORMATS = ["int8", "fp8_e4m3", "fp8_e5m2"]
+KIVI = ["int4", "int2"]
+KG, KR = 8, 16  # KIVI's G and R in these tests: many hand-overs in a few tokens
 B, HKV, HQ, D = 3, 2, 8, 64
 FP8_MAX = {"fp8_e4m3": 448.0, "fp8_e5m2": 57344.0}
 
@@ -47,6 +49,8 @@ def kv(gen, L, dtype=torch.float32):
 
 def make_cache(backend, fmt, paged, capacity=96, **kwargs):
     kwargs.setdefault("dtype", torch.float32)
+    if fmt in KIVI:  # small G and R: a window, quantized groups and values in a few tokens
+        kwargs.update(group_size=KG, residual=KR)
     if paged:
         return backend.quantized_kvcache(B, HKV, D, num_pages=B * capacity // 16 + 2, page_size=16, format=fmt,
                                          **kwargs)
@@ -112,7 +116,7 @@ MASKS = ["none", "causal", "window", "tree", "block", "dense"]
 @pytest.mark.parametrize("mask_kind", MASKS)
 @pytest.mark.parametrize("Lq", [1, 5, 40])
 @pytest.mark.parametrize("paged", [False, True], ids=["contiguous", "paged"])
-@pytest.mark.parametrize("fmt", FORMATS)
+@pytest.mark.parametrize("fmt", FORMATS + KIVI)
 def test_attend_matches_float64_over_the_dequantized_cache(attending, fmt, paged, Lq, mask_kind):
     """Ragged prefixes, then Lq new tokens per sequence (drafts, a tree, a diffusion block) attended by their
     queries with each mask kind; GQA 4:1. Lq = 1 and 5 take the decode path on the CPU, 40 the GEMM path."""
@@ -307,8 +311,6 @@ def test_cpu_error_against_unquantized_attention(fmt):
 
 
 # KIVI int4 / int2: the window and the groups, against fastar.reference's quantizers and kivi_split.
-KIVI = ["int4", "int2"]
-KG, KR = 8, 16  # small G and R: many hand-overs in a few tokens
 
 
 def kivi_expected(k_hist, v_hist, fmt, n):
@@ -384,6 +386,13 @@ def test_kivi_truncate_returns_cut_keys_to_the_window(backend, fmt):
         codes, scale, zero = quantize_kivi_keys_reference(group, fmt, KG)
         want = dequantize_reference(codes, scale.repeat_interleave(KG, 1), zero.repeat_interleave(KG, 1))
         assert torch.equal(k_deq[b, :, 16:24], want)
+    if backend.name == "cpu":  # attention reads the restored window and the requantized group (CUDA: not yet)
+        q = torch.randn(B, HQ, 3, D, generator=gen)
+        out = cache.attend(backend.to(q), mask=Causal()).cpu()
+        k_deq, v_deq = (t.cpu() for t in cache.dequantize(torch.float64))
+        visible = Causal().materialize(3, 61).unsqueeze(1)
+        want, _ = attention_reference(q.double(), k_deq, v_deq, mask=visible)
+        torch.testing.assert_close(out.double(), want, rtol=0, atol=2e-5)
 
 
 def test_kivi_refuses_non_storable_values_on_the_cpu():

@@ -81,6 +81,21 @@ struct AttentionParams {
   const float* k_scale;
   const float* v_scale;
   int64_t ks_sb, ks_sh, ks_sl, vs_sb, vs_sh, vs_sl;
+  // KIVI int4 / int2 (kivi_bits > 0, with kv_quantized; CPU kernels only so far): k and v hold packed codes,
+  // rows of D * kivi_bits / 8 bytes laid out [slots, Hkv, bytes], so a row's offset / bytes is slot * Hkv + h.
+  // Float16 scales and zeros as fastar.quantize_kivi_append writes them: keys [slots / kivi_group, Hkv, D],
+  // values [slots, Hkv, D / kivi_group]. Sequence b's first kivi_split[2b] keys and kivi_split[2b + 1] values
+  // are quantized; the later ones are in the windows [B, kivi_window_len, Hkv, D] (q's dtype) at position
+  // % kivi_window_len.
+  int kivi_bits;
+  int64_t kivi_group, kivi_window_len;
+  const uint16_t* kivi_k_scale;
+  const uint16_t* kivi_k_zero;
+  const uint16_t* kivi_v_scale;
+  const uint16_t* kivi_v_zero;
+  const void* kivi_k_window;
+  const void* kivi_v_window;
+  const int32_t* kivi_split;
 };
 
 constexpr float kQkNormEps = 1e-12f;  // F.normalize's eps: x / max(|x|, eps)

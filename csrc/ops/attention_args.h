@@ -10,7 +10,9 @@
 #include <cstdint>
 #include <optional>
 #include <string>
+#include <tuple>
 #include <utility>
+#include <vector>
 
 #include "core/attention.h"
 #include "ops/common.h"
@@ -28,7 +30,9 @@ struct AttentionArgs {
   std::optional<at::Tensor> q_block_ids, k_block_ids, mask_bits;
   int64_t mask_bits_cols = 0;
   std::optional<at::Tensor> bias;
-  std::optional<at::Tensor> k_scale, v_scale;  // quantized k and v (int8 / fp8 codes)
+  std::optional<at::Tensor> k_scale, v_scale;  // quantized k and v (int8 / fp8 codes; KIVI's float16 scales)
+  std::optional<at::Tensor> k_zero, v_zero, k_window, v_window, kivi_split;  // KIVI (kivi_group > 0)
+  int64_t kivi_group = 0;
 };
 
 // The kernel writes `out`, the caller's tensor, or a temporary copied into `out_target` by finish_attention.
@@ -36,6 +40,7 @@ struct AttentionLaunch {
   at::Tensor q, k, v, out, lse;
   std::optional<at::Tensor> out_target;
   std::optional<at::Tensor> kv_lens, block_table, q_block_ids, k_block_ids, bits, bias, k_scale, v_scale;
+  std::optional<at::Tensor> k_zero, v_zero, k_window, v_window, kivi_split;
   std::optional<at::Tensor> token_info, scale_hw, tile_map, q_scale;  // fastar.scale_attention
   AttentionParams prm;
 };
@@ -76,6 +81,69 @@ inline bool out_may_overlap(const char* op, const at::Tensor& out, const char* n
   return true;
 }
 
+// KIVI's arguments (AttentionParams' kivi_* fields): packed uint8 codes, float16 scales and zeros, the windows in
+// q's dtype, the per-sequence split.
+inline void prepare_kivi(AttentionLaunch& l, const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
+                         const AttentionArgs& a) {
+  constexpr const char* op = "fastar.attention";
+  AttentionParams& p = l.prm;
+  const int64_t B = q.size(0), D = q.size(3), Hkv = k.size(1), bytes = k.size(3), G = a.kivi_group;
+  TORCH_CHECK_VALUE(a.k_scale && a.v_scale && a.k_zero && a.v_zero && a.k_window && a.v_window && a.kivi_split, op,
+                    ": a KIVI cache needs k_scale, v_scale, k_zero, v_zero, k_window, v_window and kivi_split");
+  TORCH_CHECK_TYPE(k.scalar_type() == at::kByte, op, ": KIVI k and v must be uint8 packed codes, got ",
+                   k.scalar_type());
+  TORCH_CHECK_VALUE(bytes * 8 == 4 * D || bytes * 8 == 2 * D, op, ": KIVI codes must have head_dim / 2 (int4) or ",
+                    "head_dim / 4 (int2) bytes per row, got ", bytes, " for head dim ", D);
+  TORCH_CHECK_VALUE(D % G == 0, op, ": kivi_group (", G, ") must divide the head dim ", D);
+  for (const at::Tensor* c : {&k, &v}) {  // [B or pages, Hkv, S, bytes] views of [.., S, Hkv, bytes] storage
+    TORCH_CHECK_VALUE(c->stride(3) == 1 && c->stride(1) == bytes && c->stride(2) == Hkv * bytes &&
+                          c->stride(0) == c->size(2) * Hkv * bytes,
+                      op, ": KIVI codes must be transposed views of contiguous [.., S, Hkv, bytes] storage");
+  }
+  const int64_t slots = k.size(0) * k.size(2);
+  TORCH_CHECK_VALUE(slots % G == 0, op, ": the cache's ", slots, " slots are not whole groups of ", G);
+  const std::pair<const char*, std::vector<int64_t>> meta[] = {{"k_scale", {slots / G, Hkv, D}},
+                                                               {"k_zero", {slots / G, Hkv, D}},
+                                                               {"v_scale", {slots, Hkv, D / G}},
+                                                               {"v_zero", {slots, Hkv, D / G}}};
+  std::optional<at::Tensor>* kept[] = {&l.k_scale, &l.k_zero, &l.v_scale, &l.v_zero};
+  const std::optional<at::Tensor>* given[] = {&a.k_scale, &a.k_zero, &a.v_scale, &a.v_zero};
+  for (int i = 0; i < 4; ++i) {
+    const at::Tensor& t = **given[i];
+    TORCH_CHECK_TYPE(t.scalar_type() == at::kHalf, op, ": KIVI ", meta[i].first, " must be float16, got ",
+                     t.scalar_type());
+    TORCH_CHECK_VALUE(t.sizes() == meta[i].second, op, ": KIVI ", meta[i].first, " must be ",
+                      at::IntArrayRef(meta[i].second), ", got ", t.sizes());
+    check_same_device(op, meta[i].first, t, q);
+    *kept[i] = t.contiguous();
+  }
+  for (const auto& [name, w, keep] :
+       {std::tuple{"k_window", &*a.k_window, &l.k_window}, std::tuple{"v_window", &*a.v_window, &l.v_window}}) {
+    TORCH_CHECK_VALUE(w->dim() == 4 && w->size(0) == B && w->size(1) > 0 && w->size(2) == Hkv && w->size(3) == D &&
+                          w->sizes() == a.k_window->sizes(),
+                      op, ": KIVI ", name, " must be [B, window, Hkv, D] = [", B, ", window, ", Hkv, ", ", D,
+                      "] like k_window, got ", w->sizes());
+    TORCH_CHECK_TYPE(w->scalar_type() == q.scalar_type(), op, ": KIVI ", name, " must have q's dtype ", q.scalar_type(),
+                     ", got ", w->scalar_type());
+    check_same_device(op, name, *w, q);
+    *keep = w->contiguous();
+  }
+  l.kivi_split = checked_index_tensor("kivi_split", *a.kivi_split, 2, q);
+  TORCH_CHECK_VALUE(l.kivi_split->size(0) == B && l.kivi_split->size(1) == 2, op, ": kivi_split must be [", B,
+                    ", 2], got ", l.kivi_split->sizes());
+  p.kv_quantized = true;
+  p.kivi_bits = static_cast<int>(bytes * 8 / D);
+  p.kivi_group = G;
+  p.kivi_window_len = l.k_window->size(1);
+  p.kivi_k_scale = static_cast<const uint16_t*>(l.k_scale->data_ptr());
+  p.kivi_k_zero = static_cast<const uint16_t*>(l.k_zero->data_ptr());
+  p.kivi_v_scale = static_cast<const uint16_t*>(l.v_scale->data_ptr());
+  p.kivi_v_zero = static_cast<const uint16_t*>(l.v_zero->data_ptr());
+  p.kivi_k_window = l.k_window->data_ptr();
+  p.kivi_v_window = l.v_window->data_ptr();
+  p.kivi_split = l.kivi_split->data_ptr<int32_t>();
+}
+
 // Checks and kernel arguments of everything but `out` (bind_out).
 inline AttentionLaunch prepare_attention_inputs(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
                                                 double scale, const AttentionArgs& a) {
@@ -86,6 +154,9 @@ inline AttentionLaunch prepare_attention_inputs(const at::Tensor& q, const at::T
   TORCH_CHECK_TYPE(st == at::kFloat || st == at::kHalf || st == at::kBFloat16, op,
                    ": q must be float32, float16 or bfloat16, got ", st);
   const bool quantized = a.k_scale.has_value() || a.v_scale.has_value();
+  const bool kivi = a.kivi_group > 0;
+  TORCH_CHECK_VALUE(kivi || !(a.k_zero || a.v_zero || a.k_window || a.v_window || a.kivi_split), op,
+                    ": k_zero, v_zero, k_window, v_window and kivi_split describe a KIVI cache: give kivi_group > 0");
   if (quantized) {
     TORCH_CHECK_VALUE(a.k_scale && a.v_scale, op, ": give both k_scale and v_scale for a quantized cache");
     TORCH_CHECK_TYPE(v.scalar_type() == k.scalar_type(), op, ": k and v must have the same dtype, got ",
@@ -103,8 +174,9 @@ inline AttentionLaunch prepare_attention_inputs(const at::Tensor& q, const at::T
   l.k = unit_last_stride(k);
   l.v = unit_last_stride(v);
   const int64_t B = q.size(0), Hq = q.size(1), Lq = q.size(2), D = q.size(3), Hkv = k.size(1);
-  TORCH_CHECK_VALUE(k.size(3) == D && v.size(3) == D, op, ": q, k and v must have the same head dim, got ", D, ", ",
-                    k.size(3), ", ", v.size(3));
+  if (!kivi)
+    TORCH_CHECK_VALUE(k.size(3) == D && v.size(3) == D, op, ": q, k and v must have the same head dim, got ", D, ", ",
+                      k.size(3), ", ", v.size(3));
   TORCH_CHECK_VALUE(v.sizes() == k.sizes(), op, ": k and v must have the same shape, got ", k.sizes(), " and ",
                     v.sizes());
   TORCH_CHECK_VALUE(Hkv > 0 && Hq % Hkv == 0, op, ": the number of query heads (", Hq,
@@ -142,7 +214,9 @@ inline AttentionLaunch prepare_attention_inputs(const at::Tensor& q, const at::T
     }
   }
 
-  if (quantized) {  // one scale per K / V row of k's layout, broadcast (zero strides) where shared
+  if (kivi) {
+    prepare_kivi(l, q, k, v, a);
+  } else if (quantized) {  // one scale per K / V row of k's layout, broadcast (zero strides) where shared
     p.kv_quantized = true;
     p.kv_format = kv_format_of(op, k);
     const auto rows = k.sizes().slice(0, 3);
@@ -310,10 +384,14 @@ at::Tensor attention_op(const at::Tensor& q, const at::Tensor& k, const at::Tens
                         const std::optional<at::Tensor>& q_block_ids, const std::optional<at::Tensor>& k_block_ids,
                         const std::optional<at::Tensor>& mask_bits, int64_t mask_bits_cols,
                         const std::optional<at::Tensor>& bias, const std::optional<at::Tensor>& k_scale,
-                        const std::optional<at::Tensor>& v_scale) {
+                        const std::optional<at::Tensor>& v_scale, const std::optional<at::Tensor>& k_zero,
+                        const std::optional<at::Tensor>& v_zero, const std::optional<at::Tensor>& k_window,
+                        const std::optional<at::Tensor>& v_window, const std::optional<at::Tensor>& kivi_split,
+                        int64_t kivi_group) {
   const AttentionArgs args{kv_lens,        block_table,    causal,      bottom_right, window_left,
                            window_sinks,   block_relation, q_block_ids, k_block_ids,  mask_bits,
-                           mask_bits_cols, bias,           k_scale,     v_scale};
+                           mask_bits_cols, bias,           k_scale,     v_scale,      k_zero,
+                           v_zero,         k_window,       v_window,    kivi_split,   kivi_group};
   AttentionLaunch l = prepare_attention(q, k, v, out, scale, args);
   Run(l, "fastar.attention");
   return finish_attention(l);

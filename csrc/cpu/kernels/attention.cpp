@@ -423,14 +423,35 @@ class AttentionCpu {
     }
   }
 
-  // Key s's K (or V) row of the item's head in float: converted from 16 bits, or dequantized (codes * scale).
+  // Key s's K (or V) row of the item's head in float: converted from 16 bits, or dequantized (codes * scale; KIVI:
+  // codes * scale + zero, or the window's row).
   void row_to_float(const Item& it, bool value, int64_t s, float* dst) const {
     const int64_t sb = value ? p_.v_sb : p_.k_sb, sh = value ? p_.v_sh : p_.k_sh, sl = value ? p_.v_sl : p_.k_sl;
     const int64_t at = kv_row_offset(p_, sb, sh, sl, it.b, it.hkv, s);
     if (!p_.kv_quantized) return to_float_row(static_cast<const T*>(value ? p_.v : p_.k) + at, dst, p_.D);
+    if (p_.kivi_bits) return kivi_row_to_float(it, value, s, at, dst);
     const float scale = value ? p_.v_scale[kv_row_offset(p_, p_.vs_sb, p_.vs_sh, p_.vs_sl, it.b, it.hkv, s)]
                               : p_.k_scale[kv_row_offset(p_, p_.ks_sb, p_.ks_sh, p_.ks_sl, it.b, it.hkv, s)];
     dequantize_row(static_cast<const uint8_t*>(value ? p_.v : p_.k) + at, scale, p_.kv_format, dst, p_.D);
+  }
+
+  // row_to_float for a KIVI cache; at: the row's offset in the codes (core/attention.h).
+  void kivi_row_to_float(const Item& it, bool value, int64_t s, int64_t at, float* dst) const {
+    const int64_t D = p_.D, G = p_.kivi_group;
+    if (s >= p_.kivi_split[2 * it.b + value]) {  // still in the full-precision window
+      const T* window = static_cast<const T*>(value ? p_.kivi_v_window : p_.kivi_k_window);
+      return to_float_row(window + ((it.b * p_.kivi_window_len + s % p_.kivi_window_len) * p_.Hkv + it.hkv) * D, dst,
+                          D);
+    }
+    const int64_t bytes = D * p_.kivi_bits / 8, slot_head = at / bytes;  // slot * Hkv + head
+    const uint8_t* codes = static_cast<const uint8_t*>(value ? p_.v : p_.k) + at;
+    if (value) {  // per token, over groups of G channels
+      const int64_t meta = slot_head * (D / G);
+      kivi_dequantize_row(codes, p_.kivi_v_scale + meta, p_.kivi_v_zero + meta, G, p_.kivi_bits, dst, D);
+    } else {  // per channel, over the group of G tokens holding slot
+      const int64_t meta = (slot_head / p_.Hkv / G * p_.Hkv + it.hkv) * D;
+      kivi_dequantize_row(codes, p_.kivi_k_scale + meta, p_.kivi_k_zero + meta, 1, p_.kivi_bits, dst, D);
+    }
   }
 
   // GEMM path of the many-row tiles. The logits are computed transposed, s^T[nk, rp] = K q^T, so K is

@@ -5,6 +5,7 @@
 #include <cstdint>
 #include <cstring>
 
+#include "core/kivi_quant.h"
 #include "core/kv_quant.h"
 #include "cpu/vec.h"
 
@@ -113,6 +114,17 @@ inline void dequantize_row(const uint8_t* codes, float scale, KvFormat format, f
     case KvFormat::kFp8E5M2:
       for (int64_t d = 0; d < D; ++d) dst[d] = fp8_to_float<KvFormat::kFp8E5M2>(codes[d]) * scale;
       return;
+  }
+}
+
+// One row of KIVI codes (bits per code, packed little-endian) dequantized to float: code * scale + zero, with
+// channel d's float16 scale and zero at [d / per], per = 1 for keys (one per channel) or G for values.
+inline void kivi_dequantize_row(const uint8_t* codes, const uint16_t* scale, const uint16_t* zero, int64_t per,
+                                int bits, float* dst, int64_t D) {
+  const uint32_t mask = (1u << bits) - 1;
+  for (int64_t d = 0; d < D; ++d) {
+    const uint32_t code = codes[d * bits / 8] >> (d * bits % 8) & mask;
+    dst[d] = static_cast<float>(code) * half_to_float(scale[d / per]) + half_to_float(zero[d / per]);
   }
 }
 
