@@ -255,3 +255,22 @@ def test_quantized_cache_crops_and_refuses_other_attention():
     cache.crop(-5)  # assisted generation rolls back rejected candidates
     assert cache.get_seq_length() == PROMPT - 5
     assert cache.layers[1].cache.lengths.tolist() == [PROMPT - 5] * 3
+
+
+@torch.no_grad()
+def test_kivi_cache_generates_through_the_quantized_attention(no_dequantize, fastar_calls):
+    """KIVI int4 with a small group and window, so that most of the cache is quantized: generation runs every
+    step's attention through fastar on the packed codes, and the layers hold the tokens kivi_split says."""
+    from fastar.integrations.huggingface import FastarQuantizedCache
+    from fastar.reference import kivi_split
+
+    torch.manual_seed(0)
+    model = transformers.AutoModelForCausalLM.from_config(CONFIGS["llama"](), attn_implementation="fastar").eval()
+    input_ids = inputs()[0][:1]
+    cache = FastarQuantizedCache(model.config, format="int4", max_cache_len=32, group_size=4, residual=4)
+    out = model.generate(input_ids, past_key_values=cache, max_new_tokens=NEW_TOKENS, min_new_tokens=NEW_TOKENS,
+                         do_sample=False, pad_token_id=0)
+    assert out.shape == (1, PROMPT + NEW_TOKENS)
+    assert len(fastar_calls) == 2 * NEW_TOKENS
+    n = PROMPT + NEW_TOKENS - 1
+    assert cache.layers[0].cache._store.split == [list(kivi_split(n, 4, 4))]
