@@ -1,7 +1,7 @@
 # The README's two commands: `make bench` (the benchmark table) and `make test` (the test suite); `make lint`
 # runs the static checks.
-# Each creates .venv if missing, installs the pinned requirements, builds fastar (plus the test-only SIMT
-# emulation build of the CUDA kernels when the CUDA headers exist), then runs.
+# Each creates .venv if missing, installs the pinned requirements (bench: also requirements-bench.txt), builds
+# fastar (plus the test-only SIMT emulation build of the CUDA kernels when the CUDA headers exist), then runs.
 PYTHON ?= python3
 VENV := .venv
 PY := $(VENV)/bin/python
@@ -21,6 +21,11 @@ $(VENV)/.installed: requirements.txt
 	$(PY) -m pip install --disable-pip-version-check -q -r requirements.txt
 	touch $@
 
+# make bench's extras; DISABLE_CUDA=1: hqq's setup would otherwise try to compile its optional CUDA kernels.
+$(VENV)/.installed-bench: $(VENV)/.installed requirements-bench.txt
+	DISABLE_CUDA=1 $(PY) -m pip install --disable-pip-version-check -q -r requirements-bench.txt -c requirements.txt
+	touch $@
+
 build: $(VENV)/.installed
 	$(PY) -m pip install --disable-pip-version-check --no-build-isolation --no-deps -e .
 
@@ -33,7 +38,7 @@ test: build
 	  FASTAR_CPU_ISA=$$isa $(PY) -m pytest tests -q -k "cpu and not cpu_isa" || exit 1; \
 	done
 
-bench: build
+bench: build $(VENV)/.installed-bench
 	$(PY) -m bench
 
 # Static checks: ruff's rules of pyproject.toml over the Python sources, .clang-format over the C++ and CUDA.
