@@ -75,7 +75,7 @@ struct AttentionParams {
   AttentionMask mask;
   // Quantized K/V (docs/quantized_kvcache.md): k and v hold one-byte codes of kv_format, and key s of head h of
   // sequence b is codes * k_scale[kv_row_offset(p, ks_sb, ks_sh, ks_sl, b, h, s)] (v likewise; a zero stride
-  // shares a scale). CPU kernels only so far.
+  // shares a scale).
   bool kv_quantized;
   KvFormat kv_format;
   const float* k_scale;

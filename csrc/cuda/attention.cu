@@ -58,17 +58,20 @@ int multiprocessors() {
 constexpr int64_t kTensorCoreRows = 16;
 
 // Whether the tensor-core kernel takes these arguments: its cp.async copies 16-byte chunks, so every q, k
-// and v row must start 16-byte aligned (fp32 stays on the CUDA-core kernel, exact to fp32 rounding).
+// and v row must start 16-byte aligned (fp32 stays on the CUDA-core kernel, exact to fp32 rounding). Codes
+// are one byte, so their strides must be multiples of 16 elements.
 bool use_tensor_cores(const AttentionParams& p, FloatKind kind) {
   if (kind == FloatKind::kFloat32 || !cuda::tc_head_dim(p.D) || p.Hq / p.Hkv * p.Lq < kTensorCoreRows) return false;
   auto aligned = [](const void* ptr) { return reinterpret_cast<uintptr_t>(ptr) % 16 == 0; };
-  int64_t strides = p.q_sb | p.q_sh | p.q_sl | p.k_sb | p.k_sh | p.k_sl | p.v_sb | p.v_sh | p.v_sl;
-  return aligned(p.q) && aligned(p.k) && aligned(p.v) && strides % 8 == 0;
+  const int64_t kv_strides = p.k_sb | p.k_sh | p.k_sl | p.v_sb | p.v_sh | p.v_sl;
+  return aligned(p.q) && aligned(p.k) && aligned(p.v) && (p.q_sb | p.q_sh | p.q_sl) % 8 == 0 &&
+         kv_strides % (p.kv_quantized ? 16 : 8) == 0;
 }
 
 // Whether the 16-byte-load decode kernel takes a decode-shaped call (attention_decode.cuh).
 bool use_decode_kernel(const AttentionParams& p, FloatKind kind) {
   if (!cuda::tc_head_dim(p.D)) return false;
+  if (p.kv_quantized) return cuda::decode_rows_aligned<uint8_t>(p);  // q in shared memory: any dtype, any D
   switch (kind) {
     case FloatKind::kFloat32:  // fp32 at D = 256: 128 accumulators per thread would spill
       return p.D <= 128 && cuda::decode_rows_aligned<float>(p);
@@ -92,6 +95,8 @@ Shape shape_of(const AttentionParams& p, FloatKind kind) {
   s.tc = use_tensor_cores(p, kind);
   s.decode = !s.tc && G * p.Lq <= kDecodeRows;
   s.vec_decode = s.decode && use_decode_kernel(p, kind);
+  // Quantized K/V that the decode kernel cannot take: the CUDA-core decode shape reads V as T, the tiled one stages it.
+  if (p.kv_quantized && !s.vec_decode) s.decode = false;
   if (s.vec_decode) {
     s.rows = cuda::kDecodeRowsMax;
   } else if (s.tc) {
@@ -144,9 +149,10 @@ void launch_attention(const AttentionParams& prm, FloatKind kind, const Attentio
   const cudaStream_t st = static_cast<cudaStream_t>(stream);
   const dim3 grid(static_cast<unsigned>(s.items), static_cast<unsigned>(w.splits));
   if (s.tc) {
-    cuda::launch_attention_tc(prm, kind, w, grid, st);
+    (prm.kv_quantized ? cuda::launch_attention_tc_quantized : cuda::launch_attention_tc)(prm, kind, w, grid, st);
   } else if (s.vec_decode) {
-    cuda::launch_attention_decode(prm, kind, w, grid, st);
+    (prm.kv_quantized ? cuda::launch_attention_decode_quantized : cuda::launch_attention_decode)(prm, kind, w, grid,
+                                                                                                  st);
   }
   cuda::dispatch_device_float(kind, [&](auto tag) {
     using T = decltype(tag);

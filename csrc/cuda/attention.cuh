@@ -19,6 +19,9 @@
 // partial output and (max, sum) to a float32 workspace and attention_merge_kernel combines them by LSE.
 // Every row's softmax is a core/softmax.h state (its NaN rule included); P.V skips the keys a partial tile's
 // mask hides from a row, so a NaN in their V rows stays out of it.
+// Quantized K/V (int8 / fp8 codes, a fallback for what the decode and tensor-core kernels do not take): the tiled
+// shape stages its tiles as float anyway, so it dequantizes there, code * scale, with one switch over the format
+// per staged row. The decode shape reads V rows from global memory as T, so the planner never gives it codes.
 #pragma once
 #include <cmath>
 #include <stdexcept>
@@ -28,6 +31,7 @@
 #include "core/attention.h"
 #include "core/softmax.h"
 #include "cuda/common.cuh"
+#include "cuda/kv_codes.cuh"
 
 namespace fastar::cuda {
 
@@ -129,6 +133,29 @@ __device__ __forceinline__ bool kv_rows(const AttentionParams& p, int64_t b, int
   if (page < 0 || page >= p.num_pages) return false;
   *rows = KvRows{page * p.k_sb + h * p.k_sh + pp.row * p.k_sl, page * p.v_sb + h * p.v_sh + pp.row * p.v_sl};
   return true;
+}
+
+// Offsets of key s's K and V scales (quantized caches; a key whose page kv_rows accepted).
+__device__ __forceinline__ KvRows kv_scale_rows(const AttentionParams& p, int64_t b, int64_t h, int64_t s) {
+  return KvRows{kv_row_offset(p, p.ks_sb, p.ks_sh, p.ks_sl, b, h, s), kv_row_offset(p, p.vs_sb, p.vs_sh, p.vs_sl, b, h, s)};
+}
+
+template <KvFormat F>
+__device__ __forceinline__ void dequantize_row(const uint8_t* row, float scale, float* dst, int D, int lane) {
+  for (int d = lane; d < D; d += 32) dst[d] = code_to_float<F>(row[d]) * scale;
+}
+
+// A row of D codes of format f times scale, as float into dst (lanes over D); the format is chosen once per row.
+__device__ __forceinline__ void dequantize_row(KvFormat f, const uint8_t* row, float scale, float* dst, int D,
+                                               int lane) {
+  switch (f) {
+    case KvFormat::kInt8:
+      return dequantize_row<KvFormat::kInt8>(row, scale, dst, D, lane);
+    case KvFormat::kFp8E4M3:
+      return dequantize_row<KvFormat::kFp8E4M3>(row, scale, dst, D, lane);
+    case KvFormat::kFp8E5M2:
+      return dequantize_row<KvFormat::kFp8E5M2>(row, scale, dst, D, lane);
+  }
 }
 
 // s[r] = q[r] . k for the first N rows (q rows of stride D in shared memory, all lanes the same address).
@@ -408,19 +435,32 @@ __global__ void __launch_bounds__(kAttnThreads) attention_kernel(AttentionParams
         const bool ok = c < nk && kv_rows(p, b, hkv, j, &kv);
         const int64_t voff = ok ? kv.v : -1;
         if (lane == 0) s_voff[c] = voff;
+        KvRows sc{};  // quantized: the key's scale offsets
+        if (ok && p.kv_quantized) sc = kv_scale_rows(p, b, hkv, j);
         if (ok) {
-          const T* krow = kbase + kv.k;
           float* kd = s_k + c * lay.ks;
-          if (p.qk_norm) {
+          if (p.kv_quantized) {  // the dequantized row, then (qk_norm) its norm from the same lane's elements
+            dequantize_row(p.kv_format, static_cast<const uint8_t*>(p.k) + kv.k, p.k_scale[sc.k], kd, D, lane);
+            if (p.qk_norm) {
+              const float f = inv_norm(kd, D, lane);
+              for (int d = lane; d < D; d += 32) kd[d] *= f;
+            }
+          } else if (p.qk_norm) {
+            const T* krow = kbase + kv.k;
             const float f = inv_norm(krow, D, lane);
             for (int d = lane; d < D; d += 32) kd[d] = to_float(krow[d]) * f;
           } else {
+            const T* krow = kbase + kv.k;
             for (int d = lane; d < D; d += 32) kd[d] = to_float(krow[d]);
           }
         }
         if constexpr (kStageV) {
           float* vd = s_v + c * D;
-          for (int d = lane; d < D; d += 32) vd[d] = ok ? to_float(vbase[voff + d]) : 0.0f;  // p = 0 there, no NaN
+          if (ok && p.kv_quantized) {
+            dequantize_row(p.kv_format, static_cast<const uint8_t*>(p.v) + voff, p.v_scale[sc.v], vd, D, lane);
+          } else {
+            for (int d = lane; d < D; d += 32) vd[d] = ok ? to_float(vbase[voff + d]) : 0.0f;  // p = 0 there, no NaN
+          }
         }
       }
       __syncthreads();

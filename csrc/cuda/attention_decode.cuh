@@ -11,11 +11,19 @@
 // (3.35 TB/s, ~600 ns) needs ~2 MB in flight, ~15 KB per SM: the launcher gives every SM two or more blocks
 // (kv splits when the batch is small), and registers (q and o rows, ~200) allow 2 blocks per SM.
 // A hidden key's V row is skipped (not multiplied by 0), so a NaN in it stays out of the row.
+// Quantized K/V (KV = KvCode<F>, one instance per format): a 16-byte load carries 16 codes, so D / 16 lanes share
+// a row and a warp covers twice the keys of bf16. Each step converts its codes to float once, in registers
+// (cuda/kv_codes.cuh). The scales are folded, one float load per key with its rows: K's multiplies the logit
+// (the dot product runs on the codes), V's multiplies p before P.V while the row sum l takes p unscaled. With 16
+// output columns per lane, the q rows move to shared memory (float, lanes interleaved: conflict-free 16-byte
+// reads) to leave the registers to the accumulators.
 #pragma once
 #include <cstdint>
 #include <cstring>
+#include <type_traits>
 
 #include "cuda/attention.cuh"
+#include "cuda/kv_codes.cuh"
 
 namespace fastar::cuda {
 
@@ -25,33 +33,42 @@ constexpr int kDecodeUnroll = 2;
 
 FASTAR_HD constexpr int pow2_at_least(int n) { return n <= 1 ? 1 : 2 * pow2_at_least((n + 1) / 2); }
 
-template <typename T, int kD>
+// KV: the K/V element type (T, or KvCode<F> for one-byte codes).
+template <typename KV, int kD>
 struct DecodeShape {
-  static constexpr int kVec = 16 / static_cast<int>(sizeof(T));          // elements per 16-byte load
+  static constexpr bool kCodes = kIsKvCode<KV>;
+  static constexpr int kVec = 16 / static_cast<int>(sizeof(KV));         // elements per 16-byte load
   static constexpr int kVecs = (kD + kVec - 1) / kVec;                   // 16-byte vectors per row
   static constexpr int kLanes = pow2_at_least(kVecs < 32 ? kVecs : 32);  // lanes per key row
   static constexpr int kPerLane = (kVecs + kLanes - 1) / kLanes;         // vectors per lane
   static constexpr int kElems = kPerLane * kVec;                         // elements per lane
   static constexpr int kGroups = kDecodeThreads / kLanes;                // key slots per block
   static constexpr int kKeysPerStep = kGroups * kDecodeUnroll;
-  // Shared memory: every key slot's state per row (m, l, o[kD]) for the final merge.
-  static constexpr int64_t kBytes = int64_t{kGroups} * kDecodeRowsMax * (kD + 2) * 4;
-  static_assert(kBytes <= 48 * 1024 && kKeysPerStep * 8 <= kBytes, "no opt-in above 48 KB; the step's pages fit");
+  // Shared memory: every key slot's state per row (m, l, o[kD]) for the final merge; then (codes) the q rows,
+  // element (r, x, e) of lane l at ((r * kPerLane + x) * kVec / 4 + e / 4) * 4 * kLanes + 4 * l + e % 4.
+  static constexpr int64_t kMergeBytes = int64_t{kGroups} * kDecodeRowsMax * (kD + 2) * 4;
+  static constexpr int64_t kBytes = kMergeBytes + (kCodes ? int64_t{kDecodeRowsMax} * kLanes * kElems * 4 : 0);
+  // Codes: 66 to 74 KB, past the 48 KB default (allow_dynamic_smem opts in); 2 blocks per SM fit on sm_80.
+  static_assert(kBytes <= (kCodes ? 80 : 48) * 1024 && kKeysPerStep * 8 <= kMergeBytes, "the step's pages fit");
 };
 
-// Whether the decode kernel takes these arguments: its 16-byte loads need every K and V row 16-byte aligned.
-template <typename T>
+// Whether the decode kernel takes these arguments: its 16-byte loads need every K and V row 16-byte aligned. E:
+// the K/V element (uint8_t for codes).
+template <typename E>
 FASTAR_HD bool decode_rows_aligned(const AttentionParams& p) {
-  constexpr int64_t kVec = 16 / sizeof(T);
+  constexpr int64_t kVec = 16 / sizeof(E);
   const bool ptrs = reinterpret_cast<uintptr_t>(p.k) % 16 == 0 && reinterpret_cast<uintptr_t>(p.v) % 16 == 0;
   return ptrs && p.D % kVec == 0 && (p.k_sb | p.k_sh | p.k_sl | p.v_sb | p.v_sh | p.v_sl) % kVec == 0;
 }
 
-template <typename T, int kD>
+template <typename T, int kD, typename KV = T>
 __global__ void __launch_bounds__(kDecodeThreads) attention_decode_kernel(AttentionParams p, AttentionWork w) {
-  using S = DecodeShape<T, kD>;
+  using S = DecodeShape<KV, kD>;
+  constexpr bool kCodes = S::kCodes;
+  using E = std::conditional_t<kCodes, uint8_t, T>;  // what a K/V row holds
   constexpr int kVec = S::kVec, kLanes = S::kLanes, kPerLane = S::kPerLane, kElems = S::kElems;
   FASTAR_DYNAMIC_SMEM(float, s_state);
+  float* s_q = s_state + S::kMergeBytes / 4;  // codes: the q rows
 
   const int tid = threadIdx.x, lane = tid & 31;
   const int group = tid / kLanes, lk_lane = tid % kLanes;  // key slot, and this lane's place in the row
@@ -68,9 +85,13 @@ __global__ void __launch_bounds__(kDecodeThreads) attention_decode_kernel(Attent
     return x;
   };
 
-  // q rows in registers as given (16-byte vectors of T, half the registers of floats; rows past R are 0), and
-  // each row's factor for its logits: scale * log2(e) (qk_norm: times q_scale[h] / |q|).
-  uint4 qv[kDecodeRowsMax][kPerLane];
+  auto q_index = [&](int r, int x, int e) {
+    return ((r * kPerLane + x) * (kVec / 4) + e / 4) * 4 * kLanes + 4 * lk_lane + e % 4;
+  };
+  // q rows as given (rows past R are 0): in registers as 16-byte vectors of T (half the registers of floats), or
+  // (codes) as float in shared memory, written by key slot 0. Each row's factor for its logits: scale * log2(e)
+  // (qk_norm: times q_scale[h] / |q|).
+  uint4 qv[kCodes ? 1 : kDecodeRowsMax][kPerLane];
   float rowf[kDecodeRowsMax];
 #pragma unroll
   for (int r = 0; r < kDecodeRowsMax; ++r) {
@@ -87,7 +108,14 @@ __global__ void __launch_bounds__(kDecodeThreads) attention_decode_kernel(Attent
         x[e] = live && d < kD ? src[d] : from_float<T>(0.0f);
         ss += to_float(x[e]) * to_float(x[e]);
       }
-      memcpy(&qv[r][v], static_cast<const void*>(x), 16);
+      if constexpr (kCodes) {
+        if (group == 0) {
+#pragma unroll
+          for (int e = 0; e < kVec; ++e) s_q[q_index(r, v, e)] = to_float(x[e]);
+        }
+      } else {
+        memcpy(&qv[r][v], static_cast<const void*>(x), 16);
+      }
     }
     rowf[r] = p.scale * kLog2e;
     if (p.qk_norm) rowf[r] *= (p.q_scale ? p.q_scale[rd.h] : 1.0f) * qk_norm_factor(sum_row(ss));
@@ -102,8 +130,17 @@ __global__ void __launch_bounds__(kDecodeThreads) attention_decode_kernel(Attent
     for (int e = 0; e < kElems; ++e) o[r][e] = 0.0f;
   }
 
-  const T* kbase = static_cast<const T*>(p.k);
-  const T* vbase = static_cast<const T*>(p.v);
+  if constexpr (kCodes) __syncthreads();  // the q rows are in shared memory
+  auto q_at = [&](int r, int x, int e) {
+    if constexpr (kCodes) {
+      return s_q[q_index(r, x, e)];
+    } else {
+      return vector_element<T>(qv[r][x], e);
+    }
+  };
+
+  const E* kbase = static_cast<const E*>(p.k);
+  const E* vbase = static_cast<const E*>(p.v);
   const T* bias = static_cast<const T*>(p.mask.bias);
   const bool masked =
       p.mask.causal || p.mask.window || p.mask.block != BlockRelation::kNone || p.mask.bits || p.mask.scale_window >= 0;
@@ -124,23 +161,36 @@ __global__ void __launch_bounds__(kDecodeThreads) attention_decode_kernel(Attent
       __syncthreads();
     }
     // Issue every load of the step first: kDecodeUnroll keys' K and V vectors (absent keys read as 0).
+    // Codes: each key's scales (ks, vs), loaded with its rows.
     uint4 kraw[kDecodeUnroll][kPerLane], vraw[kDecodeUnroll][kPerLane];
     bool ok[kDecodeUnroll];
+    float ks[kDecodeUnroll], vs[kDecodeUnroll];
 #pragma unroll
     for (int u = 0; u < kDecodeUnroll; ++u) {
       const int64_t j = j0 + u * S::kGroups + group;
       ok[u] = j < k_end;
-      const T* krow = kbase;
-      const T* vrow = vbase;
+      const E* krow = kbase;
+      const E* vrow = vbase;
+      ks[u] = vs[u] = 0.0f;
       if (ok[u] && p.block_table) {
         const PagePos pp = page_pos(p, j);
         const int64_t page = s_pages[pp.column - first_page];
         ok[u] = page >= 0;
         krow += page * p.k_sb + it.hkv * p.k_sh + pp.row * p.k_sl;
         vrow += page * p.v_sb + it.hkv * p.v_sh + pp.row * p.v_sl;
+        if constexpr (kCodes) {
+          if (ok[u]) {
+            ks[u] = p.k_scale[page * p.ks_sb + it.hkv * p.ks_sh + pp.row * p.ks_sl];
+            vs[u] = p.v_scale[page * p.vs_sb + it.hkv * p.vs_sh + pp.row * p.vs_sl];
+          }
+        }
       } else if (ok[u]) {
         krow += kv_row_offset(p, p.k_sb, p.k_sh, p.k_sl, it.b, it.hkv, j);
         vrow += kv_row_offset(p, p.v_sb, p.v_sh, p.v_sl, it.b, it.hkv, j);
+        if constexpr (kCodes) {
+          ks[u] = p.k_scale[kv_row_offset(p, p.ks_sb, p.ks_sh, p.ks_sl, it.b, it.hkv, j)];
+          vs[u] = p.v_scale[kv_row_offset(p, p.vs_sb, p.vs_sh, p.vs_sl, it.b, it.hkv, j)];
+        }
       }
 #pragma unroll
       for (int x = 0; x < kPerLane; ++x) {
@@ -150,7 +200,23 @@ __global__ void __launch_bounds__(kDecodeThreads) attention_decode_kernel(Attent
         vraw[u][x] = in ? *reinterpret_cast<const uint4*>(vrow + d0) : make_uint4(0, 0, 0, 0);
       }
     }
-    float kf[kDecodeUnroll];  // qk_norm: 1 / |k row|
+    // The step's K elements as float: the raw vectors' (T), or the codes converted once (codes).
+    float kc[kCodes ? kDecodeUnroll : 1][kElems];
+    if constexpr (kCodes) {
+#pragma unroll
+      for (int u = 0; u < kDecodeUnroll; ++u) {
+#pragma unroll
+        for (int x = 0; x < kPerLane; ++x) codes_to_float<KV::kFormat>(kraw[u][x], &kc[u][x * kVec]);
+      }
+    }
+    auto k_at = [&](int u, int x, int e) {
+      if constexpr (kCodes) {
+        return kc[u][x * kVec + e];
+      } else {
+        return vector_element<T>(kraw[u][x], e);
+      }
+    };
+    float kf[kDecodeUnroll];  // the logit's factor for the key: qk_norm's 1 / |k row|, times K's scale (codes)
 #pragma unroll
     for (int u = 0; u < kDecodeUnroll; ++u) {
       kf[u] = 1.0f;
@@ -159,13 +225,11 @@ __global__ void __launch_bounds__(kDecodeThreads) attention_decode_kernel(Attent
 #pragma unroll
         for (int x = 0; x < kPerLane; ++x) {
 #pragma unroll
-          for (int e = 0; e < kVec; ++e) {
-            const float kx = vector_element<T>(kraw[u][x], e);
-            ss += kx * kx;
-          }
+          for (int e = 0; e < kVec; ++e) ss += k_at(u, x, e) * k_at(u, x, e);
         }
-        kf[u] = qk_norm_factor(sum_row(ss));
+        kf[u] = qk_norm_factor(kCodes ? sum_row(ss) * ks[u] * ks[u] : sum_row(ss));
       }
+      if constexpr (kCodes) kf[u] *= ks[u];
     }
     // Bit r of hid[u]: key u hidden from row r (absent, or masked). A rolled loop: one copy of the mask code.
     uint32_t hid[kDecodeUnroll];
@@ -181,6 +245,21 @@ __global__ void __launch_bounds__(kDecodeThreads) attention_decode_kernel(Attent
         }
       }
     }
+    float vc[kCodes ? kDecodeUnroll : 1][kElems];  // the step's V codes as float (codes)
+    if constexpr (kCodes) {
+#pragma unroll
+      for (int u = 0; u < kDecodeUnroll; ++u) {
+#pragma unroll
+        for (int x = 0; x < kPerLane; ++x) codes_to_float<KV::kFormat>(vraw[u][x], &vc[u][x * kVec]);
+      }
+    }
+    auto v_at = [&](int u, int x, int e) {
+      if constexpr (kCodes) {
+        return vc[u][x * kVec + e];
+      } else {
+        return vector_element<T>(vraw[u][x], e);
+      }
+    };
 #pragma unroll
     for (int r = 0; r < kDecodeRowsMax; ++r) {
       if (r >= R) break;  // block-uniform
@@ -193,8 +272,7 @@ __global__ void __launch_bounds__(kDecodeThreads) attention_decode_kernel(Attent
 #pragma unroll
         for (int x = 0; x < kPerLane; ++x) {
 #pragma unroll
-          for (int e = 0; e < kVec; ++e)
-            dot = fmaf(vector_element<T>(qv[r][x], e), vector_element<T>(kraw[u][x], e), dot);
+          for (int e = 0; e < kVec; ++e) dot = fmaf(q_at(r, x, e), k_at(u, x, e), dot);
         }
         s[u] = sum_row(dot) * rowf[r] * kf[u];
         const int64_t j = j0 + u * S::kGroups + group;
@@ -215,12 +293,13 @@ __global__ void __launch_bounds__(kDecodeThreads) attention_decode_kernel(Attent
         if (hidden[u]) continue;  // its V row (even NaN) stays out of the row
         const float pr = st[r].prob(s[u]);
         st[r].add(pr);
+        const float pv = kCodes ? pr * vs[u] : pr;  // V's scale folded into p
 #pragma unroll
         for (int x = 0; x < kPerLane; ++x) {
 #pragma unroll
           for (int e = 0; e < kVec; ++e) {
             float& acc = o[r][x * kVec + e];
-            acc = fmaf(pr, vector_element<T>(vraw[u][x], e), acc);
+            acc = fmaf(pv, v_at(u, x, e), acc);
           }
         }
       }
@@ -258,9 +337,30 @@ __global__ void __launch_bounds__(kDecodeThreads) attention_decode_kernel(Attent
   }
 }
 
-// Launches attention_decode_kernel<T, D> for the planned work (attention_decode.cu). D: a tc_head_dim, at
-// most 128 for fp32.
+// Launches attention_decode_kernel<T, D, KV> for the planned work. D: a tc_head_dim, at most 128 for fp32 over a
+// cache of T; KV: T (attention_decode.cu) or KvCode<F> (attention_decode_quantized.cu, any T and D).
+template <typename KV>
+void launch_decode_instance(const AttentionParams& p, FloatKind kind, const AttentionWork& w, dim3 grid,
+                            cudaStream_t stream) {
+  dispatch_device_float(kind, [&](auto tag) {
+    using T = decltype(tag);
+    using K = std::conditional_t<kIsKvCode<KV>, KV, T>;
+    with_head_dim(p.D, [&](auto d) {
+      constexpr int kD = decltype(d)::value;
+      if constexpr (kIsKvCode<K> || !std::is_same_v<T, float> || kD <= 128) {  // the planner keeps fp32 D = 256 off
+        auto* kernel = &attention_decode_kernel<T, kD, K>;
+        constexpr int64_t kSmem = DecodeShape<K, kD>::kBytes;
+        allow_dynamic_smem(kernel, kSmem);
+        launch_kernel("attention_vec_decode", kernel, grid, dim3(kDecodeThreads), static_cast<size_t>(kSmem), stream, p,
+                      w);
+      }
+    });
+  });
+}
+
 void launch_attention_decode(const AttentionParams& p, FloatKind kind, const AttentionWork& w, dim3 grid,
                              cudaStream_t stream);
+void launch_attention_decode_quantized(const AttentionParams& p, FloatKind kind, const AttentionWork& w, dim3 grid,
+                                       cudaStream_t stream);
 
 }  // namespace fastar::cuda

@@ -14,6 +14,12 @@
 // NaN rule (docs/attention.md): a NaN or inf in a V row must reach only the rows that see that key. In a
 // partial tile such values are zeroed in shared memory before P V and added back, for the rows that see the
 // key, from global memory (a path that runs only when V holds a non-finite value).
+// Quantized K/V (KV = KvCode<F>, one instance per format): the two stages hold one-byte code tiles (cp.async, half
+// the bytes of bf16) and their K and V scales; when a tile's turn comes, one pass converts its codes to T into a
+// single T stage (exact for int8 and both fp8 formats), while the next tile's copy is in flight. ldmatrix and
+// mma then run as for a T cache. The scales are folded: K's multiplies S (the dot product runs on the codes);
+// V's multiplies P before P V, while the row sum l takes P unscaled. P (times V's scale) is rounded to T for
+// the mma as P alone is: the same relative rounding, so the tolerance does not change.
 //
 // Roofline (H100 SXM, bf16, dense 989 TFLOP/s, 3.35 TB/s): 4 D FLOPs per visible (query, key) pair; K/V of a
 // 64-key tile (D = 128: 32 KB) feed 64 x 64 x 128 x 4 = 2.1 MFLOP per block, 64 FLOP/byte from L2/HBM per
@@ -28,6 +34,7 @@
 #include <type_traits>
 
 #include "cuda/attention.cuh"
+#include "cuda/kv_codes.cuh"
 #include "cuda/tensor_core.cuh"
 
 namespace fastar::cuda {
@@ -40,7 +47,7 @@ constexpr int kTcListChunk = 128;       // key tiles classified per pass
 // Whether D has a tensor-core instance (a multiple of 16, as mma's k and ldmatrix's 8-column blocks need).
 FASTAR_HD constexpr bool tc_head_dim(int64_t D) { return D == 64 || D == 80 || D == 96 || D == 128 || D == 256; }
 
-template <int kD>
+template <int kD, bool kCodes = false>
 struct TcTile {
   static constexpr int kBk = kD <= 128 ? 64 : 32;  // keys per tile (D = 256: the stages fit 99 KB)
   static constexpr int kChunks = kD / 8;           // 16-byte chunks per row
@@ -50,9 +57,13 @@ struct TcTile {
   static constexpr int kKvElems = kBk * kStride * 8;
   // Element offset of chunk c of row r.
   __device__ __forceinline__ static int at(int r, int c) { return (r * kStride + (kSwizzle ? c ^ (r & 7) : c)) * 8; }
-  // Shared memory: Q, K[2], V[2] (2-byte elements), key factors [2][kBk] (float; < 0: key absent), the tile
-  // list [kTcListChunk] (int), the bad-V key bits [2] and the list length.
-  static constexpr int64_t kBytes = int64_t{kQElems + 4 * kKvElems} * 2 + 2 * kBk * 4 + kTcListChunk * 4 + 3 * 4;
+  static constexpr int kStages = kCodes ? 1 : 2;  // T stages of K and V (codes: the code tiles have two)
+  static constexpr int kCodeBytes = kBk * kD;      // a K or V code tile, rows of kD bytes
+  // Shared memory: Q, K[kStages], V[kStages] (2-byte elements), (codes) K codes[2], V codes[2], key factors
+  // [2][kBk] (float; < 0: key absent), (codes) K and V scales [2][kBk] each, the tile list [kTcListChunk] (int), the
+  // bad-V key bits [2] and the list length.
+  static constexpr int64_t kBytes = int64_t{kQElems + 2 * kStages * kKvElems} * 2 + (kCodes ? 4 * kCodeBytes : 0) +
+                                    (kCodes ? 6 : 2) * kBk * 4 + kTcListChunk * 4 + 3 * 4;
   static_assert(kBytes <= 99 * 1024, "an sm_86 / sm_89 block has 99 KB of shared memory");
 };
 
@@ -81,16 +92,24 @@ __device__ __forceinline__ void mma16816(float d[4], const uint32_t a[4], const 
   }
 }
 
-template <typename T, int kD>
+// KV: T, or KvCode<F> for a quantized cache.
+template <typename T, int kD, typename KV = T>
 __global__ void __launch_bounds__(kTcThreads, 2) attention_tc_kernel(AttentionParams p, AttentionWork w) {
-  using Tile = TcTile<kD>;
+  constexpr bool kCodes = kIsKvCode<KV>;
+  using E = std::conditional_t<kCodes, uint8_t, T>;  // what a K/V row holds
+  using Tile = TcTile<kD, kCodes>;
   constexpr int kBk = Tile::kBk, kNB = kBk / 8, kDB = kD / 8;  // 8-wide n-blocks of S and of O
+  constexpr int kCodeChunks = kD / 16;                         // 16-byte chunks of a row of codes
   FASTAR_DYNAMIC_SMEM(unsigned char, smem);
   T* s_q = reinterpret_cast<T*>(smem);
-  T* s_k = s_q + Tile::kQElems;                                      // [2][kKvElems]
-  T* s_v = s_k + 2 * Tile::kKvElems;                                 // [2][kKvElems]
-  float* s_kf = reinterpret_cast<float*>(s_v + 2 * Tile::kKvElems);  // [2][kBk]
-  int* s_list = reinterpret_cast<int*>(s_kf + 2 * kBk);              // tile index << 2 | TileClass
+  T* s_k = s_q + Tile::kQElems;                                                   // [kStages][kKvElems]
+  T* s_v = s_k + Tile::kStages * Tile::kKvElems;                                  // [kStages][kKvElems]
+  uint8_t* s_kc = reinterpret_cast<uint8_t*>(s_v + Tile::kStages * Tile::kKvElems);  // codes: [2][kCodeBytes]
+  uint8_t* s_vc = s_kc + (kCodes ? 2 * Tile::kCodeBytes : 0);                     // codes: [2][kCodeBytes]
+  float* s_kf = reinterpret_cast<float*>(s_vc + (kCodes ? 2 * Tile::kCodeBytes : 0));  // [2][kBk]
+  float* s_ks = s_kf + 2 * kBk;                                                        // codes: [2][kBk]
+  float* s_vs = s_ks + (kCodes ? 2 * kBk : 0);                                         // codes: [2][kBk]
+  int* s_list = reinterpret_cast<int*>(s_vs + (kCodes ? 2 * kBk : 0));  // tile index << 2 | TileClass
   uint32_t* s_bad = reinterpret_cast<uint32_t*>(s_list + kTcListChunk);
   int* s_count = reinterpret_cast<int*>(s_bad + 2);
 
@@ -115,14 +134,33 @@ __global__ void __launch_bounds__(kTcThreads, 2) attention_tc_kernel(AttentionPa
 
   const MaskGeometry geom = mask_geometry(p, b);
   const int64_t t_begin = it.t_begin, t_end = it.t_end;
-  const T* kbase = static_cast<const T*>(p.k);
-  const T* vbase = static_cast<const T*>(p.v);
+  const E* kbase = static_cast<const E*>(p.k);
+  const E* vbase = static_cast<const E*>(p.v);
   const T* bias = static_cast<const T*>(p.mask.bias);
 
   // Copies key tile `tile` into stage `st`; key factors 1 (present) or -1 (past the end, or a page out of
   // range: zero-filled, and hidden from every row).
   auto issue = [&](int64_t tile, int st) {
     const int64_t j0 = tile * kBk;
+    if constexpr (kCodes) {  // the code tiles and the keys' scales
+      for (int x = tid; x < kBk * kCodeChunks; x += kTcThreads) {
+        const int r = x / kCodeChunks, c = x % kCodeChunks;
+        const int64_t j = j0 + r;
+        KvRows kv{};
+        const bool ok = j < lk && kv_rows(p, b, hkv, j, &kv);
+        const int64_t at = st * Tile::kCodeBytes + r * kD + c * 16;
+        cp_async_16(s_kc + at, ok ? kbase + kv.k + c * 16 : kbase, ok ? 16 : 0);
+        cp_async_16(s_vc + at, ok ? vbase + kv.v + c * 16 : vbase, ok ? 16 : 0);
+        if (c == 0) {
+          const KvRows sc = ok ? kv_scale_rows(p, b, hkv, j) : KvRows{0, 0};
+          cp_async_4(s_ks + st * kBk + r, p.k_scale + sc.k, ok ? 4 : 0);
+          cp_async_4(s_vs + st * kBk + r, p.v_scale + sc.v, ok ? 4 : 0);
+          s_kf[st * kBk + r] = ok ? 1.0f : -1.0f;
+        }
+      }
+      cp_async_commit();
+      return;
+    }
     T* kd = s_k + st * Tile::kKvElems;
     T* vd = s_v + st * Tile::kKvElems;
     for (int x = tid; x < kBk * Tile::kChunks; x += kTcThreads) {
@@ -130,8 +168,8 @@ __global__ void __launch_bounds__(kTcThreads, 2) attention_tc_kernel(AttentionPa
       const int64_t j = j0 + r;
       KvRows kv{};
       const bool ok = j < lk && kv_rows(p, b, hkv, j, &kv);
-      const T* ks = kbase;
-      const T* vs = vbase;
+      const E* ks = kbase;
+      const E* vs = vbase;
       if (ok) {
         ks += kv.k + c * 8;
         vs += kv.v + c * 8;
@@ -179,9 +217,36 @@ __global__ void __launch_bounds__(kTcThreads, 2) attention_tc_kernel(AttentionPa
       if (partial && tid == 0) s_bad[0] = s_bad[1] = 0;
       __syncthreads();  // this tile (and Q) landed for every thread
 
-      const T* kt = s_k + stage * Tile::kKvElems;
-      T* vt = s_v + stage * Tile::kKvElems;
+      const T* kt = s_k + (kCodes ? 0 : stage) * Tile::kKvElems;
+      T* vt = s_v + (kCodes ? 0 : stage) * Tile::kKvElems;
       float* kf = s_kf + stage * kBk;
+      const float* ks = s_ks + stage * kBk;
+      const float* vs = s_vs + stage * kBk;
+      if constexpr (kCodes) {  // the codes to T (a partial tile's non-finite V values: zeroed, added back below)
+        for (int x = tid; x < 2 * kBk * kCodeChunks; x += kTcThreads) {
+          const bool value = x >= kBk * kCodeChunks;
+          const int y = value ? x - kBk * kCodeChunks : x, r = y / kCodeChunks, c = y % kCodeChunks;
+          uint4 raw;
+          memcpy(&raw, (value ? s_vc : s_kc) + stage * Tile::kCodeBytes + r * kD + c * 16, 16);
+          float f[16];
+          codes_to_float<KV::kFormat>(raw, f);
+          bool bad = false;
+          T h[16];
+#pragma unroll
+          for (int e = 0; e < 16; ++e) {
+            if (value && partial && !finite(f[e])) {
+              bad = true;
+              f[e] = 0.0f;
+            }
+            h[e] = from_float<T>(f[e]);
+          }
+          T* dst = value ? s_v : s_k;
+          memcpy(dst + Tile::at(r, 2 * c), h, 16);
+          memcpy(dst + Tile::at(r, 2 * c + 1), h + 8, 16);
+          if (bad) atomicOr(&s_bad[r >> 5], 1u << (r & 31));
+        }
+        __syncthreads();
+      }
       if (!q_ready) {  // once: the rows' factors
         q_ready = true;
 #pragma unroll
@@ -211,9 +276,9 @@ __global__ void __launch_bounds__(kTcThreads, 2) attention_tc_kernel(AttentionPa
             for (int e = 0; e < 8; ++e) ss += to_float(x[e]) * to_float(x[e]);
           }
           for (int m = 1; m < kPer; m <<= 1) ss += __shfl_xor_sync(kFullMask, ss, m);
-          if (tid % kPer == 0 && kf[r] > 0.0f) kf[r] = qk_norm_factor(ss);
+          if (tid % kPer == 0 && kf[r] > 0.0f) kf[r] = qk_norm_factor(kCodes ? ss * ks[r] * ks[r] : ss);
         }
-        if (partial) {  // non-finite V values of a partial tile: zeroed here, added back below
+        if (!kCodes && partial) {  // non-finite V values of a partial tile: zeroed here, added back below
           for (int x = tid; x < kBk * Tile::kChunks; x += kTcThreads) {
             const int r = x / Tile::kChunks;
             T* v8 = vt + Tile::at(r, x % Tile::kChunks);
@@ -257,6 +322,7 @@ __global__ void __launch_bounds__(kTcThreads, 2) attention_tc_kernel(AttentionPa
         for (int e = 0; e < 2; ++e) {
           const int c = nb * 8 + 2 * t + e;
           const float f = kf[c];
+          const float fs = kCodes ? f * ks[c] : f;  // K's scale folded into the logit
 #pragma unroll
           for (int h = 0; h < 2; ++h) {
             float& x = s[nb][2 * h + e];
@@ -265,13 +331,13 @@ __global__ void __launch_bounds__(kTcThreads, 2) attention_tc_kernel(AttentionPa
               const RowDest rd = dest(rows[h]);
               hidden = !mask_visible(p.mask, b, rd.i, j0 + c, geom);
               if (!hidden && bias)
-                x = x * rowf[h] * f +
+                x = x * rowf[h] * fs +
                     to_float(bias[rd.b * p.mask.bias_sb + rd.h * p.mask.bias_sh + rd.i * p.mask.bias_sq + j0 + c]) *
                         kLog2e;
               else
-                x = x * rowf[h] * f;
+                x = x * rowf[h] * fs;
             } else {
-              x = x * rowf[h] * f;
+              x = x * rowf[h] * fs;
             }
             if (hidden) {  // replaced, not added to: a NaN logit of a hidden key stays out of the row
               x = -INFINITY;
@@ -296,6 +362,8 @@ __global__ void __launch_bounds__(kTcThreads, 2) attention_tc_kernel(AttentionPa
           const float pr = mx[h] == -INFINITY ? 0.0f : st[h].prob(s[nb][q]);
           st[h].add(pr);
           s[nb][q] = pr;
+          // V's scale folded into P; 0 for a hidden key, whose scale (even NaN) stays out of the row.
+          if constexpr (kCodes) s[nb][q] = hid >> (h * 16 + 2 * nb + (q & 1)) & 1 ? 0.0f : pr * vs[nb * 8 + 2 * t + (q & 1)];
         }
       }
 #pragma unroll
@@ -325,27 +393,39 @@ __global__ void __launch_bounds__(kTcThreads, 2) attention_tc_kernel(AttentionPa
       if (partial && (s_bad[0] | s_bad[1])) {  // block-uniform; rare: V holds NaN or inf
         for (int c = 0; c < kBk; ++c) {
           if (!(s_bad[c >> 5] >> (c & 31) & 1)) continue;
-          // Key c's probability for this thread's rows, from the lane holding it (-1: hidden).
+          // Key c's weight in P for this thread's rows (V's scale folded in), from the lane holding it, and which
+          // of the rows see it.
           const int nb = c >> 3, e = c & 1;
           const int src = (lane & ~3) | ((c & 7) >> 1);
           float mine[2] = {0.0f, 0.0f};
+          int seen = 0;
 #pragma unroll
           for (int x = 0; x < kNB; ++x) {
             if (x != nb) continue;
 #pragma unroll
-            for (int h = 0; h < 2; ++h)
-              mine[h] = hid >> (h * 16 + 2 * x + e) & 1 ? -1.0f : e ? s[x][2 * h + 1] : s[x][2 * h];
+            for (int h = 0; h < 2; ++h) {
+              const bool hd = hid >> (h * 16 + 2 * x + e) & 1;
+              mine[h] = hd ? 0.0f : e ? s[x][2 * h + 1] : s[x][2 * h];
+              seen |= (hd ? 0 : 1) << h;
+            }
           }
           float pc[2];
 #pragma unroll
           for (int h = 0; h < 2; ++h) pc[h] = __shfl_sync(kFullMask, mine[h], src);
-          const T* vrow = vbase + kv_row_offset(p, p.v_sb, p.v_sh, p.v_sl, b, hkv, j0 + c);
+          seen = __shfl_sync(kFullMask, seen, src);
+          const E* vrow = vbase + kv_row_offset(p, p.v_sb, p.v_sh, p.v_sl, b, hkv, j0 + c);
 #pragma unroll
           for (int n = 0; n < kDB; ++n) {
 #pragma unroll
             for (int q = 0; q < 4; ++q) {
-              const float v = to_float(vrow[n * 8 + 2 * t + (q & 1)]);
-              if (!finite(v) && pc[q >> 1] >= 0.0f) o[n][q] += pc[q >> 1] * v;
+              const int d = n * 8 + 2 * t + (q & 1);
+              float v;
+              if constexpr (kCodes) {
+                v = code_to_float<KV::kFormat>(vrow[d]);
+              } else {
+                v = to_float(vrow[d]);
+              }
+              if (!finite(v) && (seen >> (q >> 1) & 1)) o[n][q] += pc[q >> 1] * v;
             }
           }
         }
@@ -375,9 +455,30 @@ __global__ void __launch_bounds__(kTcThreads, 2) attention_tc_kernel(AttentionPa
   }
 }
 
-// Launches attention_tc_kernel<T, D> for the planned work (attention_tc.cu: its instances compile apart from
-// the other kernels, in parallel). kind: bf16 or fp16; D: a tc_head_dim.
+// Launches attention_tc_kernel<T, D, KV> for the planned work. kind: bf16 or fp16; D: a tc_head_dim; KV: void
+// for a cache of T (attention_tc.cu), KvCode<F> for codes (attention_tc_quantized.cu). Each .cu compiles apart
+// from the other kernels, in parallel.
+template <typename KV>
+void launch_tc_instance(const AttentionParams& p, FloatKind kind, const AttentionWork& w, dim3 grid,
+                        cudaStream_t stream) {
+  dispatch_device_float(kind, [&](auto tag) {
+    using T = decltype(tag);
+    using K = std::conditional_t<kIsKvCode<KV>, KV, T>;
+    if constexpr (!std::is_same_v<T, float>) {  // the planner never picks tensor cores for fp32
+      with_head_dim(p.D, [&](auto d) {
+        constexpr int kD = decltype(d)::value;
+        auto* kernel = &attention_tc_kernel<T, kD, K>;
+        constexpr int64_t kSmem = TcTile<kD, kIsKvCode<K>>::kBytes;
+        allow_dynamic_smem(kernel, kSmem);
+        launch_kernel("attention_tc", kernel, grid, dim3(kTcThreads), static_cast<size_t>(kSmem), stream, p, w);
+      });
+    }
+  });
+}
+
 void launch_attention_tc(const AttentionParams& p, FloatKind kind, const AttentionWork& w, dim3 grid,
                          cudaStream_t stream);
+void launch_attention_tc_quantized(const AttentionParams& p, FloatKind kind, const AttentionWork& w, dim3 grid,
+                                   cudaStream_t stream);
 
 }  // namespace fastar::cuda

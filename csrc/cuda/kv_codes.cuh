@@ -1,0 +1,75 @@
+// One-byte K/V codes (docs/quantized_kvcache.md) as the attention kernels read them: the element tag of a
+// quantized cache and exact conversions of its codes to float. int8 and both fp8 formats convert exactly to
+// float, bf16 and fp16, so a kernel may feed converted codes to the tensor cores unchanged.
+#pragma once
+#include <cuda_fp16.h>
+
+#include <cstdint>
+#include <cstring>
+#include <type_traits>
+
+#include "core/kv_quant.h"
+#include "cuda/common.cuh"
+
+namespace fastar::cuda {
+
+// K/V element type of an attention kernel instance for codes of format F (a 16-bit or fp32 cache uses T itself).
+template <KvFormat F>
+struct KvCode {
+  static constexpr KvFormat kFormat = F;
+  uint8_t bits;
+};
+
+template <typename KV>
+inline constexpr bool kIsKvCode = false;
+template <KvFormat F>
+inline constexpr bool kIsKvCode<KvCode<F>> = true;
+
+// The value of code c of format F (NaN and e5m2's infinities included). e5m2 is the top byte of an fp16; e4m3
+// goes through sm_89's paired fp8 -> fp16 conversion where it exists, else core/kv_quant.h's bit arithmetic.
+template <KvFormat F>
+__device__ __forceinline__ float code_to_float(uint32_t c) {
+  if constexpr (F == KvFormat::kInt8) {
+    return static_cast<float>(static_cast<int8_t>(static_cast<uint8_t>(c)));
+  } else if constexpr (F == KvFormat::kFp8E5M2) {
+    __half_raw h;
+    h.x = static_cast<unsigned short>((c & 0xffu) << 8);
+    return __half2float(__half(h));
+  } else {
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 890
+    uint32_t h2;
+    asm("cvt.rn.f16x2.e4m3x2 %0, %1;" : "=r"(h2) : "h"(static_cast<unsigned short>(c & 0xffu)));
+    __half_raw h;
+    h.x = static_cast<unsigned short>(h2);
+    return __half2float(__half(h));
+#else
+    return fp8_to_float<F>(static_cast<uint8_t>(c));
+#endif
+  }
+}
+
+// The 16 codes of a 16-byte load as floats, in memory order.
+template <KvFormat F>
+__device__ __forceinline__ void codes_to_float(const uint4& raw, float* x) {
+  uint32_t w[4];
+  memcpy(w, &raw, 16);
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 890
+  if constexpr (F == KvFormat::kFp8E4M3) {  // one conversion per pair of codes
+#pragma unroll
+    for (int i = 0; i < 8; ++i) {
+      uint32_t h2;
+      asm("cvt.rn.f16x2.e4m3x2 %0, %1;" : "=r"(h2) : "h"(static_cast<unsigned short>(w[i / 2] >> (16 * (i % 2)))));
+      __half2 pair;
+      memcpy(&pair, &h2, 4);
+      const float2 f = __half22float2(pair);
+      x[2 * i] = f.x;
+      x[2 * i + 1] = f.y;
+    }
+    return;
+  }
+#endif
+#pragma unroll
+  for (int i = 0; i < 16; ++i) x[i] = code_to_float<F>(w[i / 4] >> (8 * (i % 4)));
+}
+
+}  // namespace fastar::cuda
