@@ -53,7 +53,9 @@ PEAKS = [
 
 @dataclasses.dataclass(frozen=True)
 class GpuCase:
-    """B sequences of Lq queries, the last of Lk key positions, Hq query heads over Hkv kv heads, bf16."""
+    """B sequences of Lq queries, the last of Lk key positions, Hq query heads over Hkv kv heads, bf16; with
+    kv_format, K and V are quantized into a cache of that format (fastar.quantize_kv_append, per-token scales)
+    that fastar.attention_with_kvcache reads, while the SDPA baselines read the bf16 K and V."""
 
     name: str
     kind: str  # decode | tree | block_diff | var | causal
@@ -64,6 +66,7 @@ class GpuCase:
     Lk: int
     D: int
     memory_bound: bool = False
+    kv_format: Optional[str] = None
 
     def small(self) -> "GpuCase":
         """The same case at a size the CPU dry run takes in a moment."""
@@ -79,6 +82,8 @@ VAR_2240 = (1, 2, 3, 4, 6, 9, 13, 18, 24, 32)
 CASES = [
     GpuCase("decode", "decode", 8, 16, 16, 1, 2048, 64, memory_bound=True),
     GpuCase("decode GQA 32k", "decode", 8, 32, 8, 1, 32768, 128, memory_bound=True),
+    GpuCase("decode int8 GQA 32k", "decode", 8, 32, 8, 1, 32768, 128, memory_bound=True, kv_format="int8"),
+    GpuCase("decode fp8 GQA 32k", "decode", 8, 32, 8, 1, 32768, 128, memory_bound=True, kv_format="fp8_e4m3"),
     GpuCase("tree verify", "tree", 4, 32, 8, 64, 4096 + 64, 128),
     GpuCase("block diffusion", "block_diff", 8, 16, 16, 32, 2048 + 32, 128),
     GpuCase("VAR 680", "var", 2, 16, 16, 680, 680, 64),
@@ -115,7 +120,27 @@ def make_inputs(case: GpuCase, device: str) -> dict:
         x["dense"] = x["layout"].materialize(device)
     if x["mask"] is not None:
         x["dense"] = x["mask"].materialize(case.Lq, case.Lk, device=device)[0]
+    if case.kv_format is not None:
+        quantize(x)
     return x
+
+
+def quantize(x: dict) -> None:
+    """The quantized cache of a kv_format row: codes [B, Lk, Hkv, D] and scales [B, Lk, Hkv] as
+    x["k_codes"], x["v_codes"], x["k_scale"], x["v_scale"], and its dequantized copy [B, Hkv, Lk, D] in float32 as
+    x["k_deq"], x["v_deq"]."""
+    import fastar
+    from fastar.reference import KV_FORMATS, dequantize_reference
+
+    case, device = x["case"], x["q"].device
+    shape = (case.B, case.Lk, case.Hkv, case.D)
+    rows = [x[n].transpose(1, 2).reshape(-1, case.Hkv, case.D) for n in ("k", "v")]
+    codes = [torch.zeros(shape, dtype=torch.uint8, device=device).view(KV_FORMATS[case.kv_format]) for _ in "kv"]
+    scales = [torch.zeros(shape[:-1], device=device) for _ in "kv"]
+    fastar.quantize_kv_append(*rows, torch.arange(rows[0].shape[0], device=device), *codes, *scales)
+    for n, c, sc in zip("kv", codes, scales):
+        x[n + "_codes"], x[n + "_scale"] = c, sc
+        x[n + "_deq"] = dequantize_reference(c, sc.unsqueeze(-1).expand(shape)).float().transpose(1, 2)
 
 
 def visible_pairs(x: dict) -> int:
@@ -132,7 +157,8 @@ def roofline_s(x: dict, peak_flops: Optional[float], hbm_Bps: float) -> tuple[st
     4 D FLOPs per visible (query, key) pair and head over the tensor-core peak for the others."""
     case = x["case"]
     if case.memory_bound:
-        nbytes = sum(t.numel() * t.element_size() for t in (x["q"], x["k"], x["v"], x["q"]))
+        kv = ("k", "v") if case.kv_format is None else ("k_codes", "v_codes", "k_scale", "v_scale")
+        nbytes = sum(t.numel() * t.element_size() for t in (x["q"], *(x[n] for n in kv), x["q"]))
         return "HBM", nbytes / hbm_Bps
     flops = 4 * case.D * visible_pairs(x) * case.Hq * case.B
     return "tensor core", flops / peak_flops if peak_flops else None
@@ -143,6 +169,10 @@ def run_fastar(x: dict, out: torch.Tensor) -> torch.Tensor:
 
     if x["layout"] is not None:
         return fastar.scale_attention(x["q"], x["k"], x["v"], x["layout"])
+    if x["case"].kv_format is not None:  # [B, Lq, Hq, D] queries over the quantized cache; out is not taken
+        o = fastar.attention_with_kvcache(x["q"].transpose(1, 2), x["k_codes"], x["v_codes"],
+                                          cache_seqlens=x["case"].Lk, k_scale=x["k_scale"], v_scale=x["v_scale"])
+        return o.transpose(1, 2)
     from fastar.masks import Causal
 
     mask = Causal() if x["case"].kind == "causal" else x["mask"]
@@ -161,6 +191,20 @@ def sdpa(x: dict, backend) -> Callable[[], torch.Tensor]:
                                                   is_causal=case.kind == "causal", enable_gqa=case.Hq != case.Hkv)
 
     return call
+
+
+def reference_output(x: dict) -> torch.Tensor:
+    """SDPA's math backend over what fastar reads: K and V, or (kv_format rows) the cache's dequantized copy with
+    q in float32."""
+    from torch.nn.attention import SDPBackend
+
+    if x["case"].kv_format is None:
+        return sdpa(x, SDPBackend.MATH)()
+    from torch.nn.attention import sdpa_kernel
+
+    with sdpa_kernel([SDPBackend.MATH]):
+        return F.scaled_dot_product_attention(x["q"].float(), x["k_deq"], x["v_deq"],
+                                              enable_gqa=x["case"].Hq != x["case"].Hkv)
 
 
 def flash_attn_baseline(x: dict) -> Optional[Callable[[], torch.Tensor]]:
@@ -238,7 +282,7 @@ def bench_rows(device: str, small: bool) -> list[dict]:
             result = run_fastar(x, out)
             if not torch.isfinite(result).all():
                 raise RuntimeError("fastar left NaN in its output")
-            reference = sdpa(x, SDPBackend.MATH)()
+            reference = reference_output(x)
             err = (result.float() - reference.float()).abs().max().item()
             row["max_abs_diff_vs_math"] = err
             if not err <= AGREE_ABS:
@@ -310,10 +354,16 @@ def small_cases(device: str) -> None:
         slots = torch.tensor([4, -1, 0], device=device)
         codes = lambda dt: torch.zeros(6, 2, 64, dtype=torch.uint8, device=device).view(dt)  # noqa: E731
         scales = lambda *shape: torch.ones(*shape, device=device)  # noqa: E731
-        fastar.quantize_kv_append(rows[..., :64], rows[..., 8:], slots, codes(torch.int8), codes(torch.int8),
-                                  scales(6, 2), scales(6, 2))
-        fastar.quantize_kv_append(rows[..., 1:65], rows[..., 1:65], slots, codes(torch.float8_e4m3fn),
-                                  codes(torch.float8_e4m3fn), scales(2), scales(2))
+        int8 = [codes(torch.int8), codes(torch.int8), scales(6, 2), scales(6, 2)]
+        fp8 = [codes(torch.float8_e4m3fn), codes(torch.float8_e4m3fn), scales(2), scales(2)]
+        fastar.quantize_kv_append(rows[..., :64], rows[..., 8:], slots, *int8)
+        fastar.quantize_kv_append(rows[..., 1:65], rows[..., 1:65], slots, *fp8)
+        # Attention over those caches ([1, 6, 2, 64]): the decode kernel (1 query) and the tensor-core one (16).
+        for kc, vc, *sc in (int8, fp8):
+            ks, vs = (x if x.dim() == 1 else x[None] for x in sc)  # per kv head, or per token of one sequence
+            for lq in (1, 16):
+                fastar.attention_with_kvcache(q.transpose(1, 2)[:, :lq], kc[None], vc[None], cache_seqlens=6,
+                                              k_scale=ks, v_scale=vs)
         # quantize_kivi_append: one int4 key group of 4 tokens and two value rows (slot -1 skipped) into 8 slots.
         packed = lambda: torch.zeros(8, 2, 32, dtype=torch.uint8, device=device)  # noqa: E731
         halves = lambda *shape: torch.zeros(*shape, dtype=torch.float16, device=device)  # noqa: E731

@@ -1,9 +1,11 @@
 """Attention over quantized KV caches (fastar.attention_with_kvcache with k_scale / v_scale).
 
 Oracle: float64 attention (fastar.reference.attention_reference) over the cache's dequantized copy, codes *
-scales. Folding the scales into the kernel is exact arithmetic, so the tolerance is the float32 accumulation's.
-The CPU kernels run both paths: decode (few query rows, streaming) and the GEMM path (many rows, converted key
-tiles and the per-head cache). CUDA (and so the SIMT build) raise NotImplementedError for now."""
+scales. Folding the scales into the kernel is exact arithmetic, so the tolerance is the float32 accumulation's
+(and, for bf16 queries, bf16's roundings of P and of the output). Every backend: the CPU kernels' decode and GEMM
+paths; on CUDA (and the SIMT build) the decode kernel (few rows), the tensor-core kernel (bf16 / fp16, 16 rows or
+more) and the CUDA-core tiled kernel (fp32 with many rows, other head dims, unaligned rows): which one a shape
+takes is asserted in test_simt_races.py."""
 from __future__ import annotations
 
 import pytest
@@ -69,9 +71,10 @@ DTYPES = [(torch.float32, 2e-5), (torch.bfloat16, 2e-2)]
 @pytest.mark.parametrize("Lq", [1, 4, 40, 130])
 @pytest.mark.parametrize("paged", [False, True])
 @pytest.mark.parametrize("dtype, tol", DTYPES, ids=["f32", "bf16"])
-def test_cpu_matches_float64_over_the_dequantized_cache(fmt, Lq, paged, dtype, tol):
-    """Decode (Lq = 1, 4 with G = 4: streaming) and the GEMM path (40, 130: converted tiles, the per-head cache
-    across query tiles), GQA, ragged lengths, contiguous and paged."""
+def test_matches_float64_over_the_dequantized_cache(backend, fmt, Lq, paged, dtype, tol):
+    """CPU: decode (Lq = 1, 4 with G = 4: streaming) and the GEMM path (40, 130: converted tiles, the per-head
+    cache across query tiles). CUDA: the decode kernel (Lq = 1), the tensor-core kernel (bf16, Lq >= 4) and the
+    tiled kernel (fp32, Lq >= 4). GQA, ragged lengths, contiguous and paged."""
     gen = torch.Generator().manual_seed(Lq + 3 * paged)
     B, Hq, Hkv, D, S = 3, 8, 2, 64, 160
     bt, total = paged_layout(B, S // 16, gen) if paged else (None, None)
@@ -79,56 +82,89 @@ def test_cpu_matches_float64_over_the_dequantized_cache(fmt, Lq, paged, dtype, t
         gen, B, S, Hkv, D, fmt, dtype, bt, (total, 16) if paged else None)
     q = torch.randn(B, Lq, Hq, D, generator=gen).to(dtype)
     lens = torch.tensor([S, 147, 133])
-    got = fastar.attention_with_kvcache(q, k_codes, v_codes, cache_seqlens=lens, block_table=bt, k_scale=k_scale,
-                                        v_scale=v_scale, mask=Causal() if Lq > 1 else None)
+    got, _, _ = backend.attention_with_kvcache(q, k_codes, v_codes, cache_seqlens=lens, block_table=bt,
+                                               k_scale=k_scale, v_scale=v_scale, mask=Causal() if Lq > 1 else None)
     want = reference(q, k_deq, v_deq, lens, causal=Lq > 1)
     torch.testing.assert_close(got.double(), want, atol=tol, rtol=tol)
 
 
 @pytest.mark.parametrize("fmt", ["fp8_e4m3", "fp8_e5m2"])
 @pytest.mark.parametrize("Lq", [1, 40])
-def test_cpu_fixed_fp8_scales_per_kv_head(fmt, Lq):
+def test_fixed_fp8_scales_per_kv_head(backend, fmt, Lq):
+    """D = 32 (no decode or tensor-core instance: the CUDA-core tiled kernel on CUDA)."""
     gen = torch.Generator().manual_seed(7)
     B, Hq, Hkv, D, S = 2, 4, 2, 32, 96
     k_codes, v_codes, k_scale, v_scale, k_deq, v_deq = quantized_cache(gen, B, S, Hkv, D, fmt, torch.float32,
                                                                        fixed=True)
     q = torch.randn(B, Lq, Hq, D, generator=gen)
     lens = torch.tensor([S, 70])
-    got = fastar.attention_with_kvcache(q, k_codes, v_codes, cache_seqlens=lens, k_scale=k_scale, v_scale=v_scale)
+    got, _, _ = backend.attention_with_kvcache(q, k_codes, v_codes, cache_seqlens=lens, k_scale=k_scale,
+                                               v_scale=v_scale)
     torch.testing.assert_close(got.double(), reference(q, k_deq, v_deq, lens, causal=False), atol=2e-5, rtol=2e-5)
 
 
 @pytest.mark.parametrize("fmt", ["fp8_e4m3", "fp8_e5m2"])
-def test_cpu_every_fp8_code_dequantizes_as_torch_converts_it(fmt):
+@pytest.mark.parametrize("Lq, dtype", [(1, torch.float32), (16, torch.float32), (1, torch.bfloat16),
+                                       (16, torch.bfloat16)],
+                         ids=["decode-f32", "rows-f32", "decode-bf16", "rows-bf16"])
+def test_every_fp8_code_dequantizes_as_torch_converts_it(backend, fmt, Lq, dtype):
     """A one-key cache returns its value row: V holds all 256 codes (NaN and inf included) at scale 1, so the
-    output is the kernel's dequantization of each, compared with torch's float8 -> float32 conversion."""
-    dtype = KV_FORMATS[fmt]
-    v = torch.arange(256, dtype=torch.uint8).view(dtype).reshape(1, 1, 1, 256)
+    output is the kernel's dequantization of each, compared with torch's float8 -> float32 conversion (every fp8
+    value is a bf16 value). CUDA: the decode kernel (1 query), the tiled kernel (fp32, 16) and the tensor-core
+    kernel (bf16, 16)."""
+    v = torch.arange(256, dtype=torch.uint8).view(KV_FORMATS[fmt]).reshape(1, 1, 1, 256)
     k = torch.zeros_like(v)
     one = torch.ones(())
-    got = fastar.attention_with_kvcache(torch.ones(1, 1, 1, 256), k, v, cache_seqlens=1, k_scale=one, v_scale=one)
-    want = v.float().reshape(-1)
-    assert torch.equal(got.reshape(-1).isnan(), want.isnan())
+    got, _, _ = backend.attention_with_kvcache(torch.ones(1, Lq, 1, 256, dtype=dtype), k, v, cache_seqlens=1,
+                                               k_scale=one, v_scale=one)
+    want = v.float().reshape(1, 256).expand(Lq, 256)
+    got = got.float().reshape(Lq, 256)
+    assert torch.equal(got.isnan(), want.isnan())
     finite = ~want.isnan()
-    assert torch.equal(got.reshape(-1)[finite], want[finite])  # -0 reads as 0: the output accumulates from 0
+    assert torch.equal(got[finite], want[finite])  # -0 reads as 0: the output accumulates from 0
 
 
-def test_cpu_op_writes_a_poisoned_out_and_empty_sequences():
+@pytest.mark.parametrize("fmt", FORMATS)
+@pytest.mark.parametrize("Lq, dtype", [(1, torch.float32), (16, torch.bfloat16), (16, torch.float32)],
+                         ids=["decode", "rows-bf16", "rows-f32"])
+def test_a_nan_scale_reaches_only_the_rows_that_see_its_key(backend, fmt, Lq, dtype):
+    """The last key's K and V scales are NaN. Under a bottom-right causal mask only the last query sees it: that
+    row is NaN and the others equal the reference (a hidden key's scale is never multiplied in, even by 0). One
+    query (decode): the key is past cache_seqlens of the second sequence, which stays finite."""
+    gen = torch.Generator().manual_seed(11)
+    B, Hq, Hkv, D, S = 2, 4, 2, 64, 80
+    k_codes, v_codes, k_scale, v_scale, k_deq, v_deq = quantized_cache(gen, B, S, Hkv, D, fmt, dtype)
+    lens = torch.tensor([S, S - 1])
+    k_scale[:, S - 1], v_scale[:, S - 1] = float("nan"), float("nan")
+    q = torch.randn(B, Lq, Hq, D, generator=gen).to(dtype)
+    got, _, _ = backend.attention_with_kvcache(q, k_codes, v_codes, cache_seqlens=lens, k_scale=k_scale,
+                                               v_scale=v_scale, mask=Causal() if Lq > 1 else None)
+    want = reference(q, k_deq, v_deq, lens, causal=Lq > 1)
+    tol = 2e-5 if dtype == torch.float32 else 2e-2
+    assert got[0, -1].isnan().all()
+    if Lq > 1:
+        torch.testing.assert_close(got[0, :-1].double(), want[0, :-1], atol=tol, rtol=tol)
+    torch.testing.assert_close(got[1].double(), want[1], atol=tol, rtol=tol)
+
+
+def test_op_writes_a_poisoned_out_and_empty_sequences(backend):
     """The op itself, on [B, Hkv, S, D] views: out starts as NaN and every element must be written; a sequence
     of 0 keys gives 0 output and -inf LSE, as for an unquantized cache; an empty batch runs."""
     gen = torch.Generator().manual_seed(5)
     B, Hq, Hkv, D, S = 3, 4, 2, 32, 48
     k_codes, v_codes, k_scale, v_scale, k_deq, v_deq = quantized_cache(gen, B, S, Hkv, D, "int8", torch.float32)
-    q = torch.randn(B, Hq, 2, D, generator=gen)
+    q, k_codes, v_codes, k_scale, v_scale = backend.to((torch.randn(B, Hq, 2, D, generator=gen), k_codes, v_codes,
+                                                        k_scale, v_scale))
     out = torch.full_like(q, float("nan"))
-    lens = torch.tensor([S, 0, 17], dtype=torch.int32)
-    lse = torch.ops.fastar.attention(q, k_codes.transpose(1, 2), v_codes.transpose(1, 2), out, D ** -0.5,
-                                     kv_lens=lens, k_scale=k_scale.transpose(1, 2), v_scale=v_scale.transpose(1, 2))
-    want = reference(q.transpose(1, 2), k_deq, v_deq, lens, causal=False).transpose(1, 2)
+    lens = backend.to(torch.tensor([S, 0, 17], dtype=torch.int32))
+    lse = backend.ops.attention(q, k_codes.transpose(1, 2), v_codes.transpose(1, 2), out, D ** -0.5, kv_lens=lens,
+                                k_scale=k_scale.transpose(1, 2), v_scale=v_scale.transpose(1, 2)).cpu()
+    out = out.cpu()
+    want = reference(q.cpu().transpose(1, 2), k_deq, v_deq, lens.cpu(), causal=False).transpose(1, 2)
     torch.testing.assert_close(out[[0, 2]].double(), want[[0, 2]], atol=2e-5, rtol=2e-5)
     assert (out[1] == 0).all() and (lse[1] == float("-inf")).all() and lse[[0, 2]].isfinite().all()
-    empty = torch.ops.fastar.attention(q[:0], k_codes.transpose(1, 2)[:0], v_codes.transpose(1, 2)[:0], out[:0], 1.0,
-                                       k_scale=k_scale.transpose(1, 2)[:0], v_scale=v_scale.transpose(1, 2)[:0])
+    empty = backend.ops.attention(q[:0], k_codes.transpose(1, 2)[:0], v_codes.transpose(1, 2)[:0], out[:0].to(q),
+                                  1.0, k_scale=k_scale.transpose(1, 2)[:0], v_scale=v_scale.transpose(1, 2)[:0])
     assert empty.shape == (0, Hq, 2)
 
 
@@ -137,16 +173,6 @@ def test_cpu_scales_on_another_device_or_not_tensors():
         bad_call(k_scale=torch.zeros(1, 16, 2, device="meta"))()
     with pytest.raises(TypeError, match="k_scale and v_scale must be tensors"):
         bad_call(v_scale=1.0)()
-
-
-def test_the_cuda_kernels_raise_for_now():
-    """The SIMT build runs the CUDA glue: quantized K/V are not implemented there yet."""
-    simt = pytest.importorskip("fastar._C_simt", reason="SIMT build not present")  # noqa: F841
-    gen = torch.Generator().manual_seed(1)
-    k_codes, v_codes, k_scale, v_scale, *_ = quantized_cache(gen, 1, 16, 1, 32, "int8", torch.float32)
-    q = torch.randn(1, 1, 1, 32)
-    with fastar._common.using_ops(torch.ops.fastar_simt), pytest.raises(NotImplementedError, match="CPU only"):
-        fastar.attention_with_kvcache(q, k_codes, v_codes, cache_seqlens=16, k_scale=k_scale, v_scale=v_scale)
 
 
 def bad_call(**change):

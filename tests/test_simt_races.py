@@ -26,6 +26,7 @@ except ImportError as exc:  # conftest's REQUIRE check turns this into a failure
 
 from conftest import Backend  # noqa: E402
 from test_attention import make, paged_layout, to_paged  # noqa: E402
+from test_quantized_attention import quantized_cache  # noqa: E402
 
 # (schedule, race check) of the checked runs; the forward schedule without the check is the baseline. The check
 # costs tens of microseconds per shared-memory access, so one shuffled run goes without it.
@@ -72,7 +73,7 @@ ALL_KERNELS = {"speculative_sample", "greedy_verify", "sample_cfg", "attention_v
 def test_every_kernel_is_covered():
     root = pathlib.Path(__file__).resolve().parents[1] / "csrc" / "cuda"
     names = set()
-    for path in root.glob("*.cu"):
+    for path in [*root.glob("*.cu"), *root.glob("*.cuh")]:  # launchers, and launcher templates of several .cu
         for first_argument in re.findall(r"launch_kernel\(([^,]*),", path.read_text()):
             names |= set(re.findall(r'"(\w+)"', first_argument))
     assert names == ALL_KERNELS
@@ -171,6 +172,34 @@ def test_scale_attention(backend):
     q, k, v = (make((1, 2, L, 64), torch.float16, gen) for _ in range(3))
     assert_order_independent(lambda: backend.scale_attention(q, k, v, layout, qk_norm=True, return_lse=True),
                              {"attention_tc"})
+
+
+# Quantized caches: (B, Hq, Hkv, Lq, Lk, D, q dtype, format, paged), kernels. Every kernel that reads codes: the
+# decode kernel (with kv splits, paged), the tensor-core kernel (two stages of code tiles, a causal partial tile,
+# padded rows at D = 80) and the tiled kernel (fp32 with many rows; a head dim of no decode instance).
+QUANTIZED_SHAPES = [
+    ((1, 4, 1, 1, 300, 64, torch.float32, "int8", False), DECODE | SPLIT),
+    ((2, 4, 2, 1, 100, 128, torch.bfloat16, "fp8_e4m3", True), DECODE),
+    ((1, 4, 2, 9, 150, 64, torch.bfloat16, "fp8_e5m2", False), {"attention_tc"}),
+    ((1, 4, 2, 9, 70, 80, torch.float16, "int8", True), {"attention_tc"}),
+    ((1, 2, 1, 9, 70, 64, torch.float32, "fp8_e4m3", False), {"attention_tiled"}),
+    ((2, 2, 2, 1, 40, 32, torch.bfloat16, "int8", False), {"attention_tiled"}),
+]
+
+
+@pytest.mark.parametrize("shape, kernels", QUANTIZED_SHAPES,
+                         ids=lambda s: "x".join(map(str, s)).replace("torch.", "") if isinstance(s, tuple) else "")
+def test_quantized_attention(backend, shape, kernels):
+    B, Hq, Hkv, Lq, Lk, D, dtype, fmt, paged = shape
+    gen = torch.Generator().manual_seed(8)
+    bt, total = paged_layout(B, Lk // 10, gen) if paged else (None, None)
+    k_codes, v_codes, k_scale, v_scale, *_ = quantized_cache(gen, B, Lk, Hkv, D, fmt, dtype, bt,
+                                                             (total, 10) if paged else None)
+    q = make((B, Lq, Hq, D), dtype, gen)
+    lens = torch.tensor([Lk - 3 * b for b in range(B)])
+    assert_order_independent(lambda: backend.attention_with_kvcache(
+        q, k_codes, v_codes, cache_seqlens=lens, block_table=bt, k_scale=k_scale, v_scale=v_scale,
+        mask=fastar.masks.Causal() if Lq > 1 else None)[0], kernels)
 
 
 @pytest.mark.parametrize("fmt", [torch.int8, torch.float8_e5m2])
