@@ -152,7 +152,7 @@ void launch_attention(const AttentionParams& prm, FloatKind kind, const Attentio
     (prm.kv_quantized ? cuda::launch_attention_tc_quantized : cuda::launch_attention_tc)(prm, kind, w, grid, st);
   } else if (s.vec_decode) {
     (prm.kv_quantized ? cuda::launch_attention_decode_quantized : cuda::launch_attention_decode)(prm, kind, w, grid,
-                                                                                                  st);
+                                                                                                 st);
   }
   cuda::dispatch_device_float(kind, [&](auto tag) {
     using T = decltype(tag);

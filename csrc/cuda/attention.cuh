@@ -137,7 +137,8 @@ __device__ __forceinline__ bool kv_rows(const AttentionParams& p, int64_t b, int
 
 // Offsets of key s's K and V scales (quantized caches; a key whose page kv_rows accepted).
 __device__ __forceinline__ KvRows kv_scale_rows(const AttentionParams& p, int64_t b, int64_t h, int64_t s) {
-  return KvRows{kv_row_offset(p, p.ks_sb, p.ks_sh, p.ks_sl, b, h, s), kv_row_offset(p, p.vs_sb, p.vs_sh, p.vs_sl, b, h, s)};
+  return KvRows{kv_row_offset(p, p.ks_sb, p.ks_sh, p.ks_sl, b, h, s),
+                kv_row_offset(p, p.vs_sb, p.vs_sh, p.vs_sl, b, h, s)};
 }
 
 template <KvFormat F>

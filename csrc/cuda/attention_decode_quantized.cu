@@ -6,7 +6,8 @@ namespace fastar::cuda {
 
 void launch_attention_decode_quantized(const AttentionParams& p, FloatKind kind, const AttentionWork& w, dim3 grid,
                                        cudaStream_t stream) {
-  with_kv_format(p.kv_format, [&](auto f) { launch_decode_instance<KvCode<decltype(f)::value>>(p, kind, w, grid, stream); });
+  with_kv_format(p.kv_format,
+                 [&](auto f) { launch_decode_instance<KvCode<decltype(f)::value>>(p, kind, w, grid, stream); });
 }
 
 }  // namespace fastar::cuda

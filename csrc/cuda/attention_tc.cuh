@@ -58,7 +58,7 @@ struct TcTile {
   // Element offset of chunk c of row r.
   __device__ __forceinline__ static int at(int r, int c) { return (r * kStride + (kSwizzle ? c ^ (r & 7) : c)) * 8; }
   static constexpr int kStages = kCodes ? 1 : 2;  // T stages of K and V (codes: the code tiles have two)
-  static constexpr int kCodeBytes = kBk * kD;      // a K or V code tile, rows of kD bytes
+  static constexpr int kCodeBytes = kBk * kD;     // a K or V code tile, rows of kD bytes
   // Shared memory: Q, K[kStages], V[kStages] (2-byte elements), (codes) K codes[2], V codes[2], key factors
   // [2][kBk] (float; < 0: key absent), (codes) K and V scales [2][kBk] each, the tile list [kTcListChunk] (int), the
   // bad-V key bits [2] and the list length.
@@ -102,14 +102,14 @@ __global__ void __launch_bounds__(kTcThreads, 2) attention_tc_kernel(AttentionPa
   constexpr int kCodeChunks = kD / 16;                         // 16-byte chunks of a row of codes
   FASTAR_DYNAMIC_SMEM(unsigned char, smem);
   T* s_q = reinterpret_cast<T*>(smem);
-  T* s_k = s_q + Tile::kQElems;                                                   // [kStages][kKvElems]
-  T* s_v = s_k + Tile::kStages * Tile::kKvElems;                                  // [kStages][kKvElems]
-  uint8_t* s_kc = reinterpret_cast<uint8_t*>(s_v + Tile::kStages * Tile::kKvElems);  // codes: [2][kCodeBytes]
-  uint8_t* s_vc = s_kc + (kCodes ? 2 * Tile::kCodeBytes : 0);                     // codes: [2][kCodeBytes]
+  T* s_k = s_q + Tile::kQElems;                                                        // [kStages][kKvElems]
+  T* s_v = s_k + Tile::kStages * Tile::kKvElems;                                       // [kStages][kKvElems]
+  uint8_t* s_kc = reinterpret_cast<uint8_t*>(s_v + Tile::kStages * Tile::kKvElems);    // codes: [2][kCodeBytes]
+  uint8_t* s_vc = s_kc + (kCodes ? 2 * Tile::kCodeBytes : 0);                          // codes: [2][kCodeBytes]
   float* s_kf = reinterpret_cast<float*>(s_vc + (kCodes ? 2 * Tile::kCodeBytes : 0));  // [2][kBk]
   float* s_ks = s_kf + 2 * kBk;                                                        // codes: [2][kBk]
   float* s_vs = s_ks + (kCodes ? 2 * kBk : 0);                                         // codes: [2][kBk]
-  int* s_list = reinterpret_cast<int*>(s_vs + (kCodes ? 2 * kBk : 0));  // tile index << 2 | TileClass
+  int* s_list = reinterpret_cast<int*>(s_vs + (kCodes ? 2 * kBk : 0));                 // tile index << 2 | TileClass
   uint32_t* s_bad = reinterpret_cast<uint32_t*>(s_list + kTcListChunk);
   int* s_count = reinterpret_cast<int*>(s_bad + 2);
 
@@ -363,7 +363,8 @@ __global__ void __launch_bounds__(kTcThreads, 2) attention_tc_kernel(AttentionPa
           st[h].add(pr);
           s[nb][q] = pr;
           // V's scale folded into P; 0 for a hidden key, whose scale (even NaN) stays out of the row.
-          if constexpr (kCodes) s[nb][q] = hid >> (h * 16 + 2 * nb + (q & 1)) & 1 ? 0.0f : pr * vs[nb * 8 + 2 * t + (q & 1)];
+          if constexpr (kCodes)
+            s[nb][q] = hid >> (h * 16 + 2 * nb + (q & 1)) & 1 ? 0.0f : pr * vs[nb * 8 + 2 * t + (q & 1)];
         }
       }
 #pragma unroll
