@@ -127,11 +127,13 @@ def test_tensor_core_kernel_uses_matrix_instructions(instruction):
 
 def test_tensor_core_kernel_resources():
     """Registers within the 255 of one thread; no spills up to D = 128 (D = 256 keeps its 128 accumulators per
-    thread and spills a little). (Its dynamic shared memory, at most 99 KB so sm_86 / sm_89 cards run it, is a
+    thread and spills a little), over 16-bit caches and over int8 / fp8 codes (third template argument
+    KvCode<format>). (Its dynamic shared memory, at most 99 KB so sm_86 / sm_89 cards run it, is a
     static_assert of attention_tc.cuh's TcTile.)"""
     rows = kernels(r"\battention_tc_kernel\b")
     assert rows and all(r["REG"] <= 255 for r in rows)
-    spilled = [r for r in rows if ", 256>" not in r["name"] and (r["STACK"] or r.get("LOCAL", 0))]
+    assert any("KvCode" in r["name"] for r in rows), "no attention_tc_kernel instance over codes"
+    spilled = [r for r in rows if not re.search(r"<[^,<>]+, 256\b", r["name"]) and (r["STACK"] or r.get("LOCAL", 0))]
     assert not spilled, describe(spilled)
 
 
@@ -146,10 +148,12 @@ def test_quantize_kv_append_chunked_instances_load_16_bytes():
 
 
 def test_decode_kernel_loads_16_bytes_and_does_not_spill():
-    """Every instance of the decode kernel (dtype x head dim, every built arch) reads K and V with 16-byte
-    global loads (LDG.E.128) and keeps its state in registers (no stack)."""
+    """Every instance of the decode kernel (dtype x head dim, over 16-bit / fp32 caches and over int8 / fp8 codes,
+    every built arch) reads K and V with 16-byte global loads (LDG.E.128) and keeps its state in registers (no
+    stack)."""
     found = {key: body for key, body in sass_by_kernel().items() if re.search(r"\battention_decode_kernel\b", key[1])}
     assert found, "no attention_decode_kernel in the built code"
+    assert any("KvCode" in name for _, name in found), "no attention_decode_kernel instance over codes"
     narrow = [f"{arch} {name[:80]}" for (arch, name), body in found.items() if not re.search(r"LDG\.E\.128", body)]
     assert not narrow, narrow
     rows = kernels(r"\battention_decode_kernel\b")
