@@ -25,8 +25,23 @@ inline constexpr bool kIsKvCode = false;
 template <KvFormat F>
 inline constexpr bool kIsKvCode<KvCode<F>> = true;
 
-// The value of code c of format F (NaN and e5m2's infinities included). e5m2 is the top byte of an fp16; e4m3
-// goes through sm_89's paired fp8 -> fp16 conversion where it exists, else core/kv_quant.h's bit arithmetic.
+// Two e4m3 codes (the low byte first) as floats: sm_89+'s cvt.rn.f16x2.e4m3x2 (exact: every e4m3 value is an fp16
+// value), elsewhere core/kv_quant.h's bit arithmetic.
+__device__ __forceinline__ float2 e4m3x2_to_float2(uint32_t two) {
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 890
+  uint32_t h2;
+  asm("cvt.rn.f16x2.e4m3x2 %0, %1;" : "=r"(h2) : "h"(static_cast<unsigned short>(two)));
+  __half2 pair;
+  memcpy(&pair, &h2, 4);
+  return __half22float2(pair);
+#else
+  return float2{fp8_to_float<KvFormat::kFp8E4M3>(static_cast<uint8_t>(two)),
+                fp8_to_float<KvFormat::kFp8E4M3>(static_cast<uint8_t>(two >> 8))};
+#endif
+}
+
+// The value of code c (its low byte) of format F, NaN and e5m2's infinities included. e5m2 is the top byte of an
+// fp16.
 template <KvFormat F>
 __device__ __forceinline__ float code_to_float(uint32_t c) {
   if constexpr (F == KvFormat::kInt8) {
@@ -36,40 +51,26 @@ __device__ __forceinline__ float code_to_float(uint32_t c) {
     h.x = static_cast<unsigned short>((c & 0xffu) << 8);
     return __half2float(__half(h));
   } else {
-#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 890
-    uint32_t h2;
-    asm("cvt.rn.f16x2.e4m3x2 %0, %1;" : "=r"(h2) : "h"(static_cast<unsigned short>(c & 0xffu)));
-    __half_raw h;
-    h.x = static_cast<unsigned short>(h2);
-    return __half2float(__half(h));
-#else
-    return fp8_to_float<F>(static_cast<uint8_t>(c));
-#endif
+    return e4m3x2_to_float2(c & 0xffu).x;
   }
 }
 
-// The 16 codes of a 16-byte load as floats, in memory order.
+// The 16 codes of a 16-byte load as floats, in memory order (e4m3: a conversion per pair).
 template <KvFormat F>
 __device__ __forceinline__ void codes_to_float(const uint4& raw, float* x) {
   uint32_t w[4];
   memcpy(w, &raw, 16);
-#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 890
-  if constexpr (F == KvFormat::kFp8E4M3) {  // one conversion per pair of codes
+  if constexpr (F == KvFormat::kFp8E4M3) {
 #pragma unroll
     for (int i = 0; i < 8; ++i) {
-      uint32_t h2;
-      asm("cvt.rn.f16x2.e4m3x2 %0, %1;" : "=r"(h2) : "h"(static_cast<unsigned short>(w[i / 2] >> (16 * (i % 2)))));
-      __half2 pair;
-      memcpy(&pair, &h2, 4);
-      const float2 f = __half22float2(pair);
+      const float2 f = e4m3x2_to_float2(w[i / 2] >> (16 * (i % 2)));
       x[2 * i] = f.x;
       x[2 * i + 1] = f.y;
     }
-    return;
-  }
-#endif
+  } else {
 #pragma unroll
-  for (int i = 0; i < 16; ++i) x[i] = code_to_float<F>(w[i / 4] >> (8 * (i % 4)));
+    for (int i = 0; i < 16; ++i) x[i] = code_to_float<F>(w[i / 4] >> (8 * (i % 4)));
+  }
 }
 
 }  // namespace fastar::cuda
