@@ -180,9 +180,9 @@ def attention_with_kvcache(
         k_scale, v_scale: for a quantized cache (``torch.int8``, ``torch.float8_e4m3fn`` or ``torch.float8_e5m2``
             codes, as :func:`fastar.quantize_kv_append` writes them): float32 scales, one per slot and kv head
             (``[B, S_max, Hkv]`` or ``[num_pages, page_size, Hkv]``), one per kv head (``[Hkv]``) or one (``[]``).
-            Key and value rows are ``codes * scale`` (docs/quantized_kvcache.md), dequantized to float32 as
-            the kernels read them. CPU only so far (CUDA raises NotImplementedError); append with
-            :func:`fastar.quantize_kv_append`, not ``k_new``.
+            Key and value rows are ``codes * scale`` (docs/quantized_kvcache.md): the CPU kernels dequantize
+            them to float32 as they read them, the CUDA kernels fold the scales into the logits and
+            probabilities. Append with :func:`fastar.quantize_kv_append`, not ``k_new``.
 
     Returns:
         ``[B, Lq, Hq, D]`` (and the LSE ``[B, Hq, Lq]``). Sequence ``b`` attends to its first
