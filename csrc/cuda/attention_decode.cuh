@@ -43,7 +43,10 @@ struct DecodeShape {
   static constexpr int kPerLane = (kVecs + kLanes - 1) / kLanes;         // vectors per lane
   static constexpr int kElems = kPerLane * kVec;                         // elements per lane
   static constexpr int kGroups = kDecodeThreads / kLanes;                // key slots per block
-  static constexpr int kKeysPerStep = kGroups * kDecodeUnroll;
+  // Keys per slot and step. Codes: 1, so that 16 output columns per lane fit in the 255 registers without a
+  // spill; 4 KB in flight per block, half of bf16's.
+  static constexpr int kUnroll = kCodes ? 1 : kDecodeUnroll;
+  static constexpr int kKeysPerStep = kGroups * kUnroll;
   // Shared memory: every key slot's state per row (m, l, o[kD]) for the final merge; then (codes) the q rows,
   // element (r, x, e) of lane l at ((r * kPerLane + x) * kVec / 4 + e / 4) * 4 * kLanes + 4 * l + e % 4.
   static constexpr int64_t kMergeBytes = int64_t{kGroups} * kDecodeRowsMax * (kD + 2) * 4;
@@ -66,7 +69,7 @@ __global__ void __launch_bounds__(kDecodeThreads) attention_decode_kernel(Attent
   using S = DecodeShape<KV, kD>;
   constexpr bool kCodes = S::kCodes;
   using E = std::conditional_t<kCodes, uint8_t, T>;  // what a K/V row holds
-  constexpr int kVec = S::kVec, kLanes = S::kLanes, kPerLane = S::kPerLane, kElems = S::kElems;
+  constexpr int kVec = S::kVec, kLanes = S::kLanes, kPerLane = S::kPerLane, kElems = S::kElems, kUnroll = S::kUnroll;
   FASTAR_DYNAMIC_SMEM(float, s_state);
   float* s_q = s_state + S::kMergeBytes / 4;  // codes: the q rows
 
@@ -160,13 +163,13 @@ __global__ void __launch_bounds__(kDecodeThreads) attention_decode_kernel(Attent
       }
       __syncthreads();
     }
-    // Issue every load of the step first: kDecodeUnroll keys' K and V vectors (absent keys read as 0).
+    // Issue every load of the step first: kUnroll keys' K and V vectors (absent keys read as 0).
     // Codes: each key's scales (ks, vs), loaded with its rows.
-    uint4 kraw[kDecodeUnroll][kPerLane], vraw[kDecodeUnroll][kPerLane];
-    bool ok[kDecodeUnroll];
-    float ks[kDecodeUnroll], vs[kDecodeUnroll];
+    uint4 kraw[kUnroll][kPerLane], vraw[kUnroll][kPerLane];
+    bool ok[kUnroll];
+    float ks[kUnroll], vs[kUnroll];
 #pragma unroll
-    for (int u = 0; u < kDecodeUnroll; ++u) {
+    for (int u = 0; u < kUnroll; ++u) {
       const int64_t j = j0 + u * S::kGroups + group;
       ok[u] = j < k_end;
       const E* krow = kbase;
@@ -201,10 +204,10 @@ __global__ void __launch_bounds__(kDecodeThreads) attention_decode_kernel(Attent
       }
     }
     // The step's K elements as float: the raw vectors' (T), or the codes converted once (codes).
-    float kc[kCodes ? kDecodeUnroll : 1][kElems];
+    float kc[kCodes ? kUnroll : 1][kElems];
     if constexpr (kCodes) {
 #pragma unroll
-      for (int u = 0; u < kDecodeUnroll; ++u) {
+      for (int u = 0; u < kUnroll; ++u) {
 #pragma unroll
         for (int x = 0; x < kPerLane; ++x) codes_to_float<KV::kFormat>(kraw[u][x], &kc[u][x * kVec]);
       }
@@ -216,9 +219,9 @@ __global__ void __launch_bounds__(kDecodeThreads) attention_decode_kernel(Attent
         return vector_element<T>(kraw[u][x], e);
       }
     };
-    float kf[kDecodeUnroll];  // the logit's factor for the key: qk_norm's 1 / |k row|, times K's scale (codes)
+    float kf[kUnroll];  // the logit's factor for the key: qk_norm's 1 / |k row|, times K's scale (codes)
 #pragma unroll
-    for (int u = 0; u < kDecodeUnroll; ++u) {
+    for (int u = 0; u < kUnroll; ++u) {
       kf[u] = 1.0f;
       if (p.qk_norm) {
         float ss = 0.0f;
@@ -232,23 +235,23 @@ __global__ void __launch_bounds__(kDecodeThreads) attention_decode_kernel(Attent
       if constexpr (kCodes) kf[u] *= ks[u];
     }
     // Bit r of hid[u]: key u hidden from row r (absent, or masked). A rolled loop: one copy of the mask code.
-    uint32_t hid[kDecodeUnroll];
+    uint32_t hid[kUnroll];
 #pragma unroll
-    for (int u = 0; u < kDecodeUnroll; ++u) hid[u] = ok[u] ? 0u : ~0u;
+    for (int u = 0; u < kUnroll; ++u) hid[u] = ok[u] ? 0u : ~0u;
     if (masked) {
 #pragma unroll 1
       for (int r = 0; r < R; ++r) {
         const int64_t i = it.dest(r).i;
 #pragma unroll
-        for (int u = 0; u < kDecodeUnroll; ++u) {
+        for (int u = 0; u < kUnroll; ++u) {
           if (ok[u] && !mask_visible(p.mask, it.b, i, j0 + u * S::kGroups + group, geom)) hid[u] |= 1u << r;
         }
       }
     }
-    float vc[kCodes ? kDecodeUnroll : 1][kElems];  // the step's V codes as float (codes)
+    float vc[kCodes ? kUnroll : 1][kElems];  // the step's V codes as float (codes)
     if constexpr (kCodes) {
 #pragma unroll
-      for (int u = 0; u < kDecodeUnroll; ++u) {
+      for (int u = 0; u < kUnroll; ++u) {
 #pragma unroll
         for (int x = 0; x < kPerLane; ++x) codes_to_float<KV::kFormat>(vraw[u][x], &vc[u][x * kVec]);
       }
@@ -263,11 +266,11 @@ __global__ void __launch_bounds__(kDecodeThreads) attention_decode_kernel(Attent
 #pragma unroll
     for (int r = 0; r < kDecodeRowsMax; ++r) {
       if (r >= R) break;  // block-uniform
-      float s[kDecodeUnroll];
-      bool hidden[kDecodeUnroll];
+      float s[kUnroll];
+      bool hidden[kUnroll];
       float mx = -INFINITY;
 #pragma unroll
-      for (int u = 0; u < kDecodeUnroll; ++u) {
+      for (int u = 0; u < kUnroll; ++u) {
         float dot = 0.0f;
 #pragma unroll
         for (int x = 0; x < kPerLane; ++x) {
@@ -289,7 +292,7 @@ __global__ void __launch_bounds__(kDecodeThreads) attention_decode_kernel(Attent
 #pragma unroll
       for (int e = 0; e < kElems; ++e) o[r][e] *= corr;
 #pragma unroll
-      for (int u = 0; u < kDecodeUnroll; ++u) {
+      for (int u = 0; u < kUnroll; ++u) {
         if (hidden[u]) continue;  // its V row (even NaN) stays out of the row
         const float pr = st[r].prob(s[u]);
         st[r].add(pr);
