@@ -457,8 +457,8 @@ __global__ void __launch_bounds__(kTcThreads, 2) attention_tc_kernel(AttentionPa
 }
 
 // Launches attention_tc_kernel<T, D, KV> for the planned work. kind: bf16 or fp16; D: a tc_head_dim; KV: void
-// for a cache of T (attention_tc.cu), KvCode<F> for codes (attention_tc_quantized.cu). Each .cu compiles apart
-// from the other kernels, in parallel.
+// for a cache of T (attention_tc.cu), KvCode<F> for codes. Each .cu compiles apart from the other kernels, in
+// parallel.
 template <typename KV>
 void launch_tc_instance(const AttentionParams& p, FloatKind kind, const AttentionWork& w, dim3 grid,
                         cudaStream_t stream) {
@@ -479,7 +479,15 @@ void launch_tc_instance(const AttentionParams& p, FloatKind kind, const Attentio
 
 void launch_attention_tc(const AttentionParams& p, FloatKind kind, const AttentionWork& w, dim3 grid,
                          cudaStream_t stream);
+// Over codes: attention_tc.cu picks the format; the instances of each are compiled in their own file
+// (attention_tc_<format>.cu), in parallel.
 void launch_attention_tc_quantized(const AttentionParams& p, FloatKind kind, const AttentionWork& w, dim3 grid,
                                    cudaStream_t stream);
+void launch_attention_tc_int8(const AttentionParams& p, FloatKind kind, const AttentionWork& w, dim3 grid,
+                              cudaStream_t stream);
+void launch_attention_tc_fp8_e4m3(const AttentionParams& p, FloatKind kind, const AttentionWork& w, dim3 grid,
+                                  cudaStream_t stream);
+void launch_attention_tc_fp8_e5m2(const AttentionParams& p, FloatKind kind, const AttentionWork& w, dim3 grid,
+                                  cudaStream_t stream);
 
 }  // namespace fastar::cuda
