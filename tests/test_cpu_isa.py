@@ -16,6 +16,7 @@ import torch
 import fastar
 from fastar import masks
 from fastar.reference import (
+    KV_FORMATS,
     attention_reference,
     greedy_verify_reference,
     scale_attention_reference,
@@ -90,6 +91,34 @@ def test_attention_every_path(isa, dtype, D):
         tol = 2e-5 if dtype == torch.float32 else 2e-2
         torch.testing.assert_close(out.double(), ref, atol=tol, rtol=tol)
         torch.testing.assert_close(lse.double(), ref_lse.double(), atol=1e-4, rtol=1e-4)
+
+
+@pytest.mark.parametrize("fmt", ["int8", "fp8_e4m3", "fp8_e5m2"])
+@pytest.mark.parametrize("D", [40, 72, 256])
+@pytest.mark.parametrize("Lq", [7, 8], ids=["decode", "gemm"])
+def test_quantized_cache_reads_every_code_as_torch_converts_it(isa, fmt, D, Lq):
+    """One-key caches whose K and V codes run through all 256 codes of the format, across heads and every lane of
+    the vector loads and of the scalar tails (D off the vector widths), read by the decode path (7 query rows)
+    and by the GEMM path (8). At scale 1 the output is V's row, bit for bit torch's float8 / int8 -> float32
+    conversion, NaNs and infinities included (-0 comes back as +0: the output accumulates from 0). The LSE of
+    the query e_d (softmax scale 1) is K's code d; K's non-finite codes are replaced by 0, since one would make
+    every logit of its row NaN."""
+    H = -(-256 // D)  # kv heads, each one row of D codes
+    B = -(-D // Lq)  # sequences: query i of sequence b is e_d with d = (b * Lq + i) % D
+    codes = (torch.arange(H * D) % 256).to(torch.uint8)
+    values = codes.view(KV_FORMATS[fmt]).float()
+    k_codes = torch.where(values.isfinite(), codes, torch.zeros_like(codes))
+    v = codes.view(KV_FORMATS[fmt]).reshape(1, 1, H, D).expand(B, 1, H, D).contiguous()
+    k = k_codes.view(KV_FORMATS[fmt]).reshape(1, 1, H, D).expand(B, 1, H, D).contiguous()
+    d = (torch.arange(B)[:, None] * Lq + torch.arange(Lq)) % D
+    q = torch.nn.functional.one_hot(d, D).float()[:, :, None, :].expand(B, Lq, H, D).contiguous()
+    ones = torch.ones(B, 1, H)
+    out, lse = fastar.attention_with_kvcache(q, k, v, cache_seqlens=1, k_scale=ones, v_scale=ones, scale=1.0,
+                                             return_lse=True)
+    want = torch.where(values == 0, 0.0, values).reshape(1, 1, H, D).expand(B, Lq, H, D)
+    assert torch.equal(out.view(torch.int32), want.contiguous().view(torch.int32))
+    want_lse = k_codes.view(KV_FORMATS[fmt]).float().reshape(H, D)[:, d].permute(1, 0, 2)  # [B, H, Lq]
+    assert torch.equal(lse, want_lse)
 
 
 @pytest.mark.parametrize("window", [None, 2])

@@ -12,7 +12,7 @@ import pytest
 import torch
 
 import fastar
-from fastar.masks import Causal
+from fastar.masks import BlockCausal, Causal, Dense, Tree, Window
 from fastar.reference import KV_FORMATS, attention_reference
 from test_attention import paged_layout
 
@@ -47,18 +47,17 @@ def quantized_cache(gen, B, S, Hkv, D, fmt, dtype, block_table=None, num_pages=N
     return (*codes, *scales, *deq)
 
 
-def reference(q, k_deq, v_deq, lens, causal):
-    """float64 attention per sequence over its first lens[b] keys (causal: bottom-right, query i is key
-    n - Lq + i); q [B, Lq, Hq, D] -> [B, Lq, Hq, D]."""
+def reference(q, k_deq, v_deq, lens, mask=None):
+    """float64 attention per sequence over its first lens[b] keys, under mask (a fastar.masks mask, by its
+    materialize); q [B, Lq, Hq, D] -> [B, Lq, Hq, D]."""
     out = []
-    Lq = q.shape[1]
-    for b in range(q.shape[0]):
+    B, Lq = q.shape[:2]
+    dense = None if mask is None else mask.materialize(Lq, k_deq.shape[2], batch=B, kv_lens=lens)
+    for b in range(B):
         n = int(lens[b])
         qb = q[b:b + 1].transpose(1, 2).double()
-        mask = None
-        if causal:
-            mask = torch.arange(n)[None, :] <= (n - Lq + torch.arange(Lq))[:, None]
-        o, _ = attention_reference(qb, k_deq[b:b + 1, :, :n], v_deq[b:b + 1, :, :n], mask=mask)
+        o, _ = attention_reference(qb, k_deq[b:b + 1, :, :n], v_deq[b:b + 1, :, :n],
+                                   mask=None if dense is None else dense[b % dense.shape[0], :, :n])
         out.append(o.transpose(1, 2))
     return torch.cat(out)
 
@@ -84,8 +83,37 @@ def test_matches_float64_over_the_dequantized_cache(backend, fmt, Lq, paged, dty
     lens = torch.tensor([S, 147, 133])
     got, _, _ = backend.attention_with_kvcache(q, k_codes, v_codes, cache_seqlens=lens, block_table=bt,
                                                k_scale=k_scale, v_scale=v_scale, mask=Causal() if Lq > 1 else None)
-    want = reference(q, k_deq, v_deq, lens, causal=Lq > 1)
+    want = reference(q, k_deq, v_deq, lens, Causal() if Lq > 1 else None)
     torch.testing.assert_close(got.double(), want, atol=tol, rtol=tol)
+
+
+def masks_of(Lq, S):
+    """Every mask kind over Lq queries and a cache of S keys (each query sees at least its own key)."""
+    gen = torch.Generator().manual_seed(Lq)
+    dense = torch.rand(Lq, S, generator=gen) < 0.5
+    dense[:, :4] = True
+    return {"causal": Causal(), "window": Window(9, sinks=2), "block-causal": BlockCausal(block_size=4),
+            "block-same": BlockCausal(block_size=4, relation="same"), "tree": Tree([-1, 0, 0, 1, 3, -1][:Lq]),
+            "dense": Dense(dense)}
+
+
+@pytest.mark.parametrize("fmt", FORMATS)
+@pytest.mark.parametrize("D", [40, 72])
+@pytest.mark.parametrize("Lq", [3, 6], ids=["decode", "gemm"])
+@pytest.mark.parametrize("kind", ["causal", "window", "block-causal", "block-same", "tree", "dense"])
+def test_cpu_every_mask_kind_and_head_dims_off_the_vector_widths(fmt, D, Lq, kind):
+    """The decode path (3 positions x G = 2: 6 query rows, the micro-kernels' 4-row block and a 2-row one) and the
+    GEMM path (12 rows) under each mask kind, with D = 40 and 72: whole vectors and scalar tails of the codes on
+    every ISA."""
+    gen = torch.Generator().manual_seed(D + Lq)
+    B, Hq, Hkv, S = 2, 4, 2, 100
+    k_codes, v_codes, k_scale, v_scale, k_deq, v_deq = quantized_cache(gen, B, S, Hkv, D, fmt, torch.float32)
+    q = torch.randn(B, Lq, Hq, D, generator=gen)
+    lens = torch.tensor([S, 77])
+    mask = masks_of(Lq, S)[kind]
+    got = fastar.attention_with_kvcache(q, k_codes, v_codes, cache_seqlens=lens, k_scale=k_scale, v_scale=v_scale,
+                                        mask=mask)
+    torch.testing.assert_close(got.double(), reference(q, k_deq, v_deq, lens, mask), atol=2e-5, rtol=2e-5)
 
 
 @pytest.mark.parametrize("fmt", ["fp8_e4m3", "fp8_e5m2"])
@@ -100,7 +128,7 @@ def test_fixed_fp8_scales_per_kv_head(backend, fmt, Lq):
     lens = torch.tensor([S, 70])
     got, _, _ = backend.attention_with_kvcache(q, k_codes, v_codes, cache_seqlens=lens, k_scale=k_scale,
                                                v_scale=v_scale)
-    torch.testing.assert_close(got.double(), reference(q, k_deq, v_deq, lens, causal=False), atol=2e-5, rtol=2e-5)
+    torch.testing.assert_close(got.double(), reference(q, k_deq, v_deq, lens), atol=2e-5, rtol=2e-5)
 
 
 @pytest.mark.parametrize("fmt", ["fp8_e4m3", "fp8_e5m2"])
@@ -139,7 +167,7 @@ def test_a_nan_scale_reaches_only_the_rows_that_see_its_key(backend, fmt, Lq, dt
     q = torch.randn(B, Lq, Hq, D, generator=gen).to(dtype)
     got, _, _ = backend.attention_with_kvcache(q, k_codes, v_codes, cache_seqlens=lens, k_scale=k_scale,
                                                v_scale=v_scale, mask=Causal() if Lq > 1 else None)
-    want = reference(q, k_deq, v_deq, lens, causal=Lq > 1)
+    want = reference(q, k_deq, v_deq, lens, Causal() if Lq > 1 else None)
     tol = 2e-5 if dtype == torch.float32 else 2e-2
     assert got[0, -1].isnan().all()
     if Lq > 1:
@@ -160,7 +188,7 @@ def test_op_writes_a_poisoned_out_and_empty_sequences(backend):
     lse = backend.ops.attention(q, k_codes.transpose(1, 2), v_codes.transpose(1, 2), out, D ** -0.5, kv_lens=lens,
                                 k_scale=k_scale.transpose(1, 2), v_scale=v_scale.transpose(1, 2)).cpu()
     out = out.cpu()
-    want = reference(q.cpu().transpose(1, 2), k_deq, v_deq, lens.cpu(), causal=False).transpose(1, 2)
+    want = reference(q.cpu().transpose(1, 2), k_deq, v_deq, lens.cpu()).transpose(1, 2)
     torch.testing.assert_close(out[[0, 2]].double(), want[[0, 2]], atol=2e-5, rtol=2e-5)
     assert (out[1] == 0).all() and (lse[1] == float("-inf")).all() and lse[[0, 2]].isfinite().all()
     empty = backend.ops.attention(q[:0], k_codes.transpose(1, 2)[:0], v_codes.transpose(1, 2)[:0], out[:0].to(q),

@@ -101,8 +101,9 @@ FASTAR_HD uint8_t kv_code(float x, float s) {
   }
 }
 
-// The value of an fp8 code (the inverse of float_to_fp8: subnormals, signed zeros, e5m2's infinities, NaN): the
-// significand (with its implicit bit when the exponent field is not 0) times a power of two, then NaN / inf
+// The value of an fp8 code (the inverse of float_to_fp8: subnormals, signed zeros, e5m2's infinities, NaN), bit
+// for bit torch's float8 -> float32 conversion (its NaNs: e4m3 0x7ff00000, e5m2 quiet with the code's mantissa):
+// the significand (with its implicit bit when the exponent field is not 0) times a power of two, then NaN / inf
 // blended in by a bit mask, not a select, so that loops over it vectorize (a select let GCC sink the float
 // multiply into a branch).
 template <KvFormat F>
@@ -117,12 +118,30 @@ FASTAR_HD float fp8_to_float(uint8_t code) {
   std::memcpy(&pow, &pow_bits, 4);
   const uint32_t magnitude = float_bits(static_cast<float>(static_cast<int32_t>(significand)) * pow);
   const bool special = kE4M3 ? em == 0x7f : exponent == 31;  // e4m3: NaN; e5m2: +-inf (mantissa 0) or NaN
-  const uint32_t special_bits = 0x7f800000u | (kE4M3 ? 0x400000u : mantissa << (23 - kMant));
+  const uint32_t quiet = 0x400000u & (0u - static_cast<uint32_t>(mantissa != 0));  // e5m2's NaNs quieted
+  const uint32_t special_bits = 0x7f800000u | (kE4M3 ? 0x700000u : mantissa << (23 - kMant) | quiet);
   const uint32_t mask = 0u - static_cast<uint32_t>(special);
   const uint32_t bits = sign | (special_bits & mask) | (magnitude & ~mask);
   float value;
   std::memcpy(&value, &bits, 4);
   return value;
 }
+
+// The value of a code of format F, before its scale.
+template <KvFormat F>
+FASTAR_HD float kv_code_value(uint8_t code) {
+  if constexpr (F == KvFormat::kInt8) {
+    return static_cast<float>(static_cast<int8_t>(code));
+  } else {
+    return fp8_to_float<F>(code);
+  }
+}
+
+// One code of format F as stored: the element type of the CPU kernels' loops over quantized rows, which the vector
+// layer (cpu/vec.h) loads into float lanes, so those loops are templates on their element type.
+template <KvFormat F>
+struct KvCode {
+  uint8_t bits;
+};
 
 }  // namespace fastar

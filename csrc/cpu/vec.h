@@ -9,12 +9,12 @@
 //   Vec8    8      avx2: AVX2 + FMA + F16C  avx512's half-width vector
 //   Vec16   16     avx512: F, BW, VL, DQ
 // `Vec` is the ISA's widest (`VecU64`, `VecU64Sum`, `VecI32` its integer lanes), `kGemm*` its register
-// blocking. Every type has the same operations: zero, broadcast, load (float, c10::Half, c10::BFloat16
-// sources), store, + - *, fmadd, max, min, hsum, hmax, exp, hide (-inf where a visibility byte is 0), any_nan
-// and first_equal (the first lane equal to a value, or -1). Beside each, the integer lanes of the fixed-point
-// sampling kernels (core/acceptance.h, core/sampling.h): U64x<n> (uint64 weights: fixed_weights,
-// keep_at_least), U64Sum<n> (a sum of such: +, hsum), I32x<n> (int32 bins or uint32 order keys: truncate,
-// order_keys, equal_lanes) and Vec<n>::Mask (not_prob, any_lane).
+// blocking. Every type has the same operations: zero, broadcast, load (float, c10::Half, c10::BFloat16 and the
+// KvCode<F> of core/kv_quant.h: int8 and fp8 codes, converted exactly as torch converts them), store, + - *, fmadd,
+// max, min, hsum, hmax, exp, hide (-inf where a visibility byte is 0), any_nan and first_equal (the first lane equal to
+// a value, or -1). Beside each, the integer lanes of the fixed-point sampling kernels (core/acceptance.h,
+// core/sampling.h): U64x<n> (uint64 weights: fixed_weights, keep_at_least), U64Sum<n> (a sum of such: +, hsum), I32x<n>
+// (int32 bins or uint32 order keys: truncate, order_keys, equal_lanes) and Vec<n>::Mask (not_prob, any_lane).
 #pragma once
 #include <c10/util/BFloat16.h>
 #include <c10/util/Half.h>
@@ -26,6 +26,7 @@
 
 #include "core/acceptance.h"
 #include "core/dtype.h"
+#include "core/kv_quant.h"
 #include "core/softmax.h"
 
 #if !defined(FASTAR_ISA)
@@ -68,6 +69,10 @@ template <typename T>
 inline float to_f(T x) {
   return static_cast<float>(x);
 }
+template <KvFormat F>
+inline float to_f(KvCode<F> x) {
+  return kv_code_value<F>(x.bits);
+}
 
 // Calls f(T{}) with T the element type of kind: float, c10::Half or c10::BFloat16.
 template <typename F>
@@ -107,6 +112,17 @@ struct Vec4 {
     return {(F)bits};
   }
   static Vec4 load(const c10::Half* p) { return {F{to_f(p[0]), to_f(p[1]), to_f(p[2]), to_f(p[3])}}; }
+  template <KvFormat K>
+  static Vec4 load(const KvCode<K>* p) {
+    if constexpr (K == KvFormat::kInt8) {
+      typedef int8_t B __attribute__((vector_size(4)));
+      B b;
+      std::memcpy(&b, p, sizeof(b));
+      return {__builtin_convertvector(__builtin_convertvector(b, I), F)};
+    } else {
+      return {F{to_f(p[0]), to_f(p[1]), to_f(p[2]), to_f(p[3])}};
+    }
+  }
   void store(float* p) const { std::memcpy(p, &v, sizeof(v)); }
 };
 inline Vec4 operator+(Vec4 a, Vec4 b) { return {a.v + b.v}; }
@@ -237,6 +253,23 @@ struct Vec8 {
   static Vec8 load(const c10::BFloat16* p) {
     const __m256i wide = _mm256_cvtepu16_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p)));
     return {_mm256_castsi256_ps(_mm256_slli_epi32(wide, 16))};
+  }
+  // fp8 codes go through float16, which holds each exactly (F16C converts its subnormals, whatever MXCSR says):
+  // an e5m2 code is a float16's high byte; an e4m3fn code's 7 low bits are a float16's exponent and mantissa at
+  // an exponent bias 8 higher, and its NaN (0x7f, 0xff) reads as +-480, made torch's NaN by setting the exponent.
+  template <KvFormat K>
+  static Vec8 load(const KvCode<K>* p) {
+    const __m128i bytes = _mm_loadl_epi64(reinterpret_cast<const __m128i*>(p));
+    if constexpr (K == KvFormat::kInt8) {
+      return {_mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(bytes))};
+    } else if constexpr (K == KvFormat::kFp8E5M2) {
+      return {_mm256_cvtph_ps(_mm_slli_epi16(_mm_cvtepu8_epi16(bytes), 8))};
+    } else {
+      const __m128i half = _mm_and_si128(_mm_slli_epi16(_mm_cvtepi8_epi16(bytes), 7), _mm_set1_epi16(-0x4001));
+      const __m256 x = _mm256_mul_ps(_mm256_cvtph_ps(half), _mm256_set1_ps(256.0f));
+      const __m256 nan = _mm256_cmp_ps(_mm256_andnot_ps(_mm256_set1_ps(-0.0f), x), _mm256_set1_ps(480.0f), _CMP_EQ_OQ);
+      return {_mm256_or_ps(x, _mm256_and_ps(nan, _mm256_set1_ps(std::numeric_limits<float>::infinity())))};
+    }
   }
   void store(float* p) const { _mm256_storeu_ps(p, v); }
 };
@@ -384,6 +417,21 @@ struct Vec16 {
     const __m512i wide = _mm512_cvtepu16_epi32(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(p)));
     return {_mm512_castsi512_ps(_mm512_slli_epi32(wide, 16))};
   }
+  template <KvFormat K>  // as Vec8's
+  static Vec16 load(const KvCode<K>* p) {
+    const __m128i bytes = _mm_loadu_si128(reinterpret_cast<const __m128i*>(p));
+    if constexpr (K == KvFormat::kInt8) {
+      return {_mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(bytes))};
+    } else if constexpr (K == KvFormat::kFp8E5M2) {
+      return {_mm512_cvtph_ps(_mm256_slli_epi16(_mm256_cvtepu8_epi16(bytes), 8))};
+    } else {
+      const __m256i half =
+          _mm256_and_si256(_mm256_slli_epi16(_mm256_cvtepi8_epi16(bytes), 7), _mm256_set1_epi16(-0x4001));
+      const __m512i x = _mm512_castps_si512(_mm512_mul_ps(_mm512_cvtph_ps(half), _mm512_set1_ps(256.0f)));
+      const __mmask16 nan = _mm_cmpeq_epi8_mask(_mm_or_si128(bytes, _mm_set1_epi8(-128)), _mm_set1_epi8(-1));
+      return {_mm512_castsi512_ps(_mm512_mask_or_epi32(x, nan, x, _mm512_set1_epi32(0x7f800000)))};
+    }
+  }
   void store(float* p) const { _mm512_storeu_ps(p, v); }
 };
 inline Vec16 operator+(Vec16 a, Vec16 b) { return {_mm512_add_ps(a.v, b.v)}; }
@@ -392,11 +440,13 @@ inline Vec16 operator*(Vec16 a, Vec16 b) { return {_mm512_mul_ps(a.v, b.v)}; }
 inline Vec16 fmadd(Vec16 a, Vec16 b, Vec16 c) { return {_mm512_fmadd_ps(a.v, b.v, c.v)}; }
 inline Vec16 max(Vec16 a, Vec16 b) { return {_mm512_max_ps(a.v, b.v)}; }
 inline Vec16 min(Vec16 a, Vec16 b) { return {_mm512_min_ps(a.v, b.v)}; }
+// The low half by extractf32x8, not castps512_ps256: GCC 12 warns of an uninitialized value in the cast where
+// these are inlined.
 inline float hsum(Vec16 a) {
-  return hsum(Vec8{_mm256_add_ps(_mm512_castps512_ps256(a.v), _mm512_extractf32x8_ps(a.v, 1))});
+  return hsum(Vec8{_mm256_add_ps(_mm512_extractf32x8_ps(a.v, 0), _mm512_extractf32x8_ps(a.v, 1))});
 }
 inline float hmax(Vec16 a) {
-  return hmax(Vec8{_mm256_max_ps(_mm512_castps512_ps256(a.v), _mm512_extractf32x8_ps(a.v, 1))});
+  return hmax(Vec8{_mm256_max_ps(_mm512_extractf32x8_ps(a.v, 0), _mm512_extractf32x8_ps(a.v, 1))});
 }
 inline Vec16 round_nearest(Vec16 x) {
   return {_mm512_roundscale_ps(x.v, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC)};

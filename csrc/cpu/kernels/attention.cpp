@@ -28,7 +28,8 @@
 FASTAR_ISA_BEGIN
 namespace {
 
-static_assert(2 * kKeyTile <= RowPrefetch::kMaxRows, "a key tile's K and V rows fit the prefetch list");
+static_assert(2 * kKeyTile <= RowPrefetch::kMaxRows && 2 * kKeyTile <= RowPrefetch::kMaxLines,
+              "a key tile's K and V rows and scales fit the prefetch lists");
 
 // Tiles with at least this many query rows use the GEMM path: compute-bound verification and prefill.
 // Fewer rows (decode) stream K and V straight from memory with dot/axpy loops.
@@ -177,18 +178,19 @@ class AttentionCpu {
     load_queries(it, gemm, ld, buf.q);
 
     const int64_t lk = kv_len(p_, it.b);
-    // Keys and values that stay in L2 from one query tile of the head to the next need no software prefetch.
-    const bool prefetch = gemm && 2 * lk * D * kv_bytes_ > kL2Resident;
-    // GEMM blocks of a full tile: the next tile's rows are fetched across them.
-    const int64_t steps = gemm_steps(kKeyTile, rp) + gemm_steps(R, D);
-    RowPrefetch pf;  // GEMM path only
+    // The GEMM path prefetches unless the head's K and V stay in L2 from one query tile to the next; decode always
+    // (its loads wait on memory without it, even on a contiguous [B, Hkv, S, D] cache).
+    const bool prefetch = !gemm || 2 * lk * D * kv_bytes_ > kL2Resident;
+    // GEMM blocks of a full tile, or its keys: the next tile's rows are fetched across them.
+    const int64_t steps = gemm ? gemm_steps(kKeyTile, rp) + gemm_steps(R, D) : kKeyTile;
+    RowPrefetch pf;
     auto compute = [&](const TileKeys& keys, int64_t pf_begin, int64_t pf_end) {
       if (prefetch && pf_begin < pf_end) plan_prefetch(it, pf_begin, pf_end, steps, pf);
       if (gemm) {
         tile_gemm(it, keys, buf, pf);
         pf.finish();
       } else {
-        tile_stream(it, keys, buf);  // decode: the hardware prefetcher follows its streams
+        tile_stream(it, keys, buf, pf);
       }
     };
     const AttentionPlan::Steps todo = plan_.steps(item, split, item_plan);
@@ -204,17 +206,23 @@ class AttentionCpu {
     finish_item(item, split, it, buf);
   }
 
-  // Aims pf at the K and V rows of keys [j_begin, j_end), to be fetched in `steps` steps.
+  // Aims pf at the K and V rows of keys [j_begin, j_end) and at the cache lines of their scales, to be fetched in
+  // `steps` steps.
   void plan_prefetch(const Item& it, int64_t j_begin, int64_t j_end, int64_t steps, RowPrefetch& pf) const {
-    pf.n_rows = pf.row = pf.line = 0;
+    pf.n_rows = pf.row = pf.line = pf.n_lines = pf.next_line = 0;
+    const char* last[2] = {nullptr, nullptr};  // the line of each scale array's last entry
     for (int64_t j = j_begin; j < j_end; ++j) {
-      pf.rows[pf.n_rows++] =
-          static_cast<const char*>(p_.k) + kv_row_offset(p_, p_.k_sb, p_.k_sh, p_.k_sl, it.b, it.hkv, j) * kv_bytes_;
-      pf.rows[pf.n_rows++] =
-          static_cast<const char*>(p_.v) + kv_row_offset(p_, p_.v_sb, p_.v_sh, p_.v_sl, it.b, it.hkv, j) * kv_bytes_;
+      for (const bool value : {false, true}) {
+        pf.rows[pf.n_rows++] = static_cast<const char*>(value ? p_.v : p_.k) + row_offset(it, value, j) * kv_bytes_;
+        if (!p_.kv_quantized || p_.kivi_bits) continue;  // KIVI's scales and zeros are read by its conversion
+        const char* line = reinterpret_cast<const char*>(
+            reinterpret_cast<uintptr_t>((value ? p_.v_scale : p_.k_scale) + scale_offset(it, value, j)) &
+            ~uintptr_t{63});
+        if (line != last[value]) pf.lines[pf.n_lines++] = last[value] = line;
+      }
     }
     pf.lines_per_row = (p_.D * kv_bytes_ + 63) / 64;
-    pf.per_step = (pf.n_rows * pf.lines_per_row + steps - 1) / steps;
+    pf.per_step = (pf.n_lines + pf.n_rows * pf.lines_per_row + steps - 1) / steps;
   }
 
   // The item's query rows times the softmax scale (and qk_norm's factor) into q: [R, D], or transposed
@@ -300,53 +308,55 @@ class AttentionCpu {
     }
   }
 
-  // qk_norm: logit (r, c) at s[r * rs + c * cs], r < R, is divided by |k_c|. krows: the keys' rows in float, or
-  // null to read them as they lie.
-  void normalise_keys(const Item& it, const TileKeys& keys, const float* const* krows, float* s, int64_t rs, int64_t cs,
-                      int64_t R) const {
-    const T* kbase = static_cast<const T*>(p_.k);
+  // qk_norm: logit (r, c) at s[r * rs + c * cs], r < R, is divided by |k_c| = |scale_c| |krows[c]| (krows in
+  // float with scales null, or as they lie).
+  template <typename E>
+  void normalise_keys(const TileKeys& keys, const E* const* krows, const float* scales, float* s, int64_t rs,
+                      int64_t cs, int64_t R) const {
     for (int64_t c = 0; c < keys.n; ++c) {
-      const float squares =
-          krows ? sum_squares(krows[c], p_.D)
-                : sum_squares(kbase + kv_row_offset(p_, p_.k_sb, p_.k_sh, p_.k_sl, it.b, it.hkv, keys.at(c)), p_.D);
-      const float inv = 1.0f / std::max(std::sqrt(squares), kQkNormEps);
+      const float norm = std::sqrt(sum_squares(krows[c], p_.D)) * (scales ? std::fabs(scales[c]) : 1.0f);
+      const float inv = 1.0f / std::max(norm, kQkNormEps);
       for (int64_t r = 0; r < R; ++r) s[r * rs + c * cs] *= inv;
     }
   }
 
   // Streaming path of the few-row tiles (decode): K and V rows are read from memory once per tile, key by
-  // key (docs/design/cpu-attention.md). The output stays in registers across the tile's value rows, so no
-  // store-to-load chain runs through o.
-  void tile_stream(const Item& it, const TileKeys& keys, Buffers& buf) {
-    if (p_.kv_quantized) {  // the tile's rows dequantized into float first
+  // key (docs/design/cpu-attention.md), as they lie: 16-bit or float, or int8 / fp8 codes with their scales
+  // folded, K's into the logits and V's into the softmax weights (after the softmax sum, which takes the
+  // weights themselves); KIVI rows are dequantized into float rows first. The output stays in registers
+  // across the tile's value rows, so no store-to-load chain runs through o.
+  void tile_stream(const Item& it, const TileKeys& keys, Buffers& buf, RowPrefetch& pf) {
+    if (p_.kv_quantized && p_.kivi_bits) {
       const float *krows[kBatch], *vrows[kBatch];
       float_rows(it, keys, false, buf, krows);
       float_rows(it, keys, true, buf, vrows);
-      return tile_stream_rows(it, keys, buf, [&](int64_t c) { return krows[c]; }, vrows, true);
+      return tile_stream_rows(it, keys, buf, pf, krows, vrows, nullptr, nullptr);
     }
-    const T* kbase = static_cast<const T*>(p_.k);
-    const T* vbase = static_cast<const T*>(p_.v);
-    const T* vrows[kBatch];
-    for (int64_t c = 0; c < keys.n; ++c)
-      vrows[c] = vbase + kv_row_offset(p_, p_.v_sb, p_.v_sh, p_.v_sl, it.b, it.hkv, keys.at(c));
-    tile_stream_rows(
-        it, keys, buf,
-        [&](int64_t c) { return kbase + kv_row_offset(p_, p_.k_sb, p_.k_sh, p_.k_sl, it.b, it.hkv, keys.at(c)); },
-        vrows, false);
+    if (!p_.kv_quantized) return tile_stream_stored<T>(it, keys, buf, pf);
+    with_kv_format(p_.kv_format, [&](auto f) { tile_stream_stored<KvCode<decltype(f)::value>>(it, keys, buf, pf); });
   }
 
-  // tile_stream over key c's row krow(c) and value rows vrows (float, or as they lie); float_keys says which.
-  template <typename KRow, typename V>
-  void tile_stream_rows(const Item& it, const TileKeys& keys, Buffers& buf, KRow&& krow, const V* const* vrows,
-                        bool float_keys) {
+  // tile_stream over the K and V rows as they lie, of element type E.
+  template <typename E>
+  void tile_stream_stored(const Item& it, const TileKeys& keys, Buffers& buf, RowPrefetch& pf) {
+    const E *krows[kBatch], *vrows[kBatch];
+    float kscale[kBatch], vscale[kBatch];
+    stored_rows(it, keys, false, krows, kscale);
+    stored_rows(it, keys, true, vrows, vscale);
+    const bool scaled = p_.kv_quantized;
+    tile_stream_rows(it, keys, buf, pf, krows, vrows, scaled ? kscale : nullptr, scaled ? vscale : nullptr);
+  }
+
+  // tile_stream over K and V rows krows, vrows with their scales (null: 1).
+  template <typename E>
+  void tile_stream_rows(const Item& it, const TileKeys& keys, Buffers& buf, RowPrefetch& pf, const E* const* krows,
+                        const E* const* vrows, const float* kscale, const float* vscale) {
     const int64_t D = p_.D, R = G_ * it.nq, nk = keys.n;
-    const float* krows[kBatch];
     for (int64_t c = 0; c < nk; ++c) {
-      const auto* row = krow(c);
-      if (float_keys) krows[c] = reinterpret_cast<const float*>(row);
-      for (int64_t r = 0; r < R; ++r) buf.s[r * kBatch + c] = dot_row(buf.q + r * D, row, D);
+      dot_row(buf.q, R, krows[c], D, kscale ? kscale[c] : 1.0f, buf.s + c, kBatch);
+      pf.step();
     }
-    if (p_.qk_norm) normalise_keys(it, keys, float_keys ? krows : nullptr, buf.s, kBatch, 1, R);
+    if (p_.qk_norm) normalise_keys(keys, krows, kscale, buf.s, kBatch, 1, R);
     if (keys.vis) apply_mask(it, keys, buf.s, kBatch, 1);
     // Online softmax: what was accumulated so far is rescaled by exp(m_old - m_new).
     for (int64_t r = 0; r < R; ++r) {
@@ -357,12 +367,13 @@ class AttentionCpu {
       if (corr != 1.0f) {
         for (int64_t d = 0; d < D; ++d) buf.o[r * D + d] *= corr;
       }
+      if (vscale) scale_row(srow, vscale, nk);
     }
     if (buf.careful && keys.vis) {
       masked_values(keys, 0, R, [&](int64_t r, int64_t c) { return buf.s[r * kBatch + c]; }, vrows, buf, false);
       return;
     }
-    for (int64_t r = 0; r < R; ++r) axpy_row(buf.o + r * D, buf.s + r * kBatch, vrows, nk, D);
+    axpy_row(buf.o, R, D, buf.s, kBatch, vrows, nk);
   }
 
   // o[r] (* corr[r] when rescale) += sum over the keys row r sees of p(r, c) * v_c, for rows [r0, r0 + nr).
@@ -415,7 +426,7 @@ class AttentionCpu {
     float* dst = value ? buf.vf : buf.kf;
     for (int64_t c = 0; c < keys.n; ++c) {
       if (in_place) {
-        rows[c] = reinterpret_cast<const float*>(base + kv_row_offset(p_, sb, sh, sl, it.b, it.hkv, keys.at(c)));
+        rows[c] = reinterpret_cast<const float*>(stored_row<T>(it, value, keys.at(c)));
       } else {
         row_to_float(it, value, keys.at(c), dst + c * ld);
         rows[c] = dst + c * ld;
@@ -423,16 +434,47 @@ class AttentionCpu {
     }
   }
 
+  // Where key s's K (or V) row of the item's head lies in k (or v), in elements; and its scale in k_scale
+  // (v_scale).
+  int64_t row_offset(const Item& it, bool value, int64_t s) const {
+    return value ? kv_row_offset(p_, p_.v_sb, p_.v_sh, p_.v_sl, it.b, it.hkv, s)
+                 : kv_row_offset(p_, p_.k_sb, p_.k_sh, p_.k_sl, it.b, it.hkv, s);
+  }
+  int64_t scale_offset(const Item& it, bool value, int64_t s) const {
+    return value ? kv_row_offset(p_, p_.vs_sb, p_.vs_sh, p_.vs_sl, it.b, it.hkv, s)
+                 : kv_row_offset(p_, p_.ks_sb, p_.ks_sh, p_.ks_sl, it.b, it.hkv, s);
+  }
+
+  // Key s's K (or V) row as it lies, as elements of type E.
+  template <typename E>
+  const E* stored_row(const Item& it, bool value, int64_t s) const {
+    return static_cast<const E*>(value ? p_.v : p_.k) + row_offset(it, value, s);
+  }
+
+  // The scale of key s's K (or V) row: its codes times it are its values (1 for an unquantized cache; not KIVI).
+  float row_scale(const Item& it, bool value, int64_t s) const {
+    if (!p_.kv_quantized) return 1.0f;
+    return (value ? p_.v_scale : p_.k_scale)[scale_offset(it, value, s)];
+  }
+
+  // The keys' K (or V) rows as they lie, and their scales.
+  template <typename E>
+  void stored_rows(const Item& it, const TileKeys& keys, bool value, const E** rows, float* scales) const {
+    for (int64_t c = 0; c < keys.n; ++c) {
+      rows[c] = stored_row<E>(it, value, keys.at(c));
+      scales[c] = row_scale(it, value, keys.at(c));
+    }
+  }
+
   // Key s's K (or V) row of the item's head in float: converted from 16 bits, or dequantized (codes * scale; KIVI:
   // codes * scale + zero, or the window's row).
   void row_to_float(const Item& it, bool value, int64_t s, float* dst) const {
-    const int64_t sb = value ? p_.v_sb : p_.k_sb, sh = value ? p_.v_sh : p_.k_sh, sl = value ? p_.v_sl : p_.k_sl;
-    const int64_t at = kv_row_offset(p_, sb, sh, sl, it.b, it.hkv, s);
-    if (!p_.kv_quantized) return to_float_row(static_cast<const T*>(value ? p_.v : p_.k) + at, dst, p_.D);
-    if (p_.kivi_bits) return kivi_row_to_float(it, value, s, at, dst);
-    const float scale = value ? p_.v_scale[kv_row_offset(p_, p_.vs_sb, p_.vs_sh, p_.vs_sl, it.b, it.hkv, s)]
-                              : p_.k_scale[kv_row_offset(p_, p_.ks_sb, p_.ks_sh, p_.ks_sl, it.b, it.hkv, s)];
-    dequantize_row(static_cast<const uint8_t*>(value ? p_.v : p_.k) + at, scale, p_.kv_format, dst, p_.D);
+    if (p_.kv_quantized && p_.kivi_bits) return kivi_row_to_float(it, value, s, row_offset(it, value, s), dst);
+    const float scale = row_scale(it, value, s);
+    if (!p_.kv_quantized) return to_float_row(stored_row<T>(it, value, s), scale, dst, p_.D);
+    with_kv_format(p_.kv_format, [&](auto f) {
+      to_float_row(stored_row<KvCode<decltype(f)::value>>(it, value, s), scale, dst, p_.D);
+    });
   }
 
   // row_to_float for a KIVI cache; at: the row's offset in the codes (core/attention.h).
@@ -440,8 +482,8 @@ class AttentionCpu {
     const int64_t D = p_.D, G = p_.kivi_group;
     if (s >= p_.kivi_split[2 * it.b + value]) {  // still in the full-precision window
       const T* window = static_cast<const T*>(value ? p_.kivi_v_window : p_.kivi_k_window);
-      return to_float_row(window + ((it.b * p_.kivi_window_len + s % p_.kivi_window_len) * p_.Hkv + it.hkv) * D, dst,
-                          D);
+      return to_float_row(window + ((it.b * p_.kivi_window_len + s % p_.kivi_window_len) * p_.Hkv + it.hkv) * D, 1.0f,
+                          dst, D);
     }
     const int64_t bytes = D * p_.kivi_bits / 8, slot_head = at / bytes;  // slot * Hkv + head
     const uint8_t* codes = static_cast<const uint8_t*>(value ? p_.v : p_.k) + at;
@@ -466,7 +508,7 @@ class AttentionCpu {
     float_rows(it, keys, false, buf, krows);
     gemm<Gemm::kLogits>(nk, cols, D, GemmOperands{krows, nullptr, 0, buf.q + r0, ld, nullptr}, buf.s + r0, ld, nullptr,
                         pf);
-    if (p_.qk_norm) normalise_keys(it, keys, krows, buf.s + r0, 1, ld, cols);
+    if (p_.qk_norm) normalise_keys(keys, krows, static_cast<const float*>(nullptr), buf.s + r0, 1, ld, cols);
     // With one query head and no bias, the max pass applies the mask too (one pass over s less): a column of
     // kW rows reads its kW visibility bytes per key; rows past the step's np read as hidden.
     const bool mask_in_max = keys.vis && G_ == 1 && !p_.mask.bias;

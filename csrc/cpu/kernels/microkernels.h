@@ -53,6 +53,13 @@ inline float exp_shift_sum(float* x, int64_t n, float shift) {
   return sum;
 }
 
+// x[i] *= y[i] for i < n.
+inline void scale_row(float* x, const float* y, int64_t n) {
+  int64_t i = 0;
+  for (; i + kW <= n; i += kW) (Vec::load(x + i) * Vec::load(y + i)).store(x + i);
+  for (; i < n; ++i) x[i] *= y[i];
+}
+
 // Whether x[0..n) holds no NaN and no infinity (x - x is 0 exactly for finite x).
 inline bool all_finite(const float* x, int64_t n) {
   int64_t i = 0;
@@ -66,19 +73,121 @@ inline bool all_finite(const float* x, int64_t n) {
   return finite;
 }
 
-// dot(a[0..D), b[0..D)) with a in float and b in the input type.
-template <typename T>
-inline float dot_row(const float* a, const T* b, int64_t D) {
+// The decode path's products, over K / V rows in their stored type T (float, 16-bit, or KvCode<F> codes): each
+// vector of a row is loaded (converted) once for up to kStreamRows query rows, in blocks of NR rows.
+constexpr int kStreamRows = 4;
+// Vectors of a row per axpy block of NR rows: NR * NV accumulators, NR weights and a loaded vector in the ISA's
+// registers (32 with AVX-512, else 16).
+constexpr int axpy_vecs(int nr) {
+  const int regs = FASTAR_ISA_LEVEL >= 2 ? 32 : 16, most = (regs - 1 - nr) / nr;
+  return most >= 8 ? 8 : most >= 4 ? 4 : most >= 2 ? 2 : 1;
+}
+
+// out[r * ld] = scale * dot(q[r * D .. r * D + D), row[0..D)) for r < NR.
+template <int NR, typename T>
+inline void dot_rows(const float* q, const T* row, int64_t D, float scale, float* out, int64_t ld) {
+  Vec acc[NR][2];
+#pragma GCC unroll 8
+  for (int r = 0; r < NR; ++r) acc[r][0] = acc[r][1] = Vec::zero();
   int64_t d = 0;
-  Vec acc0 = Vec::zero(), acc1 = Vec::zero();
   for (; d + 2 * kW <= D; d += 2 * kW) {
-    acc0 = fmadd(Vec::load(a + d), Vec::load(b + d), acc0);
-    acc1 = fmadd(Vec::load(a + d + kW), Vec::load(b + d + kW), acc1);
+    const Vec k0 = Vec::load(row + d), k1 = Vec::load(row + d + kW);
+#pragma GCC unroll 8
+    for (int r = 0; r < NR; ++r) {
+      acc[r][0] = fmadd(Vec::load(q + r * D + d), k0, acc[r][0]);
+      acc[r][1] = fmadd(Vec::load(q + r * D + d + kW), k1, acc[r][1]);
+    }
   }
-  for (; d + kW <= D; d += kW) acc0 = fmadd(Vec::load(a + d), Vec::load(b + d), acc0);
-  float s = hsum(acc0 + acc1);
-  for (; d < D; ++d) s += a[d] * to_f(b[d]);
-  return s;
+  if (d + kW <= D) {
+    const Vec k0 = Vec::load(row + d);
+#pragma GCC unroll 8
+    for (int r = 0; r < NR; ++r) acc[r][0] = fmadd(Vec::load(q + r * D + d), k0, acc[r][0]);
+    d += kW;
+  }
+#pragma GCC unroll 8
+  for (int r = 0; r < NR; ++r) {
+    float x = hsum(acc[r][0] + acc[r][1]);
+    for (int64_t e = d; e < D; ++e) x += q[r * D + e] * to_f(row[e]);
+    out[r * ld] = x * scale;
+  }
+}
+
+// dot_rows for nr < NR rows.
+template <int NR, typename T>
+inline void dot_rows_tail(int nr, const float* q, const T* row, int64_t D, float scale, float* out, int64_t ld) {
+  if constexpr (NR > 0) {
+    if (nr == NR) return dot_rows<NR>(q, row, D, scale, out, ld);
+    dot_rows_tail<NR - 1>(nr, q, row, D, scale, out, ld);
+  }
+}
+
+// s[r * ld] = scale * dot(q[r * D .. r * D + D), row[0..D)) for the R query rows at q [R, D].
+template <typename T>
+inline void dot_row(const float* q, int64_t R, const T* row, int64_t D, float scale, float* s, int64_t ld) {
+  int64_t r = 0;
+  for (; r + kStreamRows <= R; r += kStreamRows) dot_rows<kStreamRows>(q + r * D, row, D, scale, s + r * ld, ld);
+  dot_rows_tail<kStreamRows - 1>(static_cast<int>(R - r), q + r * D, row, D, scale, s + r * ld, ld);
+}
+
+// o[r * D + d0 + i] += sum_c w[r * ldw + c] * rows[c][d0 + i] for r < NR, i < NV vectors: o in registers across
+// the rows.
+template <int NR, int NV, typename T>
+inline void axpy_block(float* o, int64_t D, const float* w, int64_t ldw, const T* const* rows, int64_t n, int64_t d0) {
+  Vec acc[NR][NV];
+#pragma GCC unroll 8
+  for (int r = 0; r < NR; ++r)
+#pragma GCC unroll 8
+    for (int i = 0; i < NV; ++i) acc[r][i] = Vec::load(o + r * D + d0 + kW * i);
+  for (int64_t c = 0; c < n; ++c) {
+    Vec wv[NR];
+#pragma GCC unroll 8
+    for (int r = 0; r < NR; ++r) wv[r] = Vec::broadcast(w + r * ldw + c);
+#pragma GCC unroll 8
+    for (int i = 0; i < NV; ++i) {
+      const Vec v = Vec::load(rows[c] + d0 + kW * i);
+#pragma GCC unroll 8
+      for (int r = 0; r < NR; ++r) acc[r][i] = fmadd(wv[r], v, acc[r][i]);
+    }
+  }
+#pragma GCC unroll 8
+  for (int r = 0; r < NR; ++r)
+#pragma GCC unroll 8
+    for (int i = 0; i < NV; ++i) acc[r][i].store(o + r * D + d0 + kW * i);
+}
+
+// o[r * D .. r * D + D) += sum_c w[r * ldw + c] * rows[c][0..D) for r < NR: blocks of axpy_vecs(NR) vectors, then
+// single vectors, then the lanes past the last whole vector.
+template <int NR, typename T>
+inline void axpy_rows(float* o, int64_t D, const float* w, int64_t ldw, const T* const* rows, int64_t n) {
+  constexpr int NV = axpy_vecs(NR);
+  int64_t d = 0;
+  for (; d + NV * kW <= D; d += NV * kW) axpy_block<NR, NV>(o, D, w, ldw, rows, n, d);
+  if constexpr (NV > 1)
+    for (; d + kW <= D; d += kW) axpy_block<NR, 1>(o, D, w, ldw, rows, n, d);
+#pragma GCC unroll 8
+  for (int r = 0; r < NR; ++r)
+    for (int64_t e = d; e < D; ++e) {
+      float acc = o[r * D + e];
+      for (int64_t c = 0; c < n; ++c) acc += w[r * ldw + c] * to_f(rows[c][e]);
+      o[r * D + e] = acc;
+    }
+}
+
+// axpy_rows for nr < NR rows.
+template <int NR, typename T>
+inline void axpy_rows_tail(int nr, float* o, int64_t D, const float* w, int64_t ldw, const T* const* rows, int64_t n) {
+  if constexpr (NR > 0) {
+    if (nr == NR) return axpy_rows<NR>(o, D, w, ldw, rows, n);
+    axpy_rows_tail<NR - 1>(nr, o, D, w, ldw, rows, n);
+  }
+}
+
+// o[r * D .. r * D + D) += sum_c w[r * ldw + c] * rows[c][0..D) for the R rows of o [R, D]: the decode path's P V.
+template <typename T>
+inline void axpy_row(float* o, int64_t R, int64_t D, const float* w, int64_t ldw, const T* const* rows, int64_t n) {
+  int64_t r = 0;
+  for (; r + kStreamRows <= R; r += kStreamRows) axpy_rows<kStreamRows>(o + r * D, D, w + r * ldw, ldw, rows, n);
+  axpy_rows_tail<kStreamRows - 1>(static_cast<int>(R - r), o + r * D, D, w + r * ldw, ldw, rows, n);
 }
 
 template <typename T>
@@ -94,27 +203,13 @@ inline float sum_squares(const T* x, int64_t D) {
   return s;
 }
 
-// One row converted to float.
+// dst[0..D) = row[0..D) in float times scale (1 for 16-bit rows; a quantized row's scale for its codes).
 template <typename T>
-inline void to_float_row(const T* row, float* dst, int64_t D) {
+inline void to_float_row(const T* row, float scale, float* dst, int64_t D) {
+  const Vec sv = Vec::broadcast(scale);
   int64_t d = 0;
-  for (; d + kW <= D; d += kW) Vec::load(row + d).store(dst + d);
-  for (; d < D; ++d) dst[d] = to_f(row[d]);
-}
-
-// One row of quantized codes (core/kv_quant.h) dequantized to float: code * scale.
-inline void dequantize_row(const uint8_t* codes, float scale, KvFormat format, float* dst, int64_t D) {
-  switch (format) {
-    case KvFormat::kInt8:
-      for (int64_t d = 0; d < D; ++d) dst[d] = static_cast<float>(static_cast<int8_t>(codes[d])) * scale;
-      return;
-    case KvFormat::kFp8E4M3:
-      for (int64_t d = 0; d < D; ++d) dst[d] = fp8_to_float<KvFormat::kFp8E4M3>(codes[d]) * scale;
-      return;
-    case KvFormat::kFp8E5M2:
-      for (int64_t d = 0; d < D; ++d) dst[d] = fp8_to_float<KvFormat::kFp8E5M2>(codes[d]) * scale;
-      return;
-  }
+  for (; d + kW <= D; d += kW) (Vec::load(row + d) * sv).store(dst + d);
+  for (; d < D; ++d) dst[d] = to_f(row[d]) * scale;
 }
 
 // One row of KIVI codes (bits per code, packed little-endian) dequantized to float: code * scale + zero, with
@@ -128,55 +223,25 @@ inline void kivi_dequantize_row(const uint8_t* codes, const uint16_t* scale, con
   }
 }
 
-// o[0..W NV) += sum_c w[c] * rows[c][d0..d0 + W NV), with o held in registers across the rows.
-template <int NV, typename T>
-inline void axpy_rows(float* o, const float* w, const T* const* rows, int64_t n, int64_t d0) {
-  Vec acc[NV];
-  for (int i = 0; i < NV; ++i) acc[i] = Vec::load(o + kW * i);
-  for (int64_t c = 0; c < n; ++c) {
-    const Vec wv = Vec::broadcast(w + c);
-    for (int i = 0; i < NV; ++i) acc[i] = fmadd(wv, Vec::load(rows[c] + d0 + kW * i), acc[i]);
-  }
-  for (int i = 0; i < NV; ++i) acc[i].store(o + kW * i);
-}
-
-// axpy_rows for nv < NV vectors.
-template <int NV, typename T>
-inline void axpy_rows_tail(int nv, float* o, const float* w, const T* const* rows, int64_t n, int64_t d0) {
-  if constexpr (NV > 0) {
-    if (nv == NV) return axpy_rows<NV>(o, w, rows, n, d0);
-    axpy_rows_tail<NV - 1>(nv, o, w, rows, n, d0);
-  }
-}
-
-// o[0..D) += sum_c w[c] * rows[c][0..D): the decode path's P V for one query row.
-template <typename T>
-inline void axpy_row(float* o, const float* w, const T* const* rows, int64_t n, int64_t D) {
-  int64_t d = 0;
-  for (; d + 8 * kW <= D; d += 8 * kW) axpy_rows<8>(o + d, w, rows, n, d);
-  axpy_rows_tail<7>(static_cast<int>((D - d) / kW), o + d, w, rows, n, d);
-  for (d = D / kW * kW; d < D; ++d) {
-    float acc = o[d];
-    for (int64_t c = 0; c < n; ++c) acc += w[c] * to_f(rows[c][d]);
-    o[d] = acc;
-  }
-}
-
-// Software prefetch of the next key tile's K and V rows into L2, spread over the current tile's GEMM
-// blocks: issued in one burst, they would fill the core's miss buffers and stall it.
+// Software prefetch of the next key tile's K and V rows (and a quantized cache's scales, single lines, first)
+// into L2, spread over the current tile's GEMM blocks or keys: issued in one burst, they would fill the core's
+// miss buffers and stall it.
 struct RowPrefetch {
-  static constexpr int64_t kMaxRows = 256;
+  static constexpr int64_t kMaxRows = 256, kMaxLines = 256;
   const char* rows[kMaxRows];
-  int64_t n_rows = 0, lines_per_row = 0, per_step = 0, row = 0, line = 0;
+  const char* lines[kMaxLines];
+  int64_t n_rows = 0, lines_per_row = 0, n_lines = 0, per_step = 0, row = 0, line = 0, next_line = 0;
 
   void step() {
-    for (int64_t i = 0; i < per_step && row < n_rows; ++i) {
+    int64_t i = 0;
+    for (; i < per_step && next_line < n_lines; ++i) __builtin_prefetch(lines[next_line++], 0, 2);
+    for (; i < per_step && row < n_rows; ++i) {
       __builtin_prefetch(rows[row] + 64 * line, 0, 2);
       if (++line == lines_per_row) line = 0, ++row;
     }
   }
   void finish() {
-    per_step = n_rows * lines_per_row;
+    per_step = n_lines + n_rows * lines_per_row;
     step();
   }
 };
