@@ -137,11 +137,18 @@ FASTAR_HD float kv_code_value(uint8_t code) {
   }
 }
 
-// One code of format F as stored: the element type of the CPU kernels' loops over quantized rows, which the vector
-// layer (cpu/vec.h) loads into float lanes, so those loops are templates on their element type.
+// One code of format F as stored: the element type of the kernels' loops over quantized rows (the CPU's vector
+// layer, cpu/vec.h, loads it into float lanes; the CUDA kernels are instantiated per KvCode), so those loops are
+// templates on their element type.
 template <KvFormat F>
 struct KvCode {
+  static constexpr KvFormat kFormat = F;
   uint8_t bits;
 };
+
+template <typename KV>
+inline constexpr bool kIsKvCode = false;
+template <KvFormat F>
+inline constexpr bool kIsKvCode<KvCode<F>> = true;
 
 }  // namespace fastar

@@ -1,5 +1,5 @@
-// One-byte K/V codes (docs/quantized_kvcache.md) as the attention kernels read them: the element tag of a
-// quantized cache and exact conversions of its codes to float. int8 and both fp8 formats convert exactly to
+// One-byte K/V codes (docs/quantized_kvcache.md) as the attention kernels read them: exact conversions of the
+// codes of a KvCode<F> instance (core/kv_quant.h) to float. int8 and both fp8 formats convert exactly to
 // float, bf16 and fp16, so a kernel may feed converted codes to the tensor cores unchanged.
 #pragma once
 #include <cuda_fp16.h>
@@ -12,18 +12,6 @@
 #include "cuda/common.cuh"
 
 namespace fastar::cuda {
-
-// K/V element type of an attention kernel instance for codes of format F (a 16-bit or fp32 cache uses T itself).
-template <KvFormat F>
-struct KvCode {
-  static constexpr KvFormat kFormat = F;
-  uint8_t bits;
-};
-
-template <typename KV>
-inline constexpr bool kIsKvCode = false;
-template <KvFormat F>
-inline constexpr bool kIsKvCode<KvCode<F>> = true;
 
 // Two e4m3 codes (the low byte first) as floats: sm_89+'s cvt.rn.f16x2.e4m3x2 (exact: every e4m3 value is an fp16
 // value), elsewhere core/kv_quant.h's bit arithmetic.
