@@ -477,6 +477,11 @@ class AttentionCpu {
     });
   }
 
+  void kivi_row(const uint8_t* codes, const uint16_t* scale, const uint16_t* zero, int64_t per, float* dst) const {
+    if (p_.kivi_bits == 4) return kivi_dequantize_row<4>(codes, scale, zero, per, dst, p_.D);
+    kivi_dequantize_row<2>(codes, scale, zero, per, dst, p_.D);
+  }
+
   // row_to_float for a KIVI cache; at: the row's offset in the codes (core/attention.h).
   void kivi_row_to_float(const Item& it, bool value, int64_t s, int64_t at, float* dst) const {
     const int64_t D = p_.D, G = p_.kivi_group;
@@ -489,10 +494,10 @@ class AttentionCpu {
     const uint8_t* codes = static_cast<const uint8_t*>(value ? p_.v : p_.k) + at;
     if (value) {  // per token, over groups of G channels
       const int64_t meta = slot_head * (D / G);
-      kivi_dequantize_row(codes, p_.kivi_v_scale + meta, p_.kivi_v_zero + meta, G, p_.kivi_bits, dst, D);
+      kivi_row(codes, p_.kivi_v_scale + meta, p_.kivi_v_zero + meta, G, dst);
     } else {  // per channel, over the group of G tokens holding slot
       const int64_t meta = (slot_head / p_.Hkv / G * p_.Hkv + it.hkv) * D;
-      kivi_dequantize_row(codes, p_.kivi_k_scale + meta, p_.kivi_k_zero + meta, 1, p_.kivi_bits, dst, D);
+      kivi_row(codes, p_.kivi_k_scale + meta, p_.kivi_k_zero + meta, 1, dst);
     }
   }
 

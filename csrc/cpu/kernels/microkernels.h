@@ -212,15 +212,29 @@ inline void to_float_row(const T* row, float scale, float* dst, int64_t D) {
   for (; d < D; ++d) dst[d] = to_f(row[d]) * scale;
 }
 
-// One row of KIVI codes (bits per code, packed little-endian) dequantized to float: code * scale + zero, with
-// channel d's float16 scale and zero at [d / per], per = 1 for keys (one per channel) or G for values.
+// One row of KIVI codes (kBits per code, packed little-endian) dequantized to float: code * scale + zero, with
+// channel d's float16 scale and zero at [d / per], per = 1 for keys (one per channel) or G for values. Two passes
+// over dst (in L1): the codes unpacked by constant shifts (a loop GCC vectorizes), then the scale and zero.
+template <int kBits>
 inline void kivi_dequantize_row(const uint8_t* codes, const uint16_t* scale, const uint16_t* zero, int64_t per,
-                                int bits, float* dst, int64_t D) {
-  const uint32_t mask = (1u << bits) - 1;
-  for (int64_t d = 0; d < D; ++d) {
-    const uint32_t code = codes[d * bits / 8] >> (d * bits % 8) & mask;
-    dst[d] = static_cast<float>(code) * half_to_float(scale[d / per]) + half_to_float(zero[d / per]);
+                                float* dst, int64_t D) {
+  constexpr int kPerByte = 8 / kBits;
+  constexpr uint32_t kMask = (1u << kBits) - 1;
+  for (int64_t b = 0; b < D / kPerByte; ++b)
+    for (int j = 0; j < kPerByte; ++j) dst[b * kPerByte + j] = static_cast<float>(codes[b] >> (j * kBits) & kMask);
+  const auto* scale_h = reinterpret_cast<const c10::Half*>(scale);
+  const auto* zero_h = reinterpret_cast<const c10::Half*>(zero);
+  int64_t d = 0;
+  if (per == 1) {
+    for (; d + kW <= D; d += kW)
+      fmadd(Vec::load(dst + d), Vec::load(scale_h + d), Vec::load(zero_h + d)).store(dst + d);
+  } else if (per % kW == 0) {
+    for (; d < D; d += per) {
+      const Vec s = Vec::broadcast(half_to_float(scale[d / per])), z = Vec::broadcast(half_to_float(zero[d / per]));
+      for (int64_t e = d; e < d + per; e += kW) fmadd(Vec::load(dst + e), s, z).store(dst + e);
+    }
   }
+  for (; d < D; ++d) dst[d] = dst[d] * half_to_float(scale[d / per]) + half_to_float(zero[d / per]);
 }
 
 // Software prefetch of the next key tile's K and V rows (and a quantized cache's scales, single lines, first)
