@@ -31,6 +31,7 @@ from transformers.cache_utils import DynamicCache, QuantizedCache
 
 import fastar.integrations.huggingface as fastar_hf
 from bench import common
+from fastar import _common
 
 LAYERS, HIDDEN, HQ, HKV, D, VOCAB = 2, 1024, 32, 8, 128, 4096
 GROUP, RESIDUAL = 32, 128  # fastar's KIVI defaults, given to QuantizedCache too (its own default group is 64)
@@ -161,18 +162,36 @@ def fastar_memory(x: dict) -> int:
     return sum(layer.cache.memory_bytes() for layer in x["fastar"].layers)
 
 
-def attention_share(x: dict, steps: int = 3) -> float:
-    """Share of fastar's step (wall time) spent in its attention kernel (torch.ops.fastar.attention), by
-    torch.profiler."""
-    from torch.profiler import ProfilerActivity, profile
+class _TimedAttention:
+    """An op namespace for fastar._common.using_ops: torch.ops.fastar, with the attention op's wall time summed."""
 
-    with profile(activities=[ProfilerActivity.CPU]) as prof:
+    def __init__(self):
+        self.seconds = 0.0
+
+    def __getattr__(self, name):
+        op = getattr(torch.ops.fastar, name)
+        if name != "attention":
+            return op
+
+        def timed(*args, **kwargs):
+            start = time.perf_counter()
+            try:
+                return op(*args, **kwargs)
+            finally:
+                self.seconds += time.perf_counter() - start
+
+        return timed
+
+
+def attention_share(x: dict, steps: int = 3) -> float:
+    """Share of fastar's step (wall time) spent in its attention op (torch.ops.fastar.attention)."""
+    ops = _TimedAttention()
+    with _common.using_ops(ops):
         start = time.perf_counter()
         for seed in range(steps):
             run_fastar(x, seed)
-        wall_us = (time.perf_counter() - start) * 1e6
-    attention_us = sum(e.self_cpu_time_total for e in prof.key_averages() if e.key == "fastar::attention")
-    return attention_us / wall_us
+        wall = time.perf_counter() - start
+    return ops.seconds / wall
 
 
 _printed = set()
