@@ -398,6 +398,53 @@ def test_kivi_truncate_returns_cut_keys_to_the_window(backend, fmt):
         torch.testing.assert_close(out.double(), want, rtol=0, atol=2e-5)
 
 
+# Shapes the decode path over KIVI codes must handle: (D, G or None for the narrowest G that fills whole bytes,
+# R, lengths). 150 tokens span three key tiles of 64, so tiles straddle the split and (G = 8, 2, 4) group
+# boundaries; D = 40 is no multiple of a vector and G = 8 (or 2, 4) is narrower than one.
+KIVI_SHAPES = {
+    "D40-G8": (40, 8, 16, [150, 67, 9]),
+    "G-narrowest": (64, None, 8, [150, 77, 3]),
+    "D72-G24": (72, 24, 24, [150, 100, 50]),
+    "window-only": (64, 8, 64, [60, 4, 33]),
+    "quantized-only": (64, 8, 0, [144, 40, 8]),
+}
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["f32", "bf16"])
+@pytest.mark.parametrize("Lq", [1, 3])
+@pytest.mark.parametrize("paged", [False, True], ids=["contiguous", "paged"])
+@pytest.mark.parametrize("shape", list(KIVI_SHAPES))
+@pytest.mark.parametrize("fmt", KIVI)
+def test_kivi_decode_shapes_match_float64(attending, fmt, shape, paged, Lq, dtype):
+    """Lq = 1 (GQA 4:1: the CPU's decode path over the KIVI codes; Lq = 3 its GEMM path) against float64
+    attention over the dequantized cache, causal over the last Lq positions. A bfloat16 cache attends q in its
+    dtype and its output is rounded to it: within two ulps (rtol 2^-7)."""
+    dim, G, R, lens = KIVI_SHAPES[shape]
+    G = G or 8 // {"int4": 4, "int2": 2}[fmt]
+    capacity = 192
+    gen = torch.Generator().manual_seed(len(shape) + 7 * Lq + paged)
+    if paged:
+        cache = attending.quantized_kvcache(B, HKV, dim, num_pages=B * capacity // 48, page_size=48, format=fmt,
+                                            group_size=G, residual=R, dtype=dtype)
+    else:
+        cache = attending.quantized_kvcache(B, HKV, dim, capacity=capacity, format=fmt, group_size=G, residual=R,
+                                            dtype=dtype)
+    k = torch.randn(B, HKV, max(lens), dim, generator=gen)
+    k[..., 5] *= 8
+    v = torch.randn(B, HKV, max(lens), dim, generator=gen)
+    cache.append(attending.to(k.to(dtype)), attending.to(v.to(dtype)), lengths=[n - Lq for n in lens])
+    cache.append(attending.to(k[:, :, :Lq].to(dtype)), attending.to(v[:, :, :Lq].to(dtype)))
+    q = torch.randn(B, HQ, Lq, dim, generator=gen).to(dtype)
+    out, lse = cache.attend(attending.to(q), mask=Causal(), return_lse=True)
+    k_deq, v_deq = (t.cpu() for t in cache.dequantize(torch.float64))
+    n = k_deq.shape[2]
+    visible = Causal().materialize(Lq, cache.capacity, kv_lens=cache.lengths.cpu())[..., :n].unsqueeze(1)
+    want, want_lse = attention_reference(q.double(), k_deq, v_deq, mask=visible)
+    rtol = 0 if dtype == torch.float32 else 2.0**-7
+    torch.testing.assert_close(out.cpu().double(), want, rtol=rtol, atol=2e-5)
+    torch.testing.assert_close(lse.cpu(), want_lse, rtol=0, atol=2e-5)
+
+
 def test_kivi_refuses_non_storable_values_on_the_cpu():
     cache = fastar.QuantizedKVCache(B, HKV, D, capacity=64, format="int4", group_size=KG, residual=KR,
                                     dtype=torch.float32)

@@ -10,7 +10,8 @@
 //   Vec16   16     avx512: F, BW, VL, DQ
 // `Vec` is the ISA's widest (`VecU64`, `VecU64Sum`, `VecI32` its integer lanes), `kGemm*` its register
 // blocking. Every type has the same operations: zero, broadcast, load (float, c10::Half, c10::BFloat16 and the
-// KvCode<F> of core/kv_quant.h: int8 and fp8 codes, converted exactly as torch converts them), store, + - *, fmadd,
+// KvCode<F> of core/kv_quant.h: int8 and fp8 codes, converted exactly as torch converts them), load_packed<kBits>
+// (KIVI's int4 / int2 codes, packed little-endian: lane i from bits [i * kBits, (i + 1) * kBits)), store, + - *, fmadd,
 // max, min, hsum, hmax, exp, hide (-inf where a visibility byte is 0), any_nan and first_equal (the first lane equal to
 // a value, or -1). Beside each, the integer lanes of the fixed-point sampling kernels (core/acceptance.h,
 // core/sampling.h): U64x<n> (uint64 weights: fixed_weights, keep_at_least), U64Sum<n> (a sum of such: +, hsum), I32x<n>
@@ -122,6 +123,15 @@ struct Vec4 {
     } else {
       return {F{to_f(p[0]), to_f(p[1]), to_f(p[2]), to_f(p[3])}};
     }
+  }
+  template <int kBits>
+  static Vec4 load_packed(const uint8_t* p) {
+    typedef uint32_t U __attribute__((vector_size(16)));
+    uint32_t w = 0;
+    for (int i = 0; i < kBits / 2; ++i) w |= uint32_t{p[i]} << (8 * i);
+    constexpr uint32_t m = (1u << kBits) - 1;
+    const U x = (U{w, w, w, w} >> U{0, kBits, 2 * kBits, 3 * kBits}) & U{m, m, m, m};
+    return {__builtin_convertvector(x, F)};
   }
   void store(float* p) const { std::memcpy(p, &v, sizeof(v)); }
 };
@@ -270,6 +280,15 @@ struct Vec8 {
       const __m256 nan = _mm256_cmp_ps(_mm256_andnot_ps(_mm256_set1_ps(-0.0f), x), _mm256_set1_ps(480.0f), _CMP_EQ_OQ);
       return {_mm256_or_ps(x, _mm256_and_ps(nan, _mm256_set1_ps(std::numeric_limits<float>::infinity())))};
     }
+  }
+  template <int kBits>
+  static Vec8 load_packed(const uint8_t* p) {
+    uint32_t w = 0;
+    std::memcpy(&w, p, kBits);  // 8 codes: kBits bytes
+    const __m256i shift =
+        kBits == 4 ? _mm256_setr_epi32(0, 4, 8, 12, 16, 20, 24, 28) : _mm256_setr_epi32(0, 2, 4, 6, 8, 10, 12, 14);
+    const __m256i x = _mm256_srlv_epi32(_mm256_set1_epi32(static_cast<int32_t>(w)), shift);
+    return {_mm256_cvtepi32_ps(_mm256_and_si256(x, _mm256_set1_epi32((1 << kBits) - 1)))};
   }
   void store(float* p) const { _mm256_storeu_ps(p, v); }
 };
@@ -431,6 +450,19 @@ struct Vec16 {
       const __mmask16 nan = _mm_cmpeq_epi8_mask(_mm_or_si128(bytes, _mm_set1_epi8(-128)), _mm_set1_epi8(-1));
       return {_mm512_castsi512_ps(_mm512_mask_or_epi32(x, nan, x, _mm512_set1_epi32(0x7f800000)))};
     }
+  }
+  template <int kBits>
+  static Vec16 load_packed(const uint8_t* p) {  // lanes 0-7 from the first 32 bits, 8-15 from the next (int4)
+    uint64_t w = 0;
+    std::memcpy(&w, p, 2 * kBits);  // 16 codes: 2 * kBits bytes
+    const __m512i x =
+        kBits == 4 ? _mm512_srlv_epi32(
+                         _mm512_permutexvar_epi32(_mm512_setr_epi32(0, 0, 0, 0, 0, 0, 0, 0, 1, 1, 1, 1, 1, 1, 1, 1),
+                                                  _mm512_set1_epi64(static_cast<int64_t>(w))),
+                         _mm512_setr_epi32(0, 4, 8, 12, 16, 20, 24, 28, 0, 4, 8, 12, 16, 20, 24, 28))
+                   : _mm512_srlv_epi32(_mm512_set1_epi32(static_cast<int32_t>(w)),
+                                       _mm512_setr_epi32(0, 2, 4, 6, 8, 10, 12, 14, 16, 18, 20, 22, 24, 26, 28, 30));
+    return {_mm512_cvtepi32_ps(_mm512_and_si512(x, _mm512_set1_epi32((1 << kBits) - 1)))};
   }
   void store(float* p) const { _mm512_storeu_ps(p, v); }
 };

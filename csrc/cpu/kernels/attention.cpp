@@ -130,6 +130,9 @@ class AttentionCpu {
     float* kf;        // [kBatch, padded_ld(D)] the step's key rows converted to float (GEMM path)
     float* vf;        // [kBatch, padded_ld(D)] the step's value rows converted to float (GEMM path)
     HeadCache* head;  // the thread's, when 16-bit K/V rows are converted once per head
+    float* qs;        // [R, D] decode over KIVI keys: q times the scales of key group k_group (its offset in them)
+    float* qz;        // [rp] q . zeros of that group
+    int64_t k_group;  // -1: none yet
     // Partial steps add p * v only for the visible pairs, so a NaN or infinite value row a mask hides from a
     // row cannot reach it through 0 * v (the fast path's products do): an item is rerun so when its output
     // holds a non-finite value.
@@ -154,6 +157,8 @@ class AttentionCpu {
     take(buf.corr, rp);
     take(buf.kf, kBatch * kd);
     take(buf.vf, kBatch * kd);
+    take(buf.qs, rp * D);
+    take(buf.qz, rp);
     return at;
   }
 
@@ -176,6 +181,7 @@ class AttentionCpu {
       head->b = it.b, head->hkv = it.hkv;
     }
     load_queries(it, gemm, ld, buf.q);
+    buf.k_group = -1;
 
     const int64_t lk = kv_len(p_, it.b);
     // The GEMM path prefetches unless the head's K and V stay in L2 from one query tile to the next; decode always
@@ -323,10 +329,12 @@ class AttentionCpu {
   // Streaming path of the few-row tiles (decode): K and V rows are read from memory once per tile, key by
   // key (docs/design/cpu-attention.md), as they lie: 16-bit or float, or int8 / fp8 codes with their scales
   // folded, K's into the logits and V's into the softmax weights (after the softmax sum, which takes the
-  // weights themselves); KIVI rows are dequantized into float rows first. The output stays in registers
+  // weights themselves); KIVI codes as tile_stream_kivi reads them. The output stays in registers
   // across the tile's value rows, so no store-to-load chain runs through o.
   void tile_stream(const Item& it, const TileKeys& keys, Buffers& buf, RowPrefetch& pf) {
-    if (p_.kv_quantized && p_.kivi_bits) {
+    if (p_.kv_quantized && p_.kivi_bits && !p_.qk_norm)
+      return p_.kivi_bits == 4 ? tile_stream_kivi<4>(it, keys, buf, pf) : tile_stream_kivi<2>(it, keys, buf, pf);
+    if (p_.kv_quantized && p_.kivi_bits) {  // qk_norm: over the rows dequantized to float
       const float *krows[kBatch], *vrows[kBatch];
       float_rows(it, keys, false, buf, krows);
       float_rows(it, keys, true, buf, vrows);
@@ -357,6 +365,54 @@ class AttentionCpu {
       pf.step();
     }
     if (p_.qk_norm) normalise_keys(keys, krows, kscale, buf.s, kBatch, 1, R);
+    stream_values(it, keys, buf, vrows, vscale);
+  }
+
+  // tile_stream over a KIVI cache (without qk_norm) on its codes: a quantized key's logit is qs . codes + qz, its
+  // group's scales and zeros folded into the queries (fold_key_scales, once per group); a quantized value row is
+  // dequantized in registers (KiviValueRow); rows at or past the split are read from the window as they lie.
+  template <int kBits>
+  void tile_stream_kivi(const Item& it, const TileKeys& keys, Buffers& buf, RowPrefetch& pf) {
+    const int64_t D = p_.D, R = G_ * it.nq, nk = keys.n, G = p_.kivi_group, bytes = D * kBits / 8;
+    const int64_t k_split = p_.kivi_split[2 * it.b], v_split = p_.kivi_split[2 * it.b + 1];
+    const auto* k_codes = static_cast<const uint8_t*>(p_.k);
+    const auto* v_codes = static_cast<const uint8_t*>(p_.v);
+    for (int64_t c = 0; c < nk; ++c) {
+      const int64_t s = keys.at(c);
+      if (s >= k_split) {
+        dot_row(buf.q, R, window_row(it, false, s), D, 1.0f, buf.s + c, kBatch);
+      } else {
+        const int64_t at = row_offset(it, false, s);
+        const int64_t group = (at / bytes / p_.Hkv / G * p_.Hkv + it.hkv) * D;  // as kivi_row_to_float's
+        if (group != buf.k_group) {
+          const auto* scale = reinterpret_cast<const c10::Half*>(p_.kivi_k_scale + group);
+          const auto* zero = reinterpret_cast<const c10::Half*>(p_.kivi_k_zero + group);
+          for (int64_t r = 0; r < R; ++r) buf.qz[r] = fold_key_scales(buf.q + r * D, scale, zero, buf.qs + r * D, D);
+          buf.k_group = group;
+        }
+        dot_row(buf.qs, R, KiviCodes<kBits>{k_codes + at}, D, 1.0f, buf.s + c, kBatch);
+        for (int64_t r = 0; r < R; ++r) buf.s[r * kBatch + c] += buf.qz[r];
+      }
+      pf.step();
+    }
+    KiviValueRow<kBits, T> vrows[kBatch];
+    for (int64_t c = 0; c < nk; ++c) {
+      const int64_t s = keys.at(c);
+      if (s >= v_split) {
+        vrows[c] = {nullptr, nullptr, nullptr, G, window_row(it, true, s)};
+      } else {
+        const int64_t at = row_offset(it, true, s), meta = at / bytes * (D / G);
+        vrows[c] = {v_codes + at, p_.kivi_v_scale + meta, p_.kivi_v_zero + meta, G, nullptr};
+      }
+    }
+    stream_values(it, keys, buf, vrows, static_cast<const float*>(nullptr));
+  }
+
+  // The decode path after the logits buf.s: mask, online softmax, o += P V over the rows vrows (of a row type of
+  // cpu/kernels/microkernels.h) with their scales (null: 1).
+  template <typename V>
+  void stream_values(const Item& it, const TileKeys& keys, Buffers& buf, const V* vrows, const float* vscale) {
+    const int64_t D = p_.D, R = G_ * it.nq, nk = keys.n;
     if (keys.vis) apply_mask(it, keys, buf.s, kBatch, 1);
     // Online softmax: what was accumulated so far is rescaled by exp(m_old - m_new).
     for (int64_t r = 0; r < R; ++r) {
@@ -379,7 +435,7 @@ class AttentionCpu {
   // o[r] (* corr[r] when rescale) += sum over the keys row r sees of p(r, c) * v_c, for rows [r0, r0 + nr).
   // Row r is query position (r - r0) % np of the keys' positions (every head of a GQA group shares them).
   template <typename P, typename V>
-  void masked_values(const TileKeys& keys, int64_t r0, int64_t nr, P&& p, const V* const* vrows, Buffers& buf,
+  void masked_values(const TileKeys& keys, int64_t r0, int64_t nr, P&& p, const V* vrows, Buffers& buf,
                      bool rescale) const {
     const int64_t D = p_.D;
     for (int64_t r = r0; r < r0 + nr; ++r) {
@@ -390,7 +446,7 @@ class AttentionCpu {
       for (int64_t c = 0; c < keys.n; ++c) {
         if (!keys.vis[c * keys.np + pos]) continue;
         const float w = p(r, c);
-        for (int64_t d = 0; d < D; ++d) o[d] += w * to_f(vrows[c][d]);
+        for (int64_t d = 0; d < D; ++d) o[d] += w * value_at(vrows[c], d);
       }
     }
   }
@@ -482,14 +538,16 @@ class AttentionCpu {
     kivi_dequantize_row<2>(codes, scale, zero, per, dst, p_.D);
   }
 
+  // Key s's K (or V) row of the item's head in KIVI's full-precision window (s at or past the split).
+  const T* window_row(const Item& it, bool value, int64_t s) const {
+    const T* window = static_cast<const T*>(value ? p_.kivi_v_window : p_.kivi_k_window);
+    return window + ((it.b * p_.kivi_window_len + s % p_.kivi_window_len) * p_.Hkv + it.hkv) * p_.D;
+  }
+
   // row_to_float for a KIVI cache; at: the row's offset in the codes (core/attention.h).
   void kivi_row_to_float(const Item& it, bool value, int64_t s, int64_t at, float* dst) const {
     const int64_t D = p_.D, G = p_.kivi_group;
-    if (s >= p_.kivi_split[2 * it.b + value]) {  // still in the full-precision window
-      const T* window = static_cast<const T*>(value ? p_.kivi_v_window : p_.kivi_k_window);
-      return to_float_row(window + ((it.b * p_.kivi_window_len + s % p_.kivi_window_len) * p_.Hkv + it.hkv) * D, 1.0f,
-                          dst, D);
-    }
+    if (s >= p_.kivi_split[2 * it.b + value]) return to_float_row(window_row(it, value, s), 1.0f, dst, D);
     const int64_t bytes = D * p_.kivi_bits / 8, slot_head = at / bytes;  // slot * Hkv + head
     const uint8_t* codes = static_cast<const uint8_t*>(value ? p_.v : p_.k) + at;
     if (value) {  // per token, over groups of G channels

@@ -73,8 +73,69 @@ inline bool all_finite(const float* x, int64_t n) {
   return finite;
 }
 
-// The decode path's products, over K / V rows in their stored type T (float, 16-bit, or KvCode<F> codes): each
-// vector of a row is loaded (converted) once for up to kStreamRows query rows, in blocks of NR rows.
+// A decode row as the micro-kernels read it (load_at: the vector at element d; value_at: element e in float): a
+// pointer to float, 16-bit or KvCode<F> elements, or one of the KIVI rows below.
+template <typename T>
+inline Vec load_at(const T* row, int64_t d) {
+  return Vec::load(row + d);
+}
+template <typename T>
+inline float value_at(const T* row, int64_t e) {
+  return to_f(row[e]);
+}
+
+// KIVI code e of a row packed kBits per code (little-endian).
+template <int kBits>
+inline float kivi_code(const uint8_t* codes, int64_t e) {
+  return static_cast<float>(codes[e * kBits / 8] >> (e * kBits % 8) & ((1u << kBits) - 1));
+}
+
+// A row of KIVI codes read as the codes themselves (a key row: its per-channel scales and zeros are folded into
+// the query and the logit).
+template <int kBits>
+struct KiviCodes {
+  const uint8_t* codes;
+};
+template <int kBits>
+inline Vec load_at(KiviCodes<kBits> row, int64_t d) {  // d a multiple of kW
+  return Vec::template load_packed<kBits>(row.codes + d * kBits / 8);
+}
+template <int kBits>
+inline float value_at(KiviCodes<kBits> row, int64_t e) {
+  return kivi_code<kBits>(row.codes, e);
+}
+
+// A KIVI value row: code * scale + zero with channel d's float16 scale and zero at [d / per], dequantized in
+// registers; or, where window is not null, the row there (of the full-precision window, element type W).
+template <int kBits, typename W>
+struct KiviValueRow {
+  const uint8_t* codes;
+  const uint16_t* scale;
+  const uint16_t* zero;
+  int64_t per;
+  const W* window;
+};
+template <int kBits, typename W>
+inline Vec load_at(const KiviValueRow<kBits, W>& row, int64_t d) {  // d a multiple of kW
+  if (row.window) return Vec::load(row.window + d);
+  const Vec c = Vec::template load_packed<kBits>(row.codes + d * kBits / 8);
+  if (row.per % kW == 0) {
+    const int64_t g = d / row.per;
+    return fmadd(c, Vec::broadcast(half_to_float(row.scale[g])), Vec::broadcast(half_to_float(row.zero[g])));
+  }
+  float s[kW], z[kW];
+  for (int i = 0; i < kW; ++i) s[i] = half_to_float(row.scale[(d + i) / row.per]);
+  for (int i = 0; i < kW; ++i) z[i] = half_to_float(row.zero[(d + i) / row.per]);
+  return fmadd(c, Vec::load(s), Vec::load(z));
+}
+template <int kBits, typename W>
+inline float value_at(const KiviValueRow<kBits, W>& row, int64_t e) {
+  if (row.window) return to_f(row.window[e]);
+  return kivi_code<kBits>(row.codes, e) * half_to_float(row.scale[e / row.per]) + half_to_float(row.zero[e / row.per]);
+}
+
+// The decode path's products, over K / V rows of a row type T above: each vector of a row is loaded (converted)
+// once for up to kStreamRows query rows, in blocks of NR rows.
 constexpr int kStreamRows = 4;
 // Vectors of a row per axpy block of NR rows: NR * NV accumulators, NR weights and a loaded vector in the ISA's
 // registers (32 with AVX-512, else 16).
@@ -85,13 +146,13 @@ constexpr int axpy_vecs(int nr) {
 
 // out[r * ld] = scale * dot(q[r * D .. r * D + D), row[0..D)) for r < NR.
 template <int NR, typename T>
-inline void dot_rows(const float* q, const T* row, int64_t D, float scale, float* out, int64_t ld) {
+inline void dot_rows(const float* q, T row, int64_t D, float scale, float* out, int64_t ld) {
   Vec acc[NR][2];
 #pragma GCC unroll 8
   for (int r = 0; r < NR; ++r) acc[r][0] = acc[r][1] = Vec::zero();
   int64_t d = 0;
   for (; d + 2 * kW <= D; d += 2 * kW) {
-    const Vec k0 = Vec::load(row + d), k1 = Vec::load(row + d + kW);
+    const Vec k0 = load_at(row, d), k1 = load_at(row, d + kW);
 #pragma GCC unroll 8
     for (int r = 0; r < NR; ++r) {
       acc[r][0] = fmadd(Vec::load(q + r * D + d), k0, acc[r][0]);
@@ -99,7 +160,7 @@ inline void dot_rows(const float* q, const T* row, int64_t D, float scale, float
     }
   }
   if (d + kW <= D) {
-    const Vec k0 = Vec::load(row + d);
+    const Vec k0 = load_at(row, d);
 #pragma GCC unroll 8
     for (int r = 0; r < NR; ++r) acc[r][0] = fmadd(Vec::load(q + r * D + d), k0, acc[r][0]);
     d += kW;
@@ -107,14 +168,14 @@ inline void dot_rows(const float* q, const T* row, int64_t D, float scale, float
 #pragma GCC unroll 8
   for (int r = 0; r < NR; ++r) {
     float x = hsum(acc[r][0] + acc[r][1]);
-    for (int64_t e = d; e < D; ++e) x += q[r * D + e] * to_f(row[e]);
+    for (int64_t e = d; e < D; ++e) x += q[r * D + e] * value_at(row, e);
     out[r * ld] = x * scale;
   }
 }
 
 // dot_rows for nr < NR rows.
 template <int NR, typename T>
-inline void dot_rows_tail(int nr, const float* q, const T* row, int64_t D, float scale, float* out, int64_t ld) {
+inline void dot_rows_tail(int nr, const float* q, T row, int64_t D, float scale, float* out, int64_t ld) {
   if constexpr (NR > 0) {
     if (nr == NR) return dot_rows<NR>(q, row, D, scale, out, ld);
     dot_rows_tail<NR - 1>(nr, q, row, D, scale, out, ld);
@@ -123,7 +184,7 @@ inline void dot_rows_tail(int nr, const float* q, const T* row, int64_t D, float
 
 // s[r * ld] = scale * dot(q[r * D .. r * D + D), row[0..D)) for the R query rows at q [R, D].
 template <typename T>
-inline void dot_row(const float* q, int64_t R, const T* row, int64_t D, float scale, float* s, int64_t ld) {
+inline void dot_row(const float* q, int64_t R, T row, int64_t D, float scale, float* s, int64_t ld) {
   int64_t r = 0;
   for (; r + kStreamRows <= R; r += kStreamRows) dot_rows<kStreamRows>(q + r * D, row, D, scale, s + r * ld, ld);
   dot_rows_tail<kStreamRows - 1>(static_cast<int>(R - r), q + r * D, row, D, scale, s + r * ld, ld);
@@ -132,7 +193,7 @@ inline void dot_row(const float* q, int64_t R, const T* row, int64_t D, float sc
 // o[r * D + d0 + i] += sum_c w[r * ldw + c] * rows[c][d0 + i] for r < NR, i < NV vectors: o in registers across
 // the rows.
 template <int NR, int NV, typename T>
-inline void axpy_block(float* o, int64_t D, const float* w, int64_t ldw, const T* const* rows, int64_t n, int64_t d0) {
+inline void axpy_block(float* o, int64_t D, const float* w, int64_t ldw, const T* rows, int64_t n, int64_t d0) {
   Vec acc[NR][NV];
 #pragma GCC unroll 8
   for (int r = 0; r < NR; ++r)
@@ -144,7 +205,7 @@ inline void axpy_block(float* o, int64_t D, const float* w, int64_t ldw, const T
     for (int r = 0; r < NR; ++r) wv[r] = Vec::broadcast(w + r * ldw + c);
 #pragma GCC unroll 8
     for (int i = 0; i < NV; ++i) {
-      const Vec v = Vec::load(rows[c] + d0 + kW * i);
+      const Vec v = load_at(rows[c], d0 + kW * i);
 #pragma GCC unroll 8
       for (int r = 0; r < NR; ++r) acc[r][i] = fmadd(wv[r], v, acc[r][i]);
     }
@@ -158,7 +219,7 @@ inline void axpy_block(float* o, int64_t D, const float* w, int64_t ldw, const T
 // o[r * D .. r * D + D) += sum_c w[r * ldw + c] * rows[c][0..D) for r < NR: blocks of axpy_vecs(NR) vectors, then
 // single vectors, then the lanes past the last whole vector.
 template <int NR, typename T>
-inline void axpy_rows(float* o, int64_t D, const float* w, int64_t ldw, const T* const* rows, int64_t n) {
+inline void axpy_rows(float* o, int64_t D, const float* w, int64_t ldw, const T* rows, int64_t n) {
   constexpr int NV = axpy_vecs(NR);
   int64_t d = 0;
   for (; d + NV * kW <= D; d += NV * kW) axpy_block<NR, NV>(o, D, w, ldw, rows, n, d);
@@ -168,14 +229,14 @@ inline void axpy_rows(float* o, int64_t D, const float* w, int64_t ldw, const T*
   for (int r = 0; r < NR; ++r)
     for (int64_t e = d; e < D; ++e) {
       float acc = o[r * D + e];
-      for (int64_t c = 0; c < n; ++c) acc += w[r * ldw + c] * to_f(rows[c][e]);
+      for (int64_t c = 0; c < n; ++c) acc += w[r * ldw + c] * value_at(rows[c], e);
       o[r * D + e] = acc;
     }
 }
 
 // axpy_rows for nr < NR rows.
 template <int NR, typename T>
-inline void axpy_rows_tail(int nr, float* o, int64_t D, const float* w, int64_t ldw, const T* const* rows, int64_t n) {
+inline void axpy_rows_tail(int nr, float* o, int64_t D, const float* w, int64_t ldw, const T* rows, int64_t n) {
   if constexpr (NR > 0) {
     if (nr == NR) return axpy_rows<NR>(o, D, w, ldw, rows, n);
     axpy_rows_tail<NR - 1>(nr, o, D, w, ldw, rows, n);
@@ -184,10 +245,28 @@ inline void axpy_rows_tail(int nr, float* o, int64_t D, const float* w, int64_t 
 
 // o[r * D .. r * D + D) += sum_c w[r * ldw + c] * rows[c][0..D) for the R rows of o [R, D]: the decode path's P V.
 template <typename T>
-inline void axpy_row(float* o, int64_t R, int64_t D, const float* w, int64_t ldw, const T* const* rows, int64_t n) {
+inline void axpy_row(float* o, int64_t R, int64_t D, const float* w, int64_t ldw, const T* rows, int64_t n) {
   int64_t r = 0;
   for (; r + kStreamRows <= R; r += kStreamRows) axpy_rows<kStreamRows>(o + r * D, D, w + r * ldw, ldw, rows, n);
   axpy_rows_tail<kStreamRows - 1>(static_cast<int>(R - r), o + r * D, D, w + r * ldw, ldw, rows, n);
+}
+
+// qs[0..D) = q * scale and returns q . zero, with float16 scale and zero per channel: a KIVI key group's scales
+// and zeros folded into a query row (q . k = qs . codes + q . zero for the group's keys k).
+inline float fold_key_scales(const float* q, const c10::Half* scale, const c10::Half* zero, float* qs, int64_t D) {
+  Vec acc = Vec::zero();
+  int64_t d = 0;
+  for (; d + kW <= D; d += kW) {
+    const Vec x = Vec::load(q + d);
+    (x * Vec::load(scale + d)).store(qs + d);
+    acc = fmadd(x, Vec::load(zero + d), acc);
+  }
+  float z = hsum(acc);
+  for (; d < D; ++d) {
+    qs[d] = q[d] * to_f(scale[d]);
+    z += q[d] * to_f(zero[d]);
+  }
+  return z;
 }
 
 template <typename T>
