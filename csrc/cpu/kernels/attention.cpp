@@ -375,6 +375,9 @@ class AttentionCpu {
   void tile_stream_kivi(const Item& it, const TileKeys& keys, Buffers& buf, RowPrefetch& pf) {
     const int64_t D = p_.D, R = G_ * it.nq, nk = keys.n, G = p_.kivi_group, bytes = D * kBits / 8;
     const int64_t k_split = p_.kivi_split[2 * it.b], v_split = p_.kivi_split[2 * it.b + 1];
+    const int64_t group_bytes = bytes * p_.Hkv * G, groups = D / G, ld = padded_ld(D);
+    int per_shift = -1;  // KiviValueRow's
+    if (G % kW == 0 && (G & (G - 1)) == 0) per_shift = __builtin_ctzll(static_cast<uint64_t>(G));
     const auto* k_codes = static_cast<const uint8_t*>(p_.k);
     const auto* v_codes = static_cast<const uint8_t*>(p_.v);
     for (int64_t c = 0; c < nk; ++c) {
@@ -383,7 +386,7 @@ class AttentionCpu {
         dot_row(buf.q, R, window_row(it, false, s), D, 1.0f, buf.s + c, kBatch);
       } else {
         const int64_t at = row_offset(it, false, s);
-        const int64_t group = (at / bytes / p_.Hkv / G * p_.Hkv + it.hkv) * D;  // as kivi_row_to_float's
+        const int64_t group = (at / group_bytes * p_.Hkv + it.hkv) * D;  // as kivi_row_to_float's
         if (group != buf.k_group) {
           const auto* scale = reinterpret_cast<const c10::Half*>(p_.kivi_k_scale + group);
           const auto* zero = reinterpret_cast<const c10::Half*>(p_.kivi_k_zero + group);
@@ -395,14 +398,18 @@ class AttentionCpu {
       }
       pf.step();
     }
+    // A quantized value row's scales and zeros in float: buf.vf's row c, [0, groups) and [groups, 2 groups).
     KiviValueRow<kBits, T> vrows[kBatch];
     for (int64_t c = 0; c < nk; ++c) {
       const int64_t s = keys.at(c);
       if (s >= v_split) {
-        vrows[c] = {nullptr, nullptr, nullptr, G, window_row(it, true, s)};
+        vrows[c] = {nullptr, nullptr, nullptr, G, per_shift, window_row(it, true, s)};
       } else {
-        const int64_t at = row_offset(it, true, s), meta = at / bytes * (D / G);
-        vrows[c] = {v_codes + at, p_.kivi_v_scale + meta, p_.kivi_v_zero + meta, G, nullptr};
+        const int64_t at = row_offset(it, true, s), meta = at / bytes * groups;
+        float* sz = buf.vf + c * ld;
+        halves_to_float(p_.kivi_v_scale + meta, groups, sz);
+        halves_to_float(p_.kivi_v_zero + meta, groups, sz + groups);
+        vrows[c] = {v_codes + at, sz, sz + groups, G, per_shift, nullptr};
       }
     }
     stream_values(it, keys, buf, vrows, static_cast<const float*>(nullptr));

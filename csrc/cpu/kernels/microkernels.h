@@ -105,33 +105,35 @@ inline float value_at(KiviCodes<kBits> row, int64_t e) {
   return kivi_code<kBits>(row.codes, e);
 }
 
-// A KIVI value row: code * scale + zero with channel d's float16 scale and zero at [d / per], dequantized in
+// A KIVI value row: code * scale + zero with channel d's scale and zero (float) at [d / per], dequantized in
 // registers; or, where window is not null, the row there (of the full-precision window, element type W).
+// per_shift: log2(per) where per is a power of two and a multiple of kW (a vector in one group), else -1.
 template <int kBits, typename W>
 struct KiviValueRow {
   const uint8_t* codes;
-  const uint16_t* scale;
-  const uint16_t* zero;
+  const float* scale;
+  const float* zero;
   int64_t per;
+  int per_shift;
   const W* window;
 };
 template <int kBits, typename W>
 inline Vec load_at(const KiviValueRow<kBits, W>& row, int64_t d) {  // d a multiple of kW
   if (row.window) return Vec::load(row.window + d);
   const Vec c = Vec::template load_packed<kBits>(row.codes + d * kBits / 8);
-  if (row.per % kW == 0) {
-    const int64_t g = d / row.per;
-    return fmadd(c, Vec::broadcast(half_to_float(row.scale[g])), Vec::broadcast(half_to_float(row.zero[g])));
+  if (row.per_shift >= 0) {
+    const int64_t g = d >> row.per_shift;
+    return fmadd(c, Vec::broadcast(row.scale + g), Vec::broadcast(row.zero + g));
   }
   float s[kW], z[kW];
-  for (int i = 0; i < kW; ++i) s[i] = half_to_float(row.scale[(d + i) / row.per]);
-  for (int i = 0; i < kW; ++i) z[i] = half_to_float(row.zero[(d + i) / row.per]);
+  for (int i = 0; i < kW; ++i) s[i] = row.scale[(d + i) / row.per];
+  for (int i = 0; i < kW; ++i) z[i] = row.zero[(d + i) / row.per];
   return fmadd(c, Vec::load(s), Vec::load(z));
 }
 template <int kBits, typename W>
 inline float value_at(const KiviValueRow<kBits, W>& row, int64_t e) {
   if (row.window) return to_f(row.window[e]);
-  return kivi_code<kBits>(row.codes, e) * half_to_float(row.scale[e / row.per]) + half_to_float(row.zero[e / row.per]);
+  return kivi_code<kBits>(row.codes, e) * row.scale[e / row.per] + row.zero[e / row.per];
 }
 
 // The decode path's products, over K / V rows of a row type T above: each vector of a row is loaded (converted)
@@ -249,6 +251,19 @@ inline void axpy_row(float* o, int64_t R, int64_t D, const float* w, int64_t ldw
   int64_t r = 0;
   for (; r + kStreamRows <= R; r += kStreamRows) axpy_rows<kStreamRows>(o + r * D, D, w + r * ldw, ldw, rows, n);
   axpy_rows_tail<kStreamRows - 1>(static_cast<int>(R - r), o + r * D, D, w + r * ldw, ldw, rows, n);
+}
+
+// dst[0..n) = the float16 values at h[0..n), by vectors: whole ones, then the rest through a zero-padded copy.
+inline void halves_to_float(const uint16_t* h, int64_t n, float* dst) {
+  const auto* x = reinterpret_cast<const c10::Half*>(h);
+  int64_t i = 0;
+  for (; i + kW <= n; i += kW) Vec::load(x + i).store(dst + i);
+  if (i == n) return;
+  uint16_t pad[kW] = {};
+  float out[kW];
+  std::memcpy(pad, h + i, static_cast<size_t>(n - i) * sizeof(uint16_t));
+  Vec::load(reinterpret_cast<const c10::Half*>(pad)).store(out);
+  std::memcpy(dst + i, out, static_cast<size_t>(n - i) * sizeof(float));
 }
 
 // qs[0..D) = q * scale and returns q . zero, with float16 scale and zero per channel: a KIVI key group's scales
