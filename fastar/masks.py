@@ -422,6 +422,51 @@ class Tree(Mask):
         tree.choices = tuple(ordered)
         return tree
 
+    @classmethod
+    def from_next_links(cls, next_token, next_sibling) -> "Tree":
+        """The tree of first-child / next-sibling links (SGLang's ``retrive_next_token`` and
+        ``retrive_next_sibling``): int ``[T]`` or ``[B, T]``, ``next_token[i]`` the first child of node ``i`` and
+        ``next_sibling[i]`` the next child of ``i``'s parent (``-1``: none). Node 0 is the root (the last verified
+        token, the first tree token, as in :meth:`from_choices`), so the tree tokens are SGLang's candidates.
+
+        Every node must be reached exactly once from the root, after its parent (a higher index), and siblings
+        must be linked in increasing index order, the order the acceptance rules try them in (as SGLang builds
+        them); anything else raises ``ValueError``.
+        """
+        first = _int_tensor(next_token, "next_token", (1, 2)).to(torch.int64)
+        sibling = _int_tensor(next_sibling, "next_sibling", (1, 2)).to(torch.int64)
+        if first.shape != sibling.shape:
+            raise ValueError(f"next_token {tuple(first.shape)} and next_sibling {tuple(sibling.shape)} differ")
+        n_links = first.shape[-1]
+        if n_links < 2:
+            raise ValueError("from_next_links needs the root and at least one more node (T >= 2)")
+        rows = []
+        for b, (firsts, siblings) in enumerate(zip(first.reshape(-1, n_links).tolist(),
+                                                   sibling.reshape(-1, n_links).tolist())):
+            parents = [None] * n_links
+            stack = [0]
+            while stack:
+                node = stack.pop()
+                child, previous = firsts[node], 0
+                while child != -1:
+                    if not 0 < child < n_links:
+                        raise ValueError(f"Tree.from_next_links: row {b}: link {child} outside [1, {n_links})")
+                    if parents[child] is not None:
+                        raise ValueError(f"Tree.from_next_links: row {b}: node {child} is reached twice (a cycle "
+                                         "or a shared child)")
+                    if child <= node or child <= previous:
+                        raise ValueError(f"Tree.from_next_links: row {b}: node {child} comes before its parent "
+                                         f"{node} or an earlier sibling {previous}; links must go to higher indices")
+                    parents[child] = node
+                    stack.append(child)
+                    previous, child = child, siblings[child]
+            missing = [i for i in range(1, n_links) if parents[i] is None]
+            if missing:
+                raise ValueError(f"Tree.from_next_links: row {b}: nodes {missing[:5]} are not reached from the root")
+            rows.append([-1] + parents[1:])
+        parents = torch.tensor(rows, dtype=torch.int64, device=first.device)
+        return cls(parents[0] if first.dim() == 1 else parents)
+
     @property
     def num_nodes(self) -> int:
         return self.parents.shape[-1]

@@ -1,0 +1,196 @@
+"""References for acceptance over draft trees (docs/acceptance.md, "Trees"), one row and one node at a time.
+
+A tree is given by ``parents`` (int ``[N]``, ``-1`` for a child of the root, a parent before its child), the
+root being the last verified token. ``target`` rows are indexed by node + 1 (row 0: the root's distribution).
+Children of a node are taken in increasing node index. Every function returns ``(path, tokens, num_accepted)``
+for one batch row as Python lists: ``path`` the accepted nodes root-side first, ``tokens`` their tokens then
+the target's token; the batched ops pad both with ``-1`` to ``depth + 1``.
+
+``tree_speculative_sample_row`` uses the random numbers of the chain rule (``acceptance._draws``): node ``c``'s
+accept uniform and the sampling bits of a rejection at ``c`` come from the draws of (row, ``c``); a token drawn
+at a leaf uses the draws of (row, ``N``). On a chain (``parents = [-1, 0, 1, ...]``) it therefore returns the
+tokens of ``speculative_sample_reference`` for the same seed.
+"""
+from __future__ import annotations
+
+import math
+from typing import Dict, List, Optional, Sequence, Tuple
+
+import torch
+
+from .acceptance import _draws, _fixed, _sample_fixed
+
+__all__ = [
+    "tree_greedy_verify_row",
+    "tree_first_token_distribution",
+    "tree_speculative_sample_row",
+    "typical_accept_row",
+]
+
+_FIXED_SCALE = 2**40
+
+
+def _children(parents: Sequence[int]) -> Dict[int, List[int]]:
+    out: Dict[int, List[int]] = {-1: []}
+    for node, parent in enumerate(parents):
+        out.setdefault(node, [])
+        out[parent].append(node)
+    return out
+
+
+def tree_speculative_sample_row(
+    parents: Sequence[int],
+    draft_token_ids: Sequence[int],
+    draft_probs: Optional[torch.Tensor],
+    target_probs: torch.Tensor,
+    *,
+    row: int = 0,
+    seed: int = 0,
+    offset: int = 0,
+) -> Tuple[List[int], List[int], int]:
+    """SpecInfer / EAGLE-1 multi-draft recursion for one row (``draft_probs`` ``[N, V]`` or ``None``: one-hot
+    drafts, EAGLE-2/3), exactly as the kernels compute it.
+
+    State at the current node: float32 weights ``w`` (the target row, then residuals) and their total ``S``
+    (1 for a target row as given; after a rejection the exact fixed-point total, sum of round(w * 2^40) / 2^40).
+    Child ``c`` with token ``x`` is accepted iff ``u_c * q_c(x) * S < w(x)`` in float64 (``q_c(x) = 1`` without
+    draft probabilities). A rejection sets ``w <- max(w - q_c, 0)`` (float32), or ``w[x] <- 0`` one-hot; if that
+    leaves no fixed-point mass, ``w`` and ``S`` stay as they were. When no child is accepted, the token is drawn
+    from ``w`` by the fixed-point inverse CDF with the bits of the last rejected child, or at a leaf with those
+    of (row, N).
+    """
+    n = len(parents)
+    children = _children(parents)
+    p_all = target_probs.float().cpu()
+    q_all = None if draft_probs is None else draft_probs.float().cpu()
+    path: List[int] = []
+    current = -1
+    while True:
+        w = p_all[current + 1].clone()
+        total = 1.0
+        bits = None
+        accepted = None
+        for c in children[current]:
+            u, c_bits = _draws(seed, offset, row, c)
+            x = int(draft_token_ids[c])
+            q = 1.0 if q_all is None else float(q_all[c, x])
+            if u * q * total < float(w[x]):
+                accepted = c
+                break
+            bits = c_bits
+            if q_all is None:
+                residual = w.clone()
+                residual[x] = 0
+            else:
+                residual = torch.clamp_min(w - q_all[c], 0)
+            mass = sum(_fixed(residual))
+            if mass > 0:
+                w, total = residual, mass / _FIXED_SCALE
+        if accepted is None:
+            if bits is None:
+                _, bits = _draws(seed, offset, row, n)
+            token = _sample_fixed(_fixed(w), bits)
+            tokens = [int(draft_token_ids[t]) for t in path] + [token]
+            return path, tokens, len(path)
+        path.append(accepted)
+        current = accepted
+
+
+def tree_first_token_distribution(
+    parents: Sequence[int],
+    draft_token_ids: Sequence[int],
+    draft_probs: Optional[torch.Tensor],
+    target_probs: torch.Tensor,
+) -> torch.Tensor:
+    """float64 ``[V]``: the probability of the first emitted token (the first accepted child of the root, or
+    the token drawn at the root) for fixed drafts, by the rule's exact recursion over the root's children.
+    Averaged over drafts sampled from ``q`` (i.i.d. per child) it equals the target row 0 normalised."""
+    children = _children(parents)[-1]
+    w = target_probs[0].double().clamp_min(0)
+    w = w / w.sum()
+    out = torch.zeros_like(w)
+    reach = 1.0  # probability that every earlier child was rejected
+    for c in children:
+        x = int(draft_token_ids[c])
+        if draft_probs is None:
+            accept = float(w[x])
+            residual = w.clone()
+            residual[x] = 0
+        else:
+            q = draft_probs[c].double()
+            accept = min(1.0, float(w[x]) / float(q[x])) if q[x] > 0 else 1.0
+            residual = (w - q).clamp_min(0)
+        out[x] += reach * accept
+        reach *= 1.0 - accept
+        if residual.sum() > 0:
+            w = residual / residual.sum()
+    return out + reach * w
+
+
+def _argmax(row: torch.Tensor) -> int:
+    return int(torch.argmax(row.double()))  # ties: the smallest token id
+
+
+def tree_greedy_verify_row(
+    parents: Sequence[int], draft_token_ids: Sequence[int], target_logits: torch.Tensor
+) -> Tuple[List[int], List[int], int]:
+    """The longest root-to-node path whose every token equals the target's argmax at its parent, then the
+    target's argmax after it. Among paths of equal length, the one whose node sequence is smallest
+    (lexicographically) wins: siblings may repeat a token."""
+    children = _children(parents)
+    best: List[int] = []
+
+    def walk(node: int, path: List[int]) -> None:
+        nonlocal best
+        if len(path) > len(best):
+            best = list(path)
+        target = _argmax(target_logits[node + 1])
+        for c in children[node]:
+            if int(draft_token_ids[c]) == target:
+                walk(c, path + [c])
+
+    walk(-1, [])
+    last = best[-1] if best else -1
+    tokens = [int(draft_token_ids[t]) for t in best] + [_argmax(target_logits[last + 1])]
+    return best, tokens, len(best)
+
+
+def typical_accept_row(
+    parents: Sequence[int],
+    draft_token_ids: Sequence[int],
+    target_logits: torch.Tensor,
+    *,
+    posterior_threshold: float = 0.09,
+    posterior_alpha: float = 0.3,
+    temperature: float = 1.0,
+) -> Tuple[List[int], List[int], int]:
+    """Medusa / Hydra typical acceptance in float64: node ``c`` with token ``x`` under parent row ``p =
+    softmax(logits / temperature)`` passes iff ``p(x) > min(posterior_threshold, posterior_alpha *
+    exp(-H(p)))``, ``H(p) = -sum p log p`` (``0 log 0 = 0``); ``temperature == 0`` passes iff ``x`` is the
+    argmax. The longest path of passing nodes wins (ties as in ``tree_greedy_verify_row``); the last token is
+    the target's argmax after it."""
+    passes = []
+    for c, parent in enumerate(parents):
+        logits = target_logits[parent + 1].double()
+        x = int(draft_token_ids[c])
+        if temperature == 0:
+            passes.append(x == _argmax(logits))
+            continue
+        p = torch.softmax(logits / temperature, dim=-1)
+        entropy = -float(torch.where(p > 0, p * torch.log(p), torch.zeros_like(p)).sum())
+        passes.append(float(p[x]) > min(posterior_threshold, posterior_alpha * math.exp(-entropy)))
+    children = _children(parents)
+    best: List[int] = []
+
+    def walk(node: int, path: List[int]) -> None:
+        nonlocal best
+        if len(path) > len(best):
+            best = list(path)
+        for c in children[node]:
+            if passes[c]:
+                walk(c, path + [c])
+
+    walk(-1, [])
+    last = best[-1] if best else -1
+    tokens = [int(draft_token_ids[t]) for t in best] + [_argmax(target_logits[last + 1])]
+    return best, tokens, len(best)
