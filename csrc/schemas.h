@@ -22,6 +22,12 @@ inline void define_schemas(torch::Library& m) {
   m.def(
       "greedy_verify(Tensor draft_token_ids, Tensor target_logits, Tensor? num_draft_tokens=None) "
       "-> (Tensor tokens, Tensor num_accepted)");
+  // Drafts [B, N] on a tree (parents [B or 1, N], -1: a child of the root), target rows [B, N+1, V]; path and
+  // tokens [B, max_depth + 1] (-1 padded); root_in_path numbers path as the tree with the root as node 0.
+  m.def(
+      "tree_speculative_sample(Tensor draft_token_ids, Tensor parents, Tensor? draft_probs, Tensor target_probs, "
+      "int max_depth, bool root_in_path, Tensor seed, Tensor offset) -> (Tensor path, Tensor tokens, "
+      "Tensor num_accepted)");
   // Masked attention, written into `out`; returns the natural-log LSE [B, Hq, Lq] in float32 (-inf for a row
   // that sees no key). The mask is the AND of the terms given (csrc/core/attention.h); i + diag is query i's
   // own key position.
@@ -113,6 +119,7 @@ inline void define_cpu_test_schemas(torch::Library& m) {
 inline void register_cpu_kernels(torch::Library& m) {
   m.impl("speculative_sample", &speculative_sample_op<run_speculative_sample_cpu>);
   m.impl("greedy_verify", &greedy_verify_op<run_greedy_verify_cpu>);
+  m.impl("tree_speculative_sample", &tree_speculative_sample_op<run_tree_speculative_sample_cpu>);
   m.impl("attention", &attention_op<run_attention_cpu>);
   m.impl("scale_attention", &scale_attention_op<run_attention_cpu>);
   m.impl("sample_cfg", &sample_cfg_op<run_sample_cfg_cpu>);
@@ -124,6 +131,7 @@ inline void register_cpu_kernels(torch::Library& m) {
 // The CUDA kernels' glue; registered for CUDA in fastar._C and for CPU tensors in the SIMT build.
 inline void register_cuda_kernels(torch::Library& m) {
   m.impl("speculative_sample", &speculative_sample_op<run_speculative_sample_cuda>);
+  m.impl("tree_speculative_sample", &tree_speculative_sample_op<run_tree_speculative_sample_cuda>);
   m.impl("greedy_verify", &greedy_verify_op<run_greedy_verify_cuda>);
   m.impl("attention", &attention_op<run_attention_cuda>);
   m.impl("scale_attention", &scale_attention_op<run_attention_cuda>);

@@ -17,9 +17,9 @@ draft token, and every element of the row a token is sampled from (the kernels r
 * CPU: the op raises ``IndexError`` (bad token id) or ``ValueError`` naming the first bad row.
 * CUDA: raising would need a device sync, so the kernel marks the row instead: all its tokens are ``-1``
   and ``num_accepted[b] = -status`` (a negative number; ``status`` is a bit set: 1 bad num_draft_tokens,
-  2 bad token id, 4 bad value, 8 zero mass). Call :func:`check_rows` to raise for such rows, or turn on
-  :func:`set_debug_checks` (or ``FASTAR_DEBUG_CHECKS=1``): then every input element is validated before the
-  launch and marked rows raise after it, at the cost of a sync.
+  2 bad token id, 4 bad value, 8 zero mass, 16 malformed tree). Call :func:`check_rows` to raise for such
+  rows, or turn on :func:`set_debug_checks` (or ``FASTAR_DEBUG_CHECKS=1``): then every input element is
+  validated before the launch and marked rows raise after it, at the cost of a sync.
 """
 from __future__ import annotations
 
@@ -30,8 +30,12 @@ import torch
 
 from . import _common
 from ._common import fake, one_device, philox_args, same_device
+from .masks import Tree
 
-__all__ = ["check_rows", "debug_checks_enabled", "greedy_verify", "set_debug_checks", "speculative_sample"]
+__all__ = [
+    "check_rows", "debug_checks_enabled", "greedy_verify", "set_debug_checks", "speculative_sample",
+    "tree_speculative_sample",
+]
 
 _debug_checks = os.environ.get("FASTAR_DEBUG_CHECKS", "0") == "1"
 
@@ -192,3 +196,83 @@ def greedy_verify(
 def _greedy_verify_fake(draft_token_ids, target_logits, num_draft_tokens=None):
     one_device("greedy_verify", draft_token_ids, target_logits, num_draft_tokens)
     return _acceptance_outputs(draft_token_ids, target_logits)
+
+
+def _tree_args(op: str, tree, n: int, device: torch.device) -> Tuple[torch.Tensor, int, bool]:
+    """(parents [B or 1, n] of the drafted nodes on ``device``, max_depth, root_in_path) for the tree ops."""
+    if not isinstance(tree, Tree):
+        raise TypeError(f"{op}: tree must be a fastar.masks.Tree, got {type(tree).__name__}")
+    parents = tree.parents.reshape(-1, tree.num_nodes)
+    if tree.num_nodes == n:
+        return parents.to(device), tree._levels, False
+    if tree.num_nodes == n + 1 and tree._rooted_at_0:
+        return (parents[:, 1:] - 1).to(device), tree._levels - 1, True
+    raise ValueError(
+        f"{op}: the tree has {tree.num_nodes} nodes for {n} drafts; it must have N = {n} (the drafted nodes, -1 "
+        f"for a child of the root) or N + 1 = {n + 1} with node 0 the only root (the verified token, as "
+        "Tree.from_choices and Tree.from_next_links build it)"
+    )
+
+
+def tree_speculative_sample(
+    draft_token_ids: torch.Tensor,
+    tree: Tree,
+    draft_probs: Optional[torch.Tensor],
+    target_probs: torch.Tensor,
+    *,
+    seed: Optional[int | torch.Tensor] = None,
+    offset: int | torch.Tensor = 0,
+) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Exact speculative sampling over a tree of drafts (SpecInfer; EAGLE-1's multi-draft recursion).
+
+    From the root (the last verified token) down: a node's children are tried in increasing node index, child
+    ``c`` with token ``x`` accepted iff ``u_c <= p(x) / q_c(x)``; a rejection replaces ``p`` by
+    ``norm(max(p - q_c, 0))`` (with ``draft_probs=None``: ``x`` is accepted with probability ``p(x)`` and removed
+    from ``p`` on rejection); when every child fails, or at a leaf, a token is drawn from the current ``p``. The
+    emitted tokens follow the target exactly when each node's children were drafted i.i.d. from its ``q`` (or,
+    one-hot, for any drafts). See docs/acceptance.md, "Draft trees".
+
+    Args:
+        draft_token_ids: int32/int64 ``[B, N]``, the drafted nodes' tokens; ``-1`` marks an absent node (ragged
+            trees), never tried, nor its subtree.
+        tree: a :class:`fastar.masks.Tree` (shared, or batched ``[B, ...]``) of either ``N`` nodes (the drafted
+            ones; parent ``-1`` for a child of the root) or ``N + 1`` with node 0 the only root (the attention
+            tree of ``Tree.from_choices`` / ``Tree.from_next_links``, whose node ``t + 1`` is drafted node ``t``).
+        draft_probs: float ``[B, N, V]``: row ``t`` the distribution node ``t`` was drafted from; or ``None``.
+        target_probs: float ``[B, N+1, V]``: row 0 the target's distribution at the root, row ``t + 1`` the one
+            after node ``t``; float32, float16 or bfloat16 (the dtype of ``draft_probs``).
+        seed, offset: the Philox stream, as in :func:`speculative_sample`.
+
+    Returns:
+        ``(path, tokens, num_accepted)``: int32 ``[B, depth + 1]`` each (``depth``: nodes on the tree's deepest
+        path, below the root), ``-1`` padded. ``path`` holds the accepted nodes root-side first (in the tree's
+        numbering: with a root node it starts with 0); ``tokens`` their tokens then the drawn token;
+        ``num_accepted`` int32 ``[B]`` the accepted drafts. On a chain the tokens equal
+        :func:`speculative_sample`'s for the same seed and offset. Invalid values raise on the CPU and mark the
+        row on CUDA (status 16: a malformed tree), as for :func:`speculative_sample`.
+    """
+    op = "fastar.tree_speculative_sample"
+    _check_devices(op, "target_probs", target_probs, draft_token_ids=draft_token_ids, draft_probs=draft_probs)
+    if not isinstance(draft_token_ids, torch.Tensor) or draft_token_ids.dim() != 2:
+        raise ValueError(f"{op}: draft_token_ids must be a 2-D tensor [B, N]")
+    parents, max_depth, root_in_path = _tree_args(op, tree, draft_token_ids.shape[1], target_probs.device)
+    seed_t, offset_t = philox_args(op, seed, offset, target_probs.device)
+    if _debug_checks:  # -1 (an absent node) is a valid id here
+        _validate_values(op, draft_token_ids.masked_fill(draft_token_ids == -1, 0), target_probs, None, True,
+                         draft_probs)
+    path, tokens, num_accepted = _common.ops().tree_speculative_sample(
+        draft_token_ids, parents, draft_probs, target_probs, max_depth, root_in_path, seed_t, offset_t
+    )
+    if _debug_checks:
+        check_rows(num_accepted, op)
+    return path, tokens, num_accepted
+
+
+@fake("tree_speculative_sample")
+def _tree_speculative_sample_fake(draft_token_ids, parents, draft_probs, target_probs, max_depth, root_in_path, seed,
+                                  offset):
+    one_device("tree_speculative_sample", draft_token_ids, parents, draft_probs, target_probs)
+    torch._check(draft_token_ids.dim() == 2, lambda: "draft_token_ids must be 2-D [B, N]")
+    batch = draft_token_ids.shape[0]
+    path = target_probs.new_empty((batch, max_depth + 1), dtype=torch.int32)
+    return path, torch.empty_like(path), target_probs.new_empty((batch,), dtype=torch.int32)

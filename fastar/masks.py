@@ -394,6 +394,10 @@ class Tree(Mask):
         self._ancestors = ancestors
         self._depth = depth
         self._bits = pack_bits(ancestors)
+        # For the acceptance ops: nodes on the deepest root-to-node path, and whether node 0 is the only root
+        # (the verified token heading an attention tree, as from_choices and from_next_links build it).
+        self._levels = int(depth.max()) + 1
+        self._rooted_at_0 = bool((flat[:, 0] == -1).all() and (flat[:, 1:] >= 0).all())
 
     @classmethod
     def from_choices(cls, choices: Sequence[Sequence[int]]) -> "Tree":

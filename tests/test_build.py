@@ -121,6 +121,11 @@ def _acceptance_samples(device):
         "speculative_sample": [to(ids, q, p, None, seed, offset), to(ids, None, p.half(), nd, seed, offset)],
         "sample_cfg": sample_cfg,
         "greedy_verify": [to(ids, p), to(ids.int(), p.bfloat16(), nd)],
+        # A tree of the drafts: shared parents with draft probabilities, batched parents one-hot with a root node.
+        "tree_speculative_sample": [
+            [*to(ids, torch.tensor([[-1, 0, 0, 2]]), q, p), 3, False, *to(seed, offset)],
+            [*to(ids.int(), torch.tensor([[-1, -1, 1, 2]] * B), None, p.half()), 3, True, *to(seed, offset)],
+        ],
         "attention": attention,
         "scale_attention": scale_attention,
     }
@@ -172,10 +177,13 @@ def test_public_api_compiles_without_graph_breaks():
     q = torch.softmax(torch.randn(B, n, V), -1)
     ids = torch.randint(0, V, (B, n))
 
+    tree = fastar.masks.Tree([-1, 0, 0])
+
     def step(ids, q, p, seed, offset):
         tokens, accepted = fastar.speculative_sample(ids, q, p, seed=seed, offset=offset)
         greedy, _ = fastar.greedy_verify(ids, p)
-        return tokens, accepted, greedy
+        path, tree_tokens, _ = fastar.tree_speculative_sample(ids, tree, q, p, seed=seed, offset=offset)
+        return tokens, accepted, greedy, path, tree_tokens
 
     compiled = torch.compile(step, fullgraph=True, backend="inductor")
     seed, offset = torch.tensor(7), torch.tensor(0)

@@ -65,9 +65,9 @@ def assert_order_independent(run, kernels):
 
 
 # Every kernel of the CUDA sources, each run under the race check by one of the tests below.
-ALL_KERNELS = {"speculative_sample", "greedy_verify", "sample_cfg", "attention_vec_decode", "attention_decode",
-               "attention_tiled", "attention_tc", "attention_merge", "quantize_kv_append", "quantize_kivi_keys",
-               "quantize_kivi_values"}
+ALL_KERNELS = {"speculative_sample", "tree_speculative_sample", "greedy_verify", "sample_cfg",
+               "attention_vec_decode", "attention_decode", "attention_tiled", "attention_tc", "attention_merge",
+               "quantize_kv_append", "quantize_kivi_keys", "quantize_kivi_values"}
 
 
 def test_every_kernel_is_covered():
@@ -104,6 +104,20 @@ def test_speculative_sample(backend):
     assert_order_independent(lambda: backend.speculative_sample(drafts, q, p, num_draft_tokens=num_draft, seed=7),
                              {"speculative_sample"})
     assert_order_independent(lambda: backend.speculative_sample(drafts, None, p, seed=7), {"speculative_sample"})
+
+
+def test_tree_speculative_sample(backend):
+    # A wide root whose children the target rarely takes: rows reject several children at a node, so the
+    # kernel writes weight rows (global memory, between barriers) and draws from them.
+    gen = torch.Generator().manual_seed(3)
+    B, V = 3, 300
+    tree = fastar.masks.Tree([-1, -1, -1, -1, 0, 4])
+    p = torch.softmax(4 * torch.randn(B, 7, V, generator=gen), -1)
+    q = torch.softmax(torch.randn(B, 6, V, generator=gen), -1)
+    drafts = torch.multinomial(q.reshape(-1, V), 1, generator=gen).reshape(B, 6)
+    for draft_probs in (q, None):
+        assert_order_independent(lambda q=draft_probs: backend.tree_speculative_sample(drafts, tree, q, p, seed=11),
+                                 {"tree_speculative_sample"})
 
 
 def test_greedy_verify(backend):

@@ -158,6 +158,21 @@ def test_first_token_follows_target(one_hot):
     assert chisquare_pvalue(counts, expected, trials) > P_THRESHOLD
 
 
+@pytest.mark.parametrize("one_hot", [False, True])
+def test_first_token_law_given_the_drafts(one_hot):
+    # Four children of the root, one token repeated, drafts the target rarely takes: most rows reject two or
+    # more children, so the residual of a residual decides the token. Its law for these fixed drafts is
+    # tree_first_token_distribution's (float64, normalised at every step).
+    wide, drafts = [-1, -1, -1, -1], [2, 3, 1, 1]
+    p = torch.tensor([[0.4, 0.3, 0.2, 0.1]] + [[0.25] * 4] * 4)
+    q = None if one_hot else torch.tensor([[0.1, 0.2, 0.3, 0.4]] * 4)
+    trials = 8000
+    counts = Counter(tree_speculative_sample_row(wide, drafts, q, p, row=r, seed=5)[1][0] for r in range(trials))
+    law = tree_first_token_distribution(wide, drafts, q, p)
+    expected = {t: float(law[t]) for t in range(4) if law[t] > 0}
+    assert chisquare_pvalue(counts, expected, trials) > P_THRESHOLD
+
+
 def test_one_hot_repeated_sibling_is_not_accepted_twice():
     # Root children 0 and 1 both draft token 1. Once child 0 is rejected, token 1 has no mass left, so child 1
     # is rejected too and the token is drawn from the rest (token 2: p(0) = 0).

@@ -24,6 +24,7 @@ enum Status : int32_t {
   kBadTokenId = 2,   // a draft token id outside [0, V)
   kBadValue = 4,     // a probability that is NaN, negative or > 1 (or a NaN logit)
   kZeroMass = 8,     // the row to sample from has no probability mass
+  kBadTree = 16,     // a tree node's parent not before it, or a node deeper than max_depth
 };
 
 // What each status bit means, in error messages (CPU ops, fastar.check_rows via fastar._C.describe_status).
@@ -36,6 +37,7 @@ inline constexpr StatusText kStatusTexts[] = {
     {kBadTokenId, "a draft token id outside [0, V)"},
     {kBadValue, "a probability that is NaN, negative or greater than 1 (or a NaN logit)"},
     {kZeroMass, "a distribution to sample from with zero total probability"},
+    {kBadTree, "a malformed tree (a parent not before its node, or a node deeper than max_depth)"},
 };
 
 // The texts of a status's bits, joined by "; " (host code).

@@ -12,9 +12,12 @@
 
 namespace fastar {
 
+struct TreeSampleParams;  // core/tree_acceptance.h
+
 // stream: a cudaStream_t (ignored by the SIMT emulator).
 void launch_speculative_sample(const SpeculativeSampleParams& prm, FloatKind kind, void* stream);
 void launch_greedy_verify(const GreedyVerifyParams& prm, FloatKind kind, void* stream);
+void launch_tree_speculative_sample(const TreeSampleParams& prm, FloatKind kind, void* stream);
 void launch_sample_cfg(const SampleCfgParams& prm, FloatKind kind, void* stream);
 void launch_quantize_kv_append(const QuantizeKvParams& prm, FloatKind kind, void* stream);
 void launch_quantize_kivi_append(const KiviAppendParams& prm, FloatKind kind, void* stream);

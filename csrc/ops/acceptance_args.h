@@ -11,6 +11,7 @@
 #include <tuple>
 
 #include "core/acceptance.h"
+#include "core/tree_acceptance.h"
 #include "ops/common.h"
 
 namespace fastar {
@@ -154,12 +155,84 @@ inline GreedyVerifyLaunch prepare_greedy_verify(const at::Tensor& draft_token_id
   return l;
 }
 
+// fastar.tree_speculative_sample: drafts [B, N] on the tree `parents` [B or 1, N], target rows [B, N+1, V];
+// outputs path and tokens [B, max_depth + 1] and num_accepted [B].
+struct TreeSampleLaunch {
+  at::Tensor ids, parents, target_probs, path, tokens, num_accepted, seed, offset;
+  std::optional<at::Tensor> draft_probs;
+  TreeSampleParams prm;
+};
+
+inline TreeSampleLaunch prepare_tree_speculative_sample(const at::Tensor& draft_token_ids, const at::Tensor& parents,
+                                                        const std::optional<at::Tensor>& draft_probs,
+                                                        const at::Tensor& target_probs, int64_t max_depth,
+                                                        bool root_in_path, const at::Tensor& seed,
+                                                        const at::Tensor& offset) {
+  constexpr const char* op = "fastar.tree_speculative_sample";
+  const AcceptanceShapes s = check_acceptance_args(op, draft_token_ids, target_probs, "target_probs", std::nullopt);
+  check_token_ids(op, "parents", parents, 2);
+  check_same_device(op, "parents", parents, target_probs);
+  TORCH_CHECK_VALUE((parents.size(0) == s.B || parents.size(0) == 1) && parents.size(1) == s.n, op,
+                    ": parents must have shape [B or 1, N] = [", s.B, " or 1, ", s.n, "] for draft_token_ids of shape ",
+                    draft_token_ids.sizes(), ", got ", parents.sizes());
+  TORCH_CHECK_VALUE(max_depth >= (s.n > 0 ? 1 : 0) && max_depth <= s.n, op, ": max_depth must lie in [",
+                    s.n > 0 ? 1 : 0, ", N = ", s.n, "], got ", max_depth);
+  if (draft_probs) {
+    check_float(op, "draft_probs", *draft_probs);
+    TORCH_CHECK_TYPE(draft_probs->scalar_type() == target_probs.scalar_type(), op,
+                     ": draft_probs and target_probs must have the same dtype, got ", draft_probs->scalar_type(),
+                     " and ", target_probs.scalar_type());
+    TORCH_CHECK_VALUE(draft_probs->size(0) == s.B && draft_probs->size(1) == s.n && draft_probs->size(2) == s.V, op,
+                      ": draft_probs must have shape [B, N, V] = [", s.B, ", ", s.n, ", ", s.V, "], got ",
+                      draft_probs->sizes());
+    check_same_device(op, "draft_probs", *draft_probs, target_probs);
+  }
+  check_seed(op, "seed", seed, target_probs);
+  check_seed(op, "offset", offset, target_probs);
+  TreeSampleLaunch l;
+  l.seed = seed;
+  l.offset = offset;
+  l.ids = draft_token_ids.contiguous();
+  l.parents = parents.contiguous();
+  l.target_probs = unit_last_stride(target_probs);
+  if (draft_probs) l.draft_probs = unit_last_stride(*draft_probs);
+  auto opts = l.target_probs.options().dtype(at::kInt);
+  l.path = at::empty({s.B, max_depth + 1}, opts);
+  l.tokens = at::empty({s.B, max_depth + 1}, opts);
+  l.num_accepted = at::empty({s.B}, opts);
+  TreeSampleParams& prm = l.prm;
+  prm = TreeSampleParams{};
+  prm.draft_ids = l.ids.data_ptr();
+  prm.ids64 = l.ids.scalar_type() == at::kLong;
+  prm.ids_sb = s.n;
+  prm.parents = l.parents.data_ptr();
+  prm.par64 = l.parents.scalar_type() == at::kLong;
+  prm.par_sb = l.parents.size(0) == 1 ? 0 : s.n;
+  prm.draft_probs = l.draft_probs ? l.draft_probs->data_ptr() : nullptr;
+  prm.dp_sb = l.draft_probs ? l.draft_probs->stride(0) : 0;
+  prm.dp_sn = l.draft_probs ? l.draft_probs->stride(1) : 0;
+  prm.target_probs = l.target_probs.data_ptr();
+  prm.tp_sb = l.target_probs.stride(0);
+  prm.tp_sn = l.target_probs.stride(1);
+  prm.path = l.path.data_ptr<int32_t>();
+  prm.tokens = l.tokens.data_ptr<int32_t>();
+  prm.num_accepted = l.num_accepted.data_ptr<int32_t>();
+  prm.B = s.B;
+  prm.N = s.n;
+  prm.V = s.V;
+  prm.max_depth = max_depth;
+  prm.root_in_path = root_in_path;
+  return l;
+}
+
 // The ops as their schemas declare them (csrc/schemas.h); Run is a backend's kernel: run_<op>_cpu
 // (cpu/<op>.cpp) or run_<op>_cuda (cuda/<op>_glue.cpp).
 void run_speculative_sample_cpu(SpeculativeSampleLaunch& l);
 void run_speculative_sample_cuda(SpeculativeSampleLaunch& l);
 void run_greedy_verify_cpu(GreedyVerifyLaunch& l);
 void run_greedy_verify_cuda(GreedyVerifyLaunch& l);
+void run_tree_speculative_sample_cpu(TreeSampleLaunch& l);
+void run_tree_speculative_sample_cuda(TreeSampleLaunch& l);
 
 template <void (*Run)(SpeculativeSampleLaunch&)>
 std::tuple<at::Tensor, at::Tensor> speculative_sample_op(const at::Tensor& draft_token_ids,
@@ -179,6 +252,17 @@ std::tuple<at::Tensor, at::Tensor> greedy_verify_op(const at::Tensor& draft_toke
   GreedyVerifyLaunch l = prepare_greedy_verify(draft_token_ids, target_logits, num_draft_tokens);
   Run(l);
   return {l.tokens, l.num_accepted};
+}
+
+template <void (*Run)(TreeSampleLaunch&)>
+std::tuple<at::Tensor, at::Tensor, at::Tensor> tree_speculative_sample_op(
+    const at::Tensor& draft_token_ids, const at::Tensor& parents, const std::optional<at::Tensor>& draft_probs,
+    const at::Tensor& target_probs, int64_t max_depth, bool root_in_path, const at::Tensor& seed,
+    const at::Tensor& offset) {
+  TreeSampleLaunch l = prepare_tree_speculative_sample(draft_token_ids, parents, draft_probs, target_probs, max_depth,
+                                                       root_in_path, seed, offset);
+  Run(l);
+  return {l.path, l.tokens, l.num_accepted};
 }
 
 // CPU kernels report per-row statuses; raise for the first bad row (no device sync involved on the CPU).

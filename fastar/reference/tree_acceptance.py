@@ -27,9 +27,6 @@ __all__ = [
     "typical_accept_row",
 ]
 
-_FIXED_SCALE = 2**40
-
-
 def _children(parents: Sequence[int]) -> Dict[int, List[int]]:
     out: Dict[int, List[int]] = {-1: []}
     for node, parent in enumerate(parents):
@@ -49,15 +46,22 @@ def tree_speculative_sample_row(
     offset: int = 0,
 ) -> Tuple[List[int], List[int], int]:
     """SpecInfer / EAGLE-1 multi-draft recursion for one row (``draft_probs`` ``[N, V]`` or ``None``: one-hot
-    drafts, EAGLE-2/3), exactly as the kernels compute it.
+    drafts, EAGLE-2/3), exactly as the kernels compute it. A node whose token is ``-1`` is absent (padding of
+    ragged trees): it is never tried, nor anything below it.
 
-    State at the current node: float32 weights ``w`` (the target row, then residuals) and their total ``S``
-    (1 for a target row as given; after a rejection the exact fixed-point total, sum of round(w * 2^40) / 2^40).
-    Child ``c`` with token ``x`` is accepted iff ``u_c * q_c(x) * S < w(x)`` in float64 (``q_c(x) = 1`` without
-    draft probabilities). A rejection sets ``w <- max(w - q_c, 0)`` (float32), or ``w[x] <- 0`` one-hot; if that
-    leaves no fixed-point mass, ``w`` and ``S`` stay as they were. When no child is accepted, the token is drawn
-    from ``w`` by the fixed-point inverse CDF with the bits of the last rejected child, or at a leaf with those
-    of (row, N).
+    At a node the current distribution is first the target row as given, then, after a rejection, integer
+    fixed-point weights ``W`` with total ``M`` (distribution ``W / M``). Child ``c`` with token ``x`` is accepted
+    iff ``u_c * q_c(x) < p(x)`` on the target row (the chain rule's test), or ``u_c * q_c(x) * M < W[x]`` on
+    weights, in float64 (``q_c(x) = 1`` without draft probabilities). A rejection sets the weights to:
+
+    * from the target row: ``round(max(p - q_c, 0) * 2^40)`` (the difference in float32), or one-hot
+      ``round(p * 2^40)`` with ``x`` at 0, as the chain rule's residual;
+    * from weights: ``max(W - trunc(q_c * M), 0)`` (the product in float64), which is ``max(W / M - q_c, 0)``
+      scaled by ``M``; or one-hot ``W`` with ``x`` at 0;
+
+    unless that leaves no mass, when the distribution stays as it was. When no child is accepted, the token is
+    drawn from the current distribution by the fixed-point inverse CDF, with the bits of the last rejected
+    child, or at a leaf with those of (row, N).
     """
     n = len(parents)
     children = _children(parents)
@@ -66,30 +70,35 @@ def tree_speculative_sample_row(
     path: List[int] = []
     current = -1
     while True:
-        w = p_all[current + 1].clone()
-        total = 1.0
+        p = p_all[current + 1]
+        weights: Optional[List[int]] = None  # None: the target row as given
+        mass = 0
         bits = None
         accepted = None
         for c in children[current]:
-            u, c_bits = _draws(seed, offset, row, c)
             x = int(draft_token_ids[c])
+            if x == -1:  # an absent node (ragged trees): never tried
+                continue
+            u, c_bits = _draws(seed, offset, row, c)
             q = 1.0 if q_all is None else float(q_all[c, x])
-            if u * q * total < float(w[x]):
+            if (u * q < float(p[x])) if weights is None else (u * q * float(mass) < float(weights[x])):
                 accepted = c
                 break
             bits = c_bits
-            if q_all is None:
-                residual = w.clone()
-                residual[x] = 0
+            if weights is None:
+                residual = _fixed(p - q_all[c]) if q_all is not None else _fixed(p)
+            elif q_all is None:
+                residual = list(weights)
             else:
-                residual = torch.clamp_min(w - q_all[c], 0)
-            mass = sum(_fixed(residual))
-            if mass > 0:
-                w, total = residual, mass / _FIXED_SCALE
+                residual = [max(w - int(float(qt) * float(mass)), 0) for w, qt in zip(weights, q_all[c].tolist())]
+            if q_all is None:
+                residual[x] = 0
+            if sum(residual) > 0:  # else the distribution stays (p == q up to the fixed-point grid)
+                weights, mass = residual, sum(residual)
         if accepted is None:
             if bits is None:
                 _, bits = _draws(seed, offset, row, n)
-            token = _sample_fixed(_fixed(w), bits)
+            token = _sample_fixed(_fixed(p) if weights is None else weights, bits)
             tokens = [int(draft_token_ids[t]) for t in path] + [token]
             return path, tokens, len(path)
         path.append(accepted)

@@ -1,0 +1,173 @@
+// The rule of fastar.tree_speculative_sample (docs/acceptance.md, "Draft trees"), shared by the CPU and CUDA
+// kernels: the per-node checks and the walk down the tree. The walk's passes over V (a row's fixed-point mass,
+// writing a residual row, the inverse CDF) are the backend's (`Ops`), so a CUDA block runs the same walk in
+// every thread with block-wide passes, and every backend returns the same tokens.
+#pragma once
+#include <cstdint>
+
+#include "core/acceptance.h"
+
+namespace fastar {
+
+struct TreeSampleParams {
+  const void* draft_ids;  // [B, N]
+  bool ids64;
+  int64_t ids_sb;
+  const void* parents;  // [B or 1, N]: node t's parent, -1 for a child of the root, before t
+  bool par64;
+  int64_t par_sb;           // 0 when every row shares the tree
+  const void* draft_probs;  // [B, N, V] or null (one-hot drafts)
+  int64_t dp_sb, dp_sn;
+  const void* target_probs;  // [B, N+1, V]: row 0 at the root, row t + 1 after node t
+  int64_t tp_sb, tp_sn;
+  int32_t* path;    // [B, W], W = max_depth + 1
+  int32_t* tokens;  // [B, W]
+  int32_t* num_accepted;
+  int64_t B, N, V, max_depth;
+  bool root_in_path;   // path numbers the tree with the verified root as node 0: [0, t1 + 1, t2 + 1, ...]
+  uint64_t* residual;  // CUDA: [B, V] weight rows; the CPU kernel keeps its own
+  PhiloxSeed seed;
+};
+
+namespace accept {
+
+// trunc(q * mass) in float64 (one IEEE multiply: the same bits on every backend): q of the current distribution's
+// fixed-point total, the draft row's weight in the units of the current weights.
+FASTAR_HD uint64_t scaled_weight(float q, uint64_t mass) {
+#if defined(__CUDA_ARCH__)
+  return static_cast<uint64_t>(__dmul_rn(static_cast<double>(q), static_cast<double>(mass)));
+#else
+  return static_cast<uint64_t>(static_cast<double>(q) * static_cast<double>(mass));
+#endif
+}
+
+// The test on weights w of total `mass`: accept iff u * q * mass < w(x) (u <= p(x) / q(x) for p = w / mass).
+FASTAR_HD bool accept_weighted_draft(double u, float q, uint64_t w, uint64_t mass) {
+  return u * static_cast<double>(q) * static_cast<double>(mass) < static_cast<double>(w);
+}
+
+}  // namespace accept
+
+FASTAR_HD int64_t tree_parent(const TreeSampleParams& prm, int64_t b, int64_t t) {
+  return load_index(prm.parents, prm.par64, b * prm.par_sb + t);
+}
+
+FASTAR_HD int64_t tree_draft(const TreeSampleParams& prm, int64_t b, int64_t t) {
+  return load_index(prm.draft_ids, prm.ids64, b * prm.ids_sb + t);
+}
+
+// The distribution at a node, as fixed-point weights: the target row `p` (element type P), or integer weights W;
+// then, with q (a draft row), the residual (row: fixed_weight(p - q); weights: max(W - scaled_weight(q, mass),
+// 0), mass the total of W), or with `excluded` >= 0 that token set to 0.
+template <typename P>
+struct TreeView {
+  const P* p;
+  const uint64_t* W;
+  uint64_t mass;
+  const P* q;
+  int64_t excluded;
+
+  FASTAR_HD bool plain() const { return !q && excluded < 0; }
+  template <typename Load>
+  FASTAR_HD uint64_t weight(int64_t t, Load load) const {
+    if (t == excluded) return 0;
+    if (!W) return q ? accept::residual_weight(load(p, t), load(q, t)) : accept::fixed_weight(load(p, t));
+    if (!q) return W[t];
+    const uint64_t s = accept::scaled_weight(load(q, t), mass);
+    return W[t] > s ? W[t] - s : 0;
+  }
+  // Whether the values weight(t) reads are probabilities (the target and draft rows').
+  template <typename Load>
+  FASTAR_HD bool values_ok(int64_t t, Load load) const {
+    return (W || accept::prob_ok(load(p, t))) && (!q || accept::prob_ok(load(q, t)));
+  }
+};
+
+// Status of node t of row b, from what the rule reads of it: its parent link (before t, depth <= max_depth),
+// its token id (-1: an absent node, never tried, nor its subtree), and p(x) under its parent's row and q(x)
+// under its own draft row.
+template <typename P, typename Load>
+FASTAR_HD int32_t tree_node_status(const TreeSampleParams& prm, int64_t b, int64_t t, Load load) {
+  using namespace accept;
+  const int64_t parent = tree_parent(prm, b, t);
+  if (parent < -1 || parent >= t) return kBadTree;
+  int64_t depth = 1;
+  for (int64_t a = parent; a >= 0; ++depth) {  // parents strictly decrease, so the climb ends
+    const int64_t up = tree_parent(prm, b, a);
+    if (up >= a || depth >= prm.max_depth) return kBadTree;
+    a = up;
+  }
+  if (depth > prm.max_depth) return kBadTree;
+  const int64_t x = tree_draft(prm, b, t);
+  if (x == -1) return kOk;  // padding: an absent node (ragged trees)
+  if (x < 0 || x >= prm.V) return kBadTokenId;
+  const P* tp = static_cast<const P*>(prm.target_probs) + b * prm.tp_sb + (parent + 1) * prm.tp_sn;
+  if (!prob_ok(load(tp, x))) return kBadValue;
+  if (prm.draft_probs) {
+    const P* dp = static_cast<const P*>(prm.draft_probs) + b * prm.dp_sb + t * prm.dp_sn;
+    if (!prob_ok(load(dp, x))) return kBadValue;
+  }
+  return kOk;
+}
+
+// The walk of row b over valid nodes (tree_node_status kOk for all), docs/acceptance.md's rule. Ops, over a
+// TreeView<P> v: ops.load(row, t) -> float; ops.mass(v, &ok) -> the total of v's weights (ok: every value read is
+// a probability); ops.materialize(v) -> const uint64_t*, the row of v's weights (may be v.W itself, in place);
+// ops.find(v, target) -> the inverse CDF's token, right after ops.mass(v); ops.emit(i, node, token): path and
+// token slot i. Returns the row's status; on kOk, *accepted is the number of accepted nodes.
+template <typename P, typename Ops>
+FASTAR_HD int32_t tree_sample_walk(const TreeSampleParams& prm, int64_t b, Ops& ops, int64_t* accepted) {
+  using namespace accept;
+  auto load = [&](const P* row, int64_t t) { return ops.load(row, t); };
+  const P* tp = static_cast<const P*>(prm.target_probs) + b * prm.tp_sb;
+  const P* dp = prm.draft_probs ? static_cast<const P*>(prm.draft_probs) + b * prm.dp_sb : nullptr;
+  int64_t node = -1, depth = 0;
+  for (;;) {
+    const P* row = tp + (node + 1) * prm.tp_sn;
+    TreeView<P> view{row, nullptr, 0, nullptr, -1};  // the target row as given, until a rejection
+    bool as_given = true;
+    uint64_t total = 0;       // the view's total once a rejection has left weights
+    int64_t bits_of = prm.N;  // the draw whose sampling bits pick a token here: the last rejected child's
+    int64_t next = -1;
+    for (int64_t c = node + 1; c < prm.N && next < 0; ++c) {
+      const int64_t x = tree_draft(prm, b, c);
+      if (tree_parent(prm, b, c) != node || x == -1) continue;
+      const P* qrow = dp ? dp + c * prm.dp_sn : nullptr;
+      const float q = qrow ? load(qrow, x) : 1.0f;
+      const double u = draw(prm.seed, b, c).accept_u;
+      if (as_given ? accept_draft(u, load(row, x), q) : accept_weighted_draft(u, q, view.weight(x, load), total)) {
+        next = c;
+        continue;
+      }
+      bits_of = c;
+      TreeView<P> residual{row, nullptr, 0, qrow, qrow ? -1 : x};
+      if (!as_given) {
+        if (!view.plain()) view = TreeView<P>{nullptr, ops.materialize(view), 0, nullptr, -1};
+        residual = TreeView<P>{nullptr, view.W, total, qrow, qrow ? -1 : x};
+      }
+      bool ok = true;
+      const uint64_t mass = ops.mass(residual, &ok);
+      if (!ok) return kBadValue;
+      if (mass > 0) {  // else the distribution stays (p == q up to the fixed-point grid)
+        view = residual;
+        total = mass;
+        as_given = false;
+      }
+    }
+    if (next >= 0) {
+      ops.emit(depth, next, tree_draft(prm, b, next));
+      ++depth;
+      node = next;
+      continue;
+    }
+    bool ok = true;
+    const uint64_t mass = ops.mass(view, &ok);
+    if (!ok) return kBadValue;
+    if (mass == 0) return kZeroMass;
+    ops.emit(depth, -1, ops.find(view, sample_target(draw(prm.seed, b, bits_of).sample_bits, mass)));
+    *accepted = depth;
+    return kOk;
+  }
+}
+
+}  // namespace fastar
