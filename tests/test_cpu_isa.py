@@ -21,6 +21,7 @@ from fastar.reference import (
     greedy_verify_reference,
     scale_attention_reference,
     speculative_sample_reference,
+    tree_speculative_sample_row,
 )
 
 INFO = fastar.build_info()
@@ -149,6 +150,24 @@ def test_acceptance_tokens(isa):
     got = fastar.greedy_verify(drafts, logits)
     want = greedy_verify_reference(drafts, logits)
     assert torch.equal(got[0], want[0]) and torch.equal(got[1], want[1])
+
+
+def test_tree_sampling_tokens(isa):
+    """Tree sampling's weight rows (fixed point, the draft row scaled by their total) on every ISA: a wide root and
+    a peaked target, so rows reject several children; V off every vector width."""
+    torch.manual_seed(4)
+    B, V = 6, 1003
+    parents = [-1, -1, -1, -1, 0, 0, 4]
+    p = torch.softmax(torch.randn(B, len(parents) + 1, V) * 4, -1)
+    q = torch.softmax(torch.randn(B, len(parents), V) * 2, -1)
+    drafts = torch.multinomial(q.reshape(-1, V), 1).reshape(B, len(parents))
+    for draft_probs in (q, None):
+        path, tokens, accepted = fastar.tree_speculative_sample(drafts, masks.Tree(parents), draft_probs, p, seed=3)
+        for b in range(B):
+            want_path, want_tokens, k = tree_speculative_sample_row(
+                parents, drafts[b].tolist(), None if draft_probs is None else draft_probs[b], p[b], row=b, seed=3)
+            assert int(accepted[b]) == k and path[b, :k].tolist() == want_path
+            assert tokens[b, : k + 1].tolist() == want_tokens
 
 
 def test_sample_cfg_same_tokens_on_every_isa(isa):

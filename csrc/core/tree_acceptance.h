@@ -41,6 +41,10 @@ FASTAR_HD uint64_t scaled_weight(float q, uint64_t mass) {
 #endif
 }
 
+// Totals of weights stay below 2^52, so that scaled_weight's product converts exactly on every ISA: a row of
+// probabilities summing past 4096 is a bad value.
+constexpr uint64_t kMaxTreeMass = uint64_t{1} << 52;
+
 // The test on weights w of total `mass`: accept iff u * q * mass < w(x) (u <= p(x) / q(x) for p = w / mass).
 FASTAR_HD bool accept_weighted_draft(double u, float q, uint64_t w, uint64_t mass) {
   return u * static_cast<double>(q) * static_cast<double>(mass) < static_cast<double>(w);
@@ -147,7 +151,7 @@ FASTAR_HD int32_t tree_sample_walk(const TreeSampleParams& prm, int64_t b, Ops& 
       }
       bool ok = true;
       const uint64_t mass = ops.mass(residual, &ok);
-      if (!ok) return kBadValue;
+      if (!ok || mass >= kMaxTreeMass) return kBadValue;
       if (mass > 0) {  // else the distribution stays (p == q up to the fixed-point grid)
         view = residual;
         total = mass;

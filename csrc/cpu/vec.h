@@ -14,8 +14,9 @@
 // (KIVI's int4 / int2 codes, packed little-endian: lane i from bits [i * kBits, (i + 1) * kBits)), store, + - *, fmadd,
 // max, min, hsum, hmax, exp, hide (-inf where a visibility byte is 0), any_nan and first_equal (the first lane equal to
 // a value, or -1). Beside each, the integer lanes of the fixed-point sampling kernels (core/acceptance.h,
-// core/sampling.h): U64x<n> (uint64 weights: fixed_weights, keep_at_least), U64Sum<n> (a sum of such: +, hsum), I32x<n>
-// (int32 bins or uint32 order keys: truncate, order_keys, equal_lanes) and Vec<n>::Mask (not_prob, any_lane).
+// core/sampling.h): U64x<n> (uint64 weights: fixed_weights, scaled_residual, keep_at_least), U64Sum<n> (a sum of
+// such: +, hsum), I32x<n> (int32 bins or uint32 order keys: truncate, order_keys, equal_lanes) and Vec<n>::Mask
+// (not_prob, any_lane).
 #pragma once
 #include <c10/util/BFloat16.h>
 #include <c10/util/Half.h>
@@ -222,6 +223,17 @@ inline U64x4 fixed_weights(Vec4 x) {
   };
   return {fixed(__builtin_shufflevector(w, w, 0, 1)), fixed(__builtin_shufflevector(w, w, 2, 3))};
 }
+// max(w - accept::scaled_weight(q, mass), 0) per lane: a draft row taken from fixed-point weights of total mass
+// (below 2^52, as core/tree_acceptance.h keeps them).
+inline U64x4 scaled_residual(U64x4 w, Vec4 q, double mass) {
+  typedef float F2 __attribute__((vector_size(8)));
+  typedef double D __attribute__((vector_size(16)));
+  auto sub = [&](U64x4::U wv, F2 h) {
+    const U64x4::U s = __builtin_convertvector(__builtin_convertvector(h, D) * mass, U64x4::U);  // truncates
+    return wv > s ? wv - s : U64x4::U{0, 0};
+  };
+  return {sub(w.lo, __builtin_shufflevector(q.v, q.v, 0, 1)), sub(w.hi, __builtin_shufflevector(q.v, q.v, 2, 3))};
+}
 inline U64x4 keep_at_least(U64x4 w, I32x4 key, uint32_t tau) {  // w where key >= tau (unsigned), else 0
   typedef uint32_t U32 __attribute__((vector_size(16)));
   typedef int32_t I2 __attribute__((vector_size(8)));
@@ -376,6 +388,16 @@ inline U64x8 fixed_weights(Vec8 x) {
   const __m256d lo = _mm256_add_pd(_mm256_mul_pd(_mm256_cvtps_pd(_mm256_castps256_ps128(w)), scale), magic);
   const __m256d hi = _mm256_add_pd(_mm256_mul_pd(_mm256_cvtps_pd(_mm256_extractf128_ps(w, 1)), scale), magic);
   return {_mm256_sub_epi64(_mm256_castpd_si256(lo), magic_bits), _mm256_sub_epi64(_mm256_castpd_si256(hi), magic_bits)};
+}
+inline U64x8 scaled_residual(U64x8 w, Vec8 q, double mass) {
+  const __m256d m = _mm256_set1_pd(mass), magic = _mm256_set1_pd(accept::kRoundMagic);
+  const __m256i magic_bits = _mm256_set1_epi64x(static_cast<int64_t>(accept::kRoundMagicBits));
+  auto sub = [&](__m256i wv, __m128 h) {  // trunc(q * mass) < 2^52: exact through the 2^52 magic
+    const __m256d t = _mm256_round_pd(_mm256_mul_pd(_mm256_cvtps_pd(h), m), _MM_FROUND_TO_ZERO | _MM_FROUND_NO_EXC);
+    const __m256i sw = _mm256_sub_epi64(_mm256_castpd_si256(_mm256_add_pd(t, magic)), magic_bits);
+    return _mm256_andnot_si256(_mm256_cmpgt_epi64(sw, wv), _mm256_sub_epi64(wv, sw));  // weights below 2^63
+  };
+  return {sub(w.lo, _mm256_castps256_ps128(q.v)), sub(w.hi, _mm256_extractf128_ps(q.v, 1))};
 }
 inline U64x8 keep_at_least(U64x8 w, I32x8 key, uint32_t tau) {
   const __m256i keep = _mm256_cmpeq_epi32(_mm256_max_epu32(key.v, _mm256_set1_epi32(static_cast<int32_t>(tau))), key.v);
@@ -543,6 +565,14 @@ inline U64x16 fixed_weights(Vec16 x) {
   const __m512d lo = _mm512_add_pd(_mm512_mul_pd(_mm512_cvtps_pd(_mm512_castps512_ps256(w)), scale), magic);
   const __m512d hi = _mm512_add_pd(_mm512_mul_pd(_mm512_cvtps_pd(_mm512_extractf32x8_ps(w, 1)), scale), magic);
   return {_mm512_sub_epi64(_mm512_castpd_si512(lo), magic_bits), _mm512_sub_epi64(_mm512_castpd_si512(hi), magic_bits)};
+}
+inline U64x16 scaled_residual(U64x16 w, Vec16 q, double mass) {
+  const __m512d m = _mm512_set1_pd(mass);
+  auto sub = [&](__m512i wv, __m256 h) {
+    const __m512i sw = _mm512_cvttpd_epu64(_mm512_mul_pd(_mm512_cvtps_pd(h), m));
+    return _mm512_sub_epi64(wv, _mm512_min_epu64(wv, sw));
+  };
+  return {sub(w.lo, _mm512_castps512_ps256(q.v)), sub(w.hi, _mm512_extractf32x8_ps(q.v, 1))};
 }
 inline U64x16 keep_at_least(U64x16 w, I32x16 key, uint32_t tau) {
   const __mmask16 keep = _mm512_cmpge_epu32_mask(key.v, _mm512_set1_epi32(static_cast<int32_t>(tau)));

@@ -1,7 +1,7 @@
 // The CPU kernel of fastar.tree_speculative_sample, compiled per ISA (cpu/vec.h): rows in parallel, each
 // walking its tree with core/tree_acceptance.h. A row reads the p(x), q(x) scalars of the children it tries
-// and makes a pass over V per rejection (the residual's mass; one more to write the weights when a node
-// rejects a second child) and two to draw the token.
+// and makes a vectorized pass over V per rejection (the residual's mass; one more to write the weights when a
+// node rejects a second child) and up to two to draw the token.
 #include <ATen/Parallel.h>
 #include <c10/util/BFloat16.h>
 #include <c10/util/Half.h>
@@ -10,7 +10,7 @@
 
 #include "core/tree_acceptance.h"
 #include "cpu/kernels/acceptance.h"
-#include "cpu/kernels/fixed_point_row.h"
+#include "cpu/vec.h"
 
 FASTAR_ISA_BEGIN
 namespace {
@@ -24,31 +24,80 @@ struct CpuTreeOps {
 
   static float load(const P* row, int64_t t) { return static_cast<float>(row[t]); }
 
-  // Over the target row: FixedRow's vector loops. Over weights: one scalar pass.
-  uint64_t mass(const TreeView<P>& v, bool* ok) const {
-    if (!v.W) return FixedRow<P>{v.p, v.q, v.excluded}.sum(0, prm.V, ok);
-    uint64_t sum = 0;
-    bool good = true;
-    for (int64_t t = 0; t < prm.V; ++t) {
-      good &= v.values_ok(t, load);
-      sum += v.weight(t, load);
+  // The total of v's weights over [begin, end), stored to dst when kStore, by vectors of kW tokens; *ok: every
+  // value read is a probability. The excluded token is handled after the loops.
+  template <bool kStore>
+  uint64_t pass(const TreeView<P>& v, int64_t begin, int64_t end, uint64_t* dst, bool* ok) const {
+    TreeView<P> raw = v;
+    raw.excluded = -1;
+    const double mass = static_cast<double>(v.mass);
+    VecU64Sum acc = VecU64Sum::zero();
+    Vec::Mask bad{};
+    int64_t t = begin;
+    for (; t + kW <= end; t += kW) {
+      VecU64 w;
+      if (v.W) {
+        w = VecU64::load(v.W + t);
+        if (v.q) {
+          const Vec q = Vec::load(v.q + t);
+          bad = bad | not_prob(q);
+          w = scaled_residual(w, q, mass);
+        }
+      } else {
+        const Vec p = Vec::load(v.p + t);
+        bad = bad | not_prob(p);
+        if (v.q) {
+          const Vec q = Vec::load(v.q + t);
+          bad = bad | not_prob(q);
+          w = fixed_weights(p - q);
+        } else {
+          w = fixed_weights(p);
+        }
+      }
+      if (kStore) w.store(dst + t);
+      acc = acc + w;
+    }
+    uint64_t total = hsum(acc);
+    bool good = !any_lane(bad);
+    for (; t < end; ++t) {
+      good &= raw.values_ok(t, load);
+      const uint64_t w = raw.weight(t, load);
+      if (kStore) dst[t] = w;
+      total += w;
+    }
+    if (v.excluded >= begin && v.excluded < end) {
+      total -= raw.weight(v.excluded, load);
+      if (kStore) dst[v.excluded] = 0;
     }
     *ok = good;
-    return sum;
+    return total;
   }
 
+  uint64_t mass(const TreeView<P>& v, bool* ok) const { return pass<false>(v, 0, prm.V, nullptr, ok); }
+
+  // Whole blocks skipped by their sums, then one walked token by token.
   int64_t find(const TreeView<P>& v, uint64_t target) const {
-    if (!v.W) return FixedRow<P>{v.p, v.q, v.excluded}.find(prm.V, target);
+    constexpr int64_t kBlock = 256;
     uint64_t cum = 0;
-    for (int64_t t = 0; t < prm.V; ++t) {
-      cum += v.weight(t, load);
-      if (cum > target) return t;
+    bool ok = true;
+    for (int64_t begin = 0; begin < prm.V; begin += kBlock) {
+      const int64_t end = begin + kBlock < prm.V ? begin + kBlock : prm.V;
+      const uint64_t s = pass<false>(v, begin, end, nullptr, &ok);
+      if (cum + s <= target) {
+        cum += s;
+        continue;
+      }
+      for (int64_t t = begin; t < end; ++t) {
+        cum += v.weight(t, load);
+        if (cum > target) return t;
+      }
     }
     return prm.V - 1;  // unreachable for target < the total
   }
 
   const uint64_t* materialize(const TreeView<P>& v) const {
-    for (int64_t t = 0; t < prm.V; ++t) w[t] = v.weight(t, load);
+    bool ok = true;
+    pass<true>(v, 0, prm.V, w, &ok);
     return w;
   }
 
