@@ -28,6 +28,10 @@ inline void define_schemas(torch::Library& m) {
       "tree_speculative_sample(Tensor draft_token_ids, Tensor parents, Tensor? draft_probs, Tensor target_probs, "
       "int max_depth, bool root_in_path, Tensor seed, Tensor offset) -> (Tensor path, Tensor tokens, "
       "Tensor num_accepted)");
+  // The same tree, logits [B, N+1, V]: the longest path of drafts equal to the argmax, then the argmax after it.
+  m.def(
+      "tree_greedy_verify(Tensor draft_token_ids, Tensor parents, Tensor target_logits, int max_depth, "
+      "bool root_in_path) -> (Tensor path, Tensor tokens, Tensor num_accepted)");
   // Masked attention, written into `out`; returns the natural-log LSE [B, Hq, Lq] in float32 (-inf for a row
   // that sees no key). The mask is the AND of the terms given (csrc/core/attention.h); i + diag is query i's
   // own key position.
@@ -120,6 +124,7 @@ inline void register_cpu_kernels(torch::Library& m) {
   m.impl("speculative_sample", &speculative_sample_op<run_speculative_sample_cpu>);
   m.impl("greedy_verify", &greedy_verify_op<run_greedy_verify_cpu>);
   m.impl("tree_speculative_sample", &tree_speculative_sample_op<run_tree_speculative_sample_cpu>);
+  m.impl("tree_greedy_verify", &tree_greedy_verify_op<run_tree_greedy_verify_cpu>);
   m.impl("attention", &attention_op<run_attention_cpu>);
   m.impl("scale_attention", &scale_attention_op<run_attention_cpu>);
   m.impl("sample_cfg", &sample_cfg_op<run_sample_cfg_cpu>);
@@ -132,6 +137,7 @@ inline void register_cpu_kernels(torch::Library& m) {
 inline void register_cuda_kernels(torch::Library& m) {
   m.impl("speculative_sample", &speculative_sample_op<run_speculative_sample_cuda>);
   m.impl("tree_speculative_sample", &tree_speculative_sample_op<run_tree_speculative_sample_cuda>);
+  m.impl("tree_greedy_verify", &tree_greedy_verify_op<run_tree_greedy_verify_cuda>);
   m.impl("greedy_verify", &greedy_verify_op<run_greedy_verify_cuda>);
   m.impl("attention", &attention_op<run_attention_cuda>);
   m.impl("scale_attention", &scale_attention_op<run_attention_cuda>);

@@ -34,7 +34,7 @@ from .masks import Tree
 
 __all__ = [
     "check_rows", "debug_checks_enabled", "greedy_verify", "set_debug_checks", "speculative_sample",
-    "tree_speculative_sample",
+    "tree_greedy_verify", "tree_speculative_sample",
 ]
 
 _debug_checks = os.environ.get("FASTAR_DEBUG_CHECKS", "0") == "1"
@@ -276,3 +276,47 @@ def _tree_speculative_sample_fake(draft_token_ids, parents, draft_probs, target_
     batch = draft_token_ids.shape[0]
     path = target_probs.new_empty((batch, max_depth + 1), dtype=torch.int32)
     return path, torch.empty_like(path), target_probs.new_empty((batch,), dtype=torch.int32)
+
+
+def tree_greedy_verify(
+    draft_token_ids: torch.Tensor, tree: Tree, target_logits: torch.Tensor
+) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Greedy verification of a tree of drafts: the longest root-to-node path whose every token equals the
+    target's argmax after its parent, then the target's argmax after the path's last node.
+
+    A node matches when its parent is the root or matches and its token is ``argmax target_logits[parent + 1]``
+    (ties in the argmax: the smallest token id, as ``torch.argmax``). Among matching paths of equal length the
+    earlier one wins (siblings in increasing node index), which matters only when siblings repeat a token.
+
+    Args:
+        draft_token_ids: int32/int64 ``[B, N]``; ``-1`` marks an absent node, as in
+            :func:`tree_speculative_sample`.
+        tree: a :class:`fastar.masks.Tree` of ``N`` or ``N + 1`` nodes, as in :func:`tree_speculative_sample`.
+        target_logits: float ``[B, N+1, V]`` logits (or probabilities): row 0 at the root, row ``t + 1`` after
+            node ``t``; float32, float16 or bfloat16. A NaN in a row the rule reads is an error.
+
+    Returns:
+        ``(path, tokens, num_accepted)`` as :func:`tree_speculative_sample` returns them.
+    """
+    op = "fastar.tree_greedy_verify"
+    _check_devices(op, "target_logits", target_logits, draft_token_ids=draft_token_ids)
+    if not isinstance(draft_token_ids, torch.Tensor) or draft_token_ids.dim() != 2:
+        raise ValueError(f"{op}: draft_token_ids must be a 2-D tensor [B, N]")
+    parents, max_depth, root_in_path = _tree_args(op, tree, draft_token_ids.shape[1], target_logits.device)
+    if _debug_checks:
+        _validate_values(op, draft_token_ids.masked_fill(draft_token_ids == -1, 0), target_logits, None, False)
+    path, tokens, num_accepted = _common.ops().tree_greedy_verify(
+        draft_token_ids, parents, target_logits, max_depth, root_in_path
+    )
+    if _debug_checks:
+        check_rows(num_accepted, op)
+    return path, tokens, num_accepted
+
+
+@fake("tree_greedy_verify")
+def _tree_greedy_verify_fake(draft_token_ids, parents, target_logits, max_depth, root_in_path):
+    one_device("tree_greedy_verify", draft_token_ids, parents, target_logits)
+    torch._check(draft_token_ids.dim() == 2, lambda: "draft_token_ids must be 2-D [B, N]")
+    batch = draft_token_ids.shape[0]
+    path = target_logits.new_empty((batch, max_depth + 1), dtype=torch.int32)
+    return path, torch.empty_like(path), target_logits.new_empty((batch,), dtype=torch.int32)

@@ -126,6 +126,10 @@ def _acceptance_samples(device):
             [*to(ids, torch.tensor([[-1, 0, 0, 2]]), q, p), 3, False, *to(seed, offset)],
             [*to(ids.int(), torch.tensor([[-1, -1, 1, 2]] * B), None, p.half()), 3, True, *to(seed, offset)],
         ],
+        "tree_greedy_verify": [
+            [*to(ids, torch.tensor([[-1, 0, 0, 2]]), p), 3, False],
+            [*to(ids.int(), torch.tensor([[-1, -1, 1, 2]] * B), p.bfloat16()), 3, True],
+        ],
         "attention": attention,
         "scale_attention": scale_attention,
     }
@@ -183,7 +187,8 @@ def test_public_api_compiles_without_graph_breaks():
         tokens, accepted = fastar.speculative_sample(ids, q, p, seed=seed, offset=offset)
         greedy, _ = fastar.greedy_verify(ids, p)
         path, tree_tokens, _ = fastar.tree_speculative_sample(ids, tree, q, p, seed=seed, offset=offset)
-        return tokens, accepted, greedy, path, tree_tokens
+        greedy_path, greedy_tokens, _ = fastar.tree_greedy_verify(ids, tree, p)
+        return tokens, accepted, greedy, path, tree_tokens, greedy_path, greedy_tokens
 
     compiled = torch.compile(step, fullgraph=True, backend="inductor")
     seed, offset = torch.tensor(7), torch.tensor(0)

@@ -21,6 +21,7 @@ from fastar.reference import (
     greedy_verify_reference,
     scale_attention_reference,
     speculative_sample_reference,
+    tree_greedy_verify_row,
     tree_speculative_sample_row,
 )
 
@@ -168,6 +169,22 @@ def test_tree_sampling_tokens(isa):
                 parents, drafts[b].tolist(), None if draft_probs is None else draft_probs[b], p[b], row=b, seed=3)
             assert int(accepted[b]) == k and path[b, :k].tolist() == want_path
             assert tokens[b, : k + 1].tolist() == want_tokens
+
+
+def test_tree_greedy_tokens(isa):
+    """Tree greedy verification's argmaxes on every ISA, V off every vector width, ties to the smallest id."""
+    torch.manual_seed(5)
+    B, V = 6, 1003
+    parents = [-1, -1, 0, 0, 2, 1]
+    logits = torch.randn(B, len(parents) + 1, V)
+    logits[:, :, 900] = logits.amax(-1)  # a tie late in each row: the earlier index wins
+    drafts = logits[:, [p + 1 for p in parents]].argmax(-1)
+    drafts[::2, 1] = 5
+    path, tokens, accepted = fastar.tree_greedy_verify(drafts, masks.Tree(parents), logits)
+    for b in range(B):
+        want_path, want_tokens, k = tree_greedy_verify_row(parents, drafts[b].tolist(), logits[b])
+        assert int(accepted[b]) == k and path[b, :k].tolist() == want_path
+        assert tokens[b, : k + 1].tolist() == want_tokens
 
 
 def test_sample_cfg_same_tokens_on_every_isa(isa):

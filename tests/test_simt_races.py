@@ -65,7 +65,7 @@ def assert_order_independent(run, kernels):
 
 
 # Every kernel of the CUDA sources, each run under the race check by one of the tests below.
-ALL_KERNELS = {"speculative_sample", "tree_speculative_sample", "greedy_verify", "sample_cfg",
+ALL_KERNELS = {"speculative_sample", "tree_speculative_sample", "greedy_verify", "tree_greedy_verify", "sample_cfg",
                "attention_vec_decode", "attention_decode", "attention_tiled", "attention_tc", "attention_merge",
                "quantize_kv_append", "quantize_kivi_keys", "quantize_kivi_values"}
 
@@ -118,6 +118,16 @@ def test_tree_speculative_sample(backend):
     for draft_probs in (q, None):
         assert_order_independent(lambda q=draft_probs: backend.tree_speculative_sample(drafts, tree, q, p, seed=11),
                                  {"tree_speculative_sample"})
+
+
+def test_tree_greedy_verify(backend):
+    gen = torch.Generator().manual_seed(4)
+    B, V = 3, 300
+    tree = fastar.masks.Tree([-1, -1, 0, 0, 2, 1])
+    logits = torch.randn(B, 7, V, generator=gen)
+    drafts = logits[:, [0, 0, 1, 1, 3, 2]].argmax(-1)  # every node the argmax after its parent: all match
+    drafts[1, 2] = (drafts[1, 2] + 1) % V
+    assert_order_independent(lambda: backend.tree_greedy_verify(drafts, tree, logits), {"tree_greedy_verify"})
 
 
 def test_greedy_verify(backend):

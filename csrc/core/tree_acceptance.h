@@ -9,6 +9,7 @@
 
 namespace fastar {
 
+// The tree ops' arguments. fastar.tree_greedy_verify reads target_probs as logits and no draft_probs or seed.
 struct TreeSampleParams {
   const void* draft_ids;  // [B, N]
   bool ids64;
@@ -25,7 +26,7 @@ struct TreeSampleParams {
   int32_t* num_accepted;
   int64_t B, N, V, max_depth;
   bool root_in_path;   // path numbers the tree with the verified root as node 0: [0, t1 + 1, t2 + 1, ...]
-  uint64_t* residual;  // CUDA: [B, V] weight rows; the CPU kernel keeps its own
+  uint64_t* residual;  // CUDA: [B, V] weight rows (tree_greedy_verify: [B, 2N]); the CPU kernels keep their own
   PhiloxSeed seed;
 };
 
@@ -88,10 +89,10 @@ struct TreeView {
 };
 
 // Status of node t of row b, from what the rule reads of it: its parent link (before t, depth <= max_depth),
-// its token id (-1: an absent node, never tried, nor its subtree), and p(x) under its parent's row and q(x)
-// under its own draft row.
+// its token id (-1: an absent node, never tried, nor its subtree), and, with `probabilities`, p(x) under its
+// parent's row and q(x) under its own draft row.
 template <typename P, typename Load>
-FASTAR_HD int32_t tree_node_status(const TreeSampleParams& prm, int64_t b, int64_t t, Load load) {
+FASTAR_HD int32_t tree_node_status(const TreeSampleParams& prm, int64_t b, int64_t t, bool probabilities, Load load) {
   using namespace accept;
   const int64_t parent = tree_parent(prm, b, t);
   if (parent < -1 || parent >= t) return kBadTree;
@@ -105,6 +106,7 @@ FASTAR_HD int32_t tree_node_status(const TreeSampleParams& prm, int64_t b, int64
   const int64_t x = tree_draft(prm, b, t);
   if (x == -1) return kOk;  // padding: an absent node (ragged trees)
   if (x < 0 || x >= prm.V) return kBadTokenId;
+  if (!probabilities) return kOk;
   const P* tp = static_cast<const P*>(prm.target_probs) + b * prm.tp_sb + (parent + 1) * prm.tp_sn;
   if (!prob_ok(load(tp, x))) return kBadValue;
   if (prm.draft_probs) {
@@ -172,6 +174,53 @@ FASTAR_HD int32_t tree_sample_walk(const TreeSampleParams& prm, int64_t b, Ops& 
     *accepted = depth;
     return kOk;
   }
+}
+
+// Whether the root-first path to node a is lexicographically before the one to node c, both at the same depth:
+// at the first nodes where they part (siblings), the smaller index.
+FASTAR_HD bool tree_path_before(const TreeSampleParams& prm, int64_t b, int64_t a, int64_t c) {
+  for (int64_t pa = tree_parent(prm, b, a), pc = tree_parent(prm, b, c); pa != pc;
+       pa = tree_parent(prm, b, a), pc = tree_parent(prm, b, c)) {
+    a = pa;
+    c = pc;
+  }
+  return a < c;
+}
+
+// fastar.tree_greedy_verify for row b over valid nodes: node t matches when its parent is the root or a matching
+// node and its token is the argmax of the logits after its parent; the deepest matching node (ties: the earlier
+// path) ends the path, and the argmax after it is the last token. Ops: ops.argmax(row) -> the row's argmax
+// (torch's rule), -1 for a NaN; ops.note(i, value) / ops.noted(i): the row's scratch of 2N int64 (the argmax
+// after node t at t, -1 when t does not match; t's depth at N + t); ops.emit(i, node, token) as for sampling.
+template <typename P, typename Ops>
+FASTAR_HD int32_t tree_greedy_walk(const TreeSampleParams& prm, int64_t b, Ops& ops, int64_t* accepted) {
+  using namespace accept;
+  const P* logits = static_cast<const P*>(prm.target_probs) + b * prm.tp_sb;
+  const int64_t root = ops.argmax(logits);
+  if (root < 0) return kBadValue;
+  int64_t best = -1, best_depth = 0;
+  for (int64_t t = 0; t < prm.N; ++t) {
+    const int64_t parent = tree_parent(prm, b, t), x = tree_draft(prm, b, t);
+    const int64_t after_parent = parent < 0 ? root : ops.noted(parent);
+    if (x == -1 || x != after_parent) {
+      ops.note(t, -1);
+      continue;
+    }
+    const int64_t after = ops.argmax(logits + (t + 1) * prm.tp_sn);
+    if (after < 0) return kBadValue;
+    const int64_t depth = parent < 0 ? 1 : ops.noted(prm.N + parent) + 1;
+    ops.note(t, after);
+    ops.note(prm.N + t, depth);
+    if (depth > best_depth || (depth == best_depth && tree_path_before(prm, b, t, best))) {
+      best = t;
+      best_depth = depth;
+    }
+  }
+  ops.emit(best_depth, -1, best < 0 ? root : ops.noted(best));
+  for (int64_t t = best, i = best_depth - 1; t >= 0; t = tree_parent(prm, b, t), --i)
+    ops.emit(i, t, tree_draft(prm, b, t));
+  *accepted = best_depth;
+  return kOk;
 }
 
 }  // namespace fastar

@@ -18,6 +18,7 @@ struct TreeSampleParams;  // core/tree_acceptance.h
 void launch_speculative_sample(const SpeculativeSampleParams& prm, FloatKind kind, void* stream);
 void launch_greedy_verify(const GreedyVerifyParams& prm, FloatKind kind, void* stream);
 void launch_tree_speculative_sample(const TreeSampleParams& prm, FloatKind kind, void* stream);
+void launch_tree_greedy_verify(const TreeSampleParams& prm, FloatKind kind, void* stream);
 void launch_sample_cfg(const SampleCfgParams& prm, FloatKind kind, void* stream);
 void launch_quantize_kv_append(const QuantizeKvParams& prm, FloatKind kind, void* stream);
 void launch_quantize_kivi_append(const KiviAppendParams& prm, FloatKind kind, void* stream);

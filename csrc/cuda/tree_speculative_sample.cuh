@@ -11,13 +11,51 @@
 
 namespace fastar::cuda {
 
-template <typename P, int kThreads>
-struct BlockTreeOps {
-  static constexpr int kWarps = kThreads / 32;
+// Where the tree kernels' walks write a row's outputs (core/tree_acceptance.h's emit): thread 0 writes.
+struct BlockTreeOutputs {
   const TreeSampleParams& prm;
-  uint64_t* w;  // the row's weights [V], in global memory
   int32_t* path;
   int32_t* tokens;
+
+  __device__ void emit(int64_t i, int64_t node, int64_t token) const {
+    if (threadIdx.x != 0) return;
+    tokens[i] = static_cast<int32_t>(token);
+    if (node >= 0) path[i + prm.root_in_path] = static_cast<int32_t>(node + prm.root_in_path);
+  }
+};
+
+// The body of the tree kernels, one block per row: path and tokens -1 padded, the nodes checked in parallel
+// (tree_node_status<P>), then walk(outputs, &accepted) -> status, run by every thread; num_accepted written.
+template <typename P, int kThreads, typename Walk>
+__device__ void tree_row_block(const TreeSampleParams& prm, bool probabilities, int* s_status, Walk walk) {
+  const int64_t b = blockIdx.x, W = prm.max_depth + 1;
+  const BlockTreeOutputs out{prm, prm.path + b * W, prm.tokens + b * W};
+  if (threadIdx.x == 0) *s_status = accept::kOk;
+  for (int64_t i = threadIdx.x; i < W; i += kThreads) out.path[i] = out.tokens[i] = -1;
+  __syncthreads();
+  auto load = [](const P* row, int64_t t) { return to_float(row[t]); };
+  for (int64_t t = threadIdx.x; t < prm.N; t += kThreads) {
+    const int32_t st = tree_node_status<P>(prm, b, t, probabilities, load);
+    if (st) atomicOr(s_status, st);
+  }
+  __syncthreads();
+  int32_t status = *s_status;
+  int64_t accepted = 0;
+  if (!status) {
+    if (prm.root_in_path && threadIdx.x == 0) out.path[0] = 0;
+    status = walk(out, &accepted);
+  }
+  __syncthreads();
+  if (status) {
+    for (int64_t i = threadIdx.x; i < W; i += kThreads) out.path[i] = out.tokens[i] = -1;
+  }
+  if (threadIdx.x == 0) prm.num_accepted[b] = status ? -status : static_cast<int32_t>(accepted);
+}
+
+template <typename P, int kThreads>
+struct BlockTreeOps : BlockTreeOutputs {
+  static constexpr int kWarps = kThreads / 32;
+  uint64_t* w;                       // the row's weights [V], in global memory
   unsigned long long* s_warp_total;  // [kWarps]: each warp's segment mass in the last mass()
   int* s_warp_bad;                   // [kWarps]
   int* s_token;
@@ -73,12 +111,6 @@ struct BlockTreeOps {
     __syncthreads();
     return w;
   }
-
-  __device__ void emit(int64_t i, int64_t node, int64_t token) const {
-    if (threadIdx.x != 0) return;
-    tokens[i] = static_cast<int32_t>(token);
-    if (node >= 0) path[i + prm.root_in_path] = static_cast<int32_t>(node + prm.root_in_path);
-  }
 };
 
 template <typename P, int kThreads>
@@ -88,30 +120,10 @@ __global__ void __launch_bounds__(kThreads) tree_speculative_sample_kernel(TreeS
   __shared__ int s_token;
   __shared__ unsigned long long s_warp_total[Ops::kWarps];
   __shared__ int s_warp_bad[Ops::kWarps];
-
-  const int64_t b = blockIdx.x, W = prm.max_depth + 1;
-  int32_t* path = prm.path + b * W;
-  int32_t* tokens = prm.tokens + b * W;
-  if (threadIdx.x == 0) s_status = accept::kOk;
-  for (int64_t i = threadIdx.x; i < W; i += kThreads) path[i] = tokens[i] = -1;
-  __syncthreads();
-  for (int64_t t = threadIdx.x; t < prm.N; t += kThreads) {
-    const int32_t st = tree_node_status<P>(prm, b, t, Ops::load);
-    if (st) atomicOr(&s_status, st);
-  }
-  __syncthreads();
-  int32_t status = s_status;
-  int64_t accepted = 0;
-  if (!status) {
-    if (prm.root_in_path && threadIdx.x == 0) path[0] = 0;
-    Ops ops{prm, prm.residual + b * prm.V, path, tokens, s_warp_total, s_warp_bad, &s_token};
-    status = tree_sample_walk<P>(prm, b, ops, &accepted);
-  }
-  __syncthreads();
-  if (status) {
-    for (int64_t i = threadIdx.x; i < W; i += kThreads) path[i] = tokens[i] = -1;
-  }
-  if (threadIdx.x == 0) prm.num_accepted[b] = status ? -status : static_cast<int32_t>(accepted);
+  tree_row_block<P, kThreads>(prm, true, &s_status, [&](const BlockTreeOutputs& out, int64_t* accepted) {
+    Ops ops{out, prm.residual + blockIdx.x * prm.V, s_warp_total, s_warp_bad, &s_token};
+    return tree_sample_walk<P>(prm, blockIdx.x, ops, accepted);
+  });
 }
 
 }  // namespace fastar::cuda

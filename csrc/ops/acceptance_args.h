@@ -155,23 +155,21 @@ inline GreedyVerifyLaunch prepare_greedy_verify(const at::Tensor& draft_token_id
   return l;
 }
 
-// fastar.tree_speculative_sample: drafts [B, N] on the tree `parents` [B or 1, N], target rows [B, N+1, V];
-// outputs path and tokens [B, max_depth + 1] and num_accepted [B].
+// The tree ops: drafts [B, N] on the tree `parents` [B or 1, N], per-node rows [B, N+1, V] (probabilities, or
+// tree_greedy_verify's logits); outputs path and tokens [B, max_depth + 1] and num_accepted [B].
 struct TreeSampleLaunch {
   at::Tensor ids, parents, target_probs, path, tokens, num_accepted, seed, offset;
   std::optional<at::Tensor> draft_probs;
   TreeSampleParams prm;
 };
 
-inline TreeSampleLaunch prepare_tree_speculative_sample(const at::Tensor& draft_token_ids, const at::Tensor& parents,
-                                                        const std::optional<at::Tensor>& draft_probs,
-                                                        const at::Tensor& target_probs, int64_t max_depth,
-                                                        bool root_in_path, const at::Tensor& seed,
-                                                        const at::Tensor& offset) {
-  constexpr const char* op = "fastar.tree_speculative_sample";
-  const AcceptanceShapes s = check_acceptance_args(op, draft_token_ids, target_probs, "target_probs", std::nullopt);
+inline TreeSampleLaunch prepare_tree_launch(const char* op, const at::Tensor& draft_token_ids,
+                                            const at::Tensor& parents, const std::optional<at::Tensor>& draft_probs,
+                                            const at::Tensor& rows, const char* rows_name, int64_t max_depth,
+                                            bool root_in_path) {
+  const AcceptanceShapes s = check_acceptance_args(op, draft_token_ids, rows, rows_name, std::nullopt);
   check_token_ids(op, "parents", parents, 2);
-  check_same_device(op, "parents", parents, target_probs);
+  check_same_device(op, "parents", parents, rows);
   TORCH_CHECK_VALUE((parents.size(0) == s.B || parents.size(0) == 1) && parents.size(1) == s.n, op,
                     ": parents must have shape [B or 1, N] = [", s.B, " or 1, ", s.n, "] for draft_token_ids of shape ",
                     draft_token_ids.sizes(), ", got ", parents.sizes());
@@ -179,22 +177,17 @@ inline TreeSampleLaunch prepare_tree_speculative_sample(const at::Tensor& draft_
                     s.n > 0 ? 1 : 0, ", N = ", s.n, "], got ", max_depth);
   if (draft_probs) {
     check_float(op, "draft_probs", *draft_probs);
-    TORCH_CHECK_TYPE(draft_probs->scalar_type() == target_probs.scalar_type(), op,
-                     ": draft_probs and target_probs must have the same dtype, got ", draft_probs->scalar_type(),
-                     " and ", target_probs.scalar_type());
+    TORCH_CHECK_TYPE(draft_probs->scalar_type() == rows.scalar_type(), op, ": draft_probs and ", rows_name,
+                     " must have the same dtype, got ", draft_probs->scalar_type(), " and ", rows.scalar_type());
     TORCH_CHECK_VALUE(draft_probs->size(0) == s.B && draft_probs->size(1) == s.n && draft_probs->size(2) == s.V, op,
                       ": draft_probs must have shape [B, N, V] = [", s.B, ", ", s.n, ", ", s.V, "], got ",
                       draft_probs->sizes());
-    check_same_device(op, "draft_probs", *draft_probs, target_probs);
+    check_same_device(op, "draft_probs", *draft_probs, rows);
   }
-  check_seed(op, "seed", seed, target_probs);
-  check_seed(op, "offset", offset, target_probs);
   TreeSampleLaunch l;
-  l.seed = seed;
-  l.offset = offset;
   l.ids = draft_token_ids.contiguous();
   l.parents = parents.contiguous();
-  l.target_probs = unit_last_stride(target_probs);
+  l.target_probs = unit_last_stride(rows);
   if (draft_probs) l.draft_probs = unit_last_stride(*draft_probs);
   auto opts = l.target_probs.options().dtype(at::kInt);
   l.path = at::empty({s.B, max_depth + 1}, opts);
@@ -233,6 +226,8 @@ void run_greedy_verify_cpu(GreedyVerifyLaunch& l);
 void run_greedy_verify_cuda(GreedyVerifyLaunch& l);
 void run_tree_speculative_sample_cpu(TreeSampleLaunch& l);
 void run_tree_speculative_sample_cuda(TreeSampleLaunch& l);
+void run_tree_greedy_verify_cpu(TreeSampleLaunch& l);
+void run_tree_greedy_verify_cuda(TreeSampleLaunch& l);
 
 template <void (*Run)(SpeculativeSampleLaunch&)>
 std::tuple<at::Tensor, at::Tensor> speculative_sample_op(const at::Tensor& draft_token_ids,
@@ -259,8 +254,24 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> tree_speculative_sample_op(
     const at::Tensor& draft_token_ids, const at::Tensor& parents, const std::optional<at::Tensor>& draft_probs,
     const at::Tensor& target_probs, int64_t max_depth, bool root_in_path, const at::Tensor& seed,
     const at::Tensor& offset) {
-  TreeSampleLaunch l = prepare_tree_speculative_sample(draft_token_ids, parents, draft_probs, target_probs, max_depth,
-                                                       root_in_path, seed, offset);
+  constexpr const char* op = "fastar.tree_speculative_sample";
+  TreeSampleLaunch l = prepare_tree_launch(op, draft_token_ids, parents, draft_probs, target_probs, "target_probs",
+                                           max_depth, root_in_path);
+  check_seed(op, "seed", seed, target_probs);
+  check_seed(op, "offset", offset, target_probs);
+  l.seed = seed;
+  l.offset = offset;
+  Run(l);
+  return {l.path, l.tokens, l.num_accepted};
+}
+
+template <void (*Run)(TreeSampleLaunch&)>
+std::tuple<at::Tensor, at::Tensor, at::Tensor> tree_greedy_verify_op(const at::Tensor& draft_token_ids,
+                                                                     const at::Tensor& parents,
+                                                                     const at::Tensor& target_logits, int64_t max_depth,
+                                                                     bool root_in_path) {
+  TreeSampleLaunch l = prepare_tree_launch("fastar.tree_greedy_verify", draft_token_ids, parents, std::nullopt,
+                                           target_logits, "target_logits", max_depth, root_in_path);
   Run(l);
   return {l.path, l.tokens, l.num_accepted};
 }

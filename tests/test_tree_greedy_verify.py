@@ -1,0 +1,142 @@
+"""fastar.tree_greedy_verify on every backend, against fastar.reference.tree_greedy_verify_row; chains against
+fastar.greedy_verify; hand-computed trees; every bad input.
+"""
+from __future__ import annotations
+
+import pytest
+import torch
+
+from fastar.masks import Tree
+from fastar.reference import tree_greedy_verify_row
+
+STATUS_BAD_ID, STATUS_BAD_VALUE, STATUS_BAD_TREE = 2, 4, 16
+
+
+def random_parents(gen, n: int) -> list:
+    return [int(torch.randint(-1, t, (1,), generator=gen)) for t in range(n)]
+
+
+def drafts_that_often_match(gen, parents, logits):
+    """Each node's token: the argmax after its parent with probability 0.7 (so paths grow), else random."""
+    V = logits.shape[-1]
+    out = []
+    for parent in parents:
+        if torch.rand(1, generator=gen) < 0.7:
+            out.append(int(torch.argmax(logits[parent + 1])))
+        else:
+            out.append(int(torch.randint(0, V, (1,), generator=gen)))
+    return out
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("form", ["drafted", "rooted", "batched"])
+def test_matches_reference(backend, dtype, form):
+    gen = torch.Generator().manual_seed(["drafted", "rooted", "batched"].index(form))
+    B, N, V = 8, 12, 41
+    parents_rows = [random_parents(gen, N) for _ in range(B if form == "batched" else 1)]
+    logits = torch.randn(B, N + 1, V, generator=gen).to(dtype)
+    logits[5, :, 3] = logits[5].float().amax(-1).to(dtype)  # ties in the argmax: the smallest id wins
+    drafts = [drafts_that_often_match(gen, parents_rows[b if form == "batched" else 0], logits[b].float())
+              for b in range(B)]
+    drafts[2][N - 2:] = [-1, -1]  # a ragged row
+    if form == "rooted":
+        tree = Tree([-1] + [t + 1 for t in parents_rows[0]])
+    else:
+        tree = Tree(torch.tensor(parents_rows if form == "batched" else parents_rows[0]))
+    path, tokens, accepted = backend.tree_greedy_verify(torch.tensor(drafts), tree, logits)
+    for b in range(B):
+        parents = parents_rows[b if form == "batched" else 0]
+        want_path, want_tokens, k = tree_greedy_verify_row(parents, drafts[b], logits[b])
+        if form == "rooted":
+            want_path = [0] + [t + 1 for t in want_path]
+        assert int(accepted[b]) == k
+        assert path[b].tolist() == want_path + [-1] * (path.shape[1] - len(want_path))
+        assert tokens[b].tolist() == want_tokens + [-1] * (tokens.shape[1] - len(want_tokens))
+
+
+def one_hot_logits(argmaxes, vocab=6):
+    logits = torch.zeros(len(argmaxes), vocab)
+    for row, t in enumerate(argmaxes):
+        logits[row, t] = 5.0
+    return logits
+
+
+def test_by_hand(backend):
+    # root -> {0: tok 3, 1: tok 3, 2: tok 1}; 0 -> {3: tok 4}; 1 -> {4: tok 2}; 4 -> {5: tok 5}. The argmax is 3 at
+    # the root, 0 after node 0, 2 after node 1, 5 after node 4, 1 after node 5: the second token-3 branch goes on.
+    drafts = torch.tensor([[3, 3, 1, 4, 2, 5]])
+    logits = one_hot_logits([3, 0, 2, 0, 0, 5, 1])[None]
+    path, tokens, accepted = backend.tree_greedy_verify(drafts, Tree([-1, -1, -1, 0, 1, 4]), logits)
+    assert path.tolist() == [[1, 4, 5, -1]] and tokens.tolist() == [[3, 2, 5, 1]] and accepted.tolist() == [3]
+    # The same tree with the verified root as node 0: the path in tree numbering.
+    path, tokens, accepted = backend.tree_greedy_verify(drafts, Tree([-1, 0, 0, 0, 1, 2, 5]), logits)
+    assert path.tolist() == [[0, 2, 5, 6]] and tokens.tolist() == [[3, 2, 5, 1]] and accepted.tolist() == [3]
+    # Nothing matches: the root's argmax alone.
+    nothing = one_hot_logits([0] * 7)[None]
+    path, tokens, accepted = backend.tree_greedy_verify(drafts, Tree([-1, -1, -1, 0, 1, 4]), nothing)
+    assert path.tolist() == [[-1] * 4] and tokens.tolist() == [[0, -1, -1, -1]] and accepted.tolist() == [0]
+
+
+def test_a_chain_is_greedy_verify(backend):
+    gen = torch.Generator().manual_seed(4)
+    B, N, V = 10, 5, 200
+    logits = torch.randn(B, N + 1, V, generator=gen)
+    drafts = torch.where(torch.rand(B, N, generator=gen) < 0.8, logits[:, :N].argmax(-1),
+                         torch.randint(0, V, (B, N), generator=gen))
+    path, tokens, accepted = backend.tree_greedy_verify(drafts, Tree(list(range(-1, N - 1))), logits)
+    chain_tokens, chain_accepted = backend.greedy_verify(drafts, logits)
+    assert torch.equal(tokens, chain_tokens) and torch.equal(accepted, chain_accepted)
+
+
+def status_of(backend, call):
+    if backend.marks_invalid_rows:
+        path, tokens, accepted = call()
+        assert (path == -1).all() and (tokens == -1).all()
+        return -int(accepted[0])
+    with pytest.raises((IndexError, ValueError)) as info:
+        call()
+    for bit, words in ((STATUS_BAD_ID, "draft token id"), (STATUS_BAD_VALUE, "NaN"), (STATUS_BAD_TREE, "malformed")):
+        if words in str(info.value):
+            return bit
+    raise AssertionError(f"unexpected message: {info.value}")
+
+
+def test_bad_values(backend):
+    drafts = torch.tensor([[3, 3, 2]])  # nodes 0 and 1 match the root's 3; node 2 (under 0) is not the 1 there
+    tree = Tree([-1, -1, 0])
+    logits = one_hot_logits([3, 1, 0, 0])[None]
+    bad_ids = drafts.clone()
+    bad_ids[0, 2] = 6
+    assert status_of(backend, lambda: backend.tree_greedy_verify(bad_ids, tree, logits)) == STATUS_BAD_ID
+    nan = logits.clone()
+    nan[0, 1, 4] = float("nan")  # the row after node 0, which matches
+    assert status_of(backend, lambda: backend.tree_greedy_verify(drafts, tree, nan)) == STATUS_BAD_VALUE
+    unread = logits.clone()
+    unread[0, 3, 0] = float("nan")  # the row after node 2, which does not match: never read
+    path, tokens, accepted = backend.tree_greedy_verify(drafts, tree, unread)
+    assert accepted.tolist() == [1] and path.tolist() == [[0, -1, -1]] and tokens.tolist() == [[3, 1, -1]]
+
+
+@pytest.mark.parametrize("parents, max_depth", [([-1, 1, 0], 2), ([-1, 0, 1], 2)])
+def test_malformed_trees_through_the_op(backend, parents, max_depth):
+    logits = torch.randn(1, 4, 8).to(backend.device)
+    ids = torch.tensor([[1, 2, 3]], device=backend.device)
+    parents_t = torch.tensor([parents], device=backend.device)
+
+    def call():
+        return tuple(t.cpu() for t in backend.ops.tree_greedy_verify(ids, parents_t, logits, max_depth, False))
+
+    assert status_of(backend, call) == STATUS_BAD_TREE
+
+
+def test_bad_arguments(backend):
+    logits = torch.randn(2, 4, 8)
+    ids = torch.zeros(2, 3, dtype=torch.int64)
+    with pytest.raises(ValueError, match="the tree has 5 nodes for 3 drafts"):
+        backend.tree_greedy_verify(ids, Tree([-1, 0, 1, 2, 3]), logits)
+    with pytest.raises(TypeError, match="must be a fastar.masks.Tree"):
+        backend.tree_greedy_verify(ids, [-1, 0, 1], logits)
+    with pytest.raises(ValueError, match=r"target_logits must have shape \[B, n\+1, V\]"):
+        backend.tree_greedy_verify(ids, Tree([-1, 0, 1]), logits[:, :3])
+    with pytest.raises(TypeError, match="must be float32, float16 or bfloat16"):
+        backend.tree_greedy_verify(ids, Tree([-1, 0, 1]), logits.double())
