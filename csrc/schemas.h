@@ -32,6 +32,12 @@ inline void define_schemas(torch::Library& m) {
   m.def(
       "tree_greedy_verify(Tensor draft_token_ids, Tensor parents, Tensor target_logits, int max_depth, "
       "bool root_in_path) -> (Tensor path, Tensor tokens, Tensor num_accepted)");
+  // Medusa's typical acceptance over the same tree and logits: p(x) > min(posterior_threshold, posterior_alpha *
+  // exp(-H(p))), p = softmax(logits / temperature) (temperature 0: the argmax); the longest passing path.
+  m.def(
+      "typical_accept(Tensor draft_token_ids, Tensor parents, Tensor target_logits, int max_depth, bool root_in_path, "
+      "float posterior_threshold, float posterior_alpha, float temperature) -> (Tensor path, Tensor tokens, "
+      "Tensor num_accepted)");
   // Masked attention, written into `out`; returns the natural-log LSE [B, Hq, Lq] in float32 (-inf for a row
   // that sees no key). The mask is the AND of the terms given (csrc/core/attention.h); i + diag is query i's
   // own key position.
@@ -125,6 +131,7 @@ inline void register_cpu_kernels(torch::Library& m) {
   m.impl("greedy_verify", &greedy_verify_op<run_greedy_verify_cpu>);
   m.impl("tree_speculative_sample", &tree_speculative_sample_op<run_tree_speculative_sample_cpu>);
   m.impl("tree_greedy_verify", &tree_greedy_verify_op<run_tree_greedy_verify_cpu>);
+  m.impl("typical_accept", &typical_accept_op<run_typical_accept_cpu>);
   m.impl("attention", &attention_op<run_attention_cpu>);
   m.impl("scale_attention", &scale_attention_op<run_attention_cpu>);
   m.impl("sample_cfg", &sample_cfg_op<run_sample_cfg_cpu>);
@@ -138,6 +145,7 @@ inline void register_cuda_kernels(torch::Library& m) {
   m.impl("speculative_sample", &speculative_sample_op<run_speculative_sample_cuda>);
   m.impl("tree_speculative_sample", &tree_speculative_sample_op<run_tree_speculative_sample_cuda>);
   m.impl("tree_greedy_verify", &tree_greedy_verify_op<run_tree_greedy_verify_cuda>);
+  m.impl("typical_accept", &typical_accept_op<run_typical_accept_cuda>);
   m.impl("greedy_verify", &greedy_verify_op<run_greedy_verify_cuda>);
   m.impl("attention", &attention_op<run_attention_cuda>);
   m.impl("scale_attention", &scale_attention_op<run_attention_cuda>);

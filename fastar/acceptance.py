@@ -34,7 +34,7 @@ from .masks import Tree
 
 __all__ = [
     "check_rows", "debug_checks_enabled", "greedy_verify", "set_debug_checks", "speculative_sample",
-    "tree_greedy_verify", "tree_speculative_sample",
+    "tree_greedy_verify", "tree_speculative_sample", "typical_accept",
 ]
 
 _debug_checks = os.environ.get("FASTAR_DEBUG_CHECKS", "0") == "1"
@@ -316,6 +316,66 @@ def tree_greedy_verify(
 @fake("tree_greedy_verify")
 def _tree_greedy_verify_fake(draft_token_ids, parents, target_logits, max_depth, root_in_path):
     one_device("tree_greedy_verify", draft_token_ids, parents, target_logits)
+    torch._check(draft_token_ids.dim() == 2, lambda: "draft_token_ids must be 2-D [B, N]")
+    batch = draft_token_ids.shape[0]
+    path = target_logits.new_empty((batch, max_depth + 1), dtype=torch.int32)
+    return path, torch.empty_like(path), target_logits.new_empty((batch,), dtype=torch.int32)
+
+
+def typical_accept(
+    draft_token_ids: torch.Tensor,
+    target_logits: torch.Tensor,
+    *,
+    tree: Optional[Tree] = None,
+    posterior_threshold: float = 0.09,
+    posterior_alpha: float = 0.3,
+    temperature: float = 1.0,
+) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Medusa's / Hydra's typical acceptance over a chain (``tree=None``) or a tree of drafts.
+
+    A node with token ``x`` passes when its parent is the root or passes and, under ``p = softmax(target_logits
+    [parent + 1] / temperature)``, ``p(x) > min(posterior_threshold, posterior_alpha * exp(-H(p)))`` (``H`` the
+    entropy; ``temperature == 0``: ``x`` is the argmax). The longest path of passing nodes is accepted (ties: the
+    earlier path), then the target's argmax after it. Statistics are float32: a token exactly at its threshold
+    may go either way on different backends.
+
+    Args:
+        draft_token_ids: int32/int64 ``[B, N]`` (``-1``: an absent node).
+        target_logits: float ``[B, N+1, V]``: row 0 at the root, row ``t + 1`` after node ``t``; float32,
+            float16 or bfloat16. A NaN in a row the rule reads is an error.
+        tree: a :class:`fastar.masks.Tree` as in :func:`tree_speculative_sample`; ``None``: the drafts are a
+            chain.
+        posterior_threshold, posterior_alpha: Medusa's epsilon and alpha (its defaults), finite and >= 0.
+        temperature: >= 0.
+
+    Returns:
+        ``(path, tokens, num_accepted)`` as :func:`tree_speculative_sample` returns them (a chain's path is
+        ``0, 1, ..., num_accepted - 1``).
+    """
+    op = "fastar.typical_accept"
+    _check_devices(op, "target_logits", target_logits, draft_token_ids=draft_token_ids)
+    if not isinstance(draft_token_ids, torch.Tensor) or draft_token_ids.dim() != 2:
+        raise ValueError(f"{op}: draft_token_ids must be a 2-D tensor [B, N]")
+    n = draft_token_ids.shape[1]
+    if tree is None:  # a chain: node t's parent is t - 1
+        parents, max_depth, root_in_path = torch.arange(-1, n - 1, device=target_logits.device)[None], n, False
+    else:
+        parents, max_depth, root_in_path = _tree_args(op, tree, n, target_logits.device)
+    if _debug_checks:
+        _validate_values(op, draft_token_ids.masked_fill(draft_token_ids == -1, 0), target_logits, None, False)
+    path, tokens, num_accepted = _common.ops().typical_accept(
+        draft_token_ids, parents, target_logits, max_depth, root_in_path, posterior_threshold, posterior_alpha,
+        temperature,
+    )
+    if _debug_checks:
+        check_rows(num_accepted, op)
+    return path, tokens, num_accepted
+
+
+@fake("typical_accept")
+def _typical_accept_fake(draft_token_ids, parents, target_logits, max_depth, root_in_path, posterior_threshold,
+                         posterior_alpha, temperature):
+    one_device("typical_accept", draft_token_ids, parents, target_logits)
     torch._check(draft_token_ids.dim() == 2, lambda: "draft_token_ids must be 2-D [B, N]")
     batch = draft_token_ids.shape[0]
     path = target_logits.new_empty((batch, max_depth + 1), dtype=torch.int32)

@@ -130,6 +130,10 @@ def _acceptance_samples(device):
             [*to(ids, torch.tensor([[-1, 0, 0, 2]]), p), 3, False],
             [*to(ids.int(), torch.tensor([[-1, -1, 1, 2]] * B), p.bfloat16()), 3, True],
         ],
+        "typical_accept": [
+            [*to(ids, torch.tensor([[-1, 0, 1, 2]]), p.log()), 4, False, 0.09, 0.3, 1.0],
+            [*to(ids.int(), torch.tensor([[-1, -1, 1, 2]] * B), p.half()), 3, True, 0.2, 0.5, 0.0],
+        ],
         "attention": attention,
         "scale_attention": scale_attention,
     }
@@ -188,7 +192,10 @@ def test_public_api_compiles_without_graph_breaks():
         greedy, _ = fastar.greedy_verify(ids, p)
         path, tree_tokens, _ = fastar.tree_speculative_sample(ids, tree, q, p, seed=seed, offset=offset)
         greedy_path, greedy_tokens, _ = fastar.tree_greedy_verify(ids, tree, p)
-        return tokens, accepted, greedy, path, tree_tokens, greedy_path, greedy_tokens
+        _, typical_tokens, _ = fastar.typical_accept(ids, p.log())
+        _, typical_tree_tokens, _ = fastar.typical_accept(ids, p.log(), tree=tree, temperature=0.7)
+        return (tokens, accepted, greedy, path, tree_tokens, greedy_path, greedy_tokens, typical_tokens,
+                typical_tree_tokens)
 
     compiled = torch.compile(step, fullgraph=True, backend="inductor")
     seed, offset = torch.tensor(7), torch.tensor(0)

@@ -23,6 +23,7 @@ from fastar.reference import (
     speculative_sample_reference,
     tree_greedy_verify_row,
     tree_speculative_sample_row,
+    typical_accept_row,
 )
 
 INFO = fastar.build_info()
@@ -183,6 +184,23 @@ def test_tree_greedy_tokens(isa):
     path, tokens, accepted = fastar.tree_greedy_verify(drafts, masks.Tree(parents), logits)
     for b in range(B):
         want_path, want_tokens, k = tree_greedy_verify_row(parents, drafts[b].tolist(), logits[b])
+        assert int(accepted[b]) == k and path[b, :k].tolist() == want_path
+        assert tokens[b, : k + 1].tolist() == want_tokens
+
+
+def test_typical_accept_tokens(isa):
+    """Typical acceptance's softmax statistics on every ISA (V off every vector width, a -inf logit): drafts the
+    argmax or the argmin, far from the threshold either way."""
+    torch.manual_seed(6)
+    B, V = 6, 1003
+    parents = [-1, -1, 0, 0, 2, 1]
+    logits = torch.randn(B, len(parents) + 1, V) * 3
+    logits[:, :, 17] = float("-inf")
+    rows = logits[:, [p + 1 for p in parents]]
+    drafts = torch.where(torch.rand(B, len(parents)) < 0.8, rows.argmax(-1), rows.argmin(-1))
+    path, tokens, accepted = fastar.typical_accept(drafts, logits, tree=masks.Tree(parents))
+    for b in range(B):
+        want_path, want_tokens, k = typical_accept_row(parents, drafts[b].tolist(), logits[b])
         assert int(accepted[b]) == k and path[b, :k].tolist() == want_path
         assert tokens[b, : k + 1].tolist() == want_tokens
 

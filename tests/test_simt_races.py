@@ -65,9 +65,9 @@ def assert_order_independent(run, kernels):
 
 
 # Every kernel of the CUDA sources, each run under the race check by one of the tests below.
-ALL_KERNELS = {"speculative_sample", "tree_speculative_sample", "greedy_verify", "tree_greedy_verify", "sample_cfg",
-               "attention_vec_decode", "attention_decode", "attention_tiled", "attention_tc", "attention_merge",
-               "quantize_kv_append", "quantize_kivi_keys", "quantize_kivi_values"}
+ALL_KERNELS = {"speculative_sample", "tree_speculative_sample", "greedy_verify", "tree_greedy_verify",
+               "typical_accept", "sample_cfg", "attention_vec_decode", "attention_decode", "attention_tiled",
+               "attention_tc", "attention_merge", "quantize_kv_append", "quantize_kivi_keys", "quantize_kivi_values"}
 
 
 def test_every_kernel_is_covered():
@@ -128,6 +128,18 @@ def test_tree_greedy_verify(backend):
     drafts = logits[:, [0, 0, 1, 1, 3, 2]].argmax(-1)  # every node the argmax after its parent: all match
     drafts[1, 2] = (drafts[1, 2] + 1) % V
     assert_order_independent(lambda: backend.tree_greedy_verify(drafts, tree, logits), {"tree_greedy_verify"})
+
+
+def test_typical_accept(backend):
+    gen = torch.Generator().manual_seed(5)
+    B, V = 3, 300
+    tree = fastar.masks.Tree([-1, -1, 0, 0, 2, 1])
+    logits = torch.randn(B, 7, V, generator=gen) * 3
+    drafts = logits[:, [0, 0, 1, 1, 3, 2]].argmax(-1)
+    drafts[1, 2] = logits[1, 1].argmin()
+    for temperature in (1.0, 0.0):
+        assert_order_independent(lambda t=temperature: backend.typical_accept(drafts, logits, tree=tree, temperature=t),
+                                 {"typical_accept"})
 
 
 def test_greedy_verify(backend):

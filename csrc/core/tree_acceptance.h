@@ -1,15 +1,19 @@
-// The rule of fastar.tree_speculative_sample (docs/acceptance.md, "Draft trees"), shared by the CPU and CUDA
-// kernels: the per-node checks and the walk down the tree. The walk's passes over V (a row's fixed-point mass,
-// writing a residual row, the inverse CDF) are the backend's (`Ops`), so a CUDA block runs the same walk in
-// every thread with block-wide passes, and every backend returns the same tokens.
+// The rules of the tree acceptance ops (docs/acceptance.md): fastar.tree_speculative_sample, tree_greedy_verify
+// and typical_accept, shared by the CPU and CUDA kernels: the per-node checks and the walks down the tree. A
+// walk's passes over V (a row's fixed-point mass, writing a weight row, the inverse CDF, an argmax, softmax
+// statistics) are the backend's (`Ops`), so a CUDA block runs the same walk in every thread with block-wide
+// passes. The exact rules return the same tokens on every backend; typical_accept's float32 statistics may
+// differ in their last bits, so a token exactly at its threshold may go either way.
 #pragma once
+#include <cmath>
 #include <cstdint>
 
 #include "core/acceptance.h"
 
 namespace fastar {
 
-// The tree ops' arguments. fastar.tree_greedy_verify reads target_probs as logits and no draft_probs or seed.
+// The tree ops' arguments. fastar.tree_greedy_verify and fastar.typical_accept read target_probs as logits and
+// no draft_probs or seed.
 struct TreeSampleParams {
   const void* draft_ids;  // [B, N]
   bool ids64;
@@ -26,8 +30,10 @@ struct TreeSampleParams {
   int32_t* num_accepted;
   int64_t B, N, V, max_depth;
   bool root_in_path;   // path numbers the tree with the verified root as node 0: [0, t1 + 1, t2 + 1, ...]
-  uint64_t* residual;  // CUDA: [B, V] weight rows (tree_greedy_verify: [B, 2N]); the CPU kernels keep their own
+  uint64_t* residual;  // CUDA: [B, V] weight rows (tree_greedy_verify: [B, 2N]; typical_accept: TypicalNode
+                       // [B, N]); the CPU kernels keep their own
   PhiloxSeed seed;
+  float posterior_threshold, posterior_alpha, temperature, inv_temperature;  // typical_accept's (1 / T, or 0)
 };
 
 namespace accept {
@@ -217,6 +223,84 @@ FASTAR_HD int32_t tree_greedy_walk(const TreeSampleParams& prm, int64_t b, Ops& 
     }
   }
   ops.emit(best_depth, -1, best < 0 ? root : ops.noted(best));
+  for (int64_t t = best, i = best_depth - 1; t >= 0; t = tree_parent(prm, b, t), --i)
+    ops.emit(i, t, tree_draft(prm, b, t));
+  *accepted = best_depth;
+  return kOk;
+}
+
+// Softmax statistics of one logit row at temperature T > 0, in float32: its max m and argmax (-1: the row holds a
+// NaN), sum = sum_t exp((x_t - m) / T) and weighted = sum_t exp((x_t - m) / T) (x_t - m) / T, so that the
+// entropy of softmax(x / T) is log(sum) - weighted / sum.
+struct RowStats {
+  float max;
+  int64_t argmax;
+  float sum, weighted;
+};
+
+// (x - m) / T is taken at least this: exp of it is 0 in float32, and so is its term of `weighted` (a -inf logit
+// would make it 0 * -inf).
+constexpr float kTypicalFloor = -200.0f;
+
+// What typical_accept keeps of a passing node: the argmax after it, its depth, and the test of its children.
+struct TypicalNode {
+  int32_t argmax;  // -1: the node does not pass
+  int32_t depth;
+  float max, sum, threshold;
+};
+
+// Medusa's typical test of token x under a row of stats s (argmax only when temperature == 0): p(x) > min(eps,
+// alpha * exp(-H)), p = softmax(logits / temperature).
+FASTAR_HD TypicalNode typical_node(const TreeSampleParams& prm, const RowStats& s, int32_t depth) {
+  TypicalNode n{static_cast<int32_t>(s.argmax), depth, s.max, s.sum, 0.0f};
+  if (prm.temperature > 0.0f) {
+#if defined(__CUDA_ARCH__)
+    const float mean_z = __fdividef(s.weighted, s.sum);  // no IEEE-division subroutine: the statistics are float32
+#else
+    const float mean_z = s.weighted / s.sum;
+#endif
+    const float entropy = logf(s.sum) - mean_z;
+    const float typical = prm.posterior_alpha * expf(-entropy);
+    n.threshold = typical < prm.posterior_threshold ? typical : prm.posterior_threshold;
+  }
+  return n;
+}
+
+FASTAR_HD bool typical_pass(const TreeSampleParams& prm, const TypicalNode& parent, int64_t x, float logit) {
+  if (prm.temperature == 0.0f) return x == parent.argmax;
+  return expf((logit - parent.max) * prm.inv_temperature) > parent.threshold * parent.sum;
+}
+
+// fastar.typical_accept for row b over valid nodes: node t passes when its parent is the root or passes and
+// typical_pass holds for its token under the parent's row; the deepest passing node (ties: the earlier path) ends
+// the path, and the argmax after it is the last token. Ops: ops.stats(row) -> RowStats (collective);
+// ops.keep(t, node) / ops.kept(t): the row's TypicalNode scratch; ops.emit as for sampling.
+template <typename P, typename Ops>
+FASTAR_HD int32_t typical_walk(const TreeSampleParams& prm, int64_t b, Ops& ops, int64_t* accepted) {
+  using namespace accept;
+  const P* logits = static_cast<const P*>(prm.target_probs) + b * prm.tp_sb;
+  const RowStats root_stats = ops.stats(logits);
+  if (root_stats.argmax < 0) return kBadValue;
+  const TypicalNode root = typical_node(prm, root_stats, 0);
+  int64_t best = -1, best_depth = 0;
+  for (int64_t t = 0; t < prm.N; ++t) {
+    const int64_t parent = tree_parent(prm, b, t), x = tree_draft(prm, b, t);
+    const TypicalNode up = parent < 0 ? root : ops.kept(parent);
+    const P* parent_row = logits + (parent + 1) * prm.tp_sn;
+    if (x == -1 || up.argmax < 0 || !typical_pass(prm, up, x, ops.load(parent_row, x))) {
+      ops.keep(t, TypicalNode{-1, 0, 0.0f, 0.0f, 0.0f});
+      continue;
+    }
+    const RowStats s = ops.stats(logits + (t + 1) * prm.tp_sn);
+    if (s.argmax < 0) return kBadValue;
+    const TypicalNode node = typical_node(prm, s, up.depth + 1);
+    ops.keep(t, node);
+    if (node.depth > best_depth || (node.depth == best_depth && tree_path_before(prm, b, t, best))) {
+      best = t;
+      best_depth = node.depth;
+    }
+  }
+  ops.emit(best_depth, -1, best < 0 ? root.argmax : ops.kept(best).argmax);
   for (int64_t t = best, i = best_depth - 1; t >= 0; t = tree_parent(prm, b, t), --i)
     ops.emit(i, t, tree_draft(prm, b, t));
   *accepted = best_depth;

@@ -19,6 +19,7 @@ void launch_speculative_sample(const SpeculativeSampleParams& prm, FloatKind kin
 void launch_greedy_verify(const GreedyVerifyParams& prm, FloatKind kind, void* stream);
 void launch_tree_speculative_sample(const TreeSampleParams& prm, FloatKind kind, void* stream);
 void launch_tree_greedy_verify(const TreeSampleParams& prm, FloatKind kind, void* stream);
+void launch_typical_accept(const TreeSampleParams& prm, FloatKind kind, void* stream);
 void launch_sample_cfg(const SampleCfgParams& prm, FloatKind kind, void* stream);
 void launch_quantize_kv_append(const QuantizeKvParams& prm, FloatKind kind, void* stream);
 void launch_quantize_kivi_append(const KiviAppendParams& prm, FloatKind kind, void* stream);

@@ -6,6 +6,7 @@
 #include <c10/util/Exception.h>
 #include <c10/util/Optional.h>
 
+#include <cmath>
 #include <cstdint>
 #include <string>
 #include <tuple>
@@ -228,6 +229,8 @@ void run_tree_speculative_sample_cpu(TreeSampleLaunch& l);
 void run_tree_speculative_sample_cuda(TreeSampleLaunch& l);
 void run_tree_greedy_verify_cpu(TreeSampleLaunch& l);
 void run_tree_greedy_verify_cuda(TreeSampleLaunch& l);
+void run_typical_accept_cpu(TreeSampleLaunch& l);
+void run_typical_accept_cuda(TreeSampleLaunch& l);
 
 template <void (*Run)(SpeculativeSampleLaunch&)>
 std::tuple<at::Tensor, at::Tensor> speculative_sample_op(const at::Tensor& draft_token_ids,
@@ -272,6 +275,29 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> tree_greedy_verify_op(const at::T
                                                                      bool root_in_path) {
   TreeSampleLaunch l = prepare_tree_launch("fastar.tree_greedy_verify", draft_token_ids, parents, std::nullopt,
                                            target_logits, "target_logits", max_depth, root_in_path);
+  Run(l);
+  return {l.path, l.tokens, l.num_accepted};
+}
+
+template <void (*Run)(TreeSampleLaunch&)>
+std::tuple<at::Tensor, at::Tensor, at::Tensor> typical_accept_op(const at::Tensor& draft_token_ids,
+                                                                 const at::Tensor& parents,
+                                                                 const at::Tensor& target_logits, int64_t max_depth,
+                                                                 bool root_in_path, double posterior_threshold,
+                                                                 double posterior_alpha, double temperature) {
+  constexpr const char* op = "fastar.typical_accept";
+  TORCH_CHECK_VALUE(std::isfinite(posterior_threshold) && posterior_threshold >= 0 && std::isfinite(posterior_alpha) &&
+                        posterior_alpha >= 0,
+                    op, ": posterior_threshold and posterior_alpha must be finite and >= 0, got ", posterior_threshold,
+                    " and ", posterior_alpha);
+  TORCH_CHECK_VALUE(std::isfinite(temperature) && temperature >= 0, op, ": temperature must be finite and >= 0, got ",
+                    temperature);
+  TreeSampleLaunch l = prepare_tree_launch(op, draft_token_ids, parents, std::nullopt, target_logits, "target_logits",
+                                           max_depth, root_in_path);
+  l.prm.posterior_threshold = static_cast<float>(posterior_threshold);
+  l.prm.posterior_alpha = static_cast<float>(posterior_alpha);
+  l.prm.temperature = static_cast<float>(temperature);
+  l.prm.inv_temperature = l.prm.temperature > 0.0f ? 1.0f / l.prm.temperature : 0.0f;
   Run(l);
   return {l.path, l.tokens, l.num_accepted};
 }

@@ -10,3 +10,4 @@ FASTAR_CPU_DECLARE_ISA(void speculative_sample(const ::fastar::SpeculativeSample
 FASTAR_CPU_DECLARE_ISA(void greedy_verify(const ::fastar::GreedyVerifyParams& prm, ::fastar::FloatKind kind))
 FASTAR_CPU_DECLARE_ISA(void tree_speculative_sample(const ::fastar::TreeSampleParams& prm, ::fastar::FloatKind kind))
 FASTAR_CPU_DECLARE_ISA(void tree_greedy_verify(const ::fastar::TreeSampleParams& prm, ::fastar::FloatKind kind))
+FASTAR_CPU_DECLARE_ISA(void typical_accept(const ::fastar::TreeSampleParams& prm, ::fastar::FloatKind kind))
