@@ -14,7 +14,7 @@ import torch
 import fastar
 from fastar.masks import BlockCausal, Causal, Dense, Tree, Window
 from fastar.reference import KV_FORMATS, attention_reference
-from test_attention import paged_layout
+from test_attention import paged_layout, to_paged
 
 FORMATS = ["int8", "fp8_e4m3", "fp8_e5m2"]
 
@@ -173,6 +173,66 @@ def test_a_nan_scale_reaches_only_the_rows_that_see_its_key(backend, fmt, Lq, dt
     if Lq > 1:
         torch.testing.assert_close(got[0, :-1].double(), want[0, :-1], atol=tol, rtol=tol)
     torch.testing.assert_close(got[1].double(), want[1], atol=tol, rtol=tol)
+
+
+# Decode shapes of the CPU kernel's lockstep (a sequence's kv heads run together, key tile by key tile, when a kv
+# head has fewer than 8 query rows): (B, Hq, Hkv, Lq). G = 1, 2, 4, and 8 (8 rows: the GEMM path instead); B = 1
+# splits the keys over more work units.
+LOCKSTEP_SHAPES = [(3, 16, 16, 1), (1, 16, 16, 3), (3, 16, 4, 1), (1, 16, 4, 1), (3, 6, 3, 2), (3, 16, 2, 1)]
+LOCKSTEP_CASES = [(shape, kind) for shape in LOCKSTEP_SHAPES
+                  for kind in (["none"] if shape[3] == 1 else ["causal", "tree", "window", "dense"])]
+
+
+@pytest.mark.parametrize("fmt", ["int8", "fp8_e5m2", "f32", "bf16"])
+@pytest.mark.parametrize("shape, kind", LOCKSTEP_CASES, ids=lambda x: "-".join(map(str, x)) if isinstance(x, tuple)
+                         else x)
+@pytest.mark.parametrize("paged", [False, True])
+def test_cpu_decode_runs_the_kv_heads_in_lockstep(fmt, shape, kind, paged):
+    """Quantized and 16 / 32-bit caches: ragged lengths (300 keys, a partial tile, 7), kv splits, pages of 16
+    slots over shuffled pages, each mask kind with several query positions, against float64."""
+    B, Hq, Hkv, Lq = shape
+    D, S = 64, 320
+    gen = torch.Generator().manual_seed(Hq * Hkv + Lq + B)
+    bt, total = paged_layout(B, S // 16, gen) if paged else (None, None)
+    q = torch.randn(B, Lq, Hq, D, generator=gen)
+    if fmt in ("f32", "bf16"):
+        dtype = torch.float32 if fmt == "f32" else torch.bfloat16
+        k, v = (torch.randn(B, S, Hkv, D, generator=gen).to(dtype) for _ in range(2))
+        k_deq, v_deq = (x.double().transpose(1, 2) for x in (k, v))
+        if paged:
+            k, v = (to_paged(x, bt, total, gen) for x in (k, v))
+        scales = {}
+    else:
+        dtype = torch.float32
+        k, v, k_scale, v_scale, k_deq, v_deq = quantized_cache(gen, B, S, Hkv, D, fmt, dtype, bt,
+                                                               (total, 16) if paged else None)
+        scales = {"k_scale": k_scale, "v_scale": v_scale}
+    q = q.to(dtype)
+    lens = torch.tensor([300, 129, 7][:B])
+    mask = None if kind == "none" else masks_of(Lq, S)[kind]
+    got = fastar.attention_with_kvcache(q, k, v, cache_seqlens=lens, block_table=bt, mask=mask, **scales)
+    tol = 2e-5 if dtype == torch.float32 else 2e-2
+    torch.testing.assert_close(got.double(), reference(q, k_deq, v_deq, lens, mask), atol=tol, rtol=tol)
+
+
+def test_cpu_a_nan_value_of_one_kv_head_in_lockstep():
+    """One kv head's value scale at the last key is NaN; a causal mask hides that key from the first of two query
+    positions. That head is rerun alone (its products may not reach the hidden rows through 0 * NaN): its rows of
+    the last position are NaN, every other row equals the reference."""
+    gen = torch.Generator().manual_seed(3)
+    B, Hq, Hkv, D, S = 2, 8, 4, 64, 150
+    k_codes, v_codes, k_scale, v_scale, k_deq, v_deq = quantized_cache(gen, B, S, Hkv, D, "int8", torch.float32)
+    v_scale[0, S - 1, 2] = float("nan")
+    v_deq[0, 2, S - 1] = float("nan")
+    q = torch.randn(B, 2, Hq, D, generator=gen)
+    lens = torch.tensor([S, S])
+    got = fastar.attention_with_kvcache(q, k_codes, v_codes, cache_seqlens=lens, k_scale=k_scale, v_scale=v_scale,
+                                        mask=Causal())
+    want = reference(q, k_deq, v_deq, lens, Causal())
+    nan = torch.zeros_like(got, dtype=torch.bool)
+    nan[0, 1, 4:6] = True  # query heads 4 and 5 share kv head 2
+    assert torch.equal(got.isnan().all(-1, keepdim=True).expand_as(got), nan)
+    torch.testing.assert_close(got.double()[~nan], want[~nan], atol=2e-5, rtol=2e-5)
 
 
 def test_op_writes_a_poisoned_out_and_empty_sequences(backend):

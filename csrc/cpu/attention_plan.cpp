@@ -41,11 +41,14 @@ AttentionPlan::AttentionPlan(const AttentionParams& p) : p_(p), G_(p.Hq / p.Hkv)
   n_q_tiles_ = static_cast<int64_t>(q_starts_.size()) - 1;
   sorted_k_blocks_ = p.mask.block == BlockRelation::kCausal && p.mask.k_block_sb == 0 &&
                      std::is_sorted(p.mask.k_block_ids, p.mask.k_block_ids + p.Lk);
-  // When there are too few work items for the threads (decode with a small batch), the keys are split.
+  // An item's steps do not depend on its kv head (only a bias does, applied by the kernel), so the heads can share
+  // them in lockstep.
+  lockstep_ = G_ * q_tile_ < kGemmMinRows && p.Hkv > 1 && p.k_sh < p.k_sl && p.v_sh < p.v_sl;
+  // When there are too few work units for the threads (decode with a small batch), the keys are split.
   const int64_t key_tiles = (p.Lk + kKeyTile - 1) / kKeyTile;
   const int64_t want = 4 * static_cast<int64_t>(at::get_num_threads());
-  const int64_t items = this->items();
-  splits_ = items >= want ? 1 : std::max<int64_t>(1, std::min<int64_t>(key_tiles / 2, (want + items - 1) / items));
+  const int64_t units = this->units();
+  splits_ = units >= want ? 1 : std::max<int64_t>(1, std::min<int64_t>(key_tiles / 2, (want + units - 1) / units));
   // A mask that is the same for every sequence (a ScaleLayout's, a shared causal or tree mask) is planned
   // once per query tile instead of once per item: VAR runs 16-32 heads per tile. The plans hold a byte per
   // visible (query, key) pair of the partial tiles, at most Lq x Lk.

@@ -18,6 +18,9 @@
 namespace fastar::cpu {
 
 constexpr int64_t kKeyTile = 64;
+// Work items with at least this many query rows use the kernel's GEMM path (verification, prefill); fewer
+// (decode) stream K and V from memory with dot / axpy loops.
+constexpr int64_t kGemmMinRows = 8;
 // Most keys of one step: a full key tile, or a batch of partial tiles' kept keys (plan_keys); each step
 // rescales its rows' output once. Tuning: docs/design/cpu-attention.md.
 constexpr int64_t kBatch = 128;
@@ -79,6 +82,12 @@ class AttentionPlan {
   int64_t n_q_tiles() const { return n_q_tiles_; }
   int64_t splits() const { return splits_; }  // kv splits per item (merged by their LSE)
   int64_t items() const { return p_.B * p_.Hkv * n_q_tiles_; }
+  // Whether the Hkv items of a sequence and query tile run as one unit, their kv heads in lockstep step by step:
+  // decode over a cache whose heads lie side by side in a slot ([slots, Hkv, D]), where a key tile's rows of every
+  // head are one range of memory and a head's alone are scattered over it.
+  bool lockstep() const { return lockstep_; }
+  // The work the threads share, per split: items, or in lockstep the B x n_q_tiles() units.
+  int64_t units() const { return lockstep_ ? p_.B * n_q_tiles_ : items(); }
   // Query tile qt holds the tile-order positions [tile_start(qt), tile_start(qt + 1)).
   int64_t tile_start(int64_t qt) const { return q_starts_[static_cast<size_t>(qt)]; }
 
@@ -122,6 +131,7 @@ class AttentionPlan {
   std::vector<int32_t> qpos_;      // [Lq] query positions in tile order (order_by_patches), or empty: in order
   std::vector<int64_t> q_starts_;  // [n_q_tiles_ + 1] first query (in tile order) of each tile, then Lq
   bool sorted_k_blocks_ = false;
+  bool lockstep_ = false;
   std::vector<KeyPlan> shared_;  // [n_q_tiles_] when built once for all sequences, else empty
 };
 

@@ -12,11 +12,11 @@
 // blocking. Every type has the same operations: zero, broadcast, load (float, c10::Half, c10::BFloat16 and the
 // KvCode<F> of core/kv_quant.h: int8 and fp8 codes, converted exactly as torch converts them), load_packed<kBits>
 // (KIVI's int4 / int2 codes, packed little-endian: lane i from bits [i * kBits, (i + 1) * kBits)), store, + - *, fmadd,
-// max, min, hsum, hmax, exp, hide (-inf where a visibility byte is 0), any_nan and first_equal (the first lane equal to
-// a value, or -1). Beside each, the integer lanes of the fixed-point sampling kernels (core/acceptance.h,
-// core/sampling.h): U64x<n> (uint64 weights: fixed_weights, scaled_residual, keep_at_least), U64Sum<n> (a sum of
-// such: +, hsum), I32x<n> (int32 bins or uint32 order keys: truncate, order_keys, equal_lanes) and Vec<n>::Mask
-// (not_prob, any_lane).
+// max, min, hsum, hsums (the sums of kSize vectors as one), hmax, exp, hide (-inf where a visibility byte is 0),
+// any_nan and first_equal (the first lane equal to a value, or -1). Beside each, the integer lanes of the fixed-point
+// sampling kernels (core/acceptance.h, core/sampling.h): U64x<n> (uint64 weights: fixed_weights, scaled_residual,
+// keep_at_least), U64Sum<n> (a sum of such: +, hsum), I32x<n> (int32 bins or uint32 order keys: truncate, order_keys,
+// equal_lanes) and Vec<n>::Mask (not_prob, any_lane).
 #pragma once
 #include <c10/util/BFloat16.h>
 #include <c10/util/Half.h>
@@ -143,6 +143,14 @@ inline Vec4 fmadd(Vec4 a, Vec4 b, Vec4 c) { return {a.v * b.v + c.v}; }
 inline Vec4 max(Vec4 a, Vec4 b) { return {a.v > b.v ? a.v : b.v}; }
 inline Vec4 min(Vec4 a, Vec4 b) { return {a.v < b.v ? a.v : b.v}; }
 inline float hsum(Vec4 a) { return (a.v[0] + a.v[2]) + (a.v[1] + a.v[3]); }
+// Lane i: hsum(x[i]), for i < 4.
+inline Vec4 hsums(const Vec4* x) {
+  const Vec4::F a =
+      __builtin_shufflevector(x[0].v, x[1].v, 0, 4, 1, 5) + __builtin_shufflevector(x[0].v, x[1].v, 2, 6, 3, 7);
+  const Vec4::F b =
+      __builtin_shufflevector(x[2].v, x[3].v, 0, 4, 1, 5) + __builtin_shufflevector(x[2].v, x[3].v, 2, 6, 3, 7);
+  return {__builtin_shufflevector(a, b, 0, 1, 4, 5) + __builtin_shufflevector(a, b, 2, 3, 6, 7)};
+}
 inline float hmax(Vec4 a) {
   const float x = a.v[0] > a.v[2] ? a.v[0] : a.v[2], y = a.v[1] > a.v[3] ? a.v[1] : a.v[3];
   return x > y ? x : y;
@@ -314,6 +322,12 @@ inline float hsum(Vec8 a) {
   __m128 s = _mm_add_ps(_mm256_castps256_ps128(a.v), _mm256_extractf128_ps(a.v, 1));
   s = _mm_add_ps(s, _mm_movehl_ps(s, s));
   return _mm_cvtss_f32(_mm_add_ss(s, _mm_movehdup_ps(s)));
+}
+// Lane i: hsum(x[i]), for i < 8: a tree of horizontal adds.
+inline Vec8 hsums(const Vec8* x) {
+  const __m256 a = _mm256_hadd_ps(_mm256_hadd_ps(x[0].v, x[1].v), _mm256_hadd_ps(x[2].v, x[3].v));
+  const __m256 b = _mm256_hadd_ps(_mm256_hadd_ps(x[4].v, x[5].v), _mm256_hadd_ps(x[6].v, x[7].v));
+  return {_mm256_add_ps(_mm256_permute2f128_ps(a, b, 0x20), _mm256_permute2f128_ps(a, b, 0x31))};
 }
 inline float hmax(Vec8 a) {
   __m128 s = _mm_max_ps(_mm256_castps256_ps128(a.v), _mm256_extractf128_ps(a.v, 1));
@@ -498,6 +512,24 @@ inline Vec16 min(Vec16 a, Vec16 b) { return {_mm512_min_ps(a.v, b.v)}; }
 // these are inlined.
 inline float hsum(Vec16 a) {
   return hsum(Vec8{_mm256_add_ps(_mm512_extractf32x8_ps(a.v, 0), _mm512_extractf32x8_ps(a.v, 1))});
+}
+// Lane i: hsum(x[i]), for i < 16: pairs of vectors halved four times (each step adds the two halves of every
+// vector's remaining lanes), then one permutation from lane 4 (i % 4) + i / 4.
+inline Vec16 hsums(const Vec16* x) {
+  __m512 y[8], z[4], w[2];
+  for (int i = 0; i < 8; ++i)  // quarters: x[2i] (q0 + q2, q1 + q3), then x[2i + 1]'s
+    y[i] = _mm512_add_ps(_mm512_shuffle_f32x4(x[2 * i].v, x[2 * i + 1].v, _MM_SHUFFLE(1, 0, 1, 0)),
+                         _mm512_shuffle_f32x4(x[2 * i].v, x[2 * i + 1].v, _MM_SHUFFLE(3, 2, 3, 2)));
+  for (int i = 0; i < 4; ++i)  // quarter j: 4 lanes of x[4i + j]
+    z[i] = _mm512_add_ps(_mm512_shuffle_f32x4(y[2 * i], y[2 * i + 1], _MM_SHUFFLE(2, 0, 2, 0)),
+                         _mm512_shuffle_f32x4(y[2 * i], y[2 * i + 1], _MM_SHUFFLE(3, 1, 3, 1)));
+  for (int i = 0; i < 2; ++i)  // quarter j: 2 lanes of x[8i + j], then 2 of x[8i + 4 + j]
+    w[i] = _mm512_add_ps(_mm512_shuffle_ps(z[2 * i], z[2 * i + 1], _MM_SHUFFLE(1, 0, 1, 0)),
+                         _mm512_shuffle_ps(z[2 * i], z[2 * i + 1], _MM_SHUFFLE(3, 2, 3, 2)));
+  // Lane 4j + m: x[4m + j]'s sum.
+  const __m512 v = _mm512_add_ps(_mm512_shuffle_ps(w[0], w[1], _MM_SHUFFLE(2, 0, 2, 0)),
+                                 _mm512_shuffle_ps(w[0], w[1], _MM_SHUFFLE(3, 1, 3, 1)));
+  return {_mm512_permutexvar_ps(_mm512_setr_epi32(0, 4, 8, 12, 1, 5, 9, 13, 2, 6, 10, 14, 3, 7, 11, 15), v)};
 }
 inline float hmax(Vec16 a) {
   return hmax(Vec8{_mm256_max_ps(_mm512_extractf32x8_ps(a.v, 0), _mm512_extractf32x8_ps(a.v, 1))});

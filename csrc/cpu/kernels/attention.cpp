@@ -28,12 +28,9 @@
 FASTAR_ISA_BEGIN
 namespace {
 
-static_assert(2 * kKeyTile <= RowPrefetch::kMaxRows && 2 * kKeyTile <= RowPrefetch::kMaxLines,
-              "a key tile's K and V rows and scales fit the prefetch lists");
+static_assert(2 * kKeyTile <= RowPrefetch::kMaxRows && 4 * kKeyTile <= RowPrefetch::kMaxLines,
+              "a key tile's K and V rows and scales (two lines per key and array in lockstep) fit the prefetch lists");
 
-// Tiles with at least this many query rows use the GEMM path: compute-bound verification and prefill.
-// Fewer rows (decode) stream K and V straight from memory with dot/axpy loops.
-constexpr int64_t kGemmMinRows = 8;
 constexpr int64_t kHeadCacheBytes = 8 << 20;  // a thread's float K and V of one head (HeadCache)
 constexpr int64_t kL2Resident = 512 << 10;    // bytes: half of a 1 MB L2 (Zen 4, recent Intel)
 
@@ -67,7 +64,7 @@ class AttentionCpu {
         kv_bytes_(p.kv_quantized ? 1 : static_cast<int64_t>(sizeof(T))) {}
 
   void run() {
-    const int64_t items = plan_.items();
+    const int64_t items = plan_.items(), units = plan_.units();
     const int64_t rows_cap = G_ * q_tile_, D = p_.D;
     if (splits_ > 1) {
       partial_o_.assign(static_cast<size_t>(items * splits_ * rows_cap * D), 0.0f);
@@ -78,14 +75,17 @@ class AttentionCpu {
     // where fixed halves made the other core wait. A chunk is a run of consecutive items (mostly one head's
     // query tiles, whose K and V stay in the core's L2), a quarter of a thread's share of what is left, so
     // the last chunks are short and the threads finish together (OpenMP's guided schedule).
-    const int64_t total = items * splits_, threads = at::get_num_threads();
+    const int64_t total = units * splits_, threads = at::get_num_threads();
     // 16-bit K/V are converted once per head when several query tiles read them and the head fits.
     const bool head_cache = (!std::is_same_v<T, float> || p_.kv_quantized) && n_q_tiles_ > 1 &&
                             2 * p_.Lk * padded_ld(D) * static_cast<int64_t>(sizeof(float)) <= kHeadCacheBytes;
     std::atomic<int64_t> next{0};
     at::parallel_for(0, std::min(total, threads), 1, [&](int64_t, int64_t) {
       Buffers unused;
-      std::vector<float> scratch(static_cast<size_t>(layout_buffers(nullptr, unused)));
+      const int64_t shared = layout_buffers(nullptr, unused);
+      std::vector<Buffers> heads(static_cast<size_t>(plan_.lockstep() ? p_.Hkv : 0));
+      std::vector<float> scratch(static_cast<size_t>(shared + static_cast<int64_t>(heads.size()) * head_floats()));
+      for (size_t h = 0; h < heads.size(); ++h) layout_head(scratch.data(), shared + h * head_floats(), heads[h]);
       HeadCache head;
       KeyPlan item_plan;  // an item's steps, where the plan shares none over the batch
       if (head_cache) {
@@ -96,8 +96,12 @@ class AttentionCpu {
       for (int64_t w0 = next.load(std::memory_order_relaxed); w0 < total;) {
         const int64_t w1 = w0 + std::max<int64_t>(1, (total - w0) / (4 * threads));
         if (!next.compare_exchange_weak(w0, w1, std::memory_order_relaxed)) continue;  // w0 reloaded
-        for (int64_t w = w0; w < std::min(total, w1); ++w)
-          run_item(w / splits_, w % splits_, scratch.data(), head_cache ? &head : nullptr, item_plan);
+        for (int64_t w = w0; w < std::min(total, w1); ++w) {
+          if (plan_.lockstep())
+            run_unit(w / splits_, w % splits_, heads.data(), item_plan);
+          else
+            run_item(w / splits_, w % splits_, scratch.data(), head_cache ? &head : nullptr, item_plan);
+        }
         w0 = next.load(std::memory_order_relaxed);
       }
     });
@@ -162,6 +166,20 @@ class AttentionCpu {
     return at;
   }
 
+  // A kv head's own buffers in lockstep (run_unit): q, o, state, qs and qz at base + at, the rest base's (those of
+  // layout_buffers, which one tile_stream call uses and leaves).
+  int64_t head_floats() const { return round_up16(G_ * q_tile_) * (3 * p_.D + 3); }
+  void layout_head(float* base, int64_t at, Buffers& buf) const {
+    const int64_t rp = round_up16(G_ * q_tile_), D = p_.D;
+    layout_buffers(base, buf);
+    buf.q = base + at;
+    buf.o = buf.q + rp * D;
+    buf.qs = buf.o + rp * D;
+    buf.state = reinterpret_cast<RowState*>(buf.qs + rp * D);
+    buf.qz = buf.qs + rp * D + 2 * rp;
+    buf.head = nullptr;
+  }
+
   int64_t pos_at(const Item& it, int64_t p) const { return plan_.pos_at(it, p); }
   Item item_at(int64_t item) const { return plan_.item_at(item); }
 
@@ -212,22 +230,64 @@ class AttentionCpu {
     finish_item(item, split, it, buf);
   }
 
+  // The Hkv items of sequence unit / n_q_tiles_ and its query tile unit % n_q_tiles_ (plan_.lockstep(), decode):
+  // each step's keys for every kv head in turn, with heads[h] the buffers of head h, while the next step's rows of
+  // every head (one range per slot) are prefetched. A head whose output is not finite is rerun alone, carefully.
+  void run_unit(int64_t unit, int64_t split, Buffers* heads, KeyPlan& item_plan) {
+    const int64_t H = p_.Hkv, D = p_.D, b = unit / n_q_tiles_, qt = unit % n_q_tiles_;
+    auto item_of = [&](int64_t h) { return (b * H + h) * n_q_tiles_ + qt; };
+    const Item first = item_at(item_of(0));
+    const int64_t R = G_ * first.nq, rp = round_up16(G_ * q_tile_);
+    for (int64_t h = 0; h < H; ++h) {
+      load_queries(item_at(item_of(h)), false, 0, heads[h].q);
+      heads[h].k_group = -1;
+    }
+    const AttentionPlan::Steps todo = plan_.steps(item_of(0), split, item_plan);  // every head's (attention_plan.h)
+    RowPrefetch pf;
+    auto attempt = [&](int64_t h0, int64_t h1, bool careful) {
+      for (int64_t h = h0; h < h1; ++h) {
+        heads[h].careful = careful;
+        std::fill(heads[h].o, heads[h].o + R * D, 0.0f);
+        std::fill(heads[h].state, heads[h].state + rp, RowState::init());
+      }
+      for (int64_t i = todo.begin; i < todo.end; ++i) {
+        const TileKeys keys = todo.plan->keys(i);
+        const int64_t pf_begin = todo.plan->pf_begin(i), pf_end = todo.plan->pf_end(i);
+        if (pf_begin < pf_end) plan_prefetch(first, pf_begin, pf_end, (h1 - h0) * kKeyTile, pf, true);
+        for (int64_t h = h0; h < h1; ++h) tile_stream(item_at(item_of(h)), keys, heads[h], pf);
+      }
+    };
+    attempt(0, H, false);
+    for (int64_t h = 0; h < H; ++h) {
+      if (!all_finite(heads[h].o, R * D)) attempt(h, h + 1, true);
+      finish_item(item_of(h), split, item_at(item_of(h)), heads[h]);
+    }
+  }
+
   // Aims pf at the K and V rows of keys [j_begin, j_end) and at the cache lines of their scales, to be fetched in
-  // `steps` steps.
-  void plan_prefetch(const Item& it, int64_t j_begin, int64_t j_end, int64_t steps, RowPrefetch& pf) const {
+  // `steps` steps: the item's head's rows, or with all_heads the run of every head's rows in each slot (from head
+  // 0's to the end of head Hkv - 1's).
+  void plan_prefetch(const Item& it, int64_t j_begin, int64_t j_end, int64_t steps, RowPrefetch& pf,
+                     bool all_heads = false) const {
     pf.n_rows = pf.row = pf.line = pf.n_lines = pf.next_line = 0;
     const char* last[2] = {nullptr, nullptr};  // the line of each scale array's last entry
+    const Item last_head{it.b, p_.Hkv - 1, it.i0, it.nq};
     for (int64_t j = j_begin; j < j_end; ++j) {
       for (const bool value : {false, true}) {
         pf.rows[pf.n_rows++] = static_cast<const char*>(value ? p_.v : p_.k) + row_offset(it, value, j) * kv_bytes_;
         if (!p_.kv_quantized || p_.kivi_bits) continue;  // KIVI's scales and zeros are read by its conversion
-        const char* line = reinterpret_cast<const char*>(
-            reinterpret_cast<uintptr_t>((value ? p_.v_scale : p_.k_scale) + scale_offset(it, value, j)) &
-            ~uintptr_t{63});
-        if (line != last[value]) pf.lines[pf.n_lines++] = last[value] = line;
+        const float* scales = value ? p_.v_scale : p_.k_scale;
+        for (const Item& at : {it, last_head}) {
+          const char* line = reinterpret_cast<const char*>(
+              reinterpret_cast<uintptr_t>(scales + scale_offset(at, value, j)) & ~uintptr_t{63});
+          if (line != last[value]) pf.lines[pf.n_lines++] = last[value] = line;
+          if (!all_heads) break;
+        }
       }
     }
-    pf.lines_per_row = (p_.D * kv_bytes_ + 63) / 64;
+    const int64_t row_bytes = p_.kv_quantized && p_.kivi_bits ? p_.D * p_.kivi_bits / 8 : p_.D * kv_bytes_;
+    const int64_t span = (all_heads ? (p_.Hkv - 1) * std::max(p_.k_sh, p_.v_sh) * kv_bytes_ : 0) + row_bytes;
+    pf.lines_per_row = (span + 63) / 64;
     pf.per_step = (pf.n_lines + pf.n_rows * pf.lines_per_row + steps - 1) / steps;
   }
 
@@ -360,10 +420,7 @@ class AttentionCpu {
   void tile_stream_rows(const Item& it, const TileKeys& keys, Buffers& buf, RowPrefetch& pf, const E* const* krows,
                         const E* const* vrows, const float* kscale, const float* vscale) {
     const int64_t D = p_.D, R = G_ * it.nq, nk = keys.n;
-    for (int64_t c = 0; c < nk; ++c) {
-      dot_row(buf.q, R, krows[c], D, kscale ? kscale[c] : 1.0f, buf.s + c, kBatch);
-      pf.step();
-    }
+    dot_keys(buf.q, R, krows, nk, D, kscale, buf.s, kBatch, [&] { pf.step(); });
     if (p_.qk_norm) normalise_keys(keys, krows, kscale, buf.s, kBatch, 1, R);
     stream_values(it, keys, buf, vrows, vscale);
   }
@@ -500,12 +557,15 @@ class AttentionCpu {
   // Where key s's K (or V) row of the item's head lies in k (or v), in elements; and its scale in k_scale
   // (v_scale).
   int64_t row_offset(const Item& it, bool value, int64_t s) const {
-    return value ? kv_row_offset(p_, p_.v_sb, p_.v_sh, p_.v_sl, it.b, it.hkv, s)
-                 : kv_row_offset(p_, p_.k_sb, p_.k_sh, p_.k_sl, it.b, it.hkv, s);
+    return value ? offset_of(it, p_.v_sb, p_.v_sh, p_.v_sl, s) : offset_of(it, p_.k_sb, p_.k_sh, p_.k_sl, s);
   }
   int64_t scale_offset(const Item& it, bool value, int64_t s) const {
-    return value ? kv_row_offset(p_, p_.vs_sb, p_.vs_sh, p_.vs_sl, it.b, it.hkv, s)
-                 : kv_row_offset(p_, p_.ks_sb, p_.ks_sh, p_.ks_sl, it.b, it.hkv, s);
+    return value ? offset_of(it, p_.vs_sb, p_.vs_sh, p_.vs_sl, s) : offset_of(it, p_.ks_sb, p_.ks_sh, p_.ks_sl, s);
+  }
+  // kv_row_offset, with its unpaged case inline (it runs per key and head on the decode path).
+  int64_t offset_of(const Item& it, int64_t sb, int64_t sh, int64_t sl, int64_t s) const {
+    if (!p_.block_table) return it.b * sb + it.hkv * sh + s * sl;
+    return kv_row_offset(p_, sb, sh, sl, it.b, it.hkv, s);
   }
 
   // Key s's K (or V) row as it lies, as elements of type E.
@@ -523,6 +583,16 @@ class AttentionCpu {
   // The keys' K (or V) rows as they lie, and their scales.
   template <typename E>
   void stored_rows(const Item& it, const TileKeys& keys, bool value, const E** rows, float* scales) const {
+    if (!p_.block_table) {  // a multiply-add per key (this runs per key and head on the decode path)
+      const E* head = stored_row<E>(it, value, 0);
+      const int64_t sl = value ? p_.v_sl : p_.k_sl;
+      for (int64_t c = 0; c < keys.n; ++c) rows[c] = head + keys.at(c) * sl;
+      if (!p_.kv_quantized) return std::fill(scales, scales + keys.n, 1.0f);
+      const float* scale = (value ? p_.v_scale : p_.k_scale) + scale_offset(it, value, 0);
+      const int64_t ssl = value ? p_.vs_sl : p_.ks_sl;
+      for (int64_t c = 0; c < keys.n; ++c) scales[c] = scale[keys.at(c) * ssl];
+      return;
+    }
     for (int64_t c = 0; c < keys.n; ++c) {
       rows[c] = stored_row<E>(it, value, keys.at(c));
       scales[c] = row_scale(it, value, keys.at(c));

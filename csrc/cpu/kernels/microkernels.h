@@ -192,6 +192,78 @@ inline void dot_row(const float* q, int64_t R, T row, int64_t D, float scale, fl
   dot_rows_tail<kStreamRows - 1>(static_cast<int>(R - r), q + r * D, row, D, scale, s + r * ld, ld);
 }
 
+// out[r * ld] = a vector whose lanes sum to dot(q[r * D .. r * D + D), row[0..D)), for r < NR.
+template <int NR, typename T>
+inline void dot_vectors(const float* q, T row, int64_t D, Vec* out, int64_t ld) {
+  Vec acc[NR][2];
+#pragma GCC unroll 8
+  for (int r = 0; r < NR; ++r) acc[r][0] = acc[r][1] = Vec::zero();
+  int64_t d = 0;
+  for (; d + 2 * kW <= D; d += 2 * kW) {
+    const Vec k0 = load_at(row, d), k1 = load_at(row, d + kW);
+#pragma GCC unroll 8
+    for (int r = 0; r < NR; ++r) {
+      acc[r][0] = fmadd(Vec::load(q + r * D + d), k0, acc[r][0]);
+      acc[r][1] = fmadd(Vec::load(q + r * D + d + kW), k1, acc[r][1]);
+    }
+  }
+  if (d + kW <= D) {
+    const Vec k0 = load_at(row, d);
+#pragma GCC unroll 8
+    for (int r = 0; r < NR; ++r) acc[r][0] = fmadd(Vec::load(q + r * D + d), k0, acc[r][0]);
+    d += kW;
+  }
+#pragma GCC unroll 8
+  for (int r = 0; r < NR; ++r) {
+    out[r * ld] = acc[r][0] + acc[r][1];
+    if (d == D) continue;
+    float tail[kW] = {};
+    for (int64_t e = d; e < D; ++e) tail[0] += q[r * D + e] * value_at(row, e);
+    out[r * ld] = out[r * ld] + Vec::load(tail);
+  }
+}
+
+// dot_vectors for nr < NR rows.
+template <int NR, typename T>
+inline void dot_vectors_tail(int nr, const float* q, T row, int64_t D, Vec* out, int64_t ld) {
+  if constexpr (NR > 0) {
+    if (nr == NR) return dot_vectors<NR>(q, row, D, out, ld);
+    dot_vectors_tail<NR - 1>(nr, q, row, D, out, ld);
+  }
+}
+
+// s[r * ld + c] = scale[c] * dot(q[r * D .. r * D + D), rows[c][0..D)) for the R query rows at q [R, D] and the n
+// keys' rows (scale null: 1), calling step() after each key: each vector of a row is loaded (converted) once per
+// kStreamRows query rows, and kW keys' products are summed across their lanes together (hsums), not one by one.
+template <typename T, typename Step>
+inline void dot_keys(const float* q, int64_t R, const T* rows, int64_t n, int64_t D, const float* scale, float* s,
+                     int64_t ld, Step&& step) {
+  Vec part[kStreamRows * kW];  // [r][c]: row r's vector for key c0 + c
+  for (int64_t c0 = 0; c0 < n; c0 += kW) {
+    const int m = static_cast<int>(std::min<int64_t>(kW, n - c0));
+    float sc[kW];
+    for (int c = 0; c < kW; ++c) sc[c] = c < m && scale ? scale[c0 + c] : 1.0f;
+    for (int64_t r0 = 0; r0 < R; r0 += kStreamRows) {
+      const int nr = static_cast<int>(std::min<int64_t>(kStreamRows, R - r0));
+      for (int c = 0; c < m; ++c) {
+        dot_vectors_tail<kStreamRows>(nr, q + r0 * D, rows[c0 + c], D, part + c, kW);
+        if (r0 == 0) step();
+      }
+      for (int r = 0; r < nr; ++r) {
+        for (int c = m; c < kW; ++c) part[r * kW + c] = Vec::zero();
+        const Vec x = hsums(part + r * kW) * Vec::load(sc);
+        if (m == kW) {
+          x.store(s + (r0 + r) * ld + c0);
+        } else {
+          float out[kW];
+          x.store(out);
+          std::copy(out, out + m, s + (r0 + r) * ld + c0);
+        }
+      }
+    }
+  }
+}
+
 // o[r * D + d0 + i] += sum_c w[r * ldw + c] * rows[c][d0 + i] for r < NR, i < NV vectors: o in registers across
 // the rows.
 template <int NR, int NV, typename T>
