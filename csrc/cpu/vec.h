@@ -28,6 +28,7 @@
 
 #include "core/acceptance.h"
 #include "core/dtype.h"
+#include "core/kivi_quant.h"
 #include "core/kv_quant.h"
 #include "core/softmax.h"
 
@@ -87,6 +88,15 @@ inline void with_element_type(FloatKind kind, F&& f) {
     case FloatKind::kBFloat16:
       return f(c10::BFloat16{});
   }
+}
+
+// The float16 with bits h, exactly (F16C's conversion where the ISA has it).
+inline float half_bits_to_float(uint16_t h) {
+#if FASTAR_ISA_LEVEL >= 1
+  return _cvtsh_ss(h);
+#else
+  return half_to_float(h);
+#endif
 }
 
 // ---- Vec4: GCC vector extensions (any target) ------------------------------------------------------------

@@ -134,9 +134,9 @@ class AttentionCpu {
     float* kf;        // [kBatch, padded_ld(D)] the step's key rows converted to float (GEMM path)
     float* vf;        // [kBatch, padded_ld(D)] the step's value rows converted to float (GEMM path)
     HeadCache* head;  // the thread's, when 16-bit K/V rows are converted once per head
-    float* qs;        // [R, D] decode over KIVI keys: q times the scales of key group k_group (its offset in them)
+    float* qs;        // [R, D] decode over KIVI keys: q times the scales of the key group at slot k_group
     float* qz;        // [rp] q . zeros of that group
-    int64_t k_group;  // -1: none yet
+    int64_t k_group;  // the first slot of that key group; -1: none yet
     // Partial steps add p * v only for the visible pairs, so a NaN or infinite value row a mask hides from a
     // row cannot reach it through 0 * v (the fast path's products do): an item is rerun so when its output
     // holds a non-finite value.
@@ -427,45 +427,74 @@ class AttentionCpu {
 
   // tile_stream over a KIVI cache (without qk_norm) on its codes: a quantized key's logit is qs . codes + qz, its
   // group's scales and zeros folded into the queries (fold_key_scales, once per group); a quantized value row is
-  // dequantized in registers (KiviValueRow); rows at or past the split are read from the window as they lie.
+  // dequantized in registers (KiviValueRow); rows at or past the split are read from the window as they lie. The
+  // logits are computed by runs of keys in one key group (or in the window), dot_keys's 16 at a time; a row's slot
+  // is stepped from the previous key's, a division only where the rows do not follow each other.
   template <int kBits>
   void tile_stream_kivi(const Item& it, const TileKeys& keys, Buffers& buf, RowPrefetch& pf) {
     const int64_t D = p_.D, R = G_ * it.nq, nk = keys.n, G = p_.kivi_group, bytes = D * kBits / 8;
     const int64_t k_split = p_.kivi_split[2 * it.b], v_split = p_.kivi_split[2 * it.b + 1];
-    const int64_t group_bytes = bytes * p_.Hkv * G, groups = D / G, ld = padded_ld(D);
+    const int64_t slot_bytes = bytes * p_.Hkv, groups = D / G, ld = padded_ld(D);
     int per_shift = -1;  // KiviValueRow's
     if (G % kW == 0 && (G & (G - 1)) == 0) per_shift = __builtin_ctzll(static_cast<uint64_t>(G));
     const auto* k_codes = static_cast<const uint8_t*>(p_.k);
     const auto* v_codes = static_cast<const uint8_t*>(p_.v);
-    for (int64_t c = 0; c < nk; ++c) {
-      const int64_t s = keys.at(c);
-      if (s >= k_split) {
-        dot_row(buf.q, R, window_row(it, false, s), D, 1.0f, buf.s + c, kBatch);
-      } else {
-        const int64_t at = row_offset(it, false, s);
-        const int64_t group = (at / group_bytes * p_.Hkv + it.hkv) * D;  // as kivi_row_to_float's
-        if (group != buf.k_group) {
-          const auto* scale = reinterpret_cast<const c10::Half*>(p_.kivi_k_scale + group);
-          const auto* zero = reinterpret_cast<const c10::Half*>(p_.kivi_k_zero + group);
-          for (int64_t r = 0; r < R; ++r) buf.qz[r] = fold_key_scales(buf.q + r * D, scale, zero, buf.qs + r * D, D);
-          buf.k_group = group;
-        }
-        dot_row(buf.qs, R, KiviCodes<kBits>{k_codes + at}, D, 1.0f, buf.s + c, kBatch);
-        for (int64_t r = 0; r < R; ++r) buf.s[r * kBatch + c] += buf.qz[r];
+    // The slot of the row at `at` (codes [slots, Hkv, bytes]), given the last one's.
+    auto slot_of = [&](int64_t at, int64_t& last_at, int64_t& slot) {
+      slot = at == last_at + slot_bytes ? slot + 1 : at / slot_bytes;
+      last_at = at;
+      return slot;
+    };
+    int64_t last_at = -1, slot = 0;
+    // Whether slot is outside the key group folded into buf.qs (which starts at slot buf.k_group, -1: none).
+    auto new_group = [&] { return buf.k_group < 0 || slot < buf.k_group || slot - buf.k_group >= G; };
+    KiviCodes<kBits> krows[kBatch];
+    const T* wrows[kBatch];
+    auto step = [&] { pf.step(); };
+    for (int64_t c0 = 0; c0 < nk;) {
+      int64_t c1 = c0;
+      if (keys.at(c0) >= k_split) {
+        for (; c1 < nk && keys.at(c1) >= k_split; ++c1) wrows[c1 - c0] = window_row(it, false, keys.at(c1));
+        dot_keys(buf.q, R, wrows, c1 - c0, D, nullptr, buf.s + c0, kBatch, step);
+        c0 = c1;
+        continue;
       }
-      pf.step();
+      const int64_t at0 = row_offset(it, false, keys.at(c0));
+      slot_of(at0, last_at, slot);
+      if (new_group()) {
+        buf.k_group = slot / G * G;
+        const int64_t group = (slot / G * p_.Hkv + it.hkv) * D;  // as kivi_row_to_float's
+        const auto* scale = reinterpret_cast<const c10::Half*>(p_.kivi_k_scale + group);
+        const auto* zero = reinterpret_cast<const c10::Half*>(p_.kivi_k_zero + group);
+        for (int64_t r = 0; r < R; ++r) buf.qz[r] = fold_key_scales(buf.q + r * D, scale, zero, buf.qs + r * D, D);
+      }
+      krows[0] = {k_codes + at0};
+      for (c1 = c0 + 1; c1 < nk && keys.at(c1) < k_split; ++c1) {
+        const int64_t at = row_offset(it, false, keys.at(c1)), prev_slot = slot;
+        slot_of(at, last_at, slot);
+        if (new_group()) {  // the next run's: its group is folded then
+          last_at = -1, slot = prev_slot;
+          break;
+        }
+        krows[c1 - c0] = {k_codes + at};
+      }
+      dot_keys(buf.qs, R, krows, c1 - c0, D, nullptr, buf.s + c0, kBatch, step);
+      for (int64_t r = 0; r < R; ++r)
+        for (int64_t c = c0; c < c1; ++c) buf.s[r * kBatch + c] += buf.qz[r];
+      c0 = c1;
     }
     // A quantized value row's scales and zeros in float: buf.vf's row c, [0, groups) and [groups, 2 groups).
     KiviValueRow<kBits, T> vrows[kBatch];
+    last_at = -1;
     for (int64_t c = 0; c < nk; ++c) {
       const int64_t s = keys.at(c);
       if (s >= v_split) {
         vrows[c] = {nullptr, nullptr, nullptr, G, per_shift, window_row(it, true, s)};
       } else {
-        const int64_t at = row_offset(it, true, s), meta = at / bytes * groups;
+        const int64_t at = row_offset(it, true, s), meta = (slot_of(at, last_at, slot) * p_.Hkv + it.hkv) * groups;
         float* sz = buf.vf + c * ld;
-        halves_to_float(p_.kivi_v_scale + meta, groups, sz);
-        halves_to_float(p_.kivi_v_zero + meta, groups, sz + groups);
+        for (int64_t g = 0; g < groups; ++g) sz[g] = half_bits_to_float(p_.kivi_v_scale[meta + g]);
+        for (int64_t g = 0; g < groups; ++g) sz[groups + g] = half_bits_to_float(p_.kivi_v_zero[meta + g]);
         vrows[c] = {v_codes + at, sz, sz + groups, G, per_shift, nullptr};
       }
     }
