@@ -146,52 +146,6 @@ constexpr int axpy_vecs(int nr) {
   return most >= 8 ? 8 : most >= 4 ? 4 : most >= 2 ? 2 : 1;
 }
 
-// out[r * ld] = scale * dot(q[r * D .. r * D + D), row[0..D)) for r < NR.
-template <int NR, typename T>
-inline void dot_rows(const float* q, T row, int64_t D, float scale, float* out, int64_t ld) {
-  Vec acc[NR][2];
-#pragma GCC unroll 8
-  for (int r = 0; r < NR; ++r) acc[r][0] = acc[r][1] = Vec::zero();
-  int64_t d = 0;
-  for (; d + 2 * kW <= D; d += 2 * kW) {
-    const Vec k0 = load_at(row, d), k1 = load_at(row, d + kW);
-#pragma GCC unroll 8
-    for (int r = 0; r < NR; ++r) {
-      acc[r][0] = fmadd(Vec::load(q + r * D + d), k0, acc[r][0]);
-      acc[r][1] = fmadd(Vec::load(q + r * D + d + kW), k1, acc[r][1]);
-    }
-  }
-  if (d + kW <= D) {
-    const Vec k0 = load_at(row, d);
-#pragma GCC unroll 8
-    for (int r = 0; r < NR; ++r) acc[r][0] = fmadd(Vec::load(q + r * D + d), k0, acc[r][0]);
-    d += kW;
-  }
-#pragma GCC unroll 8
-  for (int r = 0; r < NR; ++r) {
-    float x = hsum(acc[r][0] + acc[r][1]);
-    for (int64_t e = d; e < D; ++e) x += q[r * D + e] * value_at(row, e);
-    out[r * ld] = x * scale;
-  }
-}
-
-// dot_rows for nr < NR rows.
-template <int NR, typename T>
-inline void dot_rows_tail(int nr, const float* q, T row, int64_t D, float scale, float* out, int64_t ld) {
-  if constexpr (NR > 0) {
-    if (nr == NR) return dot_rows<NR>(q, row, D, scale, out, ld);
-    dot_rows_tail<NR - 1>(nr, q, row, D, scale, out, ld);
-  }
-}
-
-// s[r * ld] = scale * dot(q[r * D .. r * D + D), row[0..D)) for the R query rows at q [R, D].
-template <typename T>
-inline void dot_row(const float* q, int64_t R, T row, int64_t D, float scale, float* s, int64_t ld) {
-  int64_t r = 0;
-  for (; r + kStreamRows <= R; r += kStreamRows) dot_rows<kStreamRows>(q + r * D, row, D, scale, s + r * ld, ld);
-  dot_rows_tail<kStreamRows - 1>(static_cast<int>(R - r), q + r * D, row, D, scale, s + r * ld, ld);
-}
-
 // out[r * ld] = a vector whose lanes sum to dot(q[r * D .. r * D + D), row[0..D)), for r < NR.
 template <int NR, typename T>
 inline void dot_vectors(const float* q, T row, int64_t D, Vec* out, int64_t ld) {
@@ -323,19 +277,6 @@ inline void axpy_row(float* o, int64_t R, int64_t D, const float* w, int64_t ldw
   int64_t r = 0;
   for (; r + kStreamRows <= R; r += kStreamRows) axpy_rows<kStreamRows>(o + r * D, D, w + r * ldw, ldw, rows, n);
   axpy_rows_tail<kStreamRows - 1>(static_cast<int>(R - r), o + r * D, D, w + r * ldw, ldw, rows, n);
-}
-
-// dst[0..n) = the float16 values at h[0..n), by vectors: whole ones, then the rest through a zero-padded copy.
-inline void halves_to_float(const uint16_t* h, int64_t n, float* dst) {
-  const auto* x = reinterpret_cast<const c10::Half*>(h);
-  int64_t i = 0;
-  for (; i + kW <= n; i += kW) Vec::load(x + i).store(dst + i);
-  if (i == n) return;
-  uint16_t pad[kW] = {};
-  float out[kW];
-  std::memcpy(pad, h + i, static_cast<size_t>(n - i) * sizeof(uint16_t));
-  Vec::load(reinterpret_cast<const c10::Half*>(pad)).store(out);
-  std::memcpy(dst + i, out, static_cast<size_t>(n - i) * sizeof(float));
 }
 
 // qs[0..D) = q * scale and returns q . zero, with float16 scale and zero per channel: a KIVI key group's scales
