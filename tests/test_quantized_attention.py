@@ -294,3 +294,24 @@ def test_cpu_compiles_without_graph_breaks():
                                              v_scale=v_scale)
 
     torch.testing.assert_close(torch.compile(step, fullgraph=True)(q), step(q), atol=0, rtol=0)
+
+
+@pytest.mark.parametrize("fmt", FORMATS)
+@pytest.mark.parametrize("amx", ["1", "0"], ids=["amx", "no-amx"])
+@pytest.mark.parametrize("Hq, Hkv, D, nodes", [(8, 2, 128, 24), (2, 2, 64, 40), (4, 1, 96, 7)],
+                         ids=["gqa4-tree", "mha-tree", "gqa4-odd-rows"])
+def test_cpu_bf16_tree_over_a_prefix_on_either_gemm_path(monkeypatch, fmt, amx, Hq, Hkv, D, nodes):
+    """bfloat16 queries of a tree verified over a cached prefix: on a CPU with AMX-BF16 the GEMM path runs on AMX
+    tiles (codes in bfloat16, P rounded to bfloat16), with FASTAR_CPU_AMX=0 (or another CPU) on float32 vectors;
+    both within bfloat16's tolerance of float64. Rows (heads x nodes) off multiples of 16 and keys off multiples of
+    32 take the tiles' zero padding; with one query head per kv head each step computes a subset of the rows."""
+    monkeypatch.setenv("FASTAR_CPU_AMX", amx)
+    gen = torch.Generator().manual_seed(D + nodes)
+    B, S = 2, 300
+    k_codes, v_codes, k_scale, v_scale, k_deq, v_deq = quantized_cache(gen, B, S, Hkv, D, fmt, torch.bfloat16)
+    parents = [-1] + [int(torch.randint(0, i, (), generator=gen)) for i in range(1, nodes)]
+    q = torch.randn(B, nodes, Hq, D, generator=gen).to(torch.bfloat16)
+    lens = torch.tensor([S, S - 37])
+    got = fastar.attention_with_kvcache(q, k_codes, v_codes, cache_seqlens=lens, k_scale=k_scale, v_scale=v_scale,
+                                        mask=Tree(parents))
+    torch.testing.assert_close(got.double(), reference(q, k_deq, v_deq, lens, Tree(parents)), atol=2e-2, rtol=2e-2)

@@ -23,6 +23,7 @@
 
 #include "core/softmax.h"
 #include "cpu/attention_plan.h"
+#include "cpu/kernels/amx.h"
 #include "cpu/kernels/microkernels.h"
 
 FASTAR_ISA_BEGIN
@@ -61,7 +62,8 @@ class AttentionCpu {
         q_tile_(plan_.q_tile()),
         n_q_tiles_(plan_.n_q_tiles()),
         splits_(plan_.splits()),
-        kv_bytes_(p.kv_quantized ? 1 : static_cast<int64_t>(sizeof(T))) {}
+        kv_bytes_(p.kv_quantized ? 1 : static_cast<int64_t>(sizeof(T))),
+        amx_(amx_applies(p)) {}
 
   void run() {
     const int64_t items = plan_.items(), units = plan_.units();
@@ -198,7 +200,11 @@ class AttentionCpu {
       std::fill(head->ready.begin(), head->ready.end(), 0);
       head->b = it.b, head->hkv = it.hkv;
     }
-    load_queries(it, gemm, ld, buf.q);
+    const bool amx = gemm && amx_;
+    if (amx)
+      load_queries_bf16(it, reinterpret_cast<uint16_t*>(buf.q));
+    else
+      load_queries(it, gemm, ld, buf.q);
     buf.k_group = -1;
 
     const int64_t lk = kv_len(p_, it.b);
@@ -210,6 +216,9 @@ class AttentionCpu {
     RowPrefetch pf;
     auto compute = [&](const TileKeys& keys, int64_t pf_begin, int64_t pf_end) {
       if (prefetch && pf_begin < pf_end) plan_prefetch(it, pf_begin, pf_end, steps, pf);
+#if FASTAR_ISA_LEVEL >= 2
+      if (amx && !buf.careful) return tile_amx(it, keys, buf, pf);
+#endif
       if (gemm) {
         tile_gemm(it, keys, buf, pf);
         pf.finish();
@@ -225,8 +234,17 @@ class AttentionCpu {
       for (int64_t i = todo.begin; i < todo.end; ++i)
         compute(todo.plan->keys(i), todo.plan->pf_begin(i), todo.plan->pf_end(i));
     };
+#if FASTAR_ISA_LEVEL >= 2
+    if (amx) amx_configure();
+#endif
     attempt(false);
-    if (!all_finite(buf.o, R * D)) attempt(true);
+#if FASTAR_ISA_LEVEL >= 2
+    if (amx) amx_release();
+#endif
+    if (!all_finite(buf.o, R * D)) {
+      if (amx) load_queries(it, true, ld, buf.q);  // the careful attempt runs the float32 GEMM path
+      attempt(true);
+    }
     finish_item(item, split, it, buf);
   }
 
@@ -262,6 +280,18 @@ class AttentionCpu {
       if (!all_finite(heads[h].o, R * D)) attempt(h, h + 1, true);
       finish_item(item_of(h), split, item_at(item_of(h)), heads[h]);
     }
+  }
+
+  // The GEMM path on AMX tiles: bfloat16 queries over int8 / fp8 codes, which bfloat16 holds exactly (their scales
+  // and the softmax scale applied to the logits and to P), P rounded to bfloat16 as the CUDA tensor-core kernels
+  // round it. Not with qk_norm (the queries would be scaled first).
+  static bool amx_applies(const AttentionParams& p) {
+#if FASTAR_ISA_LEVEL >= 2
+    return std::is_same_v<T, c10::BFloat16> && p.kv_quantized && !p.kivi_bits && !p.qk_norm && p.D % 32 == 0 &&
+           amx_usable();
+#else
+    return false;
+#endif
   }
 
   // Aims pf at the K and V rows of keys [j_begin, j_end) and at the cache lines of their scales, to be fetched in
@@ -332,6 +362,20 @@ class AttentionCpu {
         for (int64_t i = 0; i < nr; ++i)
           for (d = 0; d < D; ++d) q[(r0 + i) * D + d] = to_f(src[i][d]) * f[i];
       }
+    }
+  }
+
+  // The item's query rows as they lie (bfloat16, unscaled) into q [round_up16(R), D], zero rows past R: the AMX
+  // path's A operand.
+  void load_queries_bf16(const Item& it, uint16_t* q) const {
+    const int64_t D = p_.D, R = G_ * it.nq;
+    const T* qbase = static_cast<const T*>(p_.q);
+    for (int64_t r = 0; r < round_up16(R); ++r) {
+      if (r < R)
+        std::memcpy(q + r * D, qbase + it.b * p_.q_sb + row_head(it, r) * p_.q_sh + row_pos(it, r) * p_.q_sl,
+                    static_cast<size_t>(D) * sizeof(uint16_t));
+      else
+        std::fill(q + r * D, q + (r + 1) * D, uint16_t{0});
     }
   }
 
@@ -729,6 +773,67 @@ class AttentionCpu {
     }
   }
 
+#if FASTAR_ISA_LEVEL >= 2
+  // tile_gemm on AMX tiles (amx_applies), by rows: S = Q K^T over the codes in bfloat16 into s [rows, kBatch],
+  // times the softmax scale and the keys' scales, masked; each row's online softmax; P times the values' scales
+  // in bfloat16 over s's rows; o = o * corr + P V over the value codes in bfloat16. Keys are padded to a multiple
+  // of 32 with zero rows, the step's rows to a multiple of 16 with zero P (in o, rows past R or other positions').
+  // Scratch: the bfloat16 K (then V) rows in vf, K^T's and V's row pairs in kf.
+  void tile_amx(const Item& it, const TileKeys& keys, Buffers& buf, RowPrefetch& pf) {
+    with_kv_format(p_.kv_format, [&](auto f) { tile_amx_codes<KvCode<decltype(f)::value>>(it, keys, buf, pf); });
+  }
+
+  template <typename E>
+  FASTAR_AMX_TARGET void tile_amx_codes(const Item& it, const TileKeys& keys, Buffers& buf, RowPrefetch& pf) {
+    const int64_t D = p_.D, nk = keys.n, nkp = round_up(nk, 32);
+    const int64_t r0 = G_ == 1 ? keys.p0 : 0, nr = G_ == 1 ? keys.np : G_ * it.nq, rows = round_up16(nr);
+    auto* bf_rows = reinterpret_cast<uint16_t*>(buf.vf);  // [nkp, D]
+    float* row = buf.vf + kBatch * D / 2;                 // [D]
+    auto* k_pairs = reinterpret_cast<uint32_t*>(buf.kf);  // [D / 2, nkp]
+    uint32_t* v_pairs = k_pairs + kBatch * D / 2;         // [nkp / 2, D]
+    auto* p_rows = reinterpret_cast<uint16_t*>(buf.s);    // P's rows over s's, 2 * kBatch bf16 apart
+    float kscale[kBatch], vscale[kBatch];
+    auto to_bf16_rows = [&](bool value) {
+      for (int64_t c = 0; c < nkp; ++c) {
+        if (c < nk) {
+          to_float_row(stored_row<E>(it, value, keys.at(c)), 1.0f, row, D);
+          to_bf16_row(row, nullptr, D, D, bf_rows + c * D);
+        } else {
+          std::fill(bf_rows + c * D, bf_rows + (c + 1) * D, uint16_t{0});
+        }
+      }
+    };
+    for (int64_t c = 0; c < nk; ++c) {
+      kscale[c] = p_.scale * row_scale(it, false, keys.at(c));
+      vscale[c] = row_scale(it, true, keys.at(c));
+    }
+    pf.finish();
+    to_bf16_rows(false);
+    transpose_row_pairs(bf_rows, D, nkp, D, k_pairs);
+    amx_gemm<false>(rows, nkp, D, reinterpret_cast<const uint16_t*>(buf.q) + r0 * D, D, k_pairs, nkp,
+                    buf.s + r0 * kBatch, kBatch);
+    for (int64_t r = r0; r < r0 + nr; ++r) scale_row(buf.s + r * kBatch, kscale, nk);
+    if (keys.vis) apply_mask(it, keys, buf.s, kBatch, 1);
+    for (int64_t r = r0; r < r0 + rows; ++r) {
+      float* x = buf.s + r * kBatch;
+      if (r >= r0 + nr) {
+        std::fill(p_rows + 2 * r * kBatch, p_rows + 2 * r * kBatch + nkp, uint16_t{0});
+        continue;
+      }
+      RowState& st = buf.state[r];
+      const float corr = st.update(max_of(x, nk, kNegInf));
+      st.add(exp_shift_sum(x, nk, st.shift()));
+      to_bf16_row(x, vscale, nk, nkp, p_rows + 2 * r * kBatch);
+      if (corr != 1.0f) {
+        for (int64_t d = 0; d < D; ++d) buf.o[r * D + d] *= corr;
+      }
+    }
+    to_bf16_rows(true);
+    interleave_row_pairs(bf_rows, D, nkp, D, v_pairs);
+    amx_gemm<true>(rows, D, nkp, p_rows + 2 * r0 * kBatch, 2 * kBatch, v_pairs, D, buf.o + r0 * D, D);
+  }
+#endif
+
   void finish_item(int64_t item, int64_t split, const Item& it, const Buffers& buf) {
     const int64_t D = p_.D, R = G_ * it.nq, rows_cap = G_ * q_tile_;
     if (splits_ > 1) {
@@ -772,6 +877,7 @@ class AttentionCpu {
   const AttentionPlan plan_;
   const int64_t G_, q_tile_, n_q_tiles_, splits_;  // the plan's
   const int64_t kv_bytes_;                         // bytes per K/V element as stored
+  const bool amx_;                                 // the GEMM path runs on AMX tiles (amx_applies)
   std::vector<float> partial_o_;
   std::vector<RowState> partial_state_;  // [items, splits_, rows] each split's row states, to merge
 };
