@@ -221,38 +221,46 @@ class _KiviStore:
         c, G = self.cache, self.G
         if c.device.type == "cpu":  # CUDA tokens are not read on the host (no sync): see quantize_kivi_append
             for name, t in (("k", k), ("v", v)):
-                rows = torch.cat([t[b, :, :n] for b, n in enumerate(new)], dim=1)
-                if not bool((rows.float().abs() <= _HALF_MAX).all()):
+                rows = t if all(n == t.shape[2] for n in new) else torch.cat(
+                    [t[b, :, :n] for b, n in enumerate(new)], dim=1)
+                if rows.numel() and not bool(rows.abs().amax() <= _HALF_MAX):  # NaN fails the comparison too
                     raise ValueError(f"{_CLS}.append: {name} holds NaN, Inf or a value past +-{_HALF_MAX:g}; a KIVI "
                                      "cache stores float16 scales and zeros")
         keys, key_groups, values, value_slots, split = [], [], [], [], []
         for b, n in enumerate(new):
             kq, vq = self.split[b]
-            end = old[b] + n
-            vq_new = max(end - self.R, vq)
+            vq_new = max(old[b] + n - self.R, vq)
             kq_new = max(kq, vq_new // G * G)
-            first = min(kq, vq)  # rows [first, end): the ring's live ones, then the new ones
-            src_k, src_v = (self._history(w, t[b], b, first, old[b], n) for w, t in
-                            ((self.k_window, k), (self.v_window, v)))
-            keys.append(src_k[kq - first:kq_new - first])
-            values.append(src_v[vq - first:vq_new - first])
+            keys.append(self._rows(self.k_window, k[b], b, kq, kq_new, old[b]))
+            values.append(self._rows(self.v_window, v[b], b, vq, vq_new, old[b]))
             key_groups.append(c._slots_of(b, torch.arange(kq, kq_new, G)) // G)
             value_slots.append(c._slots_of(b, torch.arange(vq, vq_new)))
             split.append([kq_new, vq_new])
-        quantize_kivi_append(torch.cat(keys), torch.cat(values), torch.cat(key_groups).to(c.device),
-                             torch.cat(value_slots).to(c.device), *self._flat(), group_size=G)
-        for b, n in enumerate(new):  # the new tokens' rows into the ring (the newest W of them)
-            pos = torch.arange(max(old[b], old[b] + n - self.W), old[b] + n)
-            ring = (pos % self.W).to(c.device)
-            self.k_window[b, ring] = k[b, :, pos - old[b]].transpose(0, 1)
-            self.v_window[b, ring] = v[b, :, pos - old[b]].transpose(0, 1)
+        if any(len(rows) for rows in keys + values):
+            quantize_kivi_append(torch.cat(keys), torch.cat(values), torch.cat(key_groups).to(c.device),
+                                 torch.cat(value_slots).to(c.device), *self._flat(), group_size=G)
+        for b, n in enumerate(new):  # the new tokens' rows into the ring (the newest W of them), by slices
+            first = max(old[b], old[b] + n - self.W)
+            while first < old[b] + n:
+                at = first % self.W
+                count = min(old[b] + n - first, self.W - at)
+                for window, t in ((self.k_window, k), (self.v_window, v)):
+                    window[b, at:at + count] = t[b, :, first - old[b]:first - old[b] + count].transpose(0, 1)
+                first += count
         self.split = split
         self.split_device.copy_(torch.tensor(split, dtype=torch.int32))
 
-    def _history(self, window, t, b: int, first: int, old: int, n: int) -> torch.Tensor:
-        """Sequence b's rows ``[first, old + n)`` ``[*, Hkv, D]``: the ring's up to ``old``, then ``t``'s new ones."""
-        ring = (torch.arange(first, old) % self.W).to(self.cache.device)
-        return torch.cat([window[b, ring], t[:, :n].transpose(0, 1)])
+    def _rows(self, window, t, b: int, start: int, stop: int, old: int) -> torch.Tensor:
+        """Sequence b's rows ``[start, stop)`` ``[*, Hkv, D]``: those before ``old`` from the ring, the later ones
+        from ``t`` ``[Hkv, L, D]``, whose rows are the positions from ``old``."""
+        parts = []
+        if start < min(stop, old):
+            parts.append(window[b, (torch.arange(start, min(stop, old)) % self.W).to(self.cache.device)])
+        if max(start, old) < stop:
+            parts.append(t[:, max(start, old) - old:stop - old].transpose(0, 1))
+        if not parts:
+            return window.new_empty((0, *window.shape[2:]))
+        return parts[0] if len(parts) == 1 else torch.cat(parts)
 
     def _flat(self):
         """Codes as ``[num_slots, Hkv, bytes]``, scales and zeros as they are (the op's layout)."""
