@@ -2,10 +2,14 @@
 // the CPU and the OS run AMX, the tile configuration, and the bf16 products with float accumulation that the path
 // computes on tiles, with the AVX-512 (BF16) packing of their operands.
 #pragma once
+#if defined(__linux__)
 #include <sys/syscall.h>
 #include <unistd.h>
+#endif
 
+#if defined(__x86_64__)
 #include <cpuid.h>
+#endif
 
 #include <cstdint>
 #include <cstdlib>
@@ -24,8 +28,12 @@ inline bool amx_usable() {
     unsigned a, b, c, d;
     if (!__get_cpuid_count(7, 0, &a, &b, &c, &d) || !(d >> 22 & 1) || !(d >> 24 & 1)) return false;  // AMX-BF16, -TILE
     if (!__get_cpuid_count(7, 1, &a, &b, &c, &d) || !(a >> 5 & 1)) return false;                     // AVX512-BF16
+#if defined(__linux__)
     constexpr long kReqXcompPerm = 0x1023, kXfeatureXtiledata = 18;
     return syscall(SYS_arch_prctl, kReqXcompPerm, kXfeatureXtiledata) == 0;
+#else
+    return false;  // other systems: not asked for here
+#endif
   }();
   const char* env = std::getenv("FASTAR_CPU_AMX");
   return runs && !(env && env[0] == '0');
