@@ -113,13 +113,17 @@ FASTAR_AMX_TARGET inline void amx_gemm(int64_t M, int64_t N, int64_t K, const ui
   }
 }
 
+// Lanes [i, i + 16) of a row of n: all, the first n - i, or none.
+inline __mmask16 row_lanes(int64_t i, int64_t n) {
+  return i >= n ? 0 : i + 16 <= n ? 0xffff : static_cast<__mmask16>((1u << (n - i)) - 1);
+}
+
 // dst[0..n_pad) = bf16(x[i] * scale[i]) (scale null: 1) for i < n, then 0, rounded to nearest even (exact for
 // values bf16 holds, as int8 and fp8 codes); n_pad a multiple of 32. dst may be x's own storage: each 32 values
 // are read before their bf16 halves are written.
 FASTAR_AMX_TARGET inline void to_bf16_row(const float* x, const float* scale, int64_t n, int64_t n_pad, uint16_t* dst) {
   for (int64_t i = 0; i < n_pad; i += 32) {
-    const __mmask16 lo = i >= n ? 0 : i + 16 <= n ? 0xffff : (1u << (n - i)) - 1;
-    const __mmask16 hi = i + 16 >= n ? 0 : i + 32 <= n ? 0xffff : (1u << (n - i - 16)) - 1;
+    const __mmask16 lo = row_lanes(i, n), hi = row_lanes(i + 16, n);
     __m512 a = _mm512_maskz_loadu_ps(lo, x + i), b = _mm512_maskz_loadu_ps(hi, x + i + 16);
     if (scale) {
       a = _mm512_mul_ps(a, _mm512_maskz_loadu_ps(lo, scale + i));
@@ -127,6 +131,40 @@ FASTAR_AMX_TARGET inline void to_bf16_row(const float* x, const float* scale, in
     }
     _mm512_storeu_si512(dst + i, (__m512i)_mm512_cvtne2ps_pbh(b, a));
   }
+}
+
+// The max of init and x[i] * scale[i] (scale null: 1) for i < n; lane-wise max(m, x) as max_of takes it.
+inline float scaled_max(const float* x, const float* scale, int64_t n, float init) {
+  __m512 m = _mm512_set1_ps(init);
+  for (int64_t i = 0; i < n; i += 16) {
+    const __mmask16 k = row_lanes(i, n);
+    __m512 v = _mm512_maskz_loadu_ps(k, x + i);
+    if (scale) v = _mm512_mul_ps(v, _mm512_maskz_loadu_ps(k, scale + i));
+    m = _mm512_mask_max_ps(m, k, m, v);
+  }
+  return hmax(Vec16{m});
+}
+
+// A row's softmax weights e[i] = exp(x[i] * scale[i] - shift) (scale null: 1) for i < n: returns their sum, and
+// writes dst[0..n_pad) = bf16(e[i] * weight[i]), then 0; n_pad a multiple of 32, dst may be x's storage (as
+// to_bf16_row's).
+FASTAR_AMX_TARGET inline float exp_to_bf16_row(const float* x, const float* scale, float shift, const float* weight,
+                                               int64_t n, int64_t n_pad, uint16_t* dst) {
+  const Vec16 sv = Vec16::broadcast(shift);
+  __m512 sum = _mm512_setzero_ps();
+  for (int64_t i = 0; i < n_pad; i += 32) {
+    __m512 e[2];
+    for (int h = 0; h < 2; ++h) {
+      const __mmask16 k = row_lanes(i + 16 * h, n);
+      __m512 v = _mm512_maskz_loadu_ps(k, x + i + 16 * h);
+      if (scale) v = _mm512_mul_ps(v, _mm512_maskz_loadu_ps(k, scale + i + 16 * h));
+      e[h] = _mm512_maskz_mov_ps(k, exp(Vec16{v} - sv).v);
+      sum = _mm512_add_ps(sum, e[h]);
+      e[h] = _mm512_mul_ps(e[h], _mm512_maskz_loadu_ps(k, weight + i + 16 * h));
+    }
+    _mm512_storeu_si512(dst + i, (__m512i)_mm512_cvtne2ps_pbh(e[1], e[0]));
+  }
+  return hsum(Vec16{sum});
 }
 
 // The pairs of rows of B for amx_block from rows of bf16 [n, D] (ld elements apart), n a multiple of 2, D of 16:

@@ -211,8 +211,8 @@ class AttentionCpu {
     // The GEMM path prefetches unless the head's K and V stay in L2 from one query tile to the next; decode always
     // (its loads wait on memory without it, even on a contiguous [B, Hkv, S, D] cache).
     const bool prefetch = !gemm || 2 * lk * D * kv_bytes_ > kL2Resident;
-    // GEMM blocks of a full tile, or its keys: the next tile's rows are fetched across them.
-    const int64_t steps = gemm ? gemm_steps(kKeyTile, rp) + gemm_steps(R, D) : kKeyTile;
+    // GEMM blocks of a full tile, its keys, or (AMX) its softmax's rows: the next tile's rows are fetched across them.
+    const int64_t steps = amx ? R : gemm ? gemm_steps(kKeyTile, rp) + gemm_steps(R, D) : kKeyTile;
     RowPrefetch pf;
     auto compute = [&](const TileKeys& keys, int64_t pf_begin, int64_t pf_end) {
       if (prefetch && pf_begin < pf_end) plan_prefetch(it, pf_begin, pf_end, steps, pf);
@@ -807,13 +807,15 @@ class AttentionCpu {
       kscale[c] = p_.scale * row_scale(it, false, keys.at(c));
       vscale[c] = row_scale(it, true, keys.at(c));
     }
-    pf.finish();
     to_bf16_rows(false);
     transpose_row_pairs(bf_rows, D, nkp, D, k_pairs);
     amx_gemm<false>(rows, nkp, D, reinterpret_cast<const uint16_t*>(buf.q) + r0 * D, D, k_pairs, nkp,
                     buf.s + r0 * kBatch, kBatch);
-    for (int64_t r = r0; r < r0 + nr; ++r) scale_row(buf.s + r * kBatch, kscale, nk);
-    if (keys.vis) apply_mask(it, keys, buf.s, kBatch, 1);
+    if (keys.vis) {  // the mask after the scales (a hidden key's scale is never multiplied in)
+      for (int64_t r = r0; r < r0 + nr; ++r) scale_row(buf.s + r * kBatch, kscale, nk);
+      apply_mask(it, keys, buf.s, kBatch, 1);
+    }
+    const float* s_scale = keys.vis ? nullptr : kscale;  // the logits' scales where not yet applied
     for (int64_t r = r0; r < r0 + rows; ++r) {
       float* x = buf.s + r * kBatch;
       if (r >= r0 + nr) {
@@ -821,9 +823,9 @@ class AttentionCpu {
         continue;
       }
       RowState& st = buf.state[r];
-      const float corr = st.update(max_of(x, nk, kNegInf));
-      st.add(exp_shift_sum(x, nk, st.shift()));
-      to_bf16_row(x, vscale, nk, nkp, p_rows + 2 * r * kBatch);
+      const float corr = st.update(scaled_max(x, s_scale, nk, kNegInf));
+      st.add(exp_to_bf16_row(x, s_scale, st.shift(), vscale, nk, nkp, p_rows + 2 * r * kBatch));
+      pf.step();
       if (corr != 1.0f) {
         for (int64_t d = 0; d < D; ++d) buf.o[r * D + d] *= corr;
       }
@@ -831,6 +833,7 @@ class AttentionCpu {
     to_bf16_rows(true);
     interleave_row_pairs(bf_rows, D, nkp, D, v_pairs);
     amx_gemm<true>(rows, D, nkp, p_rows + 2 * r0 * kBatch, 2 * kBatch, v_pairs, D, buf.o + r0 * D, D);
+    pf.finish();
   }
 #endif
 
