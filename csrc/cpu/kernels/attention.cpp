@@ -6,7 +6,8 @@
 // query head of the GQA group times the tile's positions, so each K/V tile is loaded once for the whole
 // group), computes each step's logits, masks them with the plan's visibility bytes and folds them into the
 // online softmax (core/softmax.h, shared with the CUDA kernels), then writes the rows, or merges the kv
-// splits' partial states.
+// splits' partial states. With bfloat16 queries over int8 / fp8 codes on a CPU with AMX, the GEMM path runs on
+// tiles (tile_amx).
 #include "cpu/kernels/attention.h"
 
 #include <ATen/Parallel.h>
@@ -811,7 +812,7 @@ class AttentionCpu {
     transpose_row_pairs(bf_rows, D, nkp, D, k_pairs);
     amx_gemm<false>(rows, nkp, D, reinterpret_cast<const uint16_t*>(buf.q) + r0 * D, D, k_pairs, nkp,
                     buf.s + r0 * kBatch, kBatch);
-    if (keys.vis) {  // the mask after the scales (a hidden key's scale is never multiplied in)
+    if (keys.vis) {  // the mask after the scales: a hidden key's (even NaN) logit becomes -inf
       for (int64_t r = r0; r < r0 + nr; ++r) scale_row(buf.s + r * kBatch, kscale, nk);
       apply_mask(it, keys, buf.s, kBatch, 1);
     }
