@@ -203,10 +203,11 @@ def _tree_args(op: str, tree, n: int, device: torch.device) -> Tuple[torch.Tenso
     if not isinstance(tree, Tree):
         raise TypeError(f"{op}: tree must be a fastar.masks.Tree, got {type(tree).__name__}")
     parents = tree.parents.reshape(-1, tree.num_nodes)
+    levels, rooted_at_0 = tree._acceptance_shape()
     if tree.num_nodes == n:
-        return parents.to(device), tree._levels, False
-    if tree.num_nodes == n + 1 and tree._rooted_at_0:
-        return (parents[:, 1:] - 1).to(device), tree._levels - 1, True
+        return parents.to(device), levels, False
+    if tree.num_nodes == n + 1 and rooted_at_0:
+        return (parents[:, 1:] - 1).to(device), levels - 1, True
     raise ValueError(
         f"{op}: the tree has {tree.num_nodes} nodes for {n} drafts; it must have N = {n} (the drafted nodes, -1 "
         f"for a child of the root) or N + 1 = {n + 1} with node 0 the only root (the verified token, as "

@@ -394,10 +394,18 @@ class Tree(Mask):
         self._ancestors = ancestors
         self._depth = depth
         self._bits = pack_bits(ancestors)
-        # For the acceptance ops: nodes on the deepest root-to-node path, and whether node 0 is the only root
-        # (the verified token heading an attention tree, as from_choices and from_next_links build it).
-        self._levels = int(depth.max()) + 1
-        self._rooted_at_0 = bool((flat[:, 0] == -1).all() and (flat[:, 1:] >= 0).all())
+        self._shape_info: Optional[Tuple[int, bool]] = None
+        if not torch.compiler.is_compiling():  # a host sync: a tree built in a compiled region reads it on first use
+            self._acceptance_shape()
+
+    def _acceptance_shape(self) -> Tuple[int, bool]:
+        """For the acceptance ops: the nodes on the deepest root-to-node path, and whether node 0 is the only root
+        (the verified token heading an attention tree, as from_choices and from_next_links build it)."""
+        if self._shape_info is None:
+            flat = self.parents.reshape(-1, self.num_nodes)
+            rooted = bool((flat[:, 0] == -1).all() and (flat[:, 1:] >= 0).all())
+            self._shape_info = (int(self._depth.max()) + 1, rooted)
+        return self._shape_info
 
     @classmethod
     def from_choices(cls, choices: Sequence[Sequence[int]]) -> "Tree":
