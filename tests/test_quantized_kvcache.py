@@ -31,15 +31,6 @@ B, HKV, HQ, D = 3, 2, 8, 64
 FP8_MAX = {"fp8_e4m3": 448.0, "fp8_e5m2": 57344.0}
 
 
-@pytest.fixture
-def attending(backend, request):
-    """The backend, for tests that attend: the CUDA kernels read int8 / fp8 caches, not KIVI ones yet."""
-    if backend.name != "cpu" and request.node.callspec.params.get("fmt") in KIVI:
-        request.applymarker(pytest.mark.xfail(raises=NotImplementedError, strict=True,
-                                              reason="CUDA attention over KIVI caches is not built yet"))
-    return backend
-
-
 def kv(gen, L, dtype=torch.float32):
     """K and V ``[B, HKV, L, D]`` with per-token magnitudes and an outlier channel in K."""
     k = torch.randn(B, HKV, L, D, generator=gen) * (torch.rand(B, HKV, L, 1, generator=gen) + 0.2)
@@ -117,20 +108,20 @@ MASKS = ["none", "causal", "window", "tree", "block", "dense"]
 @pytest.mark.parametrize("Lq", [1, 5, 40])
 @pytest.mark.parametrize("paged", [False, True], ids=["contiguous", "paged"])
 @pytest.mark.parametrize("fmt", FORMATS + KIVI)
-def test_attend_matches_float64_over_the_dequantized_cache(attending, fmt, paged, Lq, mask_kind):
+def test_attend_matches_float64_over_the_dequantized_cache(backend, fmt, paged, Lq, mask_kind):
     """Ragged prefixes, then Lq new tokens per sequence (drafts, a tree, a diffusion block) attended by their
     queries with each mask kind; GQA 4:1. Lq = 1 and 5 take the decode path on the CPU, 40 the GEMM path."""
     gen = torch.Generator().manual_seed(Lq + 10 * paged + MASKS.index(mask_kind))
     capacity = 96
-    cache = make_cache(attending, fmt, paged, capacity)
+    cache = make_cache(backend, fmt, paged, capacity)
     k, v = kv(gen, 48)
-    cache.append(attending.to(k), attending.to(v), lengths=[48, 17, 30])
+    cache.append(backend.to(k), backend.to(v), lengths=[48, 17, 30])
     k, v = kv(gen, Lq)
-    cache.append(attending.to(k), attending.to(v))
+    cache.append(backend.to(k), backend.to(v))
     q = torch.randn(B, HQ, Lq, D, generator=gen)
     capacity = cache.capacity  # paged: every page of the pool
     mask = masks_for(Lq, capacity, gen)[mask_kind]
-    out, lse = cache.attend(attending.to(q), mask=attending.to(mask) if mask_kind == "dense" else mask,
+    out, lse = cache.attend(backend.to(q), mask=backend.to(mask) if mask_kind == "dense" else mask,
                             return_lse=True)
     lens = cache.lengths.cpu()
     k_deq, v_deq = (t.cpu() for t in cache.dequantize(torch.float64))
@@ -146,20 +137,20 @@ def test_attend_matches_float64_over_the_dequantized_cache(attending, fmt, paged
 
 
 @pytest.mark.parametrize("paged", [False, True], ids=["contiguous", "paged"])
-def test_truncate_rolls_back_rejected_drafts(attending, paged):
+def test_truncate_rolls_back_rejected_drafts(backend, paged):
     """Speculative decoding: append drafts, keep a prefix of them per sequence, append the next ones; the cache
     then holds exactly the kept tokens, and a paged cache gets its pages back."""
     gen = torch.Generator().manual_seed(3)
-    cache = make_cache(attending, "int8", paged, capacity=64)
+    cache = make_cache(backend, "int8", paged, capacity=64)
     k0, v0 = kv(gen, 20)
     drafts_k, drafts_v = kv(gen, 30)
     k1, v1 = kv(gen, 5)
-    cache.append(attending.to(k0), attending.to(v0))
-    cache.append(attending.to(drafts_k), attending.to(drafts_v))
+    cache.append(backend.to(k0), backend.to(v0))
+    cache.append(backend.to(drafts_k), backend.to(drafts_v))
     cache.truncate(torch.tensor([21, 20, 33]))
     if paged:  # the sequences keep ceil(length / 16) = 2, 2 and 3 pages; the rest of the pool is free
         assert len(cache._free) == cache.block_table.shape[1] - (2 + 2 + 3)
-    cache.append(attending.to(k1), attending.to(v1))
+    cache.append(backend.to(k1), backend.to(v1))
     kept = [1, 0, 13]
     assert cache.lengths.cpu().tolist() == [20 + n + 5 for n in kept]
     k_deq, _ = (t.cpu() for t in cache.dequantize(torch.float64))
@@ -168,7 +159,7 @@ def test_truncate_rolls_back_rejected_drafts(attending, paged):
         step = rows.abs().amax(-1, keepdim=True).double() / 127
         assert ((k_deq[b, :, : rows.shape[1]] - rows.double()).abs() <= step / 2 * (1 + 1e-6)).all()
     q = torch.randn(B, HQ, 5, D, generator=gen)
-    out = cache.attend(attending.to(q), mask=Causal())
+    out = cache.attend(backend.to(q), mask=Causal())
     lens = cache.lengths.cpu()
     k_deq, v_deq = (t.cpu() for t in cache.dequantize(torch.float64))
     visible = Causal().materialize(5, k_deq.shape[2], kv_lens=lens).unsqueeze(1)
@@ -415,7 +406,7 @@ KIVI_SHAPES = {
 @pytest.mark.parametrize("paged", [False, True], ids=["contiguous", "paged"])
 @pytest.mark.parametrize("shape", list(KIVI_SHAPES))
 @pytest.mark.parametrize("fmt", KIVI)
-def test_kivi_decode_shapes_match_float64(attending, fmt, shape, paged, Lq, dtype):
+def test_kivi_decode_shapes_match_float64(backend, fmt, shape, paged, Lq, dtype):
     """Lq = 1 (GQA 4:1: the CPU's decode path over the KIVI codes; Lq = 3 its GEMM path) against float64
     attention over the dequantized cache, causal over the last Lq positions. A bfloat16 cache attends q in its
     dtype and its output is rounded to it: within two ulps (rtol 2^-7)."""
@@ -424,18 +415,18 @@ def test_kivi_decode_shapes_match_float64(attending, fmt, shape, paged, Lq, dtyp
     capacity = 192
     gen = torch.Generator().manual_seed(len(shape) + 7 * Lq + paged)
     if paged:
-        cache = attending.quantized_kvcache(B, HKV, dim, num_pages=B * capacity // 48, page_size=48, format=fmt,
+        cache = backend.quantized_kvcache(B, HKV, dim, num_pages=B * capacity // 48, page_size=48, format=fmt,
                                             group_size=G, residual=R, dtype=dtype)
     else:
-        cache = attending.quantized_kvcache(B, HKV, dim, capacity=capacity, format=fmt, group_size=G, residual=R,
+        cache = backend.quantized_kvcache(B, HKV, dim, capacity=capacity, format=fmt, group_size=G, residual=R,
                                             dtype=dtype)
     k = torch.randn(B, HKV, max(lens), dim, generator=gen)
     k[..., 5] *= 8
     v = torch.randn(B, HKV, max(lens), dim, generator=gen)
-    cache.append(attending.to(k.to(dtype)), attending.to(v.to(dtype)), lengths=[n - Lq for n in lens])
-    cache.append(attending.to(k[:, :, :Lq].to(dtype)), attending.to(v[:, :, :Lq].to(dtype)))
+    cache.append(backend.to(k.to(dtype)), backend.to(v.to(dtype)), lengths=[n - Lq for n in lens])
+    cache.append(backend.to(k[:, :, :Lq].to(dtype)), backend.to(v[:, :, :Lq].to(dtype)))
     q = torch.randn(B, HQ, Lq, dim, generator=gen).to(dtype)
-    out, lse = cache.attend(attending.to(q), mask=Causal(), return_lse=True)
+    out, lse = cache.attend(backend.to(q), mask=Causal(), return_lse=True)
     k_deq, v_deq = (t.cpu() for t in cache.dequantize(torch.float64))
     n = k_deq.shape[2]
     visible = Causal().materialize(Lq, cache.capacity, kv_lens=cache.lengths.cpu())[..., :n].unsqueeze(1)

@@ -81,7 +81,7 @@ struct AttentionParams {
   const float* k_scale;
   const float* v_scale;
   int64_t ks_sb, ks_sh, ks_sl, vs_sb, vs_sh, vs_sl;
-  // KIVI int4 / int2 (kivi_bits > 0, with kv_quantized; CPU kernels only so far): k and v hold packed codes,
+  // KIVI int4 / int2 (kivi_bits > 0, with kv_quantized): k and v hold packed codes,
   // rows of D * kivi_bits / 8 bytes laid out [slots, Hkv, bytes], so a row's offset / bytes is slot * Hkv + h.
   // Float16 scales and zeros as fastar.quantize_kivi_append writes them: keys [slots / kivi_group, Hkv, D],
   // values [slots, Hkv, D / kivi_group]. Sequence b's first kivi_split[2b] keys and kivi_split[2b + 1] values

@@ -61,7 +61,8 @@ constexpr int64_t kTensorCoreRows = 16;
 // and v row must start 16-byte aligned (fp32 stays on the CUDA-core kernel, exact to fp32 rounding). Codes
 // are one byte, so their strides must be multiples of 16 elements.
 bool use_tensor_cores(const AttentionParams& p, FloatKind kind) {
-  if (kind == FloatKind::kFloat32 || !cuda::tc_head_dim(p.D) || p.Hq / p.Hkv * p.Lq < kTensorCoreRows) return false;
+  if (kind == FloatKind::kFloat32 || p.kivi_bits || !cuda::tc_head_dim(p.D) || p.Hq / p.Hkv * p.Lq < kTensorCoreRows)
+    return false;
   auto aligned = [](const void* ptr) { return reinterpret_cast<uintptr_t>(ptr) % 16 == 0; };
   const int64_t kv_strides = p.k_sb | p.k_sh | p.k_sl | p.v_sb | p.v_sh | p.v_sl;
   return aligned(p.q) && aligned(p.k) && aligned(p.v) && (p.q_sb | p.q_sh | p.q_sl) % 8 == 0 &&
@@ -70,7 +71,7 @@ bool use_tensor_cores(const AttentionParams& p, FloatKind kind) {
 
 // Whether the 16-byte-load decode kernel takes a decode-shaped call (attention_decode.cuh).
 bool use_decode_kernel(const AttentionParams& p, FloatKind kind) {
-  if (!cuda::tc_head_dim(p.D)) return false;
+  if (!cuda::tc_head_dim(p.D) || p.kivi_bits) return false;          // KIVI: the tiled kernel dequantizes its rows
   if (p.kv_quantized) return cuda::decode_rows_aligned<uint8_t>(p);  // q in shared memory: any dtype, any D
   switch (kind) {
     case FloatKind::kFloat32:  // fp32 at D = 256: 128 accumulators per thread would spill

@@ -22,6 +22,8 @@
 // Quantized K/V (int8 / fp8 codes, a fallback for what the decode and tensor-core kernels do not take): the tiled
 // shape stages its tiles as float anyway, so it dequantizes there, code * scale, with one switch over the format
 // per staged row. The decode shape reads V rows from global memory as T, so the planner never gives it codes.
+// KIVI int4 / int2 caches take the tiled shape where the KIVI decode kernel does not: a staged row is code * scale +
+// zero (float16 scale and zero), or the full-precision window's row at or past the sequence's split.
 #pragma once
 #include <cmath>
 #include <stdexcept>
@@ -29,6 +31,7 @@
 #include <type_traits>
 
 #include "core/attention.h"
+#include "core/kivi_quant.h"
 #include "core/softmax.h"
 #include "cuda/common.cuh"
 #include "cuda/kv_codes.cuh"
@@ -144,6 +147,31 @@ __device__ __forceinline__ KvRows kv_scale_rows(const AttentionParams& p, int64_
 template <KvFormat F>
 __device__ __forceinline__ void dequantize_row(const uint8_t* row, float scale, float* dst, int D, int lane) {
   for (int d = lane; d < D; d += 32) dst[d] = code_to_float<F>(row[d]) * scale;
+}
+
+// KIVI (core/attention.h's kivi_* fields): key s's K (value = false) or V row of head h of sequence b as float into
+// dst (lanes over D): code * scale + zero from the packed codes at byte offset `at` (float16 scales and zeros, keys
+// per channel and group of kivi_group tokens, values per token and group of kivi_group channels), or the window's
+// row in T at or past the sequence's split.
+template <typename T>
+__device__ __forceinline__ void kivi_row_to_float(const AttentionParams& p, int64_t b, int64_t h, int64_t s, int64_t at,
+                                                  bool value, float* dst, int D, int lane) {
+  if (s >= p.kivi_split[2 * b + value]) {
+    const T* row = static_cast<const T*>(value ? p.kivi_v_window : p.kivi_k_window) +
+                   ((b * p.kivi_window_len + s % p.kivi_window_len) * p.Hkv + h) * D;
+    for (int d = lane; d < D; d += 32) dst[d] = to_float(row[d]);
+    return;
+  }
+  const int bits = p.kivi_bits;
+  const int64_t G = p.kivi_group, slot_head = at / (D * bits / 8);  // slot * Hkv + head
+  const uint8_t* codes = static_cast<const uint8_t*>(value ? p.v : p.k) + at;
+  const int64_t meta = value ? slot_head * (D / G) : (slot_head / p.Hkv / G * p.Hkv + h) * D, per = value ? G : 1;
+  const uint16_t* scale = (value ? p.kivi_v_scale : p.kivi_k_scale) + meta;
+  const uint16_t* zero = (value ? p.kivi_v_zero : p.kivi_k_zero) + meta;
+  for (int d = lane; d < D; d += 32) {
+    const uint32_t c = codes[d * bits / 8] >> (d * bits % 8) & ((1u << bits) - 1);
+    dst[d] = fmaf(static_cast<float>(c), half_to_float(scale[d / per]), half_to_float(zero[d / per]));
+  }
 }
 
 // A row of D codes of format f times scale, as float into dst (lanes over D); the format is chosen once per row.
@@ -437,11 +465,15 @@ __global__ void __launch_bounds__(kAttnThreads) attention_kernel(AttentionParams
         const int64_t voff = ok ? kv.v : -1;
         if (lane == 0) s_voff[c] = voff;
         KvRows sc{};  // quantized: the key's scale offsets
-        if (ok && p.kv_quantized) sc = kv_scale_rows(p, b, hkv, j);
+        if (ok && p.kv_quantized && !p.kivi_bits) sc = kv_scale_rows(p, b, hkv, j);
         if (ok) {
           float* kd = s_k + c * lay.ks;
           if (p.kv_quantized) {  // the dequantized row, then (qk_norm) its norm from the same lane's elements
-            dequantize_row(p.kv_format, static_cast<const uint8_t*>(p.k) + kv.k, p.k_scale[sc.k], kd, D, lane);
+            if (p.kivi_bits) {
+              kivi_row_to_float<T>(p, b, hkv, j, kv.k, false, kd, D, lane);
+            } else {
+              dequantize_row(p.kv_format, static_cast<const uint8_t*>(p.k) + kv.k, p.k_scale[sc.k], kd, D, lane);
+            }
             if (p.qk_norm) {
               const float f = inv_norm(kd, D, lane);
               for (int d = lane; d < D; d += 32) kd[d] *= f;
@@ -457,7 +489,9 @@ __global__ void __launch_bounds__(kAttnThreads) attention_kernel(AttentionParams
         }
         if constexpr (kStageV) {
           float* vd = s_v + c * D;
-          if (ok && p.kv_quantized) {
+          if (ok && p.kivi_bits) {
+            kivi_row_to_float<T>(p, b, hkv, j, voff, true, vd, D, lane);
+          } else if (ok && p.kv_quantized) {
             dequantize_row(p.kv_format, static_cast<const uint8_t*>(p.v) + voff, p.v_scale[sc.v], vd, D, lane);
           } else {
             for (int d = lane; d < D; d += 32) vd[d] = ok ? to_float(vbase[voff + d]) : 0.0f;  // p = 0 there, no NaN

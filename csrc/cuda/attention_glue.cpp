@@ -10,7 +10,6 @@ namespace fastar {
 
 void run_attention_cuda(const AttentionLaunch& l, const char* op) {
   DeviceScope scope(l.out, op);
-  TORCH_CHECK_NOT_IMPLEMENTED(!l.prm.kivi_bits, op, ": KIVI int4 / int2 caches run on the CPU only so far");
   TORCH_CHECK_VALUE(l.prm.D <= kAttentionMaxHeadDim, op, ": the CUDA kernels take head dims up to ",
                     kAttentionMaxHeadDim, ", got ", l.prm.D);
   if (l.prm.B * l.prm.Hq * l.prm.Lq > 0) {
