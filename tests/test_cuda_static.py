@@ -77,7 +77,8 @@ def test_static_shared_memory_within_limit():
                                     "greedy_verify_kernel", "tree_greedy_verify_kernel", "typical_accept_kernel",
                                     "sample_cfg_kernel",
                                     "attention_merge_kernel", "quantize_kv_append_kernel",
-                                    "quantize_kivi_keys_kernel", "quantize_kivi_values_kernel"])
+                                    "quantize_kivi_keys_kernel", "quantize_kivi_values_kernel",
+                                    "attention_kivi_decode_kernel"])
 def test_no_spills(family):
     rows = kernels(rf"\b{family}\b")
     assert rows, f"no {family} in the built code"
@@ -161,3 +162,13 @@ def test_decode_kernel_loads_16_bytes_and_does_not_spill():
     rows = kernels(r"\battention_decode_kernel\b")
     spilled = [r for r in rows if r["STACK"] or r.get("LOCAL", 0)]
     assert not spilled, describe(spilled)
+
+
+def test_kivi_decode_kernel_loads_16_bytes():
+    """Every instance of the KIVI decode kernel (q dtype x head dim 64 / 128 / 256 x int4 / int2, every built arch)
+    reads the packed codes with 16-byte global loads (LDG.E.128); its spills are test_no_spills'."""
+    found = {key: body for key, body in sass_by_kernel().items()
+             if re.search(r"\battention_kivi_decode_kernel\b", key[1])}
+    assert len(found) == 18 * len({arch for arch, _ in found}), sorted(name[:80] for _, name in found)
+    narrow = [f"{arch} {name[:80]}" for (arch, name), body in found.items() if not re.search(r"LDG\.E\.128", body)]
+    assert not narrow, narrow

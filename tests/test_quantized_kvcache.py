@@ -436,6 +436,54 @@ def test_kivi_decode_shapes_match_float64(backend, fmt, shape, paged, Lq, dtype)
     torch.testing.assert_close(lse.cpu(), want_lse, rtol=0, atol=2e-5)
 
 
+# Shapes of the CUDA KIVI decode kernel (a key group a multiple of 32 keys, D 64 / 128 / 256, at most 8 query rows;
+# the CPU's decode path): (D, G, R, lengths, dtype). Every sequence spans quantized groups and the window, the value
+# split falls inside a key group, and short sequences are window-only.
+KIVI_DECODE_SHAPES = {
+    "D64-G32-f32": (64, 32, 32, [200, 77, 3], torch.float32),
+    "D128-G64-bf16": (128, 64, 64, [250, 129, 64], torch.bfloat16),
+    "D256-G32-f16": (256, 32, 32, [100, 40, 70], torch.float16),
+}
+
+
+@pytest.mark.parametrize("Lq, mask_kind", [(1, "none"), (2, "causal"), (1, "window"), (2, "dense")])
+@pytest.mark.parametrize("paged", [False, True], ids=["contiguous", "paged"])
+@pytest.mark.parametrize("shape", list(KIVI_DECODE_SHAPES))
+@pytest.mark.parametrize("fmt", KIVI)
+def test_kivi_decode_groups_of_32_match_float64(backend, fmt, shape, paged, Lq, mask_kind):
+    """GQA 4:1 decode (4 or 8 query rows) over KIVI caches at groups of 32 keys or more, with kv splits (a long
+    capacity), against float64 attention over the dequantized cache. 16-bit caches: within two ulps."""
+    dim, G, R, lens, dtype = KIVI_DECODE_SHAPES[shape]
+    capacity = 256
+    gen = torch.Generator().manual_seed(len(shape) + 7 * Lq + paged + 3 * len(mask_kind))
+    if paged:
+        cache = backend.quantized_kvcache(B, HKV, dim, num_pages=B * capacity // 64, page_size=64, format=fmt,
+                                          group_size=G, residual=R, dtype=dtype)
+    else:
+        cache = backend.quantized_kvcache(B, HKV, dim, capacity=capacity, format=fmt, group_size=G, residual=R,
+                                          dtype=dtype)
+    k = torch.randn(B, HKV, max(lens), dim, generator=gen)
+    k[..., 5] *= 8
+    v = torch.randn(B, HKV, max(lens), dim, generator=gen)
+    cache.append(backend.to(k.to(dtype)), backend.to(v.to(dtype)), lengths=[n - Lq for n in lens])
+    cache.append(backend.to(k[:, :, :Lq].to(dtype)), backend.to(v[:, :, :Lq].to(dtype)))
+    q = torch.randn(B, HQ, Lq, dim, generator=gen).to(dtype)
+    mask = {"none": None, "causal": Causal(), "window": Window(left=40, sinks=3),
+            "dense": Dense(torch.rand(B, Lq, cache.capacity, generator=gen) < 0.6)}[mask_kind]
+    out, lse = cache.attend(backend.to(q), mask=backend.to(mask) if mask_kind == "dense" else mask, return_lse=True)
+    k_deq, v_deq = (t.cpu() for t in cache.dequantize(torch.float64))
+    n = k_deq.shape[2]
+    lengths = cache.lengths.cpu()
+    if mask is None:
+        visible = (torch.arange(n) < lengths.view(B, 1, 1, 1))
+    else:
+        visible = mask.materialize(Lq, cache.capacity, kv_lens=lengths)[..., :n].unsqueeze(1)
+    want, want_lse = attention_reference(q.double(), k_deq, v_deq, mask=visible)
+    rtol = 0 if dtype == torch.float32 else 2.0**-7
+    torch.testing.assert_close(out.cpu().double(), want, rtol=rtol, atol=2e-5)
+    torch.testing.assert_close(lse.cpu(), want_lse, rtol=0, atol=2e-5)
+
+
 def test_kivi_refuses_non_storable_values_on_the_cpu():
     cache = fastar.QuantizedKVCache(B, HKV, D, capacity=64, format="int4", group_size=KG, residual=KR,
                                     dtype=torch.float32)

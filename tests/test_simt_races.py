@@ -67,7 +67,8 @@ def assert_order_independent(run, kernels):
 # Every kernel of the CUDA sources, each run under the race check by one of the tests below.
 ALL_KERNELS = {"speculative_sample", "tree_speculative_sample", "greedy_verify", "tree_greedy_verify",
                "typical_accept", "sample_cfg", "attention_vec_decode", "attention_decode", "attention_tiled",
-               "attention_tc", "attention_merge", "quantize_kv_append", "quantize_kivi_keys", "quantize_kivi_values"}
+               "attention_tc", "attention_merge", "attention_kivi_decode", "quantize_kv_append", "quantize_kivi_keys",
+               "quantize_kivi_values"}
 
 
 def test_every_kernel_is_covered():
@@ -236,6 +237,30 @@ def test_quantized_attention(backend, shape, kernels):
     assert_order_independent(lambda: backend.attention_with_kvcache(
         q, k_codes, v_codes, cache_seqlens=lens, block_table=bt, k_scale=k_scale, v_scale=v_scale,
         mask=fastar.masks.Causal() if Lq > 1 else None)[0], kernels)
+
+
+# KIVI caches: (format, G, Lq, paged), kernels. The KIVI decode kernel (G = 32: several chunks per warp, the window,
+# kv splits) and the tiled kernel (G = 8, which the decode kernel does not take).
+KIVI_SHAPES = [
+    (("int4", 32, 1, True), {"attention_kivi_decode", "attention_merge"}),
+    (("int2", 64, 2, False), {"attention_kivi_decode", "attention_merge"}),
+    (("int4", 8, 3, False), {"attention_tiled", "attention_merge"}),
+]
+
+
+@pytest.mark.parametrize("shape, kernels", KIVI_SHAPES,
+                         ids=lambda s: "-".join(map(str, s)) if isinstance(s, tuple) else "")
+def test_kivi_attention(backend, shape, kernels):
+    fmt, G, Lq, paged = shape
+    gen = torch.Generator().manual_seed(9)
+    B, Hkv, Hq, D = 2, 2, 4, 64
+    layout = dict(num_pages=8, page_size=64) if paged else dict(capacity=256)
+    cache = backend.quantized_kvcache(B, Hkv, D, format=fmt, group_size=G, residual=G, dtype=torch.bfloat16, **layout)
+    k, v = (make((B, Hkv, 200, D), torch.bfloat16, gen) for _ in range(2))
+    cache.append(k, v, lengths=[200, 90])
+    q = make((B, Hq, Lq, D), torch.bfloat16, gen)
+    assert_order_independent(lambda: cache.attend(q, mask=fastar.masks.Causal() if Lq > 1 else None, return_lse=True),
+                             kernels)
 
 
 @pytest.mark.parametrize("fmt", [torch.int8, torch.float8_e5m2])

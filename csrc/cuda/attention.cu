@@ -69,9 +69,21 @@ bool use_tensor_cores(const AttentionParams& p, FloatKind kind) {
          kv_strides % (p.kv_quantized ? 16 : 8) == 0;
 }
 
+// Whether the KIVI decode kernel (attention_decode_kivi.cuh) takes a decode-shaped call over a KIVI cache: 16-byte
+// loads of codes and window rows, head dims 64 / 128 / 256, and key groups of whole 32-key chunks that never
+// straddle a page (or, contiguous, a sequence's slots). qk_norm takes the tiled kernel.
+bool kivi_decode_supported(const AttentionParams& p) {
+  auto aligned = [](const void* ptr) { return reinterpret_cast<uintptr_t>(ptr) % 16 == 0; };
+  const int64_t G = p.kivi_group;
+  return !p.qk_norm && (p.D == 64 || p.D == 128 || p.D == 256) && G % 32 == 0 &&
+         (p.block_table ? p.page_size : p.Lk) % G == 0 && aligned(p.k) && aligned(p.v) && aligned(p.kivi_k_window) &&
+         aligned(p.kivi_v_window);
+}
+
 // Whether the 16-byte-load decode kernel takes a decode-shaped call (attention_decode.cuh).
 bool use_decode_kernel(const AttentionParams& p, FloatKind kind) {
-  if (!cuda::tc_head_dim(p.D) || p.kivi_bits) return false;          // KIVI: the tiled kernel dequantizes its rows
+  if (p.kivi_bits) return kivi_decode_supported(p);
+  if (!cuda::tc_head_dim(p.D)) return false;
   if (p.kv_quantized) return cuda::decode_rows_aligned<uint8_t>(p);  // q in shared memory: any dtype, any D
   switch (kind) {
     case FloatKind::kFloat32:  // fp32 at D = 256: 128 accumulators per thread would spill
@@ -152,8 +164,9 @@ void launch_attention(const AttentionParams& prm, FloatKind kind, const Attentio
   if (s.tc) {
     (prm.kv_quantized ? cuda::launch_attention_tc_quantized : cuda::launch_attention_tc)(prm, kind, w, grid, st);
   } else if (s.vec_decode) {
-    (prm.kv_quantized ? cuda::launch_attention_decode_quantized : cuda::launch_attention_decode)(prm, kind, w, grid,
-                                                                                                 st);
+    (prm.kivi_bits      ? cuda::launch_attention_decode_kivi
+     : prm.kv_quantized ? cuda::launch_attention_decode_quantized
+                        : cuda::launch_attention_decode)(prm, kind, w, grid, st);
   }
   cuda::dispatch_device_float(kind, [&](auto tag) {
     using T = decltype(tag);

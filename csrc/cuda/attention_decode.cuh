@@ -365,5 +365,8 @@ void launch_attention_decode(const AttentionParams& p, FloatKind kind, const Att
                              cudaStream_t stream);
 void launch_attention_decode_quantized(const AttentionParams& p, FloatKind kind, const AttentionWork& w, dim3 grid,
                                        cudaStream_t stream);
+// KIVI int4 / int2 caches (attention_decode_kivi.cuh), for the calls the planner's kivi_decode_supported admits.
+void launch_attention_decode_kivi(const AttentionParams& p, FloatKind kind, const AttentionWork& w, dim3 grid,
+                                  cudaStream_t stream);
 
 }  // namespace fastar::cuda
