@@ -55,7 +55,8 @@ PEAKS = [
 class GpuCase:
     """B sequences of Lq queries, the last of Lk key positions, Hq query heads over Hkv kv heads, bf16; with
     kv_format, K and V are quantized into a cache of that format (fastar.quantize_kv_append, per-token scales)
-    that fastar.attention_with_kvcache reads, while the SDPA baselines read the bf16 K and V."""
+    that fastar.attention_with_kvcache reads, or (int4 / int2) into a fastar.QuantizedKVCache (KIVI, G = 32) that
+    attends, while the SDPA baselines read the bf16 K and V."""
 
     name: str
     kind: str  # decode | tree | block_diff | var | causal
@@ -84,6 +85,7 @@ CASES = [
     GpuCase("decode GQA 32k", "decode", 8, 32, 8, 1, 32768, 128, memory_bound=True),
     GpuCase("decode int8 GQA 32k", "decode", 8, 32, 8, 1, 32768, 128, memory_bound=True, kv_format="int8"),
     GpuCase("decode fp8 GQA 32k", "decode", 8, 32, 8, 1, 32768, 128, memory_bound=True, kv_format="fp8_e4m3"),
+    GpuCase("decode int4 KIVI GQA 32k", "decode", 8, 32, 8, 1, 32768, 128, memory_bound=True, kv_format="int4"),
     GpuCase("tree verify", "tree", 4, 32, 8, 64, 4096 + 64, 128),
     GpuCase("block diffusion", "block_diff", 8, 16, 16, 32, 2048 + 32, 128),
     GpuCase("VAR 680", "var", 2, 16, 16, 680, 680, 64),
@@ -127,12 +129,20 @@ def make_inputs(case: GpuCase, device: str) -> dict:
 
 def quantize(x: dict) -> None:
     """The quantized cache of a kv_format row: codes [B, Lk, Hkv, D] and scales [B, Lk, Hkv] as
-    x["k_codes"], x["v_codes"], x["k_scale"], x["v_scale"], and its dequantized copy [B, Hkv, Lk, D] in float32 as
-    x["k_deq"], x["v_deq"]."""
+    x["k_codes"], x["v_codes"], x["k_scale"], x["v_scale"] (KIVI: the fastar.QuantizedKVCache as x["kivi"]), and
+    its dequantized copy [B, Hkv, Lk, D] in float32 as x["k_deq"], x["v_deq"]."""
     import fastar
     from fastar.reference import KV_FORMATS, dequantize_reference
 
     case, device = x["case"], x["q"].device
+    if case.kv_format in ("int4", "int2"):  # KIVI's defaults G = 32, R = 128 (the dry run's short cache: R = 32)
+        cache = fastar.QuantizedKVCache(case.B, case.Hkv, case.D, capacity=-(-case.Lk // 32) * 32,
+                                        format=case.kv_format, group_size=32, residual=128 if case.Lk > 1024 else 32,
+                                        dtype=torch.bfloat16, device=device)
+        cache.append(x["k"], x["v"])
+        x["kivi"] = cache
+        x["k_deq"], x["v_deq"] = cache.dequantize(torch.float32)
+        return
     shape = (case.B, case.Lk, case.Hkv, case.D)
     rows = [x[n].transpose(1, 2).reshape(-1, case.Hkv, case.D) for n in ("k", "v")]
     codes = [torch.zeros(shape, dtype=torch.uint8, device=device).view(KV_FORMATS[case.kv_format]) for _ in "kv"]
@@ -158,6 +168,9 @@ def roofline_s(x: dict, peak_flops: Optional[float], hbm_Bps: float) -> tuple[st
     case = x["case"]
     if case.memory_bound:
         kv = ("k", "v") if case.kv_format is None else ("k_codes", "v_codes", "k_scale", "v_scale")
+        q_bytes = x["q"].numel() * x["q"].element_size()
+        if "kivi" in x:  # codes, float16 scales and zeros, the window
+            return "HBM", (x["kivi"].memory_bytes() + 2 * q_bytes) / hbm_Bps
         nbytes = sum(t.numel() * t.element_size() for t in (x["q"], *(x[n] for n in kv), x["q"]))
         return "HBM", nbytes / hbm_Bps
     flops = 4 * case.D * visible_pairs(x) * case.Hq * case.B
@@ -169,6 +182,8 @@ def run_fastar(x: dict, out: torch.Tensor) -> torch.Tensor:
 
     if x["layout"] is not None:
         return fastar.scale_attention(x["q"], x["k"], x["v"], x["layout"])
+    if "kivi" in x:  # out is not taken
+        return x["kivi"].attend(x["q"])
     if x["case"].kv_format is not None:  # [B, Lq, Hq, D] queries over the quantized cache; out is not taken
         o = fastar.attention_with_kvcache(x["q"].transpose(1, 2), x["k_codes"], x["v_codes"],
                                           cache_seqlens=x["case"].Lk, k_scale=x["k_scale"], v_scale=x["v_scale"])
@@ -314,11 +329,11 @@ def print_row(row: dict) -> None:
         return f"{v * 1e3:9.3f} ms" if isinstance(v, float) else f"{str(v)[:12]:>12}"
 
     if "error" in row:
-        print(f"{row['case']:<20} ERROR {row['error']}", flush=True)
+        print(f"{row['case']:<24} ERROR {row['error']}", flush=True)
         return
     share = row.get("roofline_share")
     others = "  ".join(f"{k[:-2]} {fmt(v)}" for k, v in row.items() if k.endswith("_s") and k != "fastar_s")
-    print(f"{row['case']:<20} fastar {fmt(row['fastar_s'])}  {row['bound']} "
+    print(f"{row['case']:<24} fastar {fmt(row['fastar_s'])}  {row['bound']} "
           f"{'-' if share is None else f'{share:.0%}'}  {others}", flush=True)
 
 
@@ -371,6 +386,12 @@ def small_cases(device: str) -> None:
         fastar.quantize_kivi_append(rows[:2].repeat(2, 1, 1)[..., :64], rows[:2, :, 8:], ids(1), ids(5, -1),
                                     packed(), packed(), halves(2, 2, 64), halves(2, 2, 64), halves(8, 2, 16),
                                     halves(8, 2, 16), group_size=4)
+        # Attention over KIVI caches: the KIVI decode kernel (G = 32, 1 query) and the tiled kernel (G = 8, 3).
+        for G, lq in ((32, 1), (8, 3)):
+            kivi = fastar.QuantizedKVCache(1, 2, 64, capacity=96, format="int4", group_size=G, residual=G,
+                                           dtype=dtype, device=device)
+            kivi.append(k, v)
+            kivi.attend(q[:, :, :lq], mask=Causal())
     if device == "cuda":
         torch.cuda.synchronize()
 
