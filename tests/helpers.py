@@ -6,6 +6,7 @@ from collections import Counter
 from pathlib import Path
 from typing import Dict
 
+import pytest
 import torch
 from hypothesis import HealthCheck
 from scipy import stats
@@ -79,3 +80,18 @@ def cuobjdump() -> str | None:
         return str(path) if path.is_file() else None
     except ImportError:
         return None
+
+
+def tree_op_status(backend, call) -> int:
+    """The status a backend reports for a tree acceptance op's one bad row: the CPU raises (the bit read from the
+    message), CUDA and the SIMT build mark the row (all -1, num_accepted = -status)."""
+    if backend.marks_invalid_rows:
+        path, tokens, accepted = call()
+        assert (path == -1).all() and (tokens == -1).all()
+        return -int(accepted[0])
+    with pytest.raises((IndexError, ValueError)) as info:
+        call()
+    for bit, words in ((2, "draft token id"), (4, "NaN"), (16, "malformed tree")):
+        if words in str(info.value):
+            return bit
+    raise AssertionError(f"unexpected message: {info.value}")

@@ -401,6 +401,19 @@ KIVI_SHAPES = {
 }
 
 
+def filled_kivi_cache(backend, fmt, dim, G, R, lens, dtype, capacity, page_size, Lq, gen):
+    """A KIVI cache on the backend holding sequences of `lens` tokens (the last Lq appended as a second step; a
+    large channel 5 in K), paged when page_size is given; and queries q [B, HQ, Lq, dim] on the CPU."""
+    layout = dict(num_pages=B * capacity // page_size, page_size=page_size) if page_size else dict(capacity=capacity)
+    cache = backend.quantized_kvcache(B, HKV, dim, format=fmt, group_size=G, residual=R, dtype=dtype, **layout)
+    k = torch.randn(B, HKV, max(lens), dim, generator=gen)
+    k[..., 5] *= 8
+    v = torch.randn(B, HKV, max(lens), dim, generator=gen)
+    cache.append(backend.to(k.to(dtype)), backend.to(v.to(dtype)), lengths=[n - Lq for n in lens])
+    cache.append(backend.to(k[:, :, :Lq].to(dtype)), backend.to(v[:, :, :Lq].to(dtype)))
+    return cache, torch.randn(B, HQ, Lq, dim, generator=gen).to(dtype)
+
+
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["f32", "bf16"])
 @pytest.mark.parametrize("Lq", [1, 3])
 @pytest.mark.parametrize("paged", [False, True], ids=["contiguous", "paged"])
@@ -412,20 +425,8 @@ def test_kivi_decode_shapes_match_float64(backend, fmt, shape, paged, Lq, dtype)
     dtype and its output is rounded to it: within two ulps (rtol 2^-7)."""
     dim, G, R, lens = KIVI_SHAPES[shape]
     G = G or 8 // {"int4": 4, "int2": 2}[fmt]
-    capacity = 192
     gen = torch.Generator().manual_seed(len(shape) + 7 * Lq + paged)
-    if paged:
-        cache = backend.quantized_kvcache(B, HKV, dim, num_pages=B * capacity // 48, page_size=48, format=fmt,
-                                            group_size=G, residual=R, dtype=dtype)
-    else:
-        cache = backend.quantized_kvcache(B, HKV, dim, capacity=capacity, format=fmt, group_size=G, residual=R,
-                                            dtype=dtype)
-    k = torch.randn(B, HKV, max(lens), dim, generator=gen)
-    k[..., 5] *= 8
-    v = torch.randn(B, HKV, max(lens), dim, generator=gen)
-    cache.append(backend.to(k.to(dtype)), backend.to(v.to(dtype)), lengths=[n - Lq for n in lens])
-    cache.append(backend.to(k[:, :, :Lq].to(dtype)), backend.to(v[:, :, :Lq].to(dtype)))
-    q = torch.randn(B, HQ, Lq, dim, generator=gen).to(dtype)
+    cache, q = filled_kivi_cache(backend, fmt, dim, G, R, lens, dtype, 192, 48 if paged else None, Lq, gen)
     out, lse = cache.attend(backend.to(q), mask=Causal(), return_lse=True)
     k_deq, v_deq = (t.cpu() for t in cache.dequantize(torch.float64))
     n = k_deq.shape[2]
@@ -454,20 +455,8 @@ def test_kivi_decode_groups_of_32_match_float64(backend, fmt, shape, paged, Lq, 
     """GQA 4:1 decode (4 or 8 query rows) over KIVI caches at groups of 32 keys or more, with kv splits (a long
     capacity), against float64 attention over the dequantized cache. 16-bit caches: within two ulps."""
     dim, G, R, lens, dtype = KIVI_DECODE_SHAPES[shape]
-    capacity = 256
     gen = torch.Generator().manual_seed(len(shape) + 7 * Lq + paged + 3 * len(mask_kind))
-    if paged:
-        cache = backend.quantized_kvcache(B, HKV, dim, num_pages=B * capacity // 64, page_size=64, format=fmt,
-                                          group_size=G, residual=R, dtype=dtype)
-    else:
-        cache = backend.quantized_kvcache(B, HKV, dim, capacity=capacity, format=fmt, group_size=G, residual=R,
-                                          dtype=dtype)
-    k = torch.randn(B, HKV, max(lens), dim, generator=gen)
-    k[..., 5] *= 8
-    v = torch.randn(B, HKV, max(lens), dim, generator=gen)
-    cache.append(backend.to(k.to(dtype)), backend.to(v.to(dtype)), lengths=[n - Lq for n in lens])
-    cache.append(backend.to(k[:, :, :Lq].to(dtype)), backend.to(v[:, :, :Lq].to(dtype)))
-    q = torch.randn(B, HQ, Lq, dim, generator=gen).to(dtype)
+    cache, q = filled_kivi_cache(backend, fmt, dim, G, R, lens, dtype, 256, 64 if paged else None, Lq, gen)
     mask = {"none": None, "causal": Causal(), "window": Window(left=40, sinks=3),
             "dense": Dense(torch.rand(B, Lq, cache.capacity, generator=gen) < 0.6)}[mask_kind]
     out, lse = cache.attend(backend.to(q), mask=backend.to(mask) if mask_kind == "dense" else mask, return_lse=True)

@@ -8,6 +8,7 @@ import torch
 
 from fastar.masks import Tree
 from fastar.reference import tree_greedy_verify_row
+from helpers import tree_op_status
 
 STATUS_BAD_ID, STATUS_BAD_VALUE, STATUS_BAD_TREE = 2, 4, 16
 
@@ -88,29 +89,16 @@ def test_a_chain_is_greedy_verify(backend):
     assert torch.equal(tokens, chain_tokens) and torch.equal(accepted, chain_accepted)
 
 
-def status_of(backend, call):
-    if backend.marks_invalid_rows:
-        path, tokens, accepted = call()
-        assert (path == -1).all() and (tokens == -1).all()
-        return -int(accepted[0])
-    with pytest.raises((IndexError, ValueError)) as info:
-        call()
-    for bit, words in ((STATUS_BAD_ID, "draft token id"), (STATUS_BAD_VALUE, "NaN"), (STATUS_BAD_TREE, "malformed")):
-        if words in str(info.value):
-            return bit
-    raise AssertionError(f"unexpected message: {info.value}")
-
-
 def test_bad_values(backend):
     drafts = torch.tensor([[3, 3, 2]])  # nodes 0 and 1 match the root's 3; node 2 (under 0) is not the 1 there
     tree = Tree([-1, -1, 0])
     logits = one_hot_logits([3, 1, 0, 0])[None]
     bad_ids = drafts.clone()
     bad_ids[0, 2] = 6
-    assert status_of(backend, lambda: backend.tree_greedy_verify(bad_ids, tree, logits)) == STATUS_BAD_ID
+    assert tree_op_status(backend, lambda: backend.tree_greedy_verify(bad_ids, tree, logits)) == STATUS_BAD_ID
     nan = logits.clone()
     nan[0, 1, 4] = float("nan")  # the row after node 0, which matches
-    assert status_of(backend, lambda: backend.tree_greedy_verify(drafts, tree, nan)) == STATUS_BAD_VALUE
+    assert tree_op_status(backend, lambda: backend.tree_greedy_verify(drafts, tree, nan)) == STATUS_BAD_VALUE
     unread = logits.clone()
     unread[0, 3, 0] = float("nan")  # the row after node 2, which does not match: never read
     path, tokens, accepted = backend.tree_greedy_verify(drafts, tree, unread)
@@ -126,7 +114,7 @@ def test_malformed_trees_through_the_op(backend, parents, max_depth):
     def call():
         return tuple(t.cpu() for t in backend.ops.tree_greedy_verify(ids, parents_t, logits, max_depth, False))
 
-    assert status_of(backend, call) == STATUS_BAD_TREE
+    assert tree_op_status(backend, call) == STATUS_BAD_TREE
 
 
 def test_bad_arguments(backend):

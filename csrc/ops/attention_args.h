@@ -131,6 +131,14 @@ inline void prepare_kivi(AttentionLaunch& l, const at::Tensor& q, const at::Tens
   l.kivi_split = checked_index_tensor("kivi_split", *a.kivi_split, 2, q);
   TORCH_CHECK_VALUE(l.kivi_split->size(0) == B && l.kivi_split->size(1) == 2, op, ": kivi_split must be [", B,
                     ", 2], got ", l.kivi_split->sizes());
+  if (l.kivi_split->is_cpu()) {  // on a GPU the values would cost a sync: QuantizedKVCache keeps them valid
+    const int32_t* split = l.kivi_split->data_ptr<int32_t>();
+    for (int64_t b = 0; b < B; ++b)
+      TORCH_CHECK_VALUE(split[2 * b] >= 0 && split[2 * b] % G == 0 && split[2 * b + 1] >= 0, op, ": kivi_split[", b,
+                        "] = (", split[2 * b], ", ", split[2 * b + 1],
+                        "): keys are quantized a group at a time, so their count must be a multiple of kivi_group = ",
+                        G, ", and both counts >= 0");
+  }
   p.kv_quantized = true;
   p.kivi_bits = static_cast<int>(bytes * 8 / D);
   p.kivi_group = G;

@@ -146,6 +146,13 @@ def tree_greedy_verify_row(
     """The longest root-to-node path whose every token equals the target's argmax at its parent, then the
     target's argmax after it. Among paths of equal length, the one whose node sequence is smallest
     (lexicographically) wins: siblings may repeat a token."""
+    passes = [int(draft_token_ids[t]) == _argmax(target_logits[parent + 1]) for t, parent in enumerate(parents)]
+    return _longest_path(parents, draft_token_ids, passes, target_logits)
+
+
+def _longest_path(parents, draft_token_ids, passes, target_logits) -> Tuple[List[int], List[int], int]:
+    """The longest root-to-node path of passing nodes (-1 ids never pass), the earliest (depth-first, children in
+    index order) among equal lengths; its tokens, then the argmax after its last node."""
     children = _children(parents)
     best: List[int] = []
 
@@ -153,9 +160,8 @@ def tree_greedy_verify_row(
         nonlocal best
         if len(path) > len(best):
             best = list(path)
-        target = _argmax(target_logits[node + 1])
         for c in children[node]:
-            if int(draft_token_ids[c]) == target:
+            if passes[c] and int(draft_token_ids[c]) != -1:
                 walk(c, path + [c])
 
     walk(-1, [])
@@ -188,18 +194,4 @@ def typical_accept_row(
         p = torch.softmax(logits / temperature, dim=-1)
         entropy = -float(torch.where(p > 0, p * torch.log(p), torch.zeros_like(p)).sum())
         passes.append(float(p[x]) > min(posterior_threshold, posterior_alpha * math.exp(-entropy)))
-    children = _children(parents)
-    best: List[int] = []
-
-    def walk(node: int, path: List[int]) -> None:
-        nonlocal best
-        if len(path) > len(best):
-            best = list(path)
-        for c in children[node]:
-            if passes[c]:
-                walk(c, path + [c])
-
-    walk(-1, [])
-    last = best[-1] if best else -1
-    tokens = [int(draft_token_ids[t]) for t in best] + [_argmax(target_logits[last + 1])]
-    return best, tokens, len(best)
+    return _longest_path(parents, draft_token_ids, passes, target_logits)
