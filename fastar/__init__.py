@@ -9,7 +9,17 @@ from ._loader import load_extension
 
 _C = load_extension()
 
-from . import acceptance, masked_attention, masks, quantized_kvcache, reference, sampling, scale, scale_kvcache  # noqa: E402,E501
+from . import (  # noqa: E402,E501
+    acceptance,
+    generate,
+    masked_attention,
+    masks,
+    quantized_kvcache,
+    reference,
+    sampling,
+    scale,
+    scale_kvcache,
+)
 from ._common import register_fakes  # noqa: E402
 from .acceptance import *  # noqa: E402, F403
 from .masked_attention import *  # noqa: E402, F403
@@ -27,7 +37,7 @@ def build_info() -> dict:
 
 
 # The forms of __all__ that type checkers follow.
-__all__ = ["build_info", "masks", "reference"]
+__all__ = ["build_info", "generate", "masks", "reference"]
 __all__ += acceptance.__all__
 __all__ += masked_attention.__all__
 __all__ += quantized_kvcache.__all__

@@ -32,7 +32,7 @@ def docs_text() -> str:
 def public_names():
     """Qualified public names: fastar.__all__ and the __all__ of its public submodules."""
     names = [f"fastar.{name}" for name in fastar.__all__]
-    for module in (fastar.masks, fastar.reference):
+    for module in (fastar.generate, fastar.masks, fastar.reference):
         names += [f"{module.__name__}.{name}" for name in module.__all__]
     return names
 
