@@ -1,9 +1,10 @@
 """Plain-PyTorch references of fastar's ops: written for clarity (loops, float64), the tests' oracle.
 
 The public names are the ``__all__`` of each reference module."""
-from . import acceptance, attention, quantized_kvcache, sampling, scale, scale_kvcache, tree_acceptance
+from . import acceptance, attention, diffusion, quantized_kvcache, sampling, scale, scale_kvcache, tree_acceptance
 from .acceptance import *  # noqa: F403
 from .attention import *  # noqa: F403
+from .diffusion import *  # noqa: F403
 from .quantized_kvcache import *  # noqa: F403
 from .sampling import *  # noqa: F403
 from .scale import *  # noqa: F403
@@ -14,6 +15,7 @@ from .tree_acceptance import *  # noqa: F403
 __all__ = []
 __all__ += acceptance.__all__
 __all__ += attention.__all__
+__all__ += diffusion.__all__
 __all__ += quantized_kvcache.__all__
 __all__ += sampling.__all__
 __all__ += scale.__all__

@@ -1,0 +1,152 @@
+"""Reference of fastar.diffusion_unmask: plain float64 PyTorch transcriptions of the official per-step rules of
+masked-diffusion LMs, shared with the tests and the benchmark.
+
+* LLaDA (``generate.py``): ``get_num_transfer_tokens``, ``add_gumbel_noise`` (float64), low-confidence /
+  random remasking and the per-row ``topk`` over the masked positions of the current block;
+* Fast-dLLM (``get_transfer_index``, ``get_transfer_index_dynamic``): the threshold and factor rules;
+* Dream (``sample_tokens``): the ``maskgit_plus`` / ``topk_margin`` / ``entropy`` confidences;
+* MaskGIT: the cosine schedule of masked counts.
+
+Ties: where the official code calls ``torch.topk`` (whose order among equal values is unspecified), this
+reference takes equal confidences by the lowest position (a stable descending sort); ``argmax`` takes the lowest
+index, as ``torch.argmax`` does on the CPU.
+"""
+from __future__ import annotations
+
+import math
+from typing import List, Optional, Tuple
+
+import torch
+
+__all__ = [
+    "add_gumbel_noise",
+    "diffusion_confidence_reference",
+    "diffusion_unmask_reference",
+    "fast_dllm_factor_thresholds",
+    "llada_num_transfer_tokens",
+    "maskgit_masked_counts",
+]
+
+
+def llada_num_transfer_tokens(mask_index: torch.Tensor, steps: int) -> torch.Tensor:
+    """LLaDA's ``get_num_transfer_tokens``: each row's masked count split over ``steps``, the first
+    ``count % steps`` steps one more. int64 ``[B, steps]``."""
+    mask_num = mask_index.sum(dim=1, keepdim=True)
+    base = mask_num // steps
+    remainder = mask_num % steps
+    num_transfer_tokens = torch.zeros(mask_num.size(0), steps, dtype=torch.int64) + base
+    for i in range(mask_num.size(0)):
+        num_transfer_tokens[i, : int(remainder[i])] += 1
+    return num_transfer_tokens
+
+
+def add_gumbel_noise(logits: torch.Tensor, temperature: float, generator: Optional[torch.Generator] = None):
+    """LLaDA's Gumbel-max in float64: ``exp(logits) / (-log u) ** temperature``, whose argmax is a draw from
+    ``softmax(logits / temperature)``; the logits unchanged at temperature 0."""
+    if temperature == 0:
+        return logits
+    logits = logits.to(torch.float64)
+    noise = torch.rand(logits.shape, dtype=torch.float64, generator=generator)
+    gumbel_noise = (-torch.log(noise)) ** temperature
+    return logits.exp() / gumbel_noise
+
+
+def diffusion_confidence_reference(logits: torch.Tensor, x0: torch.Tensor, kind: str) -> torch.Tensor:
+    """float64 ``[B, L]`` confidence of candidates ``x0`` under ``softmax(logits)`` (float64): ``"probability"``
+    (LLaDA's gather of ``x0_p``, Dream's ``maskgit_plus``), ``"margin"`` (Dream's ``topk_margin``: top-1 minus
+    top-2 probability), ``"neg_entropy"`` (Dream's ``entropy``: ``sum p log(p + 1e-10)``)."""
+    p = torch.softmax(logits.to(torch.float64), dim=-1)
+    if kind == "probability":
+        return torch.gather(p, -1, x0.unsqueeze(-1)).squeeze(-1)
+    if kind == "margin":
+        sorted_probs, _ = torch.sort(p, dim=-1, descending=True)
+        return sorted_probs[..., 0] - sorted_probs[..., 1]
+    if kind == "neg_entropy":
+        return torch.sum(p * torch.log(p + 1e-10), dim=-1)
+    raise ValueError(kind)
+
+
+def fast_dllm_factor_thresholds(n: int, factor: float) -> List[float]:
+    """Fast-dLLM's factor thresholds for ``n`` masked positions: ``1 - factor / (r + 2)`` at rank ``r``, the first
+    one -1 (at least one token is committed)."""
+    threshs = [1 - factor / (k + 1) for k in range(1, n + 1)]
+    threshs[0] = -1
+    return threshs
+
+
+def _descending(conf_row: torch.Tensor) -> torch.Tensor:
+    """Positions by decreasing confidence, equal ones by the lowest position (torch.topk with a tie rule)."""
+    return torch.sort(conf_row, descending=True, stable=True).indices
+
+
+def diffusion_unmask_reference(
+    logits: torch.Tensor,
+    x: torch.Tensor,
+    *,
+    mask_id: int,
+    block_start: int,
+    block_end: int,
+    num_transfer: Optional[torch.Tensor] = None,
+    threshold: Optional[float] = None,
+    factor: Optional[float] = None,
+    confidence: str = "probability",
+    temperature: float = 0.0,
+    random_confidence: Optional[torch.Tensor] = None,
+    generator: Optional[torch.Generator] = None,
+) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """One step of the official loop (LLaDA's ``generate`` body, Fast-dLLM's ``get_transfer_index`` /
+    ``get_transfer_index_dynamic``): returns ``(new x, x0, confidence)``, the confidence float64 ``[B, L]``
+    (-inf off the masked block positions). ``random_confidence`` ``[B, L]`` stands for ``torch.rand`` of the
+    random remasking."""
+    x0 = torch.argmax(add_gumbel_noise(logits, temperature, generator), dim=-1)
+    if confidence == "random":
+        x0_p = random_confidence.to(torch.float64)
+    else:
+        x0_p = diffusion_confidence_reference(logits, x0, confidence)
+    mask_index = x == mask_id
+    mask_index[:, :block_start] = False
+    mask_index[:, block_end:] = False
+    x0 = torch.where(mask_index, x0, x)
+    conf = torch.where(mask_index, x0_p, torch.full_like(x0_p, -math.inf))
+    transfer_index = torch.zeros_like(x0, dtype=torch.bool)
+    for j in range(conf.shape[0]):
+        n = int(mask_index[j].sum())
+        order = _descending(conf[j])
+        if num_transfer is not None:  # LLaDA
+            select_index = order[: int(num_transfer[j])]
+            transfer_index[j, select_index] = True
+        elif threshold is not None:  # Fast-dLLM: top-1, then the others above the threshold
+            select_index = order[:n]
+            transfer_index[j, select_index] = True
+            for k in range(1, n):
+                if conf[j, select_index[k]] < threshold:
+                    transfer_index[j, select_index[k]] = False
+        else:  # Fast-dLLM's factor rule
+            if n == 0:
+                continue
+            threshs = fast_dllm_factor_thresholds(n, factor)
+            sorted_confidence = torch.sort(conf[j][mask_index[j]], descending=True)[0]
+            for top_i in range(len(threshs)):
+                if sorted_confidence[top_i] < threshs[top_i]:
+                    break
+            if top_i == 0 or top_i == len(threshs) - 1:
+                top_i += 1
+            transfer_index[j, order[:top_i]] = True
+    transfer_index &= mask_index  # a k beyond the masked count picks -inf positions, where x0 = x: no change
+    new_x = x.clone()
+    new_x[transfer_index] = x0[transfer_index]
+    return new_x, x0, conf
+
+
+def maskgit_masked_counts(num_tokens: int, steps: int) -> List[int]:
+    """MaskGIT's cosine schedule (``parallel_decode``): the tokens still masked after each step,
+    ``max(1, min(unknown - 1, floor(N cos(pi/2 (t + 1) / T))))``, and none after the last step (whose
+    sampled tokens are the output)."""
+    masked, out = num_tokens, []
+    for step in range(steps):
+        ratio = (step + 1) / steps
+        mask_len = math.floor(num_tokens * math.cos(math.pi / 2 * ratio))
+        mask_len = max(1, min(masked - 1, mask_len))
+        masked = 0 if step == steps - 1 else mask_len
+        out.append(masked)
+    return out
