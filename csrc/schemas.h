@@ -8,6 +8,7 @@
 
 #include "ops/acceptance_args.h"
 #include "ops/attention_args.h"
+#include "ops/diffusion_unmask_args.h"
 #include "ops/quantize_kivi_append_args.h"
 #include "ops/quantize_kv_append_args.h"
 #include "ops/sample_cfg_args.h"
@@ -87,6 +88,16 @@ inline void define_schemas(torch::Library& m) {
   m.def(
       "sample_cfg(Tensor logits, float cfg, str schedule, int? scale_index, int? num_scales, int top_k, float top_p, "
       "float temperature, Tensor seed, Tensor offset) -> Tensor tokens");
+  // One parallel-unmasking step of a masked-diffusion LM (csrc/ops/diffusion_unmask_args.h, core/diffusion.h):
+  // for every position of x's block [block_start, block_end) holding mask_id, a candidate token (the argmax of its
+  // logits [B, L, V], or a draw from softmax(logits / temperature)) and its confidence; then per row the rule's
+  // positions are committed into x. Returns candidates int64 [B, Lb] (-1: not masked), their float32 confidences
+  // [B, Lb] (-inf: not masked) and the masked positions left in each row's block, int64 [B] (CUDA: -1 for a row
+  // with invalid logits or count, which commits nothing).
+  m.def(
+      "diffusion_unmask(Tensor logits, Tensor(a!) x, Tensor? num_transfer, int mask_id, int block_start, "
+      "int block_end, str confidence, str rule, float threshold, float factor, float temperature, Tensor seed, "
+      "Tensor offset) -> (Tensor candidates, Tensor confidence, Tensor remaining)");
   // Quantize-on-append into an int8 / fp8 KV cache (docs/quantized_kvcache.md): token n's K and V rows
   // [N, Hkv, D] go to slot slot_mapping[n] of the caches [num_slots or (num_pages, page_size), Hkv, D]
   // (-1: skipped). int8 writes a scale per slot and head; fp8 does too when the scales are [num_slots, Hkv],
@@ -135,6 +146,7 @@ inline void register_cpu_kernels(torch::Library& m) {
   m.impl("attention", &attention_op<run_attention_cpu>);
   m.impl("scale_attention", &scale_attention_op<run_attention_cpu>);
   m.impl("sample_cfg", &sample_cfg_op<run_sample_cfg_cpu>);
+  m.impl("diffusion_unmask", &diffusion_unmask_op<run_diffusion_unmask_cpu>);
   m.impl("quantize_kv_append", &quantize_kv_append_op<run_quantize_kv_append_cpu>);
   m.impl("quantize_kivi_append", &quantize_kivi_append_op<run_quantize_kivi_append_cpu>);
   m.impl("_attention_plan", &attention_plan_cpu);
@@ -150,6 +162,7 @@ inline void register_cuda_kernels(torch::Library& m) {
   m.impl("attention", &attention_op<run_attention_cuda>);
   m.impl("scale_attention", &scale_attention_op<run_attention_cuda>);
   m.impl("sample_cfg", &sample_cfg_op<run_sample_cfg_cuda>);
+  m.impl("diffusion_unmask", &diffusion_unmask_op<run_diffusion_unmask_cuda>);
   m.impl("quantize_kv_append", &quantize_kv_append_op<run_quantize_kv_append_cuda>);
   m.impl("quantize_kivi_append", &quantize_kivi_append_op<run_quantize_kivi_append_cuda>);
 }

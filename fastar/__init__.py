@@ -11,6 +11,7 @@ _C = load_extension()
 
 from . import (  # noqa: E402,E501
     acceptance,
+    diffusion,
     generate,
     masked_attention,
     masks,
@@ -22,6 +23,7 @@ from . import (  # noqa: E402,E501
 )
 from ._common import register_fakes  # noqa: E402
 from .acceptance import *  # noqa: E402, F403
+from .diffusion import *  # noqa: E402, F403
 from .masked_attention import *  # noqa: E402, F403
 from .quantized_kvcache import *  # noqa: E402, F403
 from .sampling import *  # noqa: E402, F403
@@ -39,6 +41,7 @@ def build_info() -> dict:
 # The forms of __all__ that type checkers follow.
 __all__ = ["build_info", "generate", "masks", "reference"]
 __all__ += acceptance.__all__
+__all__ += diffusion.__all__
 __all__ += masked_attention.__all__
 __all__ += quantized_kvcache.__all__
 __all__ += sampling.__all__

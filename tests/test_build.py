@@ -115,7 +115,18 @@ def _acceptance_samples(device):
         [*to(kivi.bfloat16(), kivi[:1].bfloat16(), torch.tensor([0]), torch.tensor([3])), byte(8, 2, 4),
          byte(8, 2, 4), half(1, 2, 16), half(1, 2, 16), half(8, 2, 2), half(8, 2, 2), 8],
     ]
+    # diffusion_unmask: x [B, L] written in place; top-k counts over a float32 block, the factor rule sampling from
+    # bfloat16 logits with the margin confidence.
+    dl = torch.randn(2, 10, 30, generator=g) * 2
+    dx = torch.randint(0, 29, (2, 10), generator=g)
+    dx[:, 3:9:2] = 29
+    diffusion_unmask = [
+        [*to(dl), to(dx)[0], to(torch.tensor([2, 5]))[0], 29, 2, 9, "probability", "topk", 0.0, 0.0, 0.0,
+         *to(seed, offset)],
+        [*to(dl.bfloat16()), to(dx)[0], None, 29, 0, 10, "margin", "factor", 0.0, 1.0, 0.8, *to(seed, offset)],
+    ]
     return {
+        "diffusion_unmask": diffusion_unmask,
         "quantize_kv_append": quantize_kv_append,
         "quantize_kivi_append": quantize_kivi_append,
         "speculative_sample": [to(ids, q, p, None, seed, offset), to(ids, None, p.half(), nd, seed, offset)],
@@ -233,6 +244,29 @@ def test_sample_cfg_compiles_without_graph_breaks():
     for got, want in zip(seeded, step(logits, seed, offset)):
         assert got.dtype == torch.int64 and torch.equal(got, want)
     assert unseeded.shape == (3, 4) and ((unseeded >= 0) & (unseeded < 50)).all()
+
+
+def test_diffusion_unmask_compiles_without_graph_breaks():
+    """fastar.diffusion_unmask and the LLaDA schedule under torch.compile(fullgraph=True): the same commits into x
+    and the same outputs as eager mode."""
+    g = torch.Generator().manual_seed(1)
+    logits = torch.randn(2, 12, 40, generator=g) * 2
+    x = torch.randint(0, 39, (2, 12), generator=g)
+    x[:, 4:] = 39
+
+    def step(logits, x, seed):
+        counts = fastar.num_transfer_tokens(x[:, 4:8] == 39, 2)
+        first = fastar.diffusion_unmask(logits, x, mask_id=39, block_start=4, block_end=8, num_transfer=counts[:, 0])
+        second = fastar.diffusion_unmask(logits, x, mask_id=39, block_start=8, block_end=12, threshold=0.1,
+                                         confidence="neg_entropy", temperature=0.9, seed=seed)
+        return (*first, *second)
+
+    eager_x, compiled_x = x.clone(), x.clone()
+    want = step(logits, eager_x, torch.tensor(3))
+    got = torch.compile(step, fullgraph=True)(logits, compiled_x, torch.tensor(3))
+    assert torch.equal(compiled_x, eager_x)
+    for a, b in zip(got, want):
+        assert torch.equal(a, b)
 
 
 @pytest.mark.parametrize("dynamic", [False, True])

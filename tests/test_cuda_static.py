@@ -75,7 +75,7 @@ def test_static_shared_memory_within_limit():
 
 @pytest.mark.parametrize("family", ["speculative_sample_kernel", "tree_speculative_sample_kernel",
                                     "greedy_verify_kernel", "tree_greedy_verify_kernel", "typical_accept_kernel",
-                                    "sample_cfg_kernel",
+                                    "sample_cfg_kernel", "diffusion_scores_kernel", "diffusion_select_kernel",
                                     "attention_merge_kernel", "quantize_kv_append_kernel",
                                     "quantize_kivi_keys_kernel", "quantize_kivi_values_kernel",
                                     "attention_kivi_decode_kernel"])

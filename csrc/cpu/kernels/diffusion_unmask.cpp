@@ -1,0 +1,175 @@
+// The CPU scoring kernel of fastar.diffusion_unmask, compiled per ISA (cpu/vec.h): the masked positions of the
+// current block in parallel. Per position, vectorised passes over its V logits:
+//  1. the maximum (and, for the margin, the second largest value) and NaN / +inf detection;
+//  2. the fixed-point softmax sums (core/diffusion.h): the total and, for the entropy, its term;
+//  3. the candidate: the first index of the maximum, or at a temperature the fixed-point inverse CDF of
+//     softmax((x - max) / temperature) (block sums first, then one block token by token).
+
+#include "cpu/kernels/diffusion_unmask.h"
+
+#include <ATen/Parallel.h>
+#include <c10/util/BFloat16.h>
+#include <c10/util/Half.h>
+
+#include <cmath>
+#include <limits>
+#include <vector>
+
+#include "core/diffusion.h"
+#include "cpu/vec.h"
+
+FASTAR_ISA_BEGIN
+namespace {
+
+using namespace diffusion;
+
+constexpr float kInf = std::numeric_limits<float>::infinity();
+constexpr int64_t kPickBlock = 256;  // tokens per block of the inverse-CDF search
+
+struct Top2 {
+  float first = -kInf, second = -kInf;  // the two largest values, a tie counted twice
+  void push(float v) {
+    if (v > first) {
+      second = first;
+      first = v;
+    } else if (v > second) {
+      second = v;
+    }
+  }
+};
+
+// The maximum and second largest logit; *nan = some logit is NaN.
+template <typename P>
+Top2 top2_row(const P* row, int64_t V, bool want_second, bool* nan) {
+  Vec m1 = Vec::broadcast(-kInf), m2 = Vec::broadcast(-kInf);
+  bool bad = false;
+  int64_t t = 0;
+  for (; t + kW <= V; t += kW) {
+    const Vec g = Vec::load(row + t);
+    if (want_second) m2 = max(m2, min(m1, g));
+    m1 = max(m1, g);
+    bad |= any_nan(g);
+  }
+  Top2 top;
+  float lanes[kW];
+  m1.store(lanes);
+  for (int i = 0; i < kW; ++i) top.push(lanes[i]);
+  if (want_second) {
+    m2.store(lanes);
+    for (int i = 0; i < kW; ++i) top.push(lanes[i]);
+  }
+  for (; t < V; ++t) {
+    const float g = static_cast<float>(row[t]);
+    bad |= std::isnan(g);
+    top.push(g);
+  }
+  *nan = bad;
+  return top;
+}
+
+// The fixed-point total of exp(x - m) and, with entropy, of entropy_term.
+template <typename P>
+void softmax_sums(const P* row, int64_t V, float m, bool entropy, PositionSums& s) {
+  const Vec mv = Vec::broadcast(m), cap = Vec::broadcast(128.0f);
+  VecU64Sum tot = VecU64Sum::zero(), ent = VecU64Sum::zero();
+  int64_t t = 0;
+  for (; t + kW <= V; t += kW) {
+    const Vec g = Vec::load(row + t);
+    const Vec e = exp(g - mv);
+    tot = tot + fixed_weights(e);
+    if (entropy) ent = ent + fixed_weights(e * min(mv - g, cap));
+  }
+  s.total = hsum(tot);
+  s.entropy = entropy ? hsum(ent) : 0;
+  for (; t < V; ++t) {
+    const float g = static_cast<float>(row[t]);
+    const float e = sampling::exp_nonpositive(g - m);
+    s.total += accept::fixed_weight(e);
+    if (entropy) s.entropy += accept::fixed_weight(entropy_term(e, g, m));
+  }
+}
+
+template <typename P>
+int64_t first_max(const P* row, int64_t V, float m) {
+  int64_t t = 0;
+  for (; t + kW <= V; t += kW) {
+    const int hit = first_equal(Vec::load(row + t), m);
+    if (hit >= 0) return t + hit;
+  }
+  for (; t < V; ++t) {
+    if (static_cast<float>(row[t]) == m) return t;
+  }
+  return 0;  // unreachable: m is one of the values
+}
+
+// The token at which the inclusive prefix sum of sample_weight first exceeds sample_target(bits, total).
+template <typename P>
+int64_t sample_row(const P* row, int64_t V, float m, float inv_t, uint64_t bits, std::vector<uint64_t>& sums) {
+  const int64_t blocks = (V + kPickBlock - 1) / kPickBlock;
+  sums.assign(blocks, 0);
+  const Vec mv = Vec::broadcast(m), iv = Vec::broadcast(inv_t);
+  uint64_t total = 0;
+  for (int64_t blk = 0; blk < blocks; ++blk) {
+    const int64_t end = std::min(V, (blk + 1) * kPickBlock);
+    int64_t t = blk * kPickBlock;
+    VecU64Sum acc = VecU64Sum::zero();
+    for (; t + kW <= end; t += kW) acc = acc + fixed_weights(exp((Vec::load(row + t) - mv) * iv));
+    uint64_t sum = hsum(acc);
+    for (; t < end; ++t) sum += sample_weight(static_cast<float>(row[t]), m, inv_t);
+    sums[blk] = sum;
+    total += sum;
+  }
+  uint64_t target = accept::sample_target(bits, total);
+  int64_t blk = 0;
+  while (target >= sums[blk]) target -= sums[blk++];
+  uint64_t cum = 0;
+  for (int64_t t = blk * kPickBlock;; ++t) {
+    cum += sample_weight(static_cast<float>(row[t]), m, inv_t);
+    if (cum > target) return t;
+  }
+}
+
+template <typename P>
+int32_t score_position(const DiffusionUnmaskParams& prm, int64_t b, int64_t j, std::vector<uint64_t>& sums) {
+  const int64_t i = b * prm.block_len + j, p = prm.block_start + j, V = prm.V;
+  prm.candidates[i] = -1;
+  prm.confidence[i] = -kInf;
+  if (prm.x[b * prm.L + p] != prm.mask_id) return kOk;
+  const P* row = static_cast<const P*>(prm.logits) + b * prm.s_row + p * prm.s_pos;
+  bool nan = false;
+  const Top2 top = top2_row(row, V, prm.confidence_kind == kMargin, &nan);
+  const float m = top.first;
+  if (nan || m == kInf) return kBadValue;
+  if (m == -kInf) return kNoFiniteLogit;
+  PositionSums s{};
+  if (prm.confidence_kind == kProbability || prm.confidence_kind == kNegEntropy) {
+    softmax_sums(row, V, m, prm.confidence_kind == kNegEntropy, s);
+  } else if (prm.confidence_kind == kMargin) {
+    softmax_sums(row, V, m, false, s);
+    s.second = sampling::token_weight(top.second, m);
+  }
+  const accept::Draw d = accept::draw(prm.seed, static_cast<uint32_t>(b), static_cast<uint32_t>(p));
+  const int64_t token =
+      prm.inv_temperature > 0 ? sample_row(row, V, m, prm.inv_temperature, d.sample_bits, sums) : first_max(row, V, m);
+  prm.candidates[i] = token;
+  prm.confidence[i] = confidence_of(prm.confidence_kind, s, static_cast<float>(row[token]), m, d.accept_u);
+  return kOk;
+}
+
+template <typename P>
+void scores(const DiffusionUnmaskParams& prm) {
+  at::parallel_for(0, prm.B * prm.block_len, 1, [&](int64_t begin, int64_t end) {
+    static thread_local std::vector<uint64_t> sums;
+    for (int64_t i = begin; i < end; ++i) {
+      prm.status[i] = score_position<P>(prm, i / prm.block_len, i % prm.block_len, sums);
+    }
+  });
+}
+
+}  // namespace
+
+void diffusion_scores(const DiffusionUnmaskParams& prm, FloatKind kind) {
+  with_element_type(kind, [&](auto t) { scores<decltype(t)>(prm); });
+}
+
+FASTAR_ISA_END

@@ -1,0 +1,266 @@
+"""Tests of fastar.diffusion_unmask and the diffusion schedules on every backend.
+
+The oracle is ``fastar.reference.diffusion_unmask_reference``: a float64 transcription of LLaDA's and Fast-dLLM's
+per-step code (Dream's confidences), ties by the lowest position. Logits are random with a spread that makes
+confidences differ by far more than float32 rounding, so the commits must be identical. Sampling is checked by
+Pearson chi-square tests against softmax(logits / temperature) with fixed seeds, rejecting at p < 1e-4
+(``P_THRESHOLD``): deterministic, and a correct kernel passes. Vocabularies are small (the benchmark runs the real
+one); one test runs V > 1024 (the 256-thread CUDA kernel).
+"""
+from __future__ import annotations
+
+import math
+from collections import Counter
+
+import pytest
+import torch
+
+import fastar
+from fastar import diffusion
+from fastar.reference import (
+    diffusion_unmask_reference,
+    fast_dllm_factor_thresholds,
+    llada_num_transfer_tokens,
+    maskgit_masked_counts,
+    philox4x32_10,
+)
+from helpers import chisquare_pvalue, rows
+
+P_THRESHOLD = 1e-4
+MASK = 7
+
+
+def unmask(backend, logits, x, **kw):
+    """fastar.diffusion_unmask on the backend: returns (x after the step, candidates, confidence, remaining)."""
+    x_dev = backend.to(x).clone()
+    kw = {k: backend.to(v) for k, v in kw.items()}
+    with backend.using_ops():
+        res = fastar.diffusion_unmask(backend.to(logits), x_dev, **kw)
+    return x_dev.cpu(), res.candidates.cpu(), res.confidence.cpu(), res.remaining.cpu()
+
+
+def random_case(gen, batch=3, length=24, vocab=50, spread=3.0, masked=0.7):
+    """Logits [B, L, V] and x [B, L]: a random share of the positions (in and outside any block) hold MASK. The
+    mask token's own logit is low (as a trained model's), so a committed position never holds MASK again."""
+    logits = torch.randn(batch, length, vocab, generator=gen) * spread
+    logits[..., MASK] = -30.0
+    x = torch.randint(0, vocab, (batch, length), generator=gen)
+    x[x == MASK] = MASK + 1
+    x[torch.rand(batch, length, generator=gen) < masked] = MASK
+    return logits, x
+
+
+def philox_uniform(seed, offset, row, position):
+    """accept::draw's 53-bit uniform of (row, position), as float32 (the random confidence)."""
+    r = philox4x32_10([position, row, offset & 0xFFFFFFFF, offset >> 32], [seed & 0xFFFFFFFF, seed >> 32])
+    return float(torch.tensor((((r[0] << 32) | r[1]) >> 11) / 2.0**53, dtype=torch.float32))
+
+
+# ----------------------------------------------------------------------------------------------------
+# schedules, against hand-computed values
+# ----------------------------------------------------------------------------------------------------
+
+
+def test_llada_schedule_hand_values():
+    mask = torch.ones(1, 32, dtype=torch.bool)
+    assert fastar.num_transfer_tokens(mask, 10).tolist() == [[4, 4, 3, 3, 3, 3, 3, 3, 3, 3]]
+    assert llada_num_transfer_tokens(mask, 10).tolist() == [[4, 4, 3, 3, 3, 3, 3, 3, 3, 3]]
+    mask = torch.zeros(2, 32, dtype=torch.bool)
+    mask[0, :7] = True
+    assert fastar.num_transfer_tokens(mask, 4).tolist() == [[2, 2, 2, 1], [0, 0, 0, 0]]
+
+
+def test_llada_schedule_matches_reference():
+    gen = torch.Generator().manual_seed(0)
+    mask = torch.rand(16, 40, generator=gen) < 0.6
+    for steps in (1, 3, 7, 40):
+        assert torch.equal(fastar.num_transfer_tokens(mask, steps), llada_num_transfer_tokens(mask, steps))
+
+
+def test_maskgit_cosine_hand_values():
+    # floor(256 cos(pi/2 t/8)) for t = 1..7: 251.08, 236.51, 212.86, 181.02, 142.23, 97.97, 49.94; then 0.
+    masked = [251, 236, 212, 181, 142, 97, 49, 0]
+    assert maskgit_masked_counts(256, 8) == masked
+    assert fastar.maskgit_cosine_counts(256, 8) == [5, 15, 24, 31, 39, 45, 48, 49]
+    assert sum(fastar.maskgit_cosine_counts(10, 12)) == 10 and min(fastar.maskgit_cosine_counts(10, 12)) >= 0
+
+
+def test_fast_dllm_factor_thresholds_hand_values():
+    # 1 - factor / (n + 1) for n = 1..4, the first forced to -1.
+    assert fast_dllm_factor_thresholds(4, 1.0) == [-1, 1 - 1 / 3, 1 - 1 / 4, 1 - 1 / 5]
+    assert fast_dllm_factor_thresholds(3, 0.5) == [-1, 1 - 0.5 / 3, 1 - 0.5 / 4]
+
+
+# ----------------------------------------------------------------------------------------------------
+# commits against the float64 reference
+# ----------------------------------------------------------------------------------------------------
+
+RULES = {
+    "topk": lambda gen, b: dict(num_transfer=torch.randint(0, 6, (b,), generator=gen)),
+    "topk-all": lambda gen, b: dict(num_transfer=torch.full((b,), 100, dtype=torch.int64)),
+    "threshold": lambda gen, b: dict(threshold=0.35),
+    "factor": lambda gen, b: dict(factor=1.0),
+}
+
+
+@pytest.mark.parametrize("confidence", ["probability", "margin", "neg_entropy", "random"])
+@pytest.mark.parametrize("rule", list(RULES))
+def test_commits_match_reference(backend, confidence, rule):
+    gen = torch.Generator().manual_seed(len(RULES) * list(RULES).index(rule) + len(confidence))
+    for trial in range(3):
+        logits, x = random_case(gen)
+        block_start, block_end = 8, 20
+        kw = dict(mask_id=MASK, block_start=block_start, block_end=block_end, confidence=confidence, seed=11 + trial,
+                  offset=3, **RULES[rule](gen, x.shape[0]))
+        got_x, cand, conf, remaining = unmask(backend, logits, x, **kw)
+        rand = torch.tensor([[philox_uniform(11 + trial, 3, b, p) for p in range(x.shape[1])]
+                             for b in range(x.shape[0])])
+        ref_kw = {k: v for k, v in kw.items() if k not in ("seed", "offset")}
+        want_x, x0, want_conf = diffusion_unmask_reference(logits, x.clone(), random_confidence=rand, **ref_kw)
+        masked = x[:, block_start:block_end] == MASK
+        assert torch.equal(got_x, want_x), f"trial {trial}: commits differ"
+        assert torch.equal(cand[masked], x0[:, block_start:block_end][masked])
+        assert torch.equal(cand[~masked], torch.full_like(cand[~masked], -1))
+        assert torch.isneginf(conf[~masked]).all()
+        torch.testing.assert_close(conf[masked].double(), want_conf[:, block_start:block_end][masked],
+                                   rtol=1e-5, atol=1e-6)
+        assert torch.equal(remaining, (want_x[:, block_start:block_end] == MASK).sum(1))
+        # Never outside the block.
+        assert torch.equal(got_x[:, :block_start], x[:, :block_start])
+        assert torch.equal(got_x[:, block_end:], x[:, block_end:])
+
+
+def test_ties_go_to_the_lowest_position(backend):
+    """Equal logits rows give equal confidences: top-k commits the lowest positions; argmax the lowest token."""
+    logits = torch.zeros(1, 8, 5)
+    logits[0, :, 2] = 1.0
+    logits[0, :, 4] = 1.0
+    x = torch.tensor([[1, 4, 4, 4, 4, 4, 4, 1]])  # mask_id 4 at positions 1..6
+    got_x, cand, _, remaining = unmask(backend, logits, x, mask_id=4, block_start=0, block_end=8,
+                                       num_transfer=torch.tensor([2]))
+    assert cand[0].tolist() == [-1, 2, 2, 2, 2, 2, 2, -1]
+    assert got_x[0].tolist() == [1, 2, 2, 4, 4, 4, 4, 1]
+    assert remaining.tolist() == [4]
+
+
+def test_dtypes_match_across_backends(backend):
+    gen = torch.Generator().manual_seed(5)
+    logits, x = random_case(gen, vocab=1100)  # the 256-thread CUDA kernel
+    for dtype in (torch.float16, torch.bfloat16):
+        kw = dict(mask_id=MASK, block_start=4, block_end=20, threshold=0.2, confidence="neg_entropy")
+        got = unmask(backend, logits.to(dtype), x, **kw)
+        want = unmask(_cpu_backend(), logits.to(dtype), x, **kw)
+        for g, w in zip(got, want):
+            assert torch.equal(g, w)
+
+
+def _cpu_backend():
+    from conftest import Backend
+
+    return Backend("cpu")
+
+
+# ----------------------------------------------------------------------------------------------------
+# sampling
+# ----------------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("temperature", [0.6, 1.0])
+def test_sampling_is_bit_identical_to_cpu(backend, temperature):
+    gen = torch.Generator().manual_seed(9)
+    logits, x = random_case(gen, vocab=300, spread=1.0)
+    kw = dict(mask_id=MASK, block_start=2, block_end=22, num_transfer=torch.tensor([3, 0, 9]), temperature=temperature,
+              seed=1234, offset=5)
+    got = unmask(backend, logits, x, **kw)
+    want = unmask(_cpu_backend(), logits, x, **kw)
+    for g, w in zip(got, want):
+        assert torch.equal(g, w)
+
+
+def test_sampling_distribution(backend):
+    """Every position of one long block shares one logits row (stride 0); their draws follow softmax(l / t)."""
+    n = rows(backend, 6000, 600)
+    vocab, temperature = 12, 0.7
+    row = torch.randn(vocab, generator=torch.Generator().manual_seed(2)) * 1.5
+    logits = row.expand(1, n, vocab)
+    x = torch.full((1, n), MASK)
+    _, cand, conf, remaining = unmask(backend, logits, x, mask_id=MASK, block_start=0, block_end=n,
+                                      num_transfer=torch.tensor([0]), temperature=temperature, seed=77)
+    assert remaining.tolist() == [n]
+    probs = torch.softmax(row.double() / temperature, -1).tolist()
+    p_value = chisquare_pvalue(Counter(cand[0].tolist()), dict(enumerate(probs)), n)
+    assert p_value > P_THRESHOLD, f"chi-square p-value {p_value:.2e}"
+    # The confidence is the candidate's probability under softmax(logits), untempered.
+    untempered = torch.softmax(row.double(), -1)
+    torch.testing.assert_close(conf[0].double(), untempered[cand[0]], rtol=1e-5, atol=1e-7)
+
+
+# ----------------------------------------------------------------------------------------------------
+# bad inputs
+# ----------------------------------------------------------------------------------------------------
+
+
+def _case():
+    logits, x = random_case(torch.Generator().manual_seed(1), vocab=20)
+    return logits, x
+
+
+@pytest.mark.parametrize("kw, match", [
+    (dict(mask_id=20), "mask_id must be a token of the vocabulary"),
+    (dict(mask_id=-1), "mask_id must be a token of the vocabulary"),
+    (dict(block_start=5, block_end=5), "block"),
+    (dict(block_start=0, block_end=25), "block"),
+    (dict(block_start=-1, block_end=3), "block"),
+    (dict(temperature=-1.0), "temperature"),
+    (dict(confidence="low_confidence"), "confidence must be one of"),
+])
+def test_bad_arguments_raise(backend, kw, match):
+    logits, x = _case()
+    args = dict(mask_id=MASK, block_start=0, block_end=24, threshold=0.5)
+    args.update(kw)
+    with pytest.raises(ValueError, match=match):
+        unmask(backend, logits, x, **args)
+
+
+def test_exactly_one_rule():
+    logits, x = _case()
+    with pytest.raises(ValueError, match="exactly one of"):
+        fastar.diffusion_unmask(logits, x, mask_id=MASK, block_start=0, block_end=8, threshold=0.5, factor=1.0)
+    with pytest.raises(ValueError, match="exactly one of"):
+        fastar.diffusion_unmask(logits, x, mask_id=MASK, block_start=0, block_end=8)
+
+
+@pytest.mark.parametrize("bad", ["nan", "inf", "all_neg_inf", "negative_count"])
+def test_invalid_values(backend, bad):
+    """CPU: ValueError, x untouched. CUDA (and SIMT): the row commits nothing and reports remaining = -1."""
+    logits, x = _case()
+    x[:, 10] = MASK
+    count = torch.tensor([2, 2, 2])
+    if bad == "nan":
+        logits[1, 10, 3] = math.nan
+    elif bad == "inf":
+        logits[1, 10, 3] = math.inf
+    elif bad == "all_neg_inf":
+        logits[1, 10, :] = -math.inf
+    else:
+        count[1] = -1
+    kw = dict(mask_id=MASK, block_start=4, block_end=20, num_transfer=count)
+    if not backend.marks_invalid_rows:
+        with pytest.raises(ValueError, match="invalid logits at batch row 1, position 10|num_transfer must be >= 0"):
+            unmask(backend, logits, x, **kw)
+        return
+    got_x, _, _, remaining = unmask(backend, logits, x, **kw)
+    assert remaining[1] == -1 and remaining[0] >= 0 and remaining[2] >= 0
+    assert torch.equal(got_x[1], x[1])
+    with pytest.raises(ValueError, match="invalid input in batch row 1"):
+        diffusion.check_remaining(remaining)
+
+
+def test_masked_positions_outside_the_block_are_ignored(backend):
+    logits, x = _case()
+    x[:] = MASK
+    got_x, cand, _, remaining = unmask(backend, logits, x, mask_id=MASK, block_start=6, block_end=10,
+                                       num_transfer=torch.tensor([50, 50, 50]))
+    assert (got_x[:, 6:10] != MASK).all() and (got_x[:, :6] == MASK).all() and (got_x[:, 10:] == MASK).all()
+    assert remaining.tolist() == [0, 0, 0]
+    assert cand.shape == (3, 4)
