@@ -172,3 +172,13 @@ def test_kivi_decode_kernel_loads_16_bytes():
     assert len(found) == 18 * len({arch for arch, _ in found}), sorted(name[:80] for _, name in found)
     narrow = [f"{arch} {name[:80]}" for (arch, name), body in found.items() if not re.search(r"LDG\.E\.128", body)]
     assert not narrow, narrow
+
+
+def test_diffusion_scores_kernel_loads_16_bytes():
+    """Every instance of the diffusion_unmask scoring kernel (dtype x block size, every built arch) streams the
+    logits with 16-byte global loads (LDG.E.128) over the aligned middle of a row."""
+    found = {key: body for key, body in sass_by_kernel().items()
+             if re.search(r"\bdiffusion_scores_kernel\b", key[1])}
+    assert len(found) == 6 * len({arch for arch, _ in found}), sorted(name[:80] for _, name in found)
+    narrow = [f"{arch} {name[:80]}" for (arch, name), body in found.items() if not re.search(r"LDG\.E\.128", body)]
+    assert not narrow, narrow

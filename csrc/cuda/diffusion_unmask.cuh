@@ -1,9 +1,9 @@
 // CUDA kernels of fastar.diffusion_unmask.
 //  scores: one block per position of the current block (an unmasked one exits at once). Passes over the V
-//    logits, which stay in L2 after the first: the maximum and second largest value (per-thread top-2, merged
-//    by thread 0) and NaN / +inf; the fixed-point softmax sums (core/diffusion.h); the candidate: the lowest
-//    index of the maximum, or at a temperature the fixed-point inverse CDF (each warp sums a contiguous
-//    segment, thread 0 picks the segment, that warp scans it 32 tokens at a time). Integer sums make the
+//    logits (16-byte loads where the row is aligned), which stay in L2 after the first: the maximum and second largest
+//    value (per-thread top-2, merged by thread 0) and NaN / +inf; the fixed-point softmax sums (core/diffusion.h); the
+//    candidate: the lowest index of the maximum, or at a temperature the fixed-point inverse CDF (each warp sums a
+//    contiguous segment, thread 0 picks the segment, that warp scans it 32 tokens at a time). Integer sums make the
 //    candidate and its confidence identical to the CPU kernel's.
 //  select: one block per row, after scores on the same stream: each thread ranks its positions against the
 //    row's masked ones (O(Lb) each), the descending confidences go to a scratch row for the factor rule, then
@@ -14,6 +14,26 @@
 #include "cuda/common.cuh"
 
 namespace fastar::cuda {
+
+// Calls f(t, logit t) for this thread's share of the row's V logits: 16-byte loads over the row's aligned middle,
+// single elements for the unaligned head and the tail. Which thread sees which token differs from a strided walk;
+// the passes that use it are order-independent (maxima, integer sums, the minimum index of the maximum).
+template <typename P, int kThreads, typename F>
+__device__ __forceinline__ void for_each_logit(const P* row, int64_t V, int tid, F f) {
+  constexpr int kVec = 16 / sizeof(P);
+  const int64_t misalign = static_cast<int64_t>(reinterpret_cast<uintptr_t>(row) % 16);
+  int64_t head = misalign % sizeof(P) ? V : (16 - misalign) % 16 / static_cast<int64_t>(sizeof(P));
+  head = head < V ? head : V;
+  const int64_t vecs = (V - head) / kVec;
+  const uint4* body = reinterpret_cast<const uint4*>(row + head);
+  for (int64_t v = tid; v < vecs; v += kThreads) {
+    const uint4 raw = body[v];
+#pragma unroll
+    for (int e = 0; e < kVec; ++e) f(head + v * kVec + e, vector_element<P>(raw, e));
+  }
+  for (int64_t t = tid; t < head; t += kThreads) f(t, to_float(row[t]));
+  for (int64_t t = head + vecs * kVec + tid; t < V; t += kThreads) f(t, to_float(row[t]));
+}
 
 template <typename P, int kThreads>
 __global__ void __launch_bounds__(kThreads) diffusion_scores_kernel(DiffusionUnmaskParams prm) {
@@ -42,8 +62,7 @@ __global__ void __launch_bounds__(kThreads) diffusion_scores_kernel(DiffusionUnm
 
   float first = -INFINITY, second = -INFINITY;
   int nan = 0;
-  for (int64_t t = tid; t < V; t += kThreads) {
-    const float g = to_float(row[t]);
+  for_each_logit<P, kThreads>(row, V, tid, [&](int64_t, float g) {
     nan |= g != g;
     if (g > first) {
       second = first;
@@ -51,7 +70,7 @@ __global__ void __launch_bounds__(kThreads) diffusion_scores_kernel(DiffusionUnm
     } else if (g > second) {
       second = g;
     }
-  }
+  });
   s_first[tid] = first;
   s_second[tid] = second;
   s_nan[tid] = nan;
@@ -90,12 +109,11 @@ __global__ void __launch_bounds__(kThreads) diffusion_scores_kernel(DiffusionUnm
 
   uint64_t total = 0, entropy = 0;
   if (kind != kRandom) {
-    for (int64_t t = tid; t < V; t += kThreads) {
-      const float g = to_float(row[t]);
+    for_each_logit<P, kThreads>(row, V, tid, [&](int64_t, float g) {
       const float e = sampling::exp_nonpositive(g - m);
       total += accept::fixed_weight(e);
       if (kind == kNegEntropy) entropy += accept::fixed_weight(entropy_term(e, g, m));
-    }
+    });
     total = block_sum<kWarps>(total, s_warp_sum);
     if (kind == kNegEntropy) entropy = block_sum<kWarps>(entropy, s_warp_sum);
   }
@@ -128,12 +146,9 @@ __global__ void __launch_bounds__(kThreads) diffusion_scores_kernel(DiffusionUnm
     __syncthreads();
   } else {
     long long first_hit = V;
-    for (int64_t t = tid; t < V; t += kThreads) {
-      if (to_float(row[t]) == m) {
-        first_hit = t;
-        break;
-      }
-    }
+    for_each_logit<P, kThreads>(row, V, tid, [&](int64_t t, float g) {
+      if (g == m && t < first_hit) first_hit = t;
+    });
     s_index[tid] = first_hit;
     __syncthreads();
     if (tid == 0) {
