@@ -92,8 +92,8 @@ inline void define_schemas(torch::Library& m) {
   // for every position of x's block [block_start, block_end) holding mask_id, a candidate token (the argmax of its
   // logits [B, L, V], or a draw from softmax(logits / temperature)) and its confidence; then per row the rule's
   // positions are committed into x. Returns candidates int64 [B, Lb] (-1: not masked), their float32 confidences
-  // [B, Lb] (-inf: not masked) and the masked positions left in each row's block, int64 [B] (CUDA: -1 for a row
-  // with invalid logits or count, which commits nothing).
+  // [B, Lb] (-inf: not masked) and the positions of each row's block holding mask_id afterwards, int64 [B] (CUDA:
+  // -1 for a row with invalid logits or count, which commits nothing).
   m.def(
       "diffusion_unmask(Tensor logits, Tensor(a!) x, Tensor? num_transfer, int mask_id, int block_start, "
       "int block_end, str confidence, str rule, float threshold, float factor, float temperature, Tensor seed, "

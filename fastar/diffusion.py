@@ -35,7 +35,7 @@ class UnmaskResult(NamedTuple):
 
     candidates: torch.Tensor  # int64 [B, Lb]: the candidate of each masked block position, -1 elsewhere
     confidence: torch.Tensor  # float32 [B, Lb]: its confidence, -inf elsewhere
-    remaining: torch.Tensor  # int64 [B]: masked positions left in the block (CUDA: -1 for an invalid row)
+    remaining: torch.Tensor  # int64 [B]: block positions holding mask_id after the step (CUDA: -1, invalid row)
 
 
 def check_remaining(remaining: torch.Tensor, op: str = _OP) -> None:
@@ -96,7 +96,9 @@ def diffusion_unmask(
 
     Returns:
         :class:`UnmaskResult` ``(candidates [B, Lb] int64, confidence [B, Lb] float32, remaining [B] int64)``,
-        ``Lb = block_end - block_start``. The block is complete when ``remaining`` is all zero.
+        ``Lb = block_end - block_start``. ``remaining`` counts the block positions holding ``mask_id`` after the
+        commit (a committed candidate may be ``mask_id`` itself, as in LLaDA's loop): the block is complete when it
+        is all zero.
 
     The same seed gives the same tokens on the CPU, the SIMT emulation and CUDA: softmax sums are fixed-point
     integers and every confidence one double expression of them (``docs/diffusion.md``).

@@ -264,3 +264,16 @@ def test_masked_positions_outside_the_block_are_ignored(backend):
     assert (got_x[:, 6:10] != MASK).all() and (got_x[:, :6] == MASK).all() and (got_x[:, 10:] == MASK).all()
     assert remaining.tolist() == [0, 0, 0]
     assert cand.shape == (3, 4)
+
+
+def test_a_committed_mask_token_still_counts_as_masked(backend):
+    """A candidate equal to mask_id is committed (x keeps mask_id there) and counted in remaining, as LLaDA's loop
+    counts x == mask_id."""
+    logits = torch.zeros(1, 4, 6)
+    logits[0, 0, 5] = 4.0  # position 0's argmax is the mask token 5
+    logits[0, 1:, 2] = 1.0
+    x = torch.full((1, 4), 5)
+    got_x, cand, _, remaining = unmask(backend, logits, x, mask_id=5, block_start=0, block_end=4, threshold=0.0)
+    assert cand[0].tolist() == [5, 2, 2, 2]
+    assert got_x[0].tolist() == [5, 2, 2, 2]
+    assert remaining.tolist() == [1]

@@ -151,7 +151,7 @@ struct DiffusionUnmaskParams {
   const int64_t* num_transfer;  // [B] (kTopK), else null
   int64_t* candidates;          // [B, Lb]: the candidate token, -1 where not masked (or invalid)
   float* confidence;            // [B, Lb]: its confidence, -inf where not masked
-  int64_t* remaining;           // [B]: masked positions left in the block after the step (CUDA: -1, invalid row)
+  int64_t* remaining;           // [B]: block positions holding mask_id after the step (CUDA: -1, invalid row)
   int32_t* status;              // [B, Lb]: diffusion::Status of every block position
   float* sorted;                // [B, Lb]: scratch of the CUDA selection (descending confidences)
   int64_t B, L, V, block_start, block_len, mask_id;

@@ -14,7 +14,8 @@ const char* describe(int32_t status) {
   return status == diffusion::kBadValue ? "a logit is NaN or +inf" : "every logit is -inf";
 }
 
-// Commits the selected candidates of row b into x and returns how many masked positions stay masked.
+// Commits the selected candidates of row b into x and returns how many block positions hold mask_id after it (a
+// committed candidate may be mask_id itself).
 int64_t select_row(const DiffusionUnmaskParams& prm, int64_t b, std::vector<float>& sorted) {
   using namespace diffusion;
   const int64_t Lb = prm.block_len;
@@ -36,7 +37,7 @@ int64_t select_row(const DiffusionUnmaskParams& prm, int64_t b, std::vector<floa
   for (int64_t j = 0; j < Lb; ++j) {
     if (rank[j] >= 0 && commits(prm.rule, rank[j], conf[j], quota, prm.threshold)) {
       prm.x[b * prm.L + prm.block_start + j] = cand[j];
-      ++committed;
+      committed += cand[j] != prm.mask_id;
     }
   }
   return n - committed;

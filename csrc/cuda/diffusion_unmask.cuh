@@ -211,7 +211,7 @@ __global__ void __launch_bounds__(kThreads) diffusion_select_kernel(DiffusionUnm
   for (int64_t j = tid; j < Lb; j += kThreads) {
     if (cand[j] >= 0 && commits(prm.rule, rank_of(j), conf[j], s_quota, prm.threshold)) {
       prm.x[b * prm.L + prm.block_start + j] = cand[j];
-      ++committed;
+      committed += cand[j] != prm.mask_id;
     }
   }
   if (committed) atomicAdd(&s_committed, committed);
