@@ -68,7 +68,7 @@ def assert_order_independent(run, kernels):
 ALL_KERNELS = {"speculative_sample", "tree_speculative_sample", "greedy_verify", "tree_greedy_verify",
                "typical_accept", "sample_cfg", "attention_vec_decode", "attention_decode", "attention_tiled",
                "attention_tc", "attention_merge", "attention_kivi_decode", "quantize_kv_append", "quantize_kivi_keys",
-               "quantize_kivi_values"}
+               "quantize_kivi_values", "diffusion_unmask"}
 
 
 def test_every_kernel_is_covered():
@@ -162,6 +162,29 @@ def test_sample_cfg(backend, top_k, top_p, V):
         lambda: backend.sample_cfg(logits, cfg=2.0, scale_index=3, num_scales=10, top_k=top_k, top_p=top_p, seed=9),
         {"sample_cfg"},
     )
+
+
+@pytest.mark.parametrize("V, kw", [
+    (300, dict(num_transfer=torch.tensor([2, 5]), confidence="margin")),
+    (300, dict(threshold=0.3, confidence="neg_entropy", temperature=0.8)),
+    (2000, dict(factor=1.0, temperature=1.0)),
+])
+def test_diffusion_unmask(backend, V, kw):
+    """The scoring kernel (two warps a row up to 1024 tokens, eight beyond; argmax and sampling) and the selection
+    kernel; x is written in place, so each run starts from a copy."""
+    gen = torch.Generator().manual_seed(4)
+    logits = torch.randn(2, 12, V, generator=gen) * 3
+    x = torch.randint(0, V - 1, (2, 12), generator=gen)
+    x[:, 2:11:2] = V - 1
+    x[1, 3] = V - 1
+
+    def run():
+        out = x.clone()
+        with backend.using_ops():
+            res = fastar.diffusion_unmask(logits, out, mask_id=V - 1, block_start=1, block_end=11, seed=5, **kw)
+        return (out, *res)
+
+    assert_order_independent(run, {"diffusion_unmask"})
 
 
 # (B, Hq, Hkv, Lq, Lk, D, dtype), kernels: decode (G * Lq <= 8) with and without kv splits, tiled, D past one
