@@ -8,6 +8,7 @@
 
 #include "ops/acceptance_args.h"
 #include "ops/attention_args.h"
+#include "ops/compact_kv_args.h"
 #include "ops/diffusion_unmask_args.h"
 #include "ops/quantize_kivi_append_args.h"
 #include "ops/quantize_kv_append_args.h"
@@ -114,6 +115,13 @@ inline void define_schemas(torch::Library& m) {
       "quantize_kivi_append(Tensor key, Tensor value, Tensor key_groups, Tensor value_slots, Tensor(a!) k_codes, "
       "Tensor(b!) v_codes, Tensor(c!) k_scale, Tensor(d!) k_zero, Tensor(e!) v_scale, Tensor(f!) v_zero, "
       "int group_size) -> ()");
+  // KV compaction after a tree's acceptance (docs/acceptance.md): the tree's num_nodes nodes sit at positions
+  // cache_seqlens[b] + i of the caches ([B, S_max, ...], or [num_pages, page_size, ...] with block_table int32
+  // [B, max_pages]); node path[b, j] (int32 [B, W]) moves to position cache_seqlens[b] + j for j < num_accepted[b]
+  // (+ 1 with root_in_path), in place. Returns the new lengths int32 [B] (CUDA: -status for a row it left alone).
+  m.def(
+      "compact_kv(Tensor(a!) k_cache, Tensor(b!) v_cache, Tensor path, Tensor num_accepted, Tensor cache_seqlens, "
+      "Tensor? block_table, int num_nodes, bool root_in_path) -> Tensor new_seqlens");
 }
 
 // Test-only ops of the CPU kernels, in torch.ops.fastar alone (a leading underscore: no CUDA kernel, fake or
@@ -149,6 +157,7 @@ inline void register_cpu_kernels(torch::Library& m) {
   m.impl("diffusion_unmask", &diffusion_unmask_op<run_diffusion_unmask_cpu>);
   m.impl("quantize_kv_append", &quantize_kv_append_op<run_quantize_kv_append_cpu>);
   m.impl("quantize_kivi_append", &quantize_kivi_append_op<run_quantize_kivi_append_cpu>);
+  m.impl("compact_kv", &compact_kv_op<run_compact_kv_cpu>);
   m.impl("_attention_plan", &attention_plan_cpu);
 }
 
@@ -165,6 +174,7 @@ inline void register_cuda_kernels(torch::Library& m) {
   m.impl("diffusion_unmask", &diffusion_unmask_op<run_diffusion_unmask_cuda>);
   m.impl("quantize_kv_append", &quantize_kv_append_op<run_quantize_kv_append_cuda>);
   m.impl("quantize_kivi_append", &quantize_kivi_append_op<run_quantize_kivi_append_cuda>);
+  m.impl("compact_kv", &compact_kv_op<run_compact_kv_cuda>);
 }
 
 }  // namespace fastar

@@ -29,11 +29,22 @@ from typing import Optional, Tuple
 import torch
 
 from . import _common
-from ._common import fake, one_device, philox_args, same_device
+from ._common import (
+    INT32_MAX,
+    as_int,
+    check,
+    fake,
+    index_tensor,
+    narrow_int32,
+    no_grad,
+    one_device,
+    philox_args,
+    same_device,
+)
 from .masks import Tree
 
 __all__ = [
-    "check_rows", "debug_checks_enabled", "greedy_verify", "set_debug_checks", "speculative_sample",
+    "check_rows", "compact_kv", "debug_checks_enabled", "greedy_verify", "set_debug_checks", "speculative_sample",
     "tree_greedy_verify", "tree_speculative_sample", "typical_accept",
 ]
 
@@ -381,3 +392,81 @@ def _typical_accept_fake(draft_token_ids, parents, target_logits, max_depth, roo
     batch = draft_token_ids.shape[0]
     path = target_logits.new_empty((batch, max_depth + 1), dtype=torch.int32)
     return path, torch.empty_like(path), target_logits.new_empty((batch,), dtype=torch.int32)
+
+
+def _int32_arg(op: str, value, name: str, device: torch.device, low: int) -> torch.Tensor:
+    """An index tensor as int32: CPU values outside ``[low, INT32_MAX]`` raise, device ones are clamped into it (no
+    host read), so none wraps around."""
+    t = index_tensor(op, value, name, device)
+    if t.dtype == torch.int32:
+        return t
+    check(((t >= low) & (t <= INT32_MAX)).all(), ValueError, f"{op}: {name} holds a value outside [{low}, {INT32_MAX}]")
+    return narrow_int32(t, low, INT32_MAX)
+
+
+def compact_kv(
+    k_cache: torch.Tensor,
+    v_cache: torch.Tensor,
+    path: torch.Tensor,
+    num_accepted: torch.Tensor,
+    cache_seqlens: torch.Tensor,
+    *,
+    num_nodes: int,
+    root_in_path: bool,
+    block_table: Optional[torch.Tensor] = None,
+) -> torch.Tensor:
+    """KV compaction after a tree's acceptance: keep the accepted nodes' K/V at consecutive positions, in place.
+
+    Verification appended the tree's ``num_nodes`` nodes at positions ``cache_seqlens[b] + i`` (node ``i``, as
+    :func:`fastar.attention_with_kvcache` with ``k_new`` writes them). Node ``path[b, j]`` moves to position
+    ``cache_seqlens[b] + j`` for the kept ``j < num_accepted[b]`` (``+ 1`` with ``root_in_path``: the path then
+    starts with the root, node 0, a tree token itself), on the caches' device, with no host synchronisation.
+
+    Args:
+        k_cache, v_cache: ``[B, S_max, Hkv, D]`` contiguous caches, or with ``block_table`` paged caches ``[num_pages,
+            page_size, Hkv, D]`` (float32, float16, bfloat16, or a quantized cache's int8 / fp8 codes; any trailing
+            shape works: a quantized cache's per-token scales ``[B, S_max, Hkv]`` move the same way). One position's
+            row must be dense.
+        path, num_accepted: the acceptance ops' outputs: int ``[B, depth + 1]``, the accepted nodes root-side first
+            (``-1`` padded), and int ``[B]``.
+        cache_seqlens: int ``[B]``, the tokens before the tree (as given to the verification's attention).
+        num_nodes: the tree's nodes that verification appended.
+        root_in_path: whether ``path`` numbers the tree with the root as node 0 (trees of ``N + 1`` nodes, as
+            ``Tree.from_choices`` builds them), as the acceptance ops decided from the tree.
+        block_table: int ``[B, max_pages]`` of a paged cache.
+
+    Returns:
+        int32 ``[B]``, the new lengths ``cache_seqlens + num_accepted (+ 1)``. On the CPU a bad row (``num_accepted``
+        outside the path, a kept node outside ``[0, num_nodes)`` or not after the previous one, ``cache_seqlens +
+        num_nodes`` past the capacity, a page outside the pool) raises before anything moves. On CUDA the kernel
+        leaves such a row untouched and returns ``-status`` as its length (bit 32; a row an acceptance kernel
+        marked keeps its ``num_accepted``): :func:`check_rows` raises for it, as do the debug checks.
+    """
+    op = "fastar.compact_kv"
+    for name, t in (("k_cache", k_cache), ("v_cache", v_cache)):
+        if not isinstance(t, torch.Tensor):
+            raise TypeError(f"{op}: {name} must be a tensor, got {type(t).__name__}")
+    device = k_cache.device
+    if not isinstance(root_in_path, bool):
+        raise TypeError(f"{op}: root_in_path must be a bool, got {type(root_in_path).__name__}")
+    num_nodes = as_int(num_nodes, f"{op}: num_nodes", 1)
+    path = _int32_arg(op, path, "path", device, -1)
+    num_accepted = _int32_arg(op, num_accepted, "num_accepted", device, -INT32_MAX)
+    cache_seqlens = _int32_arg(op, cache_seqlens, "cache_seqlens", device, -1)
+    if block_table is not None:
+        block_table = _int32_arg(op, block_table, "block_table", device, -1)
+    same_device(op, device, v_cache=v_cache, path=path, num_accepted=num_accepted, cache_seqlens=cache_seqlens,
+                block_table=block_table)
+    no_grad(op, k_cache=k_cache, v_cache=v_cache)
+    new_seqlens = _common.ops().compact_kv(k_cache, v_cache, path, num_accepted, cache_seqlens, block_table,
+                                           num_nodes, root_in_path)
+    if _debug_checks:
+        check_rows(new_seqlens, op)
+    return new_seqlens
+
+
+@fake("compact_kv")
+def _compact_kv_fake(k_cache, v_cache, path, num_accepted, cache_seqlens, block_table, num_nodes, root_in_path):
+    one_device("compact_kv", k_cache, v_cache, path, num_accepted, cache_seqlens, block_table)
+    torch._check(path.dim() == 2, lambda: "path must be 2-D [B, depth + 1]")
+    return cache_seqlens.new_empty((path.shape[0],), dtype=torch.int32)

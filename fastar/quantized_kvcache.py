@@ -13,6 +13,7 @@ import torch
 
 from . import _common
 from ._common import FLOAT_DTYPES, as_int, fake, no_grad, one_device
+from .acceptance import check_rows, compact_kv
 from .masked_attention import _attend_cache, _scale_rows
 from .masks import Mask
 from .reference.quantized_kvcache import KV_FORMATS, unpack_codes
@@ -172,6 +173,15 @@ class _ByteStore:
     def truncate(self, old: List[int], new: List[int]) -> None:
         """Nothing to move: positions past a sequence's length are not read."""
 
+    def compact(self, path, num_accepted, start: torch.Tensor, num_nodes: int, root_in_path: bool) -> torch.Tensor:
+        """fastar.compact_kv over the codes and the per-token scales (fixed fp8 scales do not move)."""
+        args = (path, num_accepted, start)
+        kwargs = dict(num_nodes=num_nodes, root_in_path=root_in_path, block_table=self.cache.block_table)
+        new = compact_kv(self.k, self.v, *args, **kwargs)
+        if self.k_scale.dim() > 1:
+            compact_kv(self.k_scale, self.v_scale, *args, **kwargs)
+        return new
+
     def attention_args(self) -> dict:
         H = self.cache.kv_heads
         return {"k_scale": _scale_rows(self.k_scale, H), "v_scale": _scale_rows(self.v_scale, H)}
@@ -279,6 +289,30 @@ class _KiviStore:
                 self.k_window[b, ring] = k_rows[kq:n].to(c.dtype)
             self.split[b] = [kq, min(vq, n)]
         self.split_device.copy_(torch.tensor(self.split, dtype=torch.int32))
+
+    def compact(self, path, num_accepted, start: torch.Tensor, num_nodes: int, root_in_path: bool) -> torch.Tensor:
+        """The tree's rows must all be in the full-precision ring (none quantized yet): the kept ones move there, by
+        ring index. fastar.compact_kv over rows of no bytes checks the path and gives the new lengths."""
+        c = self.cache
+        starts = start.tolist()
+        for b, (kq, vq) in enumerate(self.split):
+            if max(kq, vq) > starts[b]:
+                raise ValueError(
+                    f"{_CLS}.compact: sequence {b} has quantized positions up to {max(kq, vq)}, but its tree starts at "
+                    f"{starts[b]}: a KIVI cache compacts only trees inside its full-precision window (residual "
+                    f"{self.R} >= the tree's {num_nodes} nodes)")
+        rows = [torch.empty(c.batch, c.capacity, 0, dtype=torch.uint8, device=c.device) for _ in range(2)]
+        new = compact_kv(*rows, path, num_accepted, start, num_nodes=num_nodes, root_in_path=root_in_path)
+        check_rows(new, f"{_CLS}.compact")
+        paths = torch.as_tensor(path).tolist()
+        for b, n in enumerate(new.tolist()):
+            kept = paths[b][: n - starts[b]]
+            src = torch.tensor([(starts[b] + t) % self.W for t in kept], dtype=torch.int64, device=c.device)
+            dst = torch.tensor([(starts[b] + j) % self.W for j in range(len(kept))], dtype=torch.int64,
+                               device=c.device)
+            for window in (self.k_window, self.v_window):
+                window[b, dst] = window[b, src]
+        return new
 
     def attention_args(self) -> dict:
         return {"k_scale": self.k_scale, "v_scale": self.v_scale, "k_zero": self.k_zero, "v_zero": self.v_zero,
@@ -499,6 +533,33 @@ class QuantizedKVCache:
         self._lengths = new
         if self._block_table is not None:
             for b, n in enumerate(new):
+                self._keep_pages(b, -(-n // self.page_size))
+        self._sync_lengths()
+
+    def compact(self, path, num_accepted, *, num_nodes: int, root_in_path: bool) -> None:
+        """After a tree's verification: the last ``num_nodes`` tokens of every sequence are the tree's nodes (as
+        appended, node ``i`` at ``lengths[b] - num_nodes + i``); keep the accepted ones, ``path[b, :num_accepted[b]]``
+        (``+ 1`` with ``root_in_path``), at consecutive positions and drop the rest (a paged cache gives back the
+        pages it no longer needs). ``path``, ``num_accepted`` and ``root_in_path`` as the acceptance ops return and
+        decide them (:func:`fastar.compact_kv`).
+
+        int8 / fp8: codes and per-token scales move through :func:`fastar.compact_kv`. KIVI int4 / int2: the tree
+        must still be in the full-precision window (``residual >= num_nodes``; else ``ValueError``), where the kept
+        rows move. The cache keeps its lengths on the host, so this reads the new lengths back (a sync, as
+        :meth:`append` and :meth:`truncate` have); a bad path raises ``ValueError`` / ``IndexError`` and moves
+        nothing in that sequence.
+        """
+        op = f"{_CLS}.compact"
+        num_nodes = as_int(num_nodes, f"{op}: num_nodes", 1)
+        for b, n in enumerate(self._lengths):
+            if n < num_nodes:
+                raise ValueError(f"{op}: sequence {b} holds {n} tokens, fewer than the tree's {num_nodes} nodes")
+        start = torch.tensor([n - num_nodes for n in self._lengths], dtype=torch.int32, device=self.device)
+        new = self._store.compact(path, num_accepted, start, num_nodes, root_in_path)
+        check_rows(new, op)
+        self._lengths = new.tolist()
+        if self._block_table is not None:
+            for b, n in enumerate(self._lengths):
                 self._keep_pages(b, -(-n // self.page_size))
         self._sync_lengths()
 

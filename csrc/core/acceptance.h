@@ -25,6 +25,7 @@ enum Status : int32_t {
   kBadValue = 4,     // a probability that is NaN, negative or > 1 (or a NaN logit)
   kZeroMass = 8,     // the row to sample from has no probability mass
   kBadTree = 16,     // a tree node's parent not before it, or a node deeper than max_depth
+  kBadPath = 32,     // compact_kv: an accepted path or cache position it cannot move (core/compact_kv.h)
 };
 
 // What each status bit means, in error messages (CPU ops, fastar.check_rows via fastar._C.describe_status).
@@ -38,6 +39,9 @@ inline constexpr StatusText kStatusTexts[] = {
     {kBadValue, "a probability that is NaN, negative or greater than 1 (or a NaN logit)"},
     {kZeroMass, "a distribution to sample from with zero total probability"},
     {kBadTree, "a malformed tree (a parent not before its node, or a node deeper than max_depth)"},
+    {kBadPath,
+     "an accepted path compact_kv cannot apply (num_accepted past the path, a node outside the tree or not after "
+     "the previous one, the tree past the cache's capacity, or a page outside the pool)"},
 };
 
 // The texts of a status's bits, joined by "; " (host code).

@@ -13,6 +13,7 @@
 namespace fastar {
 
 struct TreeSampleParams;  // core/tree_acceptance.h
+struct CompactKvParams;   // core/compact_kv.h
 
 // stream: a cudaStream_t (ignored by the SIMT emulator).
 void launch_speculative_sample(const SpeculativeSampleParams& prm, FloatKind kind, void* stream);
@@ -23,6 +24,8 @@ void launch_typical_accept(const TreeSampleParams& prm, FloatKind kind, void* st
 void launch_sample_cfg(const SampleCfgParams& prm, FloatKind kind, void* stream);
 void launch_quantize_kv_append(const QuantizeKvParams& prm, FloatKind kind, void* stream);
 void launch_quantize_kivi_append(const KiviAppendParams& prm, FloatKind kind, void* stream);
+// Moves bytes only: the caches' dtype does not matter.
+void launch_compact_kv(const CompactKvParams& prm, void* stream);
 
 // fastar.attention (cuda/attention.cu). plan_attention picks the kernel shape and the number of kv splits;
 // with more than one split the glue allocates `workspace_floats` float32 for the partial results and

@@ -21,6 +21,7 @@ import torch
 from .acceptance import _draws, _fixed, _sample_fixed
 
 __all__ = [
+    "compact_kv_reference",
     "tree_greedy_verify_row",
     "tree_first_token_distribution",
     "tree_speculative_sample_row",
@@ -195,3 +196,33 @@ def typical_accept_row(
         entropy = -float(torch.where(p > 0, p * torch.log(p), torch.zeros_like(p)).sum())
         passes.append(float(p[x]) > min(posterior_threshold, posterior_alpha * math.exp(-entropy)))
     return _longest_path(parents, draft_token_ids, passes, target_logits)
+
+
+def compact_kv_reference(
+    k_cache: torch.Tensor,
+    v_cache: torch.Tensor,
+    path: torch.Tensor,
+    num_accepted: torch.Tensor,
+    cache_seqlens: torch.Tensor,
+    *,
+    root_in_path: bool,
+    block_table: Optional[torch.Tensor] = None,
+) -> Tuple[torch.Tensor, torch.Tensor, List[int]]:
+    """``fastar.compact_kv`` on copies of the caches, one position at a time: sequence ``b``'s position
+    ``cache_seqlens[b] + j`` gets the row of position ``cache_seqlens[b] + path[b, j]`` of the original caches, for
+    ``j < num_accepted[b] (+ 1 with root_in_path)``. Returns ``(k, v, new_lengths)``; inputs are assumed valid."""
+    k_out, v_out, lengths = k_cache.clone(), v_cache.clone(), []
+    for b in range(path.shape[0]):
+        start = int(cache_seqlens[b])
+        keep = int(num_accepted[b]) + (1 if root_in_path else 0)
+        for j in range(keep):
+            for out, cache in ((k_out, k_cache), (v_out, v_cache)):
+                dst, src = start + j, start + int(path[b, j])
+                if block_table is None:
+                    out[b, dst] = cache[b, src]
+                else:
+                    page = cache.shape[1]
+                    out[int(block_table[b, dst // page]), dst % page] = cache[int(block_table[b, src // page]),
+                                                                              src % page]
+        lengths.append(start + keep)
+    return k_out, v_out, lengths
