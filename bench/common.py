@@ -100,6 +100,8 @@ class OpBench:
     # say), and row fields about that preparation; the bool says it is a --quick run.
     more_baselines: Optional[Callable[[Case, dict, str, bool], tuple[dict, dict]]] = None
     goal: Optional[float] = None  # the speed-up the project aims at (a row's own "goal" field overrides it)
+    # For an op that works in place: restores the inputs before each timed call (outside the timed region).
+    reset: Optional[Callable[[dict], None]] = None
 
 
 def realistic_logits(case: AcceptanceCase, device: str) -> tuple[torch.Tensor, torch.Tensor]:
@@ -220,6 +222,8 @@ def measure(op: OpBench, case: Case, x: dict, device: str, copy_Bps: float, read
         if measured and (r - warmup >= rounds or (r - warmup >= 3 and time.perf_counter() - start > budget_s)):
             break
         for name, fn in impls.items():
+            if op.reset is not None:
+                op.reset(x)
             flush()
             t, out = timed(functools.partial(fn, x, r), device)
             op.check(case, x, out)
@@ -256,6 +260,8 @@ def benchmark_op(benchmark, op: OpBench, fn: Callable, case: Case, x: dict, roun
     seeds = itertools.count()
 
     def setup():
+        if op.reset is not None:
+            op.reset(x)
         flush()
         return (x, next(seeds)), {}
 

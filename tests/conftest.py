@@ -105,6 +105,11 @@ class Backend:
         k_dev, v_dev = self.to(k_cache).clone(), self.to(v_cache).clone()
         return self._call("attention_with_kvcache", q, k_dev, v_dev, **kwargs), k_dev.cpu(), v_dev.cpu()
 
+    def compact_kv(self, k_cache, v_cache, *args, **kwargs):
+        """Runs on copies of the caches moved to the device; returns (new lengths, k_cache, v_cache) on the CPU."""
+        k_dev, v_dev = self.to(k_cache).clone(), self.to(v_cache).clone()
+        return self._call("compact_kv", k_dev, v_dev, *args, **kwargs), k_dev.cpu(), v_dev.cpu()
+
     def scale_kvcache(self, batch, heads, head_dim, layout, dtype):
         """A fastar.ScaleKVCache on the backend's device whose methods run the backend's ops; give it tensors
         through ``to`` and bring its results back with ``.cpu()``. Its buffers start as NaN, so a read of a slot

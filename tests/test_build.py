@@ -125,7 +125,17 @@ def _acceptance_samples(device):
          *to(seed, offset)],
         [*to(dl.bfloat16()), to(dx)[0], None, 29, 0, 10, "margin", "factor", 0.0, 1.0, 0.8, *to(seed, offset)],
     ]
+    # compact_kv: a bfloat16 contiguous cache with a rooted path, int8 codes in a paged one with a drafted path.
+    paths = torch.tensor([[0, 2, 3], [0, 1, -1]], dtype=torch.int32)
+    compact_kv = [
+        [*to(torch.randn(2, 9, 2, 16, generator=g).bfloat16(), torch.randn(2, 9, 2, 16, generator=g).bfloat16(),
+             paths, torch.tensor([2, 1], dtype=torch.int32), torch.tensor([3, 0], dtype=torch.int32)), None, 5, True],
+        [*to(codes((5, 4, 2, 16), torch.int8), codes((5, 4, 2, 16), torch.int8), torch.tensor([[1, 2, 4], [0, 1, -1]],
+             dtype=torch.int32), torch.tensor([3, 2], dtype=torch.int32), torch.tensor([6, 1], dtype=torch.int32),
+             torch.tensor([[4, 0, 1], [2, 3, 0]], dtype=torch.int32)), 5, False],
+    ]
     return {
+        "compact_kv": compact_kv,
         "diffusion_unmask": diffusion_unmask,
         "quantize_kv_append": quantize_kv_append,
         "quantize_kivi_append": quantize_kivi_append,
@@ -198,20 +208,25 @@ def test_public_api_compiles_without_graph_breaks():
 
     tree = fastar.masks.Tree([-1, 0, 0])
 
-    def step(ids, q, p, seed, offset):
+    def step(ids, q, p, seed, offset, k_cache, v_cache):
         tokens, accepted = fastar.speculative_sample(ids, q, p, seed=seed, offset=offset)
         greedy, _ = fastar.greedy_verify(ids, p)
         path, tree_tokens, _ = fastar.tree_speculative_sample(ids, tree, q, p, seed=seed, offset=offset)
-        greedy_path, greedy_tokens, _ = fastar.tree_greedy_verify(ids, tree, p)
+        greedy_path, greedy_tokens, greedy_accepted = fastar.tree_greedy_verify(ids, tree, p)
         _, typical_tokens, _ = fastar.typical_accept(ids, p.log())
         _, typical_tree_tokens, _ = fastar.typical_accept(ids, p.log(), tree=tree, temperature=0.7)
+        lengths = fastar.compact_kv(k_cache, v_cache, greedy_path, greedy_accepted, torch.tensor([1, 4]), num_nodes=n,
+                                    root_in_path=False)
         return (tokens, accepted, greedy, path, tree_tokens, greedy_path, greedy_tokens, typical_tokens,
-                typical_tree_tokens)
+                typical_tree_tokens, lengths)
 
     compiled = torch.compile(step, fullgraph=True, backend="inductor")
     seed, offset = torch.tensor(7), torch.tensor(0)
-    for got, want in zip(compiled(ids, q, p, seed, offset), step(ids, q, p, seed, offset)):
+    caches = torch.randn(2, B, 8, 2, 4)
+    eager_caches = caches.clone()
+    for got, want in zip(compiled(ids, q, p, seed, offset, *caches), step(ids, q, p, seed, offset, *eager_caches)):
         assert torch.equal(got, want)
+    assert torch.equal(caches, eager_caches)  # compact_kv's in-place moves happen under compile too
 
     def int_seed(ids, q, p):
         return fastar.speculative_sample(ids, q, p, seed=123, offset=4)

@@ -78,7 +78,7 @@ def test_static_shared_memory_within_limit():
                                     "sample_cfg_kernel", "diffusion_scores_kernel", "diffusion_select_kernel",
                                     "attention_merge_kernel", "quantize_kv_append_kernel",
                                     "quantize_kivi_keys_kernel", "quantize_kivi_values_kernel",
-                                    "attention_kivi_decode_kernel"])
+                                    "attention_kivi_decode_kernel", "compact_kv_kernel"])
 def test_no_spills(family):
     rows = kernels(rf"\b{family}\b")
     assert rows, f"no {family} in the built code"
@@ -147,6 +147,15 @@ def test_quantize_kv_append_chunked_instances_load_16_bytes():
              if re.search(r"\bquantize_kv_append_kernel<.*, (4|8)>", key[1])}
     assert found, "no chunked quantize_kv_append_kernel in the built code"
     narrow = [f"{arch} {name[:100]}" for (arch, name), body in found.items() if not re.search(r"LDG\.E\.128", body)]
+    assert not narrow, narrow
+
+
+def test_compact_kv_moves_16_bytes():
+    """compact_kv's instance for 16-byte aligned rows moves them with 16-byte global loads and stores."""
+    found = {key: body for key, body in sass_by_kernel().items() if re.search(r"\bcompact_kv_kernel<16>", key[1])}
+    assert found, "no compact_kv_kernel<16> in the built code"
+    narrow = [f"{arch} {name[:80]}" for (arch, name), body in found.items()
+              if not (re.search(r"LDG\.E\.128", body) and re.search(r"STG\.E\.128", body))]
     assert not narrow, narrow
 
 

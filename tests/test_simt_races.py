@@ -68,7 +68,7 @@ def assert_order_independent(run, kernels):
 ALL_KERNELS = {"speculative_sample", "tree_speculative_sample", "greedy_verify", "tree_greedy_verify",
                "typical_accept", "sample_cfg", "attention_vec_decode", "attention_decode", "attention_tiled",
                "attention_tc", "attention_merge", "attention_kivi_decode", "quantize_kv_append", "quantize_kivi_keys",
-               "quantize_kivi_values", "diffusion_unmask"}
+               "quantize_kivi_values", "diffusion_unmask", "compact_kv"}
 
 
 def test_every_kernel_is_covered():
@@ -382,3 +382,24 @@ def test_missing_cp_async_wait_in_an_mma_tile_is_reported():
         with pytest.raises(RuntimeError, match=r"race in kernel 'mma_tile_kernel'.* read it .* before the "
                            r"cp\.async\.wait_group that lands the copy"):
             simt.mma_tile(*args, True)
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=["16-byte chunks", "2-byte chunks"])
+def test_compact_kv(backend, dtype):
+    """Paged caches whose rows are 16-byte chunks (D = 32 bf16) or 2-byte ones (D = 5 fp16, 30-byte rows); paths
+    that read positions later steps write (an in-order move per thread)."""
+    gen = torch.Generator().manual_seed(8)
+    D = 32 if dtype == torch.bfloat16 else 5
+    caches = [torch.randn(9, 4, 3, D, generator=gen).to(dtype) for _ in range(2)]
+    path = torch.tensor([[0, 2, 3, 6], [0, 1, 5, -1], [1, 2, 4, 7]], dtype=torch.int32)
+    accepted = torch.tensor([3, 2, 4], dtype=torch.int32)
+    table = torch.tensor([[3, 0, 5], [1, 8, 2], [7, 4, 6]], dtype=torch.int32)
+
+    def run():
+        k, v = (c.clone() for c in caches)
+        with backend.using_ops():
+            lengths = fastar.compact_kv(k, v, path, accepted, torch.tensor([2, 3, 1]), num_nodes=8,
+                                        root_in_path=False, block_table=table)
+        return lengths, k, v
+
+    assert_order_independent(run, {"compact_kv"})
