@@ -3,8 +3,9 @@
 After verifying mc_sim_7b_63's 64 tree tokens (the root first) appended after each sequence's prefix, each sequence
 keeps its accepted path (a root-to-leaf path of the tree cut at a random length: 1 to 6 tokens). The baseline is
 EAGLE's / Medusa's ``tree_decoding`` update of the past key values (``index_select`` of the accepted positions,
-``copy_`` after the prefix) batched over the sequences without host syncs: an advanced-index gather and an
-``index_put`` per cache (through the block table for a paged cache). Every call starts from the caches as
+``copy_`` after the prefix) batched over the sequences without host syncs: the source and destination rows of every
+sequence's path (through the block table for a paged cache; positions not kept copy onto themselves), then
+``index_select`` and ``index_copy_`` per cache. Every call starts from the caches as
 verification left them (``reset``, outside the timed region); the check compares every kept row with the node it
 must hold, so a row the op failed to move (it still holds another node's random values) fails.
 """
@@ -101,7 +102,7 @@ def run_torch(x: dict, seed: int):
     dst = slots_of(x, starts[:, None].long() + steps)
     for cache in (x["k"], x["v"]):
         flat = cache.view(-1, *cache.shape[2:])
-        flat[dst] = flat[src]
+        flat.index_copy_(0, dst.view(-1), flat.index_select(0, src.view(-1)))
     return (starts + keep).to(torch.int32)
 
 

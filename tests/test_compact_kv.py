@@ -169,7 +169,7 @@ def test_after_tree_greedy_verify(backend):
     path, _, accepted = backend.tree_greedy_verify(drafts, tree, logits)
     assert accepted.max() >= 2
     cache_k, cache_v = (random_rows(gen, (B, 20, H, D), torch.float16) for _ in range(2))
-    starts = torch.tensor([0, 5, 13, 9])
+    starts = torch.tensor([0, 5, 12, 9])
     new, k, v = backend.compact_kv(cache_k, cache_v, path, accepted, starts, num_nodes=T, root_in_path=True)
     assert new.tolist() == (starts + accepted + 1).tolist()
     for b in range(B):
@@ -268,6 +268,7 @@ BAD_ARGS = [
     ("1-D cache", call(k=torch.zeros(8)), ValueError, r"must be \[B, S_max"),
     ("rows not dense", call(k=torch.zeros(2, 8, 4, 2).transpose(2, 3)), ValueError, "must be dense"),
     ("overlapping positions", call(k=torch.zeros(2, 1, 2, 4).expand(2, 8, 2, 4)), ValueError, "overlapping"),
+    ("v is k", ((torch.zeros(2, 8, 2, 4),) * 2 + call()[0][2:], call()[1]), ValueError, "must be different tensors"),
     ("batch mismatch", call(k=torch.zeros(3, 8, 2, 4)), ValueError, "one sequence per row of path"),
     ("num_nodes 0", call(num_nodes=0), ValueError, "num_nodes"),
     ("num_nodes past the capacity", call(num_nodes=9), ValueError, "do not fit the cache's capacity"),
@@ -284,9 +285,10 @@ BAD_ARGS = [
 def test_bad_arguments(backend, name, args, exc, match):
     """Shapes, dtypes, devices: every backend raises before the kernel runs."""
     (k, v, *rest), kwargs = args
+    k_dev = backend.to(k) if isinstance(k, torch.Tensor) else k
     with pytest.raises(exc, match=match):
         with backend.using_ops():
-            fastar.compact_kv(backend.to(k) if isinstance(k, torch.Tensor) else k, backend.to(v),
+            fastar.compact_kv(k_dev, k_dev if v is k else backend.to(v),
                               *(r if r.device.type == "meta" else backend.to(r) for r in rest),
                               **{key: backend.to(val) for key, val in kwargs.items()})
 

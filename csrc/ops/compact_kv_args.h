@@ -55,6 +55,8 @@ inline CompactKvLaunch prepare_compact_kv(const at::Tensor& k_cache, const at::T
                    k_cache.scalar_type(), ", got ", v_cache.scalar_type());
   TORCH_CHECK_VALUE(v_cache.sizes() == k_cache.sizes(), op, ": v_cache must have k_cache's shape ", k_cache.sizes(),
                     ", got ", v_cache.sizes());
+  TORCH_CHECK_VALUE(k_cache.numel() == 0 || k_cache.data_ptr() != v_cache.data_ptr(), op,
+                    ": k_cache and v_cache must be different tensors");
   check_int32(op, "path", path, 2);
   check_int32(op, "num_accepted", num_accepted, 1);
   check_int32(op, "cache_seqlens", cache_seqlens, 1);
@@ -92,7 +94,8 @@ inline CompactKvLaunch prepare_compact_kv(const at::Tensor& k_cache, const at::T
   const int64_t item = k_cache.element_size();
   p.k = static_cast<uint8_t*>(k_cache.data_ptr());
   p.v = static_cast<uint8_t*>(v_cache.data_ptr());
-  p.row_bytes = k_cache.dim() > 2 ? k_cache[0][0].numel() * item : item;
+  p.row_bytes = item;
+  for (int64_t d = 2; d < k_cache.dim(); ++d) p.row_bytes *= k_cache.size(d);
   p.k_s0 = k_cache.stride(0) * item;
   p.k_s1 = k_cache.stride(1) * item;
   p.v_s0 = v_cache.stride(0) * item;
