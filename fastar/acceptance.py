@@ -442,6 +442,27 @@ def compact_kv(
         leaves such a row untouched and returns ``-status`` as its length (bit 32; a row an acceptance kernel
         marked keeps its ``num_accepted``): :func:`check_rows` raises for it, as do the debug checks.
     """
+    # The common call (int32 tensors on the caches' device, as the acceptance ops return them) skips the
+    # conversions: this op is a few microseconds, so the checks' own cost shows.
+    Tensor, int32 = torch.Tensor, torch.int32
+    if not (type(k_cache) is Tensor and type(v_cache) is Tensor and type(path) is Tensor and path.dtype == int32
+            and type(num_accepted) is Tensor and num_accepted.dtype == int32 and type(cache_seqlens) is Tensor
+            and cache_seqlens.dtype == int32 and type(num_nodes) is int and type(root_in_path) is bool
+            and (block_table is None or (type(block_table) is Tensor and block_table.dtype == int32))
+            and k_cache.device == v_cache.device == path.device == num_accepted.device == cache_seqlens.device
+            and (block_table is None or block_table.device == k_cache.device)
+            and not (torch.is_grad_enabled() and (k_cache.requires_grad or v_cache.requires_grad))):
+        path, num_accepted, cache_seqlens, block_table, num_nodes = _compact_kv_args(
+            k_cache, v_cache, path, num_accepted, cache_seqlens, block_table, num_nodes, root_in_path)
+    new_seqlens = _common.ops().compact_kv(k_cache, v_cache, path, num_accepted, cache_seqlens, block_table,
+                                           num_nodes, root_in_path)
+    if _debug_checks:
+        check_rows(new_seqlens, "fastar.compact_kv")
+    return new_seqlens
+
+
+def _compact_kv_args(k_cache, v_cache, path, num_accepted, cache_seqlens, block_table, num_nodes, root_in_path):
+    """compact_kv's arguments checked and converted: the index tensors as int32, num_nodes as an int."""
     op = "fastar.compact_kv"
     for name, t in (("k_cache", k_cache), ("v_cache", v_cache)):
         if not isinstance(t, torch.Tensor):
@@ -458,11 +479,7 @@ def compact_kv(
     same_device(op, device, v_cache=v_cache, path=path, num_accepted=num_accepted, cache_seqlens=cache_seqlens,
                 block_table=block_table)
     no_grad(op, k_cache=k_cache, v_cache=v_cache)
-    new_seqlens = _common.ops().compact_kv(k_cache, v_cache, path, num_accepted, cache_seqlens, block_table,
-                                           num_nodes, root_in_path)
-    if _debug_checks:
-        check_rows(new_seqlens, op)
-    return new_seqlens
+    return path, num_accepted, cache_seqlens, block_table, num_nodes
 
 
 @fake("compact_kv")
