@@ -118,10 +118,11 @@ inline void define_schemas(torch::Library& m) {
   // KV compaction after a tree's acceptance (docs/acceptance.md): the tree's num_nodes nodes sit at positions
   // cache_seqlens[b] + i of the caches ([B, S_max, ...], or [num_pages, page_size, ...] with block_table int32
   // [B, max_pages]); node path[b, j] (int32 [B, W]) moves to position cache_seqlens[b] + j for j < num_accepted[b]
-  // (+ 1 with root_in_path), in place. Returns the new lengths int32 [B] (CUDA: -status for a row it left alone).
+  // (+ 1 with root_in_path), in place; stacked: the caches hold every layer, [layers, ...] of those. Returns the new
+  // lengths int32 [B] (CUDA: -status for a row it left alone).
   m.def(
       "compact_kv(Tensor(a!) k_cache, Tensor(b!) v_cache, Tensor path, Tensor num_accepted, Tensor cache_seqlens, "
-      "Tensor? block_table, int num_nodes, bool root_in_path) -> Tensor new_seqlens");
+      "Tensor? block_table, int num_nodes, bool root_in_path, bool stacked=False) -> Tensor new_seqlens");
 }
 
 // Test-only ops of the CPU kernels, in torch.ops.fastar alone (a leading underscore: no CUDA kernel, fake or

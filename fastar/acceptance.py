@@ -414,6 +414,7 @@ def compact_kv(
     num_nodes: int,
     root_in_path: bool,
     block_table: Optional[torch.Tensor] = None,
+    stacked: bool = False,
 ) -> torch.Tensor:
     """KV compaction after a tree's acceptance: keep the accepted nodes' K/V at consecutive positions, in place.
 
@@ -433,7 +434,10 @@ def compact_kv(
         num_nodes: the tree's nodes that verification appended.
         root_in_path: whether ``path`` numbers the tree with the root as node 0 (trees of ``N + 1`` nodes, as
             ``Tree.from_choices`` builds them), as the acceptance ops decided from the tree.
-        block_table: int ``[B, max_pages]`` of a paged cache.
+        block_table: int ``[B, max_pages]`` of a paged cache (the pages of the tree's positions must be the
+            sequence's own).
+        stacked: the caches hold every layer, ``[layers, B, S_max, ...]`` or ``[layers, num_pages, page_size, ...]``
+            (EAGLE's and Medusa's one buffer for all layers): one call moves every layer's rows.
 
     Returns:
         int32 ``[B]``, the new lengths ``cache_seqlens + num_accepted (+ 1)``. On the CPU a bad row (``num_accepted``
@@ -448,28 +452,31 @@ def compact_kv(
     if not (type(k_cache) is Tensor and type(v_cache) is Tensor and type(path) is Tensor and path.dtype == int32
             and type(num_accepted) is Tensor and num_accepted.dtype == int32 and type(cache_seqlens) is Tensor
             and cache_seqlens.dtype == int32 and type(num_nodes) is int and type(root_in_path) is bool
+            and type(stacked) is bool
             and (block_table is None or (type(block_table) is Tensor and block_table.dtype == int32))
             and k_cache.device == v_cache.device == path.device == num_accepted.device == cache_seqlens.device
             and (block_table is None or block_table.device == k_cache.device)
             and not (torch.is_grad_enabled() and (k_cache.requires_grad or v_cache.requires_grad))):
         path, num_accepted, cache_seqlens, block_table, num_nodes = _compact_kv_args(
-            k_cache, v_cache, path, num_accepted, cache_seqlens, block_table, num_nodes, root_in_path)
+            k_cache, v_cache, path, num_accepted, cache_seqlens, block_table, num_nodes, root_in_path, stacked)
     new_seqlens = _common.ops().compact_kv(k_cache, v_cache, path, num_accepted, cache_seqlens, block_table,
-                                           num_nodes, root_in_path)
+                                           num_nodes, root_in_path, stacked)
     if _debug_checks:
         check_rows(new_seqlens, "fastar.compact_kv")
     return new_seqlens
 
 
-def _compact_kv_args(k_cache, v_cache, path, num_accepted, cache_seqlens, block_table, num_nodes, root_in_path):
+def _compact_kv_args(k_cache, v_cache, path, num_accepted, cache_seqlens, block_table, num_nodes, root_in_path,
+                     stacked):
     """compact_kv's arguments checked and converted: the index tensors as int32, num_nodes as an int."""
     op = "fastar.compact_kv"
     for name, t in (("k_cache", k_cache), ("v_cache", v_cache)):
         if not isinstance(t, torch.Tensor):
             raise TypeError(f"{op}: {name} must be a tensor, got {type(t).__name__}")
     device = k_cache.device
-    if not isinstance(root_in_path, bool):
-        raise TypeError(f"{op}: root_in_path must be a bool, got {type(root_in_path).__name__}")
+    for name, flag in (("root_in_path", root_in_path), ("stacked", stacked)):
+        if not isinstance(flag, bool):
+            raise TypeError(f"{op}: {name} must be a bool, got {type(flag).__name__}")
     num_nodes = as_int(num_nodes, f"{op}: num_nodes", 1)
     path = _int32_arg(op, path, "path", device, -1)
     num_accepted = _int32_arg(op, num_accepted, "num_accepted", device, -INT32_MAX)
@@ -483,7 +490,8 @@ def _compact_kv_args(k_cache, v_cache, path, num_accepted, cache_seqlens, block_
 
 
 @fake("compact_kv")
-def _compact_kv_fake(k_cache, v_cache, path, num_accepted, cache_seqlens, block_table, num_nodes, root_in_path):
+def _compact_kv_fake(k_cache, v_cache, path, num_accepted, cache_seqlens, block_table, num_nodes, root_in_path,
+                     stacked=False):
     one_device("compact_kv", k_cache, v_cache, path, num_accepted, cache_seqlens, block_table)
     torch._check(path.dim() == 2, lambda: "path must be 2-D [B, depth + 1]")
     return cache_seqlens.new_empty((path.shape[0],), dtype=torch.int32)

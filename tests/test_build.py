@@ -133,6 +133,8 @@ def _acceptance_samples(device):
         [*to(codes((5, 4, 2, 16), torch.int8), codes((5, 4, 2, 16), torch.int8), torch.tensor([[1, 2, 4], [0, 1, -1]],
              dtype=torch.int32), torch.tensor([3, 2], dtype=torch.int32), torch.tensor([6, 1], dtype=torch.int32),
              torch.tensor([[4, 0, 1], [2, 3, 0]], dtype=torch.int32)), 5, False],
+        [*to(torch.randn(3, 2, 9, 2, 8, generator=g), torch.randn(3, 2, 9, 2, 8, generator=g), paths,
+             torch.tensor([2, 1], dtype=torch.int32), torch.tensor([3, 0], dtype=torch.int32)), None, 5, True, True],
     ]
     return {
         "compact_kv": compact_kv,

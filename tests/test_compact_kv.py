@@ -145,6 +145,31 @@ def test_row_sizes_and_alignments(backend, H, D, dtype):
                  page_size=page_size, capacity=24)
 
 
+@pytest.mark.parametrize("page_size", [None, 4], ids=["contiguous", "paged"])
+def test_stacked_layers(backend, page_size):
+    """Caches holding every layer ([layers, ...], EAGLE's single buffer): every layer moves the same rows."""
+    gen = torch.Generator().manual_seed(11)
+    B, n, H, D, L = 3, 9, 2, 8, 3
+    parents = [int(torch.randint(-1, t, (1,), generator=gen)) for t in range(n)]
+    path, accepted = make_paths(gen, parents, B, True, ["full", 0, 2])
+    layout = Layout(gen, B, 20, H, D, torch.bfloat16, page_size)
+    k, v = (random_rows(gen, (L, *layout.k.shape), torch.bfloat16) for _ in range(2))
+    starts = [20 - n - 1, 4, 0]
+    nodes = random_rows(gen, (2, L, B, n + 1, H, D), torch.bfloat16)
+    for b in range(B):
+        for i in range(n + 1):
+            k[(slice(None), *layout.slot(b, starts[b] + i))] = nodes[0, :, b, i]
+            v[(slice(None), *layout.slot(b, starts[b] + i))] = nodes[1, :, b, i]
+    keep = [int(a) + 1 for a in accepted]
+    new, k_got, v_got = backend.compact_kv(k, v, path, accepted, torch.tensor(starts), num_nodes=n + 1,
+                                           root_in_path=True, block_table=layout.block_table, stacked=True)
+    assert new.tolist() == [s + m for s, m in zip(starts, keep)]
+    for got, cache, which in ((k_got, k, 0), (v_got, v, 1)):
+        for layer in range(L):
+            want = expected_cache(layout, cache[layer], nodes[which, layer], path, keep, starts)
+            assert_compacted(layout, got[layer], want, starts, new.tolist(), n + 1)
+
+
 def test_chain_and_in_place_prefix(backend):
     """A chain (path[j] == j: nothing moves) and a path whose kept nodes overlap the positions written before them
     (node 2 is read at step 1, then position 2 is written at step 2)."""
@@ -273,6 +298,9 @@ BAD_ARGS = [
     ("num_nodes 0", call(num_nodes=0), ValueError, "num_nodes"),
     ("num_nodes past the capacity", call(num_nodes=9), ValueError, "do not fit the cache's capacity"),
     ("root_in_path not a bool", call(root_in_path=1), TypeError, "root_in_path must be a bool"),
+    ("stacked 2-D", call(k=torch.zeros(8, 4), stacked=True), ValueError, r"must be \[layers, B, S_max"),
+    ("stacked batch mismatch", call(k=torch.zeros(2, 3, 8, 4), stacked=True), ValueError,
+     "one sequence per row of path"),
     ("block_table shape", call(block_table=torch.zeros(3, 2, dtype=torch.int32)), ValueError,
      r"block_table must have shape \[2, max_pages\]"),
     ("cache not a tensor", call(k=[[0.0]], v=torch.zeros(2, 8, 2, 4)), TypeError, "k_cache must be a tensor"),

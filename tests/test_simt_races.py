@@ -386,11 +386,11 @@ def test_missing_cp_async_wait_in_an_mma_tile_is_reported():
 
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=["16-byte chunks", "2-byte chunks"])
 def test_compact_kv(backend, dtype):
-    """Paged caches whose rows are 16-byte chunks (D = 32 bf16) or 2-byte ones (D = 5 fp16, 30-byte rows); paths
-    that read positions later steps write (an in-order move per thread)."""
+    """Paged caches of two stacked layers whose rows are 16-byte chunks (D = 32 bf16) or 2-byte ones (D = 5 fp16,
+    30-byte rows); paths that read positions later steps write (an in-order move per thread)."""
     gen = torch.Generator().manual_seed(8)
     D = 32 if dtype == torch.bfloat16 else 5
-    caches = [torch.randn(9, 4, 3, D, generator=gen).to(dtype) for _ in range(2)]
+    caches = [torch.randn(2, 9, 4, 3, D, generator=gen).to(dtype) for _ in range(2)]
     path = torch.tensor([[0, 2, 3, 6], [0, 1, 5, -1], [1, 2, 4, 7]], dtype=torch.int32)
     accepted = torch.tensor([3, 2, 4], dtype=torch.int32)
     table = torch.tensor([[3, 0, 5], [1, 8, 2], [7, 4, 6]], dtype=torch.int32)
@@ -399,7 +399,7 @@ def test_compact_kv(backend, dtype):
         k, v = (c.clone() for c in caches)
         with backend.using_ops():
             lengths = fastar.compact_kv(k, v, path, accepted, torch.tensor([2, 3, 1]), num_nodes=8,
-                                        root_in_path=False, block_table=table)
+                                        root_in_path=False, block_table=table, stacked=True)
         return lengths, k, v
 
     assert_order_independent(run, {"compact_kv"})

@@ -10,8 +10,9 @@
 namespace fastar {
 
 struct CompactKvParams {
-  uint8_t* k;  // the caches: [B, S_max, row] contiguous, or [num_pages, page_size, row] with block_table
-  uint8_t* v;
+  uint8_t* k;  // the caches: [B, S_max, row] contiguous, or [num_pages, page_size, row] with block_table; stacked:
+  uint8_t* v;  // [layers, ...] of those (every layer moves the same rows)
+  int64_t layers, k_sl, v_sl;      // layers (1 unless stacked) and their byte strides
   int64_t row_bytes;               // bytes of one position's row (unit stride)
   int64_t k_s0, k_s1, v_s0, v_s1;  // byte strides of dims 0 (sequence or page) and 1 (position or slot)
   const int32_t* path;             // [B, W]: the accepted nodes, root-side first, -1 padded

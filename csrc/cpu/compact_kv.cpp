@@ -58,19 +58,24 @@ void run_compact_kv_cpu(CompactKvLaunch& l) {
     int64_t keep;
     if (compact_row_status(p, b, &keep) != accept::kOk) raise_bad_row(p, b);
   }
-  // Rows are independent; a small move stays on one thread (a parallel region costs more than it saves).
+  for (int64_t b = 0; b < p.B; ++b) {
+    int64_t keep;
+    compact_row_status(p, b, &keep);
+    p.new_seqlens[b] = compact_new_length(p, b, accept::kOk, keep);
+  }
+  // Item i: sequence i % B of layer i / B / 2, in K or V. A small move stays on one thread (a parallel region
+  // costs more than it saves).
   const int64_t grain = std::max<int64_t>(1, (int64_t{1} << 16) / std::max<int64_t>(1, p.W * p.row_bytes));
-  at::parallel_for(0, 2 * p.B, grain, [&](int64_t first, int64_t last) {
+  at::parallel_for(0, 2 * p.layers * p.B, grain, [&](int64_t first, int64_t last) {
     for (int64_t i = first; i < last; ++i) {
-      const int64_t b = i / 2;
+      const int64_t b = i % p.B, l = i / p.B / 2;
+      const bool is_v = i / p.B % 2;
       int64_t keep;
       compact_row_status(p, b, &keep);
-      if (i % 2 == 0) {
-        move_rows(p, p.k, p.k_s0, p.k_s1, b, keep);
-        p.new_seqlens[b] = compact_new_length(p, b, accept::kOk, keep);
-      } else {
-        move_rows(p, p.v, p.v_s0, p.v_s1, b, keep);
-      }
+      if (is_v)
+        move_rows(p, p.v + l * p.v_sl, p.v_s0, p.v_s1, b, keep);
+      else
+        move_rows(p, p.k + l * p.k_sl, p.k_s0, p.k_s1, b, keep);
     }
   });
 }

@@ -1,6 +1,6 @@
-// CUDA kernel of fastar.compact_kv: thread (c, b) owns chunk c (kBytes bytes) of sequence b's rows, in the K cache
-// (c < chunks) or the V cache, and moves it along the kept path in increasing position order. Since path[j] >= j
-// (core/compact_kv.h) no position is read after it was written, and no two threads touch one byte.
+// CUDA kernel of fastar.compact_kv: thread (c, b) owns chunk c % chunks (kBytes bytes) of sequence b's rows in layer
+// c / chunks / 2, in the K or the V cache, and moves it along the kept path in increasing position order. Since path[j]
+// >= j (core/compact_kv.h) no position is read after it was written, and no two threads touch one byte.
 #pragma once
 #include <cstdint>
 
@@ -45,11 +45,12 @@ __global__ void compact_kv_kernel(CompactKvParams p, int64_t chunks) {
   int64_t keep;
   const int32_t status = compact_row_status(p, b, &keep);  // every thread of the row finds the same
   if (c == 0) p.new_seqlens[b] = compact_new_length(p, b, status, keep);
-  if (c >= 2 * chunks || status != accept::kOk) return;
-  const bool is_v = c >= chunks;
-  uint8_t* base = is_v ? p.v : p.k;
+  if (c >= 2 * p.layers * chunks || status != accept::kOk) return;
+  const int64_t layer = c / chunks / 2;
+  const bool is_v = c / chunks % 2;
+  uint8_t* base = is_v ? p.v + layer * p.v_sl : p.k + layer * p.k_sl;
   const int64_t s0 = is_v ? p.v_s0 : p.k_s0, s1 = is_v ? p.v_s1 : p.k_s1;
-  const int64_t offset = (is_v ? c - chunks : c) * kBytes, start = p.seqlens[b];
+  const int64_t offset = c % chunks * kBytes, start = p.seqlens[b];
   const int32_t* path = p.path + b * p.W;
   for (int64_t j0 = 0; j0 < keep; j0 += kCompactUnroll) {
     Chunk v[kCompactUnroll];

@@ -16,7 +16,8 @@ struct CompactKvLaunch {
   CompactKvParams prm;
 };
 
-inline void check_compact_cache(const char* op, const char* name, const at::Tensor& t) {
+// The cache's dims from `first` on are [B or pages, S_max or page_size, row...] (first = 1 for stacked layers).
+inline void check_compact_cache(const char* op, const char* name, const at::Tensor& t, int64_t first) {
   const auto st = t.scalar_type();
   TORCH_CHECK_TYPE(st == at::kFloat || st == at::kHalf || st == at::kBFloat16 || st == at::kChar || st == at::kByte ||
                        st == at::kFloat8_e4m3fn || st == at::kFloat8_e5m2,
@@ -24,11 +25,11 @@ inline void check_compact_cache(const char* op, const char* name, const at::Tens
                    " must be float32, float16, bfloat16, or the codes or scales of a quantized cache (int8, uint8, "
                    "float8_e4m3fn, float8_e5m2), got ",
                    st);
-  TORCH_CHECK_VALUE(t.dim() >= 2, op, ": ", name, " must be [B, S_max, ...] or [num_pages, page_size, ...], got shape ",
-                    t.sizes());
-  // One position's row is dense, and rows and sequences (pages) do not overlap.
+  TORCH_CHECK_VALUE(t.dim() >= 2 + first, op, ": ", name, " must be ", first ? "[layers, " : "[", "B, S_max, ...] or ",
+                    first ? "[layers, " : "[", "num_pages, page_size, ...], got shape ", t.sizes());
+  // One position's row is dense, and rows, sequences (pages) and layers do not overlap.
   int64_t row = 1;
-  for (int64_t d = t.dim() - 1; d >= 2; --d) {
+  for (int64_t d = t.dim() - 1; d >= 2 + first; --d) {
     TORCH_CHECK_VALUE(t.size(d) == 1 || t.stride(d) == row, op, ": ", name,
                       " must be dense past its first two dimensions (one position's row contiguous), got strides ",
                       t.strides());
@@ -47,10 +48,11 @@ inline void check_int32(const char* op, const char* name, const at::Tensor& t, i
 inline CompactKvLaunch prepare_compact_kv(const at::Tensor& k_cache, const at::Tensor& v_cache, const at::Tensor& path,
                                           const at::Tensor& num_accepted, const at::Tensor& cache_seqlens,
                                           const std::optional<at::Tensor>& block_table, int64_t num_nodes,
-                                          bool root_in_path) {
+                                          bool root_in_path, bool stacked) {
   constexpr const char* op = "fastar.compact_kv";
-  check_compact_cache(op, "k_cache", k_cache);
-  check_compact_cache(op, "v_cache", v_cache);
+  const int64_t first = stacked ? 1 : 0;  // the dim of B (or pages)
+  check_compact_cache(op, "k_cache", k_cache, first);
+  check_compact_cache(op, "v_cache", v_cache, first);
   TORCH_CHECK_TYPE(v_cache.scalar_type() == k_cache.scalar_type(), op, ": v_cache must have k_cache's dtype ",
                    k_cache.scalar_type(), ", got ", v_cache.scalar_type());
   TORCH_CHECK_VALUE(v_cache.sizes() == k_cache.sizes(), op, ": v_cache must have k_cache's shape ", k_cache.sizes(),
@@ -67,16 +69,17 @@ inline CompactKvLaunch prepare_compact_kv(const at::Tensor& k_cache, const at::T
   TORCH_CHECK_VALUE(cache_seqlens.size(0) == B, op, ": cache_seqlens must have shape [", B, "] (path's rows), got ",
                     cache_seqlens.sizes());
   TORCH_CHECK_VALUE(num_nodes >= 1, op, ": num_nodes must be at least 1 (the tree's nodes), got ", num_nodes);
-  int64_t capacity = k_cache.size(1);
+  int64_t capacity = k_cache.size(first + 1);
   if (block_table) {
     check_int32(op, "block_table", *block_table, 2);
     TORCH_CHECK_VALUE(block_table->size(0) == B, op, ": block_table must have shape [", B, ", max_pages], got ",
                       block_table->sizes());
-    TORCH_CHECK_VALUE(k_cache.size(1) >= 1, op, ": a paged cache needs page_size >= 1, got shape ", k_cache.sizes());
-    capacity = block_table->size(1) * k_cache.size(1);
+    TORCH_CHECK_VALUE(k_cache.size(first + 1) >= 1, op, ": a paged cache needs page_size >= 1, got shape ",
+                      k_cache.sizes());
+    capacity = block_table->size(1) * k_cache.size(first + 1);
     check_same_device(op, "block_table", *block_table, k_cache);
   } else {
-    TORCH_CHECK_VALUE(k_cache.size(0) == B, op, ": a contiguous cache must have one sequence per row of path (", B,
+    TORCH_CHECK_VALUE(k_cache.size(first) == B, op, ": a contiguous cache must have one sequence per row of path (", B,
                       "), got shape ", k_cache.sizes());
   }
   TORCH_CHECK_VALUE(num_nodes <= capacity, op, ": ", num_nodes, " tree nodes do not fit the cache's capacity of ",
@@ -95,11 +98,14 @@ inline CompactKvLaunch prepare_compact_kv(const at::Tensor& k_cache, const at::T
   p.k = static_cast<uint8_t*>(k_cache.data_ptr());
   p.v = static_cast<uint8_t*>(v_cache.data_ptr());
   p.row_bytes = item;
-  for (int64_t d = 2; d < k_cache.dim(); ++d) p.row_bytes *= k_cache.size(d);
-  p.k_s0 = k_cache.stride(0) * item;
-  p.k_s1 = k_cache.stride(1) * item;
-  p.v_s0 = v_cache.stride(0) * item;
-  p.v_s1 = v_cache.stride(1) * item;
+  for (int64_t d = first + 2; d < k_cache.dim(); ++d) p.row_bytes *= k_cache.size(d);
+  p.layers = stacked ? k_cache.size(0) : 1;
+  p.k_sl = stacked ? k_cache.stride(0) * item : 0;
+  p.v_sl = stacked ? v_cache.stride(0) * item : 0;
+  p.k_s0 = k_cache.stride(first) * item;
+  p.k_s1 = k_cache.stride(first + 1) * item;
+  p.v_s0 = v_cache.stride(first) * item;
+  p.v_s1 = v_cache.stride(first + 1) * item;
   l.path = path.contiguous();
   l.num_accepted = num_accepted.contiguous();
   l.seqlens = cache_seqlens.contiguous();
@@ -112,8 +118,8 @@ inline CompactKvLaunch prepare_compact_kv(const at::Tensor& k_cache, const at::T
     p.block_table = l.block_table.data_ptr<int32_t>();
     p.max_pages = l.block_table.size(1);
   }
-  p.page_size = k_cache.size(1);
-  p.num_pages = k_cache.size(0);
+  p.page_size = k_cache.size(first + 1);
+  p.num_pages = k_cache.size(first);
   p.new_seqlens = l.new_seqlens.data_ptr<int32_t>();
   p.B = B;
   p.num_nodes = num_nodes;
@@ -130,9 +136,10 @@ void run_compact_kv_cuda(CompactKvLaunch& l);
 template <void (*Run)(CompactKvLaunch&)>
 at::Tensor compact_kv_op(const at::Tensor& k_cache, const at::Tensor& v_cache, const at::Tensor& path,
                          const at::Tensor& num_accepted, const at::Tensor& cache_seqlens,
-                         const std::optional<at::Tensor>& block_table, int64_t num_nodes, bool root_in_path) {
-  CompactKvLaunch l =
-      prepare_compact_kv(k_cache, v_cache, path, num_accepted, cache_seqlens, block_table, num_nodes, root_in_path);
+                         const std::optional<at::Tensor>& block_table, int64_t num_nodes, bool root_in_path,
+                         bool stacked) {
+  CompactKvLaunch l = prepare_compact_kv(k_cache, v_cache, path, num_accepted, cache_seqlens, block_table, num_nodes,
+                                         root_in_path, stacked);
   Run(l);
   return l.new_seqlens;
 }
