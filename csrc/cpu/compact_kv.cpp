@@ -54,19 +54,13 @@ void move_rows(const CompactKvParams& p, uint8_t* base, int64_t s0, int64_t s1, 
 void run_compact_kv_cpu(CompactKvLaunch& l) {
   TORCH_CHECK_VALUE(l.k_cache.is_cpu(), "fastar.compact_kv: expected CPU tensors");
   const CompactKvParams& p = l.prm;
-  for (int64_t b = 0; b < p.B; ++b) {
+  for (int64_t b = 0; b < p.B; ++b) {  // every row before anything moves
     int64_t keep;
     if (compact_row_status(p, b, &keep) != accept::kOk) raise_bad_row(p, b);
-  }
-  for (int64_t b = 0; b < p.B; ++b) {
-    int64_t keep;
-    compact_row_status(p, b, &keep);
     p.new_seqlens[b] = compact_new_length(p, b, accept::kOk, keep);
   }
-  // Item i: sequence i % B of layer i / B / 2, in K or V. A small move stays on one thread (a parallel region
-  // costs more than it saves).
-  const int64_t grain = std::max<int64_t>(1, (int64_t{1} << 16) / std::max<int64_t>(1, p.W * p.row_bytes));
-  at::parallel_for(0, 2 * p.layers * p.B, grain, [&](int64_t first, int64_t last) {
+  // Item i: sequence i % B of layer i / B / 2, in K or V.
+  auto move = [&](int64_t first, int64_t last) {
     for (int64_t i = first; i < last; ++i) {
       const int64_t b = i % p.B, l = i / p.B / 2;
       const bool is_v = i / p.B % 2;
@@ -77,7 +71,16 @@ void run_compact_kv_cpu(CompactKvLaunch& l) {
       else
         move_rows(p, p.k + l * p.k_sl, p.k_s0, p.k_s1, b, keep);
     }
-  });
+  };
+  // A decoding step's move (a few rows per sequence) is done before a parallel region would have started; at most
+  // kSerialBytes are moved by one thread.
+  constexpr int64_t kSerialBytes = int64_t{1} << 20;
+  const int64_t items = 2 * p.layers * p.B, item_bytes = std::max<int64_t>(1, p.W * p.row_bytes);
+  if (items * item_bytes <= kSerialBytes) {
+    move(0, items);
+  } else {
+    at::parallel_for(0, items, std::max<int64_t>(1, kSerialBytes / 4 / item_bytes), move);
+  }
 }
 
 }  // namespace fastar
