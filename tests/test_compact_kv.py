@@ -170,6 +170,26 @@ def test_stacked_layers(backend, page_size):
             assert_compacted(layout, got[layer], want, starts, new.tolist(), n + 1)
 
 
+def test_head_major_cache(backend):
+    """A transformers-style cache [B, H, S, D] (positions inside each head) is its heads stacked: k.permute(1, 0, 2, 3)
+    with stacked=True moves it in place."""
+    gen = torch.Generator().manual_seed(12)
+    B, H, S, D, n = 2, 3, 16, 8, 6
+    parents = [-1, 0, 1, 0, 3, 4]
+    path, accepted = make_paths(gen, parents, B, False, ["full", 2])
+    k, v = (random_rows(gen, (B, H, S, D), torch.float16) for _ in range(2))
+    starts = [3, 10]
+    new, k_got, v_got = backend.compact_kv(k.permute(1, 0, 2, 3), v.permute(1, 0, 2, 3), path, accepted,
+                                           torch.tensor(starts), num_nodes=n, root_in_path=False, stacked=True)
+    for got, cache in ((k_got.permute(1, 0, 2, 3), k), (v_got.permute(1, 0, 2, 3), v)):
+        for b in range(B):
+            s, keep = starts[b], int(accepted[b])
+            kept = path[b, :keep].long()
+            assert torch.equal(as_bytes(got[b, :, :s]), as_bytes(cache[b, :, :s]))
+            assert torch.equal(as_bytes(got[b, :, s : s + keep]), as_bytes(cache[b, :, s + kept]))
+            assert torch.equal(as_bytes(got[b, :, s + n :]), as_bytes(cache[b, :, s + n :]))
+
+
 def test_chain_and_in_place_prefix(backend):
     """A chain (path[j] == j: nothing moves) and a path whose kept nodes overlap the positions written before them
     (node 2 is read at step 1, then position 2 is written at step 2)."""

@@ -6,6 +6,10 @@
 #include <ATen/ops/empty.h>
 #include <c10/util/Exception.h>
 
+#include <algorithm>
+#include <utility>
+#include <vector>
+
 #include "core/compact_kv.h"
 #include "ops/common.h"
 
@@ -35,9 +39,18 @@ inline void check_compact_cache(const char* op, const char* name, const at::Tens
                       t.strides());
     row *= t.size(d);
   }
-  TORCH_CHECK_VALUE(
-      (t.size(1) <= 1 || t.stride(1) >= row) && (t.size(0) <= 1 || t.stride(0) >= t.size(1) * t.stride(1)), op, ": ",
-      name, " has overlapping positions (strides ", t.strides(), ")");
+  // The outer dims (layers, B or pages, positions) by increasing stride: each steps past the extent of the smaller
+  // ones, starting from a row (so any order works: a head-major [B, H, S, D] cache permuted to [H, B, S, D]).
+  std::vector<std::pair<int64_t, int64_t>> outer;  // (stride, size) of the outer dims of size > 1
+  for (int64_t d = 0; d < 2 + first; ++d)
+    if (t.size(d) > 1) outer.emplace_back(t.stride(d), t.size(d));
+  std::sort(outer.begin(), outer.end());
+  int64_t extent = row;
+  for (const auto& [stride, size] : outer) {
+    TORCH_CHECK_VALUE(stride >= extent, op, ": ", name, " has overlapping positions (shape ", t.sizes(), ", strides ",
+                      t.strides(), ")");
+    extent = stride * size;
+  }
 }
 
 inline void check_int32(const char* op, const char* name, const at::Tensor& t, int64_t dim) {
