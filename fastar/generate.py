@@ -12,7 +12,7 @@ from typing import Optional, Sequence, Union
 
 import torch
 
-from .acceptance import greedy_verify, speculative_sample, tree_greedy_verify, tree_speculative_sample
+from .acceptance import compact_kv, greedy_verify, speculative_sample, tree_greedy_verify, tree_speculative_sample
 from .masks import Tree
 
 __all__ = ["SpeculativeStats", "speculative", "warp_logits"]
@@ -145,16 +145,16 @@ def _forward_tree(model, root: torch.Tensor, draft_ids: torch.Tensor, tree: Tree
                  position_ids=past + tree.position_ids.view(1, -1), past_key_values=cache, use_cache=True).logits
 
 
-def _gather_tail(cache, start: int, sources: Sequence[int]) -> None:
-    """Move the K/V at positions ``sources`` (increasing, each ``>=`` its destination) of every layer to
-    ``start, start + 1, ...`` and drop everything after them."""
+def _compact(cache, root: int, tree: Tree, path: torch.Tensor, num_accepted: torch.Tensor) -> None:
+    """Keep the K/V of the accepted path of ``tree`` (its root, node 0, at position ``root``) at consecutive
+    positions after the root, with :func:`fastar.compact_kv` on every layer's ``[B, H, S, D]`` tensors (heads as
+    the stacked dimension), and drop everything after them."""
+    seqlens = torch.full((1,), root, dtype=torch.int32, device=path.device)
     for layer in cache.layers:
-        for name in ("keys", "values"):
-            tensor = getattr(layer, name)
-            if sources:
-                index = torch.tensor(sources, device=tensor.device)
-                tensor[..., start : start + len(sources), :] = tensor.index_select(-2, index)
-            setattr(layer, name, tensor[..., : start + len(sources), :])
+        keys, values = layer.keys, layer.values
+        compact_kv(keys.transpose(0, 1), values.transpose(0, 1), path, num_accepted, seqlens,
+                   num_nodes=tree.num_nodes, root_in_path=True, stacked=True)
+    _keep(cache, root + 1 + int(num_accepted[0]))
 
 
 def _keep(cache, length: int) -> None:
@@ -274,7 +274,7 @@ def speculative(
             _keep(draft_cache, length + accepted)
         else:
             nodes = path[0, 1 : accepted + 1].tolist()
-            _gather_tail(target_cache, length, [length - 1 + node for node in nodes])
+            _compact(target_cache, length - 1, shape, path, num_accepted)
             # The draft's cache holds the first node of each level: kept while the path follows them.
             on_chain = next((d for d, node in enumerate(nodes) if node != 1 + sum(tree[:d])), len(nodes))
             _keep(draft_cache, length + on_chain)
