@@ -21,6 +21,11 @@ inline void define_schemas(torch::Library& m) {
   m.def(
       "speculative_sample(Tensor draft_token_ids, Tensor? draft_probs, Tensor target_probs, "
       "Tensor? num_draft_tokens, Tensor seed, Tensor offset) -> (Tensor tokens, Tensor num_accepted)");
+  // LANTERN's relaxed acceptance on the same chain (docs/acceptance.md): neighbors [V, k], each token's nearest
+  // codebook tokens, nearest first; delta in [0, 1] the total-variation budget of each draft's proximity set.
+  m.def(
+      "lantern_accept(Tensor draft_token_ids, Tensor? draft_probs, Tensor target_probs, Tensor neighbors, "
+      "float delta, Tensor? num_draft_tokens, Tensor seed, Tensor offset) -> (Tensor tokens, Tensor num_accepted)");
   m.def(
       "greedy_verify(Tensor draft_token_ids, Tensor target_logits, Tensor? num_draft_tokens=None) "
       "-> (Tensor tokens, Tensor num_accepted)");
@@ -148,6 +153,7 @@ inline void define_cpu_test_schemas(torch::Library& m) {
 
 inline void register_cpu_kernels(torch::Library& m) {
   m.impl("speculative_sample", &speculative_sample_op<run_speculative_sample_cpu>);
+  m.impl("lantern_accept", &lantern_accept_op<run_speculative_sample_cpu>);
   m.impl("greedy_verify", &greedy_verify_op<run_greedy_verify_cpu>);
   m.impl("tree_speculative_sample", &tree_speculative_sample_op<run_tree_speculative_sample_cpu>);
   m.impl("tree_greedy_verify", &tree_greedy_verify_op<run_tree_greedy_verify_cpu>);
@@ -165,6 +171,7 @@ inline void register_cpu_kernels(torch::Library& m) {
 // The CUDA kernels' glue; registered for CUDA in fastar._C and for CPU tensors in the SIMT build.
 inline void register_cuda_kernels(torch::Library& m) {
   m.impl("speculative_sample", &speculative_sample_op<run_speculative_sample_cuda>);
+  m.impl("lantern_accept", &lantern_accept_op<run_speculative_sample_cuda>);
   m.impl("tree_speculative_sample", &tree_speculative_sample_op<run_tree_speculative_sample_cuda>);
   m.impl("tree_greedy_verify", &tree_greedy_verify_op<run_tree_greedy_verify_cuda>);
   m.impl("typical_accept", &typical_accept_op<run_typical_accept_cuda>);

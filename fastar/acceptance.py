@@ -44,8 +44,8 @@ from ._common import (
 from .masks import Tree
 
 __all__ = [
-    "check_rows", "compact_kv", "debug_checks_enabled", "greedy_verify", "set_debug_checks", "speculative_sample",
-    "tree_greedy_verify", "tree_speculative_sample", "typical_accept",
+    "check_rows", "compact_kv", "debug_checks_enabled", "greedy_verify", "lantern_accept", "set_debug_checks",
+    "speculative_sample", "tree_greedy_verify", "tree_speculative_sample", "typical_accept",
 ]
 
 _debug_checks = os.environ.get("FASTAR_DEBUG_CHECKS", "0") == "1"
@@ -169,6 +169,62 @@ def _acceptance_outputs(draft_token_ids: torch.Tensor, rows: torch.Tensor):
 @fake("speculative_sample")
 def _speculative_sample_fake(draft_token_ids, draft_probs, target_probs, num_draft_tokens, seed, offset):
     one_device("speculative_sample", draft_token_ids, draft_probs, target_probs, num_draft_tokens)
+    return _acceptance_outputs(draft_token_ids, target_probs)
+
+
+def lantern_accept(
+    draft_token_ids: torch.Tensor,
+    draft_probs: Optional[torch.Tensor],
+    target_probs: torch.Tensor,
+    neighbors: torch.Tensor,
+    *,
+    delta: float,
+    num_draft_tokens: Optional[torch.Tensor] = None,
+    seed: Optional[int | torch.Tensor] = None,
+    offset: int | torch.Tensor = 0,
+) -> Tuple[torch.Tensor, torch.Tensor]:
+    """LANTERN's relaxed speculative sampling of a chain of image tokens (Jang et al., ICLR 2025; lossy).
+
+    Draft ``x_i`` is tested against its latent proximity set ``A``: ``x_i`` itself plus the longest prefix of
+    ``neighbors[x_i]`` whose target mass ``sum p_i(x')`` stays ``<= delta`` (so moving that mass onto ``x_i``
+    changes ``p_i`` by at most ``delta`` in total variation). It is accepted iff ``u_i <= p_i(A) / q_i(A)``
+    (``q_i(A) = 1`` without draft probabilities); at the first rejection a token is sampled from
+    ``norm(max(0, p_i - q_i))`` as in :func:`speculative_sample`, and if every draft was accepted a bonus token
+    from ``p_k``. A neighbour of zero target mass costs nothing and joins ``A``; so ``delta = 0`` is exactly
+    :func:`speculative_sample` for the same seed without draft probabilities, or where ``p`` has no zeros.
+    docs/acceptance.md ("LANTERN") has the reading of the paper and the choices it leaves open.
+
+    Args:
+        draft_token_ids, draft_probs, target_probs, num_draft_tokens, seed, offset: as :func:`speculative_sample`.
+        neighbors: int32/int64 ``[V, k]`` on the inputs' device: row ``t`` lists the ``k`` codebook tokens
+            nearest to ``t`` in latent space, nearest first. An entry equal to ``t`` is skipped, so a top-k
+            search that returns ``t`` itself can be passed as it is. Entries of a row should be distinct.
+        delta: the total-variation budget, in ``[0, 1]``.
+
+    Returns:
+        ``(tokens, num_accepted)`` as :func:`speculative_sample`. Every entry of a draft's neighbour row is
+        validated: an id outside ``[0, V)`` is reported as a bad token id (status 2), a NaN, negative or > 1
+        probability there as a bad value (status 4), as described in the module docs.
+    """
+    op = "fastar.lantern_accept"
+    _check_devices(op, "target_probs", target_probs, draft_token_ids=draft_token_ids, draft_probs=draft_probs,
+                   neighbors=neighbors, num_draft_tokens=num_draft_tokens)
+    seed_t, offset_t = philox_args(op, seed, offset, target_probs.device)
+    if _debug_checks:
+        _validate_values(op, draft_token_ids, target_probs, num_draft_tokens, True, draft_probs)
+        if neighbors.numel() and ((neighbors < 0) | (neighbors >= target_probs.shape[-1])).any():
+            raise IndexError(f"{op}: a neighbour id outside [0, {target_probs.shape[-1]})")
+    tokens, num_accepted = _common.ops().lantern_accept(
+        draft_token_ids, draft_probs, target_probs, neighbors, float(delta), num_draft_tokens, seed_t, offset_t
+    )
+    if _debug_checks:
+        check_rows(num_accepted, op)
+    return tokens, num_accepted
+
+
+@fake("lantern_accept")
+def _lantern_accept_fake(draft_token_ids, draft_probs, target_probs, neighbors, delta, num_draft_tokens, seed, offset):
+    one_device("lantern_accept", draft_token_ids, draft_probs, target_probs, neighbors, num_draft_tokens)
     return _acceptance_outputs(draft_token_ids, target_probs)
 
 

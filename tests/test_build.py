@@ -142,6 +142,12 @@ def _acceptance_samples(device):
         "quantize_kv_append": quantize_kv_append,
         "quantize_kivi_append": quantize_kivi_append,
         "speculative_sample": [to(ids, q, p, None, seed, offset), to(ids, None, p.half(), nd, seed, offset)],
+        # LANTERN on the chain: a neighbour table listing each token's successors (int64, then int32 with itself).
+        "lantern_accept": [
+            [*to(ids, q, p, (torch.arange(V)[:, None] + torch.arange(1, 4)) % V), 0.2, *to(None, seed, offset)],
+            [*to(ids.int(), None, p.bfloat16(), (torch.arange(V)[:, None] + torch.arange(0, 2)).int() % V), 1.0,
+             *to(nd, seed, offset)],
+        ],
         "sample_cfg": sample_cfg,
         "greedy_verify": [to(ids, p), to(ids.int(), p.bfloat16(), nd)],
         # A tree of the drafts: shared parents with draft probabilities, batched parents one-hot with a root node.
@@ -209,6 +215,7 @@ def test_public_api_compiles_without_graph_breaks():
     ids = torch.randint(0, V, (B, n))
 
     tree = fastar.masks.Tree([-1, 0, 0])
+    neighbors = (torch.arange(V)[:, None] + torch.arange(1, 5)) % V
 
     def step(ids, q, p, seed, offset, k_cache, v_cache):
         tokens, accepted = fastar.speculative_sample(ids, q, p, seed=seed, offset=offset)
@@ -219,8 +226,9 @@ def test_public_api_compiles_without_graph_breaks():
         _, typical_tree_tokens, _ = fastar.typical_accept(ids, p.log(), tree=tree, temperature=0.7)
         lengths = fastar.compact_kv(k_cache, v_cache, greedy_path, greedy_accepted, torch.tensor([1, 4]), num_nodes=n,
                                     root_in_path=False)
+        lantern_tokens, _ = fastar.lantern_accept(ids, q, p, neighbors, delta=0.3, seed=seed, offset=offset)
         return (tokens, accepted, greedy, path, tree_tokens, greedy_path, greedy_tokens, typical_tokens,
-                typical_tree_tokens, lengths)
+                typical_tree_tokens, lengths, lantern_tokens)
 
     compiled = torch.compile(step, fullgraph=True, backend="inductor")
     seed, offset = torch.tensor(7), torch.tensor(0)

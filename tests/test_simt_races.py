@@ -107,6 +107,21 @@ def test_speculative_sample(backend):
     assert_order_independent(lambda: backend.speculative_sample(drafts, None, p, seed=7), {"speculative_sample"})
 
 
+def test_lantern_accept(backend):
+    # LANTERN's draft test in the speculative_sample kernel: threads read their drafts' neighbour rows.
+    gen = torch.Generator().manual_seed(1)
+    B, K, V = 3, 4, 300
+    drafts = torch.randint(0, V, (B, K), generator=gen)
+    q = torch.softmax(torch.randn(B, K, V, generator=gen), -1)
+    p = torch.softmax(torch.randn(B, K + 1, V, generator=gen), -1)
+    neighbors = torch.stack([torch.randperm(V, generator=gen)[:16] for _ in range(V)])
+    num_draft = torch.tensor([4, 3, 1])
+    for draft_probs in (q, None):
+        run = lambda q=draft_probs: backend.lantern_accept(  # noqa: E731
+            drafts, q, p, neighbors, delta=0.05, num_draft_tokens=num_draft, seed=9)
+        assert_order_independent(run, {"speculative_sample"})
+
+
 def test_tree_speculative_sample(backend):
     # A wide root whose children the target rarely takes: rows reject several children at a node, so the
     # kernel writes weight rows (global memory, between barriers) and draws from them.

@@ -8,6 +8,7 @@
 #include "core/attention.h"
 #include "core/kivi_quant.h"
 #include "core/kv_quant.h"
+#include "core/lantern.h"
 #include "core/sampling.h"
 
 namespace fastar {
@@ -16,7 +17,7 @@ struct TreeSampleParams;  // core/tree_acceptance.h
 struct CompactKvParams;   // core/compact_kv.h
 
 // stream: a cudaStream_t (ignored by the SIMT emulator).
-void launch_speculative_sample(const SpeculativeSampleParams& prm, FloatKind kind, void* stream);
+void launch_speculative_sample(const ChainAcceptParams& prm, FloatKind kind, void* stream);
 void launch_greedy_verify(const GreedyVerifyParams& prm, FloatKind kind, void* stream);
 void launch_tree_speculative_sample(const TreeSampleParams& prm, FloatKind kind, void* stream);
 void launch_tree_greedy_verify(const TreeSampleParams& prm, FloatKind kind, void* stream);

@@ -3,7 +3,7 @@
 
 namespace fastar {
 
-void launch_speculative_sample(const SpeculativeSampleParams& prm, FloatKind kind, void* stream) {
+void launch_speculative_sample(const ChainAcceptParams& prm, FloatKind kind, void* stream) {
   constexpr int kThreads = 256;
   cuda::dispatch_device_float(kind, [&](auto tag) {
     launch_kernel("speculative_sample", &cuda::speculative_sample_kernel<decltype(tag), kThreads>,

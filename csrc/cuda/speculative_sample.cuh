@@ -1,6 +1,6 @@
-// CUDA kernel of fastar.speculative_sample: one block per batch row.
-//  1. Threads test the drafts in parallel (validation + Leviathan/Chen test); the first rejection is an
-//     atomicMin in shared memory.
+// CUDA kernel of fastar.speculative_sample and fastar.lantern_accept: one block per batch row.
+//  1. Threads test the drafts in parallel (validation + the Leviathan/Chen or LANTERN test, core/lantern.h);
+//     the first rejection is an atomicMin in shared memory.
 //  2. The block samples the token at that position from the residual (or the bonus row): each warp sums
 //     a contiguous segment of the row in fixed point, thread 0 picks the segment holding the target, and
 //     that warp scans it 32 tokens at a time. Integer sums make the token identical to the CPU kernel's.
@@ -26,7 +26,7 @@ struct SampleRowView {
 };
 
 template <typename P, int kThreads>
-__global__ void __launch_bounds__(kThreads) speculative_sample_kernel(SpeculativeSampleParams prm) {
+__global__ void __launch_bounds__(kThreads) speculative_sample_kernel(ChainAcceptParams prm) {
   using namespace accept;
   constexpr int kWarps = kThreads / 32;
   __shared__ int s_reject;
@@ -50,18 +50,10 @@ __global__ void __launch_bounds__(kThreads) speculative_sample_kernel(Speculativ
   }
   __syncthreads();
   for (int64_t i = tid; i < k; i += kThreads) {
-    const int64_t x = load_index(prm.draft_ids, prm.ids64, b * prm.ids_sb + i);
-    if (x < 0 || x >= V) {
-      atomicOr(&s_status, kBadTokenId);
-      continue;
-    }
-    const float p = to_float(tp[i * prm.tp_sn + x]);
-    const float q = dp ? to_float(dp[i * prm.dp_sn + x]) : 1.0f;
-    if (!prob_ok(p) || !prob_ok(q)) {
-      atomicOr(&s_status, kBadValue);
-      continue;
-    }
-    if (!accept_draft(draw(prm.seed, b, i).accept_u, p, q)) atomicMin(&s_reject, static_cast<int>(i));
+    bool passed = false;
+    const int32_t st = test_draft(prm, b, i, tp, dp, [](P v) { return to_float(v); }, &passed);
+    if (st) atomicOr(&s_status, st);
+    if (!st && !passed) atomicMin(&s_reject, static_cast<int>(i));
   }
   __syncthreads();
 

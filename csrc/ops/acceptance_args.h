@@ -12,6 +12,7 @@
 #include <tuple>
 
 #include "core/acceptance.h"
+#include "core/lantern.h"
 #include "core/tree_acceptance.h"
 #include "ops/common.h"
 
@@ -54,12 +55,9 @@ inline AcceptanceShapes check_acceptance_args(const char* op, const at::Tensor& 
   return {B, n, V};
 }
 
-inline AcceptanceShapes check_speculative_sample_args(const at::Tensor& ids,
-                                                      const std::optional<at::Tensor>& draft_probs,
-                                                      const at::Tensor& target_probs,
-                                                      const std::optional<at::Tensor>& num_draft,
-                                                      const at::Tensor& seed, const at::Tensor& offset) {
-  constexpr const char* op = "fastar.speculative_sample";
+inline AcceptanceShapes check_speculative_sample_args(
+    const at::Tensor& ids, const std::optional<at::Tensor>& draft_probs, const at::Tensor& target_probs,
+    const std::optional<at::Tensor>& num_draft, const at::Tensor& seed, const at::Tensor& offset, const char* op) {
   const AcceptanceShapes s = check_acceptance_args(op, ids, target_probs, "target_probs", num_draft);
   if (draft_probs) {
     check_float(op, "draft_probs", *draft_probs);
@@ -100,19 +98,22 @@ void fill_row_args(Params& prm, const at::Tensor& ids, const std::optional<at::T
 // Checked inputs with unit stride along V, the allocated outputs, and the kernel arguments over them
 // (the caller fills in the seed: a value on the CPU, possibly a device pointer on CUDA).
 struct SpeculativeSampleLaunch {
-  at::Tensor ids, target_probs, tokens, num_accepted, seed, offset;
+  at::Tensor ids, target_probs, tokens, num_accepted, seed, offset, neighbors;
   std::optional<at::Tensor> draft_probs, num_draft;
-  SpeculativeSampleParams prm;
+  ChainAcceptParams prm;
+  const char* op;  // the op's name in error messages
 };
 
 inline SpeculativeSampleLaunch prepare_speculative_sample(const at::Tensor& draft_token_ids,
                                                           const std::optional<at::Tensor>& draft_probs,
                                                           const at::Tensor& target_probs,
                                                           const std::optional<at::Tensor>& num_draft_tokens,
-                                                          const at::Tensor& seed, const at::Tensor& offset) {
+                                                          const at::Tensor& seed, const at::Tensor& offset,
+                                                          const char* op = "fastar.speculative_sample") {
   const AcceptanceShapes s =
-      check_speculative_sample_args(draft_token_ids, draft_probs, target_probs, num_draft_tokens, seed, offset);
+      check_speculative_sample_args(draft_token_ids, draft_probs, target_probs, num_draft_tokens, seed, offset, op);
   SpeculativeSampleLaunch l;
+  l.op = op;
   l.seed = seed;
   l.offset = offset;
   l.ids = draft_token_ids.contiguous();
@@ -120,8 +121,8 @@ inline SpeculativeSampleLaunch prepare_speculative_sample(const at::Tensor& draf
   if (draft_probs) l.draft_probs = unit_last_stride(*draft_probs);
   if (num_draft_tokens) l.num_draft = num_draft_tokens->contiguous();
   std::tie(l.tokens, l.num_accepted) = allocate_acceptance_outputs(l.target_probs, s.B, s.n);
-  SpeculativeSampleParams& prm = l.prm;
-  prm = SpeculativeSampleParams{};
+  ChainAcceptParams& prm = l.prm;
+  prm = ChainAcceptParams{};
   fill_row_args(prm, l.ids, l.num_draft, l.tokens, l.num_accepted, s);
   prm.draft_probs = l.draft_probs ? l.draft_probs->data_ptr() : nullptr;
   prm.dp_sb = l.draft_probs ? l.draft_probs->stride(0) : 0;
@@ -240,6 +241,31 @@ std::tuple<at::Tensor, at::Tensor> speculative_sample_op(const at::Tensor& draft
                                                          const at::Tensor& seed, const at::Tensor& offset) {
   SpeculativeSampleLaunch l =
       prepare_speculative_sample(draft_token_ids, draft_probs, target_probs, num_draft_tokens, seed, offset);
+  Run(l);
+  return {l.tokens, l.num_accepted};
+}
+
+// LANTERN's relaxed test on the chain op's kernels: neighbors int [V, k] (k >= 1), delta in [0, 1].
+template <void (*Run)(SpeculativeSampleLaunch&)>
+std::tuple<at::Tensor, at::Tensor> lantern_accept_op(const at::Tensor& draft_token_ids,
+                                                     const std::optional<at::Tensor>& draft_probs,
+                                                     const at::Tensor& target_probs, const at::Tensor& neighbors,
+                                                     double delta, const std::optional<at::Tensor>& num_draft_tokens,
+                                                     const at::Tensor& seed, const at::Tensor& offset) {
+  constexpr const char* op = "fastar.lantern_accept";
+  SpeculativeSampleLaunch l =
+      prepare_speculative_sample(draft_token_ids, draft_probs, target_probs, num_draft_tokens, seed, offset, op);
+  check_token_ids(op, "neighbors", neighbors, 2);
+  check_same_device(op, "neighbors", neighbors, target_probs);
+  TORCH_CHECK_VALUE(neighbors.size(0) == l.prm.V && neighbors.size(1) >= 1 && neighbors.size(1) <= (1 << 20), op,
+                    ": neighbors must have shape [V, k] = [", l.prm.V, ", k] with 1 <= k <= 2^20, got ",
+                    neighbors.sizes());
+  TORCH_CHECK_VALUE(std::isfinite(delta) && delta >= 0 && delta <= 1, op, ": delta must lie in [0, 1], got ", delta);
+  l.neighbors = neighbors.contiguous();
+  l.prm.neighbors = l.neighbors.data_ptr();
+  l.prm.nb64 = l.neighbors.scalar_type() == at::kLong;
+  l.prm.nb_k = l.neighbors.size(1);
+  l.prm.delta_fixed = static_cast<uint64_t>(std::nearbyint(delta * accept::kFixedScale));
   Run(l);
   return {l.tokens, l.num_accepted};
 }

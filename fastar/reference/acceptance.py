@@ -13,7 +13,8 @@ from typing import Dict, List, Optional, Sequence, Tuple
 import torch
 
 __all__ = [
-    "greedy_verify_reference", "philox4x32_10", "speculative_output_distribution", "speculative_sample_reference"
+    "greedy_verify_reference", "lantern_accept_reference", "lantern_first_token_distribution", "lantern_proximity_set",
+    "philox4x32_10", "speculative_output_distribution", "speculative_sample_reference",
 ]
 
 _MASK32 = 0xFFFFFFFF
@@ -100,6 +101,107 @@ def speculative_sample_reference(
         tokens[b, j] = t
         num_accepted[b] = j
     return tokens, num_accepted
+
+
+def lantern_proximity_set(p: torch.Tensor, x: int, neighbors: Sequence[int], delta: float) -> List[int]:
+    """LANTERN's latent proximity set of draft ``x`` under the target row ``p`` [V], in float64: ``x``, then
+    ``x``'s neighbours nearest first (entries equal to ``x`` skipped) while their cumulative target mass stays
+    ``<= delta``. Moving that mass onto ``x`` changes ``p`` by exactly that mass in total variation."""
+    p = p.double()
+    members, moved = [x], 0.0
+    for y in (int(v) for v in neighbors):
+        if y == x:
+            continue
+        moved += float(p[y])
+        if moved > delta:
+            break
+        members.append(y)
+    return members
+
+
+def lantern_accept_reference(
+    draft_token_ids: torch.Tensor,
+    draft_probs: Optional[torch.Tensor],
+    target_probs: torch.Tensor,
+    neighbors: torch.Tensor,
+    delta: float,
+    num_draft_tokens: Optional[torch.Tensor] = None,
+    seed: int = 0,
+    offset: int = 0,
+) -> Tuple[torch.Tensor, torch.Tensor]:
+    """What ``fastar.lantern_accept`` must return for this seed (valid inputs only): the documented algorithm
+    with its numbers (the proximity set and its masses in 2^-40 fixed point, the chain op's random numbers and
+    residual sampling)."""
+    batch, n = draft_token_ids.shape
+    tokens = torch.full((batch, n + 1), -1, dtype=torch.int32)
+    num_accepted = torch.zeros(batch, dtype=torch.int32)
+    p_all = target_probs.float().cpu()
+    q_all = None if draft_probs is None else draft_probs.float().cpu()
+    table = neighbors.cpu().tolist()
+    budget = round(delta * _FIXED_SCALE)
+    for b in range(batch):
+        k = n if num_draft_tokens is None else int(num_draft_tokens[b])
+        drafts = [int(x) for x in draft_token_ids[b, :k]]
+        emitted = None
+        for i, x in enumerate(drafts):
+            u, bits = _draws(seed, offset, b, i)
+            p_fixed = _fixed(p_all[b, i])
+            q_fixed = [_FIXED_SCALE if t == x else 0 for t in range(len(p_fixed))] if q_all is None else _fixed(
+                q_all[b, i])
+            members, moved = [x], 0
+            for y in table[x]:
+                if y == x:
+                    continue
+                moved += p_fixed[y]
+                if moved > budget:
+                    break
+                members.append(y)
+            p_mass, q_mass = sum(p_fixed[t] for t in members), sum(q_fixed[t] for t in members)
+            if u * float(q_mass) < float(p_mass):
+                tokens[b, i] = x
+                continue
+            if q_all is None:
+                residual = p_all[b, i].clone()
+                residual[x] = 0
+            else:
+                residual = p_all[b, i] - q_all[b, i]
+            t = _sample_fixed(_fixed(residual), bits)
+            if t is None:
+                t = _sample_fixed(_fixed(p_all[b, i]), bits)
+            emitted = (i, t)
+            break
+        if emitted is None:
+            _, bits = _draws(seed, offset, b, k)
+            emitted = (k, _sample_fixed(_fixed(p_all[b, k]), bits))
+        j, t = emitted
+        tokens[b, j] = t
+        num_accepted[b] = j
+    return tokens, num_accepted
+
+
+def lantern_first_token_distribution(
+    p: torch.Tensor, q: Optional[torch.Tensor], neighbors: torch.Tensor, delta: float, draft: Optional[int] = None
+) -> Tuple[torch.Tensor, torch.Tensor]:
+    """The paper's formula in float64 for one position: ``(accept, out)`` where ``accept[x] = min(1, p(A(x)) /
+    q(A(x)))`` is the acceptance probability of draft ``x`` and ``out`` [V] the distribution of the token
+    emitted there when the draft is sampled from ``q`` (or is ``draft`` with ``q`` one-hot when ``q`` is None):
+    accepted drafts, plus rejections resampled from ``norm(max(0, p - q))`` (``norm(p)`` if that is empty)."""
+    p = p.double()
+    vocab = p.shape[0]
+    if q is None:
+        q = torch.zeros(vocab, dtype=torch.float64)
+        q[draft] = 1.0
+    q = q.double()
+    accept = torch.zeros(vocab, dtype=torch.float64)
+    for x in range(vocab):
+        members = lantern_proximity_set(p, x, neighbors[x].tolist(), delta)
+        p_a, q_a = float(p[members].sum()), float(q[members].sum())
+        accept[x] = 1.0 if p_a >= q_a else p_a / q_a
+    residual = (p - q).clamp_min(0)
+    if residual.sum() == 0:
+        residual = p
+    out = q * accept + float((q * (1 - accept)).sum()) * residual / residual.sum()
+    return accept, out
 
 
 def speculative_output_distribution(
