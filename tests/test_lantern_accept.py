@@ -255,3 +255,12 @@ def test_bad_neighbor_values(backend):
         ok = torch.arange(4) != row
         want = lantern_accept_reference(drafts, q, p, table, 0.0, seed=3)
         assert torch.equal(tokens[ok], want[0][ok]) and torch.equal(num_accepted[ok], want[1][ok])
+
+
+def test_debug_checks_validate_the_whole_table(backend, debug_checks):
+    # Debug mode validates every neighbour id before the launch, also rows no draft reads, on every backend.
+    drafts, q, p, table = valid_case()
+    table = table.clone()
+    table[9, 0] = -1  # token 9 is no draft
+    with pytest.raises(IndexError, match=r"fastar.lantern_accept: a neighbour id outside \[0, 10\)"):
+        call(backend, drafts, q, p, table, 0.1, seed=3)
