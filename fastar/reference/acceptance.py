@@ -58,15 +58,10 @@ def _sample_fixed(weights: List[int], bits: int) -> Optional[int]:
     raise AssertionError("unreachable")
 
 
-def speculative_sample_reference(
-    draft_token_ids: torch.Tensor,
-    draft_probs: Optional[torch.Tensor],
-    target_probs: torch.Tensor,
-    num_draft_tokens: Optional[torch.Tensor] = None,
-    seed: int = 0,
-    offset: int = 0,
-) -> Tuple[torch.Tensor, torch.Tensor]:
-    """What ``fastar.speculative_sample`` must return for this seed (valid inputs only)."""
+def _chain_reference(draft_token_ids, draft_probs, target_probs, num_draft_tokens, seed, offset, accepts):
+    """The chain rule's walk, shared by the chain references: draft ``i`` of row ``b`` is kept while
+    ``accepts(b, i, x, u, p_all, q_all)``; at the first rejection a token is drawn from the residual
+    ``norm(max(p - q, 0))`` (``p`` without ``x`` when ``q_all`` is None), else the bonus token from ``p``."""
     batch, n = draft_token_ids.shape
     tokens = torch.full((batch, n + 1), -1, dtype=torch.int32)
     num_accepted = torch.zeros(batch, dtype=torch.int32)
@@ -79,9 +74,7 @@ def speculative_sample_reference(
         emitted = None
         for i, x in enumerate(drafts):
             u, bits = _draws(seed, offset, b, i)
-            p = float(p_all[b, i, x])
-            q = 1.0 if q_all is None else float(q_all[b, i, x])
-            if u * q < p:  # u <= p/q, without dividing by q
+            if accepts(b, i, x, u, p_all, q_all):
                 tokens[b, i] = x
                 continue
             if q_all is None:
@@ -101,6 +94,23 @@ def speculative_sample_reference(
         tokens[b, j] = t
         num_accepted[b] = j
     return tokens, num_accepted
+
+
+def speculative_sample_reference(
+    draft_token_ids: torch.Tensor,
+    draft_probs: Optional[torch.Tensor],
+    target_probs: torch.Tensor,
+    num_draft_tokens: Optional[torch.Tensor] = None,
+    seed: int = 0,
+    offset: int = 0,
+) -> Tuple[torch.Tensor, torch.Tensor]:
+    """What ``fastar.speculative_sample`` must return for this seed (valid inputs only)."""
+
+    def accepts(b, i, x, u, p_all, q_all):
+        q = 1.0 if q_all is None else float(q_all[b, i, x])
+        return u * q < float(p_all[b, i, x])  # u <= p/q, without dividing by q
+
+    return _chain_reference(draft_token_ids, draft_probs, target_probs, num_draft_tokens, seed, offset, accepts)
 
 
 def lantern_proximity_set(p: torch.Tensor, x: int, neighbors: Sequence[int], delta: float) -> List[int]:
@@ -132,51 +142,25 @@ def lantern_accept_reference(
     """What ``fastar.lantern_accept`` must return for this seed (valid inputs only): the documented algorithm
     with its numbers (the proximity set and its masses in 2^-40 fixed point, the chain op's random numbers and
     residual sampling)."""
-    batch, n = draft_token_ids.shape
-    tokens = torch.full((batch, n + 1), -1, dtype=torch.int32)
-    num_accepted = torch.zeros(batch, dtype=torch.int32)
-    p_all = target_probs.float().cpu()
-    q_all = None if draft_probs is None else draft_probs.float().cpu()
     table = neighbors.cpu().tolist()
     budget = round(delta * _FIXED_SCALE)
-    for b in range(batch):
-        k = n if num_draft_tokens is None else int(num_draft_tokens[b])
-        drafts = [int(x) for x in draft_token_ids[b, :k]]
-        emitted = None
-        for i, x in enumerate(drafts):
-            u, bits = _draws(seed, offset, b, i)
-            p_fixed = _fixed(p_all[b, i])
-            q_fixed = [_FIXED_SCALE if t == x else 0 for t in range(len(p_fixed))] if q_all is None else _fixed(
-                q_all[b, i])
-            members, moved = [x], 0
-            for y in table[x]:
-                if y == x:
-                    continue
-                moved += p_fixed[y]
-                if moved > budget:
-                    break
-                members.append(y)
-            p_mass, q_mass = sum(p_fixed[t] for t in members), sum(q_fixed[t] for t in members)
-            if u * float(q_mass) < float(p_mass):
-                tokens[b, i] = x
+
+    def accepts(b, i, x, u, p_all, q_all):
+        p_fixed = _fixed(p_all[b, i])
+        q_fixed = [_FIXED_SCALE if t == x else 0 for t in range(len(p_fixed))] if q_all is None else _fixed(
+            q_all[b, i])
+        members, moved = [x], 0
+        for y in table[x]:
+            if y == x:
                 continue
-            if q_all is None:
-                residual = p_all[b, i].clone()
-                residual[x] = 0
-            else:
-                residual = p_all[b, i] - q_all[b, i]
-            t = _sample_fixed(_fixed(residual), bits)
-            if t is None:
-                t = _sample_fixed(_fixed(p_all[b, i]), bits)
-            emitted = (i, t)
-            break
-        if emitted is None:
-            _, bits = _draws(seed, offset, b, k)
-            emitted = (k, _sample_fixed(_fixed(p_all[b, k]), bits))
-        j, t = emitted
-        tokens[b, j] = t
-        num_accepted[b] = j
-    return tokens, num_accepted
+            moved += p_fixed[y]
+            if moved > budget:
+                break
+            members.append(y)
+        p_mass, q_mass = sum(p_fixed[t] for t in members), sum(q_fixed[t] for t in members)
+        return u * float(q_mass) < float(p_mass)
+
+    return _chain_reference(draft_token_ids, draft_probs, target_probs, num_draft_tokens, seed, offset, accepts)
 
 
 def lantern_first_token_distribution(
