@@ -25,6 +25,9 @@ using namespace diffusion;
 
 constexpr float kInf = std::numeric_limits<float>::infinity();
 constexpr int64_t kPickBlock = 256;  // tokens per block of the inverse-CDF search
+// Weights by the vector exp only where fmadd is fused (as the scalar exp_nonpositive and CUDA's are): the generic
+// ISA's unfused fmadd rounds differently, so it takes the scalar loops to keep every backend's bits.
+constexpr bool kVectorExp = FASTAR_ISA_LEVEL > 0;
 
 struct Top2 {
   float first = -kInf, second = -kInf;  // the two largest values, a tie counted twice
@@ -73,7 +76,7 @@ void softmax_sums(const P* row, int64_t V, float m, bool entropy, PositionSums& 
   const Vec mv = Vec::broadcast(m), cap = Vec::broadcast(128.0f);
   VecU64Sum tot = VecU64Sum::zero(), ent = VecU64Sum::zero();
   int64_t t = 0;
-  for (; t + kW <= V; t += kW) {
+  for (; kVectorExp && t + kW <= V; t += kW) {
     const Vec g = Vec::load(row + t);
     const Vec e = exp(g - mv);
     tot = tot + fixed_weights(e);
@@ -113,7 +116,7 @@ int64_t sample_row(const P* row, int64_t V, float m, float inv_t, uint64_t bits,
     const int64_t end = std::min(V, (blk + 1) * kPickBlock);
     int64_t t = blk * kPickBlock;
     VecU64Sum acc = VecU64Sum::zero();
-    for (; t + kW <= end; t += kW) acc = acc + fixed_weights(exp((Vec::load(row + t) - mv) * iv));
+    for (; kVectorExp && t + kW <= end; t += kW) acc = acc + fixed_weights(exp((Vec::load(row + t) - mv) * iv));
     uint64_t sum = hsum(acc);
     for (; t < end; ++t) sum += sample_weight(static_cast<float>(row[t]), m, inv_t);
     sums[blk] = sum;
