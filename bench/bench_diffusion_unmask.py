@@ -130,17 +130,7 @@ TABLE = common.Table(
     "diffusion_unmask: fastar.diffusion_unmask vs one step of LLaDA's generate (float64 Gumbel noise over [B, L, V]"
     " at T > 0, float64 softmax, gather, per-row topk loop); median time per call, cold caches; GB/s: the masked"
     " block rows' logits read once / time; others: share of the cores other processes used meanwhile",
-    [
-        ("op", 16, lambda r: r["op"]),
-        ("shape", 40, lambda r: r["shape"]),
-        ("dtype", 5, lambda r: r["dtype"]),
-        ("fastar", 9, lambda r: common.format_time(r["fastar_s"])),
-        ("torch", 9, lambda r: common.format_time(r["torch_s"])),
-        ("speed-up", 8, lambda r: f"{r['speedup']:.1f}x"),
-        ("GB/s", 6, lambda r: f"{r['fastar_GBps']:.1f}"),
-        ("% copy", 6, lambda r: f"{r['fastar_pct_copy']:.0f}%"),
-        ("others", 6, lambda r: common.format_share(r["others_cpu_share"])),
-    ],
+    common.op_columns(16, 40, torch_gbps=False),
 )
 
 BENCH = common.OpBench("diffusion_unmask", CASES, make_inputs, run_fastar, run_torch, check, agree, metrics, TABLE,

@@ -108,18 +108,7 @@ def metrics(case: KvAppendCase, x: dict, runs: list) -> dict:
 TABLE = common.Table(
     "fastar/torch: median time per call, cold caches; GB/s: K and V read, codes and scales written / time;"
     " others: share of the cores that other processes used meanwhile",
-    [
-        ("op", 18, lambda r: r["op"]),
-        ("shape", 24, lambda r: r["shape"]),
-        ("dtype", 5, lambda r: r["dtype"]),
-        ("fastar", 9, lambda r: common.format_time(r["fastar_s"])),
-        ("torch", 9, lambda r: common.format_time(r["torch_s"])),
-        ("speed-up", 8, lambda r: f"{r['speedup']:.1f}x"),
-        ("GB/s", 6, lambda r: f"{r['fastar_GBps']:.1f}"),
-        ("% copy", 6, lambda r: f"{r['fastar_pct_copy']:.0f}%"),
-        ("torch GB/s", 10, lambda r: f"{r['torch_GBps']:.2f}"),
-        ("others", 6, lambda r: common.format_share(r["others_cpu_share"])),
-    ],
+    common.op_columns(18, 24),
 )
 
 BENCH = common.OpBench("quantize_kv_append", CASES, make_inputs, run_fastar, run_torch, check, agree, metrics, TABLE)

@@ -151,18 +151,7 @@ TABLE = common.Table(
     "sample_cfg: fastar.sample_cfg vs the PyTorch way (CFG mix, VAR's sample_with_top_k_top_p_: topk, sort,"
     " cumsum softmax, masked_fill, softmax, multinomial); median time per call, cold caches; GB/s: the logits"
     " read once and the tokens / time; others: share of the cores other processes used meanwhile",
-    [
-        ("op", 10, lambda r: r["op"]),
-        ("shape", 40, lambda r: r["shape"]),
-        ("dtype", 5, lambda r: r["dtype"]),
-        ("fastar", 9, lambda r: common.format_time(r["fastar_s"])),
-        ("torch", 9, lambda r: common.format_time(r["torch_s"])),
-        ("speed-up", 8, lambda r: f"{r['speedup']:.1f}x"),
-        ("GB/s", 6, lambda r: f"{r['fastar_GBps']:.1f}"),
-        ("% copy", 6, lambda r: f"{r['fastar_pct_copy']:.0f}%"),
-        ("torch GB/s", 10, lambda r: f"{r['torch_GBps']:.2f}"),
-        ("others", 6, lambda r: common.format_share(r["others_cpu_share"])),
-    ],
+    common.op_columns(10, 40),
 )
 
 

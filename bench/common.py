@@ -278,23 +278,29 @@ def device_name(device: str) -> str:
         return platform.processor() or platform.machine()
 
 
-ACCEPTANCE_TABLE = Table(
-    "fastar/torch: median time per call, cold caches; GB/s: bytes the op must move (from each run's"
-    " num_accepted) / time; accepted: mean accepted drafts per sequence; others: share of the cores that"
-    " other processes used meanwhile (above a few %, the timings are unreliable)",
-    [
-        ("op", 18, lambda r: r["op"]),
-        ("shape", 24, lambda r: r["shape"]),
+def op_columns(op_width: int, shape_width: int, *, torch_gbps: bool = True, extra: list[Column] = ()) -> list[Column]:
+    """The columns of an op-versus-PyTorch table: op, shape, dtype, both times, the ratio, fastar's bandwidth
+    (GB/s and % of the copy bandwidth), optionally PyTorch's, then `extra`, then the others' CPU share."""
+    return [
+        ("op", op_width, lambda r: r["op"]),
+        ("shape", shape_width, lambda r: r["shape"]),
         ("dtype", 5, lambda r: r["dtype"]),
         ("fastar", 9, lambda r: format_time(r["fastar_s"])),
         ("torch", 9, lambda r: format_time(r["torch_s"])),
         ("speed-up", 8, lambda r: f"{r['speedup']:.1f}x"),
         ("GB/s", 6, lambda r: f"{r['fastar_GBps']:.1f}"),
         ("% copy", 6, lambda r: f"{r['fastar_pct_copy']:.0f}%"),
-        ("torch GB/s", 10, lambda r: f"{r['torch_GBps']:.2f}"),
-        ("accepted", 8, lambda r: f"{r['mean_accepted']:.2f}/{r['n']}"),
+        *([("torch GB/s", 10, lambda r: f"{r['torch_GBps']:.2f}")] if torch_gbps else []),
+        *extra,
         ("others", 6, lambda r: format_share(r["others_cpu_share"])),
-    ],
+    ]
+
+
+ACCEPTANCE_TABLE = Table(
+    "fastar/torch: median time per call, cold caches; GB/s: bytes the op must move (from each run's"
+    " num_accepted) / time; accepted: mean accepted drafts per sequence; others: share of the cores that"
+    " other processes used meanwhile (above a few %, the timings are unreliable)",
+    op_columns(18, 24, extra=[("accepted", 8, lambda r: f"{r['mean_accepted']:.2f}/{r['n']}")]),
 )
 
 
