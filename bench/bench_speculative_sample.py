@@ -23,20 +23,27 @@ GOAL = 20.0  # the project's target speed-up over the baseline
 def torch_speculative_sample(draft_token_ids, draft_probs, target_probs):
     """Speculative sampling in plain PyTorch, as in vLLM's PyTorch path: whole-batch gathers, the residual
     of every position at once, then one multinomial draw per sequence. Same outputs format as fastar."""
+    n = draft_token_ids.shape[1]
+    ids = draft_token_ids.long().unsqueeze(-1)
+    p_x = target_probs[:, :n].gather(-1, ids).squeeze(-1).double()
+    u = torch.rand(p_x.shape, dtype=torch.float64, device=p_x.device)  # float64: float32 can give exactly 0
+    if draft_probs is None:  # q is one-hot at the draft
+        accepted = u <= p_x
+    else:
+        accepted = u * draft_probs.gather(-1, ids).squeeze(-1).double() <= p_x  # u <= p/q without dividing
+    return torch_chain_outputs(draft_token_ids, draft_probs, target_probs, accepted)
+
+
+def torch_chain_outputs(draft_token_ids, draft_probs, target_probs, accepted):
+    """The chain's outputs in plain PyTorch given each draft's test `accepted` [B, n]: the residual
+    norm(max(p - q, 0)) of every position at once (p without the draft when q is None), one multinomial draw
+    per sequence at its first rejection, or from the bonus row when every draft was accepted."""
     B, n = draft_token_ids.shape
     ids = draft_token_ids.long().unsqueeze(-1)
     p = target_probs[:, :n]
-    p_x = p.gather(-1, ids).squeeze(-1).double()
-    u = torch.rand(B, n, dtype=torch.float64, device=p.device)  # float64: float32 can give exactly 0
-    if draft_probs is None:  # q is one-hot at the draft
-        accepted = u <= p_x
-        residual = p.scatter(-1, ids, 0)
-    else:
-        accepted = u * draft_probs.gather(-1, ids).squeeze(-1).double() <= p_x  # u <= p/q without dividing
-        residual = (p - draft_probs).clamp_(min=0)
+    residual = p.scatter(-1, ids, 0) if draft_probs is None else (p - draft_probs).clamp_(min=0)
     residual /= residual.sum(-1, keepdim=True)
     num_accepted = accepted.long().cumprod(-1).sum(-1)
-    # Sample from the residual at the first rejection, or from the bonus row when every draft was accepted.
     rows = torch.where(
         (num_accepted < n)[:, None],
         residual[torch.arange(B, device=p.device), num_accepted.clamp(max=n - 1)],
@@ -89,22 +96,32 @@ def nbytes(x: dict, num_accepted: torch.Tensor) -> int:
 
 def acceptance_moments(x: dict) -> tuple[torch.Tensor, torch.Tensor]:
     """Exact per-sequence mean and variance of num_accepted given the drafts: draft i is accepted with
-    probability a_i = min(1, p_i(x_i) / q_i(x_i)), independently, up to the first rejection."""
+    probability a_i = min(1, p_i(x_i) / q_i(x_i))."""
     ids, q, p = x["draft_token_ids"].long().unsqueeze(-1), x["draft_probs"], x["target_probs"]
     n = ids.shape[1]
     a = p[:, :n].gather(-1, ids).squeeze(-1).double()
     if q is not None:
         a = (a / q.gather(-1, ids).squeeze(-1).double()).clamp_(max=1)
+    return chain_moments(a)
+
+
+def chain_moments(a: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Mean and variance of num_accepted [B] when draft i is accepted with probability a [B, n],
+    independently, up to the first rejection."""
     survive = a.cumprod(-1).cpu()  # P(num_accepted > i)
     mean = survive.sum(-1)
-    second = (survive * (2 * torch.arange(n) + 1)).sum(-1)  # E[N^2] = sum_i (2i + 1) P(N > i)
+    second = (survive * (2 * torch.arange(a.shape[1]) + 1)).sum(-1)  # E[N^2] = sum_i (2i + 1) P(N > i)
     return mean, second - mean**2
 
 
 def agree(x: dict, fastar_runs: list, torch_runs: list) -> None:
+    agree_with_moments(acceptance_moments(x), fastar_runs, torch_runs)
+
+
+def agree_with_moments(moments: tuple[torch.Tensor, torch.Tensor], fastar_runs: list, torch_runs: list) -> None:
     """Both samplers' mean num_accepted lies within 5 standard errors of its exact expectation (different
     RNGs, so only the statistics can agree)."""
-    mean, var = acceptance_moments(x)
+    mean, var = moments
     for name, runs in (("fastar", fastar_runs), ("torch", torch_runs)):
         observed = torch.stack([na for _, na in runs]).double().mean().item()
         stderr = (var.sum() / (len(runs) * len(mean) ** 2)).sqrt().item()
