@@ -16,6 +16,7 @@
 #include <vector>
 
 #include "core/diffusion.h"
+#include "cpu/kernels/fixed_point_row.h"
 #include "cpu/vec.h"
 
 FASTAR_ISA_BEGIN
@@ -24,7 +25,6 @@ namespace {
 using namespace diffusion;
 
 constexpr float kInf = std::numeric_limits<float>::infinity();
-constexpr int64_t kPickBlock = 256;  // tokens per block of the inverse-CDF search
 // Weights by the vector exp only where fmadd is fused (as the scalar exp_nonpositive and CUDA's are): the generic
 // ISA's unfused fmadd rounds differently, so it takes the scalar loops to keep every backend's bits.
 constexpr bool kVectorExp = FASTAR_ISA_LEVEL > 0;
@@ -108,28 +108,16 @@ int64_t first_max(const P* row, int64_t V, float m) {
 // The token at which the inclusive prefix sum of sample_weight first exceeds sample_target(bits, total).
 template <typename P>
 int64_t sample_row(const P* row, int64_t V, float m, float inv_t, uint64_t bits, std::vector<uint64_t>& sums) {
-  const int64_t blocks = (V + kPickBlock - 1) / kPickBlock;
-  sums.assign(blocks, 0);
   const Vec mv = Vec::broadcast(m), iv = Vec::broadcast(inv_t);
-  uint64_t total = 0;
-  for (int64_t blk = 0; blk < blocks; ++blk) {
-    const int64_t end = std::min(V, (blk + 1) * kPickBlock);
-    int64_t t = blk * kPickBlock;
+  auto weight = [&](int64_t t) { return sample_weight(static_cast<float>(row[t]), m, inv_t); };
+  auto block_sum = [&](int64_t t, int64_t end) {
     VecU64Sum acc = VecU64Sum::zero();
     for (; kVectorExp && t + kW <= end; t += kW) acc = acc + fixed_weights(exp((Vec::load(row + t) - mv) * iv));
     uint64_t sum = hsum(acc);
-    for (; t < end; ++t) sum += sample_weight(static_cast<float>(row[t]), m, inv_t);
-    sums[blk] = sum;
-    total += sum;
-  }
-  uint64_t target = accept::sample_target(bits, total);
-  int64_t blk = 0;
-  while (target >= sums[blk]) target -= sums[blk++];
-  uint64_t cum = 0;
-  for (int64_t t = blk * kPickBlock;; ++t) {
-    cum += sample_weight(static_cast<float>(row[t]), m, inv_t);
-    if (cum > target) return t;
-  }
+    for (; t < end; ++t) sum += weight(t);
+    return sum;
+  };
+  return sample_by_blocks(V, bits, sums, block_sum, weight);
 }
 
 template <typename P>

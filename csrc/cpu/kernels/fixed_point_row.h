@@ -1,7 +1,9 @@
 // Fixed-point inverse-CDF sampling over one probability row on the CPU (see core/acceptance.h for why
 // fixed point), compiled per ISA (cpu/vec.h): kW tokens per step, then a scalar tail, with identical results.
 #pragma once
+#include <algorithm>
 #include <cstdint>
+#include <vector>
 
 #include "core/acceptance.h"
 #include "cpu/vec.h"
@@ -83,5 +85,27 @@ struct FixedRow {
     return q ? accept::residual_weight(pt, static_cast<float>(q[t])) : accept::fixed_weight(pt);
   }
 };
+
+// The token at which the inclusive prefix sum of weight(t) over [0, V) first exceeds sample_target(bits, total):
+// block_sum(begin, end) sums whole blocks (vectorised, equal to the scalar sum), then one block is walked.
+template <typename BlockSum, typename Weight>
+int64_t sample_by_blocks(int64_t V, uint64_t bits, std::vector<uint64_t>& sums, BlockSum block_sum, Weight weight) {
+  constexpr int64_t kBlock = 256;
+  const int64_t blocks = (V + kBlock - 1) / kBlock;
+  sums.assign(blocks, 0);
+  uint64_t total = 0;
+  for (int64_t blk = 0; blk < blocks; ++blk) {
+    sums[blk] = block_sum(blk * kBlock, std::min(V, (blk + 1) * kBlock));
+    total += sums[blk];
+  }
+  uint64_t target = accept::sample_target(bits, total);
+  int64_t blk = 0;
+  while (target >= sums[blk]) target -= sums[blk++];
+  uint64_t cum = 0;
+  for (int64_t t = blk * kBlock;; ++t) {
+    cum += weight(t);
+    if (cum > target) return t;
+  }
+}
 
 FASTAR_ISA_END

@@ -20,6 +20,7 @@
 #include <vector>
 
 #include "core/sampling.h"
+#include "cpu/kernels/fixed_point_row.h"
 #include "cpu/vec.h"
 
 FASTAR_ISA_BEGIN
@@ -30,7 +31,6 @@ using namespace sampling;
 constexpr float kInf = std::numeric_limits<float>::infinity();
 constexpr int kBins = 2048;
 constexpr float kBinsPerUnit = 32.0f;  // bins cover max - x in [0, 64); the last one also everything below
-constexpr int64_t kPickBlock = 256;    // tokens per block of the inverse-CDF search
 
 struct Candidate {
   uint32_t key;
@@ -197,17 +197,12 @@ uint32_t threshold(const SampleCfgParams& prm, uint64_t total, Scratch& s) {
 }
 
 // The token at which the inclusive prefix sum of the kept weights (all, or key >= tau to filter) first exceeds
-// sample_target(bits, total): block sums first, then one block token by token.
+// sample_target(bits, total).
 template <bool kFilter>
 int64_t pick_token(const uint32_t* key, const uint64_t* w, int64_t V, uint32_t tau, uint64_t bits,
                    std::vector<uint64_t>& sums) {
   auto weight = [&](int64_t t) { return !kFilter || key[t] >= tau ? w[t] : 0; };
-  const int64_t blocks = (V + kPickBlock - 1) / kPickBlock;
-  sums.assign(blocks, 0);
-  uint64_t total = 0;
-  for (int64_t blk = 0; blk < blocks; ++blk) {
-    const int64_t end = std::min(V, (blk + 1) * kPickBlock);
-    int64_t t = blk * kPickBlock;
+  auto block_sum = [&](int64_t t, int64_t end) {
     VecU64Sum acc = VecU64Sum::zero();
     for (; t + kW <= end; t += kW) {
       if constexpr (kFilter) {
@@ -218,17 +213,9 @@ int64_t pick_token(const uint32_t* key, const uint64_t* w, int64_t V, uint32_t t
     }
     uint64_t sum = hsum(acc);
     for (; t < end; ++t) sum += weight(t);
-    sums[blk] = sum;
-    total += sum;
-  }
-  uint64_t target = accept::sample_target(bits, total);
-  int64_t blk = 0;
-  while (target >= sums[blk]) target -= sums[blk++];
-  uint64_t cum = 0;
-  for (int64_t t = blk * kPickBlock;; ++t) {
-    cum += weight(t);
-    if (cum > target) return t;
-  }
+    return sum;
+  };
+  return sample_by_blocks(V, bits, sums, block_sum, weight);
 }
 
 template <typename P>
