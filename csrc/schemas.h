@@ -102,8 +102,9 @@ inline void define_schemas(torch::Library& m) {
   // -1 for a row with invalid logits or count, which commits nothing).
   m.def(
       "diffusion_unmask(Tensor logits, Tensor(a!) x, Tensor? num_transfer, int mask_id, int block_start, "
-      "int block_end, str confidence, str rule, float threshold, float factor, float temperature, Tensor seed, "
-      "Tensor offset) -> (Tensor candidates, Tensor confidence, Tensor remaining)");
+      "int block_end, str confidence, str rule, float threshold, float factor, float temperature, "
+      "float confidence_noise, Tensor seed, Tensor offset) -> (Tensor candidates, Tensor confidence, "
+      "Tensor remaining)");
   // Quantize-on-append into an int8 / fp8 KV cache (docs/quantized_kvcache.md): token n's K and V rows
   // [N, Hkv, D] go to slot slot_mapping[n] of the caches [num_slots or (num_pages, page_size), Hkv, D]
   // (-1: skipped). int8 writes a scale per slot and head; fp8 does too when the scales are [num_slots, Hkv],

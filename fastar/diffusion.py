@@ -27,7 +27,8 @@ from .acceptance import debug_checks_enabled
 __all__ = ["UnmaskResult", "check_remaining", "diffusion_unmask", "maskgit_cosine_counts", "num_transfer_tokens"]
 
 _OP = "fastar.diffusion_unmask"
-CONFIDENCES = ("probability", "margin", "neg_entropy", "random")
+CONFIDENCES = ("probability", "log_probability", "margin", "neg_entropy", "random")
+THRESHOLD_RULES = ("fast_dllm", "dinfer", "dimple")
 
 
 class UnmaskResult(NamedTuple):
@@ -58,7 +59,9 @@ def diffusion_unmask(
     num_transfer: Optional[torch.Tensor] = None,
     threshold: Optional[float] = None,
     factor: Optional[float] = None,
+    threshold_rule: str = "fast_dllm",
     confidence: str = "probability",
+    confidence_noise: float = 0.0,
     temperature: float = 0.0,
     seed: Optional[int | torch.Tensor] = None,
     offset: int | torch.Tensor = 0,
@@ -72,14 +75,20 @@ def diffusion_unmask(
     * confidence (float32): ``"probability"`` of the candidate under ``softmax(logits[b, p])`` (LLaDA's
       ``low_confidence``, Dream's ``maskgit_plus``); ``"margin"`` top-1 minus top-2 probability (Dream's
       ``topk_margin``); ``"neg_entropy"`` ``sum p log p`` (Dream's ``entropy``); ``"random"`` uniform in [0, 1)
-      (LLaDA's ``random`` remasking). Dream tempers its confidences too: pass ``logits / temperature`` with
-      ``temperature=1`` for that.
+      (LLaDA's ``random`` remasking); ``"log_probability"`` the log of ``"probability"`` (MaskGIT). Dream tempers
+      its confidences too: pass ``logits / temperature`` with ``temperature=1`` for that.
+    * ``confidence_noise = s > 0`` adds ``s * g`` to each confidence, ``g`` a standard Gumbel draw of the position:
+      MaskGIT's annealed noise (``s = 4.5 * (1 - ratio)`` on ``"log_probability"``), or Dream's ``alg_temp = s``
+      (the top-k of ``c + s g`` is a draw without replacement from ``softmax(c / s)``, Dream's multinomial).
 
     Then per row, over its ``n`` masked block positions ordered by confidence (ties: the lower position first),
     exactly one rule commits candidates into ``x``:
 
     * ``num_transfer`` (int64 ``[B]``, LLaDA): the ``min(num_transfer[b], n)`` first;
-    * ``threshold`` (Fast-dLLM): the first, and every one with confidence ``>= threshold``;
+    * ``threshold`` with ``threshold_rule="fast_dllm"`` (Fast-dLLM): the first, and every one with confidence
+      ``>= threshold``; ``"dinfer"`` (dInfer): every one with confidence ``>= min(threshold, top - 1e-5)``;
+      ``"dimple"`` (Dimple's confident decoding; needs ``num_transfer`` too): every one with confidence
+      ``> threshold``, or if there is none the ``min(num_transfer[b], n)`` first;
     * ``factor`` (Fast-dLLM): the first ``r`` where ``r >= 1`` is the first rank whose confidence is below
       ``1 - factor / (r + 2)``; a stop at the last rank, or none, commits all ``n``.
 
@@ -91,7 +100,8 @@ def diffusion_unmask(
         mask_id: in ``[0, V)``.
         block_start, block_end: ``0 <= block_start < block_end <= L``.
         seed, offset: the Philox stream (``fastar.speculative_sample``'s convention); position ``(b, p)`` uses
-            ``(seed, offset, b, p)``. Only read at ``temperature > 0`` or with ``confidence="random"``; ``None``
+            ``(seed, offset, b, p)``. Only read at ``temperature > 0``, with ``confidence="random"`` or with
+            ``confidence_noise``; ``None``
             then draws a seed from torch's generator of the logits' device.
 
     Returns:
@@ -103,26 +113,36 @@ def diffusion_unmask(
     The same seed gives the same tokens on the CPU, the SIMT emulation and CUDA: softmax sums are fixed-point
     integers and every confidence one double expression of them (``docs/diffusion.md``).
     """
-    rules = [name for name, v in (("num_transfer", num_transfer), ("threshold", threshold), ("factor", factor))
-             if v is not None]
-    if len(rules) != 1:
-        raise ValueError(f"{_OP}: give exactly one of num_transfer, threshold or factor, got {rules or 'none'}")
-    rule = {"num_transfer": "topk", "threshold": "threshold", "factor": "factor"}[rules[0]]
+    if threshold_rule not in THRESHOLD_RULES:
+        raise ValueError(f"{_OP}: threshold_rule must be one of {THRESHOLD_RULES}, got {threshold_rule!r}")
+    if threshold_rule == "dimple":
+        if threshold is None or num_transfer is None or factor is not None:
+            raise ValueError(f"{_OP}: threshold_rule='dimple' needs threshold and num_transfer (and no factor)")
+        rule = "dimple"
+    else:
+        rules = [name for name, v in (("num_transfer", num_transfer), ("threshold", threshold), ("factor", factor))
+                 if v is not None]
+        if len(rules) != 1:
+            raise ValueError(f"{_OP}: give exactly one of num_transfer, threshold or factor, got {rules or 'none'}")
+        rule = {"num_transfer": "topk", "threshold": "threshold", "factor": "factor"}[rules[0]]
+        if rule == "threshold" and threshold_rule == "dinfer":
+            rule = "dinfer"
     if confidence not in CONFIDENCES:
         raise ValueError(f"{_OP}: confidence must be one of {CONFIDENCES}, got {confidence!r}")
-    for name, value in (("threshold", threshold), ("factor", factor), ("temperature", temperature)):
+    for name, value in (("threshold", threshold), ("factor", factor), ("temperature", temperature),
+                        ("confidence_noise", confidence_noise)):
         if value is not None and (not isinstance(value, (int, float)) or isinstance(value, bool)):
             raise TypeError(f"{_OP}: {name} must be a number, got {type(value).__name__}")
     mask_id = as_int(mask_id, f"{_OP}: mask_id")
     block_start = as_int(block_start, f"{_OP}: block_start")
     block_end = as_int(block_end, f"{_OP}: block_end")
-    if seed is None and temperature == 0 and confidence != "random":
+    if seed is None and temperature == 0 and confidence != "random" and confidence_noise == 0:
         seed = 0  # no randomness is read: leave torch's generator alone
     seed_t, offset_t = philox_args(_OP, seed, offset, logits.device)
     candidates, conf, remaining = _common.ops().diffusion_unmask(
         logits, x, num_transfer, mask_id, block_start, block_end, confidence, rule,
         float(threshold if threshold is not None else 0.0), float(factor if factor is not None else 0.0),
-        float(temperature), seed_t, offset_t,
+        float(temperature), float(confidence_noise), seed_t, offset_t,
     )
     if debug_checks_enabled():
         check_remaining(remaining)
@@ -162,7 +182,7 @@ def maskgit_cosine_counts(num_tokens: int, steps: int) -> List[int]:
 
 @fake("diffusion_unmask")
 def _diffusion_unmask_fake(logits, x, num_transfer, mask_id, block_start, block_end, confidence, rule, threshold,
-                           factor, temperature, seed, offset):
+                           factor, temperature, confidence_noise, seed, offset):
     _common.one_device("diffusion_unmask", logits, x, num_transfer)
     torch._check(logits.dim() == 3, lambda: "logits must be [B, L, V]")
     torch._check(x.dim() == 2, lambda: "x must be [B, L]")

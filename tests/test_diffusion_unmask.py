@@ -50,10 +50,11 @@ def random_case(gen, batch=3, length=24, vocab=50, spread=3.0, masked=0.7):
     return logits, x
 
 
-def philox_uniform(seed, offset, row, position):
-    """accept::draw's 53-bit uniform of (row, position), as float32 (the random confidence)."""
+def philox_uniform(seed, offset, row, position, dtype=torch.float32):
+    """accept::draw's 53-bit uniform of (row, position), as float32 (the random confidence) or float64 (the
+    uniform of the Gumbel noise)."""
     r = philox4x32_10([position, row, offset & 0xFFFFFFFF, offset >> 32], [seed & 0xFFFFFFFF, seed >> 32])
-    return float(torch.tensor((((r[0] << 32) | r[1]) >> 11) / 2.0**53, dtype=torch.float32))
+    return float(torch.tensor((((r[0] << 32) | r[1]) >> 11) / 2.0**53, dtype=dtype))
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -100,10 +101,13 @@ RULES = {
     "topk-all": lambda gen, b: dict(num_transfer=torch.full((b,), 100, dtype=torch.int64)),
     "threshold": lambda gen, b: dict(threshold=0.35),
     "factor": lambda gen, b: dict(factor=1.0),
+    "dinfer": lambda gen, b: dict(threshold=0.35, threshold_rule="dinfer"),
+    "dimple": lambda gen, b: dict(threshold=0.5, threshold_rule="dimple",
+                                  num_transfer=torch.randint(0, 6, (b,), generator=gen)),
 }
 
 
-@pytest.mark.parametrize("confidence", ["probability", "margin", "neg_entropy", "random"])
+@pytest.mark.parametrize("confidence", ["probability", "log_probability", "margin", "neg_entropy", "random"])
 @pytest.mark.parametrize("rule", list(RULES))
 def test_commits_match_reference(backend, confidence, rule):
     gen = torch.Generator().manual_seed(len(RULES) * list(RULES).index(rule) + len(confidence))
@@ -128,6 +132,87 @@ def test_commits_match_reference(backend, confidence, rule):
         # Never outside the block.
         assert torch.equal(got_x[:, :block_start], x[:, :block_start])
         assert torch.equal(got_x[:, block_end:], x[:, block_end:])
+
+
+@pytest.mark.parametrize("rule", ["topk", "dimple"])
+def test_maskgit_noise_matches_reference(backend, rule):
+    """MaskGIT's annealed noise: log p(candidate) + s * Gumbel(u) with u the position's Philox uniform, sampled
+    candidates; the same commits as the float64 formula."""
+    gen = torch.Generator().manual_seed(21)
+    for trial, noise in enumerate((0.3, 2.0, 4.5)):
+        logits, x = random_case(gen, spread=1.5)
+        kw = dict(mask_id=MASK, block_start=3, block_end=21, confidence="log_probability", confidence_noise=noise,
+                  temperature=1.0, seed=40 + trial, offset=2, **RULES[rule](gen, x.shape[0]))
+        if rule == "dimple":
+            kw["threshold"] = -2.0
+        got_x, cand, conf, _ = unmask(backend, logits, x, **kw)
+        masked = x[:, 3:21] == MASK
+        u = torch.tensor([[philox_uniform(40 + trial, 2, b, p, torch.float64) for p in range(x.shape[1])]
+                          for b in range(x.shape[0])], dtype=torch.float64)
+        # The candidates are the kernel's draws (checked elsewhere); given them, the confidences and commits.
+        full_cand = x.clone()
+        full_cand[:, 3:21] = torch.where(masked, cand, x[:, 3:21])
+        log_p = torch.log_softmax(logits.double(), -1).gather(-1, full_cand.unsqueeze(-1)).squeeze(-1)
+        want_conf = log_p + noise * -torch.log(-torch.log(u.clamp(min=2.0**-54)))
+        torch.testing.assert_close(conf[masked].double(), want_conf[:, 3:21][masked], rtol=1e-6, atol=1e-6)
+        ref_kw = {k: v for k, v in kw.items() if k not in ("seed", "offset", "temperature")}
+        ref_kw["confidence_noise"] = 0.0
+        ref_conf = torch.where(x == MASK, want_conf, torch.full_like(want_conf, -math.inf))
+        want_x = _commit_by_confidence(x, full_cand, ref_conf, **ref_kw)
+        assert torch.equal(got_x, want_x), f"trial {trial}: commits differ"
+
+
+def _commit_by_confidence(x, cand, conf, **kw):
+    """The reference's selection for given candidates and confidences: logits one-hot at the candidates with the
+    confidences as the random confidence."""
+    logits = torch.full(cand.shape + (int(max(cand.max(), x.max())) + 1,), -1e4, dtype=torch.float64)
+    logits.scatter_(-1, cand.unsqueeze(-1), 0.0)
+    kw["confidence"] = "random"
+    new_x, _, _ = diffusion_unmask_reference(logits, x.clone(), random_confidence=conf, **kw)
+    return new_x
+
+
+def test_dream_alg_temp_distribution(backend):
+    """Dream's alg_temp: committing the top-1 of confidence + s * Gumbel picks position j with probability
+    softmax(confidence / s)[j] (Dream's torch.multinomial); chi-square over many independent rows."""
+    n = rows(backend, 4000, 400)
+    vocab, alg_temp = 16, 0.25
+    base = torch.randn(6, vocab, generator=torch.Generator().manual_seed(8)) * 1.2
+    logits = base.expand(n, 6, vocab)
+    x = torch.full((n, 6), MASK)
+    _, _, conf, _ = unmask(backend, logits, x, mask_id=MASK, block_start=0, block_end=6,
+                           num_transfer=torch.zeros(n, dtype=torch.int64), confidence="probability")
+    clean = conf[0].double()
+    got_x, _, _, _ = unmask(backend, logits, x, mask_id=MASK, block_start=0, block_end=6,
+                            num_transfer=torch.ones(n, dtype=torch.int64), confidence="probability",
+                            confidence_noise=alg_temp, seed=123)
+    chosen = (got_x != MASK).int().argmax(1)
+    assert ((got_x != MASK).sum(1) == 1).all()
+    probs = torch.softmax(clean / alg_temp, -1).tolist()
+    p_value = chisquare_pvalue(Counter(chosen.tolist()), dict(enumerate(probs)), n)
+    assert p_value > P_THRESHOLD, f"chi-square p-value {p_value:.2e}"
+
+
+def test_dinfer_and_dimple_hand_cases(backend):
+    """Equal rows give equal confidences: dInfer's min(threshold, top - 1e-5) commits every tie of the top,
+    Fast-dLLM's rule only the first; Dimple falls back to the count when nothing passes its threshold."""
+    logits = torch.zeros(1, 5, 6)
+    logits[0, :, 2] = 2.0
+    logits[0, 4, 3] = 2.0  # position 4 is less sure (two equal tokens: the candidate is 2, at 0.39)
+    x = torch.full((1, 5), 5)
+    kw = dict(mask_id=5, block_start=0, block_end=5)
+    top_p = math.exp(2.0) / (math.exp(2.0) + 5)
+    assert top_p < 0.9
+    fast, _, _, _ = unmask(backend, logits, x, threshold=0.9, **kw)
+    dinfer, _, _, _ = unmask(backend, logits, x, threshold=0.9, threshold_rule="dinfer", **kw)
+    assert fast[0].tolist() == [2, 5, 5, 5, 5]
+    assert dinfer[0].tolist() == [2, 2, 2, 2, 5]
+    dimple, _, _, remaining = unmask(backend, logits, x, threshold=0.9, threshold_rule="dimple",
+                                     num_transfer=torch.tensor([2]), **kw)
+    assert dimple[0].tolist() == [2, 2, 5, 5, 5] and remaining.tolist() == [3]
+    dimple, _, _, _ = unmask(backend, logits, x, threshold=top_p - 0.01, threshold_rule="dimple",
+                             num_transfer=torch.tensor([1]), **kw)
+    assert dimple[0].tolist() == [2, 2, 2, 2, 5]
 
 
 def test_ties_go_to_the_lowest_position(backend):
@@ -213,6 +298,11 @@ def _case():
     (dict(block_start=-1, block_end=3), "block"),
     (dict(temperature=-1.0), "temperature"),
     (dict(confidence="low_confidence"), "confidence must be one of"),
+    (dict(threshold_rule="fast"), "threshold_rule must be one of"),
+    (dict(threshold_rule="dimple"), "needs threshold and num_transfer"),
+    (dict(confidence_noise=-1.0), "confidence_noise must be finite and >= 0"),
+    (dict(confidence_noise=math.inf), "confidence_noise must be finite and >= 0"),
+    (dict(confidence="random", confidence_noise=1.0), "confidence_noise does not apply"),
 ])
 def test_bad_arguments_raise(backend, kw, match):
     logits, x = _case()

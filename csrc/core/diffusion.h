@@ -30,10 +30,11 @@ enum Status : int32_t {
 
 // What the confidence of a masked position is (the `confidence` argument of the op).
 enum Confidence : int32_t {
-  kProbability = 0,  // softmax(logits)[candidate]  (LLaDA low_confidence, Dream maskgit_plus)
-  kMargin = 1,       // top-1 minus top-2 probability (Dream topk_margin)
-  kNegEntropy = 2,   // sum p log p (Dream entropy)
-  kRandom = 3,       // uniform in [0, 1) from the Philox draw of the position (LLaDA random)
+  kProbability = 0,     // softmax(logits)[candidate]  (LLaDA low_confidence, Dream maskgit_plus)
+  kMargin = 1,          // top-1 minus top-2 probability (Dream topk_margin)
+  kNegEntropy = 2,      // sum p log p (Dream entropy)
+  kRandom = 3,          // uniform in [0, 1) from the Philox draw of the position (LLaDA random)
+  kLogProbability = 4,  // log softmax(logits)[candidate] (MaskGIT)
 };
 
 // Which masked positions of the current block are committed (the `rule` argument).
@@ -41,6 +42,8 @@ enum Rule : int32_t {
   kTopK = 0,       // the num_transfer[b] most confident (LLaDA)
   kThreshold = 1,  // the most confident, and every one with confidence >= threshold (Fast-dLLM)
   kFactor = 2,     // Fast-dLLM's factor rule (factor_count)
+  kDInfer = 3,     // every one with confidence >= min(threshold, top - 1e-5) (dInfer)
+  kDimple = 4,     // every one with confidence > threshold, or if none the num_transfer[b] first (Dimple)
 };
 
 constexpr double kFixedOne = accept::kFixedScale;  // the weight of the maximum logit, 2^40
@@ -88,19 +91,35 @@ struct PositionSums {
   uint64_t second;   // fixed(exp(second largest - max)): 2^40 when the maximum is tied, kMargin only
 };
 
-// The confidence of a position whose candidate has logit x_cand; u is its uniform draw (kRandom).
-FASTAR_HD float confidence_of(int32_t kind, const PositionSums& s, float x_cand, float max, double u) {
+// -log(-log u), a standard Gumbel draw, from the position's uniform u in [0, 1) (0 taken as 2^-54), by IEEE
+// operations and log_at_least_one alone.
+FASTAR_HD double gumbel(double u) {
+  const double nl = log_at_least_one(1.0 / (u > 0.0 ? u : 0x1p-54));  // -log u > 0
+  return nl >= 1.0 ? -log_at_least_one(nl) : log_at_least_one(1.0 / nl);
+}
+
+// The confidence of a position whose candidate has logit x_cand; u is its uniform draw (kRandom, and the Gumbel
+// noise scaled by `noise` added to the other kinds: MaskGIT's annealed noise, Dream's alg_temp).
+FASTAR_HD float confidence_of(int32_t kind, const PositionSums& s, float x_cand, float max, double u, double noise) {
   const double total = static_cast<double>(s.total);
+  double c;
   switch (kind) {
     case kProbability:
-      return static_cast<float>(static_cast<double>(sampling::token_weight(x_cand, max)) / total);
+      c = static_cast<double>(sampling::token_weight(x_cand, max)) / total;
+      break;
+    case kLogProbability:  // the candidate's weight is > 0: the argmax's is 2^40, a sampled one was drawn by it
+      c = -log_at_least_one(total / static_cast<double>(sampling::token_weight(x_cand, max)));
+      break;
     case kMargin:
-      return static_cast<float>(static_cast<double>(static_cast<uint64_t>(kFixedOne) - s.second) / total);
+      c = static_cast<double>(static_cast<uint64_t>(kFixedOne) - s.second) / total;
+      break;
     case kNegEntropy:
-      return static_cast<float>(-(static_cast<double>(s.entropy) / total) - log_at_least_one(total / kFixedOne));
+      c = -(static_cast<double>(s.entropy) / total) - log_at_least_one(total / kFixedOne);
+      break;
     default:
       return static_cast<float>(u);
   }
+  return static_cast<float>(noise > 0.0 ? fma(noise, gumbel(u), c) : c);
 }
 
 // The sampling weight of a token at temperature 1 / inv_temperature.
@@ -125,17 +144,22 @@ FASTAR_HD int64_t factor_count(const float* sorted, int64_t n, double factor) {
   return r;
 }
 
-// How many positions (by rank) a top-k or factor row commits out of its n masked ones.
-FASTAR_HD int64_t rank_quota(int32_t rule, int64_t n, int64_t requested, const float* sorted, double factor) {
+// How many of a row's n masked positions are committed: those of rank < this count, `sorted` holding their
+// confidences in descending order (every rule commits a prefix of that order).
+FASTAR_HD int64_t rank_quota(int32_t rule, int64_t n, int64_t requested, const float* sorted, double threshold,
+                             double factor) {
   if (n == 0) return 0;
   if (rule == kFactor) return factor_count(sorted, n, factor);
-  return requested < n ? requested : n;
-}
-
-// Whether the masked position of rank `rank` (confidence c) is committed.
-FASTAR_HD bool commits(int32_t rule, int64_t rank, float c, int64_t quota, double threshold) {
-  if (rule == kThreshold) return rank == 0 || static_cast<double>(c) >= threshold;
-  return rank < quota;
+  if (rule == kTopK) return requested < n ? requested : n;
+  int64_t r = 0;
+  if (rule == kDimple) {
+    while (r<n&& static_cast<double>(sorted[r])> threshold) ++r;
+    return r > 0 ? r : requested < n ? requested : n;
+  }
+  const double top = static_cast<double>(sorted[0]) - 1e-5;
+  const double bar = rule == kDInfer && top < threshold ? top : threshold;
+  while (r < n && static_cast<double>(sorted[r]) >= bar) ++r;
+  return r > 0 ? r : 1;  // kThreshold: the most confident always
 }
 
 }  // namespace fastar::diffusion
@@ -158,7 +182,8 @@ struct DiffusionUnmaskParams {
   int32_t confidence_kind, rule;
   float inv_temperature;  // 0: the argmax (lowest index among equal maxima)
   double threshold, factor;
-  PhiloxSeed seed;  // position (b, p) draws accept::draw(seed, b, p): sample_bits and accept_u (kRandom)
+  double confidence_noise;  // scale of the Gumbel noise added to each confidence (0: none)
+  PhiloxSeed seed;          // position (b, p) draws accept::draw(seed, b, p): sample_bits and accept_u (kRandom)
 };
 
 }  // namespace fastar

@@ -32,10 +32,11 @@ int64_t select_row(const DiffusionUnmaskParams& prm, int64_t b, std::vector<floa
     rank[j] = r;
     sorted[r] = conf[j];
   }
-  const int64_t quota = rank_quota(prm.rule, n, prm.num_transfer ? prm.num_transfer[b] : 0, sorted.data(), prm.factor);
+  const int64_t quota =
+      rank_quota(prm.rule, n, prm.num_transfer ? prm.num_transfer[b] : 0, sorted.data(), prm.threshold, prm.factor);
   int64_t committed = 0;
   for (int64_t j = 0; j < Lb; ++j) {
-    if (rank[j] >= 0 && commits(prm.rule, rank[j], conf[j], quota, prm.threshold)) {
+    if (rank[j] >= 0 && rank[j] < quota) {
       prm.x[b * prm.L + prm.block_start + j] = cand[j];
       committed += cand[j] != prm.mask_id;
     }

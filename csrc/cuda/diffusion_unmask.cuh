@@ -161,7 +161,7 @@ __global__ void __launch_bounds__(kThreads) diffusion_scores_kernel(DiffusionUnm
     const int64_t token = s_index[0];
     const PositionSums s{total, entropy, kind == kMargin ? sampling::token_weight(s_next, m) : 0};
     prm.candidates[i] = token;
-    prm.confidence[i] = confidence_of(kind, s, to_float(row[token]), m, d.accept_u);
+    prm.confidence[i] = confidence_of(kind, s, to_float(row[token]), m, d.accept_u, prm.confidence_noise);
     prm.status[i] = kOk;
   }
 }
@@ -204,12 +204,12 @@ __global__ void __launch_bounds__(kThreads) diffusion_select_kernel(DiffusionUnm
   }
   __syncthreads();
   if (tid == 0) {
-    s_quota = rank_quota(prm.rule, s_n, prm.num_transfer ? prm.num_transfer[b] : 0, sorted, prm.factor);
+    s_quota = rank_quota(prm.rule, s_n, prm.num_transfer ? prm.num_transfer[b] : 0, sorted, prm.threshold, prm.factor);
   }
   __syncthreads();
   unsigned long long committed = 0;
   for (int64_t j = tid; j < Lb; j += kThreads) {
-    if (cand[j] >= 0 && commits(prm.rule, rank_of(j), conf[j], s_quota, prm.threshold)) {
+    if (cand[j] >= 0 && rank_of(j) < s_quota) {
       prm.x[b * prm.L + prm.block_start + j] = cand[j];
       committed += cand[j] != prm.mask_id;
     }

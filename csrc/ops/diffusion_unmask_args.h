@@ -28,7 +28,9 @@ inline int32_t parse_confidence(const char* op, c10::string_view name) {
   if (name == "margin") return diffusion::kMargin;
   if (name == "neg_entropy") return diffusion::kNegEntropy;
   if (name == "random") return diffusion::kRandom;
-  TORCH_CHECK_VALUE(false, op, ": confidence must be 'probability', 'margin', 'neg_entropy' or 'random', got '",
+  if (name == "log_probability") return diffusion::kLogProbability;
+  TORCH_CHECK_VALUE(false, op,
+                    ": confidence must be 'probability', 'log_probability', 'margin', 'neg_entropy' or 'random', got '",
                     std::string(name), "'");
 }
 
@@ -36,15 +38,16 @@ inline int32_t parse_rule(const char* op, c10::string_view name) {
   if (name == "topk") return diffusion::kTopK;
   if (name == "threshold") return diffusion::kThreshold;
   if (name == "factor") return diffusion::kFactor;
-  TORCH_CHECK_VALUE(false, op, ": rule must be 'topk', 'threshold' or 'factor', got '", std::string(name), "'");
+  if (name == "dinfer") return diffusion::kDInfer;
+  if (name == "dimple") return diffusion::kDimple;
+  TORCH_CHECK_VALUE(false, op, ": rule must be 'topk', 'threshold', 'factor', 'dinfer' or 'dimple', got '",
+                    std::string(name), "'");
 }
 
-inline DiffusionUnmaskLaunch prepare_diffusion_unmask(const at::Tensor& logits, const at::Tensor& x,
-                                                      const std::optional<at::Tensor>& num_transfer, int64_t mask_id,
-                                                      int64_t block_start, int64_t block_end,
-                                                      c10::string_view confidence, c10::string_view rule,
-                                                      double threshold, double factor, double temperature,
-                                                      const at::Tensor& seed, const at::Tensor& offset) {
+inline DiffusionUnmaskLaunch prepare_diffusion_unmask(
+    const at::Tensor& logits, const at::Tensor& x, const std::optional<at::Tensor>& num_transfer, int64_t mask_id,
+    int64_t block_start, int64_t block_end, c10::string_view confidence, c10::string_view rule, double threshold,
+    double factor, double temperature, double confidence_noise, const at::Tensor& seed, const at::Tensor& offset) {
   constexpr const char* op = "fastar.diffusion_unmask";
   check_float_dtype(op, "logits", logits);
   TORCH_CHECK_VALUE(logits.dim() == 3, op, ": logits must be [B, L, V], got shape ", logits.sizes());
@@ -73,8 +76,9 @@ inline DiffusionUnmaskLaunch prepare_diffusion_unmask(const at::Tensor& logits, 
   prm = DiffusionUnmaskParams{};
   prm.confidence_kind = parse_confidence(op, confidence);
   prm.rule = parse_rule(op, rule);
-  if (prm.rule == diffusion::kTopK) {
-    TORCH_CHECK_VALUE(num_transfer.has_value(), op, ": rule='topk' needs num_transfer (int64 [B])");
+  const bool counts = prm.rule == diffusion::kTopK || prm.rule == diffusion::kDimple;
+  if (counts) {
+    TORCH_CHECK_VALUE(num_transfer.has_value(), op, ": rule='", std::string(rule), "' needs num_transfer (int64 [B])");
     const at::Tensor& k = *num_transfer;
     TORCH_CHECK_TYPE(k.scalar_type() == at::kLong, op, ": num_transfer must be int64, got ", k.scalar_type());
     TORCH_CHECK_VALUE(k.dim() == 1 && k.size(0) == B, op, ": num_transfer must be [B] = [", B, "], got ", k.sizes());
@@ -82,10 +86,15 @@ inline DiffusionUnmaskLaunch prepare_diffusion_unmask(const at::Tensor& logits, 
     l.num_transfer = k.contiguous();
     prm.num_transfer = l.num_transfer.data_ptr<int64_t>();
   } else {
-    TORCH_CHECK_VALUE(!num_transfer.has_value(), op, ": num_transfer applies to rule='topk' only");
+    TORCH_CHECK_VALUE(!num_transfer.has_value(), op, ": num_transfer applies to rule='topk' and 'dimple' only");
   }
-  TORCH_CHECK_VALUE(prm.rule != diffusion::kThreshold || std::isfinite(threshold), op,
-                    ": threshold must be finite, got ", threshold);
+  const bool thresholded =
+      prm.rule == diffusion::kThreshold || prm.rule == diffusion::kDInfer || prm.rule == diffusion::kDimple;
+  TORCH_CHECK_VALUE(!thresholded || std::isfinite(threshold), op, ": threshold must be finite, got ", threshold);
+  TORCH_CHECK_VALUE(std::isfinite(confidence_noise) && confidence_noise >= 0, op,
+                    ": confidence_noise must be finite and >= 0, got ", confidence_noise);
+  TORCH_CHECK_VALUE(confidence_noise == 0 || prm.confidence_kind != diffusion::kRandom, op,
+                    ": confidence_noise does not apply to confidence='random'");
   TORCH_CHECK_VALUE(prm.rule != diffusion::kFactor || (std::isfinite(factor) && factor > 0), op,
                     ": factor must be finite and > 0, got ", factor);
   const float inv_t = temperature > 0 ? static_cast<float>(1.0 / temperature) : 0.0f;
@@ -117,6 +126,7 @@ inline DiffusionUnmaskLaunch prepare_diffusion_unmask(const at::Tensor& logits, 
   prm.inv_temperature = inv_t;
   prm.threshold = threshold;
   prm.factor = factor;
+  prm.confidence_noise = confidence_noise;
   return l;
 }
 
@@ -129,9 +139,10 @@ template <void (*Run)(DiffusionUnmaskLaunch&)>
 std::tuple<at::Tensor, at::Tensor, at::Tensor> diffusion_unmask_op(
     const at::Tensor& logits, at::Tensor& x, const std::optional<at::Tensor>& num_transfer, int64_t mask_id,
     int64_t block_start, int64_t block_end, c10::string_view confidence, c10::string_view rule, double threshold,
-    double factor, double temperature, const at::Tensor& seed, const at::Tensor& offset) {
-  DiffusionUnmaskLaunch l = prepare_diffusion_unmask(logits, x, num_transfer, mask_id, block_start, block_end,
-                                                     confidence, rule, threshold, factor, temperature, seed, offset);
+    double factor, double temperature, double confidence_noise, const at::Tensor& seed, const at::Tensor& offset) {
+  DiffusionUnmaskLaunch l =
+      prepare_diffusion_unmask(logits, x, num_transfer, mask_id, block_start, block_end, confidence, rule, threshold,
+                               factor, temperature, confidence_noise, seed, offset);
   Run(l);
   return {l.candidates, l.confidence, l.remaining};
 }

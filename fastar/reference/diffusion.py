@@ -5,7 +5,9 @@ masked-diffusion LMs, shared with the tests and the benchmark.
   random remasking and the per-row ``topk`` over the masked positions of the current block;
 * Fast-dLLM (``get_transfer_index``, ``get_transfer_index_dynamic``): the threshold and factor rules;
 * Dream (``sample_tokens``): the ``maskgit_plus`` / ``topk_margin`` / ``entropy`` confidences;
-* MaskGIT: the cosine schedule of masked counts.
+* dInfer's threshold (``min(threshold, max confidence - 1e-5)``) and Dimple's confident decoding (every confidence
+  above the threshold, else the scheduled count);
+* MaskGIT: the cosine schedule of masked counts, and its annealed Gumbel noise on the log-probabilities.
 
 Ties: where the official code calls ``torch.topk`` (whose order among equal values is unspecified), this
 reference takes equal confidences by the lowest position (a stable descending sort); ``argmax`` takes the lowest
@@ -54,10 +56,13 @@ def add_gumbel_noise(logits: torch.Tensor, temperature: float, generator: Option
 def diffusion_confidence_reference(logits: torch.Tensor, x0: torch.Tensor, kind: str) -> torch.Tensor:
     """float64 ``[B, L]`` confidence of candidates ``x0`` under ``softmax(logits)`` (float64): ``"probability"``
     (LLaDA's gather of ``x0_p``, Dream's ``maskgit_plus``), ``"margin"`` (Dream's ``topk_margin``: top-1 minus
-    top-2 probability), ``"neg_entropy"`` (Dream's ``entropy``: ``sum p log(p + 1e-10)``)."""
+    top-2 probability), ``"neg_entropy"`` (Dream's ``entropy``: ``sum p log(p + 1e-10)``), ``"log_probability"``
+    (MaskGIT's ``log(probs)`` of the sampled token)."""
     p = torch.softmax(logits.to(torch.float64), dim=-1)
     if kind == "probability":
         return torch.gather(p, -1, x0.unsqueeze(-1)).squeeze(-1)
+    if kind == "log_probability":
+        return torch.gather(torch.log_softmax(logits.to(torch.float64), dim=-1), -1, x0.unsqueeze(-1)).squeeze(-1)
     if kind == "margin":
         sorted_probs, _ = torch.sort(p, dim=-1, descending=True)
         return sorted_probs[..., 0] - sorted_probs[..., 1]
@@ -89,20 +94,26 @@ def diffusion_unmask_reference(
     num_transfer: Optional[torch.Tensor] = None,
     threshold: Optional[float] = None,
     factor: Optional[float] = None,
+    threshold_rule: str = "fast_dllm",
     confidence: str = "probability",
+    confidence_noise: float = 0.0,
     temperature: float = 0.0,
     random_confidence: Optional[torch.Tensor] = None,
     generator: Optional[torch.Generator] = None,
 ) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """One step of the official loop (LLaDA's ``generate`` body, Fast-dLLM's ``get_transfer_index`` /
-    ``get_transfer_index_dynamic``): returns ``(new x, x0, confidence)``, the confidence float64 ``[B, L]``
-    (-inf off the masked block positions). ``random_confidence`` ``[B, L]`` stands for ``torch.rand`` of the
-    random remasking."""
+    ``get_transfer_index_dynamic``, dInfer's and Dimple's thresholds, MaskGIT's noisy confidence): returns
+    ``(new x, x0, confidence)``, the confidence float64 ``[B, L]`` (-inf off the masked block positions).
+    ``random_confidence`` ``[B, L]`` stands for ``torch.rand`` of the random remasking, and is the uniform of
+    MaskGIT's Gumbel noise ``confidence_noise * -log(-log u)``."""
     x0 = torch.argmax(add_gumbel_noise(logits, temperature, generator), dim=-1)
     if confidence == "random":
         x0_p = random_confidence.to(torch.float64)
     else:
         x0_p = diffusion_confidence_reference(logits, x0, confidence)
+        if confidence_noise:
+            u = random_confidence.to(torch.float64).clamp(min=2.0**-54)  # the kernels' stand-in for u = 0
+            x0_p = x0_p + confidence_noise * -torch.log(-torch.log(u))
     mask_index = x == mask_id
     mask_index[:, :block_start] = False
     mask_index[:, block_end:] = False
@@ -112,9 +123,16 @@ def diffusion_unmask_reference(
     for j in range(conf.shape[0]):
         n = int(mask_index[j].sum())
         order = _descending(conf[j])
-        if num_transfer is not None:  # LLaDA
+        if threshold_rule == "dimple":  # every one above the threshold, else the scheduled count
+            above = order[:n][conf[j, order[:n]] > threshold]
+            transfer_index[j, above if len(above) else order[: int(num_transfer[j])]] = True
+        elif num_transfer is not None:  # LLaDA
             select_index = order[: int(num_transfer[j])]
             transfer_index[j, select_index] = True
+        elif threshold is not None and threshold_rule == "dinfer":  # dInfer: the top-1 within 1e-5 always passes
+            if n:
+                bar = min(threshold, float(conf[j, order[0]]) - 1e-5)
+                transfer_index[j, order[:n][conf[j, order[:n]] >= bar]] = True
         elif threshold is not None:  # Fast-dLLM: top-1, then the others above the threshold
             select_index = order[:n]
             transfer_index[j, select_index] = True

@@ -133,7 +133,8 @@ int32_t score_position(const DiffusionUnmaskParams& prm, int64_t b, int64_t j, s
   if (nan || m == kInf) return kBadValue;
   if (m == -kInf) return kNoFiniteLogit;
   PositionSums s{};
-  if (prm.confidence_kind == kProbability || prm.confidence_kind == kNegEntropy) {
+  if (prm.confidence_kind == kProbability || prm.confidence_kind == kLogProbability ||
+      prm.confidence_kind == kNegEntropy) {
     softmax_sums(row, V, m, prm.confidence_kind == kNegEntropy, s);
   } else if (prm.confidence_kind == kMargin) {
     softmax_sums(row, V, m, false, s);
@@ -143,7 +144,8 @@ int32_t score_position(const DiffusionUnmaskParams& prm, int64_t b, int64_t j, s
   const int64_t token =
       prm.inv_temperature > 0 ? sample_row(row, V, m, prm.inv_temperature, d.sample_bits, sums) : first_max(row, V, m);
   prm.candidates[i] = token;
-  prm.confidence[i] = confidence_of(prm.confidence_kind, s, static_cast<float>(row[token]), m, d.accept_u);
+  prm.confidence[i] =
+      confidence_of(prm.confidence_kind, s, static_cast<float>(row[token]), m, d.accept_u, prm.confidence_noise);
   return kOk;
 }
 
