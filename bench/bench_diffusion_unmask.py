@@ -43,6 +43,10 @@ class UnmaskCase:
         return f"B={self.B} L={self.gen_length} V={self.V} block {self.block_length} T={self.temperature:g}"
 
     @property
+    def mask_id(self) -> int:  # LLaDA's, or the vocabulary's last token for a smaller one
+        return min(MASK_ID, self.V - 1)
+
+    @property
     def bounds(self) -> tuple[int, int]:
         return self.block * self.block_length, (self.block + 1) * self.block_length
 
@@ -51,9 +55,9 @@ CASES = [UnmaskCase(1, 0.0), UnmaskCase(8, 0.0), UnmaskCase(1, 1.0), UnmaskCase(
 
 
 def llada_step(logits: torch.Tensor, x: torch.Tensor, num_transfer: torch.Tensor, block_end: int,
-               temperature: float) -> torch.Tensor:
+               temperature: float, mask_id: int = MASK_ID) -> torch.Tensor:
     """One step of LLaDA's ``generate`` after the forward (its code, low_confidence remasking), on x in place."""
-    mask_index = x == MASK_ID
+    mask_index = x == mask_id
     logits_with_noise = add_gumbel_noise(logits, temperature=temperature)
     x0 = torch.argmax(logits_with_noise, dim=-1)
     p = F.softmax(logits.to(torch.float64), dim=-1)
@@ -74,10 +78,10 @@ def make_inputs(case: UnmaskCase, device: str = "cpu") -> dict:
     L = case.gen_length
     logits = (torch.randn(case.B, L, case.V, generator=gen, device=device) * 3).to(case.dtype)
     start, end = case.bounds
-    x = torch.randint(0, MASK_ID, (case.B, L), generator=gen, device=device)
-    x[:, end:] = MASK_ID
+    x = torch.randint(0, case.mask_id, (case.B, L), generator=gen, device=device)
+    x[:, end:] = case.mask_id
     for b in range(case.B):
-        x[b, start + torch.randperm(case.block_length, generator=gen)[: case.still_masked]] = MASK_ID
+        x[b, start + torch.randperm(case.block_length, generator=gen)[: case.still_masked]] = case.mask_id
     num_transfer = torch.full((case.B,), case.per_step, dtype=torch.int64, device=device)
     return {"case": case, "logits": logits, "x": x, "num_transfer": num_transfer}
 
@@ -93,14 +97,14 @@ def run_fastar(x: dict, seed: int) -> torch.Tensor:
     start, end = case.bounds
     poison_outputs(case, x["x"].device.type)
     out = x["x"].clone()
-    fastar.diffusion_unmask(x["logits"], out, mask_id=MASK_ID, block_start=start, block_end=end,
+    fastar.diffusion_unmask(x["logits"], out, mask_id=case.mask_id, block_start=start, block_end=end,
                             num_transfer=x["num_transfer"], temperature=case.temperature, seed=seed)
     return out
 
 
 def run_torch(x: dict, seed: int) -> torch.Tensor:
     case = x["case"]
-    return llada_step(x["logits"], x["x"].clone(), x["num_transfer"], case.bounds[1], case.temperature)
+    return llada_step(x["logits"], x["x"].clone(), x["num_transfer"], case.bounds[1], case.temperature, case.mask_id)
 
 
 def check(case: UnmaskCase, x: dict, out: torch.Tensor) -> None:
@@ -109,7 +113,7 @@ def check(case: UnmaskCase, x: dict, out: torch.Tensor) -> None:
     changed = out != x["x"]
     assert not changed[:, :start].any() and not changed[:, end:].any(), "a position outside the block changed"
     assert (changed.sum(1) == case.per_step).all(), f"committed {changed.sum(1).tolist()}, not {case.per_step} a row"
-    assert (x["x"][changed] == MASK_ID).all(), "an unmasked position was overwritten"
+    assert (x["x"][changed] == case.mask_id).all(), "an unmasked position was overwritten"
     assert ((out[changed] >= 0) & (out[changed] < case.V)).all(), "a committed token outside [0, V)"
 
 
