@@ -73,8 +73,9 @@ def test_static_shared_memory_within_limit():
     assert not over, describe(over)
 
 
-@pytest.mark.parametrize("family", ["speculative_sample_kernel", "tree_speculative_sample_kernel",
-                                    "greedy_verify_kernel", "tree_greedy_verify_kernel", "typical_accept_kernel",
+@pytest.mark.parametrize("family", ["speculative_sample_partial_kernel", "speculative_sample_finish_kernel",
+                                    "tree_speculative_sample_kernel", "greedy_verify_partial_kernel",
+                                    "greedy_verify_finish_kernel", "tree_greedy_verify_kernel", "typical_accept_kernel",
                                     "sample_cfg_kernel", "diffusion_scores_kernel", "diffusion_select_kernel",
                                     "attention_merge_kernel", "quantize_kv_append_kernel",
                                     "quantize_kivi_keys_kernel", "quantize_kivi_values_kernel",
@@ -190,4 +191,15 @@ def test_diffusion_scores_kernel_loads_16_bytes():
              if re.search(r"\bdiffusion_scores_kernel\b", key[1])}
     assert len(found) == 6 * len({arch for arch, _ in found}), sorted(name[:80] for _, name in found)
     narrow = [f"{arch} {name[:80]}" for (arch, name), body in found.items() if not re.search(r"LDG\.E\.128", body)]
+    assert not narrow, narrow
+
+
+@pytest.mark.parametrize("family", ["greedy_verify_partial_kernel", "speculative_sample_partial_kernel",
+                                    "speculative_sample_finish_kernel"])
+def test_split_acceptance_kernels_load_16_bytes(family):
+    """The kernels that stream a vocabulary row (every dtype instance, every built arch) read it with 16-byte
+    global loads (the element-wise loads are only the fallback for unaligned rows and the row's tail)."""
+    found = {key: body for key, body in sass_by_kernel().items() if re.search(rf"\b{family}\b", key[1])}
+    assert len(found) >= 3, f"expected an instance per dtype, got {sorted(found)}"
+    narrow = [f"{arch} {name[:100]}" for (arch, name), body in found.items() if not re.search(r"LDG\.E\.128", body)]
     assert not narrow, narrow

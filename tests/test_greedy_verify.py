@@ -258,6 +258,65 @@ def test_cpu_and_simt_identical():
             assert_same(simt, cpu, str(dtype))
 
 
+# A vocabulary of several 16-byte-load tiles and few rows: the CUDA kernel splits each row over several blocks
+# (the emulator counts 4 SMs, so 1 row of 3 positions of V = 9001 takes 5 chunks of 2048 tokens).
+SPLIT_VOCAB = 9001
+
+
+@pytest.mark.parametrize("dtype", FLOAT_DTYPES, ids=str)
+@pytest.mark.parametrize("layout", ["contiguous", "unaligned"])
+def test_rows_split_over_blocks(backend, dtype, layout):
+    """Maxima planted in every chunk, ties across a chunk boundary (the lowest index wins), -inf rows; rows
+    whose start is not 16-byte aligned (a padded vocabulary) take the element-wise loads."""
+    gen = torch.Generator().manual_seed(zlib.crc32(f"{dtype}{layout}".encode()))
+    vocab, n = SPLIT_VOCAB, 2
+    for where in ([5, 2047, 2048], [4095, 8191, vocab - 1], [6143, 100, 9000]):
+        logits = torch.randn(2, n + 1, vocab, generator=gen).to(dtype)
+        for i, t in enumerate(where):
+            logits[:, i, t] = 50.0
+        logits[1, 1, [3000, 7000]] = 60.0  # a tie in two chunks
+        logits[1, 2] = float("-inf")  # argmax 0
+        if layout == "unaligned":
+            padded = torch.zeros(2, n + 1, vocab + 1, dtype=dtype)
+            padded[..., 1:] = logits
+            logits = padded[..., 1:]
+        argmax = torch.argmax(logits.double(), -1)
+        drafts = argmax[:, :n].clone()
+        drafts[0, 1] = (drafts[0, 1] + 1) % vocab  # row 0 stops at position 1
+        got = backend.greedy_verify(drafts, logits)
+        assert_same(got, greedy_verify_reference(drafts, logits))
+        assert got[1].tolist() == [1, n] and got[0][1, 1] == 3000 and got[0][1, 2] == 0
+
+
+@pytest.mark.parametrize("dtype", FLOAT_DTYPES, ids=str)
+def test_nan_in_any_chunk_of_a_split_row(backend, dtype):
+    logits = torch.randn(1, 2, SPLIT_VOCAB, generator=torch.Generator().manual_seed(31)).to(dtype)
+    drafts = torch.argmax(logits[:, :1].double(), -1)  # accepted: the bonus row is read too
+    for position, t in ((0, 0), (0, 4500), (1, 2048), (1, SPLIT_VOCAB - 1)):
+        bad = logits.clone()
+        bad[0, position, t] = float("nan")
+        with pytest.raises(ValueError, match="batch row 0: .*NaN logit"):
+            backend.checked(backend.greedy_verify, drafts, bad)
+    bad = logits.clone()
+    bad[0, 1, 7000] = float("nan")  # after a mismatch at position 0: never read
+    wrong = (drafts + 1) % SPLIT_VOCAB
+    assert_same(backend.checked(backend.greedy_verify, wrong, bad), greedy_verify_reference(wrong, logits))
+
+
+def test_cpu_and_simt_identical_split_rows():
+    try:
+        _simt.load()
+    except ImportError as exc:
+        pytest.skip(f"SIMT build not present: {exc}")
+    gen = torch.Generator().manual_seed(30)
+    for dtype in FLOAT_DTYPES:
+        drafts, logits, num_draft = make_case(gen, 2, 3, 20000, dtype=dtype, ragged=torch.int64, ties=True)
+        cpu = fastar.greedy_verify(drafts, logits, num_draft_tokens=num_draft)
+        with _common.using_ops(torch.ops.fastar_simt):
+            simt = fastar.greedy_verify(drafts, logits, num_draft_tokens=num_draft)
+        assert_same(simt, cpu, str(dtype))
+
+
 def test_outputs_fully_written_over_poisoned_memory(backend):
     gen = torch.Generator().manual_seed(9)
     batch, n, vocab = 33, 6, 40

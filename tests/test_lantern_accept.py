@@ -7,6 +7,7 @@ variation). Statistical tests use fixed seeds and reject at p < 1e-3, as in test
 """
 from __future__ import annotations
 
+import zlib
 from collections import Counter
 
 import pytest
@@ -22,7 +23,7 @@ from fastar.reference import (
     speculative_sample_reference,
 )
 from helpers import assert_same, chisquare_pvalue, rows
-from test_speculative_sample import FLOAT_DTYPES, make_case, random_probs, simt_backend_or_skip
+from test_speculative_sample import FLOAT_DTYPES, SPLIT_VOCAB, make_case, random_probs, simt_backend_or_skip
 
 P_THRESHOLD = 1e-3
 STATUS_BAD_ID, STATUS_BAD_VALUE = 2, 4
@@ -195,6 +196,22 @@ def test_cpu_and_simt_identical():
                 with _common.using_ops(simt_ops):
                     simt = fastar.lantern_accept(drafts, q, p, table, **kwargs)
                 assert_same(simt, cpu, f"{dtype} with_q={with_q}")
+
+
+@pytest.mark.parametrize("dtype", FLOAT_DTYPES, ids=str)
+@pytest.mark.parametrize("with_q", [True, False], ids=["q", "no_q"])
+def test_rows_split_over_blocks(backend, dtype, with_q):
+    # A large vocabulary and few rows: the CUDA kernels split the row to sample from over several blocks
+    # (test_speculative_sample.SPLIT_VOCAB); the relaxed test runs in each of them.
+    gen = torch.Generator().manual_seed(zlib.crc32(f"{dtype}{with_q}".encode()))
+    vocab, k = SPLIT_VOCAB, 8
+    drafts, q, p, num_draft = make_case(gen, 2, 3, vocab, dtype=dtype, with_q=with_q, ragged=torch.int64)
+    shifts = torch.randperm(vocab - 1, generator=gen)[:k] + 1  # k distinct other tokens per token
+    table = (torch.arange(vocab)[:, None] + shifts[None, :]) % vocab
+    for seed in range(4):
+        got = call(backend, drafts, q, p, table, 0.2, num_draft_tokens=num_draft, seed=seed, offset=1)
+        want = lantern_accept_reference(drafts, q, p, table, 0.2, num_draft, seed=seed, offset=1)
+        assert_same(got, want, f"seed={seed}")
 
 
 def test_self_in_neighbor_row_is_skipped(backend):

@@ -65,7 +65,9 @@ def assert_order_independent(run, kernels):
 
 
 # Every kernel of the CUDA sources, each run under the race check by one of the tests below.
-ALL_KERNELS = {"speculative_sample", "tree_speculative_sample", "greedy_verify", "tree_greedy_verify",
+SPECULATIVE = {"speculative_sample_partial", "speculative_sample_finish"}
+GREEDY = {"greedy_verify_partial", "greedy_verify_finish"}
+ALL_KERNELS = {*SPECULATIVE, "tree_speculative_sample", *GREEDY, "tree_greedy_verify",
                "typical_accept", "sample_cfg", "attention_vec_decode", "attention_decode", "attention_tiled",
                "attention_tc", "attention_merge", "attention_kivi_decode", "quantize_kv_append", "quantize_kivi_keys",
                "quantize_kivi_values", "diffusion_unmask", "compact_kv"}
@@ -95,20 +97,21 @@ def test_settings_validate_and_round_trip():
     assert simt.schedule() == "forward"
 
 
-def test_speculative_sample(backend):
+@pytest.mark.parametrize("V", [300, 4500])  # 4500: rows split over several blocks
+def test_speculative_sample(backend, V):
     gen = torch.Generator().manual_seed(0)
-    B, K, V = 3, 4, 300
+    B, K = 3, 4
     drafts = torch.randint(0, V, (B, K), generator=gen)
     q = torch.softmax(torch.randn(B, K, V, generator=gen), -1)
     p = torch.softmax(torch.randn(B, K + 1, V, generator=gen), -1)
     num_draft = torch.tensor([4, 2, 0])
     assert_order_independent(lambda: backend.speculative_sample(drafts, q, p, num_draft_tokens=num_draft, seed=7),
-                             {"speculative_sample"})
-    assert_order_independent(lambda: backend.speculative_sample(drafts, None, p, seed=7), {"speculative_sample"})
+                             SPECULATIVE)
+    assert_order_independent(lambda: backend.speculative_sample(drafts, None, p, seed=7), SPECULATIVE)
 
 
 def test_lantern_accept(backend):
-    # LANTERN's draft test in the speculative_sample kernel: threads read their drafts' neighbour rows.
+    # LANTERN's draft test in the speculative_sample kernels: threads read their drafts' neighbour rows.
     gen = torch.Generator().manual_seed(1)
     B, K, V = 3, 4, 300
     drafts = torch.randint(0, V, (B, K), generator=gen)
@@ -119,7 +122,7 @@ def test_lantern_accept(backend):
     for draft_probs in (q, None):
         run = lambda q=draft_probs: backend.lantern_accept(  # noqa: E731
             drafts, q, p, neighbors, delta=0.05, num_draft_tokens=num_draft, seed=9)
-        assert_order_independent(run, {"speculative_sample"})
+        assert_order_independent(run, SPECULATIVE)
 
 
 def test_tree_speculative_sample(backend):
@@ -158,14 +161,15 @@ def test_typical_accept(backend):
                                  {"typical_accept"})
 
 
-def test_greedy_verify(backend):
+@pytest.mark.parametrize("V", [300, 4500])  # 4500: rows split over several blocks
+def test_greedy_verify(backend, V):
     gen = torch.Generator().manual_seed(1)
-    B, K, V = 3, 4, 300
+    B, K = 3, 4
     logits = torch.randn(B, K + 1, V, generator=gen)
     drafts = logits[:, :K].argmax(-1)
     drafts[1, 2] = (drafts[1, 2] + 1) % V  # one rejection
     logits[2, 1, 5] = float("nan")
-    assert_order_independent(lambda: backend.greedy_verify(drafts, logits), {"greedy_verify"})
+    assert_order_independent(lambda: backend.greedy_verify(drafts, logits), GREEDY)
 
 
 @pytest.mark.parametrize("top_k, top_p, V", [(0, 1.0, 300), (20, 0.9, 300), (20, 0.9, 2000)])

@@ -565,6 +565,93 @@ def test_cpu_and_simt_identical():
                 assert_same(simt, cpu, f"{dtype} with_q={with_q}")
 
 
+# A vocabulary of several 16-byte-load tiles and few rows: the CUDA kernels split each row to sample from over
+# several blocks (the emulator counts 4 SMs, so 2 rows of V = 9001 take 5 chunks of 2048 tokens) and the finishing
+# block searches the chunk that holds the target.
+SPLIT_VOCAB = 9001
+
+
+def unaligned(x: Optional[torch.Tensor]) -> Optional[torch.Tensor]:
+    """x with the same values in a vocabulary padded by one: rows no longer start 16-byte aligned."""
+    if x is None:
+        return None
+    padded = torch.zeros(*x.shape[:-1], x.shape[-1] + 1, dtype=x.dtype)
+    padded[..., 1:] = x
+    return padded[..., 1:]
+
+
+@pytest.mark.parametrize("dtype", FLOAT_DTYPES, ids=str)
+@pytest.mark.parametrize("with_q", [True, False], ids=["q", "no_q"])
+@pytest.mark.parametrize("layout", ["contiguous", "unaligned"])
+def test_rows_split_over_blocks(backend, dtype, with_q, layout):
+    gen = torch.Generator().manual_seed(zlib.crc32(f"split{dtype}{with_q}{layout}".encode()))
+    drafts, q, p, _ = make_case(gen, 2, 3, SPLIT_VOCAB, dtype=dtype, with_q=with_q, sparsity=0.5)
+    if layout == "unaligned":
+        q, p = unaligned(q), unaligned(p)
+    sampled = set()
+    for seed in range(6):
+        got = backend.speculative_sample(drafts, q, p, seed=seed, offset=seed)
+        assert_same(got, reference(drafts, q, p, None, seed, seed), f"seed={seed}")
+        assert_well_formed(*got, drafts, SPLIT_VOCAB)
+        sampled |= {int(t) // 2048 for t in got[0].gather(1, got[1].long()[:, None])}
+    assert len(sampled) > 1, "the sampled tokens all fell in one chunk"
+
+
+def test_split_row_with_one_token_of_mass(backend):
+    # The mass of the row to sample from sits on one token of the last chunk (or the first): every chunk sum
+    # before it is zero, the search walks past them.
+    vocab = SPLIT_VOCAB
+    drafts = torch.tensor([[0], [vocab - 1]])
+    for t in (0, 2047, 2048, 6000, vocab - 1):
+        p = torch.zeros(2, 2, vocab)
+        p[:, :, t] = 1.0
+        q = torch.zeros(2, 1, vocab)
+        q[:, 0, (t + 1) % vocab] = 1.0  # the drafts are rejected unless they are t
+        got = backend.speculative_sample(drafts, q, p, seed=4)
+        assert_same(got, reference(drafts, q, p, None, 4))
+        assert (got[0].gather(1, got[1].long()[:, None]) == t).all()
+
+
+def test_empty_residual_falls_back_to_p_in_a_split_row(backend):
+    gen = torch.Generator().manual_seed(33)
+    p = torch.zeros(2, 2, SPLIT_VOCAB)
+    p[:, :, 4000:8000] = random_probs(gen, (2, 2, 4000)).float()
+    q = p[:, :1].clone()
+    drafts = torch.tensor([[1], [8500]])  # p(x) = q(x) = 0: rejected, residual empty
+    got = backend.speculative_sample(drafts, q, p, seed=14)
+    assert (got[1] == 0).all() and ((got[0][:, 0] >= 4000) & (got[0][:, 0] < 8000)).all()
+    assert_same(got, reference(drafts, q, p, None, 14))
+
+
+@pytest.mark.parametrize("with_q", [True, False])
+def test_invalid_value_in_any_chunk_of_a_split_row(backend, with_q):
+    gen = torch.Generator().manual_seed(34)
+    p = random_probs(gen, (2, 2, SPLIT_VOCAB)).float()
+    q = random_probs(gen, (2, 1, SPLIT_VOCAB)).float()
+    drafts = torch.tensor([[4], [7]])
+    p[:, 0] = 0.0
+    p[:, 0, 10] = 1.0  # the drafts are rejected at position 0: the residual row is sampled
+    for t in (0, 2048, 5000, SPLIT_VOCAB - 1):
+        bad_p = p.clone()
+        bad_p[1, 0, t] = float("nan")
+        with pytest.raises(ValueError, match="batch row 1: a probability that is NaN"):
+            backend.checked(backend.speculative_sample, drafts, q if with_q else None, bad_p, seed=2)
+
+
+def test_cpu_and_simt_identical_split_rows():
+    simt_ops = simt_backend_or_skip()
+    gen = torch.Generator().manual_seed(101)
+    for dtype in FLOAT_DTYPES:
+        for with_q in (True, False):
+            drafts, q, p, num_draft = make_case(gen, 2, 3, 20000, dtype=dtype, with_q=with_q, ragged=torch.int64)
+            for seed in range(3):
+                kwargs = dict(num_draft_tokens=num_draft, seed=seed, offset=7)
+                cpu = fastar.speculative_sample(drafts, q, p, **kwargs)
+                with _common.using_ops(simt_ops):
+                    simt = fastar.speculative_sample(drafts, q, p, **kwargs)
+                assert_same(simt, cpu, f"{dtype} with_q={with_q} seed={seed}")
+
+
 # ----------------------------------------------------------------------------------------------------
 # 6. limiting cases
 # ----------------------------------------------------------------------------------------------------

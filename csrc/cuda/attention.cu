@@ -10,6 +10,19 @@
 #include "cuda/launchers.h"
 
 namespace fastar {
+
+int multiprocessors() {
+#if defined(__CUDACC__)
+  int dev = 0, n = 0;
+  if (cudaGetDevice(&dev) == cudaSuccess &&
+      cudaDeviceGetAttribute(&n, cudaDevAttrMultiProcessorCount, dev) == cudaSuccess && n > 0)
+    return n;
+  return 108;
+#else
+  return 4;  // the emulator: few blocks make small test shapes take the split path
+#endif
+}
+
 namespace {
 
 // Items whose rows (GQA group x query positions) fit kDecodeRows take the decode shape (warps split the keys).
@@ -40,18 +53,6 @@ template <typename F>
 void with_config(int64_t D, bool decode, F&& f) {
   if (decode) return with_config<true>(D, f);
   with_config<false>(D, f);
-}
-
-int multiprocessors() {
-#if defined(__CUDACC__)
-  int dev = 0, n = 0;
-  if (cudaGetDevice(&dev) == cudaSuccess &&
-      cudaDeviceGetAttribute(&n, cudaDevAttrMultiProcessorCount, dev) == cudaSuccess && n > 0)
-    return n;
-  return 108;
-#else
-  return 4;  // the emulator: few blocks make small test shapes take the split path
-#endif
 }
 
 // Items of at least this many rows take the tensor-core kernel (bf16 / fp16, a tc_head_dim).

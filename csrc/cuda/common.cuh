@@ -78,6 +78,65 @@ __device__ __forceinline__ int64_t warp_find_token(int64_t begin, int64_t end, u
   return end - 1;  // unreachable when remaining is below the segment's sum
 }
 
+// Elements of P in one 16-byte load.
+template <typename P>
+inline constexpr int kVecOf = static_cast<int>(16 / sizeof(P));
+
+__device__ __forceinline__ bool aligned16(const void* p) { return (reinterpret_cast<uintptr_t>(p) & 15) == 0; }
+
+// x = row[t, t + kVecOf<P>) as floats, one 16-byte load when `aligned` (row 16-byte aligned, t a multiple of
+// kVecOf<P>) and the span lies before `end`; elements at or past `end` are not read (x = 0). Returns how many
+// are in range.
+template <typename P>
+__device__ __forceinline__ int load_span(const P* row, int64_t t, int64_t end, bool aligned, float (&x)[kVecOf<P>]) {
+  constexpr int kVec = kVecOf<P>;
+  const int m = end - t >= kVec ? kVec : (end > t ? static_cast<int>(end - t) : 0);
+  if (aligned && m == kVec) {
+    const uint4 v = *reinterpret_cast<const uint4*>(row + t);
+    P y[kVec];
+    memcpy(static_cast<void*>(y), &v, 16);
+#pragma unroll
+    for (int e = 0; e < kVec; ++e) x[e] = to_float(y[e]);
+  } else {
+#pragma unroll
+    for (int e = 0; e < kVec; ++e) x[e] = e < m ? to_float(row[t + e]) : 0.0f;
+  }
+  return m;
+}
+
+// Block-wide exclusive prefix sum of one value per thread (in thread order); *total gets the block's sum.
+// s_warp holds kWarps values.
+template <int kWarps>
+__device__ __forceinline__ uint64_t block_exclusive_scan(uint64_t v, unsigned long long* s_warp, uint64_t* total) {
+  const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
+  const uint64_t incl = warp_inclusive_scan(v, lane);
+  if (lane == 31) s_warp[warp] = incl;
+  __syncthreads();
+  uint64_t before = 0, sum = 0;
+  for (int w = 0; w < kWarps; ++w) {
+    if (w < warp) before += s_warp[w];
+    sum += s_warp[w];
+  }
+  __syncthreads();  // s_warp is free again
+  *total = sum;
+  return before + incl - v;
+}
+
+// A split of rows of V elements over blocks: chunks of chunk_len elements (a multiple of `tile`, the elements a
+// block reads in one step), enough of them that rows * chunks blocks fill the GPU (multiprocessors(), launchers.h).
+struct RowSplit {
+  int64_t chunks, chunk_len;
+};
+inline RowSplit split_rows(int64_t rows, int64_t V, int64_t tile, int sms) {
+  const int64_t tiles = (V + tile - 1) / tile;
+  const int64_t target = 4 * static_cast<int64_t>(sms);
+  int64_t chunks = rows < target ? (target + rows - 1) / rows : 1;
+  if (chunks > tiles) chunks = tiles;
+  if (chunks < 1) chunks = 1;
+  const int64_t chunk_len = (tiles + chunks - 1) / chunks * tile;
+  return RowSplit{(V + chunk_len - 1) / chunk_len, chunk_len};
+}
+
 // Calls f(T{}) with T the device element type of kind.
 template <typename F>
 void dispatch_device_float(FloatKind kind, F&& f) {
@@ -89,6 +148,13 @@ void dispatch_device_float(FloatKind kind, F&& f) {
     case FloatKind::kBFloat16:
       return f(__nv_bfloat16{});
   }
+}
+
+// Elements a block of `threads` threads reads from rows of kind in one step of 16-byte loads (split_rows' tile).
+inline int64_t tile_elements(FloatKind kind, int threads) {
+  int64_t tile = 0;
+  dispatch_device_float(kind, [&](auto tag) { tile = threads * kVecOf<decltype(tag)>; });
+  return tile;
 }
 
 }  // namespace fastar::cuda

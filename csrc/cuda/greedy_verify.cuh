@@ -1,5 +1,8 @@
-// CUDA kernel of fastar.greedy_verify: one block per batch row; the block takes the argmax of one target
-// row after another until a draft differs from it (vLLM's rule, torch.argmax's first-index tie rule).
+// CUDA kernels of fastar.greedy_verify, in two launches so that the whole GPU reads the logits:
+//  1. greedy_verify_partial_kernel: one block per (row, position, chunk of the vocabulary), 16-byte loads, a
+//     block-wide argmax of its chunk (first index of the maximum, as torch.argmax) into the workspace;
+//  2. greedy_verify_finish_kernel: one block per row merges the chunks' candidates, finds the first position
+//     whose argmax differs from the draft (vLLM's rule) and writes tokens and num_accepted.
 #pragma once
 #include <climits>
 
@@ -50,45 +53,113 @@ __device__ int64_t block_argmax(const P* row, int64_t V, float* s_v, int* s_i, i
   return any_nan ? -1 : best_i;
 }
 
-template <typename P, int kThreads>
-__global__ void __launch_bounds__(kThreads) greedy_verify_kernel(GreedyVerifyParams prm) {
-  using namespace accept;
-  constexpr int kWarps = kThreads / 32;
-  __shared__ int s_status;
-  __shared__ float s_warp_v[kWarps];
-  __shared__ int s_warp_i[kWarps];
-  __shared__ int s_warp_nan[kWarps];
+// The workspace of the split: per (row, position, chunk), the chunk's maximum and its index (-1: a NaN in it).
+struct GreedyPartials {
+  float* value;
+  int* index;
+  int64_t chunks, chunk_len;
+};
 
+template <typename P, int kThreads>
+__global__ void __launch_bounds__(kThreads) greedy_verify_partial_kernel(GreedyVerifyParams prm, GreedyPartials w) {
+  constexpr int kWarps = kThreads / 32, kVec = kVecOf<P>;
+  __shared__ float s_v[kWarps];
+  __shared__ int s_i[kWarps];
+  __shared__ int s_nan[kWarps];
+  const int tid = threadIdx.x, lane = tid & 31, warp = tid >> 5;
+  const int64_t slot = blockIdx.x, c = slot % w.chunks, i = slot / w.chunks % (prm.n + 1),
+                b = slot / w.chunks / (prm.n + 1);
+  if (i > row_num_draft(prm.num_draft, prm.nd64, b, prm.n)) return;  // a position the row never reads
+  const P* row = static_cast<const P*>(prm.target_logits) + b * prm.tl_sb + i * prm.tl_sn;
+  const bool aligned = aligned16(row);
+  const int64_t begin = c * w.chunk_len, end = begin + w.chunk_len < prm.V ? begin + w.chunk_len : prm.V;
+  float best_v = -INFINITY;
+  int best_i = INT_MAX;
+  bool nan = false;
+  for (int64_t t = begin + tid * kVec; t < end; t += kThreads * kVec) {
+    float x[kVec];
+    const int m = load_span(row, t, end, aligned, x);
+#pragma unroll
+    for (int e = 0; e < kVec; ++e) {
+      if (e < m) {
+        nan |= x[e] != x[e];
+        argmax_merge(best_v, best_i, x[e], static_cast<int>(t + e));
+      }
+    }
+  }
+  for (int d = 16; d > 0; d >>= 1) {
+    const float ov = __shfl_xor_sync(kFullMask, best_v, d);
+    const int oi = __shfl_xor_sync(kFullMask, best_i, d);
+    argmax_merge(best_v, best_i, ov, oi);
+  }
+  nan = __any_sync(kFullMask, nan);
+  if (lane == 0) {
+    s_v[warp] = best_v;
+    s_i[warp] = best_i;
+    s_nan[warp] = nan;
+  }
+  __syncthreads();
+  if (tid == 0) {
+    int any_nan = 0;
+    for (int v = 0; v < kWarps; ++v) {
+      argmax_merge(best_v, best_i, s_v[v], s_i[v]);
+      any_nan |= s_nan[v];
+    }
+    w.value[slot] = best_v;
+    w.index[slot] = any_nan ? -1 : best_i;
+  }
+}
+
+// The argmax of position i of row b from its chunks' candidates; -1 when the row holds a NaN.
+__device__ __forceinline__ int64_t merged_argmax(const GreedyPartials& w, int64_t b, int64_t i, int64_t n) {
+  const int64_t first = (b * (n + 1) + i) * w.chunks;
+  float best_v = -INFINITY;
+  int best_i = INT_MAX;
+  for (int64_t c = 0; c < w.chunks; ++c) {
+    const int idx = w.index[first + c];
+    if (idx < 0) return -1;
+    argmax_merge(best_v, best_i, w.value[first + c], idx);
+  }
+  return best_i;
+}
+
+template <int kThreads>
+__global__ void __launch_bounds__(kThreads) greedy_verify_finish_kernel(GreedyVerifyParams prm, GreedyPartials w) {
+  using namespace accept;
+  __shared__ int s_status;
+  __shared__ int s_stop;
   const int tid = threadIdx.x;
   const int64_t b = blockIdx.x, n = prm.n, V = prm.V;
   const int64_t k = row_num_draft(prm.num_draft, prm.nd64, b, n);
   auto draft = [&](int64_t i) { return load_index(prm.draft_ids, prm.ids64, b * prm.ids_sb + i); };
-  int32_t* out = prm.tokens + b * (n + 1);
 
-  if (tid == 0) s_status = k < 0 ? kBadNumDraft : kOk;
+  if (tid == 0) {
+    s_status = k < 0 ? kBadNumDraft : kOk;
+    s_stop = INT_MAX;
+  }
   __syncthreads();
   for (int64_t i = tid; i < k; i += kThreads) {
     const int64_t x = draft(i);
     if (x < 0 || x >= V) atomicOr(&s_status, kBadTokenId);
   }
   __syncthreads();
-
-  // Every thread takes the same argmaxes, so the loop's trip count is the block's.
-  int status = s_status;
-  int64_t stop = -1;  // the position of the last emitted token, once known
-  for (int64_t i = 0; status == kOk && stop < 0 && i <= k; ++i) {
-    const P* row = static_cast<const P*>(prm.target_logits) + b * prm.tl_sb + i * prm.tl_sn;
-    const int64_t best = block_argmax<P, kThreads>(row, V, s_warp_v, s_warp_i, s_warp_nan);
-    if (best < 0) {
-      status = kBadValue;
-      break;
+  // The first position that ends the row: a NaN row, the bonus position k, or an argmax that differs from the
+  // draft. Only positions up to it are read, so a NaN after it does not count (as in the serial kernel).
+  if (s_status == kOk) {
+    for (int64_t i = tid; i <= k; i += kThreads) {
+      const int64_t best = merged_argmax(w, b, i, n);
+      if (best < 0 || i == k || best != draft(i)) atomicMin(&s_stop, static_cast<int>(i));
     }
-    if (i == k || best != draft(i)) stop = i;
-    if (tid == 0) out[i] = static_cast<int32_t>(best);
   }
+  __syncthreads();
+  if (tid == 0 && s_status == kOk && merged_argmax(w, b, s_stop, n) < 0) s_status = kBadValue;
+  __syncthreads();
 
-  // Slots up to stop were written above; the rest are padding (everything, for a bad row).
-  for (int64_t i = (status == kOk ? stop + 1 : 0) + tid; i <= n; i += kThreads) out[i] = -1;
+  const int status = s_status;
+  const int64_t stop = s_stop;
+  int32_t* out = prm.tokens + b * (n + 1);
+  for (int64_t i = tid; i <= n; i += kThreads)
+    out[i] = status == kOk && i <= stop ? static_cast<int32_t>(merged_argmax(w, b, i, n)) : -1;
   if (tid == 0) prm.num_accepted[b] = status == kOk ? static_cast<int32_t>(stop) : -status;
 }
 

@@ -16,9 +16,15 @@ namespace fastar {
 struct TreeSampleParams;  // core/tree_acceptance.h
 struct CompactKvParams;   // core/compact_kv.h
 
-// stream: a cudaStream_t (ignored by the SIMT emulator).
-void launch_speculative_sample(const ChainAcceptParams& prm, FloatKind kind, void* stream);
-void launch_greedy_verify(const GreedyVerifyParams& prm, FloatKind kind, void* stream);
+// Streaming multiprocessors of the current device (the emulator: 4, so small test shapes split rows).
+int multiprocessors();
+
+// stream: a cudaStream_t (ignored by the SIMT emulator). The acceptance ops that split rows over blocks take
+// `workspace`: device scratch of the bytes their *_workspace function gives (the glue allocates it).
+int64_t speculative_sample_workspace(const ChainAcceptParams& prm, FloatKind kind);
+void launch_speculative_sample(const ChainAcceptParams& prm, FloatKind kind, void* workspace, void* stream);
+int64_t greedy_verify_workspace(const GreedyVerifyParams& prm, FloatKind kind);
+void launch_greedy_verify(const GreedyVerifyParams& prm, FloatKind kind, void* workspace, void* stream);
 void launch_tree_speculative_sample(const TreeSampleParams& prm, FloatKind kind, void* stream);
 void launch_tree_greedy_verify(const TreeSampleParams& prm, FloatKind kind, void* stream);
 void launch_typical_accept(const TreeSampleParams& prm, FloatKind kind, void* stream);

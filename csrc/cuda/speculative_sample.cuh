@@ -1,9 +1,12 @@
-// CUDA kernel of fastar.speculative_sample and fastar.lantern_accept: one block per batch row.
-//  1. Threads test the drafts in parallel (validation + the Leviathan/Chen or LANTERN test, core/lantern.h);
-//     the first rejection is an atomicMin in shared memory.
-//  2. The block samples the token at that position from the residual (or the bonus row): each warp sums
-//     a contiguous segment of the row in fixed point, thread 0 picks the segment holding the target, and
-//     that warp scans it 32 tokens at a time. Integer sums make the token identical to the CPU kernel's.
+// CUDA kernels of fastar.speculative_sample and fastar.lantern_accept, in two launches so that the whole GPU
+// reads the row to sample from:
+//  1. speculative_sample_partial_kernel, one block per (batch row, chunk of the vocabulary): the block tests the
+//     drafts (validation + the Leviathan/Chen or LANTERN test, core/lantern.h; the first rejection is an
+//     atomicMin in shared memory), then sums its chunk of the row to sample from in fixed point with 16-byte
+//     loads: the residual's weights and p's (the fallback when the residual has no mass), into the workspace.
+//  2. speculative_sample_finish_kernel, one block per batch row: the two-level inverse CDF. The chunk sums give
+//     the total and the chunk holding the target; the block scans that chunk a tile at a time (block-wide
+//     prefix sums) for the token. Integer sums are associative, so the token is the CPU kernel's exactly.
 #pragma once
 #include <climits>
 
@@ -11,106 +14,196 @@
 
 namespace fastar::cuda {
 
-// Weights of the row to sample from, as in the CPU kernel: fixed_weight(p - q) (residual), or
-// fixed_weight(p) when q is null; `excluded` (-1: none) has weight 0 (residual against a one-hot q).
+// Weights of the row to sample from, as in the CPU kernel: fixed_weight(p - q) (residual), or fixed_weight(p)
+// when q is null; `excluded` (-1: none) has weight 0 (residual against a one-hot q).
 template <typename P>
 struct SampleRowView {
   const P* p;
   const P* q;
   int64_t excluded;
 
-  __device__ __forceinline__ uint64_t weight(int64_t t, float pt) const {
+  __device__ __forceinline__ uint64_t weight(int64_t t, float pt, float qt) const {
     if (t == excluded) return 0;
-    return q ? accept::residual_weight(pt, to_float(q[t])) : accept::fixed_weight(pt);
+    return q ? accept::residual_weight(pt, qt) : accept::fixed_weight(pt);
   }
 };
 
+// The workspace: per (batch row, chunk) the residual's and p's fixed-point sums and a bad-value flag; per batch
+// row the draft test's status and the position j whose token is sampled.
+struct SampleWorkspace {
+  unsigned long long* residual_sum;
+  unsigned long long* p_sum;
+  int* bad;
+  int* status;
+  int* position;
+  int64_t chunks, chunk_len;
+};
+
+// The draft tests of row b, by the whole block: returns the row's status; *j gets the sampled position.
 template <typename P, int kThreads>
-__global__ void __launch_bounds__(kThreads) speculative_sample_kernel(ChainAcceptParams prm) {
+__device__ int32_t test_row(const ChainAcceptParams& prm, int64_t b, const P* tp, const P* dp, int* s_reject,
+                            int* s_status, int64_t* j) {
   using namespace accept;
-  constexpr int kWarps = kThreads / 32;
-  __shared__ int s_reject;
-  __shared__ int s_status;
-  __shared__ int s_retry;
-  __shared__ int s_pick_warp;
-  __shared__ int s_token;
-  __shared__ uint64_t s_pick_target;
-  __shared__ uint64_t s_warp_total[kWarps];
-  __shared__ int s_warp_bad[kWarps];
-
-  const int tid = threadIdx.x, lane = tid & 31, warp = tid >> 5;
-  const int64_t b = blockIdx.x, n = prm.n, V = prm.V;
-  const P* tp = static_cast<const P*>(prm.target_probs) + b * prm.tp_sb;
-  const P* dp = prm.draft_probs ? static_cast<const P*>(prm.draft_probs) + b * prm.dp_sb : nullptr;
-  const int64_t k = row_num_draft(prm.num_draft, prm.nd64, b, n);
-
+  const int tid = threadIdx.x;
+  const int64_t k = row_num_draft(prm.num_draft, prm.nd64, b, prm.n);
   if (tid == 0) {
-    s_reject = INT_MAX;
-    s_status = k < 0 ? kBadNumDraft : kOk;
+    *s_reject = INT_MAX;
+    *s_status = k < 0 ? kBadNumDraft : kOk;
   }
   __syncthreads();
   for (int64_t i = tid; i < k; i += kThreads) {
     bool passed = false;
     const int32_t st = test_draft(prm, b, i, tp, dp, [](P v) { return to_float(v); }, &passed);
-    if (st) atomicOr(&s_status, st);
-    if (!st && !passed) atomicMin(&s_reject, static_cast<int>(i));
+    if (st) atomicOr(s_status, st);
+    if (!st && !passed) atomicMin(s_reject, static_cast<int>(i));
+  }
+  __syncthreads();
+  *j = *s_reject < k ? *s_reject : k;
+  const int32_t status = *s_status;
+  __syncthreads();  // read by all before the caller may reuse them
+  return status;
+}
+
+// The row to sample from at position j of row b: the residual when a draft was rejected, else the bonus row p.
+template <typename P>
+__device__ __forceinline__ SampleRowView<P> sample_row(const ChainAcceptParams& prm, int64_t b, int64_t j) {
+  const P* tp = static_cast<const P*>(prm.target_probs) + b * prm.tp_sb;
+  const P* dp = prm.draft_probs ? static_cast<const P*>(prm.draft_probs) + b * prm.dp_sb : nullptr;
+  const int64_t k = row_num_draft(prm.num_draft, prm.nd64, b, prm.n);
+  const bool rejected = j < k;
+  return SampleRowView<P>{tp + j * prm.tp_sn, rejected && dp ? dp + j * prm.dp_sn : nullptr,
+                          rejected && !dp ? load_index(prm.draft_ids, prm.ids64, b * prm.ids_sb + j) : -1};
+}
+
+template <typename P, int kThreads>
+__global__ void __launch_bounds__(kThreads)
+    speculative_sample_partial_kernel(ChainAcceptParams prm, SampleWorkspace w) {
+  using namespace accept;
+  constexpr int kWarps = kThreads / 32, kVec = kVecOf<P>;
+  __shared__ int s_reject;
+  __shared__ int s_status;
+  __shared__ unsigned long long s_warp[kWarps];
+  const int tid = threadIdx.x;
+  const int64_t b = blockIdx.x / w.chunks, c = blockIdx.x % w.chunks;
+  const P* tp = static_cast<const P*>(prm.target_probs) + b * prm.tp_sb;
+  const P* dp = prm.draft_probs ? static_cast<const P*>(prm.draft_probs) + b * prm.dp_sb : nullptr;
+  int64_t j = 0;
+  const int32_t status = test_row<P, kThreads>(prm, b, tp, dp, &s_reject, &s_status, &j);
+  if (c == 0 && tid == 0) {
+    w.status[b] = status;
+    w.position[b] = static_cast<int>(j);
+  }
+  if (status != kOk) return;
+
+  const SampleRowView<P> row = sample_row<P>(prm, b, j);
+  const bool aligned = aligned16(row.p) && (!row.q || aligned16(row.q));
+  const int64_t begin = c * w.chunk_len, end = begin + w.chunk_len < prm.V ? begin + w.chunk_len : prm.V;
+  uint64_t residual = 0, plain = 0;
+  bool bad = false;
+  for (int64_t t = begin + tid * kVec; t < end; t += kThreads * kVec) {
+    float xp[kVec], xq[kVec];
+    const int m = load_span(row.p, t, end, aligned, xp);
+    if (row.q) load_span(row.q, t, end, aligned, xq);
+#pragma unroll
+    for (int e = 0; e < kVec; ++e) {
+      if (e < m) {
+        const float qt = row.q ? xq[e] : 0.0f;
+        bad |= !prob_ok(xp[e]) || (row.q && !prob_ok(qt));
+        residual += row.weight(t + e, xp[e], qt);
+        plain += fixed_weight(xp[e]);
+      }
+    }
+  }
+  const int any_bad = __syncthreads_or(bad);
+  residual = block_sum<kWarps>(residual, s_warp);
+  plain = block_sum<kWarps>(plain, s_warp);
+  if (tid == 0) {
+    const int64_t slot = b * w.chunks + c;
+    w.residual_sum[slot] = residual;
+    w.p_sum[slot] = plain;
+    w.bad[slot] = any_bad;
+  }
+}
+
+template <typename P, int kThreads>
+__global__ void __launch_bounds__(kThreads) speculative_sample_finish_kernel(ChainAcceptParams prm, SampleWorkspace w) {
+  using namespace accept;
+  constexpr int kWarps = kThreads / 32, kVec = kVecOf<P>;
+  __shared__ int s_status;
+  __shared__ int s_plain;
+  __shared__ int s_token;
+  __shared__ long long s_chunk;
+  __shared__ unsigned long long s_target;
+  __shared__ unsigned long long s_warp[kWarps];
+  const int tid = threadIdx.x;
+  const int64_t b = blockIdx.x, n = prm.n;
+  const int64_t j = w.position[b];
+
+  if (tid == 0) {
+    s_status = w.status[b];
+    if (s_status == kOk) {
+      const int64_t first = b * w.chunks;
+      uint64_t residual = 0, plain = 0;
+      int any_bad = 0;
+      for (int64_t c = 0; c < w.chunks; ++c) {
+        residual += w.residual_sum[first + c];
+        plain += w.p_sum[first + c];
+        any_bad |= w.bad[first + c];
+      }
+      const SampleRowView<P> row = sample_row<P>(prm, b, j);
+      // A residual with no mass falls back to p (only a rejected draft has a residual).
+      s_plain = residual == 0 && (row.q || row.excluded >= 0);
+      const uint64_t total = s_plain ? plain : residual;
+      const unsigned long long* sums = s_plain ? w.p_sum : w.residual_sum;
+      if (any_bad) {
+        s_status = kBadValue;
+      } else if (total == 0) {
+        s_status = kZeroMass;
+      } else {
+        uint64_t target = sample_target(draw(prm.seed, b, j).sample_bits, total);
+        int64_t c = 0;
+        while (target >= sums[first + c]) target -= sums[first + c++];
+        s_chunk = c;
+        s_target = target;
+      }
+    }
   }
   __syncthreads();
 
-  const int64_t j = s_reject < k ? s_reject : k;  // the position whose token is sampled
   if (s_status == kOk) {
-    const bool rejected = j < k;
-    SampleRowView<P> row{tp + j * prm.tp_sn, rejected && dp ? dp + j * prm.dp_sn : nullptr,
-                         rejected && !dp ? load_index(prm.draft_ids, prm.ids64, b * prm.ids_sb + j) : -1};
-    int64_t begin, end;
-    warp_segment<kWarps>(V, warp, &begin, &end);
-    for (;;) {  // at most twice: a residual with no mass falls back to p
-      uint64_t sum = 0;
-      bool bad = false;
-      for (int64_t t = begin + lane; t < end; t += 32) {
-        const float pt = to_float(row.p[t]);
-        bad |= !prob_ok(pt);
-        if (row.q) bad |= !prob_ok(to_float(row.q[t]));
-        sum += row.weight(t, pt);
+    SampleRowView<P> row = sample_row<P>(prm, b, j);
+    if (s_plain) row = SampleRowView<P>{row.p, nullptr, -1};
+    const bool aligned = aligned16(row.p) && (!row.q || aligned16(row.q));
+    const int64_t begin = s_chunk * w.chunk_len, end = begin + w.chunk_len < prm.V ? begin + w.chunk_len : prm.V;
+    uint64_t remaining = s_target;
+    for (int64_t base = begin; base < end; base += kThreads * kVec) {  // block-uniform trip count
+      const int64_t t = base + tid * kVec;
+      float xp[kVec], xq[kVec];
+      uint64_t wt[kVec];
+      const int m = load_span(row.p, t, end, aligned, xp);
+      if (row.q) load_span(row.q, t, end, aligned, xq);
+      uint64_t mine = 0;
+#pragma unroll
+      for (int e = 0; e < kVec; ++e) {
+        wt[e] = e < m ? row.weight(t + e, xp[e], row.q ? xq[e] : 0.0f) : 0;
+        mine += wt[e];
       }
-      sum = warp_sum(sum);
-      bad = __any_sync(kFullMask, bad);
-      if (lane == 0) {
-        s_warp_total[warp] = sum;
-        s_warp_bad[warp] = bad;
-      }
-      __syncthreads();
-      if (tid == 0) {
-        uint64_t total = 0;
-        int any_bad = 0;
-        for (int w = 0; w < kWarps; ++w) {
-          total += s_warp_total[w];
-          any_bad |= s_warp_bad[w];
+      uint64_t tile = 0;
+      const uint64_t before = block_exclusive_scan<kWarps>(mine, s_warp, &tile);
+      if (remaining < tile) {
+        if (before <= remaining && remaining < before + mine) {  // exactly one thread holds the target
+          uint64_t r = remaining - before;
+          int pick = -1;
+#pragma unroll
+          for (int e = 0; e < kVec; ++e) {
+            if (pick < 0 && r < wt[e]) pick = e;
+            if (pick < 0) r -= wt[e];
+          }
+          s_token = static_cast<int>(t + pick);
         }
-        s_retry = 0;
-        if (any_bad) {
-          s_status = kBadValue;
-        } else if (total == 0 && rejected && (row.q || row.excluded >= 0)) {
-          s_retry = 1;
-        } else if (total == 0) {
-          s_status = kZeroMass;
-        } else {
-          uint64_t target = sample_target(draw(prm.seed, b, j).sample_bits, total);
-          int w = 0;
-          while (target >= s_warp_total[w]) target -= s_warp_total[w++];
-          s_pick_warp = w;
-          s_pick_target = target;
-        }
+        break;
       }
-      __syncthreads();
-      if (!s_retry) break;
-      row = SampleRowView<P>{row.p, nullptr, -1};
-      __syncthreads();  // every thread has read s_retry before thread 0 may write it again
-    }
-    if (s_status == kOk && warp == s_pick_warp) {
-      const int64_t t = warp_find_token(begin, end, s_pick_target, lane,
-                                        [&](int64_t t) { return row.weight(t, to_float(row.p[t])); });
-      if (lane == 0) s_token = static_cast<int>(t);
+      remaining -= tile;
     }
     __syncthreads();
   }

@@ -4,7 +4,7 @@
 //  2. Every thread runs the same walk down the tree (tree_sample_walk); its passes over V are block-wide: each
 //     warp sums a contiguous segment of the row in fixed point (the integer sums make the tokens identical to
 //     the CPU kernel's), weights are written to the row's global scratch, and the token is found in the
-//     segment holding the target, as in speculative_sample.cuh.
+//     segment holding the target (common.cuh's warp_find_token).
 #pragma once
 #include "core/tree_acceptance.h"
 #include "cuda/common.cuh"
