@@ -279,7 +279,8 @@ def device_peaks(device: str) -> tuple[str, Optional[float], float]:
 
 
 def bench_rows(device: str, small: bool) -> list[dict]:
-    """Every case: fastar (output poisoned with NaN first, then checked), the baselines, the roofline share."""
+    """Every attention case: fastar (output poisoned with NaN first, then checked), the baselines, the roofline
+    share; then the acceptance cases (acceptance_rows)."""
     from torch.nn.attention import SDPBackend
 
     name, peak, hbm = device_peaks(device)
@@ -317,6 +318,101 @@ def bench_rows(device: str, small: bool) -> list[dict]:
                     row[label + "_s"] = median_time(fn, device) if fn else "n/a"
                 except Exception as exc:  # not installed, or no kernel for this shape
                     row[label + "_s"] = f"n/a: {type(exc).__name__}"
+        except Exception as exc:  # the row fails, the table goes on
+            row["error"] = f"{type(exc).__name__}: {exc}"
+        rows.append(row)
+        print_row(row)
+    return rows + acceptance_rows(device, small, hbm, name)
+
+
+@dataclasses.dataclass(frozen=True)
+class AcceptanceGpuCase:
+    """fastar.greedy_verify or fastar.speculative_sample (with_q: with draft probabilities) over B sequences of n
+    drafts and a vocabulary of V, bf16 (docs/design/sampling-kernels.md)."""
+
+    name: str
+    op: str  # greedy_verify | speculative_sample
+    B: int
+    n: int
+    V: int
+    with_q: bool = False
+
+    def small(self) -> "AcceptanceGpuCase":
+        return dataclasses.replace(self, B=min(self.B, 2), V=4096)
+
+
+ACCEPTANCE_CASES = [
+    AcceptanceGpuCase("greedy_verify B=1", "greedy_verify", 1, 4, 131072),
+    AcceptanceGpuCase("greedy_verify B=32", "greedy_verify", 32, 4, 131072),
+    AcceptanceGpuCase("spec_sample B=1", "speculative_sample", 1, 4, 131072, with_q=True),
+    AcceptanceGpuCase("spec_sample B=32", "speculative_sample", 32, 4, 131072, with_q=True),
+    AcceptanceGpuCase("spec_sample B=32 no q", "speculative_sample", 32, 4, 131072),
+]
+
+
+def acceptance_inputs(case: AcceptanceGpuCase, device: str) -> dict:
+    """Drafts that copy the target's argmax up to position 2 (greedy) or are drawn from q or p (sampling)."""
+    gen = torch.Generator().manual_seed(1)
+    x = {"case": case}
+    if case.op == "greedy_verify":
+        logits = torch.randn(case.B, case.n + 1, case.V, generator=gen).to(torch.bfloat16)
+        drafts = logits[:, :case.n].float().argmax(-1)
+        drafts[:, 2:] = torch.randint(0, case.V, (case.B, case.n - 2), generator=gen)
+        x["args"] = (drafts.to(device), logits.to(device))
+        return x
+    p = torch.softmax(2 * torch.randn(case.B, case.n + 1, case.V, generator=gen), -1).to(torch.bfloat16)
+    q = torch.softmax(2 * torch.randn(case.B, case.n, case.V, generator=gen), -1).to(torch.bfloat16)
+    src = q if case.with_q else p[:, :case.n]
+    drafts = torch.multinomial(src.float().reshape(-1, case.V), 1, generator=gen).reshape(case.B, case.n)
+    x["args"] = (drafts.to(device), q.to(device) if case.with_q else None, p.to(device))
+    return x
+
+
+def run_acceptance(x: dict):
+    import fastar
+
+    if x["case"].op == "greedy_verify":
+        return fastar.greedy_verify(*x["args"])
+    return fastar.speculative_sample(*x["args"], seed=5)
+
+
+def acceptance_reference(x: dict):
+    from fastar.reference import greedy_verify_reference, speculative_sample_reference
+
+    args = [a.cpu() if a is not None else None for a in x["args"]]
+    if x["case"].op == "greedy_verify":
+        return greedy_verify_reference(*args)
+    return speculative_sample_reference(*args, seed=5)
+
+
+def acceptance_bytes(x: dict, num_accepted: torch.Tensor) -> int:
+    """HBM bytes the op must move: greedy, every position up to the row's drafts (the split kernel reads them all
+    at once); sampling, the row it samples from (the target's, and the draft's after a rejection)."""
+    case, elem = x["case"], 2
+    if case.op == "greedy_verify":
+        return case.B * (case.n + 1) * case.V * elem
+    rejected = int((num_accepted.cpu() < case.n).sum())
+    return (case.B + (rejected if case.with_q else 0)) * case.V * elem
+
+
+def acceptance_rows(device: str, small: bool, hbm: float, name: str) -> list[dict]:
+    """The acceptance cases: fastar's tokens checked against the reference, timed, the HBM roofline time beside
+    (roofline_s) and its share; torch.argmax over the same logits beside greedy_verify."""
+    rows = []
+    for case in ACCEPTANCE_CASES:
+        case = case.small() if small else case
+        row = {"case": case.name, "shape": dataclasses.asdict(case), "device": name}
+        try:
+            x = acceptance_inputs(case, device)
+            got = run_acceptance(x)
+            if not all(torch.equal(g.cpu().long(), w.long()) for g, w in zip(got, acceptance_reference(x))):
+                raise RuntimeError("fastar's tokens differ from the reference")
+            row["fastar_s"] = median_time(functools.partial(run_acceptance, x), device)
+            row["bound"] = "HBM"
+            row["roofline_s"] = acceptance_bytes(x, got[1]) / hbm
+            row["roofline_share"] = row["roofline_s"] / row["fastar_s"]
+            if case.op == "greedy_verify":
+                row["torch argmax_s"] = median_time(functools.partial(torch.argmax, x["args"][1], -1), device)
         except Exception as exc:  # the row fails, the table goes on
             row["error"] = f"{type(exc).__name__}: {exc}"
         rows.append(row)
