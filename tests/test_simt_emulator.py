@@ -35,6 +35,7 @@ EXACT_PAIRS = [
     "cp_async_reload",
     "table_refill",
     "warp_exchange",
+    "global16",
 ]
 # Planted bugs that only some emulator modes show: tests/test_simt_races.py.
 MODE_DEPENDENT = [
@@ -53,6 +54,7 @@ ABORTS = [
     "mma_divergent",
     "ldmatrix_misaligned",
     "cp_async_misaligned",
+    "global16_misaligned",
 ]
 
 

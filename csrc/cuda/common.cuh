@@ -84,6 +84,16 @@ inline constexpr int kVecOf = static_cast<int>(16 / sizeof(P));
 
 __device__ __forceinline__ bool aligned16(const void* p) { return (reinterpret_cast<uintptr_t>(p) & 15) == 0; }
 
+// One 16-byte global load (ld.global.v4) from a 16-byte aligned address; the emulator aborts on a misaligned one,
+// where a GPU faults.
+#ifdef __CUDACC__
+__device__ __forceinline__ uint4 load_global16(const void* p) { return *static_cast<const uint4*>(p); }
+#else
+inline uint4 load_global16(const void* p, std::source_location site = std::source_location::current()) {
+  return simt::load_global16(p, site);
+}
+#endif
+
 // x = row[t, t + kVecOf<P>) as floats, one 16-byte load when `aligned` (row 16-byte aligned, t a multiple of
 // kVecOf<P>) and the span lies before `end`; elements at or past `end` are not read (x = 0). Returns how many
 // are in range.
@@ -92,7 +102,7 @@ __device__ __forceinline__ int load_span(const P* row, int64_t t, int64_t end, b
   constexpr int kVec = kVecOf<P>;
   const int m = end - t >= kVec ? kVec : (end > t ? static_cast<int>(end - t) : 0);
   if (aligned && m == kVec) {
-    const uint4 v = *reinterpret_cast<const uint4*>(row + t);
+    const uint4 v = load_global16(row + t);
     P y[kVec];
     memcpy(static_cast<void*>(y), &v, 16);
 #pragma unroll

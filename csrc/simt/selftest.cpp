@@ -1,6 +1,7 @@
 // Self-tests of the SIMT emulator: kernels written as for nvcc, run on the CPU. Layouts are in selftest.h.
 #include "selftest.h"
 
+#include "cuda/common.cuh"
 #include "simt.h"
 #include "tensor_core_selftest.cuh"
 
@@ -369,6 +370,15 @@ __global__ void cp_async_misaligned_kernel(const uint32_t* src, uint32_t* out) {
   cp_async_commit();
   cp_async_wait<0>();
   out[threadIdx.x] = s[4 * threadIdx.x + 2];
+}
+
+// Thread i loads 16 bytes at src + 4 i + offset words (offset 0: aligned; 2: 8 bytes off, a planted bug).
+__global__ void global16_kernel(const uint32_t* src, int offset, uint32_t* out) {
+  const uint4 v = fastar::cuda::load_global16(src + 4 * threadIdx.x + offset);
+  out[4 * threadIdx.x] = v.x;
+  out[4 * threadIdx.x + 1] = v.y;
+  out[4 * threadIdx.x + 2] = v.z;
+  out[4 * threadIdx.x + 3] = v.w;
 }
 
 // ---------------------------------------------------------------------------------------------------------------
@@ -822,6 +832,26 @@ Values test_cp_async_misaligned() {
   return {};
 }
 
+Values test_global16() {
+  alignas(16) uint32_t src[32 * 4 + 4];
+  for (uint32_t i = 0; i < 32 * 4 + 4; ++i) src[i] = 0x9e3779b9u * (i + 1);
+  std::vector<uint32_t> out(32 * 4);
+  fastar::launch_kernel("global16_kernel", global16_kernel, dim3(1), dim3(32), 0, nullptr, src, 0, out.data());
+  Values v;
+  for (size_t i = 0; i < out.size(); ++i) {
+    v.push_back(out[i]);
+    v.push_back(src[i]);
+  }
+  return v;
+}
+
+Values test_global16_misaligned() {
+  alignas(16) uint32_t src[32 * 4 + 4] = {};
+  std::vector<uint32_t> out(32 * 4);
+  fastar::launch_kernel("global16_kernel", global16_kernel, dim3(1), dim3(32), 0, nullptr, src, 2, out.data());
+  return {};
+}
+
 struct Test {
   const char* name;
   Values (*run)();
@@ -860,6 +890,8 @@ constexpr Test kTests[] = {
     {"mma_divergent", test_mma_divergent},
     {"ldmatrix_misaligned", test_ldmatrix_misaligned},
     {"cp_async_misaligned", test_cp_async_misaligned},
+    {"global16", test_global16},
+    {"global16_misaligned", test_global16_misaligned},
 };
 
 template <typename T>

@@ -21,6 +21,8 @@
 //     "cp_async_reload"  1 block x 64 threads: a cp.async reload of shared words, waited for, read by a neighbour
 //     "table_refill"     1 block x 64 threads: a 32-entry table restaged in shared memory each of 3 steps
 //     "warp_exchange"    1 block x 64 threads: lanes swap shared words with a neighbour lane after a __syncwarp
+//     "global16"         1 block x 32 threads: 16-byte global loads (cuda/common.cuh's load_global16), one word
+//                        each, against the source array
 //   pairs (value read, correct value); the values read must NOT all be correct (a planted bug):
 //     "missing_syncthreads"  threads read a neighbour's shared-memory slot without the __syncthreads
 //   pairs as for "pair_sum" / "cp_async_reload", with a planted bug that only some emulator modes show
@@ -44,6 +46,7 @@
 //     "mma_divergent"      the two half-warps execute different mma instructions (call sites)
 //     "ldmatrix_misaligned" a lane's ldmatrix row address is not 16-byte aligned
 //     "cp_async_misaligned" a 16-byte cp.async to an 8-byte aligned shared address
+//     "global16_misaligned" a 16-byte global load from an 8-byte aligned address
 // An unknown name throws std::invalid_argument.
 #pragma once
 

@@ -1475,6 +1475,19 @@ inline void cp_async_wait(int n) {
   f.async_copies.resize(kept);
 }
 
+// ld.global.v4 (one 16-byte vector load from global memory): the address must be 16-byte aligned, or a GPU
+// faults with a misaligned address.
+inline uint4 load_global16(const void* p, const std::source_location& site) {
+  using namespace detail;
+  check_running("ld.global.v4");
+  if (reinterpret_cast<uintptr_t>(p) % 16 != 0)
+    die("16-byte global load at %s:%u:%u: address %p is not 16-byte aligned", site.file_name(), site.line(),
+        site.column(), p);
+  uint4 v;
+  std::memcpy(&v, p, sizeof v);
+  return v;
+}
+
 }  // namespace fastar::simt
 
 // ---------------------------------------------------------------------------------------------------------------
