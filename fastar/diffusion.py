@@ -1,4 +1,6 @@
-"""Masked-diffusion LMs (LLaDA, Dream, Fast-dLLM): one parallel-unmasking step, fused, and the per-block schedules.
+"""Masked-diffusion LMs (LLaDA, Dream, Fast-dLLM): one parallel-unmasking step, fused, the per-block schedules, and
+:func:`generate`, LLaDA's / Fast-dLLM's whole loop on top of them (not in ``__all__``: ``fastar.generate`` is the
+speculative-decoding module).
 
 :func:`diffusion_unmask` replaces what the official per-step code does after the model's forward (Gumbel noise
 and a softmax in float64 over ``[B, L, V]``, a gather, a per-row ``topk`` in a Python loop): for every masked
@@ -178,6 +180,170 @@ def maskgit_cosine_counts(num_tokens: int, steps: int) -> List[int]:
         counts.append(masked - left)
         masked = left
     return counts
+
+
+REMASKINGS = {"low_confidence": "probability", "random": "random"}
+CACHES = (None, "prefix", "dual")
+_GEN = "fastar.diffusion.generate"
+
+
+def _logits_of(out) -> torch.Tensor:
+    """The logits of a model's output: its ``.logits`` (transformers' outputs) or the output itself."""
+    logits = getattr(out, "logits", out)
+    if not isinstance(logits, torch.Tensor):
+        raise TypeError(f"{_GEN}: the model must return a tensor of logits or an output with .logits, got "
+                        f"{type(out).__name__}")
+    return logits
+
+
+def _crop(past, length: int):
+    """A KV cache cut to its first ``length`` positions: a transformers ``Cache`` in place (``.crop`` by a negative
+    count: the tokens to drop, in every transformers version), or a legacy tuple of per-layer ``(k, v)``
+    ``[B, H, L, D]`` sliced."""
+    if hasattr(past, "crop"):
+        excess = past.get_seq_length() - length
+        if excess > 0:
+            past.crop(-excess)
+        return past
+    return tuple(tuple(t[:, :, :length] for t in layer) for layer in past)
+
+
+def generate(
+    model,
+    prompt: torch.Tensor,
+    *,
+    steps: int,
+    gen_length: int,
+    block_length: int,
+    temperature: float = 0.0,
+    cfg_scale: float = 0.0,
+    remasking: str = "low_confidence",
+    mask_id: int,
+    threshold: Optional[float] = None,
+    factor: Optional[float] = None,
+    cache: Optional[str] = None,
+    seed: Optional[int] = None,
+    return_nfe: bool = False,
+):
+    """LLaDA's ``generate`` (and Fast-dLLM's threshold / factor rules and prefix / dual KV caches) with every step's
+    sampling and commit done by :func:`diffusion_unmask` on the device.
+
+    ``prompt`` (int64 ``[B, P]``) is followed by ``gen_length`` masked positions, filled block by block
+    (``block_length`` each, left to right). Per block, one rule decides what each step commits:
+
+    * neither ``threshold`` nor ``factor`` (LLaDA): exactly ``steps // num_blocks`` steps, the block's masked count
+      split by :func:`num_transfer_tokens`; no host sync but one per block (the invalid-row check);
+    * ``threshold`` or ``factor`` (Fast-dLLM): steps until no position of the block holds ``mask_id``; one host sync
+      per step (that test).
+
+    ``remasking``: ``"low_confidence"`` (the candidate's probability) or ``"random"``. ``temperature``: 0 takes the
+    argmax (ties: the lowest token id), else a draw from ``softmax(logits / temperature)``. ``cfg_scale > 0``:
+    classifier-free guidance, the batch doubled with the prompt masked in the second half,
+    ``un + (cfg_scale + 1) * (cond - un)``. ``cache``: ``None`` (a full forward per step), ``"prefix"`` or
+    ``"dual"`` (Fast-dLLM's approximate caches; the model protocol is in ``docs/diffusion.md``). ``seed``: the
+    Philox stream of the random draws (step ``s`` of the whole run uses offset ``s``); ``None`` draws one from
+    torch's CPU generator.
+
+    ``model(ids)`` returns logits ``[B, len, V]`` (float32, float16 or bfloat16) or an output with ``.logits``.
+    Returns ``x`` int64 ``[B, P + gen_length]``, and the number of model calls with ``return_nfe``.
+    """
+    if not isinstance(prompt, torch.Tensor) or prompt.dtype != torch.int64 or prompt.dim() != 2:
+        raise ValueError(f"{_GEN}: prompt must be an int64 [B, P] tensor")
+    steps = as_int(steps, f"{_GEN}: steps", low=1)
+    gen_length = as_int(gen_length, f"{_GEN}: gen_length", low=1)
+    block_length = as_int(block_length, f"{_GEN}: block_length", low=1)
+    mask_id = as_int(mask_id, f"{_GEN}: mask_id", low=0)
+    if gen_length % block_length:
+        raise ValueError(f"{_GEN}: block_length {block_length} must divide gen_length {gen_length}")
+    num_blocks = gen_length // block_length
+    if steps % num_blocks:
+        raise ValueError(f"{_GEN}: steps {steps} must be a multiple of the number of blocks {num_blocks}")
+    if remasking not in REMASKINGS:
+        raise ValueError(f"{_GEN}: remasking must be one of {tuple(REMASKINGS)}, got {remasking!r}")
+    if cache not in CACHES:
+        raise ValueError(f"{_GEN}: cache must be one of {CACHES}, got {cache!r}")
+    if threshold is not None and factor is not None:
+        raise ValueError(f"{_GEN}: give threshold or factor, not both")
+    for name, value in (("temperature", temperature), ("cfg_scale", cfg_scale)):
+        if not isinstance(value, (int, float)) or isinstance(value, bool) or not math.isfinite(value) or value < 0:
+            raise ValueError(f"{_GEN}: {name} must be a finite number >= 0, got {value!r}")
+    if seed is None:
+        seed = int(torch.randint(0, 2**62, ()))
+    scheduled = threshold is None and factor is None
+    steps_per_block = steps // num_blocks
+    batch, prompt_len = prompt.shape
+    x = torch.full((batch, prompt_len + gen_length), mask_id, dtype=torch.int64, device=prompt.device)
+    x[:, :prompt_len] = prompt
+    prompt_index = x != mask_id
+    nfe = 0
+
+    def forward(start: int, end: int, **kwargs):
+        """The model on ``x[:, start:end]`` (and its unconditional copy under CFG): (logits, the model's output)."""
+        nonlocal nfe
+        nfe += 1
+        ids = x[:, start:end]
+        if cfg_scale > 0:
+            ids = torch.cat([ids, x.masked_fill(prompt_index, mask_id)[:, start:end]])
+        out = model(ids, **kwargs)
+        logits = _logits_of(out)
+        if logits.dim() != 3 or logits.shape[:2] != ids.shape:
+            raise ValueError(f"{_GEN}: the model returned logits of shape {tuple(logits.shape)} for input ids of "
+                             f"shape {tuple(ids.shape)}; expected [B, len, V]")
+        if mask_id >= logits.shape[-1]:
+            raise ValueError(f"{_GEN}: mask_id {mask_id} is outside the vocabulary of {logits.shape[-1]} tokens")
+        if cfg_scale > 0:
+            cond, un = logits.chunk(2)
+            logits = un + (cfg_scale + 1) * (cond - un)
+        return logits, out
+
+    rule = {"num_transfer": None, "threshold": threshold, "factor": factor}
+    step = 0  # over the whole run: the Philox offset
+    for block in range(num_blocks):
+        start = prompt_len + block * block_length
+        end = start + block_length
+        if scheduled:
+            counts = num_transfer_tokens(x[:, start:end] == mask_id, steps_per_block).t().contiguous()
+        past = None
+        for i in range(steps_per_block if scheduled else block_length + 1):
+            if not scheduled and i == block_length:
+                raise RuntimeError(f"{_GEN}: block {block} still holds mask_id after {block_length} steps (the model "
+                                   "keeps predicting mask_id at a masked position)")
+            if scheduled:
+                rule["num_transfer"] = counts[i]
+            if cache is None or i == 0:
+                logits, out = forward(0, x.shape[1], **({"use_cache": True} if cache else {}))
+                if cache is not None:
+                    past = out.past_key_values
+                    if cache == "prefix":
+                        past = _crop(past, start)
+                view, lo, hi = x, start, end
+            else:
+                view_end = x.shape[1] if cache == "prefix" else end
+                kwargs = {"past_key_values": past, "use_cache": True}
+                if cache == "dual":
+                    rows = batch * (2 if cfg_scale > 0 else 1)
+                    replace = torch.zeros(rows, x.shape[1], dtype=torch.bool, device=x.device)
+                    replace[:, start:end] = True
+                    kwargs["replace_position"] = replace
+                logits, _ = forward(start, view_end, **kwargs)
+                if cache == "prefix":
+                    _crop(past, start)  # a transformers cache the model appended to
+                view, lo, hi = x[:, start:view_end].contiguous(), 0, block_length
+            res = diffusion_unmask(logits, view, mask_id=mask_id, block_start=lo, block_end=hi,
+                                   confidence=REMASKINGS[remasking], temperature=float(temperature), seed=seed,
+                                   offset=step, **{k: v for k, v in rule.items() if v is not None})
+            step += 1
+            if view is not x:
+                x[:, start:start + view.shape[1]] = view
+            if not scheduled:
+                low, high = torch.stack([res.remaining.min(), res.remaining.max()]).tolist()
+                if low < 0:
+                    check_remaining(res.remaining, _GEN)
+                if high == 0:
+                    break
+        if scheduled:
+            check_remaining(res.remaining, _GEN)
+    return (x, nfe) if return_nfe else x
 
 
 @fake("diffusion_unmask")

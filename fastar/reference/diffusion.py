@@ -7,7 +7,9 @@ masked-diffusion LMs, shared with the tests and the benchmark.
 * Dream (``sample_tokens``): the ``maskgit_plus`` / ``topk_margin`` / ``entropy`` confidences;
 * dInfer's threshold (``min(threshold, max confidence - 1e-5)``) and Dimple's confident decoding (every confidence
   above the threshold, else the scheduled count);
-* MaskGIT: the cosine schedule of masked counts, and its annealed Gumbel noise on the log-probabilities.
+* MaskGIT: the cosine schedule of masked counts, and its annealed Gumbel noise on the log-probabilities;
+* the whole loop: LLaDA's ``generate`` and Fast-dLLM's ``generate`` / ``generate_with_prefix_cache`` /
+  ``generate_with_dual_cache``.
 
 Ties: where the official code calls ``torch.topk`` (whose order among equal values is unspecified), this
 reference takes equal confidences by the lowest position (a stable descending sort); ``argmax`` takes the lowest
@@ -16,7 +18,7 @@ index, as ``torch.argmax`` does on the CPU.
 from __future__ import annotations
 
 import math
-from typing import List, Optional, Tuple
+from typing import Callable, List, Optional, Tuple
 
 import torch
 
@@ -25,6 +27,7 @@ __all__ = [
     "diffusion_confidence_reference",
     "diffusion_unmask_reference",
     "fast_dllm_factor_thresholds",
+    "llada_generate_reference",
     "llada_num_transfer_tokens",
     "maskgit_masked_counts",
 ]
@@ -154,6 +157,106 @@ def diffusion_unmask_reference(
     new_x = x.clone()
     new_x[transfer_index] = x0[transfer_index]
     return new_x, x0, conf
+
+
+def llada_generate_reference(
+    model,
+    prompt: torch.Tensor,
+    *,
+    steps: int,
+    gen_length: int,
+    block_length: int,
+    temperature: float = 0.0,
+    cfg_scale: float = 0.0,
+    remasking: str = "low_confidence",
+    mask_id: int,
+    threshold: Optional[float] = None,
+    factor: Optional[float] = None,
+    cache: Optional[str] = None,
+    generator: Optional[torch.Generator] = None,
+    random_confidence: Optional[Callable[[int, torch.Tensor], torch.Tensor]] = None,
+) -> Tuple[torch.Tensor, int]:
+    """LLaDA's ``generate`` (``threshold`` / ``factor`` / ``cache``: Fast-dLLM's loops), each step by
+    :func:`diffusion_unmask_reference` (float64). Returns ``(x, model calls)``.
+
+    Without a rule, ``steps // num_blocks`` steps per block on LLaDA's schedule; with one, steps until the block
+    holds no ``mask_id``. ``cache="prefix"``: per block one full forward with ``use_cache=True`` whose cache is cut
+    to the block start, then forwards of ``x[:, block_start:]`` on it; ``"dual"``: the full cache kept, forwards of
+    the block with ``replace_position``. ``random_confidence(step, x_view)`` gives the random remasking's values
+    for the positions of the tokens the step scores (default ``torch.rand``); step counts over the whole run."""
+    x = torch.full((prompt.shape[0], prompt.shape[1] + gen_length), mask_id, dtype=torch.long)
+    x[:, : prompt.shape[1]] = prompt.clone()
+    prompt_index = x != mask_id
+    num_blocks = gen_length // block_length
+    steps = steps // num_blocks
+    nfe, step = 0, 0
+    scheduled = threshold is None and factor is None
+
+    def logits_of(start, end, **kwargs):
+        nonlocal nfe
+        nfe += 1
+        if cfg_scale > 0.0:
+            un_x = x.clone()
+            un_x[prompt_index] = mask_id
+            x_ = torch.cat([x[:, start:end], un_x[:, start:end]], dim=0)
+            out = model(x_, **kwargs)
+            logits, un_logits = torch.chunk(getattr(out, "logits", out), 2, dim=0)
+            return un_logits + (cfg_scale + 1) * (logits - un_logits), out
+        out = model(x[:, start:end], **kwargs)
+        return getattr(out, "logits", out), out
+
+    def commit(logits, start, end, block_start, block_end, num_transfer):
+        nonlocal step
+        view = x[:, start:end].clone()
+        rand = None
+        if remasking == "random":
+            rand = (random_confidence(step, view) if random_confidence is not None
+                    else torch.rand(view.shape, dtype=torch.float64, generator=generator))
+        confidence = "probability" if remasking == "low_confidence" else "random"
+        new_view, _, _ = diffusion_unmask_reference(
+            logits, view, mask_id=mask_id, block_start=block_start - start, block_end=block_end - start,
+            num_transfer=num_transfer, threshold=threshold, factor=factor, confidence=confidence,
+            temperature=temperature, random_confidence=rand, generator=generator)
+        x[:, start:end] = new_view
+        step += 1
+
+    for num_block in range(num_blocks):
+        block_start = prompt.shape[1] + num_block * block_length
+        block_end = block_start + block_length
+        block_mask_index = x[:, block_start:block_end] == mask_id
+        num_transfer_tokens = llada_num_transfer_tokens(block_mask_index, steps)
+
+        def count(i, table=num_transfer_tokens):
+            return table[:, i] if scheduled else None
+
+        if cache is None:
+            i = 0
+            while True:
+                logits, _ = logits_of(0, x.shape[1])
+                commit(logits, 0, x.shape[1], block_start, block_end, count(i))
+                i += 1
+                if (i == steps) if scheduled else (x[:, block_start:block_end] == mask_id).sum() == 0:
+                    break
+            continue
+        logits, output = logits_of(0, x.shape[1], use_cache=True)
+        past_key_values = output.past_key_values
+        if cache == "prefix":
+            past_key_values = tuple(tuple(t[:, :, :block_start] for t in layer) for layer in past_key_values)
+        commit(logits, 0, x.shape[1], block_start, block_end, count(0))
+        i = 1
+        while (i < steps) if scheduled else (x[:, block_start:block_end] == mask_id).sum() > 0:
+            if cache == "prefix":
+                logits, _ = logits_of(block_start, x.shape[1], past_key_values=past_key_values, use_cache=True)
+                commit(logits, block_start, x.shape[1], block_start, block_end, count(i))
+            else:
+                replace_position = torch.zeros(x.shape[0] * (2 if cfg_scale > 0 else 1), x.shape[1],
+                                               dtype=torch.bool)
+                replace_position[:, block_start:block_end] = True
+                logits, _ = logits_of(block_start, block_end, past_key_values=past_key_values, use_cache=True,
+                                      replace_position=replace_position)
+                commit(logits, block_start, block_end, block_start, block_end, count(i))
+            i += 1
+    return x, nfe
 
 
 def maskgit_masked_counts(num_tokens: int, steps: int) -> List[int]:
