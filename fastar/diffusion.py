@@ -267,6 +267,9 @@ def generate(
     for name, value in (("temperature", temperature), ("cfg_scale", cfg_scale)):
         if not isinstance(value, (int, float)) or isinstance(value, bool) or not math.isfinite(value) or value < 0:
             raise ValueError(f"{_GEN}: {name} must be a finite number >= 0, got {value!r}")
+    vocab = getattr(getattr(model, "config", None), "vocab_size", None)
+    if isinstance(vocab, int) and mask_id >= vocab:  # else checked on the first logits
+        raise ValueError(f"{_GEN}: mask_id {mask_id} is outside the vocabulary of {vocab} tokens")
     if seed is None:
         seed = int(torch.randint(0, 2**62, ()))
     scheduled = threshold is None and factor is None
@@ -296,7 +299,7 @@ def generate(
             logits = un + (cfg_scale + 1) * (cond - un)
         return logits, out
 
-    rule = {"num_transfer": None, "threshold": threshold, "factor": factor}
+    rule = {"threshold": threshold} if threshold is not None else {"factor": factor} if factor is not None else {}
     step = 0  # over the whole run: the Philox offset
     for block in range(num_blocks):
         start = prompt_len + block * block_length
@@ -308,8 +311,6 @@ def generate(
             if not scheduled and i == block_length:
                 raise RuntimeError(f"{_GEN}: block {block} still holds mask_id after {block_length} steps (the model "
                                    "keeps predicting mask_id at a masked position)")
-            if scheduled:
-                rule["num_transfer"] = counts[i]
             if cache is None or i == 0:
                 logits, out = forward(0, x.shape[1], **({"use_cache": True} if cache else {}))
                 if cache is not None:
@@ -331,7 +332,7 @@ def generate(
                 view, lo, hi = x[:, start:view_end].contiguous(), 0, block_length
             res = diffusion_unmask(logits, view, mask_id=mask_id, block_start=lo, block_end=hi,
                                    confidence=REMASKINGS[remasking], temperature=float(temperature), seed=seed,
-                                   offset=step, **{k: v for k, v in rule.items() if v is not None})
+                                   offset=step, **(dict(num_transfer=counts[i]) if scheduled else rule))
             step += 1
             if view is not x:
                 x[:, start:start + view.shape[1]] = view

@@ -16,6 +16,7 @@ model's is, unless ``predict_mask``.
 from __future__ import annotations
 
 import dataclasses
+import types
 from typing import Optional
 
 import torch
@@ -57,6 +58,7 @@ class TinyDiffusionLM(nn.Module):
                  mask_id: int = 47, seed: int = 0, head_scale: float = 3.0, predict_mask: bool = False):
         super().__init__()
         torch.manual_seed(seed)
+        self.config = types.SimpleNamespace(vocab_size=vocab)
         self.embed, self.pos = nn.Embedding(vocab, dim), nn.Embedding(max_len, dim)
         self.layers = nn.ModuleList(Layer(dim, heads) for _ in range(layers))
         self.norm, self.head = nn.LayerNorm(dim), nn.Linear(dim, vocab)

@@ -118,6 +118,8 @@ def test_ties_take_the_lowest_position_and_token(backend):
     prompt = prompt_of(batch=1)
     got, _ = generate(backend, Flat(), prompt, steps=2, gen_length=8, block_length=8)
     assert got[0, 5:].tolist() == [4] * 8
+    assert torch.equal(llada_generate_reference(Flat(), prompt, steps=2, gen_length=8, block_length=8,
+                                                mask_id=MASK)[0], got)
     calls = []
 
     class Recording(Flat):
@@ -219,6 +221,15 @@ def test_bad_arguments_raise(kw, error, match):
     args.update(kw)
     with pytest.raises(error, match=match):
         fastar.diffusion.generate(lambda ids: torch.zeros(*ids.shape, VOCAB), prompt_of(), **args)
+
+
+def test_mask_id_outside_the_configured_vocabulary_raises_before_a_forward(model):
+    """A model with ``config.vocab_size`` (transformers') is checked before it is called: an embedding would
+    fail on the masked ids with an IndexError first."""
+    model.calls.clear()
+    with pytest.raises(ValueError, match="mask_id 48 is outside the vocabulary of 48 tokens"):
+        fastar.diffusion.generate(model, prompt_of(), steps=4, gen_length=4, block_length=4, mask_id=VOCAB)
+    assert model.calls == []
 
 
 def test_bad_prompt_raises(model):
