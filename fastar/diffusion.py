@@ -360,3 +360,142 @@ def _diffusion_unmask_fake(logits, x, num_transfer, mask_id, block_start, block_
         logits.new_empty((batch, block), dtype=torch.float32),
         logits.new_empty((batch,), dtype=torch.int64),
     )
+
+
+_BLOCKS = "fastar.diffusion.generate_blocks"
+
+
+def _block_causal_mask(batch: int, past: int, n: int, block_length: int, device) -> torch.Tensor:
+    """bool ``[B, 1, n, past + n]``, True where query ``past + i`` may see key ``j``: ``j`` lies in the query's block
+    or an earlier one (blocks of ``block_length`` from position 0). An expanded view."""
+    q = torch.arange(past, past + n, device=device) // block_length
+    k = torch.arange(past + n, device=device) // block_length
+    return (k[None, :] <= q[:, None]).expand(batch, 1, n, past + n)
+
+
+@torch.no_grad()
+def generate_blocks(
+    model,
+    prompt: torch.Tensor,
+    *,
+    gen_length: int,
+    block_length: int,
+    steps_per_block: int,
+    mask_id: int,
+    temperature: float = 0.0,
+    remasking: str = "low_confidence",
+    threshold: Optional[float] = None,
+    factor: Optional[float] = None,
+    use_cache: bool = True,
+    seed: Optional[int] = None,
+    return_nfe: bool = False,
+):
+    """Block-diffusion decoding (SDAR, Fast-dLLM v2, BD3-LM): blocks of ``block_length`` positions, counted from
+    position 0, are denoised one after the other under block-causal attention, each step's sampling and commit done
+    by :func:`diffusion_unmask` on the device. The protocol and the alignment of the prompt: ``docs/diffusion.md``.
+
+    The prompt's whole blocks are committed; its last partial block (if ``P % block_length``) is the first block
+    denoised, its prompt positions kept (SDAR's alignment). Then blocks follow until ``gen_length`` positions
+    after the prompt are generated; the last block then overhangs the returned ``P + gen_length`` positions by
+    ``block_length - P % block_length`` (generated and dropped, as SDAR does).
+
+    Per block, at most ``steps_per_block`` forwards over the block's positions against the KV cache of the
+    committed blocks, the first also over the last committed block, whose keys and values it adds to the cache
+    (``use_cache=False``: every forward over the whole prefix and the block, the baseline):
+
+    * neither ``threshold`` nor ``factor``: the block's masked count split over ``min(steps_per_block, count)``
+      steps by :func:`num_transfer_tokens`; the loop reads the device once per block (the block-complete check);
+    * ``threshold`` or ``factor`` (Fast-dLLM's rules, at least one position per step): steps until the block holds
+      no ``mask_id``, the ``steps_per_block``-th committing all that is left; one read of the device per step
+      (the block-complete check).
+
+    A block still holding ``mask_id`` after its last step (the model committed ``mask_id`` itself) raises
+    ``RuntimeError``. ``remasking``, ``temperature`` and ``seed`` as in :func:`generate` (step ``s`` of the run uses
+    Philox offset ``s``, position ``p`` of the block its counter ``p``: the same draws with and without the cache).
+
+    ``model(ids, attention_mask=m, position_ids=p, past_key_values=c, use_cache=True)`` (without the cache, the
+    first two only): ``m`` bool ``[B, 1, n, past + n]`` block-causal, ``p`` the absolute positions; it returns the
+    logits ``[B, n, V]`` (or of the last ``block_length <= m' <= n`` positions) or an output with ``.logits`` and
+    ``.past_key_values`` (a transformers ``Cache`` such as ``DynamicCache``, or a tuple of per-layer ``(k, v)``).
+    Returns ``x`` int64 ``[B, P + gen_length]``, and the number of model calls with ``return_nfe``.
+    """
+    if not isinstance(prompt, torch.Tensor) or prompt.dtype != torch.int64 or prompt.dim() != 2:
+        raise ValueError(f"{_BLOCKS}: prompt must be an int64 [B, P] tensor")
+    gen_length = as_int(gen_length, f"{_BLOCKS}: gen_length", low=1)
+    block_length = as_int(block_length, f"{_BLOCKS}: block_length", low=1)
+    steps_per_block = as_int(steps_per_block, f"{_BLOCKS}: steps_per_block", low=1)
+    mask_id = as_int(mask_id, f"{_BLOCKS}: mask_id", low=0)
+    if gen_length % block_length:
+        raise ValueError(f"{_BLOCKS}: block_length {block_length} must divide gen_length {gen_length}")
+    if remasking not in REMASKINGS:
+        raise ValueError(f"{_BLOCKS}: remasking must be one of {tuple(REMASKINGS)}, got {remasking!r}")
+    if threshold is not None and factor is not None:
+        raise ValueError(f"{_BLOCKS}: give threshold or factor, not both")
+    if (not isinstance(temperature, (int, float)) or isinstance(temperature, bool) or not math.isfinite(temperature)
+            or temperature < 0):
+        raise ValueError(f"{_BLOCKS}: temperature must be a finite number >= 0, got {temperature!r}")
+    if (prompt == mask_id).any():
+        raise ValueError(f"{_BLOCKS}: the prompt holds mask_id {mask_id}")
+    if seed is None:
+        seed = int(torch.randint(0, 2**62, ()))
+    scheduled = threshold is None and factor is None
+    batch, prompt_len = prompt.shape
+    device = prompt.device
+    first = prompt_len // block_length  # the first block with a masked position
+    num_blocks = -(-(prompt_len + gen_length) // block_length)
+    x = torch.full((batch, num_blocks * block_length), mask_id, dtype=torch.int64, device=device)
+    x[:, :prompt_len] = prompt
+    commit_all = torch.full((batch,), block_length, dtype=torch.int64, device=device)
+    past, cached = None, 0  # the cache holds the keys and values of x[:, :cached], whole committed blocks
+    nfe = step = 0
+    for block in range(first, num_blocks):
+        start, end = block * block_length, (block + 1) * block_length
+        num_steps = min(steps_per_block, end - max(start, prompt_len))
+        if scheduled:
+            counts = num_transfer_tokens(x[:, start:end] == mask_id, num_steps).t().contiguous()
+        for i in range(num_steps):
+            lo = cached if use_cache else 0
+            ids = x[:, lo:end]
+            kwargs = {"attention_mask": _block_causal_mask(batch, lo, end - lo, block_length, device),
+                      "position_ids": torch.arange(lo, end, device=device).expand(batch, -1)}
+            if use_cache:
+                kwargs.update(past_key_values=past, use_cache=True)
+            out = model(ids, **kwargs)
+            nfe += 1
+            logits = getattr(out, "logits", out)
+            if (not isinstance(logits, torch.Tensor) or logits.dim() != 3 or logits.shape[0] != batch
+                    or not block_length <= logits.shape[1] <= ids.shape[1]):
+                raise ValueError(f"{_BLOCKS}: the model must return logits [B, m, V] of the last m of its "
+                                 f"{ids.shape[1]} positions, {block_length} <= m (or an output with .logits), for "
+                                 f"input ids of shape {tuple(ids.shape)}; got "
+                                 f"{tuple(logits.shape) if isinstance(logits, torch.Tensor) else type(out).__name__}")
+            if mask_id >= logits.shape[-1]:
+                raise ValueError(f"{_BLOCKS}: mask_id {mask_id} is outside the vocabulary of {logits.shape[-1]} tokens")
+            if use_cache:
+                past = getattr(out, "past_key_values", None)
+                if past is None:
+                    raise ValueError(f"{_BLOCKS}: with use_cache the model must return .past_key_values")
+                past, cached = _crop(past, start), start
+            if scheduled:
+                rule = {"num_transfer": counts[i]}
+            elif i == num_steps - 1:
+                rule = {"num_transfer": commit_all}
+            else:
+                rule = {"threshold": threshold} if threshold is not None else {"factor": factor}
+            view = x[:, start:end].contiguous()
+            res = diffusion_unmask(logits[:, -block_length:], view, mask_id=mask_id, block_start=0,
+                                   block_end=block_length, confidence=REMASKINGS[remasking],
+                                   temperature=float(temperature), seed=seed, offset=step, **rule)
+            step += 1
+            x[:, start:end] = view
+            if not scheduled or i == num_steps - 1:  # the block-complete check: the only host sync of a step
+                low, high = torch.stack([res.remaining.min(), res.remaining.max()]).tolist()
+                if low < 0:
+                    check_remaining(res.remaining, _BLOCKS)
+                if high == 0:
+                    break
+                if i == num_steps - 1:
+                    raise RuntimeError(f"{_BLOCKS}: block {block} still holds mask_id after {num_steps} steps (the "
+                                       "model committed mask_id at a masked position)")
+    x = x[:, :prompt_len + gen_length]
+    return (x, nfe) if return_nfe else x
