@@ -26,6 +26,18 @@ inline void define_schemas(torch::Library& m) {
   m.def(
       "lantern_accept(Tensor draft_token_ids, Tensor? draft_probs, Tensor target_probs, Tensor neighbors, "
       "float delta, Tensor? num_draft_tokens, Tensor seed, Tensor offset) -> (Tensor tokens, Tensor num_accepted)");
+  // GSD's grouped acceptance on the same chain (docs/acceptance.md): embeddings float32 [V, d]; a draft's group is
+  // itself plus its group_above / group_below ranking neighbours in p within prob_threshold of p(x) and
+  // dist_threshold of its embedding (squared distance).
+  m.def(
+      "gsd_accept(Tensor draft_token_ids, Tensor? draft_probs, Tensor target_probs, Tensor embeddings, "
+      "int group_above, int group_below, float prob_threshold, float dist_threshold, Tensor? num_draft_tokens, "
+      "Tensor seed, Tensor offset) -> (Tensor tokens, Tensor num_accepted)");
+  // Speculative Jacobi decoding (docs/acceptance.md): the chain's exact test, then the positions after a rejection
+  // get fresh drafts from their target rows: next_drafts int32 [B, n] and their probabilities float32 [B, n].
+  m.def(
+      "sjd_accept(Tensor draft_token_ids, Tensor? draft_probs, Tensor target_probs, Tensor? num_draft_tokens, "
+      "Tensor seed, Tensor offset) -> (Tensor tokens, Tensor num_accepted, Tensor next_drafts, Tensor next_probs)");
   m.def(
       "greedy_verify(Tensor draft_token_ids, Tensor target_logits, Tensor? num_draft_tokens=None) "
       "-> (Tensor tokens, Tensor num_accepted)");
@@ -155,6 +167,8 @@ inline void define_cpu_test_schemas(torch::Library& m) {
 inline void register_cpu_kernels(torch::Library& m) {
   m.impl("speculative_sample", &speculative_sample_op<run_speculative_sample_cpu>);
   m.impl("lantern_accept", &lantern_accept_op<run_speculative_sample_cpu>);
+  m.impl("gsd_accept", &gsd_accept_op<run_speculative_sample_cpu>);
+  m.impl("sjd_accept", &sjd_accept_op<run_speculative_sample_cpu>);
   m.impl("greedy_verify", &greedy_verify_op<run_greedy_verify_cpu>);
   m.impl("tree_speculative_sample", &tree_speculative_sample_op<run_tree_speculative_sample_cpu>);
   m.impl("tree_greedy_verify", &tree_greedy_verify_op<run_tree_greedy_verify_cpu>);
@@ -173,6 +187,8 @@ inline void register_cpu_kernels(torch::Library& m) {
 inline void register_cuda_kernels(torch::Library& m) {
   m.impl("speculative_sample", &speculative_sample_op<run_speculative_sample_cuda>);
   m.impl("lantern_accept", &lantern_accept_op<run_speculative_sample_cuda>);
+  m.impl("gsd_accept", &gsd_accept_op<run_speculative_sample_cuda>);
+  m.impl("sjd_accept", &sjd_accept_op<run_speculative_sample_cuda>);
   m.impl("tree_speculative_sample", &tree_speculative_sample_op<run_tree_speculative_sample_cuda>);
   m.impl("tree_greedy_verify", &tree_greedy_verify_op<run_tree_greedy_verify_cuda>);
   m.impl("typical_accept", &typical_accept_op<run_typical_accept_cuda>);

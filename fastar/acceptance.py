@@ -44,8 +44,9 @@ from ._common import (
 from .masks import Tree
 
 __all__ = [
-    "check_rows", "compact_kv", "debug_checks_enabled", "greedy_verify", "lantern_accept", "set_debug_checks",
-    "speculative_sample", "tree_greedy_verify", "tree_speculative_sample", "typical_accept",
+    "check_rows", "compact_kv", "debug_checks_enabled", "greedy_verify", "gsd_accept", "lantern_accept",
+    "set_debug_checks", "sjd_accept", "speculative_sample", "tree_greedy_verify", "tree_speculative_sample",
+    "typical_accept",
 ]
 
 _debug_checks = os.environ.get("FASTAR_DEBUG_CHECKS", "0") == "1"
@@ -226,6 +227,120 @@ def lantern_accept(
 def _lantern_accept_fake(draft_token_ids, draft_probs, target_probs, neighbors, delta, num_draft_tokens, seed, offset):
     one_device("lantern_accept", draft_token_ids, draft_probs, target_probs, neighbors, num_draft_tokens)
     return _acceptance_outputs(draft_token_ids, target_probs)
+
+
+def gsd_accept(
+    draft_token_ids: torch.Tensor,
+    draft_probs: Optional[torch.Tensor],
+    target_probs: torch.Tensor,
+    embeddings: torch.Tensor,
+    *,
+    group_above: int = 6,
+    group_below: int = 7,
+    prob_threshold: float = 0.15,
+    dist_threshold: float = 0.5,
+    num_draft_tokens: Optional[torch.Tensor] = None,
+    seed: Optional[int | torch.Tensor] = None,
+    offset: int | torch.Tensor = 0,
+) -> Tuple[torch.Tensor, torch.Tensor]:
+    """Grouped speculative decoding of a chain of image tokens (So et al., ICCV 2025, "GSD"; lossy).
+
+    Draft ``x_i`` is tested with its group ``G``: ``x_i`` plus those of its ranking neighbours in ``p_i`` (the
+    ``group_above`` tokens ranked just above it and the ``group_below`` just below, ranked by probability, ties by
+    the smaller id) with ``|p_i(t) - p_i(x_i)| < prob_threshold`` and ``||e_t - e_x||^2 < dist_threshold``. It is
+    accepted iff ``u_i <= p_i(G) / q_i(G)`` (``q_i(G) = 1`` without draft probabilities); at the first rejection a
+    token is sampled from ``norm(max(0, p_i - q_i))`` as in :func:`speculative_sample`, and if every draft was
+    accepted a bonus token from ``p_k``. The defaults are the authors' code (docs/acceptance.md, "GSD").
+
+    Args:
+        draft_token_ids, draft_probs, target_probs, num_draft_tokens, seed, offset: as :func:`speculative_sample`.
+        embeddings: float32 ``[V, d]`` on the inputs' device, the token embeddings distances are taken in (the
+            authors use the target model's input embedding table of the image tokens; a VQ codebook works too).
+            A NaN embedding puts no token in the draft's group.
+        group_above, group_below: ranking neighbours taken above and below the draft, each in ``[0, 16]``.
+        prob_threshold, dist_threshold: ``>= 0`` (``inf`` turns a filter off); the group's members differ from
+            ``p_i(x_i)`` by less than ``prob_threshold`` and lie within squared distance ``dist_threshold``.
+
+    Returns:
+        ``(tokens, num_accepted)`` as :func:`speculative_sample`. Every value of a draft's target row is read
+        (to rank it) and validated; ``q`` is validated at the group's members.
+    """
+    op = "fastar.gsd_accept"
+    _check_devices(op, "target_probs", target_probs, draft_token_ids=draft_token_ids, draft_probs=draft_probs,
+                   embeddings=embeddings, num_draft_tokens=num_draft_tokens)
+    seed_t, offset_t = philox_args(op, seed, offset, target_probs.device)
+    if _debug_checks:
+        _validate_values(op, draft_token_ids, target_probs, num_draft_tokens, True, draft_probs)
+    tokens, num_accepted = _common.ops().gsd_accept(
+        draft_token_ids, draft_probs, target_probs, embeddings, int(group_above), int(group_below),
+        float(prob_threshold), float(dist_threshold), num_draft_tokens, seed_t, offset_t
+    )
+    if _debug_checks:
+        check_rows(num_accepted, op)
+    return tokens, num_accepted
+
+
+@fake("gsd_accept")
+def _gsd_accept_fake(draft_token_ids, draft_probs, target_probs, embeddings, group_above, group_below,
+                     prob_threshold, dist_threshold, num_draft_tokens, seed, offset):
+    one_device("gsd_accept", draft_token_ids, draft_probs, target_probs, embeddings, num_draft_tokens)
+    return _acceptance_outputs(draft_token_ids, target_probs)
+
+
+def sjd_accept(
+    draft_token_ids: torch.Tensor,
+    draft_probs: Optional[torch.Tensor],
+    target_probs: torch.Tensor,
+    *,
+    num_draft_tokens: Optional[torch.Tensor] = None,
+    seed: Optional[int | torch.Tensor] = None,
+    offset: int | torch.Tensor = 0,
+) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """One step of speculative Jacobi decoding (Teng et al. 2024, "SJD"): acceptance and the Jacobi refresh.
+
+    The window's drafts ``x_0..x_{k-1}`` are verified by one forward of the target, which gives ``p_i`` at each
+    position (conditioned on the drafts before it) and the bonus row ``p_k``. Draft ``x_i`` is accepted iff
+    ``u_i <= p_i(x_i) / q_i(x_i)`` where ``q_i`` is the distribution the draft was sampled from at the previous
+    Jacobi iteration; at the first rejection ``j`` a token is sampled from ``norm(max(0, p_j - q_j))``, and if every
+    draft was accepted a bonus token from ``p_k``: exactly :func:`speculative_sample`'s ``tokens`` and
+    ``num_accepted`` for the same seed. Then (after a rejection) positions ``j+1..k`` get new drafts sampled from
+    their own ``p_i``: the next iteration's drafts, ``q`` there being that ``p_i``.
+
+    Args:
+        draft_token_ids, target_probs, num_draft_tokens, seed, offset: as :func:`speculative_sample`.
+        draft_probs: float ``[B, n, V]``: row ``i`` is the ``p`` that drafted ``x_i`` at the previous iteration
+            (``target_probs[b, j + 1 + m]`` of the previous call for its ``next_drafts[b, m]``), and a one-hot row
+            at ``x_i`` for a token initialised at random; ``None``: every row one-hot (the first iteration).
+
+    Returns:
+        ``(tokens, num_accepted, next_drafts, next_probs)``: ``tokens`` int32 ``[B, n+1]`` and ``num_accepted``
+        int32 ``[B]`` as :func:`speculative_sample`; ``next_drafts`` int32 ``[B, n]``: slot ``m`` holds the new
+        draft of position ``j + 1 + m`` (``j = num_accepted[b]``) for ``m < k - j``, then ``-1``; all ``-1`` when
+        every draft was accepted. ``next_probs`` float32 ``[B, n]``: ``p_{j+1+m}`` at that draft (its ``q`` in
+        the next test), ``0`` where ``next_drafts`` is ``-1``. A marked row (CUDA) has all ``-1`` and ``0``.
+        Randomness: the refresh of position ``i`` uses the sampling bits of ``(row, i)``, which no other token
+        of the step uses. docs/acceptance.md ("SJD") has the iteration written out.
+    """
+    op = "fastar.sjd_accept"
+    _check_devices(op, "target_probs", target_probs, draft_token_ids=draft_token_ids, draft_probs=draft_probs,
+                   num_draft_tokens=num_draft_tokens)
+    seed_t, offset_t = philox_args(op, seed, offset, target_probs.device)
+    if _debug_checks:
+        _validate_values(op, draft_token_ids, target_probs, num_draft_tokens, True, draft_probs)
+    outputs = _common.ops().sjd_accept(draft_token_ids, draft_probs, target_probs, num_draft_tokens, seed_t, offset_t)
+    if _debug_checks:
+        check_rows(outputs[1], op)
+    return outputs
+
+
+@fake("sjd_accept")
+def _sjd_accept_fake(draft_token_ids, draft_probs, target_probs, num_draft_tokens, seed, offset):
+    one_device("sjd_accept", draft_token_ids, draft_probs, target_probs, num_draft_tokens)
+    tokens, num_accepted = _acceptance_outputs(draft_token_ids, target_probs)
+    batch, n = draft_token_ids.shape
+    next_drafts = target_probs.new_empty((batch, n), dtype=torch.int32)
+    next_probs = target_probs.new_empty((batch, n), dtype=torch.float32)
+    return tokens, num_accepted, next_drafts, next_probs
 
 
 def greedy_verify(

@@ -150,6 +150,13 @@ def _acceptance_samples(device):
             [*to(ids.int(), None, p.bfloat16(), (torch.arange(V)[:, None] + torch.arange(0, 2)).int() % V), 1.0,
              *to(nd, seed, offset)],
         ],
+        # GSD: a float32 embedding table, the authors' window (6 above, 7 below), then a narrow one without q.
+        "gsd_accept": [
+            [*to(ids, q, p, torch.randn(V, 8, generator=g)), 6, 7, 0.15, 0.5, *to(None, seed, offset)],
+            [*to(ids.int(), None, p.bfloat16(), torch.randn(V, 3, generator=g)), 1, 2, 0.05, float("inf"),
+             *to(nd, seed, offset)],
+        ],
+        "sjd_accept": [to(ids, q, p, None, seed, offset), to(ids.int(), None, p.half(), nd, seed, offset)],
         "sample_cfg": sample_cfg,
         "greedy_verify": [to(ids, p), to(ids.int(), p.bfloat16(), nd)],
         # A tree of the drafts: shared parents with draft probabilities, batched parents one-hot with a root node.
@@ -218,6 +225,7 @@ def test_public_api_compiles_without_graph_breaks():
 
     tree = fastar.masks.Tree([-1, 0, 0])
     neighbors = (torch.arange(V)[:, None] + torch.arange(1, 5)) % V
+    embeddings = torch.randn(V, 4)
 
     def step(ids, q, p, seed, offset, k_cache, v_cache):
         tokens, accepted = fastar.speculative_sample(ids, q, p, seed=seed, offset=offset)
@@ -229,8 +237,10 @@ def test_public_api_compiles_without_graph_breaks():
         lengths = fastar.compact_kv(k_cache, v_cache, greedy_path, greedy_accepted, torch.tensor([1, 4]), num_nodes=n,
                                     root_in_path=False)
         lantern_tokens, _ = fastar.lantern_accept(ids, q, p, neighbors, delta=0.3, seed=seed, offset=offset)
+        gsd_tokens, _ = fastar.gsd_accept(ids, q, p, embeddings, seed=seed, offset=offset)
+        sjd = fastar.sjd_accept(ids, q, p, seed=seed, offset=offset)
         return (tokens, accepted, greedy, path, tree_tokens, greedy_path, greedy_tokens, typical_tokens,
-                typical_tree_tokens, lengths, lantern_tokens)
+                typical_tree_tokens, lengths, lantern_tokens, gsd_tokens, *sjd)
 
     compiled = torch.compile(step, fullgraph=True, backend="inductor")
     seed, offset = torch.tensor(7), torch.tensor(0)

@@ -125,6 +125,34 @@ def test_lantern_accept(backend):
         assert_order_independent(run, SPECULATIVE)
 
 
+def test_gsd_accept(backend):
+    # GSD's draft test: a warp per draft scans the target row and merges its lanes' windows by shuffles, in
+    # every chunk block of the row (V = 2500: rows split over blocks in the emulator).
+    gen = torch.Generator().manual_seed(2)
+    B, K, V = 3, 4, 2500
+    drafts = torch.randint(0, V, (B, K), generator=gen)
+    q = torch.softmax(torch.randn(B, K, V, generator=gen), -1)
+    p = torch.softmax(torch.randn(B, K + 1, V, generator=gen), -1)
+    embeddings = torch.randn(V, 8, generator=gen) * 0.2
+    num_draft = torch.tensor([4, 3, 1])
+    for draft_probs in (q, None):
+        run = lambda q=draft_probs: backend.gsd_accept(  # noqa: E731
+            drafts, q, p, embeddings, prob_threshold=0.01, num_draft_tokens=num_draft, seed=9)
+        assert_order_independent(run, SPECULATIVE)
+
+
+def test_sjd_accept(backend):
+    # SJD's refresh: the finish block samples one whole row per refreshed position and writes next_drafts
+    # between barriers.
+    gen = torch.Generator().manual_seed(5)
+    B, K, V = 3, 6, 2500
+    drafts = torch.randint(0, V, (B, K), generator=gen)
+    p = torch.softmax(2 * torch.randn(B, K + 1, V, generator=gen), -1)
+    num_draft = torch.tensor([6, 4, 0])
+    assert_order_independent(lambda: backend.sjd_accept(drafts, None, p, num_draft_tokens=num_draft, seed=3),
+                             SPECULATIVE)
+
+
 def test_tree_speculative_sample(backend):
     # A wide root whose children the target rarely takes: rows reject several children at a node, so the
     # kernel writes weight rows (global memory, between barriers) and draws from them.

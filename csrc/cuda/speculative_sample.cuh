@@ -1,12 +1,14 @@
-// CUDA kernels of fastar.speculative_sample and fastar.lantern_accept, in two launches so that the whole GPU
-// reads the row to sample from:
+// CUDA kernels of the chain ops (fastar.speculative_sample, lantern_accept, gsd_accept, sjd_accept), in two
+// launches so that the whole GPU reads the row to sample from:
 //  1. speculative_sample_partial_kernel, one block per (batch row, chunk of the vocabulary): the block tests the
-//     drafts (validation + the Leviathan/Chen or LANTERN test, core/lantern.h; the first rejection is an
-//     atomicMin in shared memory), then sums its chunk of the row to sample from in fixed point with 16-byte
-//     loads: the residual's weights and p's (the fallback when the residual has no mass), into the workspace.
+//     drafts (validation + the rule of core/lantern.h: a thread per draft, or for GSD a warp per draft,
+//     warp_test_gsd; the first rejection is an atomicMin in shared memory), then sums its chunk of the row to
+//     sample from in fixed point with 16-byte loads: the residual's weights and p's (the fallback when the
+//     residual has no mass), into the workspace.
 //  2. speculative_sample_finish_kernel, one block per batch row: the two-level inverse CDF. The chunk sums give
 //     the total and the chunk holding the target; the block scans that chunk a tile at a time (block-wide
 //     prefix sums) for the token. Integer sums are associative, so the token is the CPU kernel's exactly.
+//     SJD's refreshed positions are then sampled by the same block, a whole-row pass each.
 #pragma once
 #include <climits>
 
@@ -39,6 +41,65 @@ struct SampleWorkspace {
   int64_t chunks, chunk_len;
 };
 
+// Merges the lanes' ranking windows (each over the lane's tokens) into the window over the whole row, in every
+// lane: per side, cap rounds of a butterfly that picks the nearest head among the lanes.
+__device__ __forceinline__ void warp_merge_window(RankWindow& w) {
+  RankWindow m(w.px, w.x, w.cap[0], w.cap[1]);
+  for (int s = 0; s < 2; ++s) {
+    int32_t head = 0;
+    for (int32_t r = 0; r < w.cap[s]; ++r) {
+      const bool has = head < w.count[s];
+      float bp = has ? w.p[s][head] : 0.0f;
+      int32_t bt = has ? w.t[s][head] : -1;
+      for (int d = 16; d > 0; d >>= 1) {
+        const float op = __shfl_xor_sync(kFullMask, bp, d);
+        const int32_t ot = __shfl_xor_sync(kFullMask, bt, d);
+        if (ot >= 0 && (bt < 0 || RankWindow::nearer(s, op, ot, bp, bt))) {
+          bp = op;
+          bt = ot;
+        }
+      }
+      if (bt < 0) break;  // warp-uniform: no lane has a token left on this side
+      if (has && w.t[s][head] == bt) ++head;
+      m.p[s][r] = bp;
+      m.t[s][r] = bt;
+      m.count[s] = r + 1;
+    }
+  }
+  w = m;
+}
+
+// GSD's test of draft i by one warp; every lane returns the same status and outcome. The lanes offer strided
+// 16-byte spans of the target row to their own windows (every value validated), merge them, and apply
+// gsd_group_test as the CPU does.
+template <typename P>
+__device__ int32_t warp_test_gsd(const ChainAcceptParams& prm, int64_t b, int64_t i, const P* tp, const P* dp, int lane,
+                                 bool* accepted) {
+  using namespace accept;
+  constexpr int kVec = kVecOf<P>;
+  auto load = [](P v) { return to_float(v); };
+  int64_t x;
+  float px, qx;
+  double u;
+  const int32_t head = draft_head(prm, b, i, tp, dp, load, &x, &px, &qx, &u);
+  if (head) return head;
+  const P* p = tp + i * prm.tp_sn;
+  const bool aligned = aligned16(p);
+  RankWindow w(px, x, prm.gsd_above, prm.gsd_below);
+  bool bad = false;
+  for (int64_t t = static_cast<int64_t>(lane) * kVec; t < prm.V; t += 32 * kVec) {
+    float xp[kVec];
+    const int m = load_span(p, t, prm.V, aligned, xp);
+    for (int e = 0; e < m; ++e) {
+      bad |= !prob_ok(xp[e]);
+      if (w.may_take(xp[e])) w.offer(xp[e], t + e);
+    }
+  }
+  if (__any_sync(kFullMask, bad)) return kBadValue;
+  warp_merge_window(w);
+  return gsd_group_test(prm, w, dp ? dp + i * prm.dp_sn : nullptr, load, u, qx, accepted);
+}
+
 // The draft tests of row b, by the whole block: returns the row's status; *j gets the sampled position.
 template <typename P, int kThreads>
 __device__ int32_t test_row(const ChainAcceptParams& prm, int64_t b, const P* tp, const P* dp, int* s_reject,
@@ -51,11 +112,21 @@ __device__ int32_t test_row(const ChainAcceptParams& prm, int64_t b, const P* tp
     *s_status = k < 0 ? kBadNumDraft : kOk;
   }
   __syncthreads();
-  for (int64_t i = tid; i < k; i += kThreads) {
-    bool passed = false;
-    const int32_t st = test_draft(prm, b, i, tp, dp, [](P v) { return to_float(v); }, &passed);
-    if (st) atomicOr(s_status, st);
-    if (!st && !passed) atomicMin(s_reject, static_cast<int>(i));
+  if (prm.embeddings) {
+    const int lane = tid & 31;
+    for (int64_t i = tid >> 5; i < k; i += kThreads / 32) {
+      bool passed = false;
+      const int32_t st = warp_test_gsd(prm, b, i, tp, dp, lane, &passed);
+      if (lane == 0 && st) atomicOr(s_status, st);
+      if (lane == 0 && !st && !passed) atomicMin(s_reject, static_cast<int>(i));
+    }
+  } else {
+    for (int64_t i = tid; i < k; i += kThreads) {
+      bool passed = false;
+      const int32_t st = test_draft(prm, b, i, tp, dp, [](P v) { return to_float(v); }, &passed);
+      if (st) atomicOr(s_status, st);
+      if (!st && !passed) atomicMin(s_reject, static_cast<int>(i));
+    }
   }
   __syncthreads();
   *j = *s_reject < k ? *s_reject : k;
@@ -125,6 +196,46 @@ __global__ void __launch_bounds__(kThreads)
   }
 }
 
+// The token of `row` in [begin, end) whose inclusive fixed-point prefix sum first exceeds `remaining` (below the
+// span's sum), one tile of kThreads * kVecOf<P> tokens at a time (block-wide prefix sums); the thread holding it
+// writes it to *s_token. Called by the whole block.
+template <typename P, int kThreads>
+__device__ void block_pick_token(const SampleRowView<P>& row, int64_t begin, int64_t end, uint64_t remaining,
+                                 unsigned long long* s_warp, int* s_token) {
+  constexpr int kWarps = kThreads / 32, kVec = kVecOf<P>;
+  const int tid = threadIdx.x;
+  const bool aligned = aligned16(row.p) && (!row.q || aligned16(row.q));
+  for (int64_t base = begin; base < end; base += kThreads * kVec) {  // block-uniform trip count
+    const int64_t t = base + tid * kVec;
+    float xp[kVec], xq[kVec];
+    uint64_t wt[kVec];
+    const int m = load_span(row.p, t, end, aligned, xp);
+    if (row.q) load_span(row.q, t, end, aligned, xq);
+    uint64_t mine = 0;
+#pragma unroll
+    for (int e = 0; e < kVec; ++e) {
+      wt[e] = e < m ? row.weight(t + e, xp[e], row.q ? xq[e] : 0.0f) : 0;
+      mine += wt[e];
+    }
+    uint64_t tile = 0;
+    const uint64_t before = block_exclusive_scan<kWarps>(mine, s_warp, &tile);
+    if (remaining < tile) {
+      if (before <= remaining && remaining < before + mine) {  // exactly one thread holds the target
+        uint64_t r = remaining - before;
+        int pick = -1;
+#pragma unroll
+        for (int e = 0; e < kVec; ++e) {
+          if (pick < 0 && r < wt[e]) pick = e;
+          if (pick < 0) r -= wt[e];
+        }
+        *s_token = static_cast<int>(t + pick);
+      }
+      return;
+    }
+    remaining -= tile;
+  }
+}
+
 template <typename P, int kThreads>
 __global__ void __launch_bounds__(kThreads) speculative_sample_finish_kernel(ChainAcceptParams prm, SampleWorkspace w) {
   using namespace accept;
@@ -132,6 +243,7 @@ __global__ void __launch_bounds__(kThreads) speculative_sample_finish_kernel(Cha
   __shared__ int s_status;
   __shared__ int s_plain;
   __shared__ int s_token;
+  __shared__ int s_fresh;
   __shared__ long long s_chunk;
   __shared__ unsigned long long s_target;
   __shared__ unsigned long long s_warp[kWarps];
@@ -173,40 +285,43 @@ __global__ void __launch_bounds__(kThreads) speculative_sample_finish_kernel(Cha
   if (s_status == kOk) {
     SampleRowView<P> row = sample_row<P>(prm, b, j);
     if (s_plain) row = SampleRowView<P>{row.p, nullptr, -1};
-    const bool aligned = aligned16(row.p) && (!row.q || aligned16(row.q));
     const int64_t begin = s_chunk * w.chunk_len, end = begin + w.chunk_len < prm.V ? begin + w.chunk_len : prm.V;
-    uint64_t remaining = s_target;
-    for (int64_t base = begin; base < end; base += kThreads * kVec) {  // block-uniform trip count
-      const int64_t t = base + tid * kVec;
-      float xp[kVec], xq[kVec];
-      uint64_t wt[kVec];
-      const int m = load_span(row.p, t, end, aligned, xp);
-      if (row.q) load_span(row.q, t, end, aligned, xq);
-      uint64_t mine = 0;
-#pragma unroll
-      for (int e = 0; e < kVec; ++e) {
-        wt[e] = e < m ? row.weight(t + e, xp[e], row.q ? xq[e] : 0.0f) : 0;
-        mine += wt[e];
-      }
-      uint64_t tile = 0;
-      const uint64_t before = block_exclusive_scan<kWarps>(mine, s_warp, &tile);
-      if (remaining < tile) {
-        if (before <= remaining && remaining < before + mine) {  // exactly one thread holds the target
-          uint64_t r = remaining - before;
-          int pick = -1;
-#pragma unroll
-          for (int e = 0; e < kVec; ++e) {
-            if (pick < 0 && r < wt[e]) pick = e;
-            if (pick < 0) r -= wt[e];
-          }
-          s_token = static_cast<int>(t + pick);
-        }
-        break;
-      }
-      remaining -= tile;
-    }
+    block_pick_token<P, kThreads>(row, begin, end, s_target, s_warp, &s_token);
     __syncthreads();
   }
+
+  // SJD: after a rejection, positions j+1..k get fresh drafts from their own rows, a whole-row pass each.
+  const int64_t refresh = s_status == kOk ? sjd_refresh_count(prm, j, row_num_draft(prm.num_draft, prm.nd64, b, n)) : 0;
+  for (int64_t pos = j + 1; pos <= j + refresh; ++pos) {
+    const P* tp = static_cast<const P*>(prm.target_probs) + b * prm.tp_sb;
+    const SampleRowView<P> row{tp + pos * prm.tp_sn, nullptr, -1};
+    const bool aligned = aligned16(row.p);
+    uint64_t plain = 0;
+    bool bad = false;
+    for (int64_t t = tid * kVec; t < prm.V; t += kThreads * kVec) {
+      float xp[kVec];
+      const int m = load_span(row.p, t, prm.V, aligned, xp);
+      for (int e = 0; e < m; ++e) {
+        bad |= !prob_ok(xp[e]);
+        plain += fixed_weight(xp[e]);
+      }
+    }
+    const int any_bad = __syncthreads_or(bad);
+    const uint64_t total = block_sum<kWarps>(plain, s_warp);
+    if (any_bad || total == 0) {
+      if (tid == 0) s_status = any_bad ? kBadValue : kZeroMass;
+      __syncthreads();
+      break;
+    }
+    block_pick_token<P, kThreads>(row, 0, prm.V, sample_target(draw(prm.seed, b, pos).sample_bits, total), s_warp,
+                                  &s_fresh);
+    __syncthreads();
+    if (tid == 0) {
+      prm.next_drafts[b * n + pos - j - 1] = s_fresh;
+      prm.next_probs[b * n + pos - j - 1] = to_float(row.p[s_fresh]);
+    }
+  }
+  __syncthreads();
 
   const int status = s_status;
   int32_t* out = prm.tokens + b * (n + 1);
@@ -215,6 +330,12 @@ __global__ void __launch_bounds__(kThreads) speculative_sample_finish_kernel(Cha
     if (status == kOk && i < j) v = static_cast<int32_t>(load_index(prm.draft_ids, prm.ids64, b * prm.ids_sb + i));
     if (status == kOk && i == j) v = s_token;
     out[i] = v;
+  }
+  for (int64_t i = tid; prm.next_drafts && i < n; i += kThreads) {  // SJD's padding, or a marked row's
+    if (status != kOk || i >= refresh) {
+      prm.next_drafts[b * n + i] = -1;
+      prm.next_probs[b * n + i] = 0.0f;
+    }
   }
   if (tid == 0) prm.num_accepted[b] = status == kOk ? static_cast<int32_t>(j) : -status;
 }

@@ -98,7 +98,7 @@ void fill_row_args(Params& prm, const at::Tensor& ids, const std::optional<at::T
 // Checked inputs with unit stride along V, the allocated outputs, and the kernel arguments over them
 // (the caller fills in the seed: a value on the CPU, possibly a device pointer on CUDA).
 struct SpeculativeSampleLaunch {
-  at::Tensor ids, target_probs, tokens, num_accepted, seed, offset, neighbors;
+  at::Tensor ids, target_probs, tokens, num_accepted, seed, offset, neighbors, embeddings;
   std::optional<at::Tensor> draft_probs, num_draft;
   ChainAcceptParams prm;
   const char* op;  // the op's name in error messages
@@ -268,6 +268,56 @@ std::tuple<at::Tensor, at::Tensor> lantern_accept_op(const at::Tensor& draft_tok
   l.prm.delta_fixed = static_cast<uint64_t>(std::nearbyint(delta * accept::kFixedScale));
   Run(l);
   return {l.tokens, l.num_accepted};
+}
+
+// GSD's grouped test on the chain op's kernels: embeddings float32 [V, d], group_above / group_below ranking
+// neighbours in [0, kGsdMaxSide], thresholds >= 0 (inf: no filter).
+template <void (*Run)(SpeculativeSampleLaunch&)>
+std::tuple<at::Tensor, at::Tensor> gsd_accept_op(const at::Tensor& draft_token_ids,
+                                                 const std::optional<at::Tensor>& draft_probs,
+                                                 const at::Tensor& target_probs, const at::Tensor& embeddings,
+                                                 int64_t group_above, int64_t group_below, double prob_threshold,
+                                                 double dist_threshold,
+                                                 const std::optional<at::Tensor>& num_draft_tokens,
+                                                 const at::Tensor& seed, const at::Tensor& offset) {
+  constexpr const char* op = "fastar.gsd_accept";
+  SpeculativeSampleLaunch l =
+      prepare_speculative_sample(draft_token_ids, draft_probs, target_probs, num_draft_tokens, seed, offset, op);
+  TORCH_CHECK_TYPE(embeddings.scalar_type() == at::kFloat, op, ": embeddings must be float32, got ",
+                   embeddings.scalar_type());
+  check_same_device(op, "embeddings", embeddings, target_probs);
+  TORCH_CHECK_VALUE(embeddings.dim() == 2 && embeddings.size(0) == l.prm.V && embeddings.size(1) >= 1, op,
+                    ": embeddings must have shape [V, d] = [", l.prm.V, ", d] with d >= 1, got ", embeddings.sizes());
+  TORCH_CHECK_VALUE(group_above >= 0 && group_above <= kGsdMaxSide && group_below >= 0 && group_below <= kGsdMaxSide,
+                    op, ": group_above and group_below must lie in [0, ", kGsdMaxSide, "], got ", group_above, " and ",
+                    group_below);
+  TORCH_CHECK_VALUE(prob_threshold >= 0 && dist_threshold >= 0, op,
+                    ": prob_threshold and dist_threshold must be >= 0, got ", prob_threshold, " and ", dist_threshold);
+  l.embeddings = embeddings.contiguous();
+  l.prm.embeddings = l.embeddings.data_ptr<float>();
+  l.prm.emb_d = l.embeddings.size(1);
+  l.prm.gsd_above = static_cast<int32_t>(group_above);
+  l.prm.gsd_below = static_cast<int32_t>(group_below);
+  l.prm.gsd_prob_tol = prob_threshold;
+  l.prm.gsd_dist_tol = static_cast<float>(dist_threshold);
+  Run(l);
+  return {l.tokens, l.num_accepted};
+}
+
+// SJD: the chain op's exact test plus the refresh of the positions after a rejection; next_drafts int32 [B, n]
+// (-1 padded) and next_probs float32 [B, n] (0 padded).
+template <void (*Run)(SpeculativeSampleLaunch&)>
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> sjd_accept_op(
+    const at::Tensor& draft_token_ids, const std::optional<at::Tensor>& draft_probs, const at::Tensor& target_probs,
+    const std::optional<at::Tensor>& num_draft_tokens, const at::Tensor& seed, const at::Tensor& offset) {
+  SpeculativeSampleLaunch l = prepare_speculative_sample(draft_token_ids, draft_probs, target_probs, num_draft_tokens,
+                                                         seed, offset, "fastar.sjd_accept");
+  at::Tensor next_drafts = at::empty({l.prm.B, l.prm.n}, l.tokens.options());
+  at::Tensor next_probs = at::empty({l.prm.B, l.prm.n}, l.tokens.options().dtype(at::kFloat));
+  l.prm.next_drafts = next_drafts.data_ptr<int32_t>();
+  l.prm.next_probs = next_probs.data_ptr<float>();
+  Run(l);
+  return {l.tokens, l.num_accepted, next_drafts, next_probs};
 }
 
 template <void (*Run)(GreedyVerifyLaunch&)>

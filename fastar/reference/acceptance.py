@@ -13,8 +13,9 @@ from typing import Dict, List, Optional, Sequence, Tuple
 import torch
 
 __all__ = [
-    "greedy_verify_reference", "lantern_accept_reference", "lantern_first_token_distribution", "lantern_proximity_set",
-    "philox4x32_10", "speculative_output_distribution", "speculative_sample_reference",
+    "greedy_verify_reference", "gsd_accept_reference", "gsd_first_token_distribution", "gsd_group",
+    "lantern_accept_reference", "lantern_first_token_distribution", "lantern_proximity_set", "philox4x32_10",
+    "sjd_accept_reference", "speculative_output_distribution", "speculative_sample_reference",
 ]
 
 _MASK32 = 0xFFFFFFFF
@@ -163,13 +164,11 @@ def lantern_accept_reference(
     return _chain_reference(draft_token_ids, draft_probs, target_probs, num_draft_tokens, seed, offset, accepts)
 
 
-def lantern_first_token_distribution(
-    p: torch.Tensor, q: Optional[torch.Tensor], neighbors: torch.Tensor, delta: float, draft: Optional[int] = None
-) -> Tuple[torch.Tensor, torch.Tensor]:
-    """The paper's formula in float64 for one position: ``(accept, out)`` where ``accept[x] = min(1, p(A(x)) /
-    q(A(x)))`` is the acceptance probability of draft ``x`` and ``out`` [V] the distribution of the token
-    emitted there when the draft is sampled from ``q`` (or is ``draft`` with ``q`` one-hot when ``q`` is None):
-    accepted drafts, plus rejections resampled from ``norm(max(0, p - q))`` (``norm(p)`` if that is empty)."""
+def _relaxed_first_token_distribution(p, q, draft, group_of) -> Tuple[torch.Tensor, torch.Tensor]:
+    """``(accept, out)`` of a relaxed chain test at one position in float64: draft ``x`` is accepted with
+    probability ``min(1, p(S) / q(S))`` for ``S = group_of(x)``, a rejection draws from ``norm(max(0, p - q))``
+    (``norm(p)`` if that is empty); ``out`` is the emitted token's law with ``x ~ q`` (``q`` one-hot at ``draft``
+    when None)."""
     p = p.double()
     vocab = p.shape[0]
     if q is None:
@@ -178,7 +177,7 @@ def lantern_first_token_distribution(
     q = q.double()
     accept = torch.zeros(vocab, dtype=torch.float64)
     for x in range(vocab):
-        members = lantern_proximity_set(p, x, neighbors[x].tolist(), delta)
+        members = group_of(x)
         p_a, q_a = float(p[members].sum()), float(q[members].sum())
         accept[x] = 1.0 if p_a >= q_a else p_a / q_a
     residual = (p - q).clamp_min(0)
@@ -186,6 +185,99 @@ def lantern_first_token_distribution(
         residual = p
     out = q * accept + float((q * (1 - accept)).sum()) * residual / residual.sum()
     return accept, out
+
+
+def lantern_first_token_distribution(
+    p: torch.Tensor, q: Optional[torch.Tensor], neighbors: torch.Tensor, delta: float, draft: Optional[int] = None
+) -> Tuple[torch.Tensor, torch.Tensor]:
+    """The paper's formula in float64 for one position: ``(accept, out)`` where ``accept[x] = min(1, p(A(x)) /
+    q(A(x)))`` is the acceptance probability of draft ``x`` and ``out`` [V] the distribution of the token
+    emitted there when the draft is sampled from ``q`` (or is ``draft`` with ``q`` one-hot when ``q`` is None):
+    accepted drafts, plus rejections resampled from ``norm(max(0, p - q))`` (``norm(p)`` if that is empty)."""
+    return _relaxed_first_token_distribution(
+        p, q, draft, lambda x: lantern_proximity_set(p, x, neighbors[x].tolist(), delta))
+
+
+def gsd_group(
+    p: torch.Tensor, x: int, embeddings: torch.Tensor, group_above: int = 6, group_below: int = 7,
+    prob_threshold: float = 0.15, dist_threshold: float = 0.5,
+) -> List[int]:
+    """GSD's group of draft ``x`` under the target row ``p`` [V] (float64; docs/acceptance.md): ``x``, then the
+    ``group_above`` tokens ranked just above ``x`` (nearest first) and the ``group_below`` just below, in the order
+    of a stable descending sort of ``p`` (ties: the smaller id first), keeping those with ``|p(t) - p(x)| <
+    prob_threshold`` and ``||e_t - e_x||^2 < dist_threshold``."""
+    p = p.double()
+    e = embeddings.double()
+    order = sorted(range(p.shape[0]), key=lambda t: (-float(p[t]), t))
+    r = order.index(x)
+    window = order[max(0, r - group_above):r][::-1] + order[r + 1:r + 1 + group_below]
+    members = [x]
+    for t in window:
+        close = abs(float(p[t]) - float(p[x])) < prob_threshold
+        if close and float(((e[t] - e[x]) ** 2).sum()) < dist_threshold:
+            members.append(t)
+    return members
+
+
+def gsd_accept_reference(
+    draft_token_ids: torch.Tensor,
+    draft_probs: Optional[torch.Tensor],
+    target_probs: torch.Tensor,
+    embeddings: torch.Tensor,
+    group_above: int = 6,
+    group_below: int = 7,
+    prob_threshold: float = 0.15,
+    dist_threshold: float = 0.5,
+    num_draft_tokens: Optional[torch.Tensor] = None,
+    seed: int = 0,
+    offset: int = 0,
+) -> Tuple[torch.Tensor, torch.Tensor]:
+    """What ``fastar.gsd_accept`` must return for this seed (valid inputs only): the group of ``gsd_group``, its
+    masses in 2^-40 fixed point, the chain op's random numbers and residual sampling."""
+
+    def accepts(b, i, x, u, p_all, q_all):
+        members = gsd_group(p_all[b, i], x, embeddings, group_above, group_below, prob_threshold, dist_threshold)
+        p_mass = sum(_fixed(p_all[b, i, members]))
+        q_mass = _FIXED_SCALE if q_all is None else sum(_fixed(q_all[b, i, members]))
+        return u * float(q_mass) < float(p_mass)
+
+    return _chain_reference(draft_token_ids, draft_probs, target_probs, num_draft_tokens, seed, offset, accepts)
+
+
+def gsd_first_token_distribution(
+    p: torch.Tensor, q: Optional[torch.Tensor], embeddings: torch.Tensor, draft: Optional[int] = None, **group_args
+) -> Tuple[torch.Tensor, torch.Tensor]:
+    """GSD's formula in float64 for one position, as :func:`lantern_first_token_distribution` with the group of
+    :func:`gsd_group` (``group_args``: its thresholds and window sizes)."""
+    return _relaxed_first_token_distribution(p, q, draft, lambda x: gsd_group(p, x, embeddings, **group_args))
+
+
+def sjd_accept_reference(
+    draft_token_ids: torch.Tensor,
+    draft_probs: Optional[torch.Tensor],
+    target_probs: torch.Tensor,
+    num_draft_tokens: Optional[torch.Tensor] = None,
+    seed: int = 0,
+    offset: int = 0,
+) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """What ``fastar.sjd_accept`` must return for this seed (valid inputs only): speculative_sample's tokens, then
+    after a rejection at ``j < k`` positions ``j+1..k`` drawn from their own target rows with the sampling bits of
+    ``(row, position)``, and the target probability of each drawn token."""
+    tokens, num_accepted = speculative_sample_reference(
+        draft_token_ids, draft_probs, target_probs, num_draft_tokens, seed, offset)
+    batch, n = draft_token_ids.shape
+    next_drafts = torch.full((batch, n), -1, dtype=torch.int32)
+    next_probs = torch.zeros(batch, n, dtype=torch.float32)
+    p_all = target_probs.float().cpu()
+    for b in range(batch):
+        k = n if num_draft_tokens is None else int(num_draft_tokens[b])
+        j = int(num_accepted[b])
+        for m, pos in enumerate(range(j + 1, k + 1) if j < k else []):
+            _, bits = _draws(seed, offset, b, pos)
+            t = _sample_fixed(_fixed(p_all[b, pos]), bits)
+            next_drafts[b, m] = t
+            next_probs[b, m] = p_all[b, pos, t]
+    return tokens, num_accepted, next_drafts, next_probs
 
 
 def speculative_output_distribution(

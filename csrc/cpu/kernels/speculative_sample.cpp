@@ -1,6 +1,7 @@
-// The CPU kernel of fastar.speculative_sample and fastar.lantern_accept, compiled per ISA (cpu/vec.h): rows in
-// parallel, each row reads only the values its draft tests need (p(x)/q(x), or x's neighbours for LANTERN) and
-// the one or two probability rows it samples from (docs/acceptance.md).
+// The CPU kernel of the chain ops (fastar.speculative_sample, lantern_accept, gsd_accept, sjd_accept), compiled
+// per ISA (cpu/vec.h): rows in parallel, each row reads only the values its draft tests need (p(x)/q(x), x's
+// neighbours for LANTERN, the whole target row for GSD) and the probability rows it samples from
+// (docs/acceptance.md).
 #include "cpu/kernels/acceptance.h"
 
 #include <c10/util/BFloat16.h>
@@ -19,6 +20,15 @@ using namespace accept;
 template <typename P>
 int32_t sample_one_row(const ChainAcceptParams& prm, int64_t b, int32_t* out, int64_t* accepted) {
   const int64_t n = prm.n, V = prm.V;
+  int32_t* next = prm.next_drafts ? prm.next_drafts + b * n : nullptr;  // SJD's outputs, -1 / 0 padded
+  float* next_p = prm.next_probs ? prm.next_probs + b * n : nullptr;
+  auto clear_next = [&] {
+    for (int64_t i = 0; next && i < n; ++i) {
+      next[i] = -1;
+      next_p[i] = 0.0f;
+    }
+  };
+  clear_next();
   const int64_t k = row_num_draft(prm.num_draft, prm.nd64, b, n);
   if (k < 0) return kBadNumDraft;
   const P* tp = static_cast<const P*>(prm.target_probs) + b * prm.tp_sb;
@@ -49,6 +59,22 @@ int32_t sample_one_row(const ChainAcceptParams& prm, int64_t b, int32_t* out, in
   }
   if (total == 0) return kZeroMass;
   out[j] = static_cast<int32_t>(row.find(V, sample_target(draw(prm.seed, b, j).sample_bits, total)));
+
+  // SJD: the positions after a rejection get fresh drafts from their target rows.
+  const int64_t refresh = sjd_refresh_count(prm, j, k);
+  for (int64_t m = 0; m < refresh; ++m) {
+    const int64_t pos = j + 1 + m;
+    const FixedRow<P> fresh{tp + pos * prm.tp_sn, nullptr, -1};
+    const uint64_t mass = fresh.sum(0, V, &ok);
+    const int32_t st = !ok ? kBadValue : mass == 0 ? kZeroMass : kOk;
+    if (st) {
+      clear_next();
+      return st;
+    }
+    const int64_t t = fresh.find(V, sample_target(draw(prm.seed, b, pos).sample_bits, mass));
+    next[m] = static_cast<int32_t>(t);
+    next_p[m] = static_cast<float>(fresh.p[t]);
+  }
   *accepted = j;
   return kOk;
 }
