@@ -41,6 +41,21 @@ def rows(backend, cpu: int, simt: int) -> int:
     return simt if backend.name == "simt" else cpu
 
 
+def generate_on(backend, loop, model, prompt, **kw):
+    """A diffusion loop (fastar.diffusion.generate or generate_blocks) on the backend's ops and device, the model
+    moved there and back; returns (x, model calls) on the CPU."""
+    movable = isinstance(model, torch.nn.Module)
+    if movable:
+        model.to(backend.device)
+    try:
+        with backend.using_ops():
+            x, nfe = loop(model, backend.to(prompt), return_nfe=True, **kw)
+    finally:
+        if movable:
+            model.to("cpu")
+    return x.cpu(), nfe
+
+
 def chisquare_pvalue(observed: Counter, expected: Dict, total: int) -> float:
     """Pearson chi-square of observed outcome counts against exact probabilities; bins with an expected
     count below 5 are merged (and the merged bin into the smallest other bin if it is still below 5 and at least

@@ -18,7 +18,7 @@ import torch
 import fastar
 from diffusion_model import TinyDiffusionLM
 from fastar.reference import llada_generate_reference, philox4x32_10
-from helpers import chisquare_pvalue, rows
+from helpers import chisquare_pvalue, generate_on, rows
 
 MASK = 47
 VOCAB = 48
@@ -44,17 +44,7 @@ def prompt_of(batch=2, length=5, seed=0):
 
 
 def generate(backend, model, prompt, **kw):
-    """fastar.diffusion.generate on the backend's ops and device; returns (x, nfe) on the CPU."""
-    movable = isinstance(model, torch.nn.Module)
-    if movable:
-        model.to(backend.device)
-    try:
-        with backend.using_ops():
-            x, nfe = fastar.diffusion.generate(model, backend.to(prompt), mask_id=MASK, return_nfe=True, **kw)
-    finally:
-        if movable:
-            model.to("cpu")
-    return x.cpu(), nfe
+    return generate_on(backend, fastar.diffusion.generate, model, prompt, mask_id=MASK, **kw)
 
 
 def philox_confidence(seed):

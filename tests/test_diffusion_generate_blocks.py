@@ -19,6 +19,7 @@ import torch
 import fastar
 from block_diffusion_model import TinyBlockDiffusionLM
 from fastar.reference import diffusion_unmask_reference, llada_num_transfer_tokens
+from helpers import generate_on
 from test_diffusion_generate import philox_confidence
 
 MASK = 47
@@ -85,17 +86,7 @@ def sdar_reference(model, prompt, *, gen_length, block_length, steps_per_block, 
 
 
 def generate(backend, model, prompt, **kw):
-    """fastar.diffusion.generate_blocks on the backend's ops and device; returns (x, nfe) on the CPU."""
-    movable = isinstance(model, torch.nn.Module)
-    if movable:
-        model.to(backend.device)
-    try:
-        with backend.using_ops():
-            x, nfe = fastar.diffusion.generate_blocks(model, backend.to(prompt), mask_id=MASK, return_nfe=True, **kw)
-    finally:
-        if movable:
-            model.to("cpu")
-    return x.cpu(), nfe
+    return generate_on(backend, fastar.diffusion.generate_blocks, model, prompt, mask_id=MASK, **kw)
 
 
 RULES = {"schedule": {}, "threshold": {"threshold": 0.5}, "factor": {"factor": 1.0}}
