@@ -14,6 +14,7 @@
 #include "ops/quantize_kv_append_args.h"
 #include "ops/sample_cfg_args.h"
 #include "ops/scale_attention_args.h"
+#include "ops/spectr_args.h"
 
 namespace fastar {
 
@@ -38,6 +39,12 @@ inline void define_schemas(torch::Library& m) {
   m.def(
       "sjd_accept(Tensor draft_token_ids, Tensor? draft_probs, Tensor target_probs, Tensor? num_draft_tokens, "
       "Tensor seed, Tensor offset) -> (Tensor tokens, Tensor num_accepted, Tensor next_drafts, Tensor next_probs)");
+  // SpecTr's K-SEQ over k i.i.d. drafts (docs/acceptance.md): drafts [B, k, n], q rows [B, k, n, V] and p rows
+  // [B, k, n+1, V] at each draft's nodes; the index of the draft whose prefix was accepted, tokens [B, n+1] (-1
+  // padded) and num_accepted [B].
+  m.def(
+      "spectr_accept(Tensor draft_token_ids, Tensor draft_probs, Tensor target_probs, Tensor seed, Tensor offset) "
+      "-> (Tensor draft_index, Tensor tokens, Tensor num_accepted)");
   m.def(
       "greedy_verify(Tensor draft_token_ids, Tensor target_logits, Tensor? num_draft_tokens=None) "
       "-> (Tensor tokens, Tensor num_accepted)");
@@ -169,6 +176,7 @@ inline void register_cpu_kernels(torch::Library& m) {
   m.impl("lantern_accept", &lantern_accept_op<run_speculative_sample_cpu>);
   m.impl("gsd_accept", &gsd_accept_op<run_speculative_sample_cpu>);
   m.impl("sjd_accept", &sjd_accept_op<run_speculative_sample_cpu>);
+  m.impl("spectr_accept", &spectr_accept_op<run_spectr_accept_cpu>);
   m.impl("greedy_verify", &greedy_verify_op<run_greedy_verify_cpu>);
   m.impl("tree_speculative_sample", &tree_speculative_sample_op<run_tree_speculative_sample_cpu>);
   m.impl("tree_greedy_verify", &tree_greedy_verify_op<run_tree_greedy_verify_cpu>);
@@ -189,6 +197,7 @@ inline void register_cuda_kernels(torch::Library& m) {
   m.impl("lantern_accept", &lantern_accept_op<run_speculative_sample_cuda>);
   m.impl("gsd_accept", &gsd_accept_op<run_speculative_sample_cuda>);
   m.impl("sjd_accept", &sjd_accept_op<run_speculative_sample_cuda>);
+  m.impl("spectr_accept", &spectr_accept_op<run_spectr_accept_cuda>);
   m.impl("tree_speculative_sample", &tree_speculative_sample_op<run_tree_speculative_sample_cuda>);
   m.impl("tree_greedy_verify", &tree_greedy_verify_op<run_tree_greedy_verify_cuda>);
   m.impl("typical_accept", &typical_accept_op<run_typical_accept_cuda>);

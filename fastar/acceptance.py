@@ -45,8 +45,8 @@ from .masks import Tree
 
 __all__ = [
     "check_rows", "compact_kv", "debug_checks_enabled", "greedy_verify", "gsd_accept", "lantern_accept",
-    "set_debug_checks", "sjd_accept", "speculative_sample", "tree_greedy_verify", "tree_speculative_sample",
-    "typical_accept",
+    "set_debug_checks", "sjd_accept", "spectr_accept", "speculative_sample", "tree_greedy_verify",
+    "tree_speculative_sample", "typical_accept",
 ]
 
 _debug_checks = os.environ.get("FASTAR_DEBUG_CHECKS", "0") == "1"
@@ -341,6 +341,65 @@ def _sjd_accept_fake(draft_token_ids, draft_probs, target_probs, num_draft_token
     next_drafts = target_probs.new_empty((batch, n), dtype=torch.int32)
     next_probs = target_probs.new_empty((batch, n), dtype=torch.float32)
     return tokens, num_accepted, next_drafts, next_probs
+def spectr_accept(
+    draft_token_ids: torch.Tensor,
+    draft_probs: torch.Tensor,
+    target_probs: torch.Tensor,
+    *,
+    seed: Optional[int | torch.Tensor] = None,
+    offset: int | torch.Tensor = 0,
+) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """SpecTr's K-SEQ over ``k`` i.i.d. drafts of length ``n`` (Sun et al., NeurIPS 2023; exact: the emitted
+    tokens follow the target).
+
+    Level ``t`` looks at the drafts that agree with the tokens emitted so far (``k_t`` of them, i.i.d. from
+    ``q(. | prefix)``). With ``beta(rho) = sum_x min(q(x), p(x) / rho)`` and ``rho*`` the smallest ``rho >= 1``
+    with ``1 - (1 - beta)^k_t <= rho beta``, candidate ``X`` is accepted with probability
+    ``min(1, p(X) / (rho* q(X)))``, in index order; the first accepted one is emitted and the drafts that carry it
+    go on to level ``t + 1``. If none is accepted a token is sampled from the residual
+    ``norm(p - min(q, p / rho*) P(accept) / beta)`` and the row stops; after ``n`` accepted levels a bonus token is
+    sampled from ``p``. ``k = 1`` is :func:`speculative_sample` (same tokens for the same seed). docs/acceptance.md
+    ("SpecTr") has the solve of ``rho*`` and the random numbers.
+
+    Args:
+        draft_token_ids: int32/int64 ``[B, k, n]``, ``1 <= k <= 64`` drafts per row.
+        draft_probs: float ``[B, k, n, V]``: row ``t`` of draft ``j`` is ``q`` after draft ``j``'s first ``t``
+            tokens (drafts that share that prefix share the row; the lowest such draft's row is read).
+        target_probs: float ``[B, k, n+1, V]`` of the same dtype: ``p`` at the same nodes, row ``n`` after the whole
+            draft. Rows should sum to 1 (rho* is solved with the values as given).
+        seed, offset: as :func:`speculative_sample`.
+
+    Returns:
+        ``(draft_index, tokens, num_accepted)``: int32 ``[B]``, the lowest draft whose first ``num_accepted``
+        tokens were accepted (its target rows and KV cache are the ones to keep); int32 ``[B, n+1]`` with -1 padding;
+        int32 ``[B]``. Invalid inputs are reported as the module docs say (``draft_index`` is -1 in a marked row):
+        every draft id is checked; the probabilities read are those of the visited nodes (whole rows where
+        ``k_t >= 2`` or a token is sampled, ``p(X)`` and ``q(X)`` of tested candidates otherwise).
+    """
+    op = "fastar.spectr_accept"
+    _check_devices(op, "target_probs", target_probs, draft_token_ids=draft_token_ids, draft_probs=draft_probs)
+    seed_t, offset_t = philox_args(op, seed, offset, target_probs.device)
+    if _debug_checks:
+        if draft_token_ids.dim() == 3:
+            _validate_values(op, draft_token_ids.flatten(1), target_probs.flatten(1, 2), None, True,
+                             draft_probs.flatten(1, 2) if draft_probs.dim() == 4 else draft_probs)
+    draft_index, tokens, num_accepted = _common.ops().spectr_accept(
+        draft_token_ids, draft_probs, target_probs, seed_t, offset_t
+    )
+    if _debug_checks:
+        check_rows(num_accepted, op)
+    return draft_index, tokens, num_accepted
+
+
+@fake("spectr_accept")
+def _spectr_accept_fake(draft_token_ids, draft_probs, target_probs, seed, offset):
+    one_device("spectr_accept", draft_token_ids, draft_probs, target_probs)
+    torch._check(draft_token_ids.dim() == 3, lambda: "draft_token_ids must be 3-D [B, k, n]")
+    batch, _, n = draft_token_ids.shape
+    draft_index = target_probs.new_empty((batch,), dtype=torch.int32)
+    tokens = target_probs.new_empty((batch, n + 1), dtype=torch.int32)
+    num_accepted = target_probs.new_empty((batch,), dtype=torch.int32)
+    return draft_index, tokens, num_accepted
 
 
 def greedy_verify(

@@ -10,6 +10,7 @@
 #include "core/kv_quant.h"
 #include "core/lantern.h"
 #include "core/sampling.h"
+#include "core/spectr.h"
 
 namespace fastar {
 
@@ -28,6 +29,7 @@ void launch_greedy_verify(const GreedyVerifyParams& prm, FloatKind kind, void* w
 void launch_tree_speculative_sample(const TreeSampleParams& prm, FloatKind kind, void* stream);
 void launch_tree_greedy_verify(const TreeSampleParams& prm, FloatKind kind, void* stream);
 void launch_typical_accept(const TreeSampleParams& prm, FloatKind kind, void* stream);
+void launch_spectr_accept(const SpectrParams& prm, FloatKind kind, void* stream);
 void launch_sample_cfg(const SampleCfgParams& prm, FloatKind kind, void* stream);
 void launch_quantize_kv_append(const QuantizeKvParams& prm, FloatKind kind, void* stream);
 void launch_quantize_kivi_append(const KiviAppendParams& prm, FloatKind kind, void* stream);
