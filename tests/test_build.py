@@ -157,6 +157,13 @@ def _acceptance_samples(device):
              *to(nd, seed, offset)],
         ],
         "sjd_accept": [to(ids, q, p, None, seed, offset), to(ids.int(), None, p.half(), nd, seed, offset)],
+        # SpecTr: k = 2 drafts of length 2 (float32, int64 ids), k = 3 of length 1 from bfloat16 rows (int32 ids).
+        "spectr_accept": [
+            to(ids[:, :4].reshape(B, 2, 2), q[:, :4].reshape(B, 2, 2, V), p[:, :3].repeat(1, 2, 1).reshape(B, 2, 3, V),
+               seed, offset),
+            to(ids[:, :3].reshape(B, 3, 1).int(), q[:, :3].reshape(B, 3, 1, V).bfloat16(),
+               p[:, :2].repeat(1, 3, 1).reshape(B, 3, 2, V).bfloat16(), seed, offset),
+        ],
         "sample_cfg": sample_cfg,
         "greedy_verify": [to(ids, p), to(ids.int(), p.bfloat16(), nd)],
         # A tree of the drafts: shared parents with draft probabilities, batched parents one-hot with a root node.
@@ -239,8 +246,10 @@ def test_public_api_compiles_without_graph_breaks():
         lantern_tokens, _ = fastar.lantern_accept(ids, q, p, neighbors, delta=0.3, seed=seed, offset=offset)
         gsd_tokens, _ = fastar.gsd_accept(ids, q, p, embeddings, seed=seed, offset=offset)
         sjd = fastar.sjd_accept(ids, q, p, seed=seed, offset=offset)
+        spectr = fastar.spectr_accept(ids[:, None].expand(B, 2, n), q[:, None].expand(B, 2, n, V),
+                                      p[:, None].expand(B, 2, n + 1, V), seed=seed, offset=offset)
         return (tokens, accepted, greedy, path, tree_tokens, greedy_path, greedy_tokens, typical_tokens,
-                typical_tree_tokens, lengths, lantern_tokens, gsd_tokens, *sjd)
+                typical_tree_tokens, lengths, lantern_tokens, gsd_tokens, *sjd, *spectr)
 
     compiled = torch.compile(step, fullgraph=True, backend="inductor")
     seed, offset = torch.tensor(7), torch.tensor(0)

@@ -70,7 +70,7 @@ GREEDY = {"greedy_verify_partial", "greedy_verify_finish"}
 ALL_KERNELS = {*SPECULATIVE, "tree_speculative_sample", *GREEDY, "tree_greedy_verify",
                "typical_accept", "sample_cfg", "attention_vec_decode", "attention_decode", "attention_tiled",
                "attention_tc", "attention_merge", "attention_kivi_decode", "quantize_kv_append", "quantize_kivi_keys",
-               "quantize_kivi_values", "diffusion_unmask", "compact_kv"}
+               "quantize_kivi_values", "diffusion_unmask", "compact_kv", "spectr_accept"}
 
 
 def test_every_kernel_is_covered():
@@ -151,6 +151,21 @@ def test_sjd_accept(backend):
     num_draft = torch.tensor([6, 4, 0])
     assert_order_independent(lambda: backend.sjd_accept(drafts, None, p, num_draft_tokens=num_draft, seed=3),
                              SPECULATIVE)
+
+
+def test_spectr_accept(backend):
+    # SpecTr: the shared-memory histograms of the rho* solve (atomics), the block scan over the bins, thread 0's
+    # draft tests and the block-wide residual and bonus samples; aligned rows (16-byte loads) and unaligned ones.
+    gen = torch.Generator().manual_seed(6)
+    B, K, n, V = 3, 3, 2, 300
+    q = torch.softmax(3 * torch.randn(B, K, n, V, generator=gen), -1)
+    p = torch.softmax(3 * torch.randn(B, K, n + 1, V, generator=gen), -1)
+    drafts = torch.multinomial(q.reshape(-1, V), 1, generator=gen).reshape(B, K, n)
+    drafts[0, 1] = drafts[0, 0]  # row 0: two drafts share their prefix
+    p[1] = torch.cat([q[1], q[1, :, :1]], 1)  # row 1: p == q, every level accepts and the bonus is sampled
+    unaligned = torch.cat([p, p[..., :1]], -1)[..., 1:]
+    for target in (p, unaligned):
+        assert_order_independent(lambda t=target: backend.spectr_accept(drafts, q, t, seed=12), {"spectr_accept"})
 
 
 def test_tree_speculative_sample(backend):
