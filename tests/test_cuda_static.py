@@ -87,6 +87,15 @@ def test_no_spills(family):
     assert not spilled, describe(spilled)
 
 
+def test_gsd_partial_kernel_keeps_only_its_windows_in_local_memory():
+    """GSD's warp-per-draft test keeps each lane's ranking windows (two sides of at most 16 tokens, and a merged
+    copy) in local memory by design; the chain kernel without it has none (test_no_spills)."""
+    rows = kernels(r"\bgsd_partial_kernel\b")
+    assert rows, "no gsd_partial_kernel in the built code"
+    over = [r for r in rows if r["STACK"] > 1024]
+    assert not over, describe(over)
+
+
 @pytest.mark.xfail(strict=True, reason="the CUDA-core attention_kernel spills at some head-dim variants; it now "
                                        "serves only fp32 and 9-15-row items (tensor-core and decode kernels the rest)")
 def test_attention_kernel_has_no_spills():

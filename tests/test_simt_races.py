@@ -66,8 +66,9 @@ def assert_order_independent(run, kernels):
 
 # Every kernel of the CUDA sources, each run under the race check by one of the tests below.
 SPECULATIVE = {"speculative_sample_partial", "speculative_sample_finish"}
+GSD = {"gsd_partial", "speculative_sample_finish"}
 GREEDY = {"greedy_verify_partial", "greedy_verify_finish"}
-ALL_KERNELS = {*SPECULATIVE, "tree_speculative_sample", *GREEDY, "tree_greedy_verify",
+ALL_KERNELS = {*SPECULATIVE, *GSD, "tree_speculative_sample", *GREEDY, "tree_greedy_verify",
                "typical_accept", "sample_cfg", "attention_vec_decode", "attention_decode", "attention_tiled",
                "attention_tc", "attention_merge", "attention_kivi_decode", "quantize_kv_append", "quantize_kivi_keys",
                "quantize_kivi_values", "diffusion_unmask", "compact_kv", "spectr_accept"}
@@ -138,7 +139,7 @@ def test_gsd_accept(backend):
     for draft_probs in (q, None):
         run = lambda q=draft_probs: backend.gsd_accept(  # noqa: E731
             drafts, q, p, embeddings, prob_threshold=0.01, num_draft_tokens=num_draft, seed=9)
-        assert_order_independent(run, SPECULATIVE)
+        assert_order_independent(run, GSD)
 
 
 def test_sjd_accept(backend):

@@ -149,12 +149,14 @@ FASTAR_HD int64_t sjd_refresh_count(const ChainAcceptParams& prm, int64_t j, int
 
 // Tests draft i of row b (tp, dp: the row's target and draft probabilities, dp null for a one-hot q;
 // load(P) -> float) and returns its status; on kOk, *accepted is the outcome. The exact test is accept_draft;
-// GSD's scans the whole target row for the ranking window (every value validated), then gsd_group_test.
+// with kGsd and prm.embeddings, GSD's scans the whole target row for the ranking window (every value validated),
+// then gsd_group_test (the CUDA kernels test GSD a warp per draft instead, and leave it out: its window would cost
+// every thread-per-draft kernel a stack frame).
 // LANTERN's (docs/acceptance.md): the proximity set A of x is x plus the longest prefix of x's neighbour row
 // (entries equal to x skipped) whose target mass stays within the budget, so moving that mass onto x changes p
 // by at most delta in total variation; x is accepted iff u * q(A) < p(A), masses in fixed point. Every entry
 // of the row is validated, also past the prefix, so all backends agree on errors.
-template <typename P, typename Load>
+template <bool kGsd, typename P, typename Load>
 FASTAR_HD int32_t test_draft(const ChainAcceptParams& prm, int64_t b, int64_t i, const P* tp, const P* dp, Load load,
                              bool* accepted) {
   using namespace accept;
@@ -166,16 +168,18 @@ FASTAR_HD int32_t test_draft(const ChainAcceptParams& prm, int64_t b, int64_t i,
   if (head) return head;
   const P* p = tp + i * prm.tp_sn;
   const P* q = dp ? dp + i * prm.dp_sn : nullptr;
-  if (prm.embeddings) {
-    RankWindow w(px, x, prm.gsd_above, prm.gsd_below);
-    bool ok = true;
-    for (int64_t t = 0; t < V; ++t) {
-      const float pt = load(p[t]);
-      ok &= prob_ok(pt);
-      if (w.may_take(pt)) w.offer(pt, t);
+  if constexpr (kGsd) {
+    if (prm.embeddings) {
+      RankWindow w(px, x, prm.gsd_above, prm.gsd_below);
+      bool ok = true;
+      for (int64_t t = 0; t < V; ++t) {
+        const float pt = load(p[t]);
+        ok &= prob_ok(pt);
+        if (w.may_take(pt)) w.offer(pt, t);
+      }
+      if (!ok) return kBadValue;
+      return gsd_group_test(prm, w, q, load, u, qx, accepted);
     }
-    if (!ok) return kBadValue;
-    return gsd_group_test(prm, w, q, load, u, qx, accepted);
   }
   if (!prm.neighbors) {
     *accepted = accept_draft(u, px, qx);

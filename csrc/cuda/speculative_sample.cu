@@ -32,8 +32,13 @@ void launch_speculative_sample(const ChainAcceptParams& prm, FloatKind kind, voi
   const cudaStream_t st = static_cast<cudaStream_t>(stream);
   cuda::dispatch_device_float(kind, [&](auto tag) {
     using P = decltype(tag);
-    launch_kernel("speculative_sample_partial", &cuda::speculative_sample_partial_kernel<P, kThreads>,
-                  dim3(static_cast<unsigned>(slots)), dim3(kThreads), 0, st, prm, w);
+    if (prm.embeddings) {
+      launch_kernel("gsd_partial", &cuda::gsd_partial_kernel<P, kThreads>, dim3(static_cast<unsigned>(slots)),
+                    dim3(kThreads), 0, st, prm, w);
+    } else {
+      launch_kernel("speculative_sample_partial", &cuda::speculative_sample_partial_kernel<P, kThreads>,
+                    dim3(static_cast<unsigned>(slots)), dim3(kThreads), 0, st, prm, w);
+    }
     launch_kernel("speculative_sample_finish", &cuda::speculative_sample_finish_kernel<P, kThreads>,
                   dim3(static_cast<unsigned>(prm.B)), dim3(kThreads), 0, st, prm, w);
   });

@@ -1,8 +1,8 @@
 // CUDA kernels of the chain ops (fastar.speculative_sample, lantern_accept, gsd_accept, sjd_accept), in two
 // launches so that the whole GPU reads the row to sample from:
 //  1. speculative_sample_partial_kernel, one block per (batch row, chunk of the vocabulary): the block tests the
-//     drafts (validation + the rule of core/lantern.h: a thread per draft, or for GSD a warp per draft,
-//     warp_test_gsd; the first rejection is an atomicMin in shared memory), then sums its chunk of the row to
+//     drafts (validation + the rule of core/lantern.h: a thread per draft, or in gsd_partial_kernel a warp per
+//     draft, warp_test_gsd; the first rejection is an atomicMin in shared memory), then sums its chunk of the row to
 //     sample from in fixed point with 16-byte loads: the residual's weights and p's (the fallback when the
 //     residual has no mass), into the workspace.
 //  2. speculative_sample_finish_kernel, one block per batch row: the two-level inverse CDF. The chunk sums give
@@ -100,8 +100,9 @@ __device__ int32_t warp_test_gsd(const ChainAcceptParams& prm, int64_t b, int64_
   return gsd_group_test(prm, w, dp ? dp + i * prm.dp_sn : nullptr, load, u, qx, accepted);
 }
 
-// The draft tests of row b, by the whole block: returns the row's status; *j gets the sampled position.
-template <typename P, int kThreads>
+// The draft tests of row b, by the whole block: returns the row's status; *j gets the sampled position. kGsd: GSD's
+// warp per draft (prm.embeddings set), whose ranking windows live in local memory; else a thread per draft.
+template <typename P, int kThreads, bool kGsd>
 __device__ int32_t test_row(const ChainAcceptParams& prm, int64_t b, const P* tp, const P* dp, int* s_reject,
                             int* s_status, int64_t* j) {
   using namespace accept;
@@ -112,7 +113,7 @@ __device__ int32_t test_row(const ChainAcceptParams& prm, int64_t b, const P* tp
     *s_status = k < 0 ? kBadNumDraft : kOk;
   }
   __syncthreads();
-  if (prm.embeddings) {
+  if constexpr (kGsd) {
     const int lane = tid & 31;
     for (int64_t i = tid >> 5; i < k; i += kThreads / 32) {
       bool passed = false;
@@ -123,7 +124,7 @@ __device__ int32_t test_row(const ChainAcceptParams& prm, int64_t b, const P* tp
   } else {
     for (int64_t i = tid; i < k; i += kThreads) {
       bool passed = false;
-      const int32_t st = test_draft(prm, b, i, tp, dp, [](P v) { return to_float(v); }, &passed);
+      const int32_t st = test_draft<false>(prm, b, i, tp, dp, [](P v) { return to_float(v); }, &passed);
       if (st) atomicOr(s_status, st);
       if (!st && !passed) atomicMin(s_reject, static_cast<int>(i));
     }
@@ -146,9 +147,9 @@ __device__ __forceinline__ SampleRowView<P> sample_row(const ChainAcceptParams& 
                           rejected && !dp ? load_index(prm.draft_ids, prm.ids64, b * prm.ids_sb + j) : -1};
 }
 
-template <typename P, int kThreads>
-__global__ void __launch_bounds__(kThreads)
-    speculative_sample_partial_kernel(ChainAcceptParams prm, SampleWorkspace w) {
+// Launch 1 of the chain ops: the draft tests, then the chunk's sums (see the top of this file).
+template <typename P, int kThreads, bool kGsd>
+__device__ __forceinline__ void sample_partial(const ChainAcceptParams& prm, const SampleWorkspace& w) {
   using namespace accept;
   constexpr int kWarps = kThreads / 32, kVec = kVecOf<P>;
   __shared__ int s_reject;
@@ -159,7 +160,7 @@ __global__ void __launch_bounds__(kThreads)
   const P* tp = static_cast<const P*>(prm.target_probs) + b * prm.tp_sb;
   const P* dp = prm.draft_probs ? static_cast<const P*>(prm.draft_probs) + b * prm.dp_sb : nullptr;
   int64_t j = 0;
-  const int32_t status = test_row<P, kThreads>(prm, b, tp, dp, &s_reject, &s_status, &j);
+  const int32_t status = test_row<P, kThreads, kGsd>(prm, b, tp, dp, &s_reject, &s_status, &j);
   if (c == 0 && tid == 0) {
     w.status[b] = status;
     w.position[b] = static_cast<int>(j);
@@ -194,6 +195,19 @@ __global__ void __launch_bounds__(kThreads)
     w.p_sum[slot] = plain;
     w.bad[slot] = any_bad;
   }
+}
+
+// speculative_sample, lantern_accept and sjd_accept: no local memory.
+template <typename P, int kThreads>
+__global__ void __launch_bounds__(kThreads)
+    speculative_sample_partial_kernel(ChainAcceptParams prm, SampleWorkspace w) {
+  sample_partial<P, kThreads, false>(prm, w);
+}
+
+// gsd_accept: the same launch with GSD's warp-per-draft test.
+template <typename P, int kThreads>
+__global__ void __launch_bounds__(kThreads) gsd_partial_kernel(ChainAcceptParams prm, SampleWorkspace w) {
+  sample_partial<P, kThreads, true>(prm, w);
 }
 
 // The token of `row` in [begin, end) whose inclusive fixed-point prefix sum first exceeds `remaining` (below the

@@ -41,7 +41,7 @@ int32_t sample_one_row(const ChainAcceptParams& prm, int64_t b, int32_t* out, in
   int64_t j = k;
   for (int64_t i = 0; i < k; ++i) {
     bool passed = false;
-    status |= test_draft(prm, b, i, tp, dp, load, &passed);
+    status |= test_draft<true>(prm, b, i, tp, dp, load, &passed);
     if (!passed && j == k) j = i;
   }
   if (status) return status;
