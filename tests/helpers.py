@@ -41,6 +41,15 @@ def rows(backend, cpu: int, simt: int) -> int:
     return simt if backend.name == "simt" else cpu
 
 
+@pytest.fixture(scope="module")
+def one_torch_thread():
+    """Tiny models' tensors: one torch thread for the module (on a busy machine the pool costs 100x)."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
 def generate_on(backend, loop, model, prompt, **kw):
     """A diffusion loop (fastar.diffusion.generate or generate_blocks) on the backend's ops and device, the model
     moved there and back; returns (x, model calls) on the CPU."""

@@ -18,20 +18,14 @@ import torch
 import fastar
 from diffusion_model import TinyDiffusionLM
 from fastar.reference import llada_generate_reference, philox4x32_10
-from helpers import chisquare_pvalue, generate_on, rows
+from helpers import chisquare_pvalue, generate_on, one_torch_thread, rows  # noqa: F401 (fixture)
 
 MASK = 47
 VOCAB = 48
 P_THRESHOLD = 1e-4
 
 
-@pytest.fixture(scope="module", autouse=True)
-def _one_thread():
-    """The model's tensors are tiny: one thread (on a busy machine torch's thread pool costs 100x)."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 @pytest.fixture(scope="module")

@@ -19,20 +19,14 @@ import torch
 import fastar
 from block_diffusion_model import TinyBlockDiffusionLM
 from fastar.reference import diffusion_unmask_reference, llada_num_transfer_tokens
-from helpers import generate_on
+from helpers import generate_on, one_torch_thread  # noqa: F401 (fixture)
 from test_diffusion_generate import philox_confidence
 
 MASK = 47
 VOCAB = 48
 
 
-@pytest.fixture(scope="module", autouse=True)
-def _one_thread():
-    """The model's tensors are tiny: one thread (on a busy machine torch's thread pool costs 100x)."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 @pytest.fixture(scope="module")
