@@ -87,6 +87,7 @@ CASES = [
     GpuCase("decode fp8 GQA 32k", "decode", 8, 32, 8, 1, 32768, 128, memory_bound=True, kv_format="fp8_e4m3"),
     GpuCase("decode int4 KIVI GQA 32k", "decode", 8, 32, 8, 1, 32768, 128, memory_bound=True, kv_format="int4"),
     GpuCase("tree verify", "tree", 4, 32, 8, 64, 4096 + 64, 128),
+    GpuCase("tree verify int4 KIVI 16k", "tree", 4, 32, 8, 64, 16384 + 64, 128, kv_format="int4"),
     GpuCase("block diffusion", "block_diff", 8, 16, 16, 32, 2048 + 32, 128),
     GpuCase("VAR 680", "var", 2, 16, 16, 680, 680, 64),
     GpuCase("VAR 2240", "var", 2, 16, 16, 2240, 2240, 64),
@@ -183,7 +184,7 @@ def run_fastar(x: dict, out: torch.Tensor) -> torch.Tensor:
     if x["layout"] is not None:
         return fastar.scale_attention(x["q"], x["k"], x["v"], x["layout"])
     if "kivi" in x:  # out is not taken
-        return x["kivi"].attend(x["q"])
+        return x["kivi"].attend(x["q"], mask=x["mask"])
     if x["case"].kv_format is not None:  # [B, Lq, Hq, D] queries over the quantized cache; out is not taken
         o = fastar.attention_with_kvcache(x["q"].transpose(1, 2), x["k_codes"], x["v_codes"],
                                           cache_seqlens=x["case"].Lk, k_scale=x["k_scale"], v_scale=x["v_scale"])
@@ -218,7 +219,7 @@ def reference_output(x: dict) -> torch.Tensor:
     from torch.nn.attention import sdpa_kernel
 
     with sdpa_kernel([SDPBackend.MATH]):
-        return F.scaled_dot_product_attention(x["q"].float(), x["k_deq"], x["v_deq"],
+        return F.scaled_dot_product_attention(x["q"].float(), x["k_deq"], x["v_deq"], attn_mask=x["dense"],
                                               enable_gqa=x["case"].Hq != x["case"].Hkv)
 
 

@@ -473,6 +473,63 @@ def test_kivi_decode_groups_of_32_match_float64(backend, fmt, shape, paged, Lq, 
     torch.testing.assert_close(lse.cpu(), want_lse, rtol=0, atol=2e-5)
 
 
+# Shapes of KIVI verification / prefill on CUDA's tensor-core kernel (bf16 / fp16 queries, at least 16 rows of a GQA
+# group x positions, packed rows of whole 16-byte chunks): (D, G, R, lengths, Lq, dtype). Tiles straddle the key
+# and value splits and the groups; the last tile of each sequence is partial.
+KIVI_TC_SHAPES = {
+    "D64-G8-bf16": (64, 8, 16, [150, 67, 30], 5, torch.bfloat16),
+    "D128-G32-f16": (128, 32, 32, [200, 90, 40], 8, torch.float16),
+    "D256-G64-bf16": (256, 64, 64, [170, 64, 20], 4, torch.bfloat16),
+}
+
+
+@pytest.mark.parametrize("mask_kind", ["causal", "tree", "dense"])
+@pytest.mark.parametrize("paged", [False, True], ids=["contiguous", "paged"])
+@pytest.mark.parametrize("shape", list(KIVI_TC_SHAPES))
+@pytest.mark.parametrize("fmt", KIVI)
+def test_kivi_verification_shapes_match_float64(backend, fmt, shape, paged, mask_kind):
+    """GQA 4:1 over Lq new positions (16 rows or more: CUDA's tensor-core kernel, which dequantizes each staged
+    row to the queries' dtype, one rounding as P gets; the CPU's GEMM path) against float64 attention over the
+    dequantized cache, within the 16-bit tolerance of the other tensor-core tests."""
+    dim, G, R, lens, Lq, dtype = KIVI_TC_SHAPES[shape]
+    gen = torch.Generator().manual_seed(len(shape) + 5 * paged + len(mask_kind))
+    cache, q = filled_kivi_cache(backend, fmt, dim, G, R, lens, dtype, 256, 64 if paged else None, Lq, gen)
+    parents = [-1] + [int(torch.randint(0, i, (), generator=gen)) for i in range(1, Lq)]
+    mask = {"causal": Causal(), "tree": Tree(parents),
+            "dense": Dense(torch.rand(B, Lq, cache.capacity, generator=gen) < 0.6)}[mask_kind]
+    out, lse = cache.attend(backend.to(q), mask=backend.to(mask) if mask_kind == "dense" else mask, return_lse=True)
+    k_deq, v_deq = (t.cpu() for t in cache.dequantize(torch.float64))
+    n = k_deq.shape[2]
+    visible = mask.materialize(Lq, cache.capacity, kv_lens=cache.lengths.cpu())[..., :n].unsqueeze(1)
+    want, want_lse = attention_reference(q.double(), k_deq, v_deq, mask=visible)
+    torch.testing.assert_close(out.cpu().double(), want, rtol=2e-2, atol=2e-2)
+    torch.testing.assert_close(lse.cpu(), want_lse, rtol=0, atol=1e-2)
+
+
+def test_kivi_nan_value_reaches_only_the_rows_that_see_its_key(backend):
+    """A NaN in the window's row of sequence 0's last value (kv head 0, channel 3: as CUDA's append stores a non-finite
+    value) under a causal mask over 5 new positions (GQA 4 x 5 = 20 rows: CUDA's tensor-core kernel, whose last tile
+    is partial): only the last position's rows of that head group read it, in that channel; every other output
+    equals float64 attention with the value zeroed."""
+    dim, G, R, lens, Lq, dtype = KIVI_TC_SHAPES["D64-G8-bf16"]
+    gen = torch.Generator().manual_seed(3)
+    cache, q = filled_kivi_cache(backend, "int4", dim, G, R, lens, dtype, 256, None, Lq, gen)
+    last = lens[0] - 1
+    cache._store.v_window[0, last % cache._store.W, 0, 3] = float("nan")
+    out, _ = cache.attend(backend.to(q), mask=Causal(), return_lse=True)
+    out = out.cpu().double()
+    k_deq, v_deq = (t.cpu() for t in cache.dequantize(torch.float64))
+    assert torch.isnan(v_deq[0, 0, last, 3])
+    v_deq[0, 0, last, 3] = 0.0
+    n = k_deq.shape[2]
+    visible = Causal().materialize(Lq, cache.capacity, kv_lens=cache.lengths.cpu())[..., :n].unsqueeze(1)
+    want, _ = attention_reference(q.double(), k_deq, v_deq, mask=visible)
+    sees = torch.zeros_like(out, dtype=torch.bool)
+    sees[0, :HQ // HKV, Lq - 1, 3] = True  # kv head 0's query heads, the last position, channel 3
+    assert torch.isnan(out[sees]).all()
+    torch.testing.assert_close(out[~sees], want[~sees], rtol=2e-2, atol=2e-2)
+
+
 def test_kivi_refuses_non_storable_values_on_the_cpu():
     cache = fastar.QuantizedKVCache(B, HKV, D, capacity=64, format="int4", group_size=KG, residual=KR,
                                     dtype=torch.float32)

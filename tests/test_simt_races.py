@@ -326,11 +326,14 @@ def test_quantized_attention(backend, shape, kernels):
 
 
 # KIVI caches: (format, G, Lq, paged), kernels. The KIVI decode kernel (G = 32: several chunks per warp, the window,
-# kv splits) and the tiled kernel (G = 8, which the decode kernel does not take).
+# kv splits), the tiled kernel (G = 8, which the decode kernel does not take) and the tensor-core kernel (18 rows:
+# GQA 2 x 9 positions; tiles across the splits, a partial causal tile).
 KIVI_SHAPES = [
     (("int4", 32, 1, True), {"attention_kivi_decode", "attention_merge"}),
     (("int2", 64, 2, False), {"attention_kivi_decode", "attention_merge"}),
     (("int4", 8, 3, False), {"attention_tiled", "attention_merge"}),
+    (("int4", 32, 9, True), {"attention_tc", "attention_merge"}),
+    (("int2", 8, 9, False), {"attention_tc", "attention_merge"}),
 ]
 
 

@@ -60,11 +60,14 @@ constexpr int64_t kTensorCoreRows = 16;
 
 // Whether the tensor-core kernel takes these arguments: its cp.async copies 16-byte chunks, so every q, k
 // and v row must start 16-byte aligned (fp32 stays on the CUDA-core kernel, exact to fp32 rounding). Codes
-// are one byte, so their strides must be multiples of 16 elements.
+// are one byte, so their strides must be multiples of 16 elements. KIVI: packed rows of whole 16-byte chunks,
+// and 16-byte loads of the windows' rows and the keys' scales and zeros.
 bool use_tensor_cores(const AttentionParams& p, FloatKind kind) {
-  if (kind == FloatKind::kFloat32 || p.kivi_bits || !cuda::tc_head_dim(p.D) || p.Hq / p.Hkv * p.Lq < kTensorCoreRows)
-    return false;
+  if (kind == FloatKind::kFloat32 || !cuda::tc_head_dim(p.D) || p.Hq / p.Hkv * p.Lq < kTensorCoreRows) return false;
   auto aligned = [](const void* ptr) { return reinterpret_cast<uintptr_t>(ptr) % 16 == 0; };
+  if (p.kivi_bits && (p.D * p.kivi_bits % 128 != 0 || !aligned(p.kivi_k_window) || !aligned(p.kivi_v_window) ||
+                      !aligned(p.kivi_k_scale) || !aligned(p.kivi_k_zero)))
+    return false;
   const int64_t kv_strides = p.k_sb | p.k_sh | p.k_sl | p.v_sb | p.v_sh | p.v_sl;
   return aligned(p.q) && aligned(p.k) && aligned(p.v) && (p.q_sb | p.q_sh | p.q_sl) % 8 == 0 &&
          kv_strides % (p.kv_quantized ? 16 : 8) == 0;

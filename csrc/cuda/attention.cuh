@@ -149,29 +149,88 @@ __device__ __forceinline__ void dequantize_row(const uint8_t* row, float scale, 
   for (int d = lane; d < D; d += 32) dst[d] = code_to_float<F>(row[d]) * scale;
 }
 
-// KIVI (core/attention.h's kivi_* fields): key s's K (value = false) or V row of head h of sequence b as float into
-// dst (lanes over D): code * scale + zero from the packed codes at byte offset `at` (float16 scales and zeros, keys
-// per channel and group of kivi_group tokens, values per token and group of kivi_group channels), or the window's
-// row in T at or past the sequence's split.
+// One KIVI K or V row (core/attention.h's kivi_* fields): the window's row in T at or past the sequence's split,
+// else code * scale + zero from packed codes (float16 scales and zeros: keys per channel and group of kivi_group
+// tokens, values per token and group of kivi_group channels).
 template <typename T>
-__device__ __forceinline__ void kivi_row_to_float(const AttentionParams& p, int64_t b, int64_t h, int64_t s, int64_t at,
-                                                  bool value, float* dst, int D, int lane) {
+struct KiviRow {
+  const T* window;  // null: quantized
+  const uint8_t* codes;
+  const uint16_t* scale;
+  const uint16_t* zero;
+  int64_t per;  // channels per scale: 1 (keys) or kivi_group (values)
+  int bits;
+
+  __device__ __forceinline__ float value_at(int64_t d) const {
+    if (window) return to_float(window[d]);
+    const uint32_t c = codes[d * bits / 8] >> (d * bits % 8) & ((1u << bits) - 1);
+    return fmaf(static_cast<float>(c), half_to_float(scale[d / per]), half_to_float(zero[d / per]));
+  }
+  // Elements 8 c .. 8 c + 7 into x: 16-byte loads of the window's row and of keys' scales and zeros (rows and
+  // scale arrays 16-byte aligned, D a multiple of 8), codes from one word.
+  __device__ __forceinline__ void chunk8(int c, float* x) const {
+    if (window) {
+      T w[8];
+      memcpy(w, window + 8 * c, 16);
+#pragma unroll
+      for (int e = 0; e < 8; ++e) x[e] = to_float(w[e]);
+      return;
+    }
+    uint32_t word;  // 8 codes of `bits` bits
+    if (bits == 4) {
+      memcpy(&word, codes + 4 * c, 4);
+    } else {
+      uint16_t two;
+      memcpy(&two, codes + 2 * c, 2);
+      word = two;
+    }
+    if (per == 1) {
+      uint16_t sc[8], ze[8];
+      memcpy(sc, scale + 8 * c, 16);
+      memcpy(ze, zero + 8 * c, 16);
+#pragma unroll
+      for (int e = 0; e < 8; ++e)
+        x[e] = fmaf(static_cast<float>(word >> (e * bits) & ((1u << bits) - 1)), half_to_float(sc[e]),
+                    half_to_float(ze[e]));
+      return;
+    }
+#pragma unroll
+    for (int e = 0; e < 8; ++e) {
+      const int64_t g = (8 * c + e) / per;
+      x[e] = fmaf(static_cast<float>(word >> (e * bits) & ((1u << bits) - 1)), half_to_float(scale[g]),
+                  half_to_float(zero[g]));
+    }
+  }
+};
+
+// Key s's K (value = false) or V row of head h of sequence b, whose packed codes lie at byte offset `at` of the
+// cache; `codes` is where they are read (the cache's, or a copy of them).
+template <typename T>
+__device__ __forceinline__ KiviRow<T> kivi_row(const AttentionParams& p, int64_t b, int64_t h, int64_t s, int64_t at,
+                                               bool value, const uint8_t* codes) {
+  const int bits = p.kivi_bits;
+  const int64_t D = p.D, G = p.kivi_group;
   if (s >= p.kivi_split[2 * b + value]) {
     const T* row = static_cast<const T*>(value ? p.kivi_v_window : p.kivi_k_window) +
                    ((b * p.kivi_window_len + s % p.kivi_window_len) * p.Hkv + h) * D;
-    for (int d = lane; d < D; d += 32) dst[d] = to_float(row[d]);
-    return;
+    return KiviRow<T>{row, nullptr, nullptr, nullptr, 1, bits};
   }
-  const int bits = p.kivi_bits;
-  const int64_t G = p.kivi_group, slot_head = at / (D * bits / 8);  // slot * Hkv + head
-  const uint8_t* codes = static_cast<const uint8_t*>(value ? p.v : p.k) + at;
-  const int64_t meta = value ? slot_head * (D / G) : (slot_head / p.Hkv / G * p.Hkv + h) * D, per = value ? G : 1;
-  const uint16_t* scale = (value ? p.kivi_v_scale : p.kivi_k_scale) + meta;
-  const uint16_t* zero = (value ? p.kivi_v_zero : p.kivi_k_zero) + meta;
-  for (int d = lane; d < D; d += 32) {
-    const uint32_t c = codes[d * bits / 8] >> (d * bits % 8) & ((1u << bits) - 1);
-    dst[d] = fmaf(static_cast<float>(c), half_to_float(scale[d / per]), half_to_float(zero[d / per]));
-  }
+  const int64_t slot_head = at / (D * bits / 8);  // slot * Hkv + head
+  const int64_t meta = value ? slot_head * (D / G) : (slot_head / p.Hkv / G * p.Hkv + h) * D;
+  return KiviRow<T>{nullptr,
+                    codes,
+                    (value ? p.kivi_v_scale : p.kivi_k_scale) + meta,
+                    (value ? p.kivi_v_zero : p.kivi_k_zero) + meta,
+                    value ? G : 1,
+                    bits};
+}
+
+// kivi_row's row as float into dst (lanes over D).
+template <typename T>
+__device__ __forceinline__ void kivi_row_to_float(const AttentionParams& p, int64_t b, int64_t h, int64_t s, int64_t at,
+                                                  bool value, float* dst, int D, int lane) {
+  const KiviRow<T> row = kivi_row<T>(p, b, h, s, at, value, static_cast<const uint8_t*>(value ? p.v : p.k) + at);
+  for (int d = lane; d < D; d += 32) dst[d] = row.value_at(d);
 }
 
 // A row of D codes of format f times scale, as float into dst (lanes over D); the format is chosen once per row.

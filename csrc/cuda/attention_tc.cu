@@ -11,6 +11,8 @@ void launch_attention_tc(const AttentionParams& p, FloatKind kind, const Attenti
 
 void launch_attention_tc_quantized(const AttentionParams& p, FloatKind kind, const AttentionWork& w, dim3 grid,
                                    cudaStream_t stream) {
+  if (p.kivi_bits)
+    return (p.kivi_bits == 4 ? launch_attention_tc_kivi4 : launch_attention_tc_kivi2)(p, kind, w, grid, stream);
   switch (p.kv_format) {
     case KvFormat::kInt8:
       return launch_attention_tc_int8(p, kind, w, grid, stream);

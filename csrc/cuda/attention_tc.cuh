@@ -20,6 +20,12 @@
 // mma then run as for a T cache. The scales are folded: K's multiplies S (the dot product runs on the codes);
 // V's multiplies P before P V, while the row sum l takes P unscaled. P (times V's scale) is rounded to T for
 // the mma as P alone is: the same relative rounding, so the tolerance does not change.
+// KIVI int4 / int2 (KV = KiviTc<bits>): the stages hold the packed code rows of the quantized keys and values;
+// the conversion pass dequantizes each row (a thread per row: code * scale + zero with its group's float16 scale
+// and zero, or the window's row at or past the sequence's split) into the T stage, one rounding to T as P gets.
+// Roofline at int4, D = 128: a 64-key tile is 8 KB of codes and 2 KB of scales and zeros (bf16: 32 KB), so 64
+// query rows do ~210 FLOP a byte, under an H100's 295: HBM-bound at a third of bf16's bytes
+// (docs/design/quantized-attention.md).
 //
 // Roofline (H100 SXM, bf16, dense 989 TFLOP/s, 3.35 TB/s): 4 D FLOPs per visible (query, key) pair; K/V of a
 // 64-key tile (D = 128: 32 KB) feed 64 x 64 x 128 x 4 = 2.1 MFLOP per block, 64 FLOP/byte from L2/HBM per
@@ -46,6 +52,14 @@ constexpr int kTcListChunk = 128;       // key tiles classified per pass
 
 // Whether D has a tensor-core instance (a multiple of 16, as mma's k and ldmatrix's 8-column blocks need).
 FASTAR_HD constexpr bool tc_head_dim(int64_t D) { return D == 64 || D == 80 || D == 96 || D == 128 || D == 256; }
+
+// The KV argument of attention_tc_kernel over a KIVI cache of kBits-bit codes.
+template <int kBits>
+struct KiviTc {};
+template <typename KV>
+inline constexpr int kKiviBits = 0;
+template <int kBits>
+inline constexpr int kKiviBits<KiviTc<kBits>> = kBits;
 
 template <int kD, bool kCodes = false>
 struct TcTile {
@@ -83,6 +97,19 @@ __device__ __forceinline__ uint32_t pack2(float lo, float hi, __half) {
 // Neither NaN nor +-inf (x - x is NaN for both).
 __device__ __forceinline__ bool finite(float x) { return x - x == 0.0f; }
 
+// x[0, N) rounded to T into h; with zero_bad (V rows of a partial tile) a non-finite value becomes 0 and sets bad.
+template <int N, typename T>
+__device__ __forceinline__ void stage_values(float* x, T* h, bool zero_bad, bool& bad) {
+#pragma unroll
+  for (int e = 0; e < N; ++e) {
+    if (zero_bad && !finite(x[e])) {
+      bad = true;
+      x[e] = 0.0f;
+    }
+    h[e] = from_float<T>(x[e]);
+  }
+}
+
 template <typename T>
 __device__ __forceinline__ void mma16816(float d[4], const uint32_t a[4], const uint32_t b[2]) {
   if constexpr (std::is_same_v<T, __nv_bfloat16>) {
@@ -92,14 +119,17 @@ __device__ __forceinline__ void mma16816(float d[4], const uint32_t a[4], const 
   }
 }
 
-// KV: T, or KvCode<F> for a quantized cache.
+// KV: T, KvCode<F> for an int8 / fp8 cache, KiviTc<bits> for a KIVI cache.
 template <typename T, int kD, typename KV = T>
 __global__ void __launch_bounds__(kTcThreads, 2) attention_tc_kernel(AttentionParams p, AttentionWork w) {
-  constexpr bool kCodes = kIsKvCode<KV>;
+  constexpr int kKivi = kKiviBits<KV>;               // bits of a KIVI code, 0: none
+  constexpr bool kScaled = kIsKvCode<KV>;            // one scale per key folded into S and P
+  constexpr bool kCodes = kScaled || kKivi > 0;      // code tiles staged, then converted to T
   using E = std::conditional_t<kCodes, uint8_t, T>;  // what a K/V row holds
   using Tile = TcTile<kD, kCodes>;
   constexpr int kBk = Tile::kBk, kNB = kBk / 8, kDB = kD / 8;  // 8-wide n-blocks of S and of O
-  constexpr int kCodeChunks = kD / 16;                         // 16-byte chunks of a row of codes
+  constexpr int kCodeChunks = kD * (kKivi ? kKivi : 8) / 128;  // 16-byte chunks of a row of codes
+  static_assert(kCodeChunks * 128 == kD * (kKivi ? kKivi : 8), "whole 16-byte chunks of codes per row");
   FASTAR_DYNAMIC_SMEM(unsigned char, smem);
   T* s_q = reinterpret_cast<T*>(smem);
   T* s_k = s_q + Tile::kQElems;                                                        // [kStages][kKvElems]
@@ -136,6 +166,8 @@ __global__ void __launch_bounds__(kTcThreads, 2) attention_tc_kernel(AttentionPa
   const int64_t t_begin = it.t_begin, t_end = it.t_end;
   const E* kbase = static_cast<const E*>(p.k);
   const E* vbase = static_cast<const E*>(p.v);
+  // KIVI: the sequence's first k_split keys and v_split values are codes, the later ones the window's.
+  const int64_t k_split = kKivi ? p.kivi_split[2 * b] : 0, v_split = kKivi ? p.kivi_split[2 * b + 1] : 0;
   const T* bias = static_cast<const T*>(p.mask.bias);
 
   // Copies key tile `tile` into stage `st`; key factors 1 (present) or -1 (past the end, or a page out of
@@ -149,6 +181,13 @@ __global__ void __launch_bounds__(kTcThreads, 2) attention_tc_kernel(AttentionPa
         KvRows kv{};
         const bool ok = j < lk && kv_rows(p, b, hkv, j, &kv);
         const int64_t at = st * Tile::kCodeBytes + r * kD + c * 16;
+        if constexpr (kKivi) {  // codes of the quantized rows only; the conversion reads the window's
+          const bool kq = ok && j < k_split, vq = ok && j < v_split;
+          cp_async_16(s_kc + at, kq ? kbase + kv.k + c * 16 : kbase, kq ? 16 : 0);
+          cp_async_16(s_vc + at, vq ? vbase + kv.v + c * 16 : vbase, vq ? 16 : 0);
+          if (c == 0) s_kf[st * kBk + r] = ok ? 1.0f : -1.0f;
+          continue;
+        }
         cp_async_16(s_kc + at, ok ? kbase + kv.k + c * 16 : kbase, ok ? 16 : 0);
         cp_async_16(s_vc + at, ok ? vbase + kv.v + c * 16 : vbase, ok ? 16 : 0);
         if (c == 0) {
@@ -222,7 +261,28 @@ __global__ void __launch_bounds__(kTcThreads, 2) attention_tc_kernel(AttentionPa
       float* kf = s_kf + stage * kBk;
       const float* ks = s_ks + stage * kBk;
       const float* vs = s_vs + stage * kBk;
-      if constexpr (kCodes) {  // the codes to T (a partial tile's non-finite V values: zeroed, added back below)
+      if constexpr (kKivi) {  // each row dequantized to T by one thread (non-finite V values: as below)
+        for (int y = tid; y < 2 * kBk; y += kTcThreads) {
+          const bool value = y >= kBk;
+          const int r = value ? y - kBk : y;
+          KvRows kv{};
+          const bool ok = kf[r] > 0.0f && kv_rows(p, b, hkv, j0 + r, &kv);
+          const KiviRow<T> row = kivi_row<T>(p, b, hkv, j0 + r, value ? kv.v : kv.k, value,
+                                             (value ? s_vc : s_kc) + stage * Tile::kCodeBytes + r * kD);
+          bool bad = false;
+          T* dst = value ? s_v : s_k;
+#pragma unroll 2
+          for (int c = 0; c < kD / 8; ++c) {
+            float f[8] = {};
+            if (ok) row.chunk8(c, f);
+            T h[8];
+            stage_values<8>(f, h, value && partial, bad);
+            memcpy(dst + Tile::at(r, c), h, 16);
+          }
+          if (bad) atomicOr(&s_bad[r >> 5], 1u << (r & 31));
+        }
+        __syncthreads();
+      } else if constexpr (kCodes) {  // the codes to T (a partial tile's non-finite V values: zeroed, added back below)
         for (int x = tid; x < 2 * kBk * kCodeChunks; x += kTcThreads) {
           const bool value = x >= kBk * kCodeChunks;
           const int y = value ? x - kBk * kCodeChunks : x, r = y / kCodeChunks, c = y % kCodeChunks;
@@ -232,14 +292,7 @@ __global__ void __launch_bounds__(kTcThreads, 2) attention_tc_kernel(AttentionPa
           codes_to_float<KV::kFormat>(raw, f);
           bool bad = false;
           T h[16];
-#pragma unroll
-          for (int e = 0; e < 16; ++e) {
-            if (value && partial && !finite(f[e])) {
-              bad = true;
-              f[e] = 0.0f;
-            }
-            h[e] = from_float<T>(f[e]);
-          }
+          stage_values<16>(f, h, value && partial, bad);
           T* dst = value ? s_v : s_k;
           memcpy(dst + Tile::at(r, 2 * c), h, 16);
           memcpy(dst + Tile::at(r, 2 * c + 1), h + 8, 16);
@@ -276,7 +329,7 @@ __global__ void __launch_bounds__(kTcThreads, 2) attention_tc_kernel(AttentionPa
             for (int e = 0; e < 8; ++e) ss += to_float(x[e]) * to_float(x[e]);
           }
           for (int m = 1; m < kPer; m <<= 1) ss += __shfl_xor_sync(kFullMask, ss, m);
-          if (tid % kPer == 0 && kf[r] > 0.0f) kf[r] = qk_norm_factor(kCodes ? ss * ks[r] * ks[r] : ss);
+          if (tid % kPer == 0 && kf[r] > 0.0f) kf[r] = qk_norm_factor(kScaled ? ss * ks[r] * ks[r] : ss);
         }
         if (!kCodes && partial) {  // non-finite V values of a partial tile: zeroed here, added back below
           for (int x = tid; x < kBk * Tile::kChunks; x += kTcThreads) {
@@ -322,7 +375,7 @@ __global__ void __launch_bounds__(kTcThreads, 2) attention_tc_kernel(AttentionPa
         for (int e = 0; e < 2; ++e) {
           const int c = nb * 8 + 2 * t + e;
           const float f = kf[c];
-          const float fs = kCodes ? f * ks[c] : f;  // K's scale folded into the logit
+          const float fs = kScaled ? f * ks[c] : f;  // K's scale folded into the logit
 #pragma unroll
           for (int h = 0; h < 2; ++h) {
             float& x = s[nb][2 * h + e];
@@ -363,7 +416,7 @@ __global__ void __launch_bounds__(kTcThreads, 2) attention_tc_kernel(AttentionPa
           st[h].add(pr);
           s[nb][q] = pr;
           // V's scale folded into P; 0 for a hidden key, whose scale (even NaN) stays out of the row.
-          if constexpr (kCodes)
+          if constexpr (kScaled)
             s[nb][q] = hid >> (h * 16 + 2 * nb + (q & 1)) & 1 ? 0.0f : pr * vs[nb * 8 + 2 * t + (q & 1)];
         }
       }
@@ -414,14 +467,17 @@ __global__ void __launch_bounds__(kTcThreads, 2) attention_tc_kernel(AttentionPa
 #pragma unroll
           for (int h = 0; h < 2; ++h) pc[h] = __shfl_sync(kFullMask, mine[h], src);
           seen = __shfl_sync(kFullMask, seen, src);
-          const E* vrow = vbase + kv_row_offset(p, p.v_sb, p.v_sh, p.v_sl, b, hkv, j0 + c);
+          const int64_t vat = kv_row_offset(p, p.v_sb, p.v_sh, p.v_sl, b, hkv, j0 + c);
+          const E* vrow = vbase + vat;
 #pragma unroll
           for (int n = 0; n < kDB; ++n) {
 #pragma unroll
             for (int q = 0; q < 4; ++q) {
               const int d = n * 8 + 2 * t + (q & 1);
               float v;
-              if constexpr (kCodes) {
+              if constexpr (kKivi) {
+                v = kivi_row<T>(p, b, hkv, j0 + c, vat, true, vrow).value_at(d);
+              } else if constexpr (kScaled) {
                 v = code_to_float<KV::kFormat>(vrow[d]);
               } else {
                 v = to_float(vrow[d]);
@@ -457,21 +513,24 @@ __global__ void __launch_bounds__(kTcThreads, 2) attention_tc_kernel(AttentionPa
 }
 
 // Launches attention_tc_kernel<T, D, KV> for the planned work. kind: bf16 or fp16; D: a tc_head_dim; KV: void
-// for a cache of T (attention_tc.cu), KvCode<F> for codes. Each .cu compiles apart from the other kernels, in
-// parallel.
+// for a cache of T (attention_tc.cu), KvCode<F> for codes, KiviTc<bits> for KIVI. Each .cu compiles apart from the
+// other kernels, in parallel.
 template <typename KV>
 void launch_tc_instance(const AttentionParams& p, FloatKind kind, const AttentionWork& w, dim3 grid,
                         cudaStream_t stream) {
   dispatch_device_float(kind, [&](auto tag) {
     using T = decltype(tag);
-    using K = std::conditional_t<kIsKvCode<KV>, KV, T>;
+    constexpr int kKivi = kKiviBits<KV>;
+    using K = std::conditional_t<kIsKvCode<KV> || kKivi, KV, T>;
     if constexpr (!std::is_same_v<T, float>) {  // the planner never picks tensor cores for fp32
       with_head_dim(p.D, [&](auto d) {
         constexpr int kD = decltype(d)::value;
-        auto* kernel = &attention_tc_kernel<T, kD, K>;
-        constexpr int64_t kSmem = TcTile<kD, kIsKvCode<K>>::kBytes;
-        allow_dynamic_smem(kernel, kSmem);
-        launch_kernel("attention_tc", kernel, grid, dim3(kTcThreads), static_cast<size_t>(kSmem), stream, p, w);
+        if constexpr (kD * kKivi % 128 == 0) {  // KIVI: whole 16-byte chunks of codes (the planner checks)
+          auto* kernel = &attention_tc_kernel<T, kD, K>;
+          constexpr int64_t kSmem = TcTile < kD, kIsKvCode<K> || kKivi > ::kBytes;
+          allow_dynamic_smem(kernel, kSmem);
+          launch_kernel("attention_tc", kernel, grid, dim3(kTcThreads), static_cast<size_t>(kSmem), stream, p, w);
+        }
       });
     }
   });
@@ -489,5 +548,9 @@ void launch_attention_tc_fp8_e4m3(const AttentionParams& p, FloatKind kind, cons
                                   cudaStream_t stream);
 void launch_attention_tc_fp8_e5m2(const AttentionParams& p, FloatKind kind, const AttentionWork& w, dim3 grid,
                                   cudaStream_t stream);
+void launch_attention_tc_kivi4(const AttentionParams& p, FloatKind kind, const AttentionWork& w, dim3 grid,
+                               cudaStream_t stream);
+void launch_attention_tc_kivi2(const AttentionParams& p, FloatKind kind, const AttentionWork& w, dim3 grid,
+                               cudaStream_t stream);
 
 }  // namespace fastar::cuda
