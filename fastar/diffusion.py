@@ -30,7 +30,7 @@ __all__ = ["UnmaskResult", "check_remaining", "diffusion_unmask", "maskgit_cosin
 
 _OP = "fastar.diffusion_unmask"
 CONFIDENCES = ("probability", "log_probability", "margin", "neg_entropy", "random")
-THRESHOLD_RULES = ("fast_dllm", "dinfer", "dimple")
+THRESHOLD_RULES = ("fast_dllm", "dinfer", "dimple", "sdar")
 
 
 class UnmaskResult(NamedTuple):
@@ -90,7 +90,9 @@ def diffusion_unmask(
     * ``threshold`` with ``threshold_rule="fast_dllm"`` (Fast-dLLM): the first, and every one with confidence
       ``>= threshold``; ``"dinfer"`` (dInfer): every one with confidence ``>= min(threshold, top - 1e-5)``;
       ``"dimple"`` (Dimple's confident decoding; needs ``num_transfer`` too): every one with confidence
-      ``> threshold``, or if there is none the ``min(num_transfer[b], n)`` first;
+      ``> threshold``, or if there is none the ``min(num_transfer[b], n)`` first; ``"sdar"`` (SDAR's
+      ``low_confidence_dynamic``; needs ``num_transfer`` too): the ``min(num_transfer[b], n)`` first, or every one
+      with confidence ``> threshold`` if they are more;
     * ``factor`` (Fast-dLLM): the first ``r`` where ``r >= 1`` is the first rank whose confidence is below
       ``1 - factor / (r + 2)``; a stop at the last rank, or none, commits all ``n``.
 
@@ -117,10 +119,11 @@ def diffusion_unmask(
     """
     if threshold_rule not in THRESHOLD_RULES:
         raise ValueError(f"{_OP}: threshold_rule must be one of {THRESHOLD_RULES}, got {threshold_rule!r}")
-    if threshold_rule == "dimple":
+    if threshold_rule in ("dimple", "sdar"):
         if threshold is None or num_transfer is None or factor is not None:
-            raise ValueError(f"{_OP}: threshold_rule='dimple' needs threshold and num_transfer (and no factor)")
-        rule = "dimple"
+            raise ValueError(f"{_OP}: threshold_rule={threshold_rule!r} needs threshold and num_transfer (and no "
+                             "factor)")
+        rule = threshold_rule
     else:
         rules = [name for name, v in (("num_transfer", num_transfer), ("threshold", threshold), ("factor", factor))
                  if v is not None]
@@ -224,6 +227,7 @@ def generate(
     cache: Optional[str] = None,
     seed: Optional[int] = None,
     return_nfe: bool = False,
+    threshold_rule: str = "fast_dllm",
 ):
     """LLaDA's ``generate`` (and Fast-dLLM's threshold / factor rules and prefix / dual KV caches) with every step's
     sampling and commit done by :func:`diffusion_unmask` on the device.
@@ -233,8 +237,11 @@ def generate(
 
     * neither ``threshold`` nor ``factor`` (LLaDA): exactly ``steps // num_blocks`` steps, the block's masked count
       split by :func:`num_transfer_tokens`; no host sync but one per block (the invalid-row check);
-    * ``threshold`` or ``factor`` (Fast-dLLM): steps until no position of the block holds ``mask_id``; one host sync
-      per step (that test).
+    * ``threshold`` or ``factor`` (Fast-dLLM; ``threshold_rule="dinfer"``: dInfer's threshold): steps until no
+      position of the block holds ``mask_id``; one host sync per step (that test);
+    * ``threshold`` with ``threshold_rule="sdar"`` (SDAR's dynamic rule): at most ``steps // num_blocks`` steps, each
+      committing the schedule's count or every position with confidence above ``threshold`` if they are more;
+      one host sync per step (the block-complete test).
 
     ``remasking``: ``"low_confidence"`` (the candidate's probability) or ``"random"``. ``temperature``: 0 takes the
     argmax (ties: the lowest token id), else a draw from ``softmax(logits / temperature)``. ``cfg_scale > 0``:
@@ -264,6 +271,7 @@ def generate(
         raise ValueError(f"{_GEN}: cache must be one of {CACHES}, got {cache!r}")
     if threshold is not None and factor is not None:
         raise ValueError(f"{_GEN}: give threshold or factor, not both")
+    _check_loop_threshold_rule(_GEN, threshold_rule, threshold)
     for name, value in (("temperature", temperature), ("cfg_scale", cfg_scale)):
         if not isinstance(value, (int, float)) or isinstance(value, bool) or not math.isfinite(value) or value < 0:
             raise ValueError(f"{_GEN}: {name} must be a finite number >= 0, got {value!r}")
@@ -273,6 +281,7 @@ def generate(
     if seed is None:
         seed = int(torch.randint(0, 2**62, ()))
     scheduled = threshold is None and factor is None
+    counted = scheduled or threshold_rule == "sdar"  # steps take the schedule's counts
     steps_per_block = steps // num_blocks
     batch, prompt_len = prompt.shape
     x = torch.full((batch, prompt_len + gen_length), mask_id, dtype=torch.int64, device=prompt.device)
@@ -299,16 +308,17 @@ def generate(
             logits = un + (cfg_scale + 1) * (cond - un)
         return logits, out
 
-    rule = {"threshold": threshold} if threshold is not None else {"factor": factor} if factor is not None else {}
+    rule = {"threshold": threshold, "threshold_rule": threshold_rule} if threshold is not None else \
+        {"factor": factor} if factor is not None else {}
     step = 0  # over the whole run: the Philox offset
     for block in range(num_blocks):
         start = prompt_len + block * block_length
         end = start + block_length
-        if scheduled:
+        if counted:
             counts = num_transfer_tokens(x[:, start:end] == mask_id, steps_per_block).t().contiguous()
         past = None
-        for i in range(steps_per_block if scheduled else block_length + 1):
-            if not scheduled and i == block_length:
+        for i in range(steps_per_block if counted else block_length + 1):
+            if not counted and i == block_length:
                 raise RuntimeError(f"{_GEN}: block {block} still holds mask_id after {block_length} steps (the model "
                                    "keeps predicting mask_id at a masked position)")
             if cache is None or i == 0:
@@ -332,7 +342,7 @@ def generate(
                 view, lo, hi = x[:, start:view_end].contiguous(), 0, block_length
             res = diffusion_unmask(logits, view, mask_id=mask_id, block_start=lo, block_end=hi,
                                    confidence=REMASKINGS[remasking], temperature=float(temperature), seed=seed,
-                                   offset=step, **(dict(num_transfer=counts[i]) if scheduled else rule))
+                                   offset=step, **(dict(num_transfer=counts[i], **rule) if counted else rule))
             step += 1
             if view is not x:
                 x[:, start:start + view.shape[1]] = view
@@ -342,9 +352,19 @@ def generate(
                     check_remaining(res.remaining, _GEN)
                 if high == 0:
                     break
-        if scheduled:
+        if counted:
             check_remaining(res.remaining, _GEN)
     return (x, nfe) if return_nfe else x
+
+
+def _check_loop_threshold_rule(op: str, threshold_rule: str, threshold: Optional[float]) -> None:
+    """The loops take Fast-dLLM's, dInfer's and SDAR's threshold rules (Dimple's may commit fewer positions than the
+    schedule, which would leave a block unfinished)."""
+    if threshold_rule not in ("fast_dllm", "dinfer", "sdar"):
+        raise ValueError(f"{op}: threshold_rule must be one of ('fast_dllm', 'dinfer', 'sdar'), got "
+                         f"{threshold_rule!r}")
+    if threshold_rule != "fast_dllm" and threshold is None:
+        raise ValueError(f"{op}: threshold_rule={threshold_rule!r} needs threshold")
 
 
 @fake("diffusion_unmask")
@@ -386,6 +406,7 @@ def generate_blocks(
     remasking: str = "low_confidence",
     threshold: Optional[float] = None,
     factor: Optional[float] = None,
+    threshold_rule: str = "fast_dllm",
     use_cache: bool = True,
     seed: Optional[int] = None,
     return_nfe: bool = False,
@@ -405,9 +426,12 @@ def generate_blocks(
 
     * neither ``threshold`` nor ``factor``: the block's masked count split over ``min(steps_per_block, count)``
       steps by :func:`num_transfer_tokens`; the loop reads the device once per block (the block-complete check);
-    * ``threshold`` or ``factor`` (Fast-dLLM's rules, at least one position per step): steps until the block holds
-      no ``mask_id``, the ``steps_per_block``-th committing all that is left; one read of the device per step
-      (the block-complete check).
+    * ``threshold`` or ``factor`` (Fast-dLLM's rules, at least one position per step; ``threshold_rule="dinfer"``:
+      dInfer's threshold): steps until the block holds no ``mask_id``, the ``steps_per_block``-th committing all
+      that is left; one read of the device per step (the block-complete check);
+    * ``threshold`` with ``threshold_rule="sdar"`` (SDAR's ``low_confidence_dynamic``): each step commits the
+      schedule's count, or every position with confidence above ``threshold`` if they are more, until the block is
+      complete; one read of the device per step.
 
     A block still holding ``mask_id`` after its last step (the model committed ``mask_id`` itself) raises
     ``RuntimeError``. ``remasking``, ``temperature`` and ``seed`` as in :func:`generate` (step ``s`` of the run uses
@@ -431,6 +455,7 @@ def generate_blocks(
         raise ValueError(f"{_BLOCKS}: remasking must be one of {tuple(REMASKINGS)}, got {remasking!r}")
     if threshold is not None and factor is not None:
         raise ValueError(f"{_BLOCKS}: give threshold or factor, not both")
+    _check_loop_threshold_rule(_BLOCKS, threshold_rule, threshold)
     if (not isinstance(temperature, (int, float)) or isinstance(temperature, bool) or not math.isfinite(temperature)
             or temperature < 0):
         raise ValueError(f"{_BLOCKS}: temperature must be a finite number >= 0, got {temperature!r}")
@@ -439,6 +464,7 @@ def generate_blocks(
     if seed is None:
         seed = int(torch.randint(0, 2**62, ()))
     scheduled = threshold is None and factor is None
+    counted = scheduled or threshold_rule == "sdar"  # steps take the schedule's counts
     batch, prompt_len = prompt.shape
     device = prompt.device
     first = prompt_len // block_length  # the first block with a masked position
@@ -451,7 +477,7 @@ def generate_blocks(
     for block in range(first, num_blocks):
         start, end = block * block_length, (block + 1) * block_length
         num_steps = min(steps_per_block, end - max(start, prompt_len))
-        if scheduled:
+        if counted:
             counts = num_transfer_tokens(x[:, start:end] == mask_id, num_steps).t().contiguous()
         for i in range(num_steps):
             lo = cached if use_cache else 0
@@ -476,12 +502,15 @@ def generate_blocks(
                 if past is None:
                     raise ValueError(f"{_BLOCKS}: with use_cache the model must return .past_key_values")
                 past, cached = _crop(past, start), start
-            if scheduled:
+            if counted:
                 rule = {"num_transfer": counts[i]}
+                if not scheduled:
+                    rule.update(threshold=threshold, threshold_rule=threshold_rule)
             elif i == num_steps - 1:
                 rule = {"num_transfer": commit_all}
             else:
-                rule = {"threshold": threshold} if threshold is not None else {"factor": factor}
+                rule = {"threshold": threshold, "threshold_rule": threshold_rule} if threshold is not None else \
+                    {"factor": factor}
             view = x[:, start:end].contiguous()
             res = diffusion_unmask(logits[:, -block_length:], view, mask_id=mask_id, block_start=0,
                                    block_end=block_length, confidence=REMASKINGS[remasking],

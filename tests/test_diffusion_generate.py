@@ -56,7 +56,8 @@ def philox_confidence(seed):
     return draw
 
 
-RULES = {"schedule": {}, "threshold": {"threshold": 0.5}, "factor": {"factor": 1.0}}
+RULES = {"schedule": {}, "threshold": {"threshold": 0.5}, "factor": {"factor": 1.0},
+         "dinfer": {"threshold": 0.5, "threshold_rule": "dinfer"}, "sdar": {"threshold": 0.5, "threshold_rule": "sdar"}}
 SHAPES = [(16, 16, 16), (16, 8, 4), (24, 8, 12), (16, 4, 16)]  # (gen_length, block_length, steps)
 
 
@@ -76,6 +77,8 @@ def test_temperature0_matches_reference(backend, model, remasking, rule, cache):
         assert not (got == MASK).any()
         if rule == "schedule":
             assert nfe == steps
+        if rule == "sdar":
+            assert nfe <= steps
 
 
 @pytest.mark.parametrize("cache", [None, "prefix", "dual"])
@@ -196,6 +199,8 @@ def test_sampling_distribution(backend, model):
     (dict(remasking="entropy"), ValueError, "remasking must be one of"),
     (dict(cache="full"), ValueError, "cache must be one of"),
     (dict(threshold=0.5, factor=1.0), ValueError, "threshold or factor, not both"),
+    (dict(threshold=0.5, threshold_rule="dimple"), ValueError, "threshold_rule must be one of"),
+    (dict(threshold_rule="dinfer"), ValueError, "threshold_rule='dinfer' needs threshold"),
     (dict(temperature=-1.0), ValueError, "temperature must be a finite number >= 0"),
     (dict(cfg_scale=math.nan), ValueError, "cfg_scale must be a finite number >= 0"),
     (dict(steps=0), ValueError, "steps"),

@@ -39,12 +39,13 @@ def prompt_of(batch=2, length=5, seed=0):
 
 
 def sdar_reference(model, prompt, *, gen_length, block_length, steps_per_block, mask_id, remasking="low_confidence",
-                   threshold=None, factor=None, seed=0):
+                   threshold=None, factor=None, threshold_rule="fast_dllm", seed=0):
     """The block-diffusion loop without a cache. Blocks of ``block_length`` from position 0; the prompt's last
     partial block is denoised first, its prompt tokens kept; the generation covers ``P + gen_length`` positions
     rounded up to whole blocks and is cut there. A block of ``n`` masked positions takes at most
     ``min(steps_per_block, n)`` steps: LLaDA's split of ``n`` over them, or the threshold / factor rule until the
-    block is complete, the last allowed step committing all. Returns (tokens, model calls)."""
+    block is complete, the last allowed step committing all (SDAR's dynamic rule: the split's counts with the
+    threshold, until the block is complete). Returns (tokens, model calls)."""
     batch, prompt_len = prompt.shape
     num_blocks = math.ceil((prompt_len + gen_length) / block_length)
     length = num_blocks * block_length
@@ -64,10 +65,12 @@ def sdar_reference(model, prompt, *, gen_length, block_length, steps_per_block, 
             calls += 1
             if threshold is None and factor is None:
                 rule = {"num_transfer": counts[:, i]}
+            elif threshold_rule == "sdar":
+                rule = {"num_transfer": counts[:, i], "threshold": threshold, "threshold_rule": "sdar"}
             elif i == steps - 1:
                 rule = {"num_transfer": torch.full((batch,), block_length)}
             else:
-                rule = {"threshold": threshold, "factor": factor}
+                rule = {"threshold": threshold, "factor": factor, "threshold_rule": threshold_rule}
             random = philox_confidence(seed)(step, x[:, start:end]) if remasking == "random" else None
             new, _, _ = diffusion_unmask_reference(
                 logits, x[:, start:end].clone(), mask_id=mask_id, block_start=0, block_end=block_length,
@@ -83,7 +86,8 @@ def generate(backend, model, prompt, **kw):
     return generate_on(backend, fastar.diffusion.generate_blocks, model, prompt, mask_id=MASK, **kw)
 
 
-RULES = {"schedule": {}, "threshold": {"threshold": 0.5}, "factor": {"factor": 1.0}}
+RULES = {"schedule": {}, "threshold": {"threshold": 0.5}, "factor": {"factor": 1.0},
+         "dinfer": {"threshold": 0.5, "threshold_rule": "dinfer"}, "sdar": {"threshold": 0.5, "threshold_rule": "sdar"}}
 # (gen_length, block_length, steps_per_block, prompt length): a prompt ending inside a block, on a block boundary,
 # shorter than a block, none; blocks of 1 (autoregressive) to 16; fewer steps than masked positions and more.
 SHAPES = [(16, 4, 4, 5), (16, 8, 3, 8), (16, 16, 16, 3), (12, 4, 2, 0), (6, 1, 1, 5), (16, 8, 12, 6)]
@@ -215,6 +219,8 @@ def test_sampling_properties(backend, model, rule):
     (dict(gen_length=0), ValueError, "gen_length"),
     (dict(remasking="entropy"), ValueError, "remasking must be one of"),
     (dict(threshold=0.5, factor=1.0), ValueError, "threshold or factor, not both"),
+    (dict(threshold=0.5, threshold_rule="dimple"), ValueError, "threshold_rule must be one of"),
+    (dict(threshold_rule="sdar"), ValueError, "threshold_rule='sdar' needs threshold"),
     (dict(temperature=-1.0), ValueError, "temperature must be a finite number >= 0"),
     (dict(temperature=math.inf), ValueError, "temperature must be a finite number >= 0"),
     (dict(mask_id=3), ValueError, "the prompt holds mask_id 3"),

@@ -104,6 +104,8 @@ RULES = {
     "dinfer": lambda gen, b: dict(threshold=0.35, threshold_rule="dinfer"),
     "dimple": lambda gen, b: dict(threshold=0.5, threshold_rule="dimple",
                                   num_transfer=torch.randint(0, 6, (b,), generator=gen)),
+    "sdar": lambda gen, b: dict(threshold=0.3, threshold_rule="sdar",
+                                num_transfer=torch.randint(0, 4, (b,), generator=gen)),
 }
 
 
@@ -193,9 +195,10 @@ def test_dream_alg_temp_distribution(backend):
     assert p_value > P_THRESHOLD, f"chi-square p-value {p_value:.2e}"
 
 
-def test_dinfer_and_dimple_hand_cases(backend):
+def test_dinfer_dimple_and_sdar_hand_cases(backend):
     """Equal rows give equal confidences: dInfer's min(threshold, top - 1e-5) commits every tie of the top,
-    Fast-dLLM's rule only the first; Dimple falls back to the count when nothing passes its threshold."""
+    Fast-dLLM's rule only the first; Dimple falls back to the count when nothing passes its threshold, SDAR's
+    dynamic rule commits the larger of the count and the passing positions."""
     logits = torch.zeros(1, 5, 6)
     logits[0, :, 2] = 2.0
     logits[0, 4, 3] = 2.0  # position 4 is less sure (two equal tokens: the candidate is 2, at 0.39)
@@ -213,6 +216,16 @@ def test_dinfer_and_dimple_hand_cases(backend):
     dimple, _, _, _ = unmask(backend, logits, x, threshold=top_p - 0.01, threshold_rule="dimple",
                              num_transfer=torch.tensor([1]), **kw)
     assert dimple[0].tolist() == [2, 2, 2, 2, 5]
+    # SDAR's dynamic rule: the count when fewer pass the threshold, all that pass when they are more.
+    sdar, _, _, _ = unmask(backend, logits, x, threshold=0.9, threshold_rule="sdar", num_transfer=torch.tensor([2]),
+                           **kw)
+    assert sdar[0].tolist() == [2, 2, 5, 5, 5]
+    sdar, _, _, _ = unmask(backend, logits, x, threshold=top_p - 0.01, threshold_rule="sdar",
+                           num_transfer=torch.tensor([1]), **kw)
+    assert sdar[0].tolist() == [2, 2, 2, 2, 5]
+    sdar, _, _, _ = unmask(backend, logits, x, threshold=top_p - 0.01, threshold_rule="sdar",
+                           num_transfer=torch.tensor([5]), **kw)
+    assert sdar[0].tolist() == [2, 2, 2, 2, 2]
 
 
 def test_ties_go_to_the_lowest_position(backend):
@@ -300,6 +313,7 @@ def _case():
     (dict(confidence="low_confidence"), "confidence must be one of"),
     (dict(threshold_rule="fast"), "threshold_rule must be one of"),
     (dict(threshold_rule="dimple"), "needs threshold and num_transfer"),
+    (dict(threshold_rule="sdar", threshold=0.5), "needs threshold and num_transfer"),
     (dict(confidence_noise=-1.0), "confidence_noise must be finite and >= 0"),
     (dict(confidence_noise=math.inf), "confidence_noise must be finite and >= 0"),
     (dict(confidence="random", confidence_noise=1.0), "confidence_noise does not apply"),

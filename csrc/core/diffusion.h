@@ -44,6 +44,7 @@ enum Rule : int32_t {
   kFactor = 2,     // Fast-dLLM's factor rule (factor_count)
   kDInfer = 3,     // every one with confidence >= min(threshold, top - 1e-5) (dInfer)
   kDimple = 4,     // every one with confidence > threshold, or if none the num_transfer[b] first (Dimple)
+  kSdar = 5,       // the num_transfer[b] first, or every one with confidence > threshold if more (SDAR's dynamic)
 };
 
 constexpr double kFixedOne = accept::kFixedScale;  // the weight of the maximum logit, 2^40
@@ -152,9 +153,10 @@ FASTAR_HD int64_t rank_quota(int32_t rule, int64_t n, int64_t requested, const f
   if (rule == kFactor) return factor_count(sorted, n, factor);
   if (rule == kTopK) return requested < n ? requested : n;
   int64_t r = 0;
-  if (rule == kDimple) {
+  if (rule == kDimple || rule == kSdar) {
     while (r<n&& static_cast<double>(sorted[r])> threshold) ++r;
-    return r > 0 ? r : requested < n ? requested : n;
+    const int64_t k = requested < n ? requested : n;
+    return rule == kDimple ? (r > 0 ? r : k) : (r > k ? r : k);
   }
   const double top = static_cast<double>(sorted[0]) - 1e-5;
   const double bar = rule == kDInfer && top < threshold ? top : threshold;

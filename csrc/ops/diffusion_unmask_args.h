@@ -40,7 +40,8 @@ inline int32_t parse_rule(const char* op, c10::string_view name) {
   if (name == "factor") return diffusion::kFactor;
   if (name == "dinfer") return diffusion::kDInfer;
   if (name == "dimple") return diffusion::kDimple;
-  TORCH_CHECK_VALUE(false, op, ": rule must be 'topk', 'threshold', 'factor', 'dinfer' or 'dimple', got '",
+  if (name == "sdar") return diffusion::kSdar;
+  TORCH_CHECK_VALUE(false, op, ": rule must be 'topk', 'threshold', 'factor', 'dinfer', 'dimple' or 'sdar', got '",
                     std::string(name), "'");
 }
 
@@ -76,7 +77,7 @@ inline DiffusionUnmaskLaunch prepare_diffusion_unmask(
   prm = DiffusionUnmaskParams{};
   prm.confidence_kind = parse_confidence(op, confidence);
   prm.rule = parse_rule(op, rule);
-  const bool counts = prm.rule == diffusion::kTopK || prm.rule == diffusion::kDimple;
+  const bool counts = prm.rule == diffusion::kTopK || prm.rule == diffusion::kDimple || prm.rule == diffusion::kSdar;
   if (counts) {
     TORCH_CHECK_VALUE(num_transfer.has_value(), op, ": rule='", std::string(rule), "' needs num_transfer (int64 [B])");
     const at::Tensor& k = *num_transfer;
@@ -86,10 +87,10 @@ inline DiffusionUnmaskLaunch prepare_diffusion_unmask(
     l.num_transfer = k.contiguous();
     prm.num_transfer = l.num_transfer.data_ptr<int64_t>();
   } else {
-    TORCH_CHECK_VALUE(!num_transfer.has_value(), op, ": num_transfer applies to rule='topk' and 'dimple' only");
+    TORCH_CHECK_VALUE(!num_transfer.has_value(), op, ": num_transfer applies to rule='topk', 'dimple' and 'sdar' only");
   }
-  const bool thresholded =
-      prm.rule == diffusion::kThreshold || prm.rule == diffusion::kDInfer || prm.rule == diffusion::kDimple;
+  const bool thresholded = prm.rule == diffusion::kThreshold || prm.rule == diffusion::kDInfer ||
+                           prm.rule == diffusion::kDimple || prm.rule == diffusion::kSdar;
   TORCH_CHECK_VALUE(!thresholded || std::isfinite(threshold), op, ": threshold must be finite, got ", threshold);
   TORCH_CHECK_VALUE(std::isfinite(confidence_noise) && confidence_noise >= 0, op,
                     ": confidence_noise must be finite and >= 0, got ", confidence_noise);

@@ -129,6 +129,12 @@ def diffusion_unmask_reference(
         if threshold_rule == "dimple":  # every one above the threshold, else the scheduled count
             above = order[:n][conf[j, order[:n]] > threshold]
             transfer_index[j, above if len(above) else order[: int(num_transfer[j])]] = True
+        elif threshold_rule == "sdar":  # SDAR's dynamic rule: above the threshold if at least the count, else top-k
+            high = conf[j] > threshold
+            if int(high.sum()) >= int(num_transfer[j]):
+                transfer_index[j] = high
+            else:
+                transfer_index[j, order[: int(num_transfer[j])]] = True  # SDAR's topk, ties to the lower position
         elif num_transfer is not None:  # LLaDA
             select_index = order[: int(num_transfer[j])]
             transfer_index[j, select_index] = True
@@ -175,15 +181,18 @@ def llada_generate_reference(
     cache: Optional[str] = None,
     generator: Optional[torch.Generator] = None,
     random_confidence: Optional[Callable[[int, torch.Tensor], torch.Tensor]] = None,
+    threshold_rule: str = "fast_dllm",
 ) -> Tuple[torch.Tensor, int]:
     """LLaDA's ``generate`` (``threshold`` / ``factor`` / ``cache``: Fast-dLLM's loops), each step by
     :func:`diffusion_unmask_reference` (float64). Returns ``(x, model calls)``.
 
     Without a rule, ``steps // num_blocks`` steps per block on LLaDA's schedule; with one, steps until the block
-    holds no ``mask_id``. ``cache="prefix"``: per block one full forward with ``use_cache=True`` whose cache is cut
-    to the block start, then forwards of ``x[:, block_start:]`` on it; ``"dual"``: the full cache kept, forwards of
-    the block with ``replace_position``. ``random_confidence(step, x_view)`` gives the random remasking's values
-    for the positions of the tokens the step scores (default ``torch.rand``); step counts over the whole run."""
+    holds no ``mask_id`` (``threshold_rule="sdar"``: the schedule's counts with the threshold, at most
+    ``steps // num_blocks`` steps, until the block is complete). ``cache="prefix"``: per block one full forward
+    with ``use_cache=True`` whose cache is cut to the block start, then forwards of ``x[:, block_start:]`` on it;
+    ``"dual"``: the full cache kept, forwards of the block with ``replace_position``. ``random_confidence(step,
+    x_view)`` gives the random remasking's values for the positions of the tokens the step scores (default
+    ``torch.rand``); step counts over the whole run."""
     x = torch.full((prompt.shape[0], prompt.shape[1] + gen_length), mask_id, dtype=torch.long)
     x[:, : prompt.shape[1]] = prompt.clone()
     prompt_index = x != mask_id
@@ -191,6 +200,7 @@ def llada_generate_reference(
     steps = steps // num_blocks
     nfe, step = 0, 0
     scheduled = threshold is None and factor is None
+    counted = scheduled or threshold_rule == "sdar"
 
     def logits_of(start, end, **kwargs):
         nonlocal nfe
@@ -216,7 +226,7 @@ def llada_generate_reference(
         new_view, _, _ = diffusion_unmask_reference(
             logits, view, mask_id=mask_id, block_start=block_start - start, block_end=block_end - start,
             num_transfer=num_transfer, threshold=threshold, factor=factor, confidence=confidence,
-            temperature=temperature, random_confidence=rand, generator=generator)
+            threshold_rule=threshold_rule, temperature=temperature, random_confidence=rand, generator=generator)
         x[:, start:end] = new_view
         step += 1
 
@@ -227,7 +237,11 @@ def llada_generate_reference(
         num_transfer_tokens = llada_num_transfer_tokens(block_mask_index, steps)
 
         def count(i, table=num_transfer_tokens):
-            return table[:, i] if scheduled else None
+            return table[:, i] if counted else None
+
+        def done(i, lo=block_start, hi=block_end):
+            complete = bool((x[:, lo:hi] == mask_id).sum() == 0)
+            return (i == steps or complete) if threshold_rule == "sdar" else (i == steps) if scheduled else complete
 
         if cache is None:
             i = 0
@@ -235,7 +249,7 @@ def llada_generate_reference(
                 logits, _ = logits_of(0, x.shape[1])
                 commit(logits, 0, x.shape[1], block_start, block_end, count(i))
                 i += 1
-                if (i == steps) if scheduled else (x[:, block_start:block_end] == mask_id).sum() == 0:
+                if done(i):
                     break
             continue
         logits, output = logits_of(0, x.shape[1], use_cache=True)
@@ -244,7 +258,7 @@ def llada_generate_reference(
             past_key_values = tuple(tuple(t[:, :, :block_start] for t in layer) for layer in past_key_values)
         commit(logits, 0, x.shape[1], block_start, block_end, count(0))
         i = 1
-        while (i < steps) if scheduled else (x[:, block_start:block_end] == mask_id).sum() > 0:
+        while not done(i):
             if cache == "prefix":
                 logits, _ = logits_of(block_start, x.shape[1], past_key_values=past_key_values, use_cache=True)
                 commit(logits, block_start, x.shape[1], block_start, block_end, count(i))
