@@ -1,6 +1,7 @@
 """Masked-diffusion LMs (LLaDA, Dream, Fast-dLLM): one parallel-unmasking step, fused, the per-block schedules, and
-:func:`generate`, LLaDA's / Fast-dLLM's whole loop on top of them (not in ``__all__``: ``fastar.generate`` is the
-speculative-decoding module).
+the whole loops on top of them: :func:`generate` (LLaDA's / Fast-dLLM's), :func:`generate_blocks` (block
+diffusion) and :func:`generate_dream` (Dream's); not in ``__all__``: ``fastar.generate`` is the speculative-decoding
+module.
 
 :func:`diffusion_unmask` replaces what the official per-step code does after the model's forward (Gumbel noise
 and a softmax in float64 over ``[B, L, V]``, a gather, a per-row ``topk`` in a Python loop): for every masked
@@ -506,7 +507,7 @@ DREAM_ALGS = ("origin", "maskgit_plus", "topk_margin", "entropy")
 _DREAM_CONFIDENCE = {"maskgit_plus": "probability", "topk_margin": "margin", "entropy": "neg_entropy"}
 
 
-def dream_filter_logits(logits: torch.Tensor, top_p: Optional[float], top_k: Optional[int]) -> torch.Tensor:
+def _dream_filter_logits(logits: torch.Tensor, top_p: Optional[float], top_k: Optional[int]) -> torch.Tensor:
     """Dream's ``top_p_logits`` then ``top_k_logits`` on rows ``[..., V]``: the tokens outside the nucleus (the
     first token always kept) and below the k-th largest logit set to the dtype's lowest finite value. In place."""
     low = torch.finfo(logits.dtype).min
@@ -623,7 +624,7 @@ def generate_dream(
             if temperature == 0:
                 scores = scores.clone()
             masked = view == mask_id
-            scores[masked] = dream_filter_logits(scores[masked], top_p, top_k)
+            scores[masked] = _dream_filter_logits(scores[masked], top_p, top_k)
         last = i == steps - 1
         common = dict(mask_id=mask_id, block_start=0, block_end=max_new_tokens,
                       temperature=1.0 if temperature > 0 else 0.0, seed=seed, offset=i)
