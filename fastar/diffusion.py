@@ -537,6 +537,7 @@ def generate_dream(
     top_p: Optional[float] = None,
     top_k: Optional[int] = None,
     eps: float = 1e-3,
+    attention_mask: Optional[torch.Tensor] = None,
     seed: Optional[int] = None,
     return_nfe: bool = False,
 ):
@@ -562,7 +563,11 @@ def generate_dream(
     stream of every random draw, step ``i`` at offset ``i``, generated position ``p`` its counter ``p``; ``None``
     draws a seed from torch's CPU generator.
 
-    ``model(x)`` returns logits ``[B, P + max_new_tokens, V]`` (float32, float16 or bfloat16) or an output with
+    ``attention_mask`` (``[B, P]``, 0 at left padding): as Dream, if it holds a 0 the model is called as
+    ``model(x, attention_mask=m, position_ids=p)``, ``m`` bool ``[B, 1, L, L]`` true where query and key are both
+    not padding, ``p`` the positions counted from each row's first token; else as ``model(x)``.
+
+    The model returns logits ``[B, P + max_new_tokens, V]`` (float32, float16 or bfloat16) or an output with
     ``.logits``. Returns ``x`` int64 ``[B, P + max_new_tokens]`` (a position whose committed token is ``mask_id``
     stays masked, as in Dream), and the number of model calls (``steps``) with ``return_nfe``.
     """
@@ -600,6 +605,15 @@ def generate_dream(
     batch, prompt_len = input_ids.shape
     device = input_ids.device
     length = prompt_len + max_new_tokens
+    model_kwargs = {}
+    if attention_mask is not None:
+        if not isinstance(attention_mask, torch.Tensor) or attention_mask.shape != input_ids.shape:
+            raise ValueError(f"{_DREAM}: attention_mask must be a tensor of input_ids' shape {tuple(input_ids.shape)}")
+        if (attention_mask == 0).any():  # Dream's padded-batch path
+            keep_mask = torch.nn.functional.pad(attention_mask.to(device).bool(), (0, max_new_tokens), value=True)
+            position_ids = (keep_mask.long().cumsum(-1) - 1).masked_fill_(~keep_mask, 1)
+            model_kwargs = dict(attention_mask=keep_mask[:, None, None, :] & keep_mask[:, None, :, None],
+                                position_ids=position_ids)
     x = torch.full((batch, length), mask_id, dtype=torch.int64, device=device)
     x[:, :prompt_len] = input_ids
     timesteps = torch.linspace(1, eps, steps + 1, device=device)  # float32 on x's device, as Dream's
@@ -609,7 +623,7 @@ def generate_dream(
     worst = left.clone()  # the minimum of every step's remaining: -1 marks a row a CUDA kernel found invalid
     filtered = top_p is not None and top_p < 1 or top_k is not None
     for i in range(steps):
-        logits = _logits_of(model(x))
+        logits = _logits_of(model(x, **model_kwargs))
         if logits.dim() != 3 or logits.shape[:2] != x.shape:
             raise ValueError(f"{_DREAM}: the model returned logits of shape {tuple(logits.shape)} for input ids of "
                              f"shape {tuple(x.shape)}; expected [B, len, V]")

@@ -113,6 +113,31 @@ def test_origin_at_temperature0_matches_reference(backend, model, filters):
         assert not (got == MASK).any()
 
 
+def test_left_padded_batch(backend, model):
+    """Dream's padded batches: with an attention_mask holding zeros the model gets Dream's [B, 1, L, L] mask and
+    positions counted from each row's first token. The same tokens as the reference, and each row's new tokens
+    those of its prompt generated alone (padding invisible)."""
+    lengths = [5, 3, 4]
+    prompt = prompt_of()
+    attention_mask = torch.ones_like(prompt)
+    for b, n in enumerate(lengths):
+        prompt[b, : 5 - n] = 0  # the pad token
+        attention_mask[b, : 5 - n] = 0
+    for alg in ("maskgit_plus", "entropy"):
+        kw = dict(max_new_tokens=12, steps=5, alg=alg)
+        got, _ = generate(backend, model, prompt, attention_mask=backend.to(attention_mask), **kw)
+        want, _ = dream_generate_reference(model, prompt, mask_id=MASK, attention_mask=attention_mask, **kw)
+        assert torch.equal(got, want)
+        for b, n in enumerate(lengths):
+            alone, _ = dream_generate_reference(model, prompt[b:b + 1, 5 - n:], mask_id=MASK, **kw)
+            assert torch.equal(got[b, 5:], alone[0, n:]), f"{alg}: row {b} differs from its prompt alone"
+    unpadded, _ = generate(backend, model, prompt, max_new_tokens=12, steps=5)
+    assert not torch.equal(unpadded, got)  # else the mask proves nothing
+    ones, _ = generate(backend, model, prompt, attention_mask=backend.to(torch.ones_like(prompt)), max_new_tokens=12,
+                       steps=5)
+    assert torch.equal(ones, unpadded)
+
+
 class Fixed(torch.nn.Module):
     """A model that returns the same logits ``[L, V]`` for every row and records the ids of every call."""
 
@@ -286,6 +311,12 @@ def test_bad_prompts_raise(model):
     prompt[1, 2] = MASK
     with pytest.raises(ValueError, match="input_ids hold mask_id 47"):
         fastar.diffusion.generate_dream(model, prompt, **kw)
+
+
+def test_bad_attention_mask_raises(model):
+    with pytest.raises(ValueError, match="attention_mask must be a tensor of input_ids' shape"):
+        fastar.diffusion.generate_dream(model, prompt_of(), max_new_tokens=4, steps=2, mask_id=MASK,
+                                        attention_mask=torch.ones(3, 4, dtype=torch.int64))
 
 
 def test_mask_id_outside_the_configured_vocabulary_raises_before_a_forward(model):

@@ -326,10 +326,11 @@ def dream_generate_reference(
     top_p: Optional[float] = None,
     top_k: Optional[int] = None,
     eps: float = 1e-3,
+    attention_mask: Optional[torch.Tensor] = None,
     generator: Optional[torch.Generator] = None,
     rand: Optional[Callable[[int, torch.Size], torch.Tensor]] = None,
 ) -> Tuple[torch.Tensor, int]:
-    """Dream's ``DreamGenerationMixin._sample`` (no attention mask, no hooks, no history), the logits in float64,
+    """Dream's ``DreamGenerationMixin._sample`` (no hooks, no history), the logits in float64,
     the random draws from ``generator`` (``torch.rand``, ``torch.multinomial``). ``rand(step, x.shape)`` gives
     ``origin``'s uniforms of every position instead (float64 ``[B, L]``). Returns ``(x, model calls)``.
 
@@ -339,10 +340,20 @@ def dream_generate_reference(
     replacement from ``softmax(confidence / alg_temp)``."""
     kinds = {"maskgit_plus": "probability", "topk_margin": "margin", "entropy": "neg_entropy"}
     x = torch.nn.functional.pad(input_ids, (0, max_new_tokens), value=mask_id)
+    kwargs = {}
+    if attention_mask is not None and torch.any(attention_mask == 0.0):
+        attention_mask = torch.nn.functional.pad(attention_mask, (0, max_new_tokens), value=1.0)
+        tok_idx = attention_mask.long().cumsum(-1) - 1
+        tok_idx.masked_fill_(attention_mask == 0, 1)
+        attention_mask = torch.logical_and(
+            attention_mask.unsqueeze(1).unsqueeze(-2),
+            attention_mask.unsqueeze(1).unsqueeze(-1),
+        )
+        kwargs = dict(attention_mask=attention_mask, position_ids=tok_idx)
     timesteps = torch.linspace(1, eps, steps + 1)
     for i in range(steps):
         mask_index = x == mask_id
-        out = model(x)
+        out = model(x, **kwargs)
         logits = getattr(out, "logits", out).to(torch.float64)
         logits = torch.cat([logits[:, :1], logits[:, :-1]], dim=1)
         mask_logits = logits[mask_index]
