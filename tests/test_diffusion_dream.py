@@ -237,6 +237,32 @@ def test_one_step_law(backend, alg, temperature, alg_temp):
     assert p_value > P_THRESHOLD, f"chi-square p-value {p_value:.2e}"
 
 
+@pytest.mark.parametrize("alg, temperature", [("topk_margin", 0.0), ("maskgit_plus", 1.0)])
+def test_alg_temp_draws_without_replacement(backend, alg, temperature):
+    """Five masked positions, two steps: the first commits int(5 * (1 - s / t)) = 2, drawn without replacement
+    from softmax(confidence / alg_temp) (Dream's multinomial); their (position, token) pairs against that law."""
+    n, num, alg_temp = rows(backend, 4000, 600), 5, 0.15
+    logits = fixed_logits(num)
+    model = Fixed(logits)
+    generate(backend, model, torch.zeros(n, 1, dtype=torch.int64), mask_id=MASK_SMALL, max_new_tokens=num, steps=2,
+             alg=alg, alg_temp=alg_temp, temperature=temperature, seed=13)
+    first = model.calls[1][:, 1:]
+    assert ((first != MASK_SMALL).sum(1) == 2).all()
+    observed = Counter(tuple((p, int(r[p])) for p in range(num) if r[p] != MASK_SMALL) for r in first)
+
+    probs = torch.softmax(logits[:num].double() / (temperature or 1.0), -1)
+    choices = [range(V_SMALL - 1) if temperature > 0 else [int(probs[p].argmax())] for p in range(num)]
+    expected = Counter()
+    for tokens in itertools.product(*choices):
+        weight = math.prod(float(probs[p, v]) if temperature > 0 else 1.0 for p, v in enumerate(tokens))
+        conf = torch.tensor([confidence_of(probs[p], v, alg) for p, v in enumerate(tokens)], dtype=torch.float64)
+        w = torch.softmax(conf / alg_temp, 0).tolist()
+        for a, b in itertools.permutations(range(num), 2):
+            expected[tuple(sorted([(a, tokens[a]), (b, tokens[b])]))] += weight * w[a] * w[b] / (1 - w[a])
+    p_value = chisquare_pvalue(observed, dict(expected), n)
+    assert p_value > P_THRESHOLD, f"chi-square p-value {p_value:.2e}"
+
+
 @pytest.mark.parametrize("temperature", [0.0, 1.2])
 def test_origin_one_step_law(backend, temperature):
     """``origin``: two masked positions, three steps; the first commits each independently with probability
