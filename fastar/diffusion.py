@@ -618,7 +618,7 @@ def generate_dream(
     x[:, :prompt_len] = input_ids
     timesteps = torch.linspace(1, eps, steps + 1, device=device)  # float32 on x's device, as Dream's
     keep = timesteps[1:] / timesteps[:-1]  # s / t of every step
-    keep_host = keep.tolist()  # origin's per-step thresholds: the one read before the loop
+    keep_host = keep.tolist() if alg == "origin" else None  # origin's thresholds: one read before the loop
     left = torch.full((batch,), max_new_tokens, dtype=torch.int64, device=device)  # masked count of each row
     worst = left.clone()  # the minimum of every step's remaining: -1 marks a row a CUDA kernel found invalid
     filtered = top_p is not None and top_p < 1 or top_k is not None
@@ -640,15 +640,15 @@ def generate_dream(
             masked = view == mask_id
             scores[masked] = _dream_filter_logits(scores[masked], top_p, top_k)
         last = i == steps - 1
-        common = dict(mask_id=mask_id, block_start=0, block_end=max_new_tokens,
-                      temperature=1.0 if temperature > 0 else 0.0, seed=seed, offset=i)
+        step = dict(mask_id=mask_id, block_start=0, block_end=max_new_tokens,
+                    temperature=1.0 if temperature > 0 else 0.0, seed=seed, offset=i)
         if alg == "origin" and not last:  # each masked position committed with probability 1 - s / t
             res = diffusion_unmask(scores, view, confidence="random", threshold_rule="dimple",
-                                   threshold=keep_host[i], num_transfer=torch.zeros_like(left), **common)
+                                   threshold=keep_host[i], num_transfer=torch.zeros_like(left), **step)
         else:
             count = left if last else (left.to(torch.float32) * (1 - keep[i])).to(torch.int64)
             res = diffusion_unmask(scores, view, confidence=_DREAM_CONFIDENCE.get(alg, "random"), num_transfer=count,
-                                   confidence_noise=alg_temp if alg_temp and alg != "origin" else 0.0, **common)
+                                   confidence_noise=alg_temp if alg_temp and alg != "origin" else 0.0, **step)
         left = res.remaining
         torch.minimum(worst, left, out=worst)
         if view is not gen:
