@@ -47,14 +47,26 @@ def generate(backend, model, prompt, mask_id=MASK, **kw):
     return generate_on(backend, fastar.diffusion.generate_dream, model, prompt, mask_id=mask_id, **kw)
 
 
+class Through(torch.nn.Module):
+    """``model``'s logits passed through ``post(ids, logits)``; a module, so that generate_on moves ``model`` to the
+    backend's device."""
+
+    def __init__(self, model, post):
+        super().__init__()
+        self.model, self.post = model, post
+
+    def forward(self, ids):
+        return self.post(ids, self.model(ids).logits)
+
+
 def counting(model, counts):
     """``model`` that appends the masked count of each row of every call's ids to ``counts``."""
 
-    def call(ids):
+    def count(ids, logits):
         counts.append((ids == MASK).sum(1).tolist())
-        return model(ids)
+        return logits
 
-    return call
+    return Through(model, count)
 
 
 @pytest.mark.parametrize("alg", ALGS)
@@ -83,6 +95,18 @@ def test_top_k_and_top_p_at_temperature0_match_reference(backend, model, alg):
         plain, _ = dream_generate_reference(model, prompt_of(), mask_id=MASK, max_new_tokens=16, steps=5, alg=alg)
         changed += not torch.equal(got, plain)
     assert changed >= 2  # else the comparison proves little about the filters
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_half_precision_logits_match_reference(backend, model, dtype):
+    """A model returning bfloat16 / float16 logits (Dream's checkpoints are bfloat16): the op reads them as they are,
+    the reference converts them to float64."""
+    half = Through(model, lambda ids, logits: logits.to(dtype))
+    for alg, filters in (("maskgit_plus", {}), ("entropy", dict(top_k=4))):
+        kw = dict(max_new_tokens=16, steps=5, alg=alg, **filters)
+        got, _ = generate(backend, half, prompt_of(), **kw)
+        want, _ = dream_generate_reference(half, prompt_of(), mask_id=MASK, **kw)
+        assert torch.equal(got, want), f"{alg} {filters}: tokens differ"
 
 
 def philox_rand(seed, prompt_len):
@@ -360,10 +384,11 @@ def test_wrong_logits_shape_raises():
 
 @pytest.mark.parametrize("alg", ["maskgit_plus", "origin"])
 def test_nan_logits_raise(backend, model, alg):
-    def poisoned(ids):
-        logits = model(ids).logits.clone()
+    def poison(ids, logits):
+        logits = logits.clone()
         logits[1, -2, 3] = math.nan  # row -2 scores the last position
         return logits
 
+    poisoned = Through(model, poison)
     with pytest.raises(ValueError, match="invalid"):
         generate(backend, poisoned, prompt_of(), max_new_tokens=8, steps=4, alg=alg)
