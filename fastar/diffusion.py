@@ -1,6 +1,7 @@
 """Masked-diffusion LMs (LLaDA, Dream, Fast-dLLM): one parallel-unmasking step, fused, the per-block schedules, and
-:func:`generate`, LLaDA's / Fast-dLLM's whole loop on top of them (not in ``__all__``: ``fastar.generate`` is the
-speculative-decoding module).
+the whole loops on top of them: :func:`generate` (LLaDA's / Fast-dLLM's), :func:`generate_blocks` (block
+diffusion) and :func:`generate_dream` (Dream's); not in ``__all__``: ``fastar.generate`` is the speculative-decoding
+module.
 
 :func:`diffusion_unmask` replaces what the official per-step code does after the model's forward (Gumbel noise
 and a softmax in float64 over ``[B, L, V]``, a gather, a per-row ``topk`` in a Python loop): for every masked
@@ -528,3 +529,158 @@ def generate_blocks(
                                        "model committed mask_id at a masked position)")
     x = x[:, :prompt_len + gen_length]
     return (x, nfe) if return_nfe else x
+
+
+_DREAM = "fastar.diffusion.generate_dream"
+DREAM_ALGS = ("origin", "maskgit_plus", "topk_margin", "entropy")
+_DREAM_CONFIDENCE = {"maskgit_plus": "probability", "topk_margin": "margin", "entropy": "neg_entropy"}
+
+
+def _dream_filter_logits(logits: torch.Tensor, top_p: Optional[float], top_k: Optional[int]) -> torch.Tensor:
+    """Dream's ``top_p_logits`` then ``top_k_logits`` on rows ``[..., V]``: the tokens outside the nucleus (the
+    first token always kept) and below the k-th largest logit set to the dtype's lowest finite value. In place."""
+    low = torch.finfo(logits.dtype).min
+    if top_p is not None and top_p < 1:
+        sorted_logits, order = torch.sort(logits, dim=-1, descending=True)
+        drop = torch.cumsum(torch.softmax(sorted_logits, dim=-1), dim=-1) > top_p
+        drop[..., 1:] = drop[..., :-1].clone()
+        drop[..., 0] = False
+        logits.masked_fill_(torch.zeros_like(drop).scatter_(-1, order, drop), low)
+    if top_k is not None:
+        kth = torch.topk(logits, min(top_k, logits.shape[-1]), dim=-1).values[..., -1:]
+        logits.masked_fill_(logits < kth, low)
+    return logits
+
+
+@torch.no_grad()
+def generate_dream(
+    model,
+    input_ids: torch.Tensor,
+    *,
+    max_new_tokens: int,
+    steps: int,
+    mask_id: int,
+    alg: str = "maskgit_plus",
+    alg_temp: Optional[float] = None,
+    temperature: float = 0.0,
+    top_p: Optional[float] = None,
+    top_k: Optional[int] = None,
+    eps: float = 1e-3,
+    attention_mask: Optional[torch.Tensor] = None,
+    seed: Optional[int] = None,
+    return_nfe: bool = False,
+):
+    """Dream's ``diffusion_generate`` (``DreamGenerationMixin._sample``) with every step's sampling and commit done
+    by :func:`diffusion_unmask` on the device.
+
+    ``input_ids`` (int64 ``[B, P]``, ``P >= 1``, no ``mask_id``) is followed by ``max_new_tokens`` masked positions;
+    ``steps`` full forwards over ``x``, step ``i`` going from time ``t`` to ``s`` of ``linspace(1, eps, steps + 1)``.
+    Position ``j`` is scored by the model's logits row ``j - 1`` (Dream's shift), which the loop reads through a view
+    of the logits. ``alg``:
+
+    * ``"maskgit_plus"`` / ``"topk_margin"`` / ``"entropy"``: every masked position gets a candidate (the argmax,
+      or at ``temperature > 0`` a draw from ``softmax(logits / temperature)``) and a confidence under that tempered
+      softmax (the candidate's probability, top-1 minus top-2, ``sum p log p``); a row with ``n`` masked positions
+      commits its ``int(n * (1 - s / t))`` most confident (all at the last step), or with ``alg_temp > 0`` that many
+      drawn without replacement from ``softmax(confidence / alg_temp)`` (Gumbel-top-k);
+    * ``"origin"``: each masked position is committed with probability ``1 - s / t`` (all at the last step), to a
+      draw from ``softmax(logits / temperature)`` (the argmax at 0); ``alg_temp`` is ignored, as Dream does.
+
+    ``top_p`` / ``top_k``: Dream's filters of the tempered logits (also at ``temperature == 0``, where they change the
+    confidences), applied in PyTorch to the masked positions' rows: not fused, and one host sync per step. Without
+    them the loop reads nothing from the device but once at the end (the invalid-row check). ``seed``: the Philox
+    stream of every random draw, step ``i`` at offset ``i``, generated position ``p`` its counter ``p``; ``None``
+    draws a seed from torch's CPU generator.
+
+    ``attention_mask`` (``[B, P]``, 0 at left padding): as Dream, if it holds a 0 the model is called as
+    ``model(x, attention_mask=m, position_ids=p)``, ``m`` bool ``[B, 1, L, L]`` true where query and key are both
+    not padding, ``p`` the positions counted from each row's first token; else as ``model(x)``.
+
+    The model returns logits ``[B, P + max_new_tokens, V]`` (float32, float16 or bfloat16) or an output with
+    ``.logits``. Returns ``x`` int64 ``[B, P + max_new_tokens]`` (a position whose committed token is ``mask_id``
+    stays masked, as in Dream), and the number of model calls (``steps``) with ``return_nfe``.
+    """
+    if not isinstance(input_ids, torch.Tensor) or input_ids.dtype != torch.int64 or input_ids.dim() != 2:
+        raise ValueError(f"{_DREAM}: input_ids must be an int64 [B, P] tensor")
+    if input_ids.shape[1] < 1:
+        raise ValueError(f"{_DREAM}: input_ids must hold at least one token (position j is scored by row j - 1)")
+    max_new_tokens = as_int(max_new_tokens, f"{_DREAM}: max_new_tokens", low=1)
+    steps = as_int(steps, f"{_DREAM}: steps", low=1)
+    mask_id = as_int(mask_id, f"{_DREAM}: mask_id", low=0)
+    if alg not in DREAM_ALGS:
+        raise ValueError(f"{_DREAM}: alg must be one of {DREAM_ALGS}, got {alg!r}")
+
+    def number(name, value, ok, need):
+        if (not isinstance(value, (int, float)) or isinstance(value, bool) or not math.isfinite(value)
+                or not ok(value)):
+            raise ValueError(f"{_DREAM}: {name} must be {need}, got {value!r}")
+        return float(value)
+
+    temperature = number("temperature", temperature, lambda v: v >= 0, "a finite number >= 0")
+    eps = number("eps", eps, lambda v: 0 <= v < 1, "a number in [0, 1)")
+    if alg_temp is not None:
+        alg_temp = number("alg_temp", alg_temp, lambda v: v >= 0, "None or a finite number >= 0")
+    if top_p is not None:
+        top_p = number("top_p", top_p, lambda v: 0 < v <= 1, "None or a number in (0, 1]")
+    if top_k is not None:
+        top_k = as_int(top_k, f"{_DREAM}: top_k", low=1)
+    vocab = getattr(getattr(model, "config", None), "vocab_size", None)
+    if isinstance(vocab, int) and mask_id >= vocab:  # else checked on the first logits
+        raise ValueError(f"{_DREAM}: mask_id {mask_id} is outside the vocabulary of {vocab} tokens")
+    if (input_ids == mask_id).any():
+        raise ValueError(f"{_DREAM}: input_ids hold mask_id {mask_id}")
+    if seed is None:
+        seed = int(torch.randint(0, 2**62, ()))
+    batch, prompt_len = input_ids.shape
+    device = input_ids.device
+    length = prompt_len + max_new_tokens
+    model_kwargs = {}
+    if attention_mask is not None:
+        if not isinstance(attention_mask, torch.Tensor) or attention_mask.shape != input_ids.shape:
+            raise ValueError(f"{_DREAM}: attention_mask must be a tensor of input_ids' shape {tuple(input_ids.shape)}")
+        if (attention_mask == 0).any():  # Dream's padded-batch path
+            keep_mask = torch.nn.functional.pad(attention_mask.to(device).bool(), (0, max_new_tokens), value=True)
+            position_ids = (keep_mask.long().cumsum(-1) - 1).masked_fill_(~keep_mask, 1)
+            model_kwargs = dict(attention_mask=keep_mask[:, None, None, :] & keep_mask[:, None, :, None],
+                                position_ids=position_ids)
+    x = torch.full((batch, length), mask_id, dtype=torch.int64, device=device)
+    x[:, :prompt_len] = input_ids
+    timesteps = torch.linspace(1, eps, steps + 1, device=device)  # float32 on x's device, as Dream's
+    keep = timesteps[1:] / timesteps[:-1]  # s / t of every step
+    keep_host = keep.tolist() if alg == "origin" else None  # origin's thresholds: one read before the loop
+    left = torch.full((batch,), max_new_tokens, dtype=torch.int64, device=device)  # masked count of each row
+    worst = left.clone()  # the minimum of every step's remaining: -1 marks a row a CUDA kernel found invalid
+    filtered = top_p is not None and top_p < 1 or top_k is not None
+    for i in range(steps):
+        logits = _logits_of(model(x, **model_kwargs))
+        if logits.dim() != 3 or logits.shape[:2] != x.shape:
+            raise ValueError(f"{_DREAM}: the model returned logits of shape {tuple(logits.shape)} for input ids of "
+                             f"shape {tuple(x.shape)}; expected [B, len, V]")
+        if mask_id >= logits.shape[-1]:
+            raise ValueError(f"{_DREAM}: mask_id {mask_id} is outside the vocabulary of {logits.shape[-1]} tokens")
+        scores = logits[:, prompt_len - 1:length - 1]  # row j - 1 for generated position j: a view
+        if temperature > 0:
+            scores = scores / temperature  # Dream's confidences are under the tempered softmax
+        gen = x[:, prompt_len:]
+        view = gen if gen.is_contiguous() else gen.contiguous()
+        if filtered:
+            if temperature == 0:
+                scores = scores.clone()
+            masked = view == mask_id
+            scores[masked] = _dream_filter_logits(scores[masked], top_p, top_k)
+        last = i == steps - 1
+        step = dict(mask_id=mask_id, block_start=0, block_end=max_new_tokens,
+                    temperature=1.0 if temperature > 0 else 0.0, seed=seed, offset=i)
+        if alg == "origin" and not last:  # each masked position committed with probability 1 - s / t
+            res = diffusion_unmask(scores, view, confidence="random", threshold_rule="dimple",
+                                   threshold=keep_host[i], num_transfer=torch.zeros_like(left), **step)
+        else:
+            count = left if last else (left.to(torch.float32) * (1 - keep[i])).to(torch.int64)
+            res = diffusion_unmask(scores, view, confidence=_DREAM_CONFIDENCE.get(alg, "random"), num_transfer=count,
+                                   confidence_noise=alg_temp if alg_temp and alg != "origin" else 0.0, **step)
+        left = res.remaining
+        torch.minimum(worst, left, out=worst)
+        if view is not gen:
+            gen.copy_(view)
+    check_remaining(worst, _DREAM)
+    return (x, steps) if return_nfe else x

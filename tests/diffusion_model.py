@@ -1,6 +1,8 @@
 """A small random-initialised bidirectional transformer that speaks fastar.diffusion.generate's model protocol
 (docs/diffusion.md): ``model(ids, past_key_values=None, use_cache=False, replace_position=None)`` returns an
-output with ``.logits`` and, with ``use_cache``, ``.past_key_values``.
+output with ``.logits`` and, with ``use_cache``, ``.past_key_values``; and Dream's (without a cache):
+``model(ids, attention_mask=m, position_ids=p)``, ``m`` bool ``[B, 1, n, n]`` (True: may attend; a query row with
+no True attends to nothing, zeros as SDPA's math kernel gives), ``p`` int64 ``[B, n]``.
 
 * No cache: the ids sit at positions ``0 .. n-1``.
 * Prefix cache: the ids follow the cached positions (``past length .. past length + n - 1``) and attend to them
@@ -37,7 +39,7 @@ class Layer(nn.Module):
         self.qkv, self.out = nn.Linear(dim, 3 * dim), nn.Linear(dim, dim)
         self.mlp = nn.Sequential(nn.Linear(dim, 4 * dim), nn.GELU(), nn.Linear(4 * dim, dim))
 
-    def forward(self, h, past, index, positions, replace):
+    def forward(self, h, past, index, positions, replace, mask=None):
         batch, n, dim = h.shape
         q, k, v = (t.view(batch, n, self.heads, -1).transpose(1, 2) for t in self.qkv(self.norm1(h)).chunk(3, -1))
         if past is not None and hasattr(past, "update"):  # a transformers cache
@@ -48,7 +50,10 @@ class Layer(nn.Module):
             k, v = past_k, past_v
         elif past is not None:
             k, v = torch.cat([past[0], k], 2), torch.cat([past[1], v], 2)
-        attn = torch.softmax(q @ k.transpose(-1, -2) / q.shape[-1] ** 0.5, -1) @ v
+        scores = q @ k.transpose(-1, -2) / q.shape[-1] ** 0.5
+        if mask is not None:
+            scores = scores.masked_fill(~mask, -torch.inf)
+        attn = torch.softmax(scores, -1).nan_to_num(0.0) @ v  # a row that may attend to nothing: zeros
         h = h + self.out(attn.transpose(1, 2).reshape(batch, n, dim))
         return h + self.mlp(self.norm2(h)), (k, v)
 
@@ -69,10 +74,13 @@ class TinyDiffusionLM(nn.Module):
         self.calls = []  # (input shape, past given, replace_position given) of every call
 
     @torch.no_grad()
-    def forward(self, ids, past_key_values=None, use_cache=False, replace_position=None):
+    def forward(self, ids, past_key_values=None, use_cache=False, replace_position=None, attention_mask=None,
+                position_ids=None):
         self.calls.append((tuple(ids.shape), past_key_values is not None, replace_position is not None))
         past = past_key_values
-        if replace_position is not None:
+        if position_ids is not None:
+            positions = position_ids
+        elif replace_position is not None:
             positions = replace_position[0].nonzero().flatten()
         elif past is None:
             positions = torch.arange(ids.shape[1], device=ids.device)
@@ -87,7 +95,7 @@ class TinyDiffusionLM(nn.Module):
         presents = []
         for i, layer in enumerate(self.layers):
             layer_past = past if past is None or hasattr(past, "update") else past[i]
-            h, kv = layer(h, layer_past, i, positions, replace_position is not None)
+            h, kv = layer(h, layer_past, i, positions, replace_position is not None, attention_mask)
             presents.append(kv)
         logits = self.head(self.norm(h))
         if not use_cache:

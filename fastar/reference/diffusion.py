@@ -4,7 +4,8 @@ masked-diffusion LMs, shared with the tests and the benchmark.
 * LLaDA (``generate.py``): ``get_num_transfer_tokens``, ``add_gumbel_noise`` (float64), low-confidence /
   random remasking and the per-row ``topk`` over the masked positions of the current block;
 * Fast-dLLM (``get_transfer_index``, ``get_transfer_index_dynamic``): the threshold and factor rules;
-* Dream (``sample_tokens``): the ``maskgit_plus`` / ``topk_margin`` / ``entropy`` confidences;
+* Dream (``sample_tokens``): the ``maskgit_plus`` / ``topk_margin`` / ``entropy`` confidences, and its whole loop
+  (``DreamGenerationMixin._sample``, with ``top_p_logits`` / ``top_k_logits``);
 * dInfer's threshold (``min(threshold, max confidence - 1e-5)``) and Dimple's confident decoding (every confidence
   above the threshold, else the scheduled count);
 * MaskGIT: the cosine schedule of masked counts, and its annealed Gumbel noise on the log-probabilities;
@@ -26,6 +27,7 @@ __all__ = [
     "add_gumbel_noise",
     "diffusion_confidence_reference",
     "diffusion_unmask_reference",
+    "dream_generate_reference",
     "fast_dllm_factor_thresholds",
     "llada_generate_reference",
     "llada_num_transfer_tokens",
@@ -285,3 +287,114 @@ def maskgit_masked_counts(num_tokens: int, steps: int) -> List[int]:
         masked = 0 if step == steps - 1 else mask_len
         out.append(masked)
     return out
+
+
+def _dream_top_p(logits: torch.Tensor, top_p: float) -> torch.Tensor:
+    """Dream's ``top_p_logits``: outside the nucleus (cumulative probability above ``top_p``, shifted by one so
+    that the first token stays) set to the dtype's lowest value."""
+    sorted_logits, sorted_indices = torch.sort(logits, descending=True)
+    cumulative_probs = torch.cumsum(torch.softmax(sorted_logits, dim=-1), dim=-1)
+    sorted_indices_to_remove = cumulative_probs > top_p
+    sorted_indices_to_remove[..., 1:] = sorted_indices_to_remove[..., :-1].clone()
+    sorted_indices_to_remove[..., 0] = 0
+    mask = torch.zeros_like(logits, dtype=torch.bool)
+    mask = mask.scatter_(-1, sorted_indices, sorted_indices_to_remove)
+    return logits.masked_fill(mask, torch.finfo(logits.dtype).min)
+
+
+def _dream_top_k(logits: torch.Tensor, top_k: int) -> torch.Tensor:
+    """Dream's ``top_k_logits``: logits below the k-th largest set to the dtype's lowest value."""
+    top_k = min(top_k, logits.size(-1))
+    indices_to_remove = logits < torch.topk(logits, top_k)[0][..., -1, None]
+    return logits.masked_fill(indices_to_remove, torch.finfo(logits.dtype).min)
+
+
+def _dream_sample_tokens(logits, temperature, top_p, top_k, kind, generator):
+    """Dream's ``sample_tokens`` on rows ``[N, V]`` (float64): ``(confidence, x0)``, the confidence ``kind`` of
+    :func:`diffusion_confidence_reference` under the tempered, filtered softmax; at temperature 0 the argmax (the
+    lowest index among ties)."""
+    if temperature > 0:
+        logits = logits / temperature
+    if top_p is not None and top_p < 1:
+        logits = _dream_top_p(logits, top_p)
+    if top_k is not None:
+        logits = _dream_top_k(logits, top_k)
+    probs = torch.softmax(logits, dim=-1)
+    if temperature > 0:
+        x0 = torch.multinomial(probs, 1, generator=generator).squeeze(-1)
+    else:
+        x0 = torch.argmax(probs, dim=-1)
+    return diffusion_confidence_reference(logits, x0, kind), x0
+
+
+def dream_generate_reference(
+    model,
+    input_ids: torch.Tensor,
+    *,
+    max_new_tokens: int,
+    steps: int,
+    mask_id: int,
+    alg: str = "maskgit_plus",
+    alg_temp: Optional[float] = None,
+    temperature: float = 0.0,
+    top_p: Optional[float] = None,
+    top_k: Optional[int] = None,
+    eps: float = 1e-3,
+    attention_mask: Optional[torch.Tensor] = None,
+    generator: Optional[torch.Generator] = None,
+    rand: Optional[Callable[[int, torch.Size], torch.Tensor]] = None,
+) -> Tuple[torch.Tensor, int]:
+    """Dream's ``DreamGenerationMixin._sample`` (no hooks, no history), the logits in float64,
+    the random draws from ``generator`` (``torch.rand``, ``torch.multinomial``). ``rand(step, x.shape)`` gives
+    ``origin``'s uniforms of every position instead (float64 ``[B, L]``). Returns ``(x, model calls)``.
+
+    As Dream: timesteps ``linspace(1, eps, steps + 1)`` in float32; the logits shifted by one position; the
+    transfer count ``int(mean masked count * (1 - s / t))`` in float32, one count for every row; ``topk`` of the
+    confidences (here by the lowest position among ties), or with ``alg_temp`` a ``multinomial`` without
+    replacement from ``softmax(confidence / alg_temp)``."""
+    kinds = {"maskgit_plus": "probability", "topk_margin": "margin", "entropy": "neg_entropy"}
+    x = torch.nn.functional.pad(input_ids, (0, max_new_tokens), value=mask_id)
+    kwargs = {}
+    if attention_mask is not None and torch.any(attention_mask == 0.0):
+        attention_mask = torch.nn.functional.pad(attention_mask, (0, max_new_tokens), value=1.0)
+        tok_idx = attention_mask.long().cumsum(-1) - 1
+        tok_idx.masked_fill_(attention_mask == 0, 1)
+        attention_mask = torch.logical_and(
+            attention_mask.unsqueeze(1).unsqueeze(-2),
+            attention_mask.unsqueeze(1).unsqueeze(-1),
+        )
+        kwargs = dict(attention_mask=attention_mask, position_ids=tok_idx)
+    timesteps = torch.linspace(1, eps, steps + 1)
+    for i in range(steps):
+        mask_index = x == mask_id
+        out = model(x, **kwargs)
+        logits = getattr(out, "logits", out).to(torch.float64)
+        logits = torch.cat([logits[:, :1], logits[:, :-1]], dim=1)
+        mask_logits = logits[mask_index]
+        t, s = timesteps[i], timesteps[i + 1]
+        if alg == "origin":
+            p_transfer = 1 - s / t if i < steps - 1 else 1
+            x0 = torch.zeros_like(x[mask_index]) + mask_id
+            u = (rand(i, x.shape)[mask_index] if rand is not None
+                 else torch.rand(x0.shape, dtype=torch.float64, generator=generator))
+            transfer_index_t_s = u < p_transfer
+            _, x0[transfer_index_t_s] = _dream_sample_tokens(mask_logits[transfer_index_t_s], temperature, top_p,
+                                                             top_k, "probability", generator)
+            x[mask_index] = x0
+            continue
+        confidence, x0 = _dream_sample_tokens(mask_logits, temperature, top_p, top_k, kinds[alg], generator)
+        num_mask_token = mask_index.sum() / mask_index.shape[0]
+        number_transfer_tokens = int(num_mask_token * (1 - s / t)) if i < steps - 1 else int(num_mask_token)
+        full_confidence = torch.full(x.shape, -math.inf, dtype=torch.float64)
+        full_confidence[mask_index] = confidence
+        if number_transfer_tokens > 0:
+            if alg_temp is None or alg_temp == 0:
+                transfer_index = torch.stack([_descending(row)[:number_transfer_tokens] for row in full_confidence])
+            else:
+                weights = torch.softmax(full_confidence / alg_temp, dim=-1)
+                transfer_index = torch.multinomial(weights, number_transfer_tokens, generator=generator)
+            x_ = torch.zeros_like(x) + mask_id
+            x_[mask_index] = x0
+            row_indices = torch.arange(x.size(0)).unsqueeze(1).expand_as(transfer_index)
+            x[row_indices, transfer_index] = x_[row_indices, transfer_index]
+    return x, steps
