@@ -329,10 +329,11 @@ def bench_rows(device: str, small: bool) -> list[dict]:
 @dataclasses.dataclass(frozen=True)
 class AcceptanceGpuCase:
     """fastar.greedy_verify or fastar.speculative_sample (with_q: with draft probabilities) over B sequences of n
-    drafts and a vocabulary of V, bf16 (docs/design/sampling-kernels.md)."""
+    drafts, or fastar.tree_greedy_verify over mc_sim_7b_63's 63 drafted nodes (n = 63), and a vocabulary of V, bf16
+    (docs/design/sampling-kernels.md)."""
 
     name: str
-    op: str  # greedy_verify | speculative_sample
+    op: str  # greedy_verify | speculative_sample | tree_greedy_verify
     B: int
     n: int
     V: int
@@ -348,13 +349,32 @@ ACCEPTANCE_CASES = [
     AcceptanceGpuCase("spec_sample B=1", "speculative_sample", 1, 4, 131072, with_q=True),
     AcceptanceGpuCase("spec_sample B=32", "speculative_sample", 32, 4, 131072, with_q=True),
     AcceptanceGpuCase("spec_sample B=32 no q", "speculative_sample", 32, 4, 131072),
+    AcceptanceGpuCase("tree_greedy B=1", "tree_greedy_verify", 1, 63, 131072),
+    AcceptanceGpuCase("tree_greedy B=32", "tree_greedy_verify", 32, 63, 131072),
 ]
 
 
+def mc_sim_tree():
+    from bench.bench_attention import MC_SIM_7B_63
+    from fastar.masks import Tree
+
+    return Tree.from_choices(MC_SIM_7B_63)  # node 0: the verified root, so n = 63 drafted nodes
+
+
 def acceptance_inputs(case: AcceptanceGpuCase, device: str) -> dict:
-    """Drafts that copy the target's argmax up to position 2 (greedy) or are drawn from q or p (sampling)."""
+    """Drafts that copy the target's argmax up to position 2 (greedy), after their parent for a node's first child
+    (tree: the path of first children is accepted) or are drawn from q or p (sampling)."""
     gen = torch.Generator().manual_seed(1)
     x = {"case": case}
+    if case.op == "tree_greedy_verify":
+        tree = mc_sim_tree()
+        parents = tree.parents[1:] - 1  # the drafted nodes' parents, -1 for the root's children
+        logits = torch.randn(case.B, case.n + 1, case.V, generator=gen).to(torch.bfloat16)
+        drafts = torch.randint(0, case.V, (case.B, case.n), generator=gen)
+        first = torch.tensor([t == 0 or int(parents[t]) != int(parents[t - 1]) for t in range(case.n)])
+        drafts[:, first] = logits.float().argmax(-1)[:, parents[first] + 1]
+        x["args"] = (drafts.to(device), tree, logits.to(device))
+        return x
     if case.op == "greedy_verify":
         logits = torch.randn(case.B, case.n + 1, case.V, generator=gen).to(torch.bfloat16)
         drafts = logits[:, :case.n].float().argmax(-1)
@@ -374,24 +394,40 @@ def run_acceptance(x: dict):
 
     if x["case"].op == "greedy_verify":
         return fastar.greedy_verify(*x["args"])
+    if x["case"].op == "tree_greedy_verify":
+        return fastar.tree_greedy_verify(*x["args"])[1:]
     return fastar.speculative_sample(*x["args"], seed=5)
 
 
 def acceptance_reference(x: dict):
-    from fastar.reference import greedy_verify_reference, speculative_sample_reference
+    from fastar.reference import greedy_verify_reference, speculative_sample_reference, tree_greedy_verify_row
 
-    args = [a.cpu() if a is not None else None for a in x["args"]]
+    args = [a.cpu() if isinstance(a, torch.Tensor) else a for a in x["args"]]
     if x["case"].op == "greedy_verify":
         return greedy_verify_reference(*args)
+    if x["case"].op == "tree_greedy_verify":
+        drafts, tree, logits = args
+        parents, depths = (tree.parents[1:] - 1).tolist(), []
+        for parent in parents:
+            depths.append(1 if parent < 0 else depths[parent] + 1)
+        width = max(depths) + 1
+        tokens, accepted = torch.full((x["case"].B, width), -1), torch.zeros(x["case"].B, dtype=torch.long)
+        for b in range(x["case"].B):
+            _, row, accepted[b] = tree_greedy_verify_row(parents, drafts[b].tolist(), logits[b])
+            tokens[b, :len(row)] = torch.tensor(row)
+        return tokens, accepted
     return speculative_sample_reference(*args, seed=5)
 
 
 def acceptance_bytes(x: dict, num_accepted: torch.Tensor) -> int:
     """HBM bytes the op must move: greedy, every position up to the row's drafts (the split kernel reads them all
-    at once); sampling, the row it samples from (the target's, and the draft's after a rejection)."""
+    at once); tree greedy, the rows after the root and the accepted nodes (what the walk reads); sampling, the row
+    it samples from (the target's, and the draft's after a rejection)."""
     case, elem = x["case"], 2
     if case.op == "greedy_verify":
         return case.B * (case.n + 1) * case.V * elem
+    if case.op == "tree_greedy_verify":
+        return int((num_accepted.cpu().long() + 1).sum()) * case.V * elem
     rejected = int((num_accepted.cpu() < case.n).sum())
     return (case.B + (rejected if case.with_q else 0)) * case.V * elem
 
@@ -444,6 +480,7 @@ def small_cases(device: str) -> None:
     ids = torch.randint(0, 50, (2, 3), generator=gen).to(device)
     fastar.speculative_sample(ids, probs[:, :3], probs, seed=1)
     fastar.greedy_verify(ids, probs)
+    fastar.tree_greedy_verify(ids, Tree([-1, 0, 0]), probs)
     fastar.sample_cfg(torch.randn(4, 3, 50, generator=gen).to(device), cfg=1.5, scale_index=2, num_scales=4,
                       top_k=5, top_p=0.9, seed=3)
     for dtype in (torch.float32, torch.bfloat16):

@@ -27,6 +27,7 @@ except ImportError as exc:  # conftest's REQUIRE check turns this into a failure
 from conftest import Backend  # noqa: E402
 from test_attention import make, paged_layout, to_paged  # noqa: E402
 from test_quantized_attention import quantized_cache  # noqa: E402
+from test_tree_greedy_verify import LEVEL_PARENTS, level_case  # noqa: E402
 
 # (schedule, race check) of the checked runs; the forward schedule without the check is the baseline. The check
 # costs tens of microseconds per shared-memory access, so one shuffled run goes without it.
@@ -68,7 +69,8 @@ def assert_order_independent(run, kernels):
 SPECULATIVE = {"speculative_sample_partial", "speculative_sample_finish"}
 GSD = {"gsd_partial", "speculative_sample_finish"}
 GREEDY = {"greedy_verify_partial", "greedy_verify_finish"}
-ALL_KERNELS = {*SPECULATIVE, *GSD, "tree_speculative_sample", *GREEDY, "tree_greedy_verify",
+TREE_GREEDY = {"tree_greedy_verify_partial", "tree_greedy_verify_finish"}
+ALL_KERNELS = {*SPECULATIVE, *GSD, "tree_speculative_sample", *GREEDY, *TREE_GREEDY,
                "typical_accept", "sample_cfg", "attention_vec_decode", "attention_decode", "attention_tiled",
                "attention_tc", "attention_merge", "attention_kivi_decode", "quantize_kv_append", "quantize_kivi_keys",
                "quantize_kivi_values", "diffusion_unmask", "compact_kv", "spectr_accept"}
@@ -183,14 +185,26 @@ def test_tree_speculative_sample(backend):
                                  {"tree_speculative_sample"})
 
 
-def test_tree_greedy_verify(backend):
+@pytest.mark.parametrize("V", [300, 4500])  # 4500: rows split over several blocks
+def test_tree_greedy_verify(backend, V):
     gen = torch.Generator().manual_seed(4)
-    B, V = 3, 300
+    B = 2
     tree = fastar.masks.Tree([-1, -1, 0, 0, 2, 1])
     logits = torch.randn(B, 7, V, generator=gen)
     drafts = logits[:, [0, 0, 1, 1, 3, 2]].argmax(-1)  # every node the argmax after its parent: all match
     drafts[1, 2] = (drafts[1, 2] + 1) % V
-    assert_order_independent(lambda: backend.tree_greedy_verify(drafts, tree, logits), {"tree_greedy_verify"})
+    drafts[0, 5] = -1  # an absent node: its row's chunks are skipped
+    assert_order_independent(lambda: backend.tree_greedy_verify(drafts, tree, logits), TREE_GREEDY)
+
+
+def test_tree_greedy_verify_by_level(backend):
+    # A wide tree over float32 rows of V = 20000: the logits are read level by level (test_tree_greedy_verify.py).
+    logits, drafts, _ = level_case(1, torch.float32)
+    tree = fastar.masks.Tree(LEVEL_PARENTS)
+    simt.reset_launch_counts()
+    backend.tree_greedy_verify(drafts, tree, logits)
+    assert simt.launch_counts()["tree_greedy_verify_partial"] == 3  # levels 0, 1 and 2
+    assert_order_independent(lambda: backend.tree_greedy_verify(drafts, tree, logits), TREE_GREEDY)
 
 
 def test_typical_accept(backend):

@@ -6,6 +6,7 @@ from __future__ import annotations
 import pytest
 import torch
 
+from fastar import _simt
 from fastar.masks import Tree
 from fastar.reference import tree_greedy_verify_row
 from helpers import tree_op_status
@@ -87,6 +88,123 @@ def test_a_chain_is_greedy_verify(backend):
     path, tokens, accepted = backend.tree_greedy_verify(drafts, Tree(list(range(-1, N - 1))), logits)
     chain_tokens, chain_accepted = backend.greedy_verify(drafts, logits)
     assert torch.equal(tokens, chain_tokens) and torch.equal(accepted, chain_accepted)
+
+
+# A vocabulary of several 16-byte-load tiles and few logit rows: the CUDA kernels split each row over several
+# blocks (the emulator counts 4 SMs, so 2 rows of 5 logit rows of V = 9001 take 2 chunks of 5120 fp32 or 6144
+# 16-bit tokens; 1 row, 3 chunks of 3072 or 4096).
+SPLIT_VOCAB = 9001
+SPLIT_PARENTS = [-1, -1, 0, 2]  # root -> {0, 1}, 0 -> 2 -> 3
+
+
+def split_case(gen, batch, dtype):
+    """Logits whose maxima lie in every chunk of some row, with drafts that copy the argmax after their parent."""
+    logits = torch.randn(batch, len(SPLIT_PARENTS) + 1, SPLIT_VOCAB, generator=gen).to(dtype)
+    for i, t in enumerate([5, 8999, 4095, 6143, 7000]):
+        logits[:, i, t] = 50.0
+    logits[-1, 1, [3000, 7000]] = 60.0  # a tie in two chunks: the lowest index wins
+    logits[-1, 3] = float("-inf")  # argmax 0
+    argmax = torch.argmax(logits.double(), -1)
+    drafts = argmax[:, [p + 1 for p in SPLIT_PARENTS]].clone()
+    return logits, drafts
+
+
+def assert_reference(backend, drafts, tree_parents, logits):
+    path, tokens, accepted = backend.tree_greedy_verify(drafts, Tree(torch.tensor(tree_parents)), logits)
+    for b in range(drafts.shape[0]):
+        want_path, want_tokens, k = tree_greedy_verify_row(tree_parents, drafts[b].tolist(), logits[b])
+        assert int(accepted[b]) == k
+        assert path[b].tolist() == want_path + [-1] * (path.shape[1] - len(want_path))
+        assert tokens[b].tolist() == want_tokens + [-1] * (tokens.shape[1] - len(want_tokens))
+    return path, tokens, accepted
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16], ids=str)
+@pytest.mark.parametrize("layout", ["contiguous", "unaligned"])
+@pytest.mark.parametrize("batch", [1, 2])
+def test_rows_split_over_blocks(backend, dtype, layout, batch):
+    """Maxima in every chunk, a tie across a chunk boundary, a -inf row; rows whose start is not 16-byte aligned
+    (a padded vocabulary) take the element-wise loads."""
+    logits, drafts = split_case(torch.Generator().manual_seed(batch), batch, dtype)
+    if batch == 2:
+        drafts[0, 0] = (drafts[0, 0] + 1) % SPLIT_VOCAB  # row 0: node 0 fails, so node 1 alone matches
+    if layout == "unaligned":
+        padded = torch.zeros(*logits.shape[:2], SPLIT_VOCAB + 1, dtype=dtype)
+        padded[..., 1:] = logits
+        logits = padded[..., 1:]
+    path, tokens, accepted = assert_reference(backend, drafts, SPLIT_PARENTS, logits)
+    # The last row: the whole chain 0 -> 2 -> 3, through the tie (3000) and the -inf row (0).
+    assert accepted[-1] == 3 and tokens[-1].tolist() == [5, 3000, 0, 7000]
+    if batch == 2:
+        assert accepted[0] == 1 and tokens[0].tolist() == [5, 4095, -1, -1]
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+def test_nan_in_any_chunk_of_a_split_row(backend, dtype):
+    logits, drafts = split_case(torch.Generator().manual_seed(3), 1, dtype)
+    tree = Tree(torch.tensor(SPLIT_PARENTS))
+    for row, t in ((0, 0), (0, 8000), (1, 4500), (4, SPLIT_VOCAB - 1)):  # rows the walk reads, any chunk
+        bad = logits.clone()
+        bad[0, row, t] = float("nan")
+        status = tree_op_status(backend, lambda bad=bad: backend.tree_greedy_verify(drafts, tree, bad))
+        assert status == STATUS_BAD_VALUE, (row, t)
+    wrong = drafts.clone()
+    wrong[0, 2] = (wrong[0, 2] + 1) % SPLIT_VOCAB  # node 2 fails: the rows after nodes 2 and 3 are never read
+    bad = logits.clone()
+    bad[0, 3, 8000] = bad[0, 4, 100] = float("nan")
+    _, tokens, accepted = backend.tree_greedy_verify(wrong, tree, bad)
+    assert accepted.tolist() == [1] and tokens.tolist() == [[5, 3000, -1, -1]]
+    ragged = drafts.clone()
+    ragged[0, 3] = -1  # an absent node: the row after it is never read
+    bad = logits.clone()
+    bad[0, 4, 8000] = float("nan")
+    _, tokens, accepted = backend.tree_greedy_verify(ragged, tree, bad)
+    assert accepted.tolist() == [2] and tokens.tolist() == [[5, 3000, 0, -1]]
+
+
+# A wide, shallow tree over a large vocabulary: the CUDA kernels read the logits level by level (only the rows
+# the walk reads) when the rows that skips outweigh max_depth more launches: on the emulator's 4 SMs, rows of
+# V = 20000 here when B * 10 skipped rows are over 2 levels * 4 SMs * 76 KB (not one bfloat16 row: one launch).
+LEVEL_PARENTS = [-1, -1, -1, -1, 0, 0, 0, 1, 1, 2, 3, 3]
+LEVEL_VOCAB = 20000
+
+
+def level_case(batch, dtype):
+    """Nodes 1 and 3 repeat the root's argmax, 7 and 10 the argmax after them: two paths of two, 1 -> 7 first."""
+    gen = torch.Generator().manual_seed(batch)
+    logits = torch.randn(batch, len(LEVEL_PARENTS) + 1, LEVEL_VOCAB, generator=gen).to(dtype)
+    argmax = torch.argmax(logits.double(), -1)
+    drafts = torch.randint(0, LEVEL_VOCAB, (batch, len(LEVEL_PARENTS)), generator=gen)
+    drafts[:, 0] = (argmax[:, 0] + 1) % LEVEL_VOCAB
+    drafts[:, 1] = drafts[:, 3] = argmax[:, 0]
+    drafts[:, 7], drafts[:, 10] = argmax[:, 2], argmax[:, 4]
+    return logits, drafts, argmax
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+@pytest.mark.parametrize("batch", [1, 2])
+def test_rows_read_level_by_level(backend, dtype, batch):
+    logits, drafts, argmax = level_case(batch, dtype)
+    drafts[-1, 8] = -1  # an absent node
+    logits[:, 1, 5] = float("nan")  # after node 0, which does not match: never read
+    simt = _simt.load() if backend.name == "simt" else None
+    if simt:
+        simt.reset_launch_counts()
+    path, tokens, accepted = assert_reference(backend, drafts, LEVEL_PARENTS, logits)
+    assert accepted.tolist() == [2] * batch and path[:, :2].tolist() == [[1, 7]] * batch
+    assert tokens[:, 2].tolist() == argmax[:, 8].tolist()
+    if simt:  # levels 0, 1 and 2 of the tree, or every row at once
+        by_level = batch * 10 * LEVEL_VOCAB * logits.element_size() > 2 * 4 * 76 * 1024
+        assert simt.launch_counts()["tree_greedy_verify_partial"] == (3 if by_level else 1)
+    bad = logits.clone()
+    bad[-1, 8, 19000] = float("nan")  # after node 7, on the accepted path
+    tree = Tree(torch.tensor(LEVEL_PARENTS))
+    if backend.marks_invalid_rows:
+        _, _, accepted = backend.tree_greedy_verify(drafts, tree, bad)
+        assert accepted.tolist() == [2] * (batch - 1) + [-STATUS_BAD_VALUE]
+    else:
+        with pytest.raises(ValueError, match="NaN"):
+            backend.tree_greedy_verify(drafts, tree, bad)
 
 
 def test_bad_values(backend):

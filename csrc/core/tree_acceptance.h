@@ -94,21 +94,29 @@ struct TreeView {
   }
 };
 
-// Status of node t of row b, from what the rule reads of it: its parent link (before t, depth <= max_depth),
-// its token id (-1: an absent node, never tried, nor its subtree), and, with `probabilities`, p(x) under its
-// parent's row and q(x) under its own draft row.
-template <typename P, typename Load>
-FASTAR_HD int32_t tree_node_status(const TreeSampleParams& prm, int64_t b, int64_t t, bool probabilities, Load load) {
-  using namespace accept;
+// Depth of node t of row b (1: a child of the root); -1 when its parent link is not before it or its depth
+// passes max_depth (the climb checks every ancestor's link but for its lower bound, which the ancestor's own
+// tree_node_status checks).
+FASTAR_HD int64_t tree_depth(const TreeSampleParams& prm, int64_t b, int64_t t) {
   const int64_t parent = tree_parent(prm, b, t);
-  if (parent < -1 || parent >= t) return kBadTree;
+  if (parent < -1 || parent >= t) return -1;
   int64_t depth = 1;
   for (int64_t a = parent; a >= 0; ++depth) {  // parents strictly decrease, so the climb ends
     const int64_t up = tree_parent(prm, b, a);
-    if (up >= a || depth >= prm.max_depth) return kBadTree;
+    if (up >= a || depth >= prm.max_depth) return -1;
     a = up;
   }
-  if (depth > prm.max_depth) return kBadTree;
+  return depth > prm.max_depth ? -1 : depth;
+}
+
+// Status of node t of row b, from what the rule reads of it: its parent link (tree_depth), its token id (-1: an
+// absent node, never tried, nor its subtree), and, with `probabilities`, p(x) under its parent's row and q(x)
+// under its own draft row.
+template <typename P, typename Load>
+FASTAR_HD int32_t tree_node_status(const TreeSampleParams& prm, int64_t b, int64_t t, bool probabilities, Load load) {
+  using namespace accept;
+  if (tree_depth(prm, b, t) < 0) return kBadTree;
+  const int64_t parent = tree_parent(prm, b, t);
   const int64_t x = tree_draft(prm, b, t);
   if (x == -1) return kOk;  // padding: an absent node (ragged trees)
   if (x < 0 || x >= prm.V) return kBadTokenId;
@@ -195,14 +203,14 @@ FASTAR_HD bool tree_path_before(const TreeSampleParams& prm, int64_t b, int64_t 
 
 // fastar.tree_greedy_verify for row b over valid nodes: node t matches when its parent is the root or a matching
 // node and its token is the argmax of the logits after its parent; the deepest matching node (ties: the earlier
-// path) ends the path, and the argmax after it is the last token. Ops: ops.argmax(row) -> the row's argmax
-// (torch's rule), -1 for a NaN; ops.note(i, value) / ops.noted(i): the row's scratch of 2N int64 (the argmax
-// after node t at t, -1 when t does not match; t's depth at N + t); ops.emit(i, node, token) as for sampling.
-template <typename P, typename Ops>
+// path) ends the path, and the argmax after it is the last token. Ops: ops.argmax(i) -> the argmax of row b's
+// logit row i (0: the root, t + 1: after node t; torch's rule), -1 for a NaN; ops.note(i, value) / ops.noted(i):
+// the row's scratch of 2N int64 (the argmax after node t at t, -1 when t does not match; t's depth at N + t);
+// ops.emit(i, node, token) as for sampling.
+template <typename Ops>
 FASTAR_HD int32_t tree_greedy_walk(const TreeSampleParams& prm, int64_t b, Ops& ops, int64_t* accepted) {
   using namespace accept;
-  const P* logits = static_cast<const P*>(prm.target_probs) + b * prm.tp_sb;
-  const int64_t root = ops.argmax(logits);
+  const int64_t root = ops.argmax(0);
   if (root < 0) return kBadValue;
   int64_t best = -1, best_depth = 0;
   for (int64_t t = 0; t < prm.N; ++t) {
@@ -212,7 +220,7 @@ FASTAR_HD int32_t tree_greedy_walk(const TreeSampleParams& prm, int64_t b, Ops& 
       ops.note(t, -1);
       continue;
     }
-    const int64_t after = ops.argmax(logits + (t + 1) * prm.tp_sn);
+    const int64_t after = ops.argmax(t + 1);
     if (after < 0) return kBadValue;
     const int64_t depth = parent < 0 ? 1 : ops.noted(prm.N + parent) + 1;
     ops.note(t, after);

@@ -18,8 +18,39 @@ __device__ __forceinline__ void argmax_merge(float& v, int& i, float ov, int oi)
   }
 }
 
+// The block's best of every thread's candidate (best_v, best_i; nan: the thread saw a NaN), the same in every
+// thread: its index, -1 when any thread saw a NaN, and its value in *value when not null. s_v, s_i, s_nan:
+// kThreads / 32 entries of shared memory each.
+template <int kThreads>
+__device__ __forceinline__ int block_argmax_merge(float best_v, int best_i, bool nan, float* s_v, int* s_i, int* s_nan,
+                                                  float* value = nullptr) {
+  constexpr int kWarps = kThreads / 32;
+  const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
+  for (int d = 16; d > 0; d >>= 1) {
+    const float ov = __shfl_xor_sync(kFullMask, best_v, d);
+    const int oi = __shfl_xor_sync(kFullMask, best_i, d);
+    argmax_merge(best_v, best_i, ov, oi);
+  }
+  nan = __any_sync(kFullMask, nan);
+  if (lane == 0) {
+    s_v[warp] = best_v;
+    s_i[warp] = best_i;
+    s_nan[warp] = nan;
+  }
+  __syncthreads();
+  int any_nan = 0;
+  for (int w = 0; w < kWarps; ++w) {
+    argmax_merge(best_v, best_i, s_v[w], s_i[w]);
+    any_nan |= s_nan[w];
+  }
+  __syncthreads();  // read by all before the next call writes them
+  if (value) *value = best_v;
+  return any_nan ? -1 : best_i;
+}
+
 // The block's argmax of row[0, V) (first index of the maximum; 0 for a row of -inf), the same in every thread;
-// -1 when the row holds a NaN. s_v, s_i, s_nan: kThreads / 32 entries of shared memory each.
+// -1 when the row holds a NaN. Shared memory as block_argmax_merge's, whose merge it inlines: calling it moves
+// typical_accept_kernel's registers so that sm_80 spills.
 template <typename P, int kThreads>
 __device__ int64_t block_argmax(const P* row, int64_t V, float* s_v, int* s_i, int* s_nan) {
   constexpr int kWarps = kThreads / 32;
@@ -60,23 +91,17 @@ struct GreedyPartials {
   int64_t chunks, chunk_len;
 };
 
+// Slot `slot` of w: the block's argmax of row[begin, end) with 16-byte loads (thread 0 writes it). Shared memory
+// as block_argmax_merge's.
 template <typename P, int kThreads>
-__global__ void __launch_bounds__(kThreads) greedy_verify_partial_kernel(GreedyVerifyParams prm, GreedyPartials w) {
-  constexpr int kWarps = kThreads / 32, kVec = kVecOf<P>;
-  __shared__ float s_v[kWarps];
-  __shared__ int s_i[kWarps];
-  __shared__ int s_nan[kWarps];
-  const int tid = threadIdx.x, lane = tid & 31, warp = tid >> 5;
-  const int64_t slot = blockIdx.x, c = slot % w.chunks, i = slot / w.chunks % (prm.n + 1),
-                b = slot / w.chunks / (prm.n + 1);
-  if (i > row_num_draft(prm.num_draft, prm.nd64, b, prm.n)) return;  // a position the row never reads
-  const P* row = static_cast<const P*>(prm.target_logits) + b * prm.tl_sb + i * prm.tl_sn;
+__device__ __forceinline__ void chunk_argmax(const P* row, int64_t begin, int64_t end, const GreedyPartials& w,
+                                             int64_t slot, float* s_v, int* s_i, int* s_nan) {
+  constexpr int kVec = kVecOf<P>;
   const bool aligned = aligned16(row);
-  const int64_t begin = c * w.chunk_len, end = begin + w.chunk_len < prm.V ? begin + w.chunk_len : prm.V;
   float best_v = -INFINITY;
   int best_i = INT_MAX;
   bool nan = false;
-  for (int64_t t = begin + tid * kVec; t < end; t += kThreads * kVec) {
+  for (int64_t t = begin + threadIdx.x * kVec; t < end; t += kThreads * kVec) {
     float x[kVec];
     const int m = load_span(row, t, end, aligned, x);
 #pragma unroll
@@ -87,30 +112,29 @@ __global__ void __launch_bounds__(kThreads) greedy_verify_partial_kernel(GreedyV
       }
     }
   }
-  for (int d = 16; d > 0; d >>= 1) {
-    const float ov = __shfl_xor_sync(kFullMask, best_v, d);
-    const int oi = __shfl_xor_sync(kFullMask, best_i, d);
-    argmax_merge(best_v, best_i, ov, oi);
-  }
-  nan = __any_sync(kFullMask, nan);
-  if (lane == 0) {
-    s_v[warp] = best_v;
-    s_i[warp] = best_i;
-    s_nan[warp] = nan;
-  }
-  __syncthreads();
-  if (tid == 0) {
-    int any_nan = 0;
-    for (int v = 0; v < kWarps; ++v) {
-      argmax_merge(best_v, best_i, s_v[v], s_i[v]);
-      any_nan |= s_nan[v];
-    }
+  const int best = block_argmax_merge<kThreads>(best_v, best_i, nan, s_v, s_i, s_nan, &best_v);
+  if (threadIdx.x == 0) {
     w.value[slot] = best_v;
-    w.index[slot] = any_nan ? -1 : best_i;
+    w.index[slot] = best;
   }
 }
 
-// The argmax of position i of row b from its chunks' candidates; -1 when the row holds a NaN.
+template <typename P, int kThreads>
+__global__ void __launch_bounds__(kThreads) greedy_verify_partial_kernel(GreedyVerifyParams prm, GreedyPartials w) {
+  constexpr int kWarps = kThreads / 32;
+  __shared__ float s_v[kWarps];
+  __shared__ int s_i[kWarps];
+  __shared__ int s_nan[kWarps];
+  const int64_t slot = blockIdx.x, c = slot % w.chunks, i = slot / w.chunks % (prm.n + 1),
+                b = slot / w.chunks / (prm.n + 1);
+  if (i > row_num_draft(prm.num_draft, prm.nd64, b, prm.n)) return;  // a position the row never reads
+  const P* row = static_cast<const P*>(prm.target_logits) + b * prm.tl_sb + i * prm.tl_sn;
+  const int64_t begin = c * w.chunk_len, end = begin + w.chunk_len < prm.V ? begin + w.chunk_len : prm.V;
+  chunk_argmax<P, kThreads>(row, begin, end, w, slot, s_v, s_i, s_nan);
+}
+
+// The argmax of position i of row b (n + 1 positions a row) from its chunks' candidates; -1 when the row holds a
+// NaN.
 __device__ __forceinline__ int64_t merged_argmax(const GreedyPartials& w, int64_t b, int64_t i, int64_t n) {
   const int64_t first = (b * (n + 1) + i) * w.chunks;
   float best_v = -INFINITY;

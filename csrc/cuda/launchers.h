@@ -27,7 +27,8 @@ void launch_speculative_sample(const ChainAcceptParams& prm, FloatKind kind, voi
 int64_t greedy_verify_workspace(const GreedyVerifyParams& prm, FloatKind kind);
 void launch_greedy_verify(const GreedyVerifyParams& prm, FloatKind kind, void* workspace, void* stream);
 void launch_tree_speculative_sample(const TreeSampleParams& prm, FloatKind kind, void* stream);
-void launch_tree_greedy_verify(const TreeSampleParams& prm, FloatKind kind, void* stream);
+int64_t tree_greedy_verify_workspace(const TreeSampleParams& prm, FloatKind kind);
+void launch_tree_greedy_verify(const TreeSampleParams& prm, FloatKind kind, void* workspace, void* stream);
 void launch_typical_accept(const TreeSampleParams& prm, FloatKind kind, void* stream);
 void launch_spectr_accept(const SpectrParams& prm, FloatKind kind, void* stream);
 void launch_sample_cfg(const SampleCfgParams& prm, FloatKind kind, void* stream);

@@ -15,9 +15,10 @@ namespace {
 
 template <typename P>
 struct CpuGreedyOps : TreeRowOutputs {
-  int64_t* notes;  // [2N]
+  const P* logits;  // the row's [N + 1, V]
+  int64_t* notes;   // [2N]
 
-  int64_t argmax(const P* row) const { return argmax_row(row, prm.V); }
+  int64_t argmax(int64_t i) const { return argmax_row(logits + i * prm.tp_sn, prm.V); }
   void note(int64_t i, int64_t value) const { notes[i] = value; }
   int64_t noted(int64_t i) const { return notes[i]; }
 };
@@ -27,8 +28,8 @@ void tree_verify_rows(const TreeSampleParams& prm) {
   for_each_tree_row<P>(
       prm, false, [&] { return std::vector<int64_t>(static_cast<size_t>(2 * prm.N)); },
       [&](int64_t b, const TreeRowOutputs& out, std::vector<int64_t>& notes, int64_t* accepted) {
-        CpuGreedyOps<P> ops{out, notes.data()};
-        return tree_greedy_walk<P>(prm, b, ops, accepted);
+        CpuGreedyOps<P> ops{out, static_cast<const P*>(prm.target_probs) + b * prm.tp_sb, notes.data()};
+        return tree_greedy_walk(prm, b, ops, accepted);
       });
 }
 
