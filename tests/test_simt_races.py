@@ -339,28 +339,29 @@ def test_quantized_attention(backend, shape, kernels):
         mask=fastar.masks.Causal() if Lq > 1 else None)[0], kernels)
 
 
-# KIVI caches: (format, G, Lq, paged), kernels. The KIVI decode kernel (G = 32: several chunks per warp, the window,
-# kv splits), the tiled kernel (G = 8, which the decode kernel does not take) and the tensor-core kernel (18 rows:
-# GQA 2 x 9 positions; tiles across the splits, a partial causal tile).
+# KIVI caches: (format, G, Lq, paged, cache length), kernels. The KIVI decode kernel (G = 32: several chunks per
+# warp, the window, kv splits), the tiled kernel (G = 8, which the decode kernel does not take; a shorter cache, as
+# it is the slowest under the race check) and the tensor-core kernel (18 rows: GQA 2 x 9 positions; tiles across
+# the splits, a partial causal tile).
 KIVI_SHAPES = [
-    (("int4", 32, 1, True), {"attention_kivi_decode", "attention_merge"}),
-    (("int2", 64, 2, False), {"attention_kivi_decode", "attention_merge"}),
-    (("int4", 8, 3, False), {"attention_tiled", "attention_merge"}),
-    (("int4", 32, 9, True), {"attention_tc", "attention_merge"}),
-    (("int2", 8, 9, False), {"attention_tc", "attention_merge"}),
+    (("int4", 32, 1, True, 200), {"attention_kivi_decode", "attention_merge"}),
+    (("int2", 64, 2, False, 200), {"attention_kivi_decode", "attention_merge"}),
+    (("int4", 8, 3, False, 72), {"attention_tiled", "attention_merge"}),
+    (("int4", 32, 9, True, 200), {"attention_tc", "attention_merge"}),
+    (("int2", 8, 9, False, 200), {"attention_tc", "attention_merge"}),
 ]
 
 
 @pytest.mark.parametrize("shape, kernels", KIVI_SHAPES,
                          ids=lambda s: "-".join(map(str, s)) if isinstance(s, tuple) else "")
 def test_kivi_attention(backend, shape, kernels):
-    fmt, G, Lq, paged = shape
+    fmt, G, Lq, paged, L = shape
     gen = torch.Generator().manual_seed(9)
     B, Hkv, Hq, D = 2, 2, 4, 64
     layout = dict(num_pages=8, page_size=64) if paged else dict(capacity=256)
     cache = backend.quantized_kvcache(B, Hkv, D, format=fmt, group_size=G, residual=G, dtype=torch.bfloat16, **layout)
-    k, v = (make((B, Hkv, 200, D), torch.bfloat16, gen) for _ in range(2))
-    cache.append(k, v, lengths=[200, 90])
+    k, v = (make((B, Hkv, L, D), torch.bfloat16, gen) for _ in range(2))
+    cache.append(k, v, lengths=[L, L // 2 - 10])
     q = make((B, Hq, Lq, D), torch.bfloat16, gen)
     assert_order_independent(lambda: cache.attend(q, mask=fastar.masks.Causal() if Lq > 1 else None, return_lse=True),
                              kernels)

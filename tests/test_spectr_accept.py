@@ -8,6 +8,7 @@ reject at p < 1e-3, as in test_speculative_sample.py.
 """
 from __future__ import annotations
 
+import functools
 import math
 from collections import Counter
 
@@ -188,14 +189,17 @@ def test_sequences_follow_target(backend):
                                 int(sel.sum())) > P_THRESHOLD / vocab
     # acceptance per level: a Poisson-binomial z-test of the accepted count against the sum of the formula's
     # probabilities (level 1: the drafts alive are those whose first token was emitted).
+    @functools.cache
+    def accept(prefix, alive):
+        return spectr_level(model.p[prefix].float(), model.q[prefix].float(), alive)["accept"]
+
     for level_t in range(n):
         reached = num_accepted >= level_t
         probs = []
         for b in torch.nonzero(reached).flatten().tolist():
             prefix = tokens[b, :level_t].tolist()
             alive = sum(drafts[b, j, :level_t].tolist() == prefix for j in range(k))
-            p, q = model.p[tuple(prefix)].float(), model.q[tuple(prefix)].float()
-            probs.append(spectr_level(p, q, alive)["accept"])
+            probs.append(accept(tuple(prefix), alive))
         probs = torch.tensor(probs, dtype=torch.float64)
         observed = int((num_accepted[reached] >= level_t + 1).sum())
         z = (observed - float(probs.sum())) / math.sqrt(float((probs * (1 - probs)).sum()))
