@@ -13,6 +13,9 @@ else
 INSTALLED := $(VENV)/.installed
 endif
 export FASTAR_BUILD_SIMT ?= 1
+# Without a GPU (no nvidia-smi), the CUDA kernels are compiled for sm_90 only: half the build time. CI compiles
+# them for sm_80 too and gates that code (.ci/arch_gate.py). With a GPU: setup.py's default, its own arch.
+export FASTAR_CUDA_ARCHS ?= $(shell nvidia-smi -L >/dev/null 2>&1 || echo 9.0)
 
 .PHONY: build test bench lint gpu-check clean
 
@@ -30,12 +33,12 @@ build: $(VENV)/.installed
 	$(PY) -m pip install --disable-pip-version-check --no-build-isolation --no-deps -e .
 
 # The full suite runs the CPU kernels of the best ISA this CPU runs; then the CPU tests run again under each
-# other ISA it runs (FASTAR_CPU_ISA, csrc/cpu/isa.h).
+# other ISA it runs (FASTAR_CPU_ISA, csrc/cpu/isa.h). pytest-xdist spreads the tests over the CPUs (-n auto).
 test: build
-	$(PY) -m pytest tests
+	$(PY) -m pytest tests -n auto
 	@for isa in $$($(PY) -c "import fastar; i = fastar.build_info(); print(*[x for x in i['cpu_isas_supported'] if x != i['cpu_isa']])"); do \
 	  echo "== CPU tests with FASTAR_CPU_ISA=$$isa"; \
-	  FASTAR_CPU_ISA=$$isa $(PY) -m pytest tests -q -k "cpu and not cpu_isa" || exit 1; \
+	  FASTAR_CPU_ISA=$$isa $(PY) -m pytest tests -q -n auto -k "cpu and not cpu_isa" || exit 1; \
 	done
 
 bench: build $(VENV)/.installed-bench
@@ -43,7 +46,7 @@ bench: build $(VENV)/.installed-bench
 
 # Static checks: ruff's rules of pyproject.toml over the Python sources, .clang-format over the C++ and CUDA.
 lint: $(VENV)/.installed
-	$(PY) -m ruff check fastar tests bench setup.py
+	$(PY) -m ruff check fastar tests bench setup.py .ci
 	$(VENV)/bin/clang-format --dry-run --Werror $$(git ls-files 'csrc/*.h' 'csrc/*.cpp' 'csrc/*.cu' 'csrc/*.cuh')
 
 # The prepared GPU check (bench/gpu_check.py): build, cuda tests, compute-sanitizer, GPU bench into
