@@ -329,11 +329,11 @@ def bench_rows(device: str, small: bool) -> list[dict]:
 @dataclasses.dataclass(frozen=True)
 class AcceptanceGpuCase:
     """fastar.greedy_verify or fastar.speculative_sample (with_q: with draft probabilities) over B sequences of n
-    drafts, or fastar.tree_greedy_verify over mc_sim_7b_63's 63 drafted nodes (n = 63), and a vocabulary of V, bf16
-    (docs/design/sampling-kernels.md)."""
+    drafts, or fastar.tree_greedy_verify / fastar.typical_accept (T = 1) over mc_sim_7b_63's 63 drafted nodes
+    (n = 63), and a vocabulary of V, bf16 (docs/design/sampling-kernels.md)."""
 
     name: str
-    op: str  # greedy_verify | speculative_sample | tree_greedy_verify
+    op: str  # greedy_verify | speculative_sample | tree_greedy_verify | typical_accept
     B: int
     n: int
     V: int
@@ -351,7 +351,10 @@ ACCEPTANCE_CASES = [
     AcceptanceGpuCase("spec_sample B=32 no q", "speculative_sample", 32, 4, 131072),
     AcceptanceGpuCase("tree_greedy B=1", "tree_greedy_verify", 1, 63, 131072),
     AcceptanceGpuCase("tree_greedy B=32", "tree_greedy_verify", 32, 63, 131072),
+    AcceptanceGpuCase("typical B=1", "typical_accept", 1, 63, 131072),
+    AcceptanceGpuCase("typical B=32", "typical_accept", 32, 63, 131072),
 ]
+TREE_OPS = ("tree_greedy_verify", "typical_accept")
 
 
 def mc_sim_tree():
@@ -366,7 +369,7 @@ def acceptance_inputs(case: AcceptanceGpuCase, device: str) -> dict:
     (tree: the path of first children is accepted) or are drawn from q or p (sampling)."""
     gen = torch.Generator().manual_seed(1)
     x = {"case": case}
-    if case.op == "tree_greedy_verify":
+    if case.op in TREE_OPS:
         tree = mc_sim_tree()
         parents = tree.parents[1:] - 1  # the drafted nodes' parents, -1 for the root's children
         logits = torch.randn(case.B, case.n + 1, case.V, generator=gen).to(torch.bfloat16)
@@ -396,16 +399,24 @@ def run_acceptance(x: dict):
         return fastar.greedy_verify(*x["args"])
     if x["case"].op == "tree_greedy_verify":
         return fastar.tree_greedy_verify(*x["args"])[1:]
+    if x["case"].op == "typical_accept":
+        drafts, tree, logits = x["args"]
+        return fastar.typical_accept(drafts, logits, tree=tree)[1:]
     return fastar.speculative_sample(*x["args"], seed=5)
 
 
 def acceptance_reference(x: dict):
-    from fastar.reference import greedy_verify_reference, speculative_sample_reference, tree_greedy_verify_row
+    from fastar.reference import (
+        greedy_verify_reference,
+        speculative_sample_reference,
+        tree_greedy_verify_row,
+        typical_accept_row,
+    )
 
     args = [a.cpu() if isinstance(a, torch.Tensor) else a for a in x["args"]]
     if x["case"].op == "greedy_verify":
         return greedy_verify_reference(*args)
-    if x["case"].op == "tree_greedy_verify":
+    if x["case"].op in TREE_OPS:
         drafts, tree, logits = args
         parents, depths = (tree.parents[1:] - 1).tolist(), []
         for parent in parents:
@@ -413,7 +424,10 @@ def acceptance_reference(x: dict):
         width = max(depths) + 1
         tokens, accepted = torch.full((x["case"].B, width), -1), torch.zeros(x["case"].B, dtype=torch.long)
         for b in range(x["case"].B):
-            _, row, accepted[b] = tree_greedy_verify_row(parents, drafts[b].tolist(), logits[b])
+            if x["case"].op == "typical_accept":
+                _, row, accepted[b] = typical_accept_row(parents, drafts[b].tolist(), logits[b].float())
+            else:
+                _, row, accepted[b] = tree_greedy_verify_row(parents, drafts[b].tolist(), logits[b])
             tokens[b, :len(row)] = torch.tensor(row)
         return tokens, accepted
     return speculative_sample_reference(*args, seed=5)
@@ -421,12 +435,13 @@ def acceptance_reference(x: dict):
 
 def acceptance_bytes(x: dict, num_accepted: torch.Tensor) -> int:
     """HBM bytes the op must move: greedy, every position up to the row's drafts (the split kernel reads them all
-    at once); tree greedy, the rows after the root and the accepted nodes (what the walk reads); sampling, the row
+    at once); tree greedy and typical, the rows after the root and the accepted nodes (at least what the walk
+    reads); sampling, the row
     it samples from (the target's, and the draft's after a rejection)."""
     case, elem = x["case"], 2
     if case.op == "greedy_verify":
         return case.B * (case.n + 1) * case.V * elem
-    if case.op == "tree_greedy_verify":
+    if case.op in TREE_OPS:
         return int((num_accepted.cpu().long() + 1).sum()) * case.V * elem
     rejected = int((num_accepted.cpu() < case.n).sum())
     return (case.B + (rejected if case.with_q else 0)) * case.V * elem

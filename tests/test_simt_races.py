@@ -70,10 +70,11 @@ SPECULATIVE = {"speculative_sample_partial", "speculative_sample_finish"}
 GSD = {"gsd_partial", "speculative_sample_finish"}
 GREEDY = {"greedy_verify_partial", "greedy_verify_finish"}
 TREE_GREEDY = {"tree_greedy_verify_partial", "tree_greedy_verify_finish"}
-ALL_KERNELS = {*SPECULATIVE, *GSD, "tree_speculative_sample", *GREEDY, *TREE_GREEDY,
-               "typical_accept", "sample_cfg", "attention_vec_decode", "attention_decode", "attention_tiled",
-               "attention_tc", "attention_merge", "attention_kivi_decode", "quantize_kv_append", "quantize_kivi_keys",
-               "quantize_kivi_values", "diffusion_unmask", "compact_kv", "spectr_accept"}
+TYPICAL = {"typical_accept_partial", "typical_accept_finish"}
+ALL_KERNELS = {*SPECULATIVE, *GSD, "tree_speculative_sample", *GREEDY, *TREE_GREEDY, *TYPICAL, "sample_cfg",
+               "attention_vec_decode", "attention_decode", "attention_tiled", "attention_tc", "attention_merge",
+               "attention_kivi_decode", "quantize_kv_append", "quantize_kivi_keys", "quantize_kivi_values",
+               "diffusion_unmask", "compact_kv", "spectr_accept"}
 
 
 def test_every_kernel_is_covered():
@@ -207,16 +208,28 @@ def test_tree_greedy_verify_by_level(backend):
     assert_order_independent(lambda: backend.tree_greedy_verify(drafts, tree, logits), TREE_GREEDY)
 
 
-def test_typical_accept(backend):
+@pytest.mark.parametrize("V", [300, 4500])  # 4500: rows split over several blocks
+def test_typical_accept(backend, V):
     gen = torch.Generator().manual_seed(5)
-    B, V = 3, 300
+    B = 3
     tree = fastar.masks.Tree([-1, -1, 0, 0, 2, 1])
     logits = torch.randn(B, 7, V, generator=gen) * 3
     drafts = logits[:, [0, 0, 1, 1, 3, 2]].argmax(-1)
     drafts[1, 2] = logits[1, 1].argmin()
+    drafts[0, 5] = -1  # an absent node: its row's chunks are skipped
     for temperature in (1.0, 0.0):
         assert_order_independent(lambda t=temperature: backend.typical_accept(drafts, logits, tree=tree, temperature=t),
-                                 {"typical_accept"})
+                                 TYPICAL)
+
+
+def test_typical_accept_by_level(backend):
+    # test_tree_greedy_verify.py's wide tree over float32 rows of V = 20000: the logits are read level by level.
+    logits, drafts, _ = level_case(1, torch.float32)
+    tree = fastar.masks.Tree(LEVEL_PARENTS)
+    simt.reset_launch_counts()
+    backend.typical_accept(drafts, logits, tree=tree)
+    assert simt.launch_counts()["typical_accept_partial"] == 3  # levels 0, 1 and 2
+    assert_order_independent(lambda: backend.typical_accept(drafts, logits, tree=tree), TYPICAL)
 
 
 @pytest.mark.parametrize("V", [300, 4500])  # 4500: rows split over several blocks

@@ -12,8 +12,10 @@ import math
 import pytest
 import torch
 
+from fastar import _simt
 from fastar.masks import Tree
 from fastar.reference import typical_accept_row
+from test_tree_greedy_verify import LEVEL_PARENTS, LEVEL_VOCAB, level_case
 
 STATUS_BAD_ID, STATUS_BAD_VALUE = 2, 4
 
@@ -58,6 +60,31 @@ def test_matches_reference(backend, dtype, temperature, form):
         assert int(accepted[b]) == k, (b, drafts[b])
         assert path[b].tolist() == want_path + [-1] * (path.shape[1] - len(want_path))
         assert tokens[b].tolist() == want_tokens + [-1] * (tokens.shape[1] - len(want_tokens))
+
+
+@pytest.mark.parametrize("temperature", [1.0, 0.0])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+def test_rows_split_and_read_level_by_level(backend, dtype, temperature):
+    """test_tree_greedy_verify.py's wide tree over V = 20000: the CUDA kernels split each row over blocks and read
+    float32 rows level by level (only the rows the walk reads). Node 0 (the root's argmin) fails, so a NaN in the
+    row after it is never read."""
+    logits, drafts, _ = level_case(2, dtype)
+    drafts[:, 0] = torch.argmin(logits[:, 0].double(), -1)
+    drafts[-1, 8] = -1  # an absent node
+    want = [typical_accept_row(LEVEL_PARENTS, drafts[b].tolist(), logits[b].float(), temperature=temperature)
+            for b in range(2)]
+    logits[:, 1, 5] = float("nan")
+    simt = _simt.load() if backend.name == "simt" else None
+    if simt:
+        simt.reset_launch_counts()
+    path, tokens, accepted = backend.typical_accept(drafts, logits, tree=Tree(LEVEL_PARENTS), temperature=temperature)
+    for b, (want_path, want_tokens, k) in enumerate(want):
+        assert int(accepted[b]) == k and k >= 1
+        assert path[b].tolist() == want_path + [-1] * (path.shape[1] - len(want_path))
+        assert tokens[b].tolist() == want_tokens + [-1] * (tokens.shape[1] - len(want_tokens))
+    if simt:  # levels 0, 1 and 2 of the tree, or every row at once
+        by_level = 2 * 10 * LEVEL_VOCAB * logits.element_size() > 2 * 4 * 76 * 1024
+        assert simt.launch_counts()["typical_accept_partial"] == (3 if by_level else 1)
 
 
 def test_by_hand(backend):

@@ -281,25 +281,24 @@ FASTAR_HD bool typical_pass(const TreeSampleParams& prm, const TypicalNode& pare
 
 // fastar.typical_accept for row b over valid nodes: node t passes when its parent is the root or passes and
 // typical_pass holds for its token under the parent's row; the deepest passing node (ties: the earlier path) ends
-// the path, and the argmax after it is the last token. Ops: ops.stats(row) -> RowStats (collective);
-// ops.keep(t, node) / ops.kept(t): the row's TypicalNode scratch; ops.emit as for sampling.
-template <typename P, typename Ops>
+// the path, and the argmax after it is the last token. Ops: ops.stats(i) -> RowStats of row b's logit row i (0:
+// the root, t + 1: after node t; collective); ops.logit(i, x) -> that row's logit of token x; ops.keep(t, node) /
+// ops.kept(t): the row's TypicalNode scratch; ops.emit as for sampling.
+template <typename Ops>
 FASTAR_HD int32_t typical_walk(const TreeSampleParams& prm, int64_t b, Ops& ops, int64_t* accepted) {
   using namespace accept;
-  const P* logits = static_cast<const P*>(prm.target_probs) + b * prm.tp_sb;
-  const RowStats root_stats = ops.stats(logits);
+  const RowStats root_stats = ops.stats(0);
   if (root_stats.argmax < 0) return kBadValue;
   const TypicalNode root = typical_node(prm, root_stats, 0);
   int64_t best = -1, best_depth = 0;
   for (int64_t t = 0; t < prm.N; ++t) {
     const int64_t parent = tree_parent(prm, b, t), x = tree_draft(prm, b, t);
     const TypicalNode up = parent < 0 ? root : ops.kept(parent);
-    const P* parent_row = logits + (parent + 1) * prm.tp_sn;
-    if (x == -1 || up.argmax < 0 || !typical_pass(prm, up, x, ops.load(parent_row, x))) {
+    if (x == -1 || up.argmax < 0 || !typical_pass(prm, up, x, ops.logit(parent + 1, x))) {
       ops.keep(t, TypicalNode{-1, 0, 0.0f, 0.0f, 0.0f});
       continue;
     }
-    const RowStats s = ops.stats(logits + (t + 1) * prm.tp_sn);
+    const RowStats s = ops.stats(t + 1);
     if (s.argmax < 0) return kBadValue;
     const TypicalNode node = typical_node(prm, s, up.depth + 1);
     ops.keep(t, node);

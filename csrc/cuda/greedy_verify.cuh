@@ -48,42 +48,6 @@ __device__ __forceinline__ int block_argmax_merge(float best_v, int best_i, bool
   return any_nan ? -1 : best_i;
 }
 
-// The block's argmax of row[0, V) (first index of the maximum; 0 for a row of -inf), the same in every thread;
-// -1 when the row holds a NaN. Shared memory as block_argmax_merge's, whose merge it inlines: calling it moves
-// typical_accept_kernel's registers so that sm_80 spills.
-template <typename P, int kThreads>
-__device__ int64_t block_argmax(const P* row, int64_t V, float* s_v, int* s_i, int* s_nan) {
-  constexpr int kWarps = kThreads / 32;
-  const int tid = threadIdx.x, lane = tid & 31, warp = tid >> 5;
-  float best_v = -INFINITY;
-  int best_i = INT_MAX;
-  bool nan = false;
-  for (int64_t t = tid; t < V; t += kThreads) {
-    const float v = to_float(row[t]);
-    nan |= v != v;
-    argmax_merge(best_v, best_i, v, static_cast<int>(t));
-  }
-  for (int d = 16; d > 0; d >>= 1) {
-    const float ov = __shfl_xor_sync(kFullMask, best_v, d);
-    const int oi = __shfl_xor_sync(kFullMask, best_i, d);
-    argmax_merge(best_v, best_i, ov, oi);
-  }
-  nan = __any_sync(kFullMask, nan);
-  if (lane == 0) {
-    s_v[warp] = best_v;
-    s_i[warp] = best_i;
-    s_nan[warp] = nan;
-  }
-  __syncthreads();
-  int any_nan = 0;
-  for (int w = 0; w < kWarps; ++w) {
-    argmax_merge(best_v, best_i, s_v[w], s_i[w]);
-    any_nan |= s_nan[w];
-  }
-  __syncthreads();  // read by all before the next call writes them
-  return any_nan ? -1 : best_i;
-}
-
 // The workspace of the split: per (row, position, chunk), the chunk's maximum and its index (-1: a NaN in it).
 struct GreedyPartials {
   float* value;

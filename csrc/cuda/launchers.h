@@ -29,7 +29,8 @@ void launch_greedy_verify(const GreedyVerifyParams& prm, FloatKind kind, void* w
 void launch_tree_speculative_sample(const TreeSampleParams& prm, FloatKind kind, void* stream);
 int64_t tree_greedy_verify_workspace(const TreeSampleParams& prm, FloatKind kind);
 void launch_tree_greedy_verify(const TreeSampleParams& prm, FloatKind kind, void* workspace, void* stream);
-void launch_typical_accept(const TreeSampleParams& prm, FloatKind kind, void* stream);
+int64_t typical_accept_workspace(const TreeSampleParams& prm, FloatKind kind);
+void launch_typical_accept(const TreeSampleParams& prm, FloatKind kind, void* workspace, void* stream);
 void launch_spectr_accept(const SpectrParams& prm, FloatKind kind, void* stream);
 void launch_sample_cfg(const SampleCfgParams& prm, FloatKind kind, void* stream);
 void launch_quantize_kv_append(const QuantizeKvParams& prm, FloatKind kind, void* stream);

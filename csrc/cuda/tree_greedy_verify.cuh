@@ -8,9 +8,23 @@
 #pragma once
 #include "core/tree_acceptance.h"
 #include "cuda/greedy_verify.cuh"
+#include "cuda/launchers.h"
 #include "cuda/tree_speculative_sample.cuh"
 
 namespace fastar::cuda {
+
+// The split of the tree ops' logit rows (B * (N + 1) of V) over blocks of `threads`.
+inline RowSplit tree_row_split(const TreeSampleParams& prm, FloatKind kind, int threads) {
+  return split_rows(prm.B * (prm.N + 1), prm.V, tile_elements(kind, threads), multiprocessors());
+}
+
+// Whether to read the logits level by level (only the rows the walk reads: at most max_depth + 1 of a row's
+// N + 1) rather than all at once: when the rows that skips would take longer to stream than max_depth more
+// launches, ~3 us each, in which every SM streams ~76 KB (an H100's 3.35 TB/s over its 132 SMs).
+inline bool tree_reads_by_level(const TreeSampleParams& prm, FloatKind kind) {
+  const int64_t skipped_bytes = prm.B * (prm.N - prm.max_depth) * prm.V * (kind == FloatKind::kFloat32 ? 4 : 2);
+  return skipped_bytes > prm.max_depth * multiprocessors() * int64_t{76 << 10};
+}
 
 // Logit row `row` (b * (N + 1) + i)'s argmax from its chunks' candidates, the same in every thread (collective);
 // -1 when the row holds a NaN. Shared memory as block_argmax_merge's.
@@ -28,14 +42,38 @@ __device__ __forceinline__ int64_t merged_row_argmax(const GreedyPartials& w, in
   return block_argmax_merge<kThreads>(best_v, best_i, nan, s_v, s_i, s_nan);
 }
 
-// Which logit rows a launch of the partial kernel reads: every row but those after an absent or out-of-range
-// node (level < 0), or only the rows at depth `level` that the walk reads (the root's at 0; after node t, at t's
-// depth, when t's parent is the root or its row was read, and t's token is that row's argmax). ready[b * (N + 1)
-// + i]: whether row i of b was read, written at its level (level 0 clears the others).
+// Which logit rows a launch of a split partial kernel reads (tree_greedy_verify's, typical_accept's): every row
+// but those after an absent or out-of-range node (level < 0), or only the rows at depth `level` that the walk
+// reads (the root's at 0; after node t, at t's depth, when t's parent is the root or its row was read, and t's
+// token passes that row's test). ready[b * (N + 1) + i]: whether row i of b was read, written at its level (level
+// 0 clears the others).
 struct TreeLevel {
   int* ready;
   int64_t level;
 };
+
+// Whether this launch reads logit row `row` (b * (N + 1) + i); chunk: the block's chunk of it (chunk 0 records the
+// answer). passes(parent_row, x): whether token x passes the test of logit row parent_row (collective).
+template <typename Passes>
+__device__ __forceinline__ bool tree_level_reads(const TreeSampleParams& prm, const TreeLevel& lv, int64_t row,
+                                                 int64_t chunk, Passes passes) {
+  const int64_t i = row % (prm.N + 1), b = row / (prm.N + 1);
+  const int64_t x = i > 0 ? tree_draft(prm, b, i - 1) : 0;
+  if (lv.level < 0) return x >= 0 && x < prm.V;  // no walk reads the row after this node
+  bool reads = lv.level == 0 && i == 0;
+  if (lv.level > 0 && i > 0 && x >= 0 && x < prm.V && tree_depth(prm, b, i - 1) == lv.level) {
+    const int64_t parent_row = row - i + tree_parent(prm, b, i - 1) + 1;
+    reads = lv.ready[parent_row] && passes(parent_row, x);
+  }
+  if (threadIdx.x == 0 && chunk == 0 && (reads || lv.level == 0)) lv.ready[row] = reads;
+  return reads;
+}
+
+// Logit row `row` (b * (N + 1) + i) of target_probs.
+template <typename P>
+__device__ __forceinline__ const P* logit_row(const TreeSampleParams& prm, int64_t row) {
+  return static_cast<const P*>(prm.target_probs) + row / (prm.N + 1) * prm.tp_sb + row % (prm.N + 1) * prm.tp_sn;
+}
 
 template <typename P, int kThreads>
 __global__ void __launch_bounds__(kThreads)
@@ -44,23 +82,13 @@ __global__ void __launch_bounds__(kThreads)
   __shared__ float s_v[kWarps];
   __shared__ int s_i[kWarps];
   __shared__ int s_nan[kWarps];
-  const int64_t slot = blockIdx.x, row = slot / w.chunks, c = slot % w.chunks, i = row % (prm.N + 1),
-                b = row / (prm.N + 1);
-  const int64_t x = i > 0 ? tree_draft(prm, b, i - 1) : 0;
-  if (lv.level < 0) {
-    if (x < 0 || x >= prm.V) return;  // no walk reads the row after this node
-  } else {
-    bool reads = lv.level == 0 && i == 0;
-    if (lv.level > 0 && i > 0 && x >= 0 && x < prm.V && tree_depth(prm, b, i - 1) == lv.level) {
-      const int64_t parent_row = row - i + tree_parent(prm, b, i - 1) + 1;
-      reads = lv.ready[parent_row] && merged_row_argmax<kThreads>(w, parent_row, s_v, s_i, s_nan) == x;
-    }
-    if (threadIdx.x == 0 && c == 0 && (reads || lv.level == 0)) lv.ready[row] = reads;
-    if (!reads) return;
-  }
-  const P* logits = static_cast<const P*>(prm.target_probs) + b * prm.tp_sb + i * prm.tp_sn;
+  const int64_t slot = blockIdx.x, row = slot / w.chunks, c = slot % w.chunks;
+  const auto passes = [&](int64_t parent_row, int64_t x) {
+    return merged_row_argmax<kThreads>(w, parent_row, s_v, s_i, s_nan) == x;
+  };
+  if (!tree_level_reads(prm, lv, row, c, passes)) return;
   const int64_t begin = c * w.chunk_len, end = begin + w.chunk_len < prm.V ? begin + w.chunk_len : prm.V;
-  chunk_argmax<P, kThreads>(logits, begin, end, w, slot, s_v, s_i, s_nan);
+  chunk_argmax<P, kThreads>(logit_row<P>(prm, row), begin, end, w, slot, s_v, s_i, s_nan);
 }
 
 template <int kThreads>

@@ -18,11 +18,14 @@ namespace {
 
 template <typename P>
 struct CpuTypicalOps : TreeRowOutputs {
+  const P* logits;     // the row's [N + 1, V] (row stride tp_sn)
   TypicalNode* nodes;  // [N]
 
   static float load(const P* row, int64_t t) { return static_cast<float>(row[t]); }
+  float logit(int64_t i, int64_t x) const { return load(logits + i * prm.tp_sn, x); }
 
-  RowStats stats(const P* row) const {
+  RowStats stats(int64_t i) const {
+    const P* row = logits + i * prm.tp_sn;
     const int64_t V = prm.V;
     RowStats s{0.0f, argmax_row(row, V), 0.0f, 0.0f};
     if (s.argmax < 0 || prm.temperature == 0.0f) return s;
@@ -54,8 +57,8 @@ void typical_rows(const TreeSampleParams& prm) {
   for_each_tree_row<P>(
       prm, false, [&] { return std::vector<TypicalNode>(static_cast<size_t>(prm.N)); },
       [&](int64_t b, const TreeRowOutputs& out, std::vector<TypicalNode>& nodes, int64_t* accepted) {
-        CpuTypicalOps<P> ops{out, nodes.data()};
-        return typical_walk<P>(prm, b, ops, accepted);
+        CpuTypicalOps<P> ops{out, static_cast<const P*>(prm.target_probs) + b * prm.tp_sb, nodes.data()};
+        return typical_walk(prm, b, ops, accepted);
       });
 }
 
