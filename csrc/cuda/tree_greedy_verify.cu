@@ -1,5 +1,3 @@
-#include <stdexcept>
-
 #include "cuda/launchers.h"
 #include "cuda/tree_greedy_verify.cuh"
 
@@ -21,22 +19,19 @@ int64_t tree_greedy_verify_workspace(const TreeSampleParams& prm, FloatKind kind
 
 void launch_tree_greedy_verify(const TreeSampleParams& prm, FloatKind kind, void* workspace, void* stream) {
   const cuda::RowSplit split = cuda::tree_row_split(prm, kind, kThreads);
-  const int64_t slots = prm.B * (prm.N + 1) * split.chunks;
-  if (slots > 0x7fffffff || prm.B > 0x7fffffff)
-    throw std::invalid_argument("fastar.tree_greedy_verify: too many (row, node) pairs for one launch");
+  const int64_t slots = cuda::tree_split_slots(prm, split, "fastar.tree_greedy_verify");
   TreeSampleParams p = prm;
   p.residual = static_cast<uint64_t*>(workspace);
   float* values = reinterpret_cast<float*>(p.residual + prm.B * 2 * prm.N);
   int* indices = reinterpret_cast<int*>(values + slots);
   const cuda::GreedyPartials w{values, indices, split.chunks, split.chunk_len};
-  const int64_t last_level = cuda::tree_reads_by_level(prm, kind) ? prm.max_depth : -1;
   const cudaStream_t st = static_cast<cudaStream_t>(stream);
   cuda::dispatch_device_float(kind, [&](auto tag) {
-    for (int64_t level = last_level < 0 ? -1 : 0; level <= last_level; ++level) {
+    cuda::for_each_tree_level(prm, kind, [&](int64_t level) {
       launch_kernel("tree_greedy_verify_partial", &cuda::tree_greedy_verify_partial_kernel<decltype(tag), kThreads>,
                     dim3(static_cast<unsigned>(slots)), dim3(kThreads), 0, st, p, w,
                     cuda::TreeLevel{indices + slots, level});
-    }
+    });
     launch_kernel("tree_greedy_verify_finish", &cuda::tree_greedy_verify_finish_kernel<decltype(tag), kThreads>,
                   dim3(static_cast<unsigned>(prm.B)), dim3(kThreads), 0, st, p, w);
   });

@@ -6,6 +6,9 @@
 //  2. tree_greedy_verify_finish_kernel: one block per row checks the nodes in parallel, then every thread runs
 //     core/tree_acceptance.h's tree_greedy_walk, whose argmaxes merge the chunks' candidates block-wide.
 #pragma once
+#include <stdexcept>
+#include <string>
+
 #include "core/tree_acceptance.h"
 #include "cuda/greedy_verify.cuh"
 #include "cuda/launchers.h"
@@ -24,6 +27,21 @@ inline RowSplit tree_row_split(const TreeSampleParams& prm, FloatKind kind, int 
 inline bool tree_reads_by_level(const TreeSampleParams& prm, FloatKind kind) {
   const int64_t skipped_bytes = prm.B * (prm.N - prm.max_depth) * prm.V * (kind == FloatKind::kFloat32 ? 4 : 2);
   return skipped_bytes > prm.max_depth * multiprocessors() * int64_t{76 << 10};
+}
+
+// The blocks of a split tree op's partial launch (every logit row's chunks); a clear error past one launch.
+inline int64_t tree_split_slots(const TreeSampleParams& prm, const RowSplit& split, const char* op) {
+  const int64_t slots = prm.B * (prm.N + 1) * split.chunks;
+  if (slots > 0x7fffffff || prm.B > 0x7fffffff)
+    throw std::invalid_argument(std::string(op) + ": too many (row, node) pairs for one launch");
+  return slots;
+}
+
+// Calls partial(level) once for every row at once (level -1), or once per level 0..max_depth (tree_reads_by_level).
+template <typename Partial>
+void for_each_tree_level(const TreeSampleParams& prm, FloatKind kind, Partial partial) {
+  const int64_t last = tree_reads_by_level(prm, kind) ? prm.max_depth : -1;
+  for (int64_t level = last < 0 ? -1 : 0; level <= last; ++level) partial(level);
 }
 
 // Logit row `row` (b * (N + 1) + i)'s argmax from its chunks' candidates, the same in every thread (collective);

@@ -1,5 +1,3 @@
-#include <stdexcept>
-
 #include "cuda/launchers.h"
 #include "cuda/typical_accept.cuh"
 
@@ -23,23 +21,20 @@ void launch_typical_accept(const TreeSampleParams& prm, FloatKind kind, void* wo
   static_assert(sizeof(TypicalNode) % sizeof(float) == 0 && alignof(TypicalNode) <= alignof(float),
                 "the partials follow the nodes 4-byte aligned");
   const cuda::RowSplit split = cuda::tree_row_split(prm, kind, kThreads);
-  const int64_t slots = prm.B * (prm.N + 1) * split.chunks;
-  if (slots > 0x7fffffff || prm.B > 0x7fffffff)
-    throw std::invalid_argument("fastar.typical_accept: too many (row, node) pairs for one launch");
+  const int64_t slots = cuda::tree_split_slots(prm, split, "fastar.typical_accept");
   TreeSampleParams p = prm;
   p.residual = static_cast<uint64_t*>(workspace);
   float* values = reinterpret_cast<float*>(static_cast<TypicalNode*>(workspace) + prm.B * prm.N);
   int* indices = reinterpret_cast<int*>(values + slots);
   float* sums = reinterpret_cast<float*>(indices + slots);
   const cuda::TypicalPartials w{{values, indices, split.chunks, split.chunk_len}, sums, sums + slots};
-  const int64_t last_level = cuda::tree_reads_by_level(prm, kind) ? prm.max_depth : -1;
   const cudaStream_t st = static_cast<cudaStream_t>(stream);
   cuda::dispatch_device_float(kind, [&](auto tag) {
-    for (int64_t level = last_level < 0 ? -1 : 0; level <= last_level; ++level) {
+    cuda::for_each_tree_level(prm, kind, [&](int64_t level) {
       launch_kernel("typical_accept_partial", &cuda::typical_accept_partial_kernel<decltype(tag), kThreads>,
                     dim3(static_cast<unsigned>(slots)), dim3(kThreads), 0, st, p, w,
                     cuda::TreeLevel{reinterpret_cast<int*>(sums + 2 * slots), level});
-    }
+    });
     launch_kernel("typical_accept_finish", &cuda::typical_accept_finish_kernel<decltype(tag), kThreads>,
                   dim3(static_cast<unsigned>(prm.B)), dim3(kThreads), 0, st, p, w);
   });
