@@ -329,11 +329,12 @@ def bench_rows(device: str, small: bool) -> list[dict]:
 @dataclasses.dataclass(frozen=True)
 class AcceptanceGpuCase:
     """fastar.greedy_verify or fastar.speculative_sample (with_q: with draft probabilities) over B sequences of n
-    drafts, or fastar.tree_greedy_verify / fastar.typical_accept (T = 1) over mc_sim_7b_63's 63 drafted nodes
-    (n = 63), and a vocabulary of V, bf16 (docs/design/sampling-kernels.md)."""
+    drafts, or fastar.tree_greedy_verify / fastar.typical_accept (T = 1) / fastar.tree_speculative_sample (with_q
+    as above) over mc_sim_7b_63's 63 drafted nodes (n = 63), and a vocabulary of V, bf16
+    (docs/design/sampling-kernels.md)."""
 
     name: str
-    op: str  # greedy_verify | speculative_sample | tree_greedy_verify | typical_accept
+    op: str  # greedy_verify | speculative_sample | tree_greedy_verify | typical_accept | tree_speculative_sample
     B: int
     n: int
     V: int
@@ -353,6 +354,8 @@ ACCEPTANCE_CASES = [
     AcceptanceGpuCase("tree_greedy B=32", "tree_greedy_verify", 32, 63, 131072),
     AcceptanceGpuCase("typical B=1", "typical_accept", 1, 63, 131072),
     AcceptanceGpuCase("typical B=32", "typical_accept", 32, 63, 131072),
+    AcceptanceGpuCase("tree_sample B=1", "tree_speculative_sample", 1, 63, 131072),
+    AcceptanceGpuCase("tree_sample B=32 q", "tree_speculative_sample", 32, 63, 131072, with_q=True),
 ]
 TREE_OPS = ("tree_greedy_verify", "typical_accept")
 
@@ -366,7 +369,8 @@ def mc_sim_tree():
 
 def acceptance_inputs(case: AcceptanceGpuCase, device: str) -> dict:
     """Drafts that copy the target's argmax up to position 2 (greedy), after their parent for a node's first child
-    (tree: the path of first children is accepted) or are drawn from q or p (sampling)."""
+    (tree: the path of first children is accepted) or are drawn from q or p (sampling; tree sampling: from the
+    node's own draft row, or its parent's target row)."""
     gen = torch.Generator().manual_seed(1)
     x = {"case": case}
     if case.op in TREE_OPS:
@@ -377,6 +381,15 @@ def acceptance_inputs(case: AcceptanceGpuCase, device: str) -> dict:
         first = torch.tensor([t == 0 or int(parents[t]) != int(parents[t - 1]) for t in range(case.n)])
         drafts[:, first] = logits.float().argmax(-1)[:, parents[first] + 1]
         x["args"] = (drafts.to(device), tree, logits.to(device))
+        return x
+    if case.op == "tree_speculative_sample":
+        tree = mc_sim_tree()
+        parents = tree.parents[1:] - 1
+        p = torch.softmax(2 * torch.randn(case.B, case.n + 1, case.V, generator=gen), -1).to(torch.bfloat16)
+        q = torch.softmax(2 * torch.randn(case.B, case.n, case.V, generator=gen), -1).to(torch.bfloat16)
+        src = q if case.with_q else p[:, parents + 1]
+        drafts = torch.multinomial(src.float().reshape(-1, case.V), 1, generator=gen).reshape(case.B, case.n)
+        x["args"] = (drafts.to(device), tree, q.to(device) if case.with_q else None, p.to(device))
         return x
     if case.op == "greedy_verify":
         logits = torch.randn(case.B, case.n + 1, case.V, generator=gen).to(torch.bfloat16)
@@ -402,6 +415,8 @@ def run_acceptance(x: dict):
     if x["case"].op == "typical_accept":
         drafts, tree, logits = x["args"]
         return fastar.typical_accept(drafts, logits, tree=tree)[1:]
+    if x["case"].op == "tree_speculative_sample":
+        return fastar.tree_speculative_sample(*x["args"], seed=5)[1:]
     return fastar.speculative_sample(*x["args"], seed=5)
 
 
@@ -410,12 +425,25 @@ def acceptance_reference(x: dict):
         greedy_verify_reference,
         speculative_sample_reference,
         tree_greedy_verify_row,
+        tree_speculative_sample_row,
         typical_accept_row,
     )
 
     args = [a.cpu() if isinstance(a, torch.Tensor) else a for a in x["args"]]
     if x["case"].op == "greedy_verify":
         return greedy_verify_reference(*args)
+    if x["case"].op == "tree_speculative_sample":
+        drafts, tree, q, p = args
+        parents = (tree.parents[1:] - 1).tolist()
+        rows = [tree_speculative_sample_row(parents, drafts[b].tolist(), None if q is None else q[b], p[b], row=b,
+                                            seed=5) for b in range(x["case"].B)]
+        depths = []
+        for parent in parents:
+            depths.append(1 if parent < 0 else depths[parent] + 1)
+        tokens = torch.full((x["case"].B, max(depths) + 1), -1)
+        for b, (_, row, _) in enumerate(rows):
+            tokens[b, :len(row)] = torch.tensor(row)
+        return tokens, torch.tensor([k for _, _, k in rows])
     if x["case"].op in TREE_OPS:
         drafts, tree, logits = args
         parents, depths = (tree.parents[1:] - 1).tolist(), []
@@ -436,13 +464,15 @@ def acceptance_reference(x: dict):
 def acceptance_bytes(x: dict, num_accepted: torch.Tensor) -> int:
     """HBM bytes the op must move: greedy, every position up to the row's drafts (the split kernel reads them all
     at once); tree greedy and typical, the rows after the root and the accepted nodes (at least what the walk
-    reads); sampling, the row
-    it samples from (the target's, and the draft's after a rejection)."""
+    reads); sampling, the row it samples from (the target's, and the draft's after a rejection); tree sampling, a
+    lower bound: one pass over the row it draws from."""
     case, elem = x["case"], 2
     if case.op == "greedy_verify":
         return case.B * (case.n + 1) * case.V * elem
     if case.op in TREE_OPS:
         return int((num_accepted.cpu().long() + 1).sum()) * case.V * elem
+    if case.op == "tree_speculative_sample":  # at least the row it draws from, and its draft row with q
+        return case.B * (2 if case.with_q else 1) * case.V * elem
     rejected = int((num_accepted.cpu() < case.n).sum())
     return (case.B + (rejected if case.with_q else 0)) * case.V * elem
 

@@ -71,7 +71,8 @@ GSD = {"gsd_partial", "speculative_sample_finish"}
 GREEDY = {"greedy_verify_partial", "greedy_verify_finish"}
 TREE_GREEDY = {"tree_greedy_verify_partial", "tree_greedy_verify_finish"}
 TYPICAL = {"typical_accept_partial", "typical_accept_finish"}
-ALL_KERNELS = {*SPECULATIVE, *GSD, "tree_speculative_sample", *GREEDY, *TREE_GREEDY, *TYPICAL, "sample_cfg",
+TREE_SAMPLE = {"tree_sample_step", "tree_sample_pass"}
+ALL_KERNELS = {*SPECULATIVE, *GSD, *TREE_SAMPLE, *GREEDY, *TREE_GREEDY, *TYPICAL, "sample_cfg",
                "attention_vec_decode", "attention_decode", "attention_tiled", "attention_tc", "attention_merge",
                "attention_kivi_decode", "quantize_kv_append", "quantize_kivi_keys", "quantize_kivi_values",
                "diffusion_unmask", "compact_kv", "spectr_accept"}
@@ -172,18 +173,20 @@ def test_spectr_accept(backend):
         assert_order_independent(lambda t=target: backend.spectr_accept(drafts, q, t, seed=12), {"spectr_accept"})
 
 
-def test_tree_speculative_sample(backend):
+@pytest.mark.parametrize("V", [300, 4500])  # 4500: rows split over several blocks
+def test_tree_speculative_sample(backend, V):
     # A wide root whose children the target rarely takes: rows reject several children at a node, so the
-    # kernel writes weight rows (global memory, between barriers) and draws from them.
+    # kernels write weight rows (global memory, between barriers or launches) and draw from them.
     gen = torch.Generator().manual_seed(3)
-    B, V = 3, 300
+    B = 3
     tree = fastar.masks.Tree([-1, -1, -1, -1, 0, 4])
     p = torch.softmax(4 * torch.randn(B, 7, V, generator=gen), -1)
     q = torch.softmax(torch.randn(B, 6, V, generator=gen), -1)
     drafts = torch.multinomial(q.reshape(-1, V), 1, generator=gen).reshape(B, 6)
+    kernels = TREE_SAMPLE if V > 1024 else {"tree_sample_step"}  # one chunk: every pass in the row's block
     for draft_probs in (q, None):
         assert_order_independent(lambda q=draft_probs: backend.tree_speculative_sample(drafts, tree, q, p, seed=11),
-                                 {"tree_speculative_sample"})
+                                 kernels)
 
 
 @pytest.mark.parametrize("V", [300, 4500])  # 4500: rows split over several blocks

@@ -9,6 +9,7 @@ from collections import Counter
 import pytest
 import torch
 
+from fastar import _simt
 from fastar.masks import Tree
 from fastar.reference import tree_speculative_sample_row
 from helpers import chisquare_pvalue, rows, tree_op_status
@@ -128,6 +129,54 @@ def test_first_token_follows_target(backend, one_hot):
     p0 = p_rows[0].double() / p_rows[0].double().sum()
     expected = {t: float(p0[t]) for t in range(V)}
     assert chisquare_pvalue(Counter(tokens[:, 0].tolist()), expected, B) > P_THRESHOLD
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("one_hot", [False, True])
+def test_rows_split_over_blocks(backend, dtype, one_hot):
+    """V = 5000: the CUDA kernels split each row's passes over blocks (four, then the row's block runs the rest).
+    Row 0 rejects all six children of the root, each holding a tenth of the target's mass: seven passes, over
+    residuals whose excluded mass changes every total. Row 1's target almost surely takes the first child at
+    every level down to a leaf: one pass. Row 3 takes nodes 0 and 6, then rejects node 9 (half the mass): it
+    draws from the residual of one rejection. The seed is the first for which the reference says rows 0 and 3
+    do so. Row 2 is random."""
+    gen = torch.Generator().manual_seed(5 + one_hot)
+    parents = [-1, -1, -1, -1, -1, -1, 0, 0, 0, 6]
+    B, N, V = 4, len(parents), 5000
+    p = random_probs(gen, (B, N + 1, V), torch.float64)
+    q = random_probs(gen, (B, N, V), torch.float64)
+    drafts = torch.multinomial(q.reshape(-1, V), 1, generator=gen).reshape(B, N)
+    drafts[0, :6] = torch.randperm(V, generator=gen)[:6]
+    one = torch.nn.functional.one_hot(drafts, V).double()
+    p[0, 0] = 0.4 * p[0, 0] + 0.1 * one[0, :6].sum(0)
+    q[0, :6] = 0.1 * q[0, :6] + 0.9 * one[0, :6]
+    for b, t in ((1, 0), (1, 6), (1, 9), (3, 0), (3, 6)):  # row 1's path: the root, nodes 0, 6, 9; row 3's
+        p[b, parents[t] + 1] = 0.01 * p[b, parents[t] + 1] + 0.99 * one[b, t]
+    p[3, 7] = 0.5 * p[3, 7] + 0.5 * one[3, 9]
+    q[3, 9] = 0.1 * q[3, 9] + 0.9 * one[3, 9]
+    p, q = p.to(dtype), None if one_hot else q.to(dtype)
+
+    def accepted_by_reference(b, seed):
+        return tree_speculative_sample_row(parents, drafts[b].tolist(), None if q is None else q[b], p[b], row=b,
+                                           seed=seed, offset=3)[2]
+
+    seed = next(s for s in range(200) if accepted_by_reference(0, s) == 0 and accepted_by_reference(3, s) == 2)
+    simt = _simt.load() if backend.name == "simt" else None
+    if simt:
+        simt.reset_launch_counts()
+    path, tokens, accepted = backend.tree_speculative_sample(drafts, Tree(parents), q, p, seed=seed, offset=3)
+    want = expected_rows([parents], drafts.tolist(), q, p, seed, 3, False, 4)
+    assert torch.equal(accepted, want[2]) and torch.equal(tokens, want[1]) and torch.equal(path, want[0])
+    assert accepted[1] == 3
+    if simt:
+        assert simt.launch_counts() == {"tree_sample_step": 5, "tree_sample_pass": 4}
+    nan = p[:1].clone()
+    nan[0, 0, V - 7] = float("nan")  # read in row 0's first pass (its first child fails), in the last chunk
+    assert V - 7 not in drafts[0].tolist()
+    q0 = None if q is None else q[:1]
+    status = tree_op_status(backend, lambda: backend.tree_speculative_sample(drafts[:1], Tree(parents), q0, nan,
+                                                                             seed=seed))
+    assert status == STATUS_BAD_VALUE
 
 
 def test_bad_values(backend):

@@ -30,8 +30,7 @@ struct TreeSampleParams {
   int32_t* num_accepted;
   int64_t B, N, V, max_depth;
   bool root_in_path;   // path numbers the tree with the verified root as node 0: [0, t1 + 1, t2 + 1, ...]
-  uint64_t* residual;  // CUDA: [B, V] weight rows (tree_greedy_verify: [B, 2N]; typical_accept: TypicalNode
-                       // [B, N]); the CPU kernels keep their own
+  uint64_t* residual;  // CUDA scratch: tree_greedy_verify's [B, 2N], typical_accept's TypicalNode [B, N]
   PhiloxSeed seed;
   float posterior_threshold, posterior_alpha, temperature, inv_temperature;  // typical_accept's (1 / T, or 0)
 };
@@ -130,64 +129,121 @@ FASTAR_HD int32_t tree_node_status(const TreeSampleParams& prm, int64_t b, int64
   return kOk;
 }
 
-// The walk of row b over valid nodes (tree_node_status kOk for all), docs/acceptance.md's rule. Ops, over a
-// TreeView<P> v: ops.load(row, t) -> float; ops.mass(v, &ok) -> the total of v's weights (ok: every value read is
-// a probability); ops.materialize(v) -> const uint64_t*, the row of v's weights (may be v.W itself, in place);
-// ops.find(v, target) -> the inverse CDF's token, right after ops.mass(v); ops.emit(i, node, token): path and
-// token slot i. Returns the row's status; on kOk, *accepted is the number of accepted nodes.
+// Where row b's walk (docs/acceptance.md's rule, over valid nodes: tree_node_status kOk for all) stands between
+// its passes over V, so that a backend may run each pass as a launch of its own. The pending pass: when
+// `materialize`, base's weights are written to `scratch` (the row's [V] weight row, in place) first; then the
+// total of sum's weights goes to `mass` (`ok`: every value read was a probability).
+template <typename P>
+struct TreeWalk {
+  enum Stage : int32_t { kNode, kChildren, kResidualMass, kFinalMass };
+  int32_t stage = kNode;
+  int64_t node = -1, depth = 0;
+  int64_t child = 0;     // the next child index to try
+  int64_t bits_of = 0;   // the draw whose sampling bits pick a token here: the last rejected child's
+  uint64_t total = 0;    // the view's total once a rejection has left weights
+  bool as_given = true;  // the view is the target row as given
+  TreeView<P> view{};
+  bool materialize = false;
+  TreeView<P> base{}, sum{};
+  uint64_t* scratch = nullptr;
+  uint64_t mass = 0;
+  bool ok = true;
+};
+
+// tree_sample_step's status while a pass over V is pending (the accept:: statuses are >= 0).
+constexpr int32_t kTreePassPending = -1;
+
+// Advances row b's walk to its next pass over V (returns kTreePassPending; the caller fills w.mass and w.ok and
+// steps again) or to its end (the row's status; on kOk, *accepted is the number of accepted nodes). Ops:
+// ops.load(row, t) -> float; ops.find(v, target) -> the inverse CDF's token of v (its pass was the last);
+// ops.emit(i, node, token): path and token slot i.
 template <typename P, typename Ops>
-FASTAR_HD int32_t tree_sample_walk(const TreeSampleParams& prm, int64_t b, Ops& ops, int64_t* accepted) {
+FASTAR_HD int32_t tree_sample_step(const TreeSampleParams& prm, int64_t b, Ops& ops, TreeWalk<P>& w,
+                                   int64_t* accepted) {
   using namespace accept;
+  using Walk = TreeWalk<P>;
   auto load = [&](const P* row, int64_t t) { return ops.load(row, t); };
   const P* tp = static_cast<const P*>(prm.target_probs) + b * prm.tp_sb;
   const P* dp = prm.draft_probs ? static_cast<const P*>(prm.draft_probs) + b * prm.dp_sb : nullptr;
-  int64_t node = -1, depth = 0;
   for (;;) {
-    const P* row = tp + (node + 1) * prm.tp_sn;
-    TreeView<P> view{row, nullptr, 0, nullptr, -1};  // the target row as given, until a rejection
-    bool as_given = true;
-    uint64_t total = 0;       // the view's total once a rejection has left weights
-    int64_t bits_of = prm.N;  // the draw whose sampling bits pick a token here: the last rejected child's
-    int64_t next = -1;
-    for (int64_t c = node + 1; c < prm.N && next < 0; ++c) {
-      const int64_t x = tree_draft(prm, b, c);
-      if (tree_parent(prm, b, c) != node || x == -1) continue;
-      const P* qrow = dp ? dp + c * prm.dp_sn : nullptr;
-      const float q = qrow ? load(qrow, x) : 1.0f;
-      const double u = draw(prm.seed, b, c).accept_u;
-      if (as_given ? accept_draft(u, load(row, x), q) : accept_weighted_draft(u, q, view.weight(x, load), total)) {
-        next = c;
-        continue;
+    const P* row = tp + (w.node + 1) * prm.tp_sn;
+    switch (w.stage) {
+      case Walk::kNode:  // the target row as given, until a rejection
+        w.view = TreeView<P>{row, nullptr, 0, nullptr, -1};
+        w.as_given = true;
+        w.total = 0;
+        w.bits_of = prm.N;
+        w.child = w.node + 1;
+        w.stage = Walk::kChildren;
+        break;
+      case Walk::kChildren: {
+        int64_t c = w.child;
+        while (c < prm.N && (tree_parent(prm, b, c) != w.node || tree_draft(prm, b, c) == -1)) ++c;
+        w.materialize = false;
+        if (c == prm.N) {  // every child failed (or a leaf): sample from the view
+          w.sum = w.view;
+          w.stage = Walk::kFinalMass;
+          return kTreePassPending;
+        }
+        const int64_t x = tree_draft(prm, b, c);
+        const P* qrow = dp ? dp + c * prm.dp_sn : nullptr;
+        const float q = qrow ? load(qrow, x) : 1.0f;
+        const double u = draw(prm.seed, b, c).accept_u;
+        if (w.as_given ? accept_draft(u, load(row, x), q)
+                       : accept_weighted_draft(u, q, w.view.weight(x, load), w.total)) {
+          ops.emit(w.depth, c, x);
+          ++w.depth;
+          w.node = c;
+          w.stage = Walk::kNode;
+          break;
+        }
+        w.bits_of = c;
+        w.child = c + 1;
+        w.sum = TreeView<P>{row, nullptr, 0, qrow, qrow ? -1 : x};
+        if (!w.as_given) {
+          if (!w.view.plain()) {
+            w.materialize = true;
+            w.base = w.view;
+            w.view = TreeView<P>{nullptr, w.scratch, 0, nullptr, -1};
+          }
+          w.sum = TreeView<P>{nullptr, w.view.W, w.total, qrow, qrow ? -1 : x};
+        }
+        w.stage = Walk::kResidualMass;
+        return kTreePassPending;
       }
-      bits_of = c;
-      TreeView<P> residual{row, nullptr, 0, qrow, qrow ? -1 : x};
-      if (!as_given) {
-        if (!view.plain()) view = TreeView<P>{nullptr, ops.materialize(view), 0, nullptr, -1};
-        residual = TreeView<P>{nullptr, view.W, total, qrow, qrow ? -1 : x};
-      }
-      bool ok = true;
-      const uint64_t mass = ops.mass(residual, &ok);
-      if (!ok || mass >= kMaxTreeMass) return kBadValue;
-      if (mass > 0) {  // else the distribution stays (p == q up to the fixed-point grid)
-        view = residual;
-        total = mass;
-        as_given = false;
-      }
+      case Walk::kResidualMass:
+        if (!w.ok || w.mass >= kMaxTreeMass) return kBadValue;
+        if (w.mass > 0) {  // else the distribution stays (p == q up to the fixed-point grid)
+          w.view = w.sum;
+          w.total = w.mass;
+          w.as_given = false;
+        }
+        w.stage = Walk::kChildren;
+        break;
+      default:  // kFinalMass
+        if (!w.ok) return kBadValue;
+        if (w.mass == 0) return kZeroMass;
+        ops.emit(w.depth, -1, ops.find(w.view, sample_target(draw(prm.seed, b, w.bits_of).sample_bits, w.mass)));
+        *accepted = w.depth;
+        return kOk;
     }
-    if (next >= 0) {
-      ops.emit(depth, next, tree_draft(prm, b, next));
-      ++depth;
-      node = next;
-      continue;
-    }
-    bool ok = true;
-    const uint64_t mass = ops.mass(view, &ok);
-    if (!ok) return kBadValue;
-    if (mass == 0) return kZeroMass;
-    ops.emit(depth, -1, ops.find(view, sample_target(draw(prm.seed, b, bits_of).sample_bits, mass)));
-    *accepted = depth;
-    return kOk;
   }
+}
+
+// The whole walk of row b with the passes run in place: ops.materialize(v, dst) writes v's weights to dst (may be
+// v.W itself); ops.mass(v, &ok) -> the total of v's weights (ok: every value read is a probability); the rest as
+// in tree_sample_step. `scratch`: the row's weight row [V]. Returns the row's status.
+template <typename P, typename Ops>
+FASTAR_HD int32_t tree_sample_walk(const TreeSampleParams& prm, int64_t b, Ops& ops, uint64_t* scratch,
+                                   int64_t* accepted) {
+  TreeWalk<P> w;
+  w.scratch = scratch;
+  int32_t status;
+  while ((status = tree_sample_step<P>(prm, b, ops, w, accepted)) == kTreePassPending) {
+    if (w.materialize) ops.materialize(w.base, w.scratch);
+    w.mass = ops.mass(w.sum, &w.ok);
+  }
+  return status;
 }
 
 // Whether the root-first path to node a is lexicographically before the one to node c, both at the same depth:

@@ -94,6 +94,16 @@ inline uint4 load_global16(const void* p, std::source_location site = std::sourc
 }
 #endif
 
+// p, read from memory rather than passed to the kernel, as a global-memory address, so that nvcc emits global
+// loads (LDG) through it rather than generic ones. The emulator has one address space.
+template <typename T>
+__device__ __forceinline__ T* global_ptr(T* p) {
+#ifdef __CUDA_ARCH__
+  __builtin_assume(__isGlobal(p));
+#endif
+  return p;
+}
+
 // x = row[t, t + kVecOf<P>) as floats, one 16-byte load when `aligned` (row 16-byte aligned, t a multiple of
 // kVecOf<P>) and the span lies before `end`; elements at or past `end` are not read (x = 0). Returns how many
 // are in range.

@@ -26,7 +26,8 @@ int64_t speculative_sample_workspace(const ChainAcceptParams& prm, FloatKind kin
 void launch_speculative_sample(const ChainAcceptParams& prm, FloatKind kind, void* workspace, void* stream);
 int64_t greedy_verify_workspace(const GreedyVerifyParams& prm, FloatKind kind);
 void launch_greedy_verify(const GreedyVerifyParams& prm, FloatKind kind, void* workspace, void* stream);
-void launch_tree_speculative_sample(const TreeSampleParams& prm, FloatKind kind, void* stream);
+int64_t tree_speculative_sample_workspace(const TreeSampleParams& prm, FloatKind kind);
+void launch_tree_speculative_sample(const TreeSampleParams& prm, FloatKind kind, void* workspace, void* stream);
 int64_t tree_greedy_verify_workspace(const TreeSampleParams& prm, FloatKind kind);
 void launch_tree_greedy_verify(const TreeSampleParams& prm, FloatKind kind, void* workspace, void* stream);
 int64_t typical_accept_workspace(const TreeSampleParams& prm, FloatKind kind);

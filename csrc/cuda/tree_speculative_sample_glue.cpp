@@ -1,4 +1,4 @@
-// Torch glue of the CUDA fastar.tree_speculative_sample: device, seed, the residual rows, stream, launch.
+// Torch glue of the CUDA fastar.tree_speculative_sample: device, seed, the workspace, stream, launch.
 // Compiled twice: into fastar._C for the CUDA dispatch key, and (FASTAR_SIMT) into fastar._C_simt on CPU tensors.
 #include <ATen/ops/empty.h>
 
@@ -12,10 +12,11 @@ void run_tree_speculative_sample_cuda(TreeSampleLaunch& l) {
   DeviceScope scope(l.target_probs, "fastar.tree_speculative_sample");
   l.prm.seed = philox_seed(l.seed, l.offset);
   if (l.prm.B == 0) return;
-  // A row's weights once a node rejects a second child; stream-ordered by the caching allocator.
-  const at::Tensor residual = at::empty({l.prm.B, l.prm.V}, l.target_probs.options().dtype(at::kLong));
-  l.prm.residual = reinterpret_cast<uint64_t*>(residual.data_ptr<int64_t>());
-  launch_tree_speculative_sample(l.prm, float_kind(l.target_probs), scope.stream());
+  // The rows' walks, weights and chunk sums; stream-ordered by the caching allocator.
+  const FloatKind kind = float_kind(l.target_probs);
+  const at::Tensor workspace =
+      at::empty({tree_speculative_sample_workspace(l.prm, kind)}, l.target_probs.options().dtype(at::kByte));
+  launch_tree_speculative_sample(l.prm, kind, workspace.data_ptr(), scope.stream());
 }
 
 }  // namespace fastar

@@ -17,8 +17,6 @@ namespace {
 
 template <typename P>
 struct CpuTreeOps : TreeRowOutputs {
-  uint64_t* w;  // the row's weights [V]
-
   static float load(const P* row, int64_t t) { return static_cast<float>(row[t]); }
 
   // The total of v's weights over [begin, end), stored to dst when kStore, by vectors of kW tokens; *ok: every
@@ -92,10 +90,9 @@ struct CpuTreeOps : TreeRowOutputs {
     return prm.V - 1;  // unreachable for target < the total
   }
 
-  const uint64_t* materialize(const TreeView<P>& v) const {
+  void materialize(const TreeView<P>& v, uint64_t* dst) const {
     bool ok = true;
-    pass<true>(v, 0, prm.V, w, &ok);
-    return w;
+    pass<true>(v, 0, prm.V, dst, &ok);
   }
 };
 
@@ -104,8 +101,8 @@ void tree_sample_rows(const TreeSampleParams& prm) {
   for_each_tree_row<P>(
       prm, true, [&] { return std::vector<uint64_t>(static_cast<size_t>(prm.V)); },
       [&](int64_t b, const TreeRowOutputs& out, std::vector<uint64_t>& w, int64_t* accepted) {
-        CpuTreeOps<P> ops{out, w.data()};
-        return tree_sample_walk<P>(prm, b, ops, accepted);
+        CpuTreeOps<P> ops{out};
+        return tree_sample_walk<P>(prm, b, ops, w.data(), accepted);
       });
 }
 
