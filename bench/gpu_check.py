@@ -331,10 +331,12 @@ class AcceptanceGpuCase:
     """fastar.greedy_verify or fastar.speculative_sample (with_q: with draft probabilities) over B sequences of n
     drafts, or fastar.tree_greedy_verify / fastar.typical_accept (T = 1) / fastar.tree_speculative_sample (with_q
     as above) over mc_sim_7b_63's 63 drafted nodes (n = 63), and a vocabulary of V, bf16
-    (docs/design/sampling-kernels.md)."""
+    (docs/design/sampling-kernels.md); or one fastar.diffusion_unmask step over a block of n positions
+    (bench/bench_diffusion_unmask.py's case, temperature 0)."""
 
     name: str
     op: str  # greedy_verify | speculative_sample | tree_greedy_verify | typical_accept | tree_speculative_sample
+    # | diffusion_unmask
     B: int
     n: int
     V: int
@@ -356,6 +358,8 @@ ACCEPTANCE_CASES = [
     AcceptanceGpuCase("typical B=32", "typical_accept", 32, 63, 131072),
     AcceptanceGpuCase("tree_sample B=1", "tree_speculative_sample", 1, 63, 131072),
     AcceptanceGpuCase("tree_sample B=32 q", "tree_speculative_sample", 32, 63, 131072, with_q=True),
+    AcceptanceGpuCase("unmask B=1", "diffusion_unmask", 1, 32, 126464),
+    AcceptanceGpuCase("unmask B=8", "diffusion_unmask", 8, 32, 126464),
 ]
 TREE_OPS = ("tree_greedy_verify", "typical_accept")
 
@@ -381,6 +385,11 @@ def acceptance_inputs(case: AcceptanceGpuCase, device: str) -> dict:
         first = torch.tensor([t == 0 or int(parents[t]) != int(parents[t - 1]) for t in range(case.n)])
         drafts[:, first] = logits.float().argmax(-1)[:, parents[first] + 1]
         x["args"] = (drafts.to(device), tree, logits.to(device))
+        return x
+    if case.op == "diffusion_unmask":
+        from bench.bench_diffusion_unmask import UnmaskCase, make_inputs
+
+        x["unmask"] = make_inputs(UnmaskCase(case.B, 0.0, V=case.V, block_length=case.n), device)
         return x
     if case.op == "tree_speculative_sample":
         tree = mc_sim_tree()
@@ -417,6 +426,10 @@ def run_acceptance(x: dict):
         return fastar.typical_accept(drafts, logits, tree=tree)[1:]
     if x["case"].op == "tree_speculative_sample":
         return fastar.tree_speculative_sample(*x["args"], seed=5)[1:]
+    if x["case"].op == "diffusion_unmask":
+        from bench.bench_diffusion_unmask import run_fastar
+
+        return (run_fastar(x["unmask"], 5),)
     return fastar.speculative_sample(*x["args"], seed=5)
 
 
@@ -429,6 +442,10 @@ def acceptance_reference(x: dict):
         typical_accept_row,
     )
 
+    if x["case"].op == "diffusion_unmask":  # LLaDA's step as written, on the same device
+        from bench.bench_diffusion_unmask import run_torch
+
+        return (run_torch(x["unmask"], 5).cpu(),)
     args = [a.cpu() if isinstance(a, torch.Tensor) else a for a in x["args"]]
     if x["case"].op == "greedy_verify":
         return greedy_verify_reference(*args)
@@ -465,12 +482,14 @@ def acceptance_bytes(x: dict, num_accepted: torch.Tensor) -> int:
     """HBM bytes the op must move: greedy, every position up to the row's drafts (the split kernel reads them all
     at once); tree greedy and typical, the rows after the root and the accepted nodes (at least what the walk
     reads); sampling, the row it samples from (the target's, and the draft's after a rejection); tree sampling, a
-    lower bound: one pass over the row it draws from."""
+    lower bound: one pass over the row it draws from; diffusion_unmask, the masked positions' logits."""
     case, elem = x["case"], 2
     if case.op == "greedy_verify":
         return case.B * (case.n + 1) * case.V * elem
     if case.op in TREE_OPS:
         return int((num_accepted.cpu().long() + 1).sum()) * case.V * elem
+    if case.op == "diffusion_unmask":  # the logits of the block's masked positions, once
+        return case.B * x["unmask"]["case"].still_masked * case.V * elem
     if case.op == "tree_speculative_sample":  # at least the row it draws from, and its draft row with q
         return case.B * (2 if case.with_q else 1) * case.V * elem
     rejected = int((num_accepted.cpu() < case.n).sum())
@@ -479,7 +498,8 @@ def acceptance_bytes(x: dict, num_accepted: torch.Tensor) -> int:
 
 def acceptance_rows(device: str, small: bool, hbm: float, name: str) -> list[dict]:
     """The acceptance cases: fastar's tokens checked against the reference, timed, the HBM roofline time beside
-    (roofline_s) and its share; torch.argmax over the same logits beside greedy_verify."""
+    (roofline_s) and its share; torch.argmax over the same logits beside greedy_verify, LLaDA's step as written
+    beside diffusion_unmask."""
     rows = []
     for case in ACCEPTANCE_CASES:
         case = case.small() if small else case
@@ -491,10 +511,14 @@ def acceptance_rows(device: str, small: bool, hbm: float, name: str) -> list[dic
                 raise RuntimeError("fastar's tokens differ from the reference")
             row["fastar_s"] = median_time(functools.partial(run_acceptance, x), device)
             row["bound"] = "HBM"
-            row["roofline_s"] = acceptance_bytes(x, got[1]) / hbm
+            row["roofline_s"] = acceptance_bytes(x, got[-1]) / hbm
             row["roofline_share"] = row["roofline_s"] / row["fastar_s"]
             if case.op == "greedy_verify":
                 row["torch argmax_s"] = median_time(functools.partial(torch.argmax, x["args"][1], -1), device)
+            if case.op == "diffusion_unmask":
+                from bench.bench_diffusion_unmask import run_torch
+
+                row["llada step_s"] = median_time(functools.partial(run_torch, x["unmask"], 5), device)
         except Exception as exc:  # the row fails, the table goes on
             row["error"] = f"{type(exc).__name__}: {exc}"
         rows.append(row)
