@@ -255,3 +255,13 @@ def test_split_acceptance_kernels_load_16_bytes(family):
     assert len(found) >= 3, f"expected an instance per dtype, got {sorted(found)}"
     narrow = [f"{arch} {name[:100]}" for (arch, name), body in found.items() if not re.search(r"LDG\.E\.128", body)]
     assert not narrow, narrow
+
+
+@pytest.mark.parametrize("family", ["sample_cfg_kernel", "spectr_accept_kernel", "diffusion_select_kernel"])
+def test_shared_sums_use_native_atomics(family):
+    """The kernels that add into shared-memory sums (histograms, counts) use native 32-bit atomics: a 64-bit
+    shared atomicAdd compiles to a compare-and-swap spin loop (ATOMS.CAST.SPIN), serialised under contention."""
+    found = sass_of(rf"\b{family}\b")
+    assert found, f"no {family} in the built code"
+    spinning = [f"{arch} {name[:100]}" for (arch, name), body in found.items() if re.search(r"ATOMS\.CAS", body)]
+    assert not spinning, spinning

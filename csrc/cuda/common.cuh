@@ -78,6 +78,22 @@ __device__ __forceinline__ int64_t warp_find_token(int64_t begin, int64_t end, u
   return end - 1;  // unreachable when remaining is below the segment's sum
 }
 
+// A uint64 sum in shared memory as two uint32 words, so that adding to it is two native 32-bit atomics (a 64-bit
+// shared atomicAdd compiles to a compare-and-swap spin loop): the low word wraps, and the add that wraps it
+// carries one into the high word, so hi * 2^32 + lo is the exact sum whatever the order of the adds.
+struct SplitSum {
+  unsigned lo, hi;
+
+  __device__ __forceinline__ void add(uint64_t w) {
+    const unsigned low = static_cast<unsigned>(w);
+    const unsigned old = atomicAdd(&lo, low);
+    const unsigned carry = old + low < old ? 1u : 0u;
+    const unsigned high = static_cast<unsigned>(w >> 32) + carry;
+    if (high) atomicAdd(&hi, high);
+  }
+  __device__ __forceinline__ uint64_t value() const { return (static_cast<uint64_t>(hi) << 32) | lo; }
+};
+
 // Elements of P in one 16-byte load.
 template <typename P>
 inline constexpr int kVecOf = static_cast<int>(16 / sizeof(P));

@@ -171,7 +171,7 @@ __global__ void __launch_bounds__(kThreads) diffusion_select_kernel(DiffusionUnm
   using namespace diffusion;
   __shared__ int s_bad;
   __shared__ long long s_n, s_quota;
-  __shared__ unsigned long long s_committed;
+  __shared__ unsigned s_committed;  // positions of the row's block
   const int tid = threadIdx.x;
   const int64_t b = blockIdx.x, Lb = prm.block_len;
   const int64_t* cand = prm.candidates + b * Lb;
@@ -207,7 +207,7 @@ __global__ void __launch_bounds__(kThreads) diffusion_select_kernel(DiffusionUnm
     s_quota = rank_quota(prm.rule, s_n, prm.num_transfer ? prm.num_transfer[b] : 0, sorted, prm.threshold, prm.factor);
   }
   __syncthreads();
-  unsigned long long committed = 0;
+  unsigned committed = 0;
   for (int64_t j = tid; j < Lb; j += kThreads) {
     if (cand[j] >= 0 && rank_of(j) < s_quota) {
       prm.x[b * prm.L + prm.block_start + j] = cand[j];

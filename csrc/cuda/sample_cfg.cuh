@@ -3,7 +3,8 @@
 //  1. the block finds the maximum (and NaN / +inf / all -inf rows, marked with token -1);
 //  2. the top-k threshold (the k-th largest logit) and the top-p threshold (the largest logit whose mass of
 //     logits at or above it reaches ceil(top_p * total)) are radix selects over the logits' order keys, 8 bits
-//     per pass, counting tokens or summing fixed-point weights in a shared 256-bin histogram;
+//     per pass, counting tokens or summing fixed-point weights in a shared 256-bin histogram (SplitSum bins:
+//     native 32-bit atomics);
 //  3. each warp sums the kept weights of a contiguous segment, thread 0 picks the segment holding the target,
 //     and that warp scans it 32 tokens at a time. Integer sums make the token identical to the CPU kernel's.
 #pragma once
@@ -13,7 +14,7 @@
 namespace fastar::cuda {
 
 struct RadixSelectShared {
-  unsigned long long hist[256];
+  SplitSum hist[256];
   uint32_t prefix;
   unsigned long long remaining;
 };
@@ -30,20 +31,19 @@ __device__ uint32_t block_radix_select(int64_t V, uint32_t floor, uint64_t targe
     sh.remaining = target;
   }
   for (int shift = 24; shift >= 0; shift -= 8) {
-    for (int i = tid; i < 256; i += kThreads) sh.hist[i] = 0;
+    for (int i = tid; i < 256; i += kThreads) sh.hist[i] = SplitSum{0, 0};
     __syncthreads();
     const uint32_t prefix = sh.prefix;
     for (int64_t t = tid; t < V; t += kThreads) {
       uint32_t key;
       const uint64_t w = key_weight(t, &key);
       const bool candidate = shift == 24 || (key >> (shift + 8)) == (prefix >> (shift + 8));
-      if (w && candidate && key >= floor)
-        atomicAdd(&sh.hist[(key >> shift) & 255u], static_cast<unsigned long long>(w));
+      if (w && candidate && key >= floor) sh.hist[(key >> shift) & 255u].add(w);
     }
     __syncthreads();
     if (tid < 32) {  // lane i holds bins 255 - 8i down to 248 - 8i
       uint64_t sum = 0;
-      for (int j = 0; j < 8; ++j) sum += sh.hist[255 - 8 * lane - j];
+      for (int j = 0; j < 8; ++j) sum += sh.hist[255 - 8 * lane - j].value();
       const uint64_t incl = warp_inclusive_scan(sum, lane);
       const uint64_t need = sh.remaining;
       const int first = __ffs(__ballot_sync(kFullMask, incl >= need)) - 1;
@@ -51,7 +51,7 @@ __device__ uint32_t block_radix_select(int64_t V, uint32_t floor, uint64_t targe
       if (lane == first) {
         uint64_t above = incl - sum;
         int bin = 255 - 8 * lane;
-        while (above + sh.hist[bin] < need) above += sh.hist[bin--];
+        while (above + sh.hist[bin].value() < need) above += sh.hist[bin--].value();
         sh.prefix = prefix | (static_cast<uint32_t>(bin) << shift);
         sh.remaining = need - above;
       }

@@ -1,8 +1,8 @@
 // CUDA kernel of fastar.spectr_accept (docs/acceptance.md "SpecTr", cost in docs/design/tree-acceptance.md): one
 // block per batch row walks the drafts' prefix tree level by level with the rule of core/spectr.h.
 //  1. rho* of a level with k >= 2 drafts: kPasses passes over the (p, q) rows, 16-byte loads where the rows are
-//     aligned; each token's fixed-point p and q go into a shared-memory histogram of p / q (integer atomics: the
-//     sums do not depend on the order). A block scan of the bins gives beta at every bin edge; the first edge that
+//     aligned; each token's fixed-point p and q go into a shared-memory histogram of p / q (integer atomics, SplitSum:
+//     the sums do not depend on the order). A block scan of the bins gives beta at every bin edge; the first edge that
 //     satisfies the condition is an atomicMin.
 //  2. Thread 0 tests the level's drafts in index order (k is small) and narrows the drafts alive.
 //  3. At a rejection (or after the last level) the block samples one token: each warp sums a contiguous segment
@@ -18,8 +18,9 @@ namespace fastar::cuda {
 template <int kThreads>
 struct SpectrShared {
   static constexpr int kWarps = kThreads / 32;
-  unsigned long long hp[spectr::kBins], hq[spectr::kBins];
-  unsigned long long p_below, q_above, p_lt, q_ge;
+  SplitSum hp[spectr::kBins], hq[spectr::kBins];
+  SplitSum p_below, q_above;
+  unsigned long long p_lt, q_ge;
   unsigned long long warp_p[kWarps], warp_q[kWarps];
   unsigned long long warp_total[kWarps];
   int warp_bad[kWarps];
@@ -51,9 +52,9 @@ __device__ void solve_level(const P* p, const P* q, int64_t V, int64_t k, Spectr
   const int tid = threadIdx.x, lane = tid & 31;
   Bracket br = first_bracket(k);
   for (int pass = 0; pass < kPasses; ++pass) {
-    for (int g = tid; g < kBins; g += kThreads) s.hp[g] = s.hq[g] = 0;
+    for (int g = tid; g < kBins; g += kThreads) s.hp[g] = s.hq[g] = SplitSum{0, 0};
     if (tid == 0) {
-      s.p_below = s.q_above = 0;
+      s.p_below = s.q_above = SplitSum{0, 0};
       s.bad = 0;
       s.root = kBins;
     }
@@ -63,12 +64,12 @@ __device__ void solve_level(const P* p, const P* q, int64_t V, int64_t k, Spectr
       bad |= !accept::prob_ok(pt) || !accept::prob_ok(qt);
       const int g = ratio_bin(pt, qt, br);
       if (g == kBelow) {
-        atomicAdd(&s.p_below, static_cast<unsigned long long>(accept::fixed_weight(pt)));
+        s.p_below.add(accept::fixed_weight(pt));
       } else if (g == kAbove) {
-        atomicAdd(&s.q_above, static_cast<unsigned long long>(accept::fixed_weight(qt)));
+        s.q_above.add(accept::fixed_weight(qt));
       } else if (g != kNone) {
-        atomicAdd(&s.hp[g], static_cast<unsigned long long>(accept::fixed_weight(pt)));
-        atomicAdd(&s.hq[g], static_cast<unsigned long long>(accept::fixed_weight(qt)));
+        s.hp[g].add(accept::fixed_weight(pt));
+        s.hq[g].add(accept::fixed_weight(qt));
       }
     });
     if (__any_sync(kFullMask, bad) && lane == 0) atomicOr(&s.bad, 1);
@@ -80,37 +81,37 @@ __device__ void solve_level(const P* p, const P* q, int64_t V, int64_t k, Spectr
     // Exclusive prefix sums of the bins over the block: thread tid owns bins [tid * kPerThread, + kPerThread).
     uint64_t own_p = 0, own_q = 0;
     for (int e = 0; e < kPerThread; ++e) {
-      own_p += s.hp[tid * kPerThread + e];
-      own_q += s.hq[tid * kPerThread + e];
+      own_p += s.hp[tid * kPerThread + e].value();
+      own_q += s.hq[tid * kPerThread + e].value();
     }
     constexpr int kWarps = SpectrShared<kThreads>::kWarps;
     uint64_t p_bins, q_bins;
-    uint64_t p_lt = s.p_below + block_exclusive_scan<kWarps>(own_p, s.warp_p, &p_bins);
+    uint64_t p_lt = s.p_below.value() + block_exclusive_scan<kWarps>(own_p, s.warp_p, &p_bins);
     uint64_t q_lt = block_exclusive_scan<kWarps>(own_q, s.warp_q, &q_bins);
     const uint64_t p_lt0 = p_lt, q_lt0 = q_lt;
     for (int e = 0; e < kPerThread; ++e) {  // the first edge at or above rho* among this thread's
       const int g = tid * kPerThread + e;
       const double rho = edge(br, g);
-      if (edge_ok(rho, beta_at(rho, p_lt, s.q_above + q_bins - q_lt), k)) {
+      if (edge_ok(rho, beta_at(rho, p_lt, s.q_above.value() + q_bins - q_lt), k)) {
         atomicMin(&s.root, g);
         break;
       }
-      p_lt += s.hp[g];
-      q_lt += s.hq[g];
+      p_lt += s.hp[g].value();
+      q_lt += s.hq[g].value();
     }
     __syncthreads();
     const int root = s.root;
     if (root == kBins && tid == kThreads - 1) {
       s.p_lt = p_lt;
-      s.q_ge = s.q_above + q_bins - q_lt;
+      s.q_ge = s.q_above.value() + q_bins - q_lt;
     } else if (root < kBins && root / kPerThread == tid) {
       uint64_t pl = p_lt0, ql = q_lt0;
       for (int g = tid * kPerThread; g < root; ++g) {
-        pl += s.hp[g];
-        ql += s.hq[g];
+        pl += s.hp[g].value();
+        ql += s.hq[g].value();
       }
       s.p_lt = pl;
-      s.q_ge = s.q_above + q_bins - ql;
+      s.q_ge = s.q_above.value() + q_bins - ql;
     }
     __syncthreads();
     const double rho = edge(br, root);
