@@ -1,7 +1,7 @@
 // The CPU kernel of fastar.tree_speculative_sample, compiled per ISA (cpu/vec.h): rows in parallel, each
 // walking its tree with core/tree_acceptance.h. A row reads the p(x), q(x) scalars of the children it tries
 // and makes a vectorized pass over V per rejection (the residual's mass; one more to write the weights when a
-// node rejects a second child) and up to two to draw the token.
+// node rejects a second child) and one to draw the token, whose block sums lead the inverse CDF to one block.
 #include <c10/util/BFloat16.h>
 #include <c10/util/Half.h>
 
@@ -15,8 +15,13 @@
 FASTAR_ISA_BEGIN
 namespace {
 
+// Tokens per sum that mass() keeps for find(), and per sum inside that block.
+constexpr int64_t kBlock = 1024, kSub = 256;
+
 template <typename P>
 struct CpuTreeOps : TreeRowOutputs {
+  uint64_t* block_sums;  // [ceil(V / kBlock)]: the last mass()'s sums
+
   static float load(const P* row, int64_t t) { return static_cast<float>(row[t]); }
 
   // The total of v's weights over [begin, end), stored to dst when kStore, by vectors of kW tokens; *ok: every
@@ -68,23 +73,38 @@ struct CpuTreeOps : TreeRowOutputs {
     return total;
   }
 
-  uint64_t mass(const TreeView<P>& v, bool* ok) const { return pass<false>(v, 0, prm.V, nullptr, ok); }
+  // The total of v's weights, kBlock tokens at a time into block_sums; *ok: every value read is a probability.
+  uint64_t mass(const TreeView<P>& v, bool* ok) const {
+    uint64_t total = 0;
+    bool good = true;
+    for (int64_t i = 0, begin = 0; begin < prm.V; ++i, begin += kBlock) {
+      bool block_ok = true;
+      block_sums[i] = pass<false>(v, begin, begin + kBlock < prm.V ? begin + kBlock : prm.V, nullptr, &block_ok);
+      total += block_sums[i];
+      good &= block_ok;
+    }
+    *ok = good;
+    return total;
+  }
 
-  // Whole blocks skipped by their sums, then one walked token by token.
+  // After mass(v): the block holding the target by block_sums, its sub-blocks of kSub tokens by their sums, then
+  // one token by token.
   int64_t find(const TreeView<P>& v, uint64_t target) const {
-    constexpr int64_t kBlock = 256;
-    uint64_t cum = 0;
+    int64_t begin = 0;
+    for (int64_t i = 0; target >= block_sums[i]; ++i, begin += kBlock) target -= block_sums[i];
+    const int64_t end = begin + kBlock < prm.V ? begin + kBlock : prm.V;
     bool ok = true;
-    for (int64_t begin = 0; begin < prm.V; begin += kBlock) {
-      const int64_t end = begin + kBlock < prm.V ? begin + kBlock : prm.V;
-      const uint64_t s = pass<false>(v, begin, end, nullptr, &ok);
-      if (cum + s <= target) {
-        cum += s;
+    for (; begin < end; begin += kSub) {
+      const int64_t stop = begin + kSub < end ? begin + kSub : end;
+      const uint64_t s = pass<false>(v, begin, stop, nullptr, &ok);
+      if (target >= s) {
+        target -= s;
         continue;
       }
-      for (int64_t t = begin; t < end; ++t) {
-        cum += v.weight(t, load);
-        if (cum > target) return t;
+      for (int64_t t = begin; t < stop; ++t) {
+        const uint64_t w = v.weight(t, load);
+        if (target < w) return t;
+        target -= w;
       }
     }
     return prm.V - 1;  // unreachable for target < the total
@@ -98,11 +118,13 @@ struct CpuTreeOps : TreeRowOutputs {
 
 template <typename P>
 void tree_sample_rows(const TreeSampleParams& prm) {
+  // Per thread: a row's weights [V], then the block sums.
+  const size_t blocks = static_cast<size_t>((prm.V + kBlock - 1) / kBlock);
   for_each_tree_row<P>(
-      prm, true, [&] { return std::vector<uint64_t>(static_cast<size_t>(prm.V)); },
-      [&](int64_t b, const TreeRowOutputs& out, std::vector<uint64_t>& w, int64_t* accepted) {
-        CpuTreeOps<P> ops{out};
-        return tree_sample_walk<P>(prm, b, ops, w.data(), accepted);
+      prm, true, [&] { return std::vector<uint64_t>(static_cast<size_t>(prm.V) + blocks); },
+      [&](int64_t b, const TreeRowOutputs& out, std::vector<uint64_t>& scratch, int64_t* accepted) {
+        CpuTreeOps<P> ops{out, scratch.data() + prm.V};
+        return tree_sample_walk<P>(prm, b, ops, scratch.data(), accepted);
       });
 }
 
