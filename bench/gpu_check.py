@@ -332,11 +332,12 @@ class AcceptanceGpuCase:
     drafts, or fastar.tree_greedy_verify / fastar.typical_accept (T = 1) / fastar.tree_speculative_sample (with_q
     as above) over mc_sim_7b_63's 63 drafted nodes (n = 63), and a vocabulary of V, bf16
     (docs/design/sampling-kernels.md); or one fastar.diffusion_unmask step over a block of n positions
-    (bench/bench_diffusion_unmask.py's case, temperature 0)."""
+    (bench/bench_diffusion_unmask.py's case, temperature 0); or fastar.compact_kv after verifying a 64-node tree,
+    B sequences, every one of 32 layers in one paged bf16 buffer (bench/bench_compact_kv.py's case)."""
 
     name: str
     op: str  # greedy_verify | speculative_sample | tree_greedy_verify | typical_accept | tree_speculative_sample
-    # | diffusion_unmask
+    # | diffusion_unmask | compact_kv
     B: int
     n: int
     V: int
@@ -360,6 +361,7 @@ ACCEPTANCE_CASES = [
     AcceptanceGpuCase("tree_sample B=32 q", "tree_speculative_sample", 32, 63, 131072, with_q=True),
     AcceptanceGpuCase("unmask B=1", "diffusion_unmask", 1, 32, 126464),
     AcceptanceGpuCase("unmask B=8", "diffusion_unmask", 8, 32, 126464),
+    AcceptanceGpuCase("compact_kv B=32 32 layers", "compact_kv", 32, 64, 0),
 ]
 TREE_OPS = ("tree_greedy_verify", "typical_accept")
 
@@ -385,6 +387,12 @@ def acceptance_inputs(case: AcceptanceGpuCase, device: str) -> dict:
         first = torch.tensor([t == 0 or int(parents[t]) != int(parents[t - 1]) for t in range(case.n)])
         drafts[:, first] = logits.float().argmax(-1)[:, parents[first] + 1]
         x["args"] = (drafts.to(device), tree, logits.to(device))
+        return x
+    if case.op == "compact_kv":
+        from bench.bench_compact_kv import CompactCase, make_inputs
+
+        x["compact_case"] = CompactCase(case.B, 512, page_size=16, layers=32)
+        x["compact"] = make_inputs(x["compact_case"], device)
         return x
     if case.op == "diffusion_unmask":
         from bench.bench_diffusion_unmask import UnmaskCase, make_inputs
@@ -430,6 +438,10 @@ def run_acceptance(x: dict):
         from bench.bench_diffusion_unmask import run_fastar
 
         return (run_fastar(x["unmask"], 5),)
+    if x["case"].op == "compact_kv":
+        from bench.bench_compact_kv import run_fastar
+
+        return (run_fastar(x["compact"], 5),)
     return fastar.speculative_sample(*x["args"], seed=5)
 
 
@@ -442,6 +454,12 @@ def acceptance_reference(x: dict):
         typical_accept_row,
     )
 
+    if x["case"].op == "compact_kv":  # the PyTorch way's new lengths (on copies); fastar's caches checked row by row
+        from bench.bench_compact_kv import check, run_torch
+
+        want = run_torch(dict(x["compact"], k=x["compact"]["k"].clone(), v=x["compact"]["v"].clone()), 5)
+        check(x["compact_case"], x["compact"], want)
+        return (want.cpu(),)
     if x["case"].op == "diffusion_unmask":  # LLaDA's step as written, on the same device
         from bench.bench_diffusion_unmask import run_torch
 
@@ -488,6 +506,10 @@ def acceptance_bytes(x: dict, num_accepted: torch.Tensor) -> int:
         return case.B * (case.n + 1) * case.V * elem
     if case.op in TREE_OPS:
         return int((num_accepted.cpu().long() + 1).sum()) * case.V * elem
+    if case.op == "compact_kv":  # the kept rows that move, read and written
+        from bench.bench_compact_kv import metrics
+
+        return metrics(x["compact_case"], x["compact"], [])["bytes"]
     if case.op == "diffusion_unmask":  # the logits of the block's masked positions, once
         return case.B * x["unmask"]["case"].still_masked * case.V * elem
     if case.op == "tree_speculative_sample":  # at least the row it draws from, and its draft row with q
@@ -519,6 +541,11 @@ def acceptance_rows(device: str, small: bool, hbm: float, name: str) -> list[dic
                 from bench.bench_diffusion_unmask import run_torch
 
                 row["llada step_s"] = median_time(functools.partial(run_torch, x["unmask"], 5), device)
+            if case.op == "compact_kv":
+                from bench.bench_compact_kv import run_torch
+
+                row["torch index_select + index_copy__s"] = median_time(
+                    functools.partial(run_torch, x["compact"], 5), device)
         except Exception as exc:  # the row fails, the table goes on
             row["error"] = f"{type(exc).__name__}: {exc}"
         rows.append(row)
