@@ -467,30 +467,22 @@ def acceptance_reference(x: dict):
     args = [a.cpu() if isinstance(a, torch.Tensor) else a for a in x["args"]]
     if x["case"].op == "greedy_verify":
         return greedy_verify_reference(*args)
-    if x["case"].op == "tree_speculative_sample":
-        drafts, tree, q, p = args
-        parents = (tree.parents[1:] - 1).tolist()
-        rows = [tree_speculative_sample_row(parents, drafts[b].tolist(), None if q is None else q[b], p[b], row=b,
-                                            seed=5) for b in range(x["case"].B)]
-        depths = []
-        for parent in parents:
-            depths.append(1 if parent < 0 else depths[parent] + 1)
-        tokens = torch.full((x["case"].B, max(depths) + 1), -1)
-        for b, (_, row, _) in enumerate(rows):
-            tokens[b, :len(row)] = torch.tensor(row)
-        return tokens, torch.tensor([k for _, _, k in rows])
-    if x["case"].op in TREE_OPS:
-        drafts, tree, logits = args
+    if x["case"].op in (*TREE_OPS, "tree_speculative_sample"):
+        drafts, tree, probs = args[0], args[1], args[2:]
         parents, depths = (tree.parents[1:] - 1).tolist(), []
         for parent in parents:
             depths.append(1 if parent < 0 else depths[parent] + 1)
-        width = max(depths) + 1
-        tokens, accepted = torch.full((x["case"].B, width), -1), torch.zeros(x["case"].B, dtype=torch.long)
+        tokens, accepted = torch.full((x["case"].B, max(depths) + 1), -1), torch.zeros(x["case"].B, dtype=torch.long)
         for b in range(x["case"].B):
-            if x["case"].op == "typical_accept":
-                _, row, accepted[b] = typical_accept_row(parents, drafts[b].tolist(), logits[b].float())
+            ids = drafts[b].tolist()
+            if x["case"].op == "tree_speculative_sample":
+                q, p = probs
+                _, row, accepted[b] = tree_speculative_sample_row(parents, ids, None if q is None else q[b], p[b],
+                                                                  row=b, seed=5)
+            elif x["case"].op == "typical_accept":
+                _, row, accepted[b] = typical_accept_row(parents, ids, probs[0][b].float())
             else:
-                _, row, accepted[b] = tree_greedy_verify_row(parents, drafts[b].tolist(), logits[b])
+                _, row, accepted[b] = tree_greedy_verify_row(parents, ids, probs[0][b])
             tokens[b, :len(row)] = torch.tensor(row)
         return tokens, accepted
     return speculative_sample_reference(*args, seed=5)
