@@ -21,6 +21,7 @@
 
 #include "core/sampling.h"
 #include "cpu/kernels/fixed_point_row.h"
+#include "cpu/kernels/weighted_select.h"
 #include "cpu/vec.h"
 
 FASTAR_ISA_BEGIN
@@ -31,11 +32,6 @@ using namespace sampling;
 constexpr float kInf = std::numeric_limits<float>::infinity();
 constexpr int kBins = 2048;
 constexpr float kBinsPerUnit = 32.0f;  // bins cover max - x in [0, 64); the last one also everything below
-
-struct Candidate {
-  uint32_t key;
-  uint64_t w;
-};
 
 // Per-thread buffers, kept across calls: allocating them afresh cost a quarter of a VAR-d16 call.
 struct Scratch {
@@ -124,31 +120,6 @@ void collect(const Scratch& s, int64_t V, int32_t bin, uint32_t floor, bool posi
   }
   for (; t < V; ++t) {
     if (s.bin[t] == bin) consider(t);
-  }
-}
-
-// The largest key T among the candidates whose weights over {key >= T} sum to at least target
-// (1 <= target <= their total): a quickselect that partitions by key and descends by mass. Reorders them.
-uint32_t weighted_select(Candidate* first, Candidate* last, uint64_t target) {
-  auto mass = [](const Candidate* a, const Candidate* b) {
-    uint64_t s = 0;
-    for (; a != b; ++a) s += a->w;
-    return s;
-  };
-  for (;;) {
-    const uint32_t a = first->key, b = first[(last - first) / 2].key, c = last[-1].key;
-    const uint32_t pivot = std::max(std::min(a, b), std::min(std::max(a, b), c));  // median of three
-    Candidate* above = std::partition(first, last, [pivot](const Candidate& k) { return k.key > pivot; });
-    Candidate* below = std::partition(above, last, [pivot](const Candidate& k) { return k.key == pivot; });
-    const uint64_t hi = mass(first, above);
-    if (hi >= target) {
-      last = above;  // holds mass >= target >= 1, so it is not empty
-      continue;
-    }
-    const uint64_t with_pivot = hi + mass(above, below);
-    if (with_pivot >= target) return pivot;
-    target -= with_pivot;
-    first = below;
   }
 }
 
