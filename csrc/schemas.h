@@ -115,15 +115,16 @@ inline void define_schemas(torch::Library& m) {
       "float temperature, Tensor seed, Tensor offset) -> Tensor tokens");
   // One parallel-unmasking step of a masked-diffusion LM (csrc/ops/diffusion_unmask_args.h, core/diffusion.h):
   // for every position of x's block [block_start, block_end) holding mask_id, a candidate token (the argmax of its
-  // logits [B, L, V], or a draw from softmax(logits / temperature)) and its confidence; then per row the rule's
-  // positions are committed into x. Returns candidates int64 [B, Lb] (-1: not masked), their float32 confidences
-  // [B, Lb] (-inf: not masked) and the positions of each row's block holding mask_id afterwards, int64 [B] (CUDA:
-  // -1 for a row with invalid logits or count, which commits nothing).
+  // logits [B, L, V], or a draw from softmax(logits / temperature), after Dream's top-p / top-k filters) and its
+  // confidence (under softmax(logits), or with confidence_source='sampling' under the candidate's own
+  // distribution); then per row the rule's positions are committed into x. Returns candidates int64 [B, Lb] (-1:
+  // not masked), their float32 confidences [B, Lb] (-inf: not masked) and the positions of each row's block holding
+  // mask_id afterwards, int64 [B] (CUDA: -1 for a row with invalid logits or count, which commits nothing).
   m.def(
       "diffusion_unmask(Tensor logits, Tensor(a!) x, Tensor? num_transfer, int mask_id, int block_start, "
       "int block_end, str confidence, str rule, float threshold, float factor, float temperature, "
-      "float confidence_noise, Tensor seed, Tensor offset) -> (Tensor candidates, Tensor confidence, "
-      "Tensor remaining)");
+      "float confidence_noise, float top_p, int top_k, str confidence_source, Tensor seed, Tensor offset) -> "
+      "(Tensor candidates, Tensor confidence, Tensor remaining)");
   // Quantize-on-append into an int8 / fp8 KV cache (docs/quantized_kvcache.md): token n's K and V rows
   // [N, Hkv, D] go to slot slot_mapping[n] of the caches [num_slots or (num_pages, page_size), Hkv, D]
   // (-1: skipped). int8 writes a scale per slot and head; fp8 does too when the scales are [num_slots, Hkv],

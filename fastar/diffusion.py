@@ -66,6 +66,9 @@ def diffusion_unmask(
     confidence: str = "probability",
     confidence_noise: float = 0.0,
     temperature: float = 0.0,
+    top_p: Optional[float] = None,
+    top_k: Optional[int] = None,
+    confidence_source: str = "logits",
     seed: Optional[int | torch.Tensor] = None,
     offset: int | torch.Tensor = 0,
 ) -> UnmaskResult:
@@ -75,11 +78,17 @@ def diffusion_unmask(
 
     * candidate: ``argmax(logits[b, p])`` (the lowest index among equal maxima) at ``temperature == 0``, else a
       draw from ``softmax(logits[b, p] / temperature)`` (the distribution of LLaDA's float64 Gumbel-max).
-    * confidence (float32): ``"probability"`` of the candidate under ``softmax(logits[b, p])`` (LLaDA's
-      ``low_confidence``, Dream's ``maskgit_plus``); ``"margin"`` top-1 minus top-2 probability (Dream's
+    * filters (Dream's ``top_p_logits`` then ``top_k_logits``, fused): ``top_p`` keeps the nucleus of
+      ``softmax(logits / temperature)`` (temperature 0: 1): a token is kept while the mass of the tokens with a
+      larger logit is ``<= top_p`` (so the most likely token always is); ``top_k`` keeps the logits ``>=`` the
+      ``top_k``-th largest. Both are taken over the whole row, and a token is kept when both keep it; tokens tied
+      with the last kept one are kept too. The candidate is drawn from the kept tokens (the argmax always is one).
+    * confidence (float32): ``"probability"`` of the candidate; ``"margin"`` top-1 minus top-2 probability (Dream's
       ``topk_margin``); ``"neg_entropy"`` ``sum p log p`` (Dream's ``entropy``); ``"random"`` uniform in [0, 1)
-      (LLaDA's ``random`` remasking); ``"log_probability"`` the log of ``"probability"`` (MaskGIT). Dream tempers
-      its confidences too: pass ``logits / temperature`` with ``temperature=1`` for that.
+      (LLaDA's ``random`` remasking); ``"log_probability"`` the log of ``"probability"`` (MaskGIT). The
+      probabilities are ``softmax(logits[b, p])`` with ``confidence_source="logits"`` (LLaDA's ``low_confidence``,
+      whatever the temperature and filters), or with ``"sampling"`` the candidate's own distribution: tempered and
+      filtered (Dream's ``sample_tokens``: ``maskgit_plus``, ``topk_margin``, ``entropy``).
     * ``confidence_noise = s > 0`` adds ``s * g`` to each confidence, ``g`` a standard Gumbel draw of the position:
       MaskGIT's annealed noise (``s = 4.5 * (1 - ratio)`` on ``"log_probability"``), or Dream's ``alg_temp = s``
       (the top-k of ``c + s g`` is a draw without replacement from ``softmax(c / s)``, Dream's multinomial).
@@ -97,7 +106,8 @@ def diffusion_unmask(
     * ``factor`` (Fast-dLLM): the first ``r`` where ``r >= 1`` is the first rank whose confidence is below
       ``1 - factor / (r + 2)``; a stop at the last rank, or none, commits all ``n``.
 
-    Positions outside the block are never read for masks nor written.
+    Positions outside the block are never read for masks nor written. ``top_p`` in ``(0, 1]`` (``None`` or 1: no
+    nucleus; it is rounded up to a multiple of ``2**-64``); ``top_k >= 1`` (``None``, or ``>= V``: no top-k).
 
     Args:
         logits: ``[B, L, V]`` float32, float16 or bfloat16, unit stride along V (else copied).
@@ -135,6 +145,12 @@ def diffusion_unmask(
             rule = "dinfer"
     if confidence not in CONFIDENCES:
         raise ValueError(f"{_OP}: confidence must be one of {CONFIDENCES}, got {confidence!r}")
+    if confidence_source not in ("logits", "sampling"):
+        raise ValueError(f"{_OP}: confidence_source must be 'logits' or 'sampling', got {confidence_source!r}")
+    if top_p is not None and (not isinstance(top_p, (int, float)) or isinstance(top_p, bool)
+                              or not 0 < top_p <= 1):
+        raise ValueError(f"{_OP}: top_p must be None or a number in (0, 1], got {top_p!r}")
+    top_k = 0 if top_k is None else as_int(top_k, f"{_OP}: top_k", low=1)
     for name, value in (("threshold", threshold), ("factor", factor), ("temperature", temperature),
                         ("confidence_noise", confidence_noise)):
         if value is not None and (not isinstance(value, (int, float)) or isinstance(value, bool)):
@@ -148,7 +164,8 @@ def diffusion_unmask(
     candidates, conf, remaining = _common.ops().diffusion_unmask(
         logits, x, num_transfer, mask_id, block_start, block_end, confidence, rule,
         float(threshold if threshold is not None else 0.0), float(factor if factor is not None else 0.0),
-        float(temperature), float(confidence_noise), seed_t, offset_t,
+        float(temperature), float(confidence_noise), float(top_p if top_p is not None else 1.0), top_k,
+        confidence_source, seed_t, offset_t,
     )
     if debug_checks_enabled():
         check_remaining(remaining)
@@ -370,7 +387,7 @@ def _check_loop_threshold_rule(op: str, threshold_rule: str, threshold: Optional
 
 @fake("diffusion_unmask")
 def _diffusion_unmask_fake(logits, x, num_transfer, mask_id, block_start, block_end, confidence, rule, threshold,
-                           factor, temperature, confidence_noise, seed, offset):
+                           factor, temperature, confidence_noise, top_p, top_k, confidence_source, seed, offset):
     _common.one_device("diffusion_unmask", logits, x, num_transfer)
     torch._check(logits.dim() == 3, lambda: "logits must be [B, L, V]")
     torch._check(x.dim() == 2, lambda: "x must be [B, L]")
@@ -536,22 +553,6 @@ DREAM_ALGS = ("origin", "maskgit_plus", "topk_margin", "entropy")
 _DREAM_CONFIDENCE = {"maskgit_plus": "probability", "topk_margin": "margin", "entropy": "neg_entropy"}
 
 
-def _dream_filter_logits(logits: torch.Tensor, top_p: Optional[float], top_k: Optional[int]) -> torch.Tensor:
-    """Dream's ``top_p_logits`` then ``top_k_logits`` on rows ``[..., V]``: the tokens outside the nucleus (the
-    first token always kept) and below the k-th largest logit set to the dtype's lowest finite value. In place."""
-    low = torch.finfo(logits.dtype).min
-    if top_p is not None and top_p < 1:
-        sorted_logits, order = torch.sort(logits, dim=-1, descending=True)
-        drop = torch.cumsum(torch.softmax(sorted_logits, dim=-1), dim=-1) > top_p
-        drop[..., 1:] = drop[..., :-1].clone()
-        drop[..., 0] = False
-        logits.masked_fill_(torch.zeros_like(drop).scatter_(-1, order, drop), low)
-    if top_k is not None:
-        kth = torch.topk(logits, min(top_k, logits.shape[-1]), dim=-1).values[..., -1:]
-        logits.masked_fill_(logits < kth, low)
-    return logits
-
-
 @torch.no_grad()
 def generate_dream(
     model,
@@ -587,8 +588,8 @@ def generate_dream(
       draw from ``softmax(logits / temperature)`` (the argmax at 0); ``alg_temp`` is ignored, as Dream does.
 
     ``top_p`` / ``top_k``: Dream's filters of the tempered logits (also at ``temperature == 0``, where they change the
-    confidences), applied in PyTorch to the masked positions' rows: not fused, and one host sync per step. Without
-    them the loop reads nothing from the device but once at the end (the invalid-row check). ``seed``: the Philox
+    confidences), fused into :func:`diffusion_unmask` (tokens tied with the last kept one are kept). The loop reads
+    nothing from the device but once at the end (the invalid-row check). ``seed``: the Philox
     stream of every random draw, step ``i`` at offset ``i``, generated position ``p`` its counter ``p``; ``None``
     draws a seed from torch's CPU generator.
 
@@ -650,7 +651,6 @@ def generate_dream(
     keep_host = keep.tolist() if alg == "origin" else None  # origin's thresholds: one read before the loop
     left = torch.full((batch,), max_new_tokens, dtype=torch.int64, device=device)  # masked count of each row
     worst = left.clone()  # the minimum of every step's remaining: -1 marks a row a CUDA kernel found invalid
-    filtered = top_p is not None and top_p < 1 or top_k is not None
     for i in range(steps):
         logits = _logits_of(model(x, **model_kwargs))
         if logits.dim() != 3 or logits.shape[:2] != x.shape:
@@ -659,18 +659,12 @@ def generate_dream(
         if mask_id >= logits.shape[-1]:
             raise ValueError(f"{_DREAM}: mask_id {mask_id} is outside the vocabulary of {logits.shape[-1]} tokens")
         scores = logits[:, prompt_len - 1:length - 1]  # row j - 1 for generated position j: a view
-        if temperature > 0:
-            scores = scores / temperature  # Dream's confidences are under the tempered softmax
         gen = x[:, prompt_len:]
         view = gen if gen.is_contiguous() else gen.contiguous()
-        if filtered:
-            if temperature == 0:
-                scores = scores.clone()
-            masked = view == mask_id
-            scores[masked] = _dream_filter_logits(scores[masked], top_p, top_k)
         last = i == steps - 1
-        step = dict(mask_id=mask_id, block_start=0, block_end=max_new_tokens,
-                    temperature=1.0 if temperature > 0 else 0.0, seed=seed, offset=i)
+        # Dream's confidences are under the tempered, filtered softmax its candidates are drawn from.
+        step = dict(mask_id=mask_id, block_start=0, block_end=max_new_tokens, temperature=temperature, top_p=top_p,
+                    top_k=top_k, confidence_source="sampling", seed=seed, offset=i)
         if alg == "origin" and not last:  # each masked position committed with probability 1 - s / t
             res = diffusion_unmask(scores, view, confidence="random", threshold_rule="dimple",
                                    threshold=keep_host[i], num_transfer=torch.zeros_like(left), **step)

@@ -116,16 +116,17 @@ def _acceptance_samples(device):
          byte(8, 2, 4), half(1, 2, 16), half(1, 2, 16), half(8, 2, 2), half(8, 2, 2), 8],
     ]
     # diffusion_unmask: x [B, L] written in place; top-k counts over a float32 block, the factor rule sampling from
-    # bfloat16 logits with the margin confidence, Dimple's rule on noisy log-probabilities.
+    # bfloat16 logits with the margin confidence after Dream's filters, Dimple's rule on noisy log-probabilities.
     dl = torch.randn(2, 10, 30, generator=g) * 2
     dx = torch.randint(0, 29, (2, 10), generator=g)
     dx[:, 3:9:2] = 29
     diffusion_unmask = [
-        [*to(dl), to(dx)[0], to(torch.tensor([2, 5]))[0], 29, 2, 9, "probability", "topk", 0.0, 0.0, 0.0, 0.0,
+        [*to(dl), to(dx)[0], to(torch.tensor([2, 5]))[0], 29, 2, 9, "probability", "topk", 0.0, 0.0, 0.0, 0.0, 1.0, 0,
+         "logits", *to(seed, offset)],
+        [*to(dl.bfloat16()), to(dx)[0], None, 29, 0, 10, "margin", "factor", 0.0, 1.0, 0.8, 0.0, 0.9, 5, "sampling",
          *to(seed, offset)],
-        [*to(dl.bfloat16()), to(dx)[0], None, 29, 0, 10, "margin", "factor", 0.0, 1.0, 0.8, 0.0, *to(seed, offset)],
         [*to(dl), to(dx)[0], to(torch.tensor([1, 2]))[0], 29, 0, 10, "log_probability", "dimple", -1.5, 0.0, 0.0, 2.0,
-         *to(seed, offset)],
+         1.0, 0, "logits", *to(seed, offset)],
     ]
     # compact_kv: a bfloat16 contiguous cache with a rooted path, int8 codes in a paged one with a drafted path.
     paths = torch.tensor([[0, 2, 3], [0, 1, -1]], dtype=torch.int32)
@@ -304,7 +305,8 @@ def test_diffusion_unmask_compiles_without_graph_breaks():
         counts = fastar.num_transfer_tokens(x[:, 4:8] == 39, 2)
         first = fastar.diffusion_unmask(logits, x, mask_id=39, block_start=4, block_end=8, num_transfer=counts[:, 0])
         second = fastar.diffusion_unmask(logits, x, mask_id=39, block_start=8, block_end=12, threshold=0.1,
-                                         confidence="neg_entropy", temperature=0.9, seed=seed)
+                                         confidence="neg_entropy", temperature=0.9, top_p=0.9, top_k=20,
+                                         confidence_source="sampling", seed=seed)
         return (*first, *second)
 
     eager_x, compiled_x = x.clone(), x.clone()

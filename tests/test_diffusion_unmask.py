@@ -18,7 +18,10 @@ import torch
 import fastar
 from fastar import diffusion
 from fastar.reference import (
+    diffusion_confidence_reference,
     diffusion_unmask_reference,
+    dream_filter_keep,
+    dream_sampling_probs,
     fast_dllm_factor_thresholds,
     llada_num_transfer_tokens,
     maskgit_masked_counts,
@@ -294,6 +297,101 @@ def test_sampling_distribution(backend):
 
 
 # ----------------------------------------------------------------------------------------------------
+# Dream's top-p / top-k filters, fused
+# ----------------------------------------------------------------------------------------------------
+
+FILTERS = [dict(top_p=0.6), dict(top_k=4), dict(top_p=0.9, top_k=3), dict(top_p=0.3, top_k=8)]
+
+
+def _filter_id(f):
+    return "-".join(f"{k}{v}" for k, v in f.items())
+
+
+@pytest.mark.parametrize("filters", FILTERS, ids=_filter_id)
+@pytest.mark.parametrize("source", ["logits", "sampling"])
+@pytest.mark.parametrize("confidence", ["probability", "log_probability", "margin", "neg_entropy"])
+def test_filtered_confidences_match_reference(backend, filters, source, confidence):
+    """At temperature 0 the candidate is the argmax whatever the filters; its confidence is under softmax(logits)
+    ("logits") or under the filtered softmax (Dream's "sampling")."""
+    logits, x = random_case(torch.Generator().manual_seed(21), vocab=60, spread=2.0)
+    _, cand, conf, _ = unmask(backend, logits, x, mask_id=MASK, block_start=0, block_end=24,
+                              num_transfer=torch.tensor([5, 5, 5]), confidence=confidence, confidence_source=source,
+                              **filters)
+    masked = x == MASK
+    want_cand = logits.double().argmax(-1)
+    assert torch.equal(cand[masked], want_cand[masked])
+    probs = dream_sampling_probs(logits, 0.0, **filters) if source == "sampling" else torch.softmax(logits.double(), -1)
+    if source == "sampling":
+        assert not torch.equal(probs, torch.softmax(logits.double(), -1))  # the filters drop some mass
+    want = diffusion_confidence_reference(probs.log(), want_cand, confidence)
+    torch.testing.assert_close(conf[masked].double(), want[masked], rtol=2e-6, atol=2e-6)
+
+
+@pytest.mark.parametrize("filters, want", [
+    (dict(top_p=0.49), 1.0),            # excluded masses 0, .5, .8, .95: only the first is <= .49
+    (dict(top_p=0.51), 0.5 / 0.8),
+    (dict(top_p=0.81), 0.5 / 0.95),
+    (dict(top_k=2), 0.5 / 0.8),
+    (dict(top_k=2, top_p=0.49), 1.0),  # both filters keep a token
+    (dict(top_k=3, top_p=0.81), 0.5 / 0.95),
+])
+def test_filter_hand_values(backend, filters, want):
+    """p = (.5, .3, .15, .05) on tokens 0-3: the argmax's probability under the filtered softmax, by hand."""
+    row = torch.full((8,), -40.0)
+    row[:4] = torch.tensor([0.5, 0.3, 0.15, 0.05]).log()
+    _, cand, conf, _ = unmask(backend, row.expand(1, 2, 8), torch.full((1, 2), MASK), mask_id=MASK, block_start=0,
+                              block_end=2, num_transfer=torch.tensor([1]), confidence_source="sampling", **filters)
+    assert cand.tolist() == [[0, 0]]
+    torch.testing.assert_close(conf.double(), torch.full((1, 2), want, dtype=torch.float64), rtol=1e-6, atol=0)
+
+
+@pytest.mark.parametrize("filters, want", [
+    (dict(top_k=2), math.e**2 / (math.e**2 + 2 * math.e)),  # logits (2, 1, 1, 0): the tie at the 2nd keeps 3
+    (dict(top_p=0.1), 0.5),  # logits (1, 1, 0): no larger logit above either maximum, so both stay
+])
+def test_filters_keep_ties(backend, filters, want):
+    row = torch.full((8,), -40.0)
+    row[:4] = torch.tensor([2.0, 1.0, 1.0, 0.0]) if "top_k" in filters else torch.tensor([1.0, 1.0, 0.0, -40.0])
+    _, cand, conf, _ = unmask(backend, row.expand(1, 1, 8), torch.full((1, 1), MASK), mask_id=MASK, block_start=0,
+                              block_end=1, num_transfer=torch.tensor([1]), confidence_source="sampling", **filters)
+    assert cand.tolist() == [[0]]
+    assert dream_filter_keep(row, **filters).sum() == (3 if "top_k" in filters else 2)
+    torch.testing.assert_close(conf.double(), torch.tensor([[want]], dtype=torch.float64), rtol=1e-6, atol=0)
+
+
+def test_filtered_sampling_distribution(backend):
+    """Draws after the filters follow the tempered, filtered softmax (chi-square over the kept tokens, none
+    outside them), and their "sampling" confidences are their probabilities under it."""
+    n = rows(backend, 6000, 600)
+    vocab, temperature, filters = 16, 0.7, dict(top_p=0.85, top_k=7)
+    row = torch.randn(vocab, generator=torch.Generator().manual_seed(4)) * 1.5
+    row[MASK] = -30.0
+    x = torch.full((1, n), MASK)
+    _, cand, conf, _ = unmask(backend, row.expand(1, n, vocab), x, mask_id=MASK, block_start=0, block_end=n,
+                              num_transfer=torch.tensor([0]), temperature=temperature, confidence_source="sampling",
+                              seed=91, **filters)
+    probs = dream_sampling_probs(row, temperature, **filters)
+    kept = probs > 0
+    assert 1 < int(kept.sum()) < 7  # the nucleus binds
+    assert kept[cand[0]].all(), "a token outside the filters was drawn"
+    p_value = chisquare_pvalue(Counter(cand[0].tolist()), {t: float(probs[t]) for t in range(vocab) if kept[t]}, n)
+    assert p_value > P_THRESHOLD, f"chi-square p-value {p_value:.2e}"
+    torch.testing.assert_close(conf[0].double(), probs[cand[0]], rtol=1e-5, atol=1e-7)
+
+
+@pytest.mark.parametrize("vocab", [300, 1100])
+def test_filtered_sampling_is_bit_identical_to_cpu(backend, vocab):
+    logits, x = random_case(torch.Generator().manual_seed(13), vocab=vocab, spread=1.0)
+    for dtype, filters in ((torch.float32, dict(top_p=0.7)), (torch.bfloat16, dict(top_p=0.95, top_k=40))):
+        kw = dict(mask_id=MASK, block_start=2, block_end=22, num_transfer=torch.tensor([3, 0, 9]), temperature=0.8,
+                  confidence="neg_entropy", confidence_source="sampling", seed=55, offset=2, **filters)
+        got = unmask(backend, logits.to(dtype), x, **kw)
+        want = unmask(_cpu_backend(), logits.to(dtype), x, **kw)
+        for g, w in zip(got, want):
+            assert torch.equal(g, w)
+
+
+# ----------------------------------------------------------------------------------------------------
 # bad inputs
 # ----------------------------------------------------------------------------------------------------
 
@@ -317,6 +415,11 @@ def _case():
     (dict(confidence_noise=-1.0), "confidence_noise must be finite and >= 0"),
     (dict(confidence_noise=math.inf), "confidence_noise must be finite and >= 0"),
     (dict(confidence="random", confidence_noise=1.0), "confidence_noise does not apply"),
+    (dict(top_p=0.0), "top_p must be None or a number in"),
+    (dict(top_p=1.5), "top_p must be None or a number in"),
+    (dict(top_p=math.nan), "top_p must be None or a number in"),
+    (dict(top_k=0), "top_k must lie in"),
+    (dict(confidence_source="dream"), "confidence_source must be"),
 ])
 def test_bad_arguments_raise(backend, kw, match):
     logits, x = _case()

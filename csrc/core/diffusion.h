@@ -78,10 +78,10 @@ FASTAR_HD double log_at_least_one(double y) {
   return fma(static_cast<double>(e), 0.69314718055994530942, s * p);
 }
 
-// The entropy term of one token: fixed(e (max - x)) with e = exp(x - max) <= 1, so e (max - x) <= 1/e. The
-// distance is clamped where e is 0 anyway (x = -inf would give 0 * inf).
-FASTAR_HD float entropy_term(float e, float x, float max) {
-  const float d = max - x;
+// The entropy term of one token at inverse temperature beta: e d with d = (max - x) beta and e = exp(-d) <= 1, so
+// e d <= 1/e. The distance is clamped where e is 0 anyway (x = -inf would give 0 * inf).
+FASTAR_HD float entropy_term(float e, float x, float max, float beta) {
+  const float d = (max - x) * beta;
   return e * (d < 128.0f ? d : 128.0f);
 }
 
@@ -99,17 +99,24 @@ FASTAR_HD double gumbel(double u) {
   return nl >= 1.0 ? -log_at_least_one(nl) : log_at_least_one(1.0 / nl);
 }
 
-// The confidence of a position whose candidate has logit x_cand; u is its uniform draw (kRandom, and the Gumbel
-// noise scaled by `noise` added to the other kinds: MaskGIT's annealed noise, Dream's alg_temp).
-FASTAR_HD float confidence_of(int32_t kind, const PositionSums& s, float x_cand, float max, double u, double noise) {
+// The sampling weight of a token at temperature 1 / inv_temperature.
+FASTAR_HD uint64_t sample_weight(float x, float max, float inv_temperature) {
+  return accept::fixed_weight(sampling::exp_nonpositive((x - max) * inv_temperature));
+}
+
+// The confidence of a position whose candidate has logit x_cand, the sums taken at inverse temperature beta; u is
+// its uniform draw (kRandom, and the Gumbel noise scaled by `noise` added to the other kinds: MaskGIT's annealed
+// noise, Dream's alg_temp).
+FASTAR_HD float confidence_of(int32_t kind, const PositionSums& s, float x_cand, float max, float beta, double u,
+                              double noise) {
   const double total = static_cast<double>(s.total);
   double c;
   switch (kind) {
     case kProbability:
-      c = static_cast<double>(sampling::token_weight(x_cand, max)) / total;
+      c = static_cast<double>(sample_weight(x_cand, max, beta)) / total;
       break;
     case kLogProbability:  // the candidate's weight is > 0: the argmax's is 2^40, a sampled one was drawn by it
-      c = -log_at_least_one(total / static_cast<double>(sampling::token_weight(x_cand, max)));
+      c = -log_at_least_one(total / static_cast<double>(sample_weight(x_cand, max, beta)));
       break;
     case kMargin:
       c = static_cast<double>(static_cast<uint64_t>(kFixedOne) - s.second) / total;
@@ -123,9 +130,11 @@ FASTAR_HD float confidence_of(int32_t kind, const PositionSums& s, float x_cand,
   return static_cast<float>(noise > 0.0 ? fma(noise, gumbel(u), c) : c);
 }
 
-// The sampling weight of a token at temperature 1 / inv_temperature.
-FASTAR_HD uint64_t sample_weight(float x, float max, float inv_temperature) {
-  return accept::fixed_weight(sampling::exp_nonpositive((x - max) * inv_temperature));
+// Dream's nucleus in fixed point: a token is kept while the mass of the tokens with a larger logit is <= top_p
+// * total, i.e. kept tokens are those >= the largest logit T whose mass of logits >= T exceeds it, reaches
+// floor(top_p * total) + 1 (top_p_fixed = ceil(top_p * 2^64) < 2^64, total < 2^63). Ties at T are all kept.
+FASTAR_HD uint64_t nucleus_target(uint64_t top_p_fixed, uint64_t total) {
+  return accept::mulhi64(top_p_fixed, total) + 1;
 }
 
 // Whether position a (confidence ca) is ahead of position b in the commit order: higher confidence first,
@@ -183,6 +192,16 @@ struct DiffusionUnmaskParams {
   int64_t B, L, V, block_start, block_len, mask_id;
   int32_t confidence_kind, rule;
   float inv_temperature;  // 0: the argmax (lowest index among equal maxima)
+  // Filters of the candidate's distribution softmax(logits * filter_beta) (filter_beta: inv_temperature, or 1 at
+  // the argmax), Dream's order: the nucleus (top_p_fixed = ceil(top_p * 2^64), 0: none) and the top_k largest
+  // logits (0: none) are both taken over the whole row; a token is kept when it is in both (nucleus_target).
+  float filter_beta;
+  uint64_t top_p_fixed;
+  int64_t top_k;
+  // The confidence's distribution: softmax(logits * conf_beta), over the kept tokens alone when conf_filtered
+  // (Dream's: the candidate's own distribution), else over all of them (LLaDA's: conf_beta = 1).
+  float conf_beta;
+  bool conf_filtered;
   double threshold, factor;
   double confidence_noise;  // scale of the Gumbel noise added to each confidence (0: none)
   PhiloxSeed seed;          // position (b, p) draws accept::draw(seed, b, p): sample_bits and accept_u (kRandom)

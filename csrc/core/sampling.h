@@ -78,6 +78,9 @@ FASTAR_HD uint32_t order_key(float x) {
   return (u & 0x80000000u) ? ~u : (u | 0x80000000u);
 }
 
+// The float of an order key (the inverse of order_key; -0 comes back as +0).
+FASTAR_HD float key_float(uint32_t key) { return bits_float((key & 0x80000000u) ? (key & 0x7fffffffu) : ~key); }
+
 // The top-p cut in fixed point: with top_p_fixed = ceil(top_p * 2^64), ceil(top_p * total). A token is dropped
 // when the mass of the tokens with a larger logit reaches it, i.e. kept tokens are those >= the largest logit T
 // whose mass of logits >= T reaches it (VAR's `cumsum(ascending) <= 1 - top_p` removes a token exactly when the

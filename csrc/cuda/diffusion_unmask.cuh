@@ -1,10 +1,11 @@
 // CUDA kernels of fastar.diffusion_unmask.
 //  scores: one block per position of the current block (an unmasked one exits at once). Passes over the V
 //    logits (16-byte loads where the row is aligned), which stay in L2 after the first: the maximum and second largest
-//    value (per-thread top-2, merged by thread 0) and NaN / +inf; the fixed-point softmax sums (core/diffusion.h); the
-//    candidate: the lowest index of the maximum, or at a temperature the fixed-point inverse CDF (each warp sums a
-//    contiguous segment, thread 0 picks the segment, that warp scans it 32 tokens at a time). Integer sums make the
-//    candidate and its confidence identical to the CPU kernel's.
+//    value (per-thread top-2, merged by thread 0) and NaN / +inf; with Dream's filters, the smallest kept logit
+//    (radix selects of the k-th largest logit and of the nucleus's boundary, cuda/radix_select.cuh); the
+//    fixed-point softmax sums (core/diffusion.h); the candidate: the lowest index of the maximum, or at a temperature
+//    the fixed-point inverse CDF (each warp sums a contiguous segment, thread 0 picks the segment, that warp scans it
+//    32 tokens at a time). Integer sums make the candidate and its confidence identical to the CPU kernel's.
 //  select: one block per row, after scores on the same stream: each thread ranks its positions against the
 //    row's masked ones (O(Lb) each), the descending confidences go to a scratch row for the factor rule, then
 //    the committed candidates are written into x. A row with an invalid position commits nothing and gets
@@ -12,6 +13,7 @@
 #pragma once
 #include "core/diffusion.h"
 #include "cuda/common.cuh"
+#include "cuda/radix_select.cuh"
 
 namespace fastar::cuda {
 
@@ -47,6 +49,9 @@ __global__ void __launch_bounds__(kThreads) diffusion_scores_kernel(DiffusionUnm
   __shared__ int s_status;
   __shared__ int s_pick_warp;
   __shared__ unsigned long long s_pick_target;
+  __shared__ RadixSelectShared s_radix;
+  __shared__ float s_cut;          // the smallest logit the filters keep (-inf: every one)
+  __shared__ PositionSums s_sums;  // thread 0's, read after the candidate (in registers across it, they spilled)
 
   const int tid = threadIdx.x, lane = tid & 31, warp = tid >> 5;
   const int64_t i = blockIdx.x, b = i / prm.block_len, p = prm.block_start + i % prm.block_len, V = prm.V;
@@ -107,21 +112,60 @@ __global__ void __launch_bounds__(kThreads) diffusion_scores_kernel(DiffusionUnm
   const float m = s_max;
   const int32_t kind = prm.confidence_kind;
 
+  if (prm.top_k || prm.top_p_fixed) {
+    uint32_t tau = 0;
+    if (prm.top_k) {
+      tau = block_radix_select<kThreads>(
+          V, 0, prm.top_k,
+          [&](int64_t t, uint32_t* key) {
+            *key = sampling::order_key(to_float(row[t]));
+            return uint64_t{1};
+          },
+          s_radix);
+    }
+    if (prm.top_p_fixed) {
+      const float beta = prm.filter_beta;
+      uint64_t sum = 0;
+      for_each_logit<P, kThreads>(row, V, tid, [&](int64_t, float g) { sum += sample_weight(g, m, beta); });
+      const uint64_t all = block_sum<kWarps>(sum, s_warp_sum);
+      const uint32_t boundary = block_radix_select<kThreads>(
+          V, 0, nucleus_target(prm.top_p_fixed, all),
+          [&](int64_t t, uint32_t* key) {
+            const float g = to_float(row[t]);
+            *key = sampling::order_key(g);
+            return sample_weight(g, m, beta);
+          },
+          s_radix);
+      tau = boundary > tau ? boundary : tau;
+    }
+    if (tid == 0) s_cut = sampling::key_float(tau);
+  } else if (tid == 0) {
+    s_cut = -INFINITY;
+  }
+  __syncthreads();
+  const float beta = prm.conf_beta, conf_cut = prm.conf_filtered ? s_cut : -INFINITY;
+
   uint64_t total = 0, entropy = 0;
   if (kind != kRandom) {
     for_each_logit<P, kThreads>(row, V, tid, [&](int64_t, float g) {
-      const float e = sampling::exp_nonpositive(g - m);
+      if (!(g >= conf_cut)) return;
+      const float e = sampling::exp_nonpositive((g - m) * beta);
       total += accept::fixed_weight(e);
-      if (kind == kNegEntropy) entropy += accept::fixed_weight(entropy_term(e, g, m));
+      if (kind == kNegEntropy) entropy += accept::fixed_weight(entropy_term(e, g, m, beta));
     });
     total = block_sum<kWarps>(total, s_warp_sum);
     if (kind == kNegEntropy) entropy = block_sum<kWarps>(entropy, s_warp_sum);
   }
+  if (tid == 0) s_sums = PositionSums{total, entropy, 0};
 
-  const accept::Draw d = accept::draw(prm.seed, static_cast<uint32_t>(b), static_cast<uint32_t>(p));
+  // The position's Philox draw, made where it is used (kept live across the passes, it spilled).
+  auto draw = [&] { return accept::draw(prm.seed, static_cast<uint32_t>(b), static_cast<uint32_t>(p)); };
   const float inv_t = prm.inv_temperature;
   if (inv_t > 0) {
-    auto weight = [&](int64_t t) { return sample_weight(to_float(row[t]), m, inv_t); };
+    auto weight = [&](int64_t t) {
+      const float g = to_float(row[t]);
+      return g >= s_cut ? sample_weight(g, m, inv_t) : 0;
+    };
     int64_t begin, end;
     warp_segment<kWarps>(V, warp, &begin, &end);
     uint64_t sum = 0;
@@ -132,7 +176,7 @@ __global__ void __launch_bounds__(kThreads) diffusion_scores_kernel(DiffusionUnm
     if (tid == 0) {  // the total is >= 2^40: the maximum's weight
       uint64_t all = 0;
       for (int w = 0; w < kWarps; ++w) all += s_warp_sum[w];
-      uint64_t target = accept::sample_target(d.sample_bits, all);
+      uint64_t target = accept::sample_target(draw().sample_bits, all);
       int w = 0;
       while (target >= s_warp_sum[w]) target -= s_warp_sum[w++];
       s_pick_warp = w;
@@ -159,9 +203,12 @@ __global__ void __launch_bounds__(kThreads) diffusion_scores_kernel(DiffusionUnm
   }
   if (tid == 0) {
     const int64_t token = s_index[0];
-    const PositionSums s{total, entropy, kind == kMargin ? sampling::token_weight(s_next, m) : 0};
+    const bool second_kept = s_next >= (prm.conf_filtered ? s_cut : -INFINITY);
+    PositionSums s = s_sums;
+    s.second = kind == kMargin && second_kept ? sample_weight(s_next, m, prm.conf_beta) : 0;
     prm.candidates[i] = token;
-    prm.confidence[i] = confidence_of(kind, s, to_float(row[token]), m, d.accept_u, prm.confidence_noise);
+    prm.confidence[i] =
+        confidence_of(kind, s, to_float(row[token]), m, prm.conf_beta, draw().accept_u, prm.confidence_noise);
     prm.status[i] = kOk;
   }
 }

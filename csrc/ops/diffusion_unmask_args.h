@@ -48,7 +48,8 @@ inline int32_t parse_rule(const char* op, c10::string_view name) {
 inline DiffusionUnmaskLaunch prepare_diffusion_unmask(
     const at::Tensor& logits, const at::Tensor& x, const std::optional<at::Tensor>& num_transfer, int64_t mask_id,
     int64_t block_start, int64_t block_end, c10::string_view confidence, c10::string_view rule, double threshold,
-    double factor, double temperature, double confidence_noise, const at::Tensor& seed, const at::Tensor& offset) {
+    double factor, double temperature, double confidence_noise, double top_p, int64_t top_k,
+    c10::string_view confidence_source, const at::Tensor& seed, const at::Tensor& offset) {
   constexpr const char* op = "fastar.diffusion_unmask";
   check_float_dtype(op, "logits", logits);
   TORCH_CHECK_VALUE(logits.dim() == 3, op, ": logits must be [B, L, V], got shape ", logits.sizes());
@@ -100,6 +101,16 @@ inline DiffusionUnmaskLaunch prepare_diffusion_unmask(
                     ": factor must be finite and > 0, got ", factor);
   const float inv_t = temperature > 0 ? static_cast<float>(1.0 / temperature) : 0.0f;
   TORCH_CHECK_VALUE(std::isfinite(inv_t), op, ": 1 / temperature overflows float32 (temperature ", temperature, ")");
+  TORCH_CHECK_VALUE(top_p > 0 && top_p <= 1, op, ": top_p must be in (0, 1] (1: no nucleus), got ", top_p);
+  TORCH_CHECK_VALUE(top_k >= 0, op, ": top_k must be >= 0 (0: no top-k), got ", top_k);
+  TORCH_CHECK_VALUE(confidence_source == "logits" || confidence_source == "sampling", op,
+                    ": confidence_source must be 'logits' or 'sampling', got '", std::string(confidence_source), "'");
+  // ceil(top_p * 2^64) < 2^64 for every double top_p < 1.
+  prm.top_p_fixed = top_p < 1 ? static_cast<uint64_t>(std::ceil(std::ldexp(top_p, 64))) : 0;
+  prm.top_k = top_k < V ? top_k : 0;
+  prm.filter_beta = inv_t > 0 ? inv_t : 1.0f;
+  prm.conf_filtered = confidence_source == "sampling";
+  prm.conf_beta = prm.conf_filtered ? prm.filter_beta : 1.0f;
 
   l.logits = unit_last_stride(logits);
   l.x = x;
@@ -140,10 +151,11 @@ template <void (*Run)(DiffusionUnmaskLaunch&)>
 std::tuple<at::Tensor, at::Tensor, at::Tensor> diffusion_unmask_op(
     const at::Tensor& logits, at::Tensor& x, const std::optional<at::Tensor>& num_transfer, int64_t mask_id,
     int64_t block_start, int64_t block_end, c10::string_view confidence, c10::string_view rule, double threshold,
-    double factor, double temperature, double confidence_noise, const at::Tensor& seed, const at::Tensor& offset) {
+    double factor, double temperature, double confidence_noise, double top_p, int64_t top_k,
+    c10::string_view confidence_source, const at::Tensor& seed, const at::Tensor& offset) {
   DiffusionUnmaskLaunch l =
       prepare_diffusion_unmask(logits, x, num_transfer, mask_id, block_start, block_end, confidence, rule, threshold,
-                               factor, temperature, confidence_noise, seed, offset);
+                               factor, temperature, confidence_noise, top_p, top_k, confidence_source, seed, offset);
   Run(l);
   return {l.candidates, l.confidence, l.remaining};
 }

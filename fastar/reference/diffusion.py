@@ -27,7 +27,9 @@ __all__ = [
     "add_gumbel_noise",
     "diffusion_confidence_reference",
     "diffusion_unmask_reference",
+    "dream_filter_keep",
     "dream_generate_reference",
+    "dream_sampling_probs",
     "fast_dllm_factor_thresholds",
     "llada_generate_reference",
     "llada_num_transfer_tokens",
@@ -74,6 +76,35 @@ def diffusion_confidence_reference(logits: torch.Tensor, x0: torch.Tensor, kind:
     if kind == "neg_entropy":
         return torch.sum(p * torch.log(p + 1e-10), dim=-1)
     raise ValueError(kind)
+
+
+def dream_filter_keep(logits: torch.Tensor, temperature: float = 0.0, top_p: Optional[float] = None,
+                      top_k: Optional[int] = None) -> torch.Tensor:
+    """bool ``[..., V]``: the tokens Dream's ``top_p_logits`` then ``top_k_logits`` keep, decided by value (the
+    convention of fastar.diffusion_unmask): a token is kept when the mass of ``softmax(logits / temperature)``
+    (temperature 0: 1) over the tokens with a strictly larger logit is ``<= top_p``, and when its logit is ``>=``
+    the ``top_k``-th largest. Tokens tied with a kept logit are kept (Dream's sort keeps some of them)."""
+    x = logits.to(torch.float64)
+    keep = torch.ones_like(x, dtype=torch.bool)
+    if top_p is not None and top_p < 1:
+        p = torch.softmax(x / (temperature if temperature > 0 else 1.0), dim=-1)
+        flat_x, flat_p, flat_keep = x.reshape(-1, x.shape[-1]), p.reshape(-1, x.shape[-1]), keep.view(-1, x.shape[-1])
+        for r in range(flat_x.shape[0]):
+            larger = flat_x[r][None, :] > flat_x[r][:, None]  # [i, j]: token j's logit is larger than token i's
+            flat_keep[r] &= (larger.to(torch.float64) * flat_p[r][None, :]).sum(-1) <= top_p
+    if top_k is not None and top_k < x.shape[-1]:
+        keep &= x >= torch.topk(x, top_k, dim=-1).values[..., -1:]
+    return keep
+
+
+def dream_sampling_probs(logits: torch.Tensor, temperature: float = 0.0, top_p: Optional[float] = None,
+                         top_k: Optional[int] = None) -> torch.Tensor:
+    """float64 ``[..., V]``: the distribution Dream's ``sample_tokens`` draws from and scores with:
+    ``softmax(logits / temperature)`` (temperature 0: 1) over the tokens :func:`dream_filter_keep` keeps, 0
+    elsewhere."""
+    x = logits.to(torch.float64) / (temperature if temperature > 0 else 1.0)
+    x = x.masked_fill(~dream_filter_keep(logits, temperature, top_p, top_k), -math.inf)
+    return torch.softmax(x, dim=-1)
 
 
 def fast_dllm_factor_thresholds(n: int, factor: float) -> List[float]:

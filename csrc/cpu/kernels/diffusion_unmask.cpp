@@ -1,9 +1,11 @@
 // The CPU scoring kernel of fastar.diffusion_unmask, compiled per ISA (cpu/vec.h): the masked positions of the
 // current block in parallel. Per position, vectorised passes over its V logits:
 //  1. the maximum (and, for the margin, the second largest value) and NaN / +inf detection;
-//  2. the fixed-point softmax sums (core/diffusion.h): the total and, for the entropy, its term;
-//  3. the candidate: the first index of the maximum, or at a temperature the fixed-point inverse CDF of
-//     softmax((x - max) / temperature) (block sums first, then one block token by token).
+//  2. with Dream's filters, the smallest kept logit: the k-th largest (nth_element over the order keys) and the
+//     nucleus's boundary (its mass, then a weighted select among the tokens heavy enough to hold it);
+//  3. the fixed-point softmax sums (core/diffusion.h): the total and, for the entropy, its term;
+//  4. the candidate: the first index of the maximum, or at a temperature the fixed-point inverse CDF of
+//     softmax((x - max) / temperature) over the kept tokens (block sums first, then one block token by token).
 
 #include "cpu/kernels/diffusion_unmask.h"
 
@@ -11,12 +13,15 @@
 #include <c10/util/BFloat16.h>
 #include <c10/util/Half.h>
 
+#include <algorithm>
 #include <cmath>
+#include <functional>
 #include <limits>
 #include <vector>
 
 #include "core/diffusion.h"
 #include "cpu/kernels/fixed_point_row.h"
+#include "cpu/kernels/weighted_select.h"
 #include "cpu/vec.h"
 
 FASTAR_ISA_BEGIN
@@ -70,25 +75,80 @@ Top2 top2_row(const P* row, int64_t V, bool want_second, bool* nan) {
   return top;
 }
 
-// The fixed-point total of exp(x - m) and, with entropy, of entropy_term.
+// Per-thread buffers, kept across calls.
+struct Scratch {
+  std::vector<uint64_t> sums;
+  std::vector<uint32_t> keys;
+  std::vector<Candidate> cand;
+};
+
+// The fixed-point sum of exp((x - m) beta) over the logits x >= cut.
 template <typename P>
-void softmax_sums(const P* row, int64_t V, float m, bool entropy, PositionSums& s) {
-  const Vec mv = Vec::broadcast(m), cap = Vec::broadcast(128.0f);
+uint64_t kept_mass(const P* row, int64_t V, float m, float beta, float cut) {
+  const Vec mv = Vec::broadcast(m), bv = Vec::broadcast(beta);
+  VecU64Sum acc = VecU64Sum::zero();
+  int64_t t = 0;
+  for (; kVectorExp && t + kW <= V; t += kW) {
+    const Vec g = Vec::load(row + t);
+    acc = acc + fixed_weights(zero_below(exp((g - mv) * bv), g, cut));
+  }
+  uint64_t sum = hsum(acc);
+  for (; t < V; ++t) {
+    const float g = static_cast<float>(row[t]);
+    sum += g >= cut ? sample_weight(g, m, beta) : 0;
+  }
+  return sum;
+}
+
+// The smallest logit Dream's filters keep (-inf: every one): the top_k-th largest, and the nucleus's boundary,
+// selected among the tokens of weight >= (total - target + 1) / V: below that, the tokens at or under the boundary
+// could not weigh the total minus the mass above it (less than the target).
+template <typename P>
+float filter_cut(const DiffusionUnmaskParams& prm, const P* row, float m, Scratch& s) {
+  const int64_t V = prm.V;
+  uint32_t tau = 0;
+  if (prm.top_k > 0 && prm.top_k < V) {
+    s.keys.resize(static_cast<size_t>(V));
+    for (int64_t t = 0; t < V; ++t) s.keys[t] = sampling::order_key(static_cast<float>(row[t]));
+    std::nth_element(s.keys.begin(), s.keys.begin() + (prm.top_k - 1), s.keys.end(), std::greater<uint32_t>());
+    tau = s.keys[prm.top_k - 1];
+  }
+  if (prm.top_p_fixed) {
+    const uint64_t total = kept_mass(row, V, m, prm.filter_beta, -kInf);
+    const uint64_t target = nucleus_target(prm.top_p_fixed, total);
+    const uint64_t least = std::max<uint64_t>(1, (total - target + 1) / static_cast<uint64_t>(V));
+    s.cand.clear();
+    for (int64_t t = 0; t < V; ++t) {
+      const float g = static_cast<float>(row[t]);
+      const uint64_t w = sample_weight(g, m, prm.filter_beta);
+      if (w >= least) s.cand.push_back({sampling::order_key(g), w});
+    }
+    tau = std::max(tau, weighted_select(s.cand.data(), s.cand.data() + s.cand.size(), target));
+  }
+  return tau ? sampling::key_float(tau) : -kInf;
+}
+
+// The fixed-point total of exp((x - m) beta) and, with entropy, of entropy_term, over the logits x >= cut.
+template <typename P>
+void softmax_sums(const P* row, int64_t V, float m, float beta, float cut, bool entropy, PositionSums& s) {
+  const Vec mv = Vec::broadcast(m), bv = Vec::broadcast(beta), cap = Vec::broadcast(128.0f);
   VecU64Sum tot = VecU64Sum::zero(), ent = VecU64Sum::zero();
   int64_t t = 0;
   for (; kVectorExp && t + kW <= V; t += kW) {
     const Vec g = Vec::load(row + t);
-    const Vec e = exp(g - mv);
+    const Vec d = (mv - g) * bv;
+    const Vec e = zero_below(exp((g - mv) * bv), g, cut);
     tot = tot + fixed_weights(e);
-    if (entropy) ent = ent + fixed_weights(e * min(mv - g, cap));
+    if (entropy) ent = ent + fixed_weights(e * min(d, cap));
   }
   s.total = hsum(tot);
   s.entropy = entropy ? hsum(ent) : 0;
   for (; t < V; ++t) {
     const float g = static_cast<float>(row[t]);
-    const float e = sampling::exp_nonpositive(g - m);
+    if (!(g >= cut)) continue;
+    const float e = sampling::exp_nonpositive((g - m) * beta);
     s.total += accept::fixed_weight(e);
-    if (entropy) s.entropy += accept::fixed_weight(entropy_term(e, g, m));
+    if (entropy) s.entropy += accept::fixed_weight(entropy_term(e, g, m, beta));
   }
 }
 
@@ -105,14 +165,22 @@ int64_t first_max(const P* row, int64_t V, float m) {
   return 0;  // unreachable: m is one of the values
 }
 
-// The token at which the inclusive prefix sum of sample_weight first exceeds sample_target(bits, total).
+// The token at which the inclusive prefix sum of sample_weight over the logits >= cut first exceeds
+// sample_target(bits, total).
 template <typename P>
-int64_t sample_row(const P* row, int64_t V, float m, float inv_t, uint64_t bits, std::vector<uint64_t>& sums) {
+int64_t sample_row(const P* row, int64_t V, float m, float inv_t, float cut, uint64_t bits,
+                   std::vector<uint64_t>& sums) {
   const Vec mv = Vec::broadcast(m), iv = Vec::broadcast(inv_t);
-  auto weight = [&](int64_t t) { return sample_weight(static_cast<float>(row[t]), m, inv_t); };
+  auto weight = [&](int64_t t) {
+    const float g = static_cast<float>(row[t]);
+    return g >= cut ? sample_weight(g, m, inv_t) : 0;
+  };
   auto block_sum = [&](int64_t t, int64_t end) {
     VecU64Sum acc = VecU64Sum::zero();
-    for (; kVectorExp && t + kW <= end; t += kW) acc = acc + fixed_weights(exp((Vec::load(row + t) - mv) * iv));
+    for (; kVectorExp && t + kW <= end; t += kW) {
+      const Vec g = Vec::load(row + t);
+      acc = acc + fixed_weights(zero_below(exp((g - mv) * iv), g, cut));
+    }
     uint64_t sum = hsum(acc);
     for (; t < end; ++t) sum += weight(t);
     return sum;
@@ -121,40 +189,38 @@ int64_t sample_row(const P* row, int64_t V, float m, float inv_t, uint64_t bits,
 }
 
 template <typename P>
-int32_t score_position(const DiffusionUnmaskParams& prm, int64_t b, int64_t j, std::vector<uint64_t>& sums) {
+int32_t score_position(const DiffusionUnmaskParams& prm, int64_t b, int64_t j, Scratch& scratch) {
   const int64_t i = b * prm.block_len + j, p = prm.block_start + j, V = prm.V;
   prm.candidates[i] = -1;
   prm.confidence[i] = -kInf;
   if (prm.x[b * prm.L + p] != prm.mask_id) return kOk;
   const P* row = static_cast<const P*>(prm.logits) + b * prm.s_row + p * prm.s_pos;
   bool nan = false;
-  const Top2 top = top2_row(row, V, prm.confidence_kind == kMargin, &nan);
+  const int32_t kind = prm.confidence_kind;
+  const Top2 top = top2_row(row, V, kind == kMargin, &nan);
   const float m = top.first;
   if (nan || m == kInf) return kBadValue;
   if (m == -kInf) return kNoFiniteLogit;
+  const float cut = prm.top_k || prm.top_p_fixed ? filter_cut(prm, row, m, scratch) : -kInf;
+  const float conf_cut = prm.conf_filtered ? cut : -kInf, beta = prm.conf_beta;
   PositionSums s{};
-  if (prm.confidence_kind == kProbability || prm.confidence_kind == kLogProbability ||
-      prm.confidence_kind == kNegEntropy) {
-    softmax_sums(row, V, m, prm.confidence_kind == kNegEntropy, s);
-  } else if (prm.confidence_kind == kMargin) {
-    softmax_sums(row, V, m, false, s);
-    s.second = sampling::token_weight(top.second, m);
-  }
+  if (kind != kRandom) softmax_sums(row, V, m, beta, conf_cut, kind == kNegEntropy, s);
+  if (kind == kMargin) s.second = top.second >= conf_cut ? sample_weight(top.second, m, beta) : 0;
   const accept::Draw d = accept::draw(prm.seed, static_cast<uint32_t>(b), static_cast<uint32_t>(p));
-  const int64_t token =
-      prm.inv_temperature > 0 ? sample_row(row, V, m, prm.inv_temperature, d.sample_bits, sums) : first_max(row, V, m);
+  const int64_t token = prm.inv_temperature > 0
+                            ? sample_row(row, V, m, prm.inv_temperature, cut, d.sample_bits, scratch.sums)
+                            : first_max(row, V, m);
   prm.candidates[i] = token;
-  prm.confidence[i] =
-      confidence_of(prm.confidence_kind, s, static_cast<float>(row[token]), m, d.accept_u, prm.confidence_noise);
+  prm.confidence[i] = confidence_of(kind, s, static_cast<float>(row[token]), m, beta, d.accept_u, prm.confidence_noise);
   return kOk;
 }
 
 template <typename P>
 void scores(const DiffusionUnmaskParams& prm) {
   at::parallel_for(0, prm.B * prm.block_len, 1, [&](int64_t begin, int64_t end) {
-    static thread_local std::vector<uint64_t> sums;
+    static thread_local Scratch scratch;
     for (int64_t i = begin; i < end; ++i) {
-      prm.status[i] = score_position<P>(prm, i / prm.block_len, i % prm.block_len, sums);
+      prm.status[i] = score_position<P>(prm, i / prm.block_len, i % prm.block_len, scratch);
     }
   });
 }
