@@ -118,11 +118,20 @@ float filter_cut(const DiffusionUnmaskParams& prm, const P* row, float m, Scratc
     const uint64_t target = nucleus_target(prm.top_p_fixed, total);
     const uint64_t least = std::max<uint64_t>(1, (total - target + 1) / static_cast<uint64_t>(V));
     s.cand.clear();
-    for (int64_t t = 0; t < V; ++t) {
+    auto consider = [&](int64_t t) {
       const float g = static_cast<float>(row[t]);
       const uint64_t w = sample_weight(g, m, prm.filter_beta);
       if (w >= least) s.cand.push_back({sampling::order_key(g), w});
+    };
+    // A vector of exps all below (least - 1/2) 2^-40 holds no candidate (fixed_weight rounds to nearest).
+    const float below = static_cast<float>((static_cast<double>(least) - 0.5) * 0x1p-40) * (1.0f - 0x1p-20f);
+    const Vec mv = Vec::broadcast(m), bv = Vec::broadcast(prm.filter_beta);
+    int64_t t = 0;
+    for (; kVectorExp && t + kW <= V; t += kW) {
+      if (hmax(exp((Vec::load(row + t) - mv) * bv)) < below) continue;
+      for (int i = 0; i < kW; ++i) consider(t + i);
     }
+    for (; t < V; ++t) consider(t);
     tau = std::max(tau, weighted_select(s.cand.data(), s.cand.data() + s.cand.size(), target));
   }
   return tau ? sampling::key_float(tau) : -kInf;
