@@ -4,11 +4,17 @@ softmax over [B, L, V], a gather, -inf past the block, and a per-row ``torch.top
 
 The case is LLaDA-8B's vocabulary (V = 126464, mask id 126336), a 256-token generation in blocks of 32, 128
 steps (2 tokens per step), in the middle of block 2: earlier blocks committed, later ones masked, 20 of the
-block's 32 positions still masked. The logits are the model's bfloat16 output."""
+block's 32 positions still masked. The logits are the model's bfloat16 output.
+
+With ``top_p`` the step is Dream's recipe instead (``alg="entropy"``, temperature 0.2, ``top_p`` 0.95): its
+``sample_tokens`` as written (tempered logits, ``top_p_logits``' sort over V, softmax, ``Categorical`` draw, entropy
+in the logits' dtype) on the block's masked rows, then ``topk`` over the row; fastar's op with ``top_p`` and
+``confidence_source="sampling"``. Dream's shifted-logits copy is left out on both sides."""
 from __future__ import annotations
 
 import dataclasses
 import functools
+from typing import Optional
 
 import numpy as np
 import pytest
@@ -17,6 +23,7 @@ import torch.nn.functional as F
 
 import fastar
 from bench import common
+from bench.bench_diffusion_generate import dream_sample_tokens
 from fastar.reference import add_gumbel_noise
 
 MASK_ID = 126336
@@ -33,14 +40,17 @@ class UnmaskCase:
     still_masked: int = 20  # of its positions
     per_step: int = 2  # tokens committed per step (LLaDA: steps 128 for 256 tokens)
     dtype: torch.dtype = torch.bfloat16
+    top_p: Optional[float] = None  # Dream's recipe (entropy confidence under the tempered, filtered softmax)
 
     @property
     def id(self) -> str:
-        return f"B{self.B}-V{self.V}-block{self.block_length}-t{self.temperature:g}"
+        dream = f"-dream-p{self.top_p:g}" if self.top_p is not None else ""
+        return f"B{self.B}-V{self.V}-block{self.block_length}-t{self.temperature:g}{dream}"
 
     @property
     def shape(self) -> str:
-        return f"B={self.B} L={self.gen_length} V={self.V} block {self.block_length} T={self.temperature:g}"
+        dream = f" Dream top_p {self.top_p:g}" if self.top_p is not None else ""
+        return f"B={self.B} L={self.gen_length} V={self.V} block {self.block_length} T={self.temperature:g}{dream}"
 
     @property
     def mask_id(self) -> int:  # LLaDA's, or the vocabulary's last token for a smaller one
@@ -51,7 +61,8 @@ class UnmaskCase:
         return self.block * self.block_length, (self.block + 1) * self.block_length
 
 
-CASES = [UnmaskCase(1, 0.0), UnmaskCase(8, 0.0), UnmaskCase(1, 1.0), UnmaskCase(8, 1.0)]
+CASES = [UnmaskCase(1, 0.0), UnmaskCase(8, 0.0), UnmaskCase(1, 1.0), UnmaskCase(8, 1.0),
+         UnmaskCase(1, 0.2, top_p=0.95), UnmaskCase(8, 0.2, top_p=0.95)]
 
 
 def llada_step(logits: torch.Tensor, x: torch.Tensor, num_transfer: torch.Tensor, block_end: int,
@@ -70,6 +81,24 @@ def llada_step(logits: torch.Tensor, x: torch.Tensor, num_transfer: torch.Tensor
         _, select_index = torch.topk(confidence[j], k=int(num_transfer[j]))
         transfer_index[j, select_index] = True
     x[transfer_index] = x0[transfer_index]
+    return x
+
+
+def dream_step(logits: torch.Tensor, x: torch.Tensor, num_transfer: torch.Tensor, bounds: tuple[int, int],
+               temperature: float, top_p: float, mask_id: int) -> torch.Tensor:
+    """One step of Dream's ``_sample`` after the forward (``alg="entropy"``, its code) over the block's masked
+    positions, on x in place."""
+    mask_index = x == mask_id
+    mask_index[:, :bounds[0]] = False
+    mask_index[:, bounds[1]:] = False
+    confidence, x0 = dream_sample_tokens(logits[mask_index], temperature, top_p, neg_entropy=True)
+    full_confidence = torch.full_like(x, -torch.inf, device=x.device, dtype=logits.dtype)
+    full_confidence[mask_index] = confidence
+    _, transfer_index = torch.topk(full_confidence, int(num_transfer[0]))
+    x_ = torch.zeros_like(x, device=x.device, dtype=torch.long) + mask_id
+    x_[mask_index] = x0.clone()
+    row_indices = torch.arange(x.size(0), device=x.device).unsqueeze(1).expand_as(transfer_index)
+    x[row_indices, transfer_index] = x_[row_indices, transfer_index]
     return x
 
 
@@ -97,13 +126,17 @@ def run_fastar(x: dict, seed: int) -> torch.Tensor:
     start, end = case.bounds
     poison_outputs(case, x["x"].device.type)
     out = x["x"].clone()
+    dream = {} if case.top_p is None else dict(confidence="neg_entropy", top_p=case.top_p, confidence_source="sampling")
     fastar.diffusion_unmask(x["logits"], out, mask_id=case.mask_id, block_start=start, block_end=end,
-                            num_transfer=x["num_transfer"], temperature=case.temperature, seed=seed)
+                            num_transfer=x["num_transfer"], temperature=case.temperature, seed=seed, **dream)
     return out
 
 
 def run_torch(x: dict, seed: int) -> torch.Tensor:
     case = x["case"]
+    if case.top_p is not None:
+        return dream_step(x["logits"], x["x"].clone(), x["num_transfer"], case.bounds, case.temperature, case.top_p,
+                          case.mask_id)
     return llada_step(x["logits"], x["x"].clone(), x["num_transfer"], case.bounds[1], case.temperature, case.mask_id)
 
 
@@ -132,8 +165,9 @@ def metrics(case: UnmaskCase, x: dict, outputs: list) -> dict:
 
 TABLE = common.Table(
     "diffusion_unmask: fastar.diffusion_unmask vs one step of LLaDA's generate (float64 Gumbel noise over [B, L, V]"
-    " at T > 0, float64 softmax, gather, per-row topk loop); median time per call, cold caches; GB/s: the masked"
-    " block rows' logits read once / time; others: share of the cores other processes used meanwhile",
+    " at T > 0, float64 softmax, gather, per-row topk loop), or of Dream's (top_p's sort); median time per call,"
+    " cold caches; GB/s: the masked block rows' logits read once / time; others: share of the cores other"
+    " processes used meanwhile",
     common.op_columns(16, 40, torch_gbps=False),
 )
 

@@ -332,8 +332,9 @@ class AcceptanceGpuCase:
     drafts, or fastar.tree_greedy_verify / fastar.typical_accept (T = 1) / fastar.tree_speculative_sample (with_q
     as above) over mc_sim_7b_63's 63 drafted nodes (n = 63), and a vocabulary of V, bf16
     (docs/design/sampling-kernels.md); or one fastar.diffusion_unmask step over a block of n positions
-    (bench/bench_diffusion_unmask.py's case, temperature 0); or fastar.compact_kv after verifying a 64-node tree,
-    B sequences, every one of 32 layers in one paged bf16 buffer (bench/bench_compact_kv.py's case)."""
+    (bench/bench_diffusion_unmask.py's case: temperature 0, or with top_p Dream's recipe at temperature 0.2, checked
+    against the CPU's draws); or fastar.compact_kv after verifying a 64-node tree, B sequences, every one of 32
+    layers in one paged bf16 buffer (bench/bench_compact_kv.py's case)."""
 
     name: str
     op: str  # greedy_verify | speculative_sample | tree_greedy_verify | typical_accept | tree_speculative_sample
@@ -342,6 +343,7 @@ class AcceptanceGpuCase:
     n: int
     V: int
     with_q: bool = False
+    top_p: Optional[float] = None
 
     def small(self) -> "AcceptanceGpuCase":
         return dataclasses.replace(self, B=min(self.B, 2), V=4096)
@@ -361,6 +363,7 @@ ACCEPTANCE_CASES = [
     AcceptanceGpuCase("tree_sample B=32 q", "tree_speculative_sample", 32, 63, 131072, with_q=True),
     AcceptanceGpuCase("unmask B=1", "diffusion_unmask", 1, 32, 126464),
     AcceptanceGpuCase("unmask B=8", "diffusion_unmask", 8, 32, 126464),
+    AcceptanceGpuCase("unmask dream B=8", "diffusion_unmask", 8, 32, 126464, top_p=0.95),
     AcceptanceGpuCase("compact_kv B=32 32 layers", "compact_kv", 32, 64, 0),
 ]
 TREE_OPS = ("tree_greedy_verify", "typical_accept")
@@ -397,7 +400,9 @@ def acceptance_inputs(case: AcceptanceGpuCase, device: str) -> dict:
     if case.op == "diffusion_unmask":
         from bench.bench_diffusion_unmask import UnmaskCase, make_inputs
 
-        x["unmask"] = make_inputs(UnmaskCase(case.B, 0.0, V=case.V, block_length=case.n), device)
+        temperature = 0.0 if case.top_p is None else 0.2
+        x["unmask"] = make_inputs(UnmaskCase(case.B, temperature, V=case.V, block_length=case.n, top_p=case.top_p),
+                                  device)
         return x
     if case.op == "tree_speculative_sample":
         tree = mc_sim_tree()
@@ -460,9 +465,11 @@ def acceptance_reference(x: dict):
         want = run_torch(dict(x["compact"], k=x["compact"]["k"].clone(), v=x["compact"]["v"].clone()), 5)
         check(x["compact_case"], x["compact"], want)
         return (want.cpu(),)
-    if x["case"].op == "diffusion_unmask":  # LLaDA's step as written, on the same device
-        from bench.bench_diffusion_unmask import run_torch
+    if x["case"].op == "diffusion_unmask":  # LLaDA's step as written, on the same device; Dream's draws: the CPU's
+        from bench.bench_diffusion_unmask import run_fastar, run_torch
 
+        if x["case"].top_p is not None:
+            return (run_fastar({k: v.cpu() if isinstance(v, torch.Tensor) else v for k, v in x["unmask"].items()}, 5),)
         return (run_torch(x["unmask"], 5).cpu(),)
     args = [a.cpu() if isinstance(a, torch.Tensor) else a for a in x["args"]]
     if x["case"].op == "greedy_verify":
@@ -532,7 +539,8 @@ def acceptance_rows(device: str, small: bool, hbm: float, name: str) -> list[dic
             if case.op == "diffusion_unmask":
                 from bench.bench_diffusion_unmask import run_torch
 
-                row["llada step_s"] = median_time(functools.partial(run_torch, x["unmask"], 5), device)
+                step = "dream step_s" if case.top_p is not None else "llada step_s"
+                row[step] = median_time(functools.partial(run_torch, x["unmask"], 5), device)
             if case.op == "compact_kv":
                 from bench.bench_compact_kv import run_torch
 
