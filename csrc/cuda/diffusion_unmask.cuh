@@ -51,7 +51,7 @@ __global__ void __launch_bounds__(kThreads) diffusion_scores_kernel(DiffusionUnm
   __shared__ unsigned long long s_pick_target;
   __shared__ RadixSelectShared s_radix;
   __shared__ float s_cut;          // the smallest logit the filters keep (-inf: every one)
-  __shared__ PositionSums s_sums;  // thread 0's, read after the candidate (in registers across it, they spilled)
+  __shared__ PositionSums s_sums;  // thread 0's sums, kept for the confidence after the candidate
 
   const int tid = threadIdx.x, lane = tid & 31, warp = tid >> 5;
   const int64_t i = blockIdx.x, b = i / prm.block_len, p = prm.block_start + i % prm.block_len, V = prm.V;
@@ -158,7 +158,7 @@ __global__ void __launch_bounds__(kThreads) diffusion_scores_kernel(DiffusionUnm
   }
   if (tid == 0) s_sums = PositionSums{total, entropy, 0};
 
-  // The position's Philox draw, made where it is used (kept live across the passes, it spilled).
+  // The position's Philox draw, made by thread 0 where it is used.
   auto draw = [&] { return accept::draw(prm.seed, static_cast<uint32_t>(b), static_cast<uint32_t>(p)); };
   const float inv_t = prm.inv_temperature;
   if (inv_t > 0) {

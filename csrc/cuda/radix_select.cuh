@@ -17,7 +17,7 @@ struct RadixSelectShared {
 // count tokens) and its key. Bins are walked from the top, so a weight is only ever added to larger keys' sums.
 template <int kThreads, typename KeyWeight>
 __device__ __forceinline__ uint32_t block_radix_select(int64_t V, uint32_t floor, uint64_t target, KeyWeight key_weight,
-                                       RadixSelectShared& sh) {
+                                                       RadixSelectShared& sh) {
   const int tid = threadIdx.x, lane = tid & 31;
   if (tid == 0) {
     sh.prefix = 0;
