@@ -276,8 +276,11 @@ def dream_sample_tokens(logits, temperature, top_p, margin_confidence=False, neg
         logits = logits.masked_fill(mask, torch.finfo(logits.dtype).min)
     probs = torch.softmax(logits, dim=-1)
     if temperature > 0:
-        x0 = torch.distributions.Categorical(probs=probs).sample()
-        confidence = torch.gather(probs, -1, x0.unsqueeze(-1)).squeeze(-1)
+        try:
+            x0 = torch.distributions.Categorical(probs=probs).sample()
+            confidence = torch.gather(probs, -1, x0.unsqueeze(-1)).squeeze(-1)
+        except ValueError:  # Dream's fallback (a bare except there): bf16 rows whose sums fail Simplex's tolerance
+            confidence, x0 = probs.max(dim=-1)
     else:
         confidence, x0 = probs.max(dim=-1)
     if margin_confidence:
