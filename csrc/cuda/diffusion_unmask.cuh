@@ -116,20 +116,17 @@ __global__ void __launch_bounds__(kThreads) diffusion_scores_kernel(DiffusionUnm
     uint32_t tau = 0;
     if (prm.top_k) {
       tau = block_radix_select<kThreads>(
-          V, 0, prm.top_k,
+          V, 0, [&](uint64_t) { return static_cast<uint64_t>(prm.top_k); },
           [&](int64_t t, uint32_t* key) {
             *key = sampling::order_key(to_float(row[t]));
             return uint64_t{1};
           },
           s_radix);
     }
-    if (prm.top_p_fixed) {
+    if (prm.top_p_fixed) {  // the row's total comes from the select's first histogram
       const float beta = prm.filter_beta;
-      uint64_t sum = 0;
-      for_each_logit<P, kThreads>(row, V, tid, [&](int64_t, float g) { sum += sample_weight(g, m, beta); });
-      const uint64_t all = block_sum<kWarps>(sum, s_warp_sum);
       const uint32_t boundary = block_radix_select<kThreads>(
-          V, 0, nucleus_target(prm.top_p_fixed, all),
+          V, 0, [&](uint64_t total) { return nucleus_target(prm.top_p_fixed, total); },
           [&](int64_t t, uint32_t* key) {
             const float g = to_float(row[t]);
             *key = sampling::order_key(g);

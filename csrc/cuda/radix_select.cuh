@@ -12,17 +12,15 @@ struct RadixSelectShared {
   unsigned long long remaining;
 };
 
-// The largest key T such that the weights of the tokens with key >= max(T, floor) sum to at least target
-// (1 <= target <= the weights' total over keys >= floor). key_weight(t, &key) returns token t's weight (1 to
-// count tokens) and its key. Bins are walked from the top, so a weight is only ever added to larger keys' sums.
-template <int kThreads, typename KeyWeight>
-__device__ __forceinline__ uint32_t block_radix_select(int64_t V, uint32_t floor, uint64_t target, KeyWeight key_weight,
+// The largest key T such that the weights of the tokens with key >= max(T, floor) sum to at least target(total),
+// total being their sum over keys >= floor, which the first pass's histogram gives (1 <= target(total) <= total).
+// key_weight(t, &key) returns token t's weight (1 to count tokens) and its key. Bins are walked from the top, so a
+// weight is only ever added to larger keys' sums.
+template <int kThreads, typename Target, typename KeyWeight>
+__device__ __forceinline__ uint32_t block_radix_select(int64_t V, uint32_t floor, Target target, KeyWeight key_weight,
                                                        RadixSelectShared& sh) {
   const int tid = threadIdx.x, lane = tid & 31;
-  if (tid == 0) {
-    sh.prefix = 0;
-    sh.remaining = target;
-  }
+  if (tid == 0) sh.prefix = 0;
   for (int shift = 24; shift >= 0; shift -= 8) {
     for (int i = tid; i < 256; i += kThreads) sh.hist[i] = SplitSum{0, 0};
     __syncthreads();
@@ -38,7 +36,7 @@ __device__ __forceinline__ uint32_t block_radix_select(int64_t V, uint32_t floor
       uint64_t sum = 0;
       for (int j = 0; j < 8; ++j) sum += sh.hist[255 - 8 * lane - j].value();
       const uint64_t incl = warp_inclusive_scan(sum, lane);
-      const uint64_t need = sh.remaining;
+      const uint64_t need = shift == 24 ? target(__shfl_sync(kFullMask, incl, 31)) : sh.remaining;
       const int first = __ffs(__ballot_sync(kFullMask, incl >= need)) - 1;
       __syncwarp();  // every lane has read sh.remaining before `first` rewrites it (a ballot orders no memory)
       if (lane == first) {

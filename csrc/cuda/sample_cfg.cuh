@@ -4,7 +4,7 @@
 //  2. the top-k threshold (the k-th largest logit) and the top-p threshold (the largest logit whose mass of
 //     logits at or above it reaches ceil(top_p * total)) are radix selects over the logits' order keys, 8 bits
 //     per pass, counting tokens or summing fixed-point weights in a shared 256-bin histogram (SplitSum bins:
-//     native 32-bit atomics);
+//     native 32-bit atomics); the top-p select takes the kept tokens' total from its first histogram;
 //  3. each warp sums the kept weights of a contiguous segment, thread 0 picks the segment holding the target,
 //     and that warp scans it 32 tokens at a time. Integer sums make the token identical to the CPU kernel's.
 #pragma once
@@ -68,7 +68,7 @@ __global__ void __launch_bounds__(kThreads) sample_cfg_kernel(SampleCfgParams pr
   uint32_t tau = 0;  // the smallest kept key (0: every token)
   if (prm.top_k > 0) {
     tau = block_radix_select<kThreads>(
-        V, 0, prm.top_k,
+        V, 0, [&](uint64_t) { return static_cast<uint64_t>(prm.top_k); },
         [&](int64_t t, uint32_t* key) {
           *key = order_key(logit(t));
           return uint64_t{1};
@@ -85,11 +85,9 @@ __global__ void __launch_bounds__(kThreads) sample_cfg_kernel(SampleCfgParams pr
     const uint64_t w = key_weight(t, &key);
     return key >= tau ? w : 0;
   };
-  if (prm.top_p_fixed) {
-    uint64_t sum = 0;
-    for (int64_t t = tid; t < V; t += kThreads) sum += kept_weight(t);
-    const uint64_t total = block_sum<kWarps>(sum, s_warp_sum);
-    tau = block_radix_select<kThreads>(V, tau, top_p_target(prm.top_p_fixed, total), key_weight, s_radix);
+  if (prm.top_p_fixed) {  // the kept tokens' total comes from the select's first histogram
+    tau = block_radix_select<kThreads>(
+        V, tau, [&](uint64_t total) { return top_p_target(prm.top_p_fixed, total); }, key_weight, s_radix);
   }
 
   int64_t begin, end;
