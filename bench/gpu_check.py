@@ -579,6 +579,25 @@ def small_cases(device: str) -> None:
     fastar.tree_greedy_verify(ids, Tree([-1, 0, 0]), probs)
     fastar.sample_cfg(torch.randn(4, 3, 50, generator=gen).to(device), cfg=1.5, scale_index=2, num_scales=4,
                       top_k=5, top_p=0.9, seed=3)
+    # The acceptance ops past the chain (3 drafted nodes or tokens over V = 50), KV compaction, one unmasking step.
+    tree, drafts = Tree([-1, 0, 0]), probs[:, :3]
+    fastar.tree_speculative_sample(ids, tree, drafts, probs, seed=4)
+    fastar.tree_speculative_sample(ids, tree, None, probs, seed=4)
+    fastar.typical_accept(ids, probs.log(), tree=tree)
+    fastar.lantern_accept(ids, drafts, probs, (torch.arange(50, device=device)[:, None] + torch.arange(1, 4,
+                          device=device)) % 50, delta=0.2, seed=5)
+    fastar.sjd_accept(ids, drafts, probs, seed=6)
+    fastar.gsd_accept(ids, drafts, probs, torch.randn(50, 8, generator=gen).to(device), seed=7)
+    fastar.spectr_accept(ids.reshape(2, 3, 1), drafts.reshape(2, 3, 1, 50),
+                         probs[:, :2].repeat(1, 3, 1).reshape(2, 3, 2, 50), seed=8)
+    kv = [torch.randn(2, 9, 2, 16, generator=gen).to(device, torch.bfloat16) for _ in range(2)]
+    i32 = lambda *values: torch.tensor(values, dtype=torch.int32, device=device)  # noqa: E731
+    fastar.compact_kv(*kv, i32([0, 2, 3], [0, 1, -1]), i32(2, 1), i32(3, 0), num_nodes=5, root_in_path=True)
+    unmask_x = torch.full((2, 10), 299, device=device)
+    fastar.diffusion_unmask(torch.randn(2, 10, 300, generator=gen).to(device, torch.bfloat16), unmask_x, mask_id=299,
+                            block_start=2, block_end=8, num_transfer=torch.tensor([2, 3], device=device),
+                            temperature=0.7, top_p=0.9, top_k=20, confidence="margin", confidence_source="sampling",
+                            seed=9)
     for dtype in (torch.float32, torch.bfloat16):
         q = torch.randn(1, 4, 16, 64, generator=gen).to(device, dtype)
         k, v = (torch.randn(1, 2, 80, 64, generator=gen).to(device, dtype) for _ in range(2))
