@@ -38,7 +38,9 @@ __device__ __forceinline__ void for_each_pair(const P* p, const P* q, int64_t V,
     float xp[kVec], xq[kVec];
     const int m = load_span(p, t, V, aligned, xp);
     load_span(q, t, V, aligned, xq);
-    for (int e = 0; e < m; ++e) f(xp[e], xq[e]);
+#pragma unroll
+    for (int e = 0; e < kVec; ++e)  // a constant trip count keeps xp, xq in registers
+      if (e < m) f(xp[e], xq[e]);
   }
 }
 
