@@ -82,18 +82,17 @@ struct Scratch {
   std::vector<Candidate> cand;
 };
 
-// The fixed-point sum of exp((x - m) beta) over the logits x >= cut.
+// The fixed-point sum of exp((x - m) beta) over the logits x >= cut of tokens [t, end).
 template <typename P>
-uint64_t kept_mass(const P* row, int64_t V, float m, float beta, float cut) {
+uint64_t kept_mass(const P* row, int64_t t, int64_t end, float m, float beta, float cut) {
   const Vec mv = Vec::broadcast(m), bv = Vec::broadcast(beta);
   VecU64Sum acc = VecU64Sum::zero();
-  int64_t t = 0;
-  for (; kVectorExp && t + kW <= V; t += kW) {
+  for (; kVectorExp && t + kW <= end; t += kW) {
     const Vec g = Vec::load(row + t);
     acc = acc + fixed_weights(zero_below(exp((g - mv) * bv), g, cut));
   }
   uint64_t sum = hsum(acc);
-  for (; t < V; ++t) {
+  for (; t < end; ++t) {
     const float g = static_cast<float>(row[t]);
     sum += g >= cut ? sample_weight(g, m, beta) : 0;
   }
@@ -114,7 +113,7 @@ float filter_cut(const DiffusionUnmaskParams& prm, const P* row, float m, Scratc
     tau = s.keys[prm.top_k - 1];
   }
   if (prm.top_p_fixed) {
-    const uint64_t total = kept_mass(row, V, m, prm.filter_beta, -kInf);
+    const uint64_t total = kept_mass(row, 0, V, m, prm.filter_beta, -kInf);
     const uint64_t target = nucleus_target(prm.top_p_fixed, total);
     const uint64_t least = std::max<uint64_t>(1, (total - target + 1) / static_cast<uint64_t>(V));
     s.cand.clear();
@@ -179,21 +178,11 @@ int64_t first_max(const P* row, int64_t V, float m) {
 template <typename P>
 int64_t sample_row(const P* row, int64_t V, float m, float inv_t, float cut, uint64_t bits,
                    std::vector<uint64_t>& sums) {
-  const Vec mv = Vec::broadcast(m), iv = Vec::broadcast(inv_t);
   auto weight = [&](int64_t t) {
     const float g = static_cast<float>(row[t]);
     return g >= cut ? sample_weight(g, m, inv_t) : 0;
   };
-  auto block_sum = [&](int64_t t, int64_t end) {
-    VecU64Sum acc = VecU64Sum::zero();
-    for (; kVectorExp && t + kW <= end; t += kW) {
-      const Vec g = Vec::load(row + t);
-      acc = acc + fixed_weights(zero_below(exp((g - mv) * iv), g, cut));
-    }
-    uint64_t sum = hsum(acc);
-    for (; t < end; ++t) sum += weight(t);
-    return sum;
-  };
+  auto block_sum = [&](int64_t t, int64_t end) { return kept_mass(row, t, end, m, inv_t, cut); };
   return sample_by_blocks(V, bits, sums, block_sum, weight);
 }
 
