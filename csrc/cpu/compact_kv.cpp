@@ -4,6 +4,7 @@
 #include <ATen/Parallel.h>
 
 #include <cstring>
+#include <vector>
 
 #include "ops/compact_kv_args.h"
 
@@ -39,13 +40,45 @@ namespace {
                     ") for a position the move touches");
 }
 
-void move_rows(const CompactKvParams& p, uint8_t* base, int64_t s0, int64_t s1, int64_t b, int64_t keep) {
+// One kept row's copy.
+struct RowMove {
+  uint8_t* dst;
+  const uint8_t* src;
+};
+
+// The moves of item i (sequence i % B of layer i / B / 2, in K or V) in increasing position order, appended to out.
+void item_moves(const CompactKvParams& p, int64_t i, std::vector<RowMove>& out) {
+  const int64_t b = i % p.B, l = i / p.B / 2;
+  const bool is_v = i / p.B % 2;
+  uint8_t* base = is_v ? p.v + l * p.v_sl : p.k + l * p.k_sl;
+  const int64_t s0 = is_v ? p.v_s0 : p.k_s0, s1 = is_v ? p.v_s1 : p.k_s1;
+  int64_t keep;
+  compact_row_status(p, b, &keep);
   const int32_t* path = p.path + b * p.W;
   const int64_t start = p.seqlens[b];
-  for (int64_t j = 0; j < keep; ++j) {
-    if (path[j] == j) continue;  // already in place
-    std::memcpy(compact_slot(p, base, s0, s1, b, start + j), compact_slot(p, base, s0, s1, b, start + path[j]),
-                p.row_bytes);
+  for (int64_t j = 0; j < keep; ++j)
+    if (path[j] != j)  // else already in place
+      out.push_back({compact_slot(p, base, s0, s1, b, start + j), compact_slot(p, base, s0, s1, b, start + path[j])});
+}
+
+// Copies the moves in order, the lines of the rows kAheadBytes ahead prefetched (sources to read, destinations to
+// write): the rows are scattered positions of a cache that is cold after a forward pass, and one copy after
+// another would each wait for DRAM on its own.
+void copy_rows(const std::vector<RowMove>& moves, int64_t row_bytes) {
+  constexpr int64_t kLine = 64, kAheadBytes = 16 << 10;
+  const int64_t span = (row_bytes + kLine - 1) / kLine * kLine;  // a move's prefetched bytes
+  size_t ahead = 0;                                              // the move being prefetched
+  int64_t ahead_line = 0;                                        // its next line
+  int64_t ahead_bytes = 0;                                       // bytes prefetched beyond the moves copied
+  for (const RowMove& m : moves) {
+    while (ahead < moves.size() && ahead_bytes < kAheadBytes) {
+      __builtin_prefetch(moves[ahead].src + ahead_line, 0, 2);
+      __builtin_prefetch(moves[ahead].dst + ahead_line, 1, 2);
+      ahead_bytes += kLine;
+      if ((ahead_line += kLine) == span) ahead_line = 0, ++ahead;
+    }
+    std::memcpy(m.dst, m.src, row_bytes);
+    ahead_bytes -= span;
   }
 }
 
@@ -59,18 +92,10 @@ void run_compact_kv_cpu(CompactKvLaunch& l) {
     if (compact_row_status(p, b, &keep) != accept::kOk) raise_bad_row(p, b);
     p.new_seqlens[b] = compact_new_length(p, b, accept::kOk, keep);
   }
-  // Item i: sequence i % B of layer i / B / 2, in K or V.
   auto move = [&](int64_t first, int64_t last) {
-    for (int64_t i = first; i < last; ++i) {
-      const int64_t b = i % p.B, l = i / p.B / 2;
-      const bool is_v = i / p.B % 2;
-      int64_t keep;
-      compact_row_status(p, b, &keep);
-      if (is_v)
-        move_rows(p, p.v + l * p.v_sl, p.v_s0, p.v_s1, b, keep);
-      else
-        move_rows(p, p.k + l * p.k_sl, p.k_s0, p.k_s1, b, keep);
-    }
+    std::vector<RowMove> moves;
+    for (int64_t i = first; i < last; ++i) item_moves(p, i, moves);
+    copy_rows(moves, p.row_bytes);
   };
   // A decoding step's move (a few rows per sequence) is done before a parallel region would have started; at most
   // kSerialBytes are moved by one thread.
