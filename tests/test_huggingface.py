@@ -213,9 +213,11 @@ def test_quantized_cache_gives_the_logits_of_a_quantize_dequantize_cache(fmt, mo
     assert cache.get_seq_length() == PROMPT + 3
 
 
-# Share of greedy tokens equal to the bf16 cache's, at least (measured at this seed: 0.98, 0.90, 0.39; fp8 e5m2
-# keeps two mantissa bits).
-AGREEMENT = {"int8": 0.9, "fp8_e4m3": 0.75, "fp8_e5m2": 0.25}
+# Share of greedy tokens equal to the bf16 cache's, at least. A random model's logits are nearly tied, so one
+# flipped token sends the rest of its sequence elsewhere, and the shares move with the machine's bf16 matmuls: over
+# 16 sequences at this seed, 0.87-0.88 (int8), 0.78 (fp8 e4m3) and 0.67-0.69 (fp8 e5m2, two mantissa bits) on an
+# AMD EPYC with each CPU kernel ISA; 4 sequences gave 0.98 / 0.90 / 0.39 on a Xeon and 0.89 / 0.82 / 0.41 on the EPYC.
+AGREEMENT = {"int8": 0.8, "fp8_e4m3": 0.65, "fp8_e5m2": 0.25}
 
 
 @torch.no_grad()
@@ -231,7 +233,7 @@ def test_quantized_caches_generate_like_the_bf16_cache(no_dequantize):
     torch.manual_seed(0)
     model = transformers.AutoModelForCausalLM.from_config(cfg, attn_implementation="fastar",
                                                           dtype=torch.bfloat16).eval()
-    input_ids = torch.randint(1, 512, (4, 32), generator=torch.Generator().manual_seed(1))
+    input_ids = torch.randint(1, 512, (16, 32), generator=torch.Generator().manual_seed(1))
     kwargs = dict(max_new_tokens=48, do_sample=False, pad_token_id=0)
     want = model.generate(input_ids, **kwargs)[:, 32:]
     for fmt, share in AGREEMENT.items():
