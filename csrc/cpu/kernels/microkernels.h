@@ -186,9 +186,56 @@ inline void dot_vectors_tail(int nr, const float* q, T row, int64_t D, Vec* out,
   }
 }
 
+// Keys per dot_key_group: each loaded query vector serves that many keys (AVX-512: 4 rows x 4 keys accumulators, 4
+// key vectors and a query vector in 32 registers; else 4 x 2 and 2 in 16), so a key costs NR * D / (NK * kW)
+// query loads instead of NR * D / kW, which bounded the decode's logits by the load ports rather than the FMAs.
+constexpr int kKeyGroup = FASTAR_ISA_LEVEL >= 2 ? 4 : 2;
+
+// out[r * ld + c] = a vector whose lanes sum to dot(q[r * D .. r * D + D), rows[c][0..D)), for r < NR, c < NK.
+template <int NR, int NK, typename T>
+inline void dot_key_group(const float* q, const T* rows, int64_t D, Vec* out, int64_t ld) {
+  Vec acc[NR][NK];
+#pragma GCC unroll 8
+  for (int r = 0; r < NR; ++r)
+#pragma GCC unroll 8
+    for (int c = 0; c < NK; ++c) acc[r][c] = Vec::zero();
+  int64_t d = 0;
+  for (; d + kW <= D; d += kW) {
+    Vec k[NK];
+#pragma GCC unroll 8
+    for (int c = 0; c < NK; ++c) k[c] = load_at(rows[c], d);
+#pragma GCC unroll 8
+    for (int r = 0; r < NR; ++r) {
+      const Vec qv = Vec::load(q + r * D + d);
+#pragma GCC unroll 8
+      for (int c = 0; c < NK; ++c) acc[r][c] = fmadd(qv, k[c], acc[r][c]);
+    }
+  }
+#pragma GCC unroll 8
+  for (int r = 0; r < NR; ++r)
+#pragma GCC unroll 8
+    for (int c = 0; c < NK; ++c) {
+      out[r * ld + c] = acc[r][c];
+      if (d == D) continue;
+      float tail[kW] = {};
+      for (int64_t e = d; e < D; ++e) tail[0] += q[r * D + e] * value_at(rows[c], e);
+      out[r * ld + c] = out[r * ld + c] + Vec::load(tail);
+    }
+}
+
+// dot_key_group for nr < NR rows.
+template <int NR, int NK, typename T>
+inline void dot_key_group_tail(int nr, const float* q, const T* rows, int64_t D, Vec* out, int64_t ld) {
+  if constexpr (NR > 0) {
+    if (nr == NR) return dot_key_group<NR, NK>(q, rows, D, out, ld);
+    dot_key_group_tail<NR - 1, NK>(nr, q, rows, D, out, ld);
+  }
+}
+
 // s[r * ld + c] = scale[c] * dot(q[r * D .. r * D + D), rows[c][0..D)) for the R query rows at q [R, D] and the n
 // keys' rows (scale null: 1), calling step() after each key: each vector of a row is loaded (converted) once per
-// kStreamRows query rows, and kW keys' products are summed across their lanes together (hsums), not one by one.
+// kStreamRows query rows, each query vector once per kKeyGroup keys, and kW keys' products are summed across their
+// lanes together (hsums), not one by one.
 template <typename T, typename Step>
 inline void dot_keys(const float* q, int64_t R, const T* rows, int64_t n, int64_t D, const float* scale, float* s,
                      int64_t ld, Step&& step) {
@@ -199,7 +246,13 @@ inline void dot_keys(const float* q, int64_t R, const T* rows, int64_t n, int64_
     for (int c = 0; c < kW; ++c) sc[c] = c < m && scale ? scale[c0 + c] : 1.0f;
     for (int64_t r0 = 0; r0 < R; r0 += kStreamRows) {
       const int nr = static_cast<int>(std::min<int64_t>(kStreamRows, R - r0));
-      for (int c = 0; c < m; ++c) {
+      int c = 0;
+      for (; nr > 1 && c + kKeyGroup <= m; c += kKeyGroup) {  // one row: no query load to share
+        dot_key_group_tail<kStreamRows, kKeyGroup>(nr, q + r0 * D, rows + c0 + c, D, part + c, kW);
+        if (r0 == 0)
+          for (int j = 0; j < kKeyGroup; ++j) step();
+      }
+      for (; c < m; ++c) {
         dot_vectors_tail<kStreamRows>(nr, q + r0 * D, rows[c0 + c], D, part + c, kW);
         if (r0 == 0) step();
       }
