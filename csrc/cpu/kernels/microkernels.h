@@ -223,10 +223,10 @@ inline void dot_key_group(const float* q, const T* rows, int64_t D, Vec* out, in
     }
 }
 
-// dot_key_group for nr < NR rows.
+// dot_key_group for 2 <= nr <= NR rows (one row shares no query load).
 template <int NR, int NK, typename T>
 inline void dot_key_group_tail(int nr, const float* q, const T* rows, int64_t D, Vec* out, int64_t ld) {
-  if constexpr (NR > 0) {
+  if constexpr (NR > 1) {
     if (nr == NR) return dot_key_group<NR, NK>(q, rows, D, out, ld);
     dot_key_group_tail<NR - 1, NK>(nr, q, rows, D, out, ld);
   }
@@ -247,7 +247,7 @@ inline void dot_keys(const float* q, int64_t R, const T* rows, int64_t n, int64_
     for (int64_t r0 = 0; r0 < R; r0 += kStreamRows) {
       const int nr = static_cast<int>(std::min<int64_t>(kStreamRows, R - r0));
       int c = 0;
-      for (; nr > 1 && c + kKeyGroup <= m; c += kKeyGroup) {  // one row: no query load to share
+      for (; nr > 1 && c + kKeyGroup <= m; c += kKeyGroup) {
         dot_key_group_tail<kStreamRows, kKeyGroup>(nr, q + r0 * D, rows + c0 + c, D, part + c, kW);
         if (r0 == 0)
           for (int j = 0; j < kKeyGroup; ++j) step();
