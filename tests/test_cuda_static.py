@@ -247,7 +247,8 @@ def test_diffusion_scores_kernel_loads_16_bytes():
 
 @pytest.mark.parametrize("family", ["greedy_verify_partial_kernel", "tree_greedy_verify_partial_kernel",
                                     "typical_accept_partial_kernel", "speculative_sample_partial_kernel",
-                                    "speculative_sample_finish_kernel", "tree_sample_pass_kernel"])
+                                    "speculative_sample_finish_kernel", "tree_sample_pass_kernel",
+                                    "spectr_solve_kernel"])
 def test_split_acceptance_kernels_load_16_bytes(family):
     """The kernels that stream a vocabulary row (every dtype instance, every built arch) read it with 16-byte
     global loads (the element-wise loads are only the fallback for unaligned rows and the row's tail)."""
@@ -257,7 +258,7 @@ def test_split_acceptance_kernels_load_16_bytes(family):
     assert not narrow, narrow
 
 
-@pytest.mark.parametrize("family", ["sample_cfg_kernel", "spectr_accept_kernel", "diffusion_select_kernel"])
+@pytest.mark.parametrize("family", ["sample_cfg_kernel", "spectr_solve_kernel", "diffusion_select_kernel"])
 def test_shared_sums_use_native_atomics(family):
     """The kernels that add into shared-memory sums (histograms, counts) use native 32-bit atomics: a 64-bit
     shared atomicAdd compiles to a compare-and-swap spin loop (ATOMS.CAST.SPIN), serialised under contention."""

@@ -75,7 +75,7 @@ TREE_SAMPLE = {"tree_sample_step", "tree_sample_pass"}
 ALL_KERNELS = {*SPECULATIVE, *GSD, *TREE_SAMPLE, *GREEDY, *TREE_GREEDY, *TYPICAL, "sample_cfg",
                "attention_vec_decode", "attention_decode", "attention_tiled", "attention_tc", "attention_merge",
                "attention_kivi_decode", "quantize_kv_append", "quantize_kivi_keys", "quantize_kivi_values",
-               "diffusion_unmask", "compact_kv", "spectr_accept"}
+               "diffusion_unmask", "compact_kv", "spectr_solve", "spectr_accept"}
 
 
 def test_every_kernel_is_covered():
@@ -159,8 +159,9 @@ def test_sjd_accept(backend):
 
 
 def test_spectr_accept(backend):
-    # SpecTr: the shared-memory histograms of the rho* solve (atomics), the block scan over the bins, thread 0's
-    # draft tests and the block-wide residual and bonus samples; aligned rows (16-byte loads) and unaligned ones.
+    # SpecTr: the solve launch (the nodes' shared prefixes counted with atomics, the shared-memory histograms of
+    # the rho* solve, the block scan over the bins), then the walk's draft tests and the block-wide residual and
+    # bonus samples; aligned rows (16-byte loads) and unaligned ones.
     gen = torch.Generator().manual_seed(6)
     B, K, n, V = 3, 3, 2, 300
     q = torch.softmax(3 * torch.randn(B, K, n, V, generator=gen), -1)
@@ -170,7 +171,8 @@ def test_spectr_accept(backend):
     p[1] = torch.cat([q[1], q[1, :, :1]], 1)  # row 1: p == q, every level accepts and the bonus is sampled
     unaligned = torch.cat([p, p[..., :1]], -1)[..., 1:]
     for target in (p, unaligned):
-        assert_order_independent(lambda t=target: backend.spectr_accept(drafts, q, t, seed=12), {"spectr_accept"})
+        assert_order_independent(lambda t=target: backend.spectr_accept(drafts, q, t, seed=12),
+                                 {"spectr_solve", "spectr_accept"})
 
 
 @pytest.mark.parametrize("V", [300, 4500])  # 4500: rows split over several blocks

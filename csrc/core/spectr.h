@@ -31,6 +31,7 @@ struct SpectrParams {
   int32_t* num_accepted;  // [B]
   int64_t B, K, n, V;
   PhiloxSeed seed;
+  void* nodes;  // CUDA: [B, k, n] spectr::Node, the levels solved before the walk (the CPU solves as it walks)
 };
 
 }  // namespace fastar
@@ -91,6 +92,13 @@ FASTAR_HD Level make_level(double rho, double beta, int64_t k) {
   const double c = beta > 0.0 ? accept_probability(beta, k) / beta : 0.0;
   return {rho, static_cast<float>(1.0 / rho), static_cast<float>(c)};
 }
+
+// A level solved ahead of the walk (CUDA): at level t of draft j's prefix, where j is the first draft with that
+// prefix and k >= 2 drafts share it; status accept::kOk or the rows' bad-value status.
+struct Node {
+  Level level;
+  int32_t status;
+};
 
 FASTAR_HD bool accept_candidate(double u, const Level& lv, float p, float q) {
   return u * lv.rho * static_cast<double>(q) < static_cast<double>(p);

@@ -1,12 +1,16 @@
-// CUDA kernel of fastar.spectr_accept (docs/acceptance.md "SpecTr", cost in docs/design/tree-acceptance.md): one
-// block per batch row walks the drafts' prefix tree level by level with the rule of core/spectr.h.
-//  1. rho* of a level with k >= 2 drafts: kPasses passes over the (p, q) rows, 16-byte loads where the rows are
-//     aligned; each token's fixed-point p and q go into a shared-memory histogram of p / q (integer atomics, SplitSum:
-//     the sums do not depend on the order). A block scan of the bins gives beta at every bin edge; the first edge that
-//     satisfies the condition is an atomicMin.
-//  2. Thread 0 tests the level's drafts in index order (k is small) and narrows the drafts alive.
-//  3. At a rejection (or after the last level) the block samples one token: each warp sums a contiguous segment
-//     in fixed point, thread 0 picks the segment holding the target, that warp scans it 32 tokens at a time.
+// CUDA kernels of fastar.spectr_accept (docs/acceptance.md "SpecTr", cost in docs/design/tree-acceptance.md), in two
+// launches so that the heavy part, rho* of every level, uses the whole GPU:
+//  1. spectr_solve_kernel, one block per (batch row, draft j, level t): where draft j is the first of the k >= 2
+//     drafts sharing its first t tokens (the drafts alive when the walk reaches that prefix: it follows from the
+//     ids alone), the block solves that level's rho* with the rule of core/spectr.h: kPasses passes over the
+//     (p, q) rows, 16-byte loads where the rows are aligned; each token's fixed-point p and q go into a
+//     shared-memory histogram of p / q (integer atomics, SplitSum: the sums do not depend on the order). A block
+//     scan of the bins gives beta at every bin edge; the first edge that satisfies the condition is an atomicMin.
+//     The level (or the rows' bad-value status) goes to the workspace (spectr::Node).
+//  2. spectr_accept_kernel, one block per batch row, walks the drafts' prefix tree level by level: thread 0 reads
+//     the level, tests the level's drafts in index order (k is small) and narrows the drafts alive. At a
+//     rejection (or after the last level) the block samples one token: each warp sums a contiguous segment in
+//     fixed point, thread 0 picks the segment holding the target, that warp scans it 32 tokens at a time.
 #pragma once
 #include <climits>
 
@@ -15,18 +19,27 @@
 
 namespace fastar::cuda {
 
+// Shared memory of spectr_solve_kernel.
 template <int kThreads>
-struct SpectrShared {
+struct SpectrSolveShared {
   static constexpr int kWarps = kThreads / 32;
   SplitSum hp[spectr::kBins], hq[spectr::kBins];
   SplitSum p_below, q_above;
   unsigned long long p_lt, q_ge;
   unsigned long long warp_p[kWarps], warp_q[kWarps];
+  spectr::Level level;
+  int root, status, bad, rep, k;
+};
+
+// Shared memory of spectr_accept_kernel.
+template <int kThreads>
+struct SpectrShared {
+  static constexpr int kWarps = kThreads / 32;
   unsigned long long warp_total[kWarps];
   int warp_bad[kWarps];
   unsigned long long pick_target, alive;
   spectr::Level level;
-  int root, status, bad, pick, token;
+  int status, pick, token;
 };
 
 // Every (p, q) pair of two rows, 16 bytes at a time when both are aligned (load_span); f(p, q) per token.
@@ -47,7 +60,7 @@ __device__ __forceinline__ void for_each_pair(const P* p, const P* q, int64_t V,
 // rho* of one level with k >= 2 drafts (core/spectr.h, the CPU's solve_level in parallel); pass 0 validates the
 // rows. Leaves s.level set, or s.status = kBadValue.
 template <typename P, int kThreads>
-__device__ void solve_level(const P* p, const P* q, int64_t V, int64_t k, SpectrShared<kThreads>& s) {
+__device__ void solve_level(const P* p, const P* q, int64_t V, int64_t k, SpectrSolveShared<kThreads>& s) {
   using namespace spectr;
   constexpr int kPerThread = kBins / kThreads;
   static_assert(kBins % kThreads == 0, "bins split evenly over the threads");
@@ -86,7 +99,7 @@ __device__ void solve_level(const P* p, const P* q, int64_t V, int64_t k, Spectr
       own_p += s.hp[tid * kPerThread + e].value();
       own_q += s.hq[tid * kPerThread + e].value();
     }
-    constexpr int kWarps = SpectrShared<kThreads>::kWarps;
+    constexpr int kWarps = SpectrSolveShared<kThreads>::kWarps;
     uint64_t p_bins, q_bins;
     uint64_t p_lt = s.p_below.value() + block_exclusive_scan<kWarps>(own_p, s.warp_p, &p_bins);
     uint64_t q_lt = block_exclusive_scan<kWarps>(own_q, s.warp_q, &q_bins);
@@ -123,6 +136,42 @@ __device__ void solve_level(const P* p, const P* q, int64_t V, int64_t k, Spectr
     __syncthreads();  // every thread has read s.root, s.p_lt and s.q_ge before the next pass resets them
   }
   __syncthreads();
+}
+
+// Grid (k * n, min(B, 65535)): block (j * n + t, y) solves node (b, j, t) for the rows b = y, y + gridDim.y, ...
+// where draft j is the first of k >= 2 drafts with its first t tokens; other blocks leave their node unwritten
+// (the walk never reads it).
+template <typename P, int kThreads>
+__global__ void __launch_bounds__(kThreads) spectr_solve_kernel(SpectrParams prm) {
+  using namespace spectr;
+  __shared__ SpectrSolveShared<kThreads> s;
+  const int64_t K = prm.K, n = prm.n, V = prm.V, j = blockIdx.x / n, t = blockIdx.x % n;
+  for (int64_t b = blockIdx.y; b < prm.B; b += gridDim.y) {
+    if (threadIdx.x == 0) {
+      s.rep = static_cast<int>(K);
+      s.k = 0;
+      s.status = accept::kOk;
+    }
+    __syncthreads();
+    for (int64_t i = threadIdx.x; i < K; i += kThreads) {  // the drafts sharing draft j's first t tokens
+      bool same = true;
+      for (int64_t u = 0; u < t && same; ++u)
+        same = load_index(prm.draft_ids, prm.ids64, b * prm.ids_sb + i * prm.ids_sk + u) ==
+               load_index(prm.draft_ids, prm.ids64, b * prm.ids_sb + j * prm.ids_sk + u);
+      if (same) {
+        atomicMin(&s.rep, static_cast<int>(i));
+        atomicAdd(&s.k, 1);
+      }
+    }
+    __syncthreads();
+    if (s.rep == j && s.k >= 2) {
+      const P* p = static_cast<const P*>(prm.target_probs) + b * prm.tp_sb + j * prm.tp_sk + t * prm.tp_sn;
+      const P* q = static_cast<const P*>(prm.draft_probs) + b * prm.dp_sb + j * prm.dp_sk + t * prm.dp_sn;
+      solve_level<P, kThreads>(p, q, V, s.k, s);
+      if (threadIdx.x == 0) static_cast<Node*>(prm.nodes)[(b * K + j) * n + t] = Node{s.level, s.status};
+    }
+    __syncthreads();  // every thread has read s.rep and s.k before the next row's thread 0 writes them
+  }
 }
 
 // Samples one token of weights weight(t, &bad) over [0, V) with the whole block: returns 1 with s.token set,
@@ -214,11 +263,14 @@ __global__ void __launch_bounds__(kThreads) spectr_accept_kernel(SpectrParams pr
       break;
     }
     const P* q = static_cast<const P*>(prm.draft_probs) + b * prm.dp_sb + rep * prm.dp_sk + t * prm.dp_sn;
-    const int64_t k = __popcll(alive);
-    if (k > 1) {
-      solve_level<P, kThreads>(p, q, V, k, s);
-    } else if (tid == 0) {
-      s.level = make_level(1.0, 0.0, 1);
+    if (tid == 0) {  // the level spectr_solve_kernel solved, where k >= 2 drafts are alive
+      if (__popcll(alive) > 1) {
+        const Node node = static_cast<const Node*>(prm.nodes)[(b * K + rep) * n + t];
+        s.level = node.level;
+        if (node.status != kOk) s.status = node.status;
+      } else {
+        s.level = make_level(1.0, 0.0, 1);
+      }
     }
     __syncthreads();
     if (s.status != kOk) break;
