@@ -52,10 +52,8 @@ void item_moves(const CompactKvParams& p, int64_t i, std::vector<RowMove>& out) 
   const bool is_v = i / p.B % 2;
   uint8_t* base = is_v ? p.v + l * p.v_sl : p.k + l * p.k_sl;
   const int64_t s0 = is_v ? p.v_s0 : p.k_s0, s1 = is_v ? p.v_s1 : p.k_s1;
-  int64_t keep;
-  compact_row_status(p, b, &keep);
+  const int64_t start = p.seqlens[b], keep = p.new_seqlens[b] - start;  // every row was checked: its new length
   const int32_t* path = p.path + b * p.W;
-  const int64_t start = p.seqlens[b];
   for (int64_t j = 0; j < keep; ++j)
     if (path[j] != j)  // else already in place
       out.push_back({compact_slot(p, base, s0, s1, b, start + j), compact_slot(p, base, s0, s1, b, start + path[j])});
