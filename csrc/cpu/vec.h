@@ -17,6 +17,7 @@
 // sampling kernels (core/acceptance.h, core/sampling.h): U64x<n> (uint64 weights: fixed_weights, scaled_residual,
 // keep_at_least), U64Sum<n> (a sum of such: +, hsum), I32x<n> (int32 bins or uint32 order keys: truncate, order_keys,
 // equal_lanes) and Vec<n>::Mask (not_prob, any_lane).
+// AVX2 and up also have VecI16, int16 lanes (I16x<n>: int8 codes widened, queries rounded; dot_pairs, to_float).
 #pragma once
 #include <c10/util/BFloat16.h>
 #include <c10/util/Half.h>
@@ -387,6 +388,7 @@ struct U64x8 {
 };
 struct I32x8 {
   __m256i v;
+  static I32x8 zero() { return {_mm256_setzero_si256()}; }
   template <typename T>  // int32_t or uint32_t
   static I32x8 load(const T* p) {
     return {_mm256_loadu_si256(reinterpret_cast<const __m256i*>(p))};
@@ -396,6 +398,23 @@ struct I32x8 {
     _mm256_storeu_si256(reinterpret_cast<__m256i*>(p), v);
   }
 };
+// 16 int16 lanes: int8 codes widened, or queries rounded to int16 (store_rounded); dot_pairs adds to each int32
+// lane of acc the products of its two int16 lanes (the int8 decode's logits: attention.cpp).
+struct I16x16 {
+  static constexpr int kSize = 16;
+  __m256i v;
+  static I16x16 load(const int16_t* p) { return {_mm256_loadu_si256(reinterpret_cast<const __m256i*>(p))}; }
+  static I16x16 widen(const KvCode<KvFormat::kInt8>* p) {
+    return {_mm256_cvtepi8_epi16(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p)))};
+  }
+};
+inline I32x8 dot_pairs(I16x16 a, I16x16 b, I32x8 acc) { return {_mm256_add_epi32(acc.v, _mm256_madd_epi16(a.v, b.v))}; }
+inline Vec8 to_float(I32x8 x) { return {_mm256_cvtepi32_ps(x.v)}; }
+inline void store_rounded(Vec8 x, int16_t* p) {  // lanes rounded to nearest (even), saturated to int16
+  const __m256i i = _mm256_cvtps_epi32(x.v);
+  _mm_storeu_si128(reinterpret_cast<__m128i*>(p),
+                   _mm_packs_epi32(_mm256_castsi256_si128(i), _mm256_extracti128_si256(i, 1)));
+}
 struct U64Sum8 {  // a sum of U64x8, folded to 4 lanes
   __m256i v;
   static U64Sum8 zero() { return {_mm256_setzero_si256()}; }
@@ -583,6 +602,7 @@ struct U64x16 {
 };
 struct I32x16 {
   __m512i v;
+  static I32x16 zero() { return {_mm512_setzero_si512()}; }
   template <typename T>  // int32_t or uint32_t
   static I32x16 load(const T* p) {
     return {_mm512_loadu_si512(p)};
@@ -592,6 +612,21 @@ struct I32x16 {
     _mm512_storeu_si512(p, v);
   }
 };
+struct I16x32 {  // as I16x16
+  static constexpr int kSize = 32;
+  __m512i v;
+  static I16x32 load(const int16_t* p) { return {_mm512_loadu_si512(p)}; }
+  static I16x32 widen(const KvCode<KvFormat::kInt8>* p) {
+    return {_mm512_cvtepi8_epi16(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(p)))};
+  }
+};
+inline I32x16 dot_pairs(I16x32 a, I16x32 b, I32x16 acc) {
+  return {_mm512_add_epi32(acc.v, _mm512_madd_epi16(a.v, b.v))};
+}
+inline Vec16 to_float(I32x16 x) { return {_mm512_cvtepi32_ps(x.v)}; }
+inline void store_rounded(Vec16 x, int16_t* p) {
+  _mm256_storeu_si256(reinterpret_cast<__m256i*>(p), _mm512_cvtsepi32_epi16(_mm512_cvtps_epi32(x.v)));
+}
 struct U64Sum16 {  // a sum of U64x16, folded to 8 lanes
   __m512i v;
   static U64Sum16 zero() { return {_mm512_setzero_si512()}; }
@@ -677,12 +712,14 @@ using Vec = Vec16;
 using VecU64 = U64x16;
 using VecU64Sum = U64Sum16;
 using VecI32 = I32x16;
+using VecI16 = I16x32;
 constexpr int kGemmRows = 12, kGemmVecs = 2;  // 24 of 32 registers
 #elif FASTAR_ISA_LEVEL == 1
 using Vec = Vec8;
 using VecU64 = U64x8;
 using VecU64Sum = U64Sum8;
 using VecI32 = I32x8;
+using VecI16 = I16x16;
 constexpr int kGemmRows = 6, kGemmVecs = 2;  // 12 of 16: both FMA pipes busy through the FMA latency
 #else
 using Vec = Vec4;

@@ -140,6 +140,9 @@ class AttentionCpu {
     float* qs;        // [R, D] decode over KIVI keys: q times the scales of the key group at slot k_group
     float* qz;        // [rp] q . zeros of that group
     int64_t k_group;  // the first slot of that key group; -1: none yet
+    // Decode over int8 codes with 16-bit queries: the queries rounded to int16 ([R, D], in qs's memory) with their
+    // scales (in qz), for dot_keys's integer path; false: the float path.
+    bool q_i16;
     // Partial steps add p * v only for the visible pairs, so a NaN or infinite value row a mask hides from a
     // row cannot reach it through 0 * v (the fast path's products do): an item is rerun so when its output
     // holds a non-finite value.
@@ -206,6 +209,7 @@ class AttentionCpu {
       load_queries_bf16(it, reinterpret_cast<uint16_t*>(buf.q));
     else
       load_queries(it, gemm, ld, buf.q);
+    round_queries(R, gemm, buf);
     buf.k_group = -1;
 
     const int64_t lk = kv_len(p_, it.b);
@@ -259,6 +263,7 @@ class AttentionCpu {
     const int64_t R = G_ * first.nq, rp = round_up16(G_ * q_tile_);
     for (int64_t h = 0; h < H; ++h) {
       load_queries(item_at(item_of(h)), false, 0, heads[h].q);
+      round_queries(R, false, heads[h]);
       heads[h].k_group = -1;
     }
     const AttentionPlan::Steps todo = plan_.steps(item_of(0), split, item_plan);  // every head's (attention_plan.h)
@@ -460,12 +465,35 @@ class AttentionCpu {
     tile_stream_rows(it, keys, buf, pf, krows, vrows, scaled ? kscale : nullptr, scaled ? vscale : nullptr);
   }
 
+  // Sets buf.q_i16: 16-bit queries (rounded to int16 at 2^-15 of their row's largest |q|, far below their own
+  // precision) over int8 codes take the integer logits on AVX2 and AVX-512 in the streaming path (not careful);
+  // float32 queries keep the float path, exact to float32 accumulation.
+  void round_queries(int64_t R, bool gemm, Buffers& buf) const {
+    buf.q_i16 = false;
+#if FASTAR_ISA_LEVEL >= 1
+    if (std::is_same_v<T, float> || gemm || !p_.kv_quantized || p_.kivi_bits || p_.qk_norm ||
+        p_.kv_format != KvFormat::kInt8)
+      return;
+    buf.q_i16 = round_queries_i16(buf.q, R, p_.D, reinterpret_cast<int16_t*>(buf.qs), buf.qz);
+#endif
+  }
+
   // tile_stream over K and V rows krows, vrows with their scales (null: 1).
   template <typename E>
   void tile_stream_rows(const Item& it, const TileKeys& keys, Buffers& buf, RowPrefetch& pf, const E* const* krows,
                         const E* const* vrows, const float* kscale, const float* vscale) {
     const int64_t D = p_.D, R = G_ * it.nq, nk = keys.n;
-    dot_keys(buf.q, R, krows, nk, D, kscale, buf.s, kBatch, [&] { pf.step(); });
+    auto step = [&] { pf.step(); };
+#if FASTAR_ISA_LEVEL >= 1
+    if constexpr (std::is_same_v<E, KvCode<KvFormat::kInt8>> && !std::is_same_v<T, float>) {
+      if (buf.q_i16 && !buf.careful) {
+        dot_keys(QueryI16{reinterpret_cast<const int16_t*>(buf.qs), buf.qz}, R, krows, nk, D, kscale, buf.s, kBatch,
+                 step);
+        return stream_values(it, keys, buf, vrows, vscale);
+      }
+    }
+#endif
+    dot_keys(buf.q, R, krows, nk, D, kscale, buf.s, kBatch, step);
     if (p_.qk_norm) normalise_keys(keys, krows, kscale, buf.s, kBatch, 1, R);
     stream_values(it, keys, buf, vrows, vscale);
   }

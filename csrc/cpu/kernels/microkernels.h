@@ -232,13 +232,87 @@ inline void dot_key_group_tail(int nr, const float* q, const T* rows, int64_t D,
   }
 }
 
+inline const float* query_rows(const float* q, int64_t r0, int64_t D) { return q + r0 * D; }
+
+#if FASTAR_ISA_LEVEL >= 1
+// 16-bit queries over int8 keys (AVX2 and up): row r of the queries is scale[r] * q[r * D .. r * D + D), so the
+// logits' products are integer (dot_pairs: 2 kW products an instruction, the float path's FMA kW).
+struct QueryI16 {
+  const int16_t* q;
+  const float* scale;
+};
+inline QueryI16 query_rows(QueryI16 q, int64_t r0, int64_t D) { return {q.q + r0 * D, q.scale + r0}; }
+
+// Rounds q [R, D] to qi with scale[r] = max |q[r]| / 32767 (|qi| <= 32767: sums of D <= 512 products with int8
+// codes stay in int32). False, for the float path, where D is not a multiple of VecI16::kSize or past 512, or a
+// row is not finite or its largest |q| is 0 or subnormal.
+inline bool round_queries_i16(const float* q, int64_t R, int64_t D, int16_t* qi, float* scale) {
+  if (D % VecI16::kSize != 0 || D > 512) return false;
+  for (int64_t r = 0; r < R; ++r) {
+    const float* row = q + r * D;
+    if (!all_finite(row, D)) return false;
+    Vec m = Vec::zero();
+    for (int64_t d = 0; d < D; d += kW) {
+      const Vec x = Vec::load(row + d);
+      m = max(m, max(x, Vec::zero() - x));
+    }
+    const float top = hmax(m);
+    if (!(top >= std::numeric_limits<float>::min())) return false;
+    scale[r] = top / 32767.0f;
+    const Vec inv = Vec::broadcast(32767.0f / top);
+    for (int64_t d = 0; d < D; d += kW) store_rounded(Vec::load(row + d) * inv, qi + r * D + d);
+  }
+  return true;
+}
+
+// dot_key_group over int8 codes with int16 queries, for NR >= 1 rows (D a multiple of VecI16::kSize).
+template <int NR, int NK>
+inline void dot_key_group(QueryI16 q, const KvCode<KvFormat::kInt8>* const* rows, int64_t D, Vec* out, int64_t ld) {
+  VecI32 acc[NR][NK];
+#pragma GCC unroll 8
+  for (int r = 0; r < NR; ++r)
+#pragma GCC unroll 8
+    for (int c = 0; c < NK; ++c) acc[r][c] = VecI32::zero();
+  for (int64_t d = 0; d < D; d += VecI16::kSize) {
+    VecI16 k[NK];
+#pragma GCC unroll 8
+    for (int c = 0; c < NK; ++c) k[c] = VecI16::widen(rows[c] + d);
+#pragma GCC unroll 8
+    for (int r = 0; r < NR; ++r) {
+      const VecI16 qv = VecI16::load(q.q + r * D + d);
+#pragma GCC unroll 8
+      for (int c = 0; c < NK; ++c) acc[r][c] = dot_pairs(qv, k[c], acc[r][c]);
+    }
+  }
+#pragma GCC unroll 8
+  for (int r = 0; r < NR; ++r) {
+    const Vec scale = Vec::broadcast(q.scale + r);
+#pragma GCC unroll 8
+    for (int c = 0; c < NK; ++c) out[r * ld + c] = to_float(acc[r][c]) * scale;
+  }
+}
+template <int NR, int NK>
+inline void dot_key_group_tail(int nr, QueryI16 q, const KvCode<KvFormat::kInt8>* const* rows, int64_t D, Vec* out,
+                               int64_t ld) {
+  if constexpr (NR > 0) {
+    if (nr == NR) return dot_key_group<NR, NK>(q, rows, D, out, ld);
+    dot_key_group_tail<NR - 1, NK>(nr, q, rows, D, out, ld);
+  }
+}
+template <int NR>
+inline void dot_vectors_tail(int nr, QueryI16 q, const KvCode<KvFormat::kInt8>* row, int64_t D, Vec* out, int64_t ld) {
+  dot_key_group_tail<NR, 1>(nr, q, &row, D, out, ld);
+}
+#endif
+
 // s[r * ld + c] = scale[c] * dot(q[r * D .. r * D + D), rows[c][0..D)) for the R query rows at q [R, D] and the n
 // keys' rows (scale null: 1), calling step() after each key: each vector of a row is loaded (converted) once per
 // kStreamRows query rows, each query vector once per kKeyGroup keys, and kW keys' products are summed across their
 // lanes together (hsums), not one by one.
-template <typename T, typename Step>
-inline void dot_keys(const float* q, int64_t R, const T* rows, int64_t n, int64_t D, const float* scale, float* s,
-                     int64_t ld, Step&& step) {
+// q: float rows, or a QueryI16 over int8 keys.
+template <typename Q, typename T, typename Step>
+inline void dot_keys(Q q, int64_t R, const T* rows, int64_t n, int64_t D, const float* scale, float* s, int64_t ld,
+                     Step&& step) {
   Vec part[kStreamRows * kW];  // [r][c]: row r's vector for key c0 + c
   for (int64_t c0 = 0; c0 < n; c0 += kW) {
     const int m = static_cast<int>(std::min<int64_t>(kW, n - c0));
@@ -248,12 +322,12 @@ inline void dot_keys(const float* q, int64_t R, const T* rows, int64_t n, int64_
       const int nr = static_cast<int>(std::min<int64_t>(kStreamRows, R - r0));
       int c = 0;
       for (; nr > 1 && c + kKeyGroup <= m; c += kKeyGroup) {
-        dot_key_group_tail<kStreamRows, kKeyGroup>(nr, q + r0 * D, rows + c0 + c, D, part + c, kW);
+        dot_key_group_tail<kStreamRows, kKeyGroup>(nr, query_rows(q, r0, D), rows + c0 + c, D, part + c, kW);
         if (r0 == 0)
           for (int j = 0; j < kKeyGroup; ++j) step();
       }
       for (; c < m; ++c) {
-        dot_vectors_tail<kStreamRows>(nr, q + r0 * D, rows[c0 + c], D, part + c, kW);
+        dot_vectors_tail<kStreamRows>(nr, query_rows(q, r0, D), rows[c0 + c], D, part + c, kW);
         if (r0 == 0) step();
       }
       for (int r = 0; r < nr; ++r) {
