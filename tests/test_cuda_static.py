@@ -101,7 +101,8 @@ def test_static_shared_memory_within_limit():
                                     "sample_cfg_kernel", "diffusion_scores_kernel", "diffusion_select_kernel",
                                     "attention_merge_kernel", "quantize_kv_append_kernel",
                                     "quantize_kivi_keys_kernel", "quantize_kivi_values_kernel",
-                                    "attention_kivi_decode_kernel", "compact_kv_kernel"])
+                                    "attention_kivi_decode_kernel", "compact_kv_kernel",
+                                    "spectr_draw_partial_kernel", "spectr_draw_finish_kernel"])
 def test_no_spills(family):
     rows = kernels(rf"\b{family}\b")
     assert rows, f"no {family} in the built code"
@@ -248,7 +249,8 @@ def test_diffusion_scores_kernel_loads_16_bytes():
 @pytest.mark.parametrize("family", ["greedy_verify_partial_kernel", "tree_greedy_verify_partial_kernel",
                                     "typical_accept_partial_kernel", "speculative_sample_partial_kernel",
                                     "speculative_sample_finish_kernel", "tree_sample_pass_kernel",
-                                    "spectr_solve_kernel"])
+                                    "spectr_solve_kernel", "spectr_draw_partial_kernel",
+                                    "spectr_draw_finish_kernel"])
 def test_split_acceptance_kernels_load_16_bytes(family):
     """The kernels that stream a vocabulary row (every dtype instance, every built arch) read it with 16-byte
     global loads (the element-wise loads are only the fallback for unaligned rows and the row's tail)."""

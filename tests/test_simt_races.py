@@ -72,10 +72,11 @@ GREEDY = {"greedy_verify_partial", "greedy_verify_finish"}
 TREE_GREEDY = {"tree_greedy_verify_partial", "tree_greedy_verify_finish"}
 TYPICAL = {"typical_accept_partial", "typical_accept_finish"}
 TREE_SAMPLE = {"tree_sample_step", "tree_sample_pass"}
-ALL_KERNELS = {*SPECULATIVE, *GSD, *TREE_SAMPLE, *GREEDY, *TREE_GREEDY, *TYPICAL, "sample_cfg",
+SPECTR = {"spectr_solve", "spectr_walk", "spectr_draw_partial", "spectr_draw_finish"}
+ALL_KERNELS = {*SPECULATIVE, *GSD, *TREE_SAMPLE, *GREEDY, *TREE_GREEDY, *TYPICAL, *SPECTR, "sample_cfg",
                "attention_vec_decode", "attention_decode", "attention_tiled", "attention_tc", "attention_merge",
                "attention_kivi_decode", "quantize_kv_append", "quantize_kivi_keys", "quantize_kivi_values",
-               "diffusion_unmask", "compact_kv", "spectr_solve", "spectr_accept"}
+               "diffusion_unmask", "compact_kv"}
 
 
 def test_every_kernel_is_covered():
@@ -158,12 +159,13 @@ def test_sjd_accept(backend):
                              SPECULATIVE)
 
 
-def test_spectr_accept(backend):
+@pytest.mark.parametrize("V", [300, 4500])  # 4500: the drawn rows split over several blocks
+def test_spectr_accept(backend, V):
     # SpecTr: the solve launch (the nodes' shared prefixes counted with atomics, the shared-memory histograms of
-    # the rho* solve, the block scan over the bins), then the walk's draft tests and the block-wide residual and
-    # bonus samples; aligned rows (16-byte loads) and unaligned ones.
+    # the rho* solve, the block scan over the bins), the walk's draft tests, then the residual and bonus draws'
+    # chunk sums and the finishing scan; aligned rows (16-byte loads) and unaligned ones.
     gen = torch.Generator().manual_seed(6)
-    B, K, n, V = 3, 3, 2, 300
+    B, K, n = 3, 3, 2
     q = torch.softmax(3 * torch.randn(B, K, n, V, generator=gen), -1)
     p = torch.softmax(3 * torch.randn(B, K, n + 1, V, generator=gen), -1)
     drafts = torch.multinomial(q.reshape(-1, V), 1, generator=gen).reshape(B, K, n)
@@ -171,8 +173,7 @@ def test_spectr_accept(backend):
     p[1] = torch.cat([q[1], q[1, :, :1]], 1)  # row 1: p == q, every level accepts and the bonus is sampled
     unaligned = torch.cat([p, p[..., :1]], -1)[..., 1:]
     for target in (p, unaligned):
-        assert_order_independent(lambda t=target: backend.spectr_accept(drafts, q, t, seed=12),
-                                 {"spectr_solve", "spectr_accept"})
+        assert_order_independent(lambda t=target: backend.spectr_accept(drafts, q, t, seed=12), SPECTR)
 
 
 @pytest.mark.parametrize("V", [300, 4500])  # 4500: rows split over several blocks

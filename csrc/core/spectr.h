@@ -31,7 +31,7 @@ struct SpectrParams {
   int32_t* num_accepted;  // [B]
   int64_t B, K, n, V;
   PhiloxSeed seed;
-  void* nodes;  // CUDA: [B, k, n] spectr::Node, the levels solved before the walk (the CPU solves as it walks)
+  void* nodes;  // CUDA: [B, k, n] spectr::Node in the launch's workspace (the CPU solves the levels as it walks)
 };
 
 }  // namespace fastar

@@ -32,7 +32,8 @@ int64_t tree_greedy_verify_workspace(const TreeSampleParams& prm, FloatKind kind
 void launch_tree_greedy_verify(const TreeSampleParams& prm, FloatKind kind, void* workspace, void* stream);
 int64_t typical_accept_workspace(const TreeSampleParams& prm, FloatKind kind);
 void launch_typical_accept(const TreeSampleParams& prm, FloatKind kind, void* workspace, void* stream);
-void launch_spectr_accept(const SpectrParams& prm, FloatKind kind, void* stream);
+int64_t spectr_accept_workspace(const SpectrParams& prm, FloatKind kind);
+void launch_spectr_accept(const SpectrParams& prm, FloatKind kind, void* workspace, void* stream);
 void launch_sample_cfg(const SampleCfgParams& prm, FloatKind kind, void* stream);
 void launch_quantize_kv_append(const QuantizeKvParams& prm, FloatKind kind, void* stream);
 void launch_quantize_kivi_append(const KiviAppendParams& prm, FloatKind kind, void* stream);

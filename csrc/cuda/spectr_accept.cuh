@@ -7,14 +7,18 @@
 //     shared-memory histogram of p / q (integer atomics, SplitSum: the sums do not depend on the order). A block
 //     scan of the bins gives beta at every bin edge; the first edge that satisfies the condition is an atomicMin.
 //     The level (or the rows' bad-value status) goes to the workspace (spectr::Node).
-//  2. spectr_accept_kernel, one block per batch row, walks the drafts' prefix tree level by level: thread 0 reads
-//     the level, tests the level's drafts in index order (k is small) and narrows the drafts alive. At a
-//     rejection (or after the last level) the block samples one token: each warp sums a contiguous segment in
-//     fixed point, thread 0 picks the segment holding the target, that warp scans it 32 tokens at a time.
+//  2. spectr_walk_kernel, one block per batch row, walks the drafts' prefix tree level by level: thread 0 reads
+//     the level, tests the level's drafts in index order (k is small) and narrows the drafts alive. It ends at a
+//     rejection (the level's residual to sample from) or after the last level (the bonus row p), recorded in the
+//     workspace (SpectrRow).
+//  3. spectr_draw_partial_kernel, one block per (batch row, chunk of V), and spectr_draw_finish_kernel, one block
+//     per batch row: the two-level inverse CDF of cuda/chunked_sample.cuh over that row (p where the residual has
+//     no mass), then the row's outputs.
 #pragma once
 #include <climits>
 
 #include "core/spectr.h"
+#include "cuda/chunked_sample.cuh"
 #include "cuda/common.cuh"
 
 namespace fastar::cuda {
@@ -31,16 +35,48 @@ struct SpectrSolveShared {
   int root, status, bad, rep, k;
 };
 
-// Shared memory of spectr_accept_kernel.
-template <int kThreads>
+// Shared memory of spectr_walk_kernel.
 struct SpectrShared {
-  static constexpr int kWarps = kThreads / 32;
-  unsigned long long warp_total[kWarps];
-  int warp_bad[kWarps];
-  unsigned long long pick_target, alive;
+  unsigned long long alive;
   spectr::Level level;
-  int status, pick, token;
+  int status, token;
 };
+
+// Where a row's walk ended: status (kOk, or the row's mark), level t (n: every draft level accepted), the draft
+// rep whose rows it reads, and the level's rule (for the residual at t < n).
+struct SpectrRow {
+  spectr::Level level;
+  int32_t status, t, rep;
+};
+
+// The workspace of the walk and the draw: a SpectrRow per batch row, the chunk sums per (row, chunk).
+struct SpectrDraws {
+  SpectrRow* rows;
+  ChunkSums sums;
+};
+
+// The row a walk's end samples from (chunked_sample.cuh's Row): level t's residual p - min(q, p / rho) c, or the
+// bonus row p (q null).
+template <typename P>
+struct SpectrRowView {
+  const P* p;
+  const P* q;
+  spectr::Level level;
+
+  __device__ __forceinline__ uint64_t weight(int64_t, float pt, float qt) const {
+    return q ? spectr::residual_weight(pt, qt, level) : accept::fixed_weight(pt);
+  }
+  __device__ __forceinline__ SpectrRowView plain() const { return {p, nullptr, level}; }
+};
+
+template <typename P>
+__device__ __forceinline__ SpectrRowView<P> spectr_row(const SpectrParams& prm, int64_t b, const SpectrRow& r) {
+  const P* p = static_cast<const P*>(prm.target_probs) + b * prm.tp_sb + r.rep * prm.tp_sk + r.t * prm.tp_sn;
+  const P* q = r.t < prm.n
+                   ? static_cast<const P*>(prm.draft_probs) + b * prm.dp_sb + r.rep * prm.dp_sk + r.t * prm.dp_sn
+                   : nullptr;
+  return SpectrRowView<P>{p, q, r.level};
+}
 
 // Every (p, q) pair of two rows, 16 bytes at a time when both are aligned (load_span); f(p, q) per token.
 template <typename P, int kThreads, typename F>
@@ -174,66 +210,21 @@ __global__ void __launch_bounds__(kThreads) spectr_solve_kernel(SpectrParams prm
   }
 }
 
-// Samples one token of weights weight(t, &bad) over [0, V) with the whole block: returns 1 with s.token set,
-// 0 when the weights have no mass, -1 when a value read was invalid (bad set). Every thread gets the result.
-template <int kThreads, typename Weight>
-__device__ int block_sample(int64_t V, uint64_t bits, Weight weight, SpectrShared<kThreads>& s) {
-  constexpr int kWarps = SpectrShared<kThreads>::kWarps;
-  const int tid = threadIdx.x, lane = tid & 31, warp = tid >> 5;
-  int64_t begin, end;
-  warp_segment<kWarps>(V, warp, &begin, &end);
-  uint64_t sum = 0;
-  bool bad = false;
-  for (int64_t t = begin + lane; t < end; t += 32) sum += weight(t, &bad);
-  sum = warp_sum(sum);
-  bad = __any_sync(kFullMask, bad);
-  if (lane == 0) {
-    s.warp_total[warp] = sum;
-    s.warp_bad[warp] = bad;
-  }
-  __syncthreads();
-  if (tid == 0) {
-    uint64_t total = 0;
-    int any_bad = 0;
-    for (int w = 0; w < kWarps; ++w) {
-      total += s.warp_total[w];
-      any_bad |= s.warp_bad[w];
-    }
-    s.pick = any_bad ? -2 : total == 0 ? -1 : 0;
-    if (s.pick == 0) {
-      uint64_t target = accept::sample_target(bits, total);
-      int w = 0;
-      while (target >= s.warp_total[w]) target -= s.warp_total[w++];
-      s.pick = w;
-      s.pick_target = target;
-    }
-  }
-  __syncthreads();
-  const int pick = s.pick;
-  if (pick == warp) {
-    bool unused = false;
-    const int64_t t = warp_find_token(begin, end, s.pick_target, lane, [&](int64_t t) { return weight(t, &unused); });
-    if (lane == 0) s.token = static_cast<int>(t);
-  }
-  __syncthreads();
-  return pick >= 0 ? 1 : pick == -1 ? 0 : -1;
-}
-
 template <typename P, int kThreads>
-__global__ void __launch_bounds__(kThreads) spectr_accept_kernel(SpectrParams prm) {
+__global__ void __launch_bounds__(kThreads) spectr_walk_kernel(SpectrParams prm, SpectrDraws w) {
   using namespace accept;
   using namespace spectr;
-  __shared__ SpectrShared<kThreads> s;
+  __shared__ SpectrShared s;
   const int tid = threadIdx.x;
   const int64_t b = blockIdx.x, K = prm.K, n = prm.n, V = prm.V;
   auto id = [&](int64_t j, int64_t t) {
     return load_index(prm.draft_ids, prm.ids64, b * prm.ids_sb + j * prm.ids_sk + t);
   };
-  int32_t* out = prm.tokens + b * (n + 1);
 
   if (tid == 0) {
     s.status = kOk;
     s.alive = K == 64 ? ~0ull : (1ull << K) - 1;
+    s.level = make_level(1.0, 0.0, 1);
   }
   __syncthreads();
   for (int64_t i = tid; i < K * n; i += kThreads) {
@@ -246,22 +237,8 @@ __global__ void __launch_bounds__(kThreads) spectr_accept_kernel(SpectrParams pr
   while (s.status == kOk) {
     const uint64_t alive = s.alive;
     rep = __ffsll(static_cast<long long>(alive)) - 1;
+    if (t == n) break;  // every level accepted: the bonus token from p
     const P* p = static_cast<const P*>(prm.target_probs) + b * prm.tp_sb + rep * prm.tp_sk + t * prm.tp_sn;
-    const uint64_t bits = draw(prm.seed, b, draw_position(t, K, 0)).sample_bits;
-    if (t == n) {  // every level accepted: the bonus token from p
-      const int r = block_sample<kThreads>(
-          V, bits,
-          [&](int64_t x, bool* bad) {
-            const float px = to_float(p[x]);
-            *bad |= !prob_ok(px);
-            return fixed_weight(px);
-          },
-          s);
-      if (tid == 0 && r <= 0) s.status = r == 0 ? kZeroMass : kBadValue;
-      if (tid == 0 && r > 0) out[t] = s.token;
-      __syncthreads();
-      break;
-    }
     const P* q = static_cast<const P*>(prm.draft_probs) + b * prm.dp_sb + rep * prm.dp_sk + t * prm.dp_sn;
     if (tid == 0) {  // the level spectr_solve_kernel solved, where k >= 2 drafts are alive
       if (__popcll(alive) > 1) {
@@ -287,7 +264,7 @@ __global__ void __launch_bounds__(kThreads) spectr_accept_kernel(SpectrParams pr
       }
       s.token = static_cast<int>(y);
       if (y >= 0) {
-        out[t] = static_cast<int32_t>(y);
+        prm.tokens[b * (n + 1) + t] = static_cast<int32_t>(y);
         uint64_t next = alive;
         for (uint64_t m = alive; m; m &= m - 1) {
           const int64_t j = __ffsll(static_cast<long long>(m)) - 1;
@@ -297,37 +274,47 @@ __global__ void __launch_bounds__(kThreads) spectr_accept_kernel(SpectrParams pr
       }
     }
     __syncthreads();
-    if (s.status != kOk) break;
-    if (s.token >= 0) {
-      ++t;
-      __syncthreads();  // every thread has read s.token before the next level writes it
-      continue;
-    }
-    // No candidate accepted: the residual, or p where it has no mass (p == q up to fixed-point precision).
-    const Level lv = s.level;
-    int r = block_sample<kThreads>(
-        V, bits,
-        [&](int64_t x, bool* bad) {
-          const float px = to_float(p[x]), qx = to_float(q[x]);
-          *bad |= !prob_ok(px) || !prob_ok(qx);
-          return spectr::residual_weight(px, qx, lv);
-        },
-        s);
-    if (r == 0) {
-      r = block_sample<kThreads>(V, bits, [&](int64_t x, bool*) { return fixed_weight(to_float(p[x])); }, s);
-    }
-    if (tid == 0 && r <= 0) s.status = r == 0 ? kZeroMass : kBadValue;
-    if (tid == 0 && r > 0) out[t] = s.token;
-    __syncthreads();
-    break;
+    if (s.status != kOk || s.token < 0) break;  // a rejection: level t's residual
+    ++t;
+    __syncthreads();  // every thread has read s.token before the next level writes it
   }
+  if (tid == 0) w.rows[b] = SpectrRow{s.level, s.status, static_cast<int32_t>(t), static_cast<int32_t>(rep)};
+}
 
-  const int status = s.status;
-  for (int64_t i = tid; i <= n; i += kThreads)
-    if (status != kOk || i > t) out[i] = -1;
+// Chunk blockIdx.x % chunks of the row batch row blockIdx.x / chunks samples from.
+template <typename P, int kThreads>
+__global__ void __launch_bounds__(kThreads) spectr_draw_partial_kernel(SpectrParams prm, SpectrDraws w) {
+  __shared__ unsigned long long s_warp[kThreads / 32];
+  const int64_t b = blockIdx.x / w.sums.chunks, c = blockIdx.x % w.sums.chunks;
+  const SpectrRow r = w.rows[b];
+  if (r.status != accept::kOk) return;  // block-uniform
+  chunk_sums<P, kThreads>(spectr_row<P>(prm, b, r), prm.V, b, c, w.sums, s_warp);
+}
+
+// Batch row blockIdx.x's token at its walk's end, then its outputs: tokens -1 past it (all of a marked row's),
+// num_accepted (-status for a marked row) and draft_index.
+template <typename P, int kThreads>
+__global__ void __launch_bounds__(kThreads) spectr_draw_finish_kernel(SpectrParams prm, SpectrDraws w) {
+  using namespace accept;
+  __shared__ int s_token;
+  __shared__ ChunkPick s_pick;
+  __shared__ unsigned long long s_warp[kThreads / 32];
+  const int64_t b = blockIdx.x, n = prm.n;
+  const SpectrRow r = w.rows[b];
+  // A residual with no mass (p == q up to fixed-point precision) falls back to p.
+  const SpectrRowView<P> row = r.status == kOk ? spectr_row<P>(prm, b, r) : SpectrRowView<P>{};
+  const int32_t status = block_draw<P, kThreads>(w.sums, b, prm.V, r.status, row, r.t < n,
+                                                 draw(prm.seed, b, spectr::draw_position(r.t, prm.K, 0)).sample_bits,
+                                                 &s_pick, s_warp, &s_token);
+  const int tid = threadIdx.x;
+  int32_t* out = prm.tokens + b * (n + 1);
+  for (int64_t i = tid; i <= n; i += kThreads) {
+    if (status != kOk || i > r.t) out[i] = -1;
+    if (status == kOk && i == r.t) out[i] = s_token;
+  }
   if (tid == 0) {
-    prm.num_accepted[b] = status == kOk ? static_cast<int32_t>(t) : -status;
-    prm.draft_index[b] = status == kOk ? static_cast<int32_t>(rep) : -1;
+    prm.num_accepted[b] = status == kOk ? r.t : -status;
+    prm.draft_index[b] = status == kOk ? r.rep : -1;
   }
 }
 

@@ -1,5 +1,3 @@
-#include <stdexcept>
-
 #include "cuda/launchers.h"
 #include "cuda/speculative_sample.cuh"
 
@@ -8,36 +6,27 @@ namespace {
 
 constexpr int kThreads = 256;
 
-// One row to sample from per batch row, split so that B * chunks blocks fill the GPU.
-cuda::RowSplit sample_split(const ChainAcceptParams& prm, FloatKind kind) {
-  return cuda::split_rows(prm.B, prm.V, cuda::tile_elements(kind, kThreads), multiprocessors());
-}
-
 }  // namespace
 
+// The chunk sums of the row each batch row samples from, then per batch row its status and position.
 int64_t speculative_sample_workspace(const ChainAcceptParams& prm, FloatKind kind) {
-  const int64_t slots = prm.B * sample_split(prm, kind).chunks;
-  return slots * static_cast<int64_t>(2 * sizeof(unsigned long long) + sizeof(int)) +
+  return cuda::chunk_layout(prm.B, prm.V, kind, kThreads, "fastar.speculative_sample").bytes() +
          prm.B * static_cast<int64_t>(2 * sizeof(int));
 }
 
 void launch_speculative_sample(const ChainAcceptParams& prm, FloatKind kind, void* workspace, void* stream) {
-  const cuda::RowSplit split = sample_split(prm, kind);
-  const int64_t slots = prm.B * split.chunks;
-  if (slots > 0x7fffffff) throw std::invalid_argument("fastar.speculative_sample: too many rows for one launch");
-  auto* sums = static_cast<unsigned long long*>(workspace);
-  int* flags = reinterpret_cast<int*>(sums + 2 * slots);
-  const cuda::SampleWorkspace w{sums,         sums + slots,   flags, flags + slots, flags + slots + prm.B,
-                                split.chunks, split.chunk_len};
+  const cuda::ChunkLayout layout = cuda::chunk_layout(prm.B, prm.V, kind, kThreads, "fastar.speculative_sample");
+  int* flags = reinterpret_cast<int*>(static_cast<char*>(workspace) + layout.bytes());
+  const cuda::SampleWorkspace w{layout.at(workspace), flags, flags + prm.B};
   const cudaStream_t st = static_cast<cudaStream_t>(stream);
   cuda::dispatch_device_float(kind, [&](auto tag) {
     using P = decltype(tag);
     if (prm.embeddings) {
-      launch_kernel("gsd_partial", &cuda::gsd_partial_kernel<P, kThreads>, dim3(static_cast<unsigned>(slots)),
+      launch_kernel("gsd_partial", &cuda::gsd_partial_kernel<P, kThreads>, dim3(static_cast<unsigned>(layout.slots)),
                     dim3(kThreads), 0, st, prm, w);
     } else {
       launch_kernel("speculative_sample_partial", &cuda::speculative_sample_partial_kernel<P, kThreads>,
-                    dim3(static_cast<unsigned>(slots)), dim3(kThreads), 0, st, prm, w);
+                    dim3(static_cast<unsigned>(layout.slots)), dim3(kThreads), 0, st, prm, w);
     }
     launch_kernel("speculative_sample_finish", &cuda::speculative_sample_finish_kernel<P, kThreads>,
                   dim3(static_cast<unsigned>(prm.B)), dim3(kThreads), 0, st, prm, w);

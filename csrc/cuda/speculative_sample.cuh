@@ -5,13 +5,14 @@
 //     draft, warp_test_gsd; the first rejection is an atomicMin in shared memory), then sums its chunk of the row to
 //     sample from in fixed point with 16-byte loads: the residual's weights and p's (the fallback when the
 //     residual has no mass), into the workspace.
-//  2. speculative_sample_finish_kernel, one block per batch row: the two-level inverse CDF. The chunk sums give
-//     the total and the chunk holding the target; the block scans that chunk a tile at a time (block-wide
-//     prefix sums) for the token. Integer sums are associative, so the token is the CPU kernel's exactly.
+//  2. speculative_sample_finish_kernel, one block per batch row: the two-level inverse CDF (cuda/chunked_sample.cuh).
+//     The chunk sums give the total and the chunk holding the target; the block scans that chunk a tile at a time
+//     (block-wide prefix sums) for the token. Integer sums are associative, so the token is the CPU kernel's.
 //     SJD's refreshed positions are then sampled by the same block, a whole-row pass each.
 #pragma once
 #include <climits>
 
+#include "cuda/chunked_sample.cuh"
 #include "cuda/common.cuh"
 
 namespace fastar::cuda {
@@ -28,17 +29,15 @@ struct SampleRowView {
     if (t == excluded) return 0;
     return q ? accept::residual_weight(pt, qt) : accept::fixed_weight(pt);
   }
+  __device__ __forceinline__ SampleRowView plain() const { return {p, nullptr, -1}; }
 };
 
 // The workspace: per (batch row, chunk) the residual's and p's fixed-point sums and a bad-value flag; per batch
 // row the draft test's status and the position j whose token is sampled.
 struct SampleWorkspace {
-  unsigned long long* residual_sum;
-  unsigned long long* p_sum;
-  int* bad;
+  ChunkSums sums;
   int* status;
   int* position;
-  int64_t chunks, chunk_len;
 };
 
 // Merges the lanes' ranking windows (each over the lane's tokens) into the window over the whole row, in every
@@ -151,12 +150,12 @@ __device__ __forceinline__ SampleRowView<P> sample_row(const ChainAcceptParams& 
 template <typename P, int kThreads, bool kGsd>
 __device__ __forceinline__ void sample_partial(const ChainAcceptParams& prm, const SampleWorkspace& w) {
   using namespace accept;
-  constexpr int kWarps = kThreads / 32, kVec = kVecOf<P>;
+  constexpr int kWarps = kThreads / 32;
   __shared__ int s_reject;
   __shared__ int s_status;
   __shared__ unsigned long long s_warp[kWarps];
   const int tid = threadIdx.x;
-  const int64_t b = blockIdx.x / w.chunks, c = blockIdx.x % w.chunks;
+  const int64_t b = blockIdx.x / w.sums.chunks, c = blockIdx.x % w.sums.chunks;
   const P* tp = static_cast<const P*>(prm.target_probs) + b * prm.tp_sb;
   const P* dp = prm.draft_probs ? static_cast<const P*>(prm.draft_probs) + b * prm.dp_sb : nullptr;
   int64_t j = 0;
@@ -167,34 +166,7 @@ __device__ __forceinline__ void sample_partial(const ChainAcceptParams& prm, con
   }
   if (status != kOk) return;
 
-  const SampleRowView<P> row = sample_row<P>(prm, b, j);
-  const bool aligned = aligned16(row.p) && (!row.q || aligned16(row.q));
-  const int64_t begin = c * w.chunk_len, end = begin + w.chunk_len < prm.V ? begin + w.chunk_len : prm.V;
-  uint64_t residual = 0, plain = 0;
-  bool bad = false;
-  for (int64_t t = begin + tid * kVec; t < end; t += kThreads * kVec) {
-    float xp[kVec], xq[kVec];
-    const int m = load_span(row.p, t, end, aligned, xp);
-    if (row.q) load_span(row.q, t, end, aligned, xq);
-#pragma unroll
-    for (int e = 0; e < kVec; ++e) {
-      if (e < m) {
-        const float qt = row.q ? xq[e] : 0.0f;
-        bad |= !prob_ok(xp[e]) || (row.q && !prob_ok(qt));
-        residual += row.weight(t + e, xp[e], qt);
-        plain += fixed_weight(xp[e]);
-      }
-    }
-  }
-  const int any_bad = __syncthreads_or(bad);
-  residual = block_sum<kWarps>(residual, s_warp);
-  plain = block_sum<kWarps>(plain, s_warp);
-  if (tid == 0) {
-    const int64_t slot = b * w.chunks + c;
-    w.residual_sum[slot] = residual;
-    w.p_sum[slot] = plain;
-    w.bad[slot] = any_bad;
-  }
+  chunk_sums<P, kThreads>(sample_row<P>(prm, b, j), prm.V, b, c, w.sums, s_warp);
 }
 
 // speculative_sample, lantern_accept and sjd_accept: no local memory.
@@ -210,99 +182,26 @@ __global__ void __launch_bounds__(kThreads) gsd_partial_kernel(ChainAcceptParams
   sample_partial<P, kThreads, true>(prm, w);
 }
 
-// The token of `row` in [begin, end) whose inclusive fixed-point prefix sum first exceeds `remaining` (below the
-// span's sum), one tile of kThreads * kVecOf<P> tokens at a time (block-wide prefix sums); the thread holding it
-// writes it to *s_token. Called by the whole block.
-template <typename P, int kThreads>
-__device__ void block_pick_token(const SampleRowView<P>& row, int64_t begin, int64_t end, uint64_t remaining,
-                                 unsigned long long* s_warp, int* s_token) {
-  constexpr int kWarps = kThreads / 32, kVec = kVecOf<P>;
-  const int tid = threadIdx.x;
-  const bool aligned = aligned16(row.p) && (!row.q || aligned16(row.q));
-  for (int64_t base = begin; base < end; base += kThreads * kVec) {  // block-uniform trip count
-    const int64_t t = base + tid * kVec;
-    float xp[kVec], xq[kVec];
-    uint64_t wt[kVec];
-    const int m = load_span(row.p, t, end, aligned, xp);
-    if (row.q) load_span(row.q, t, end, aligned, xq);
-    uint64_t mine = 0;
-#pragma unroll
-    for (int e = 0; e < kVec; ++e) {
-      wt[e] = e < m ? row.weight(t + e, xp[e], row.q ? xq[e] : 0.0f) : 0;
-      mine += wt[e];
-    }
-    uint64_t tile = 0;
-    const uint64_t before = block_exclusive_scan<kWarps>(mine, s_warp, &tile);
-    if (remaining < tile) {
-      if (before <= remaining && remaining < before + mine) {  // exactly one thread holds the target
-        uint64_t r = remaining - before;
-        int pick = -1;
-#pragma unroll
-        for (int e = 0; e < kVec; ++e) {
-          if (pick < 0 && r < wt[e]) pick = e;
-          if (pick < 0) r -= wt[e];
-        }
-        *s_token = static_cast<int>(t + pick);
-      }
-      return;
-    }
-    remaining -= tile;
-  }
-}
-
 template <typename P, int kThreads>
 __global__ void __launch_bounds__(kThreads) speculative_sample_finish_kernel(ChainAcceptParams prm, SampleWorkspace w) {
   using namespace accept;
   constexpr int kWarps = kThreads / 32, kVec = kVecOf<P>;
   __shared__ int s_status;
-  __shared__ int s_plain;
   __shared__ int s_token;
   __shared__ int s_fresh;
-  __shared__ long long s_chunk;
-  __shared__ unsigned long long s_target;
+  __shared__ ChunkPick s_pick;
   __shared__ unsigned long long s_warp[kWarps];
   const int tid = threadIdx.x;
   const int64_t b = blockIdx.x, n = prm.n;
   const int64_t j = w.position[b];
+  const int32_t tested = w.status[b];
 
-  if (tid == 0) {
-    s_status = w.status[b];
-    if (s_status == kOk) {
-      const int64_t first = b * w.chunks;
-      uint64_t residual = 0, plain = 0;
-      int any_bad = 0;
-      for (int64_t c = 0; c < w.chunks; ++c) {
-        residual += w.residual_sum[first + c];
-        plain += w.p_sum[first + c];
-        any_bad |= w.bad[first + c];
-      }
-      const SampleRowView<P> row = sample_row<P>(prm, b, j);
-      // A residual with no mass falls back to p (only a rejected draft has a residual).
-      s_plain = residual == 0 && (row.q || row.excluded >= 0);
-      const uint64_t total = s_plain ? plain : residual;
-      const unsigned long long* sums = s_plain ? w.p_sum : w.residual_sum;
-      if (any_bad) {
-        s_status = kBadValue;
-      } else if (total == 0) {
-        s_status = kZeroMass;
-      } else {
-        uint64_t target = sample_target(draw(prm.seed, b, j).sample_bits, total);
-        int64_t c = 0;
-        while (target >= sums[first + c]) target -= sums[first + c++];
-        s_chunk = c;
-        s_target = target;
-      }
-    }
-  }
+  // A residual with no mass falls back to p (only a rejected draft has a residual).
+  const SampleRowView<P> row = tested == kOk ? sample_row<P>(prm, b, j) : SampleRowView<P>{nullptr, nullptr, -1};
+  const int32_t drawn = block_draw<P, kThreads>(w.sums, b, prm.V, tested, row, row.q || row.excluded >= 0,
+                                                draw(prm.seed, b, j).sample_bits, &s_pick, s_warp, &s_token);
+  if (tid == 0) s_status = drawn;
   __syncthreads();
-
-  if (s_status == kOk) {
-    SampleRowView<P> row = sample_row<P>(prm, b, j);
-    if (s_plain) row = SampleRowView<P>{row.p, nullptr, -1};
-    const int64_t begin = s_chunk * w.chunk_len, end = begin + w.chunk_len < prm.V ? begin + w.chunk_len : prm.V;
-    block_pick_token<P, kThreads>(row, begin, end, s_target, s_warp, &s_token);
-    __syncthreads();
-  }
 
   // SJD: after a rejection, positions j+1..k get fresh drafts from their own rows, a whole-row pass each.
   const int64_t refresh = s_status == kOk ? sjd_refresh_count(prm, j, row_num_draft(prm.num_draft, prm.nd64, b, n)) : 0;
