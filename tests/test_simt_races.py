@@ -159,13 +159,15 @@ def test_sjd_accept(backend):
                              SPECULATIVE)
 
 
-@pytest.mark.parametrize("V", [300, 4500])  # 4500: the drawn rows split over several blocks
-def test_spectr_accept(backend, V):
+# 4500: the drawn rows split over several blocks; with 2 x 2 x 2 nodes, the solve's rows too (global merges)
+@pytest.mark.parametrize("V, B, K", [(300, 3, 3), (4500, 3, 3), (4500, 2, 2)])
+def test_spectr_accept(backend, V, B, K):
     # SpecTr: the solve launch (the nodes' shared prefixes counted with atomics, the shared-memory histograms of
-    # the rho* solve, the block scan over the bins), the walk's draft tests, then the residual and bonus draws'
-    # chunk sums and the finishing scan; aligned rows (16-byte loads) and unaligned ones.
+    # the rho* solve, the block scan over the bins; split, the chunks' sums added in global memory and the last
+    # block's solve), the walk's draft tests, then the residual and bonus draws' chunk sums and the finishing scan;
+    # aligned rows (16-byte loads) and unaligned ones.
     gen = torch.Generator().manual_seed(6)
-    B, K, n = 3, 3, 2
+    n = 2
     q = torch.softmax(3 * torch.randn(B, K, n, V, generator=gen), -1)
     p = torch.softmax(3 * torch.randn(B, K, n + 1, V, generator=gen), -1)
     drafts = torch.multinomial(q.reshape(-1, V), 1, generator=gen).reshape(B, K, n)

@@ -17,6 +17,7 @@ import torch
 from scipy import stats
 
 import fastar
+from fastar import _simt
 from fastar.reference import spectr_level, spectr_rho
 from helpers import chisquare_pvalue, rows
 from test_speculative_sample import FLOAT_DTYPES, random_probs, sample_rows, simt_backend_or_skip
@@ -245,6 +246,31 @@ def test_cpu_and_simt_identical(dtype, vocab):
     assert int((want[2] >= 1).sum()) > 0 and int((want[2] == 0).sum()) > 0
 
 
+@pytest.mark.parametrize("dtype", FLOAT_DTYPES, ids=str)
+def test_cpu_and_simt_identical_with_the_solve_split_over_v(dtype):
+    """Few nodes for the GPU (7 rows x 2 drafts x 1 level, the emulator's 4 SMs) and a long vocabulary: the solve
+    runs a launch per pass, each node's rows split over chunks whose histograms merge in global memory. Both drafts
+    of a row are the same token, so every row's level is solved, and p is q perturbed by ~30% per token, so the
+    draft's test (accepted with probability about 1 / rho*) and the residual depend on rho* itself."""
+    simt = simt_backend_or_skip()
+    module = _simt.load()
+    B, vocab = 7, 4500
+    for seed in range(8):
+        module.reset_launch_counts()
+        gen = torch.Generator().manual_seed(seed)
+        q = random_probs(gen, (B, 1, 1, vocab))
+        p = q * torch.exp(0.3 * torch.randn(B, 1, 2, vocab, generator=gen, dtype=torch.float64))
+        p = p / p.sum(-1, keepdim=True)
+        drafts = torch.multinomial(q.reshape(B, vocab), 1, generator=gen).reshape(B, 1, 1).expand(B, 2, 1)
+        q_rows, p_rows = q.expand(B, 2, 1, vocab).to(dtype), p.expand(B, 2, 2, vocab).to(dtype)
+        want = torch.ops.fastar.spectr_accept(drafts, q_rows, p_rows, torch.tensor(seed), torch.tensor(0))
+        got = simt.spectr_accept(drafts, q_rows, p_rows, torch.tensor(seed), torch.tensor(0))
+        for g, w in zip(got, want):
+            assert torch.equal(g, w)
+        assert_well_formed(*want, drafts, vocab)
+        assert module.launch_counts()["spectr_solve"] == 2  # a launch per pass
+
+
 def test_zero_drafts_and_empty_batch(backend):
     # n = 0: the bonus token from p; B = 0: empty outputs.
     gen = torch.Generator().manual_seed(2)
@@ -299,16 +325,17 @@ def test_shape_and_type_errors(backend):
                               torch.full((1, 65, 2, 4), 0.25), seed=0)
 
 
+@pytest.mark.parametrize("vocab", [6, 4500])  # 4500 on CUDA: the solve split over V (few nodes)
 @pytest.mark.parametrize("where", ["bad_id", "negative_id", "nan_p", "negative_q", "nan_bonus"])
-def test_bad_values(backend, where):
+def test_bad_values(backend, where, vocab):
     gen = torch.Generator().manual_seed(3)
-    model = PrefixModel(gen, 6)
+    model = PrefixModel(gen, vocab)
     drafts, q_rows, p_rows = model.case(3, 2, 2)
     drafts[:, 1] = drafts[:, 0]  # both drafts alive at every level: whole rows are read
     q_rows[:, 1], p_rows[:, 1] = q_rows[:, 0], p_rows[:, 0]
     row = 1
     if where == "bad_id":
-        drafts[row, 1, 1] = 6
+        drafts[row, 1, 1] = vocab
     elif where == "negative_id":
         drafts[row, 0, 0] = -1
     elif where == "nan_p":

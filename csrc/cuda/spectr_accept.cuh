@@ -1,12 +1,14 @@
 // CUDA kernels of fastar.spectr_accept (docs/acceptance.md "SpecTr", cost in docs/design/tree-acceptance.md), in two
 // launches so that the heavy part, rho* of every level, uses the whole GPU:
-//  1. spectr_solve_kernel, one block per (batch row, draft j, level t): where draft j is the first of the k >= 2
+//  1. spectr_solve_kernel, blocks per (batch row, draft j, level t): where draft j is the first of the k >= 2
 //     drafts sharing its first t tokens (the drafts alive when the walk reaches that prefix: it follows from the
-//     ids alone), the block solves that level's rho* with the rule of core/spectr.h: kPasses passes over the
+//     ids alone), the blocks solve that level's rho* with the rule of core/spectr.h: kPasses passes over the
 //     (p, q) rows, 16-byte loads where the rows are aligned; each token's fixed-point p and q go into a
 //     shared-memory histogram of p / q (integer atomics, SplitSum: the sums do not depend on the order). A block
 //     scan of the bins gives beta at every bin edge; the first edge that satisfies the condition is an atomicMin.
-//     The level (or the rows' bad-value status) goes to the workspace (spectr::Node).
+//     The level (or the rows' bad-value status) goes to the workspace (spectr::Node). With few nodes for the
+//     GPU, a node's rows split over chunks of V, one block each and a launch per pass: the chunks' histograms
+//     are added in global memory and the last block of a node solves the pass (SpectrSolveState).
 //  2. spectr_walk_kernel, one block per batch row, walks the drafts' prefix tree level by level: thread 0 reads
 //     the level, tests the level's drafts in index order (k is small) and narrows the drafts alive. It ends at a
 //     rejection (the level's residual to sample from) or after the last level (the bonus row p), recorded in the
@@ -32,7 +34,23 @@ struct SpectrSolveShared {
   unsigned long long p_lt, q_ge;
   unsigned long long warp_p[kWarps], warp_q[kWarps];
   spectr::Level level;
-  int root, status, bad, rep, k;
+  int root, status, bad, rep, k, last;
+};
+
+// A node's pass merged over the blocks of its chunks, in the workspace (zeroed by the glue): the chunks' histograms
+// added with global atomics, the bracket of the next pass, and the blocks done with this pass. The last block to
+// finish reads the sums, solves the pass and zeroes them for the next.
+struct SpectrSolveState {
+  unsigned long long hp[spectr::kBins], hq[spectr::kBins], p_below, q_above;
+  spectr::Bracket br;
+  int bad, done, blocks;
+};
+
+// The split of the solve's nodes over V: `chunks` blocks of chunk_len elements per node; states: [B, k, n] when
+// chunks > 1 (each pass is then its own launch), else null.
+struct SpectrSolveSplit {
+  SpectrSolveState* states;
+  int64_t chunks, chunk_len;
 };
 
 // Shared memory of spectr_walk_kernel.
@@ -78,31 +96,76 @@ __device__ __forceinline__ SpectrRowView<P> spectr_row(const SpectrParams& prm, 
   return SpectrRowView<P>{p, q, r.level};
 }
 
-// Every (p, q) pair of two rows, 16 bytes at a time when both are aligned (load_span); f(p, q) per token.
+// Every (p, q) pair of two rows in [begin, end) (begin a multiple of kVecOf<P>), 16 bytes at a time when both are
+// aligned (load_span); f(p, q) per token.
 template <typename P, int kThreads, typename F>
-__device__ __forceinline__ void for_each_pair(const P* p, const P* q, int64_t V, F f) {
+__device__ __forceinline__ void for_each_pair(const P* p, const P* q, int64_t begin, int64_t end, F f) {
   constexpr int kVec = kVecOf<P>;
   const bool aligned = aligned16(p) && aligned16(q);
-  for (int64_t t = threadIdx.x * kVec; t < V; t += kThreads * kVec) {
+  for (int64_t t = begin + threadIdx.x * kVec; t < end; t += kThreads * kVec) {
     float xp[kVec], xq[kVec];
-    const int m = load_span(p, t, V, aligned, xp);
-    load_span(q, t, V, aligned, xq);
+    const int m = load_span(p, t, end, aligned, xp);
+    load_span(q, t, end, aligned, xq);
 #pragma unroll
     for (int e = 0; e < kVec; ++e)  // a constant trip count keeps xp, xq in registers
       if (e < m) f(xp[e], xq[e]);
   }
 }
 
-// rho* of one level with k >= 2 drafts (core/spectr.h, the CPU's solve_level in parallel); pass 0 validates the
-// rows. Leaves s.level set, or s.status = kBadValue.
+// Adds this block's histogram into the node's state; returns, in every thread, whether this block was the last of
+// the node's chunks, which then holds the merged sums in s (and the state is zeroed for the next pass).
+template <int kThreads>
+__device__ bool merge_chunks(SpectrSolveState* state, int64_t chunks, SpectrSolveShared<kThreads>& s) {
+  using namespace spectr;
+  const int tid = threadIdx.x;
+  for (int g = tid; g < kBins; g += kThreads) {
+    if (const uint64_t v = s.hp[g].value()) atomicAdd(&state->hp[g], static_cast<unsigned long long>(v));
+    if (const uint64_t v = s.hq[g].value()) atomicAdd(&state->hq[g], static_cast<unsigned long long>(v));
+  }
+  if (tid == 0) {
+    atomicAdd(&state->p_below, static_cast<unsigned long long>(s.p_below.value()));
+    atomicAdd(&state->q_above, static_cast<unsigned long long>(s.q_above.value()));
+    if (s.bad) atomicOr(&state->bad, 1);
+  }
+  __threadfence();  // this block's sums are visible before its count
+  __syncthreads();
+  if (tid == 0) s.last = atomicAdd(&state->blocks, 1) == chunks - 1;
+  __syncthreads();
+  if (!s.last) return false;
+  __threadfence();  // the other blocks' sums, counted before this block's, are read after it
+  auto take = [](unsigned long long* sum) {
+    const uint64_t v = atomicExch(sum, 0ull);
+    return SplitSum{static_cast<unsigned>(v), static_cast<unsigned>(v >> 32)};
+  };
+  for (int g = tid; g < kBins; g += kThreads) {
+    s.hp[g] = take(&state->hp[g]);
+    s.hq[g] = take(&state->hq[g]);
+  }
+  if (tid == 0) {
+    s.p_below = take(&state->p_below);
+    s.q_above = take(&state->q_above);
+    s.bad = state->bad;
+    state->blocks = 0;
+  }
+  __syncthreads();
+  return true;
+}
+
+// rho* of one level with k >= 2 drafts (core/spectr.h, the CPU's solve_level in parallel), passes [pass_begin,
+// pass_end) over chunk c of the rows; pass 0 validates them. With a state (a split node), each pass's sums are
+// merged across the chunks' blocks and only the last block goes on. Returns, in every thread, whether this block
+// finished the node: s.level set, or s.status = kBadValue.
 template <typename P, int kThreads>
-__device__ void solve_level(const P* p, const P* q, int64_t V, int64_t k, SpectrSolveShared<kThreads>& s) {
+__device__ bool solve_level(const P* p, const P* q, int64_t V, int64_t k, int64_t c, const SpectrSolveSplit& split,
+                            SpectrSolveState* state, int pass_begin, int pass_end, SpectrSolveShared<kThreads>& s) {
   using namespace spectr;
   constexpr int kPerThread = kBins / kThreads;
   static_assert(kBins % kThreads == 0, "bins split evenly over the threads");
   const int tid = threadIdx.x, lane = tid & 31;
-  Bracket br = first_bracket(k);
-  for (int pass = 0; pass < kPasses; ++pass) {
+  const int64_t begin = c * split.chunk_len, end = begin + split.chunk_len < V ? begin + split.chunk_len : V;
+  if (pass_begin > 0 && state->done) return false;  // solved (or marked) by an earlier pass: its Node is written
+  Bracket br = pass_begin == 0 ? first_bracket(k) : state->br;
+  for (int pass = pass_begin; pass < pass_end; ++pass) {
     for (int g = tid; g < kBins; g += kThreads) s.hp[g] = s.hq[g] = SplitSum{0, 0};
     if (tid == 0) {
       s.p_below = s.q_above = SplitSum{0, 0};
@@ -111,7 +174,7 @@ __device__ void solve_level(const P* p, const P* q, int64_t V, int64_t k, Spectr
     }
     __syncthreads();
     bool bad = false;
-    for_each_pair<P, kThreads>(p, q, V, [&](float pt, float qt) {
+    for_each_pair<P, kThreads>(p, q, begin, end, [&](float pt, float qt) {
       bad |= !accept::prob_ok(pt) || !accept::prob_ok(qt);
       const int g = ratio_bin(pt, qt, br);
       if (g == kBelow) {
@@ -125,9 +188,11 @@ __device__ void solve_level(const P* p, const P* q, int64_t V, int64_t k, Spectr
     });
     if (__any_sync(kFullMask, bad) && lane == 0) atomicOr(&s.bad, 1);
     __syncthreads();
+    if (state && !merge_chunks<kThreads>(state, split.chunks, s)) return false;
     if (s.bad) {  // only pass 0 can see a bad value: the rows do not change
       if (tid == 0) s.status = accept::kBadValue;
-      return;
+      if (tid == 0 && state) state->done = 1;
+      return true;
     }
     // Exclusive prefix sums of the bins over the block: thread tid owns bins [tid * kPerThread, + kPerThread).
     uint64_t own_p = 0, own_q = 0;
@@ -167,21 +232,29 @@ __device__ void solve_level(const P* p, const P* q, int64_t V, int64_t k, Spectr
     __syncthreads();
     const double rho = edge(br, root);
     if ((root == 0 || pass == kPasses - 1) && tid == 0) s.level = make_level(rho, beta_at(rho, s.p_lt, s.q_ge), k);
-    if (root == 0) break;
+    if (root == 0 || pass == kPasses - 1) {
+      if (tid == 0 && state) state->done = 1;
+      __syncthreads();
+      return true;
+    }
     br = Bracket{edge(br, root - 1), br.width / kBins};
+    if (tid == 0 && state) state->br = br;
     __syncthreads();  // every thread has read s.root, s.p_lt and s.q_ge before the next pass resets them
   }
-  __syncthreads();
+  return false;  // a split node's pass, not its last: the next launch goes on
 }
 
-// Grid (k * n, min(B, 65535)): block (j * n + t, y) solves node (b, j, t) for the rows b = y, y + gridDim.y, ...
-// where draft j is the first of k >= 2 drafts with its first t tokens; other blocks leave their node unwritten
-// (the walk never reads it).
+// Grid (k * n * split.chunks, min(B, 65535)): block ((j * n + t) * chunks + c, y) runs passes [pass_begin, pass_end)
+// over chunk c of node (b, j, t) for the rows b = y, y + gridDim.y, ... where draft j is the first of k >= 2 drafts
+// with its first t tokens; the block that finishes the node writes it (spectr::Node). Other nodes stay unwritten
+// (the walk never reads them).
 template <typename P, int kThreads>
-__global__ void __launch_bounds__(kThreads) spectr_solve_kernel(SpectrParams prm) {
+__global__ void __launch_bounds__(kThreads)
+    spectr_solve_kernel(SpectrParams prm, SpectrSolveSplit split, int pass_begin, int pass_end) {
   using namespace spectr;
   __shared__ SpectrSolveShared<kThreads> s;
-  const int64_t K = prm.K, n = prm.n, V = prm.V, j = blockIdx.x / n, t = blockIdx.x % n;
+  const int64_t K = prm.K, n = prm.n, V = prm.V, node = blockIdx.x / split.chunks, c = blockIdx.x % split.chunks;
+  const int64_t j = node / n, t = node % n;
   for (int64_t b = blockIdx.y; b < prm.B; b += gridDim.y) {
     if (threadIdx.x == 0) {
       s.rep = static_cast<int>(K);
@@ -201,10 +274,12 @@ __global__ void __launch_bounds__(kThreads) spectr_solve_kernel(SpectrParams prm
     }
     __syncthreads();
     if (s.rep == j && s.k >= 2) {
+      const int64_t at = (b * K + j) * n + t;
       const P* p = static_cast<const P*>(prm.target_probs) + b * prm.tp_sb + j * prm.tp_sk + t * prm.tp_sn;
       const P* q = static_cast<const P*>(prm.draft_probs) + b * prm.dp_sb + j * prm.dp_sk + t * prm.dp_sn;
-      solve_level<P, kThreads>(p, q, V, s.k, s);
-      if (threadIdx.x == 0) static_cast<Node*>(prm.nodes)[(b * K + j) * n + t] = Node{s.level, s.status};
+      SpectrSolveState* state = split.states ? split.states + at : nullptr;
+      if (solve_level<P, kThreads>(p, q, V, s.k, c, split, state, pass_begin, pass_end, s) && threadIdx.x == 0)
+        static_cast<Node*>(prm.nodes)[at] = Node{s.level, s.status};
     }
     __syncthreads();  // every thread has read s.rep and s.k before the next row's thread 0 writes them
   }

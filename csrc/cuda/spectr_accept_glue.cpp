@@ -1,6 +1,6 @@
 // Torch glue of the CUDA fastar.spectr_accept: device, seed, stream, workspace, launch. Compiled twice: into fastar._C
 // for the CUDA dispatch key, and (FASTAR_SIMT) into fastar._C_simt on CPU tensors.
-#include <ATen/ops/empty.h>
+#include <ATen/ops/zeros.h>
 
 #include "cuda/glue.h"
 #include "cuda/launchers.h"
@@ -13,8 +13,9 @@ void run_spectr_accept_cuda(SpectrLaunch& l) {
   l.prm.seed = philox_seed(l.seed, l.offset);
   if (l.prm.B == 0) return;
   const FloatKind kind = float_kind(l.target_probs);
+  // Zeroed: a split solve's merged sums and counts start at 0 (the rest is written before it is read).
   const at::Tensor workspace =
-      at::empty({spectr_accept_workspace(l.prm, kind)}, l.target_probs.options().dtype(at::kByte));
+      at::zeros({spectr_accept_workspace(l.prm, kind)}, l.target_probs.options().dtype(at::kByte));
   launch_spectr_accept(l.prm, kind, workspace.data_ptr(), scope.stream());
 }
 
