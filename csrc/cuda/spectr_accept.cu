@@ -26,7 +26,8 @@ Layout layout(const SpectrParams& prm, FloatKind kind) {
   Layout l{};
   l.solve = solve_split(prm, kind);
   l.draw = cuda::chunk_layout(prm.B, prm.V, kind, kThreads, "fastar.spectr_accept");
-  if (nodes(prm) * l.solve.chunks > 0x7fffffff) throw std::invalid_argument("fastar.spectr_accept: too many drafts");
+  if (prm.K * prm.n * l.solve.chunks > 0x7fffffff)  // the solve's grid.x
+    throw std::invalid_argument("fastar.spectr_accept: too many drafts for one launch");
   l.rows_at = nodes(prm) * static_cast<int64_t>(sizeof(spectr::Node));
   l.states_at = l.rows_at + prm.B * static_cast<int64_t>(sizeof(cuda::SpectrRow));
   const int64_t states = l.solve.chunks > 1 ? nodes(prm) : 0;
